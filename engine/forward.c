@@ -1,0 +1,216 @@
+/* engine/forward.c — plan and run one batch through the model. */
+#include "engine/forward.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "engine/alloc.h"
+
+struct mn_forward {
+    const mn_model *m;
+    mn_kv_pool *kv;
+    mn_backend *be;
+    int32_t cap_tokens, cap_out;
+    mn_buffer *act;      /* activations for cap_tokens rows */
+    mn_buffer *meta;     /* token ids, seq, pos, block tables */
+    mn_buffer *logits;   /* [cap_out][n_vocab] */
+    int32_t *host_meta;  /* staging for meta */
+    mn_op *ops;
+    int cap_ops;
+};
+
+/* activation row widths, in floats */
+static int64_t act_floats_per_token(const mn_model_config *c) {
+    int64_t E = c->n_embd, Q = (int64_t)c->n_head * c->head_dim, KV = (int64_t)c->n_kv_head * c->head_dim;
+    return 2 * E + 2 * Q + 2 * KV + 2 * (int64_t)c->n_ff + E; /* x xn q att k v gate up xo */
+}
+
+mn_err mn_forward_new(const mn_model *m, mn_kv_pool *kv, mn_forward **out, mn_errbuf *eb) {
+    const mn_model_config *c = &m->cfg;
+    if (kv->n_layer != c->n_layer || kv->n_kv_head != c->n_kv_head || kv->head_dim != c->head_dim)
+        return mn_errf(eb, MN_EMISMATCH, "kv pool shape (%d layers, %d kv heads, dim %d) does not match the model (%d, %d, %d)",
+                       kv->n_layer, kv->n_kv_head, kv->head_dim, c->n_layer, c->n_kv_head, c->head_dim);
+    mn_forward *f = mn_calloc(1, sizeof *f);
+    if (!f) return mn_errf(eb, MN_ENOMEM, "forward: out of memory");
+    f->m = m;
+    f->kv = kv;
+    f->be = m->backend;
+    *out = f;
+    return MN_OK;
+}
+
+void mn_forward_free(mn_forward *f) {
+    if (!f) return;
+    mn_buffer_free(f->act);
+    mn_buffer_free(f->meta);
+    mn_buffer_free(f->logits);
+    mn_free(f->host_meta);
+    mn_free(f->ops);
+    mn_free(f);
+}
+
+static int32_t grow(int32_t have, int32_t need) {
+    int32_t c = have ? have : 16;
+    while (c < need) c *= 2;
+    return c;
+}
+
+/* Make every buffer big enough for this batch (outside the layer loop). */
+static mn_err ensure_capacity(mn_forward *f, int32_t T, int32_t n_out, int32_t n_seqs, int32_t n_blocks, mn_errbuf *eb) {
+    const mn_model_config *c = &f->m->cfg;
+    mn_err e;
+    if (T > f->cap_tokens) {
+        int32_t cap = grow(f->cap_tokens, T);
+        mn_buffer *nb;
+        if ((e = mn_buffer_alloc(f->be, MN_MEM_DEVICE, (size_t)cap * act_floats_per_token(c) * sizeof(float), &nb, eb))) return e;
+        mn_buffer_free(f->act);
+        f->act = nb;
+        f->cap_tokens = cap;
+    }
+    if (n_out > f->cap_out) {
+        int32_t cap = grow(f->cap_out, n_out);
+        mn_buffer *nb;
+        if ((e = mn_buffer_alloc(f->be, MN_MEM_DEVICE, (size_t)cap * c->n_vocab * sizeof(float), &nb, eb))) return e;
+        mn_buffer_free(f->logits);
+        f->logits = nb;
+        f->cap_out = cap;
+    }
+    size_t meta_need = (size_t)3 * f->cap_tokens + (size_t)n_seqs + 1 + (size_t)n_blocks;
+    if (!f->meta || f->meta->size < meta_need * sizeof(int32_t)) {
+        size_t n = meta_need + meta_need / 2 + 64;
+        mn_buffer *nb;
+        if ((e = mn_buffer_alloc(f->be, MN_MEM_DEVICE, n * sizeof(int32_t), &nb, eb))) return e;
+        int32_t *hm = mn_malloc(n * sizeof(int32_t));
+        if (!hm) { mn_buffer_free(nb); return mn_errf(eb, MN_ENOMEM, "forward: out of memory"); }
+        mn_buffer_free(f->meta);
+        mn_free(f->host_meta);
+        f->meta = nb;
+        f->host_meta = hm;
+    }
+    int need_ops = 1 + c->n_layer * 14 + n_out + 1;
+    if (need_ops > f->cap_ops) {
+        mn_op *no = mn_realloc(f->ops, (size_t)need_ops * sizeof(mn_op));
+        if (!no) return mn_errf(eb, MN_ENOMEM, "forward: out of memory");
+        f->ops = no;
+        f->cap_ops = need_ops;
+    }
+    return MN_OK;
+}
+
+static mn_err validate(const mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b, mn_errbuf *eb) {
+    const mn_model_config *c = &f->m->cfg;
+    if (b->n_tokens < 1) return mn_errf(eb, MN_EINVALID, "batch: n_tokens must be >= 1, got %d", b->n_tokens);
+    if (n_seqs < 1) return mn_errf(eb, MN_EINVALID, "batch: no sequences");
+    if (b->n_out < 0 || b->n_out > b->n_tokens) return mn_errf(eb, MN_EINVALID, "batch: n_out %d not in [0, %d]", b->n_out, b->n_tokens);
+    int32_t *end = mn_malloc((size_t)n_seqs * sizeof(int32_t));
+    if (!end) return mn_errf(eb, MN_ENOMEM, "forward: out of memory");
+    for (int32_t s = 0; s < n_seqs; s++) end[s] = seqs[s]->n_tokens;
+    mn_err e = MN_OK;
+    for (int32_t i = 0; i < b->n_tokens && e == MN_OK; i++) {
+        int32_t t = b->tokens[i], s = b->seq[i], p = b->pos[i];
+        if (t < 0 || t >= c->n_vocab) e = mn_errf(eb, MN_ERANGE, "batch row %d: token id %d not in [0, %d)", i, t, c->n_vocab);
+        else if (s < 0 || s >= n_seqs) e = mn_errf(eb, MN_ERANGE, "batch row %d: sequence %d not in [0, %d)", i, s, n_seqs);
+        else if (p < 0 || p >= c->n_ctx) e = mn_errf(eb, MN_ERANGE, "batch row %d: position %d not in [0, %d) (context length)", i, p, c->n_ctx);
+        else if (p > end[s]) e = mn_errf(eb, MN_EINVALID, "batch row %d: position %d leaves a gap (sequence %d has %d positions)", i, p, s, end[s]);
+        else if (p == end[s]) end[s]++;
+    }
+    for (int32_t i = 0; i < b->n_out && e == MN_OK; i++)
+        if (b->out_rows[i] < 0 || b->out_rows[i] >= b->n_tokens)
+            e = mn_errf(eb, MN_ERANGE, "batch: out_rows[%d] = %d not in [0, %d)", i, b->out_rows[i], b->n_tokens);
+    mn_free(end);
+    return e;
+}
+
+static mn_matmul_desc mm(const mn_weight *w, const float *x, int64_t xs, float *y, int64_t ys, int64_t T, const float *bias, int acc) {
+    mn_matmul_desc d = {.T = T, .N = w->N, .K = w->K, .x = x, .x_stride = xs, .w = w->data, .w_type = w->type,
+                        .w_row_bytes = w->row_bytes, .bias = bias, .y = y, .y_stride = ys, .accumulate = acc};
+    return d;
+}
+
+mn_err mn_forward_run(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b, float *logits, mn_errbuf *eb) {
+    const mn_model *m = f->m;
+    const mn_model_config *c = &m->cfg;
+    mn_err e = validate(f, seqs, n_seqs, b, eb);
+    if (e != MN_OK) return e;
+    const int32_t T = b->n_tokens;
+
+    /* KV blocks for the new positions; on failure nothing has been computed. */
+    int32_t *new_len = mn_malloc((size_t)n_seqs * sizeof(int32_t));
+    if (!new_len) return mn_errf(eb, MN_ENOMEM, "forward: out of memory");
+    for (int32_t s = 0; s < n_seqs; s++) new_len[s] = seqs[s]->n_tokens;
+    for (int32_t i = 0; i < T; i++)
+        if (b->pos[i] + 1 > new_len[b->seq[i]]) new_len[b->seq[i]] = b->pos[i] + 1;
+    int32_t total_blocks = 0;
+    for (int32_t s = 0; s < n_seqs && e == MN_OK; s++) {
+        e = mn_kv_seq_reserve(f->kv, seqs[s], new_len[s], eb);
+        total_blocks += seqs[s]->n_blocks;
+    }
+    if (e == MN_OK) e = ensure_capacity(f, T, b->n_out, n_seqs, total_blocks, eb);
+    if (e != MN_OK) { mn_free(new_len); return e; }
+
+    /* metadata: tokens | seq | pos | indptr | indices, staged on the host and copied over */
+    int32_t *hm = f->host_meta;
+    int32_t *dm = f->meta->ptr;
+    const int64_t ct = f->cap_tokens;
+    memcpy(hm, b->tokens, (size_t)T * 4);
+    memcpy(hm + ct, b->seq, (size_t)T * 4);
+    memcpy(hm + 2 * ct, b->pos, (size_t)T * 4);
+    int32_t *indptr = hm + 3 * ct, *indices = indptr + n_seqs + 1;
+    indptr[0] = 0;
+    for (int32_t s = 0; s < n_seqs; s++) {
+        memcpy(indices + indptr[s], seqs[s]->blocks, (size_t)seqs[s]->n_blocks * 4);
+        indptr[s + 1] = indptr[s] + seqs[s]->n_blocks;
+    }
+    size_t meta_n = (size_t)(3 * ct + n_seqs + 1 + total_blocks);
+    e = mn_backend_copy_async(f->be, MN_COPY_H2D, dm, hm, meta_n * 4, eb);
+    const int32_t *d_tok = dm, *d_seq = dm + ct, *d_pos = dm + 2 * ct;
+    const int32_t *d_indptr = dm + 3 * ct, *d_indices = d_indptr + n_seqs + 1;
+
+    /* activations */
+    const int64_t E = c->n_embd, Q = (int64_t)c->n_head * c->head_dim, KV = (int64_t)c->n_kv_head * c->head_dim, F = c->n_ff;
+    float *a = f->act->ptr;
+    float *x = a, *xn = x + ct * E, *q = xn + ct * E, *att = q + ct * Q, *k = att + ct * Q, *v = k + ct * KV;
+    float *gate = v + ct * KV, *up = gate + ct * F, *xo = up + ct * F;
+
+    mn_op *ops = f->ops;
+    int n = 0;
+    ops[n++] = (mn_op){MN_OP_GET_ROWS, .u.get_rows = {.T = T, .D = E, .ids = d_tok, .table = m->tok_embd.data,
+                                                       .type = m->tok_embd.type, .row_bytes = m->tok_embd.row_bytes, .y = x, .y_stride = E}};
+    const float scale = 1.0f / sqrtf((float)c->head_dim);
+    for (int32_t l = 0; l < c->n_layer; l++) {
+        const mn_layer *L = &m->layers[l];
+        mn_kv_view kv = mn_kv_pool_view(f->kv, l, d_indptr, d_indices);
+        ops[n++] = (mn_op){MN_OP_RMSNORM, .u.rmsnorm = {T, E, x, E, L->attn_norm, c->rms_eps, xn, E}};
+        ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->wq, xn, E, q, Q, T, L->bq, 0)};
+        ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->wk, xn, E, k, KV, T, L->bk, 0)};
+        ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->wv, xn, E, v, KV, T, L->bv, 0)};
+        ops[n++] = (mn_op){MN_OP_ROPE, .u.rope = {T, c->n_head, c->head_dim, c->n_rot, c->rope_mode, q, Q, d_pos, m->inv_freq, 1.0f}};
+        ops[n++] = (mn_op){MN_OP_ROPE, .u.rope = {T, c->n_kv_head, c->head_dim, c->n_rot, c->rope_mode, k, KV, d_pos, m->inv_freq, 1.0f}};
+        ops[n++] = (mn_op){MN_OP_KV_STORE, .u.kv_store = {T, k, KV, v, KV, d_seq, d_pos, kv}};
+        ops[n++] = (mn_op){MN_OP_ATTENTION, .u.attention = {T, c->n_head, c->n_kv_head, c->head_dim, q, Q, d_seq, d_pos, kv, scale, att, Q}};
+        ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->wo, att, Q, x, E, T, NULL, 1)};
+        ops[n++] = (mn_op){MN_OP_RMSNORM, .u.rmsnorm = {T, E, x, E, L->ffn_norm, c->rms_eps, xn, E}};
+        ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->w_gate, xn, E, gate, F, T, NULL, 0)};
+        ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->w_up, xn, E, up, F, T, NULL, 0)};
+        ops[n++] = (mn_op){MN_OP_SILU_MUL, .u.silu_mul = {T, F, gate, F, up, F, gate, F}};
+        ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->w_down, gate, F, x, E, T, NULL, 1)};
+    }
+    for (int32_t i = 0; i < b->n_out; i++)
+        ops[n++] = (mn_op){MN_OP_RMSNORM, .u.rmsnorm = {1, E, x + (int64_t)b->out_rows[i] * E, E, m->output_norm, c->rms_eps, xo + (int64_t)i * E, E}};
+    float *d_logits = f->logits->ptr;
+    if (b->n_out > 0) ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&m->output, xo, E, d_logits, c->n_vocab, b->n_out, NULL, 0)};
+
+    /* the ops read the metadata: wait for its copy (a no-op on the CPU backend) */
+    mn_event meta_ready = {0};
+    if (e == MN_OK) e = mn_backend_event_record(f->be, &meta_ready, eb);
+    if (e == MN_OK) e = mn_backend_event_wait(f->be, &meta_ready, eb);
+    if (e == MN_OK) e = mn_backend_reserve(f->be, ops, n, eb);
+    if (e == MN_OK) e = mn_backend_run(f->be, ops, n, eb);
+    if (e == MN_OK && b->n_out > 0)
+        e = mn_backend_copy_async(f->be, MN_COPY_D2H, logits, d_logits, (size_t)b->n_out * c->n_vocab * sizeof(float), eb);
+    if (e == MN_OK) e = mn_backend_synchronize(f->be, eb);
+    if (e == MN_OK)
+        for (int32_t s = 0; s < n_seqs; s++) seqs[s]->n_tokens = new_len[s];
+    mn_free(new_len);
+    return e;
+}

@@ -1,0 +1,262 @@
+/* kernels/cpu/ops_cpu.c — fast CPU versions of get_rows, rmsnorm, rope, kv_store,
+ * attention, silu_mul and add (matmul lives in matmul*.c).
+ *
+ * Each mn_cpu_<op> is called by every thread of the pool with its own par->ith. The work
+ * is split with mn_par_range over independent units (rows, tokens, or (token, heads of
+ * one KV group) for attention) and never inside a reduction, so an output element's
+ * value depends neither on the thread count nor on the other tokens of the batch.
+ * The per-unit work is done by the scalar functions below or, by mn__cpu_simd(), by
+ * their AVX2 / AVX-512 twins in ops_cpu_avx2.c / ops_cpu_avx512.c.
+ *
+ * Precision against kernels/ref (what tests/unit/test_ops.c holds each op to):
+ *   get_rows, rope, kv_store, add   bit-exact
+ *   rmsnorm                         f32 sum of squares: |err| <= 1e-7 + 1e-5 |ref|
+ *   silu_mul                        polynomial exp (~2 ulp): |err| <= 1e-7 + 1e-6 |ref|
+ *   attention                       online softmax in f32: 1e-5 + 1e-4 max|V| (ops.h)
+ */
+#include <assert.h>
+#include <math.h>
+#include <string.h>
+
+#include "kernels/cpu/cpu_impl.h"
+#include "kernels/cpu/ops_cpu_impl.h"
+#include "kernels/ops.h"
+
+/* ---- get_rows ------------------------------------------------------------------------ */
+
+void mn_cpu_get_rows(const mn_get_rows_desc *d, void *work, const mn_par *par) {
+    int64_t lo, hi;
+    mn_par_range(par, d->T, &lo, &hi);
+    mn__simd simd = mn__cpu_simd();
+    for (int64_t t = lo; t < hi; t++) {
+        const char *row = (const char *)d->table + (int64_t)d->ids[t] * d->row_bytes;
+        float *y = d->y + t * d->y_stride;
+        switch (d->type) {
+        case MN_F32:
+            memcpy(y, row, (size_t)d->D * sizeof(float));
+            break;
+        case MN_F16:
+            if (simd >= MN__SIMD_AVX2) {
+                mn__f16_to_f32_row_avx2((const uint16_t *)(const void *)row, y, d->D);
+            } else {
+                for (int64_t i = 0; i < d->D; i++) {
+                    uint16_t h;
+                    memcpy(&h, row + 2 * i, 2);
+                    y[i] = mn_fp16_to_fp32(h);
+                }
+            }
+            break;
+        case MN_BF16:
+            for (int64_t i = 0; i < d->D; i++) {
+                uint16_t h;
+                memcpy(&h, row + 2 * i, 2);
+                uint32_t bits = (uint32_t)h << 16;
+                memcpy(&y[i], &bits, 4);
+            }
+            break;
+        default:
+            /* The block formulas are exact float math, so the reference dequantizer is
+             * already the right answer; a SIMD one only changes speed. */
+            mn_ref_dequant_row(d->type, row, y, d->D);
+            break;
+        }
+    }
+}
+
+/* ---- rmsnorm ------------------------------------------------------------------------- */
+
+static void rmsnorm_row_scalar(const float *x, const float *w, float *y, int64_t D, float eps) {
+    float acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += x[i + j] * x[i + j];
+    for (; i < D; i++) acc[0] += x[i] * x[i];
+    float ss = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    float scale = 1.0f / sqrtf(ss / (float)D + eps);
+    for (i = 0; i < D; i++) y[i] = x[i] * scale * w[i];
+}
+
+void mn_cpu_rmsnorm(const mn_rmsnorm_desc *d, void *work, const mn_par *par) {
+    int64_t lo, hi;
+    mn_par_range(par, d->T, &lo, &hi);
+    mn__simd simd = mn__cpu_simd();
+    for (int64_t t = lo; t < hi; t++) {
+        const float *x = d->x + t * d->x_stride;
+        float *y = d->y + t * d->y_stride;
+        if (simd >= MN__SIMD_AVX512)
+            mn__rmsnorm_row_avx512(x, d->w, y, d->D, d->eps);
+        else if (simd >= MN__SIMD_AVX2)
+            mn__rmsnorm_row_avx2(x, d->w, y, d->D, d->eps);
+        else
+            rmsnorm_row_scalar(x, d->w, y, d->D, d->eps);
+    }
+}
+
+/* ---- rope ---------------------------------------------------------------------------- */
+
+#define MN__ROPE_MAX_PAIRS 256
+
+void mn_cpu_rope(const mn_rope_desc *d, void *work, const mn_par *par) {
+    int32_t half = d->n_rot / 2;
+    assert(half <= MN__ROPE_MAX_PAIRS);
+    float cs[MN__ROPE_MAX_PAIRS], sn[MN__ROPE_MAX_PAIRS];
+    int64_t lo, hi;
+    mn_par_range(par, d->T, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) {
+        /* one cos/sin table per token, shared by all heads; the same expression as the
+         * reference (float product, cosf/sinf, times attn_factor) gives the same bits */
+        for (int32_t i = 0; i < half; i++) {
+            float theta = (float)d->pos[t] * d->inv_freq[i];
+            cs[i] = cosf(theta) * d->attn_factor;
+            sn[i] = sinf(theta) * d->attn_factor;
+        }
+        for (int32_t h = 0; h < d->n_head; h++) {
+            float *x = d->x + t * d->x_stride + (int64_t)h * d->head_dim;
+            if (d->mode == MN_ROPE_NEOX) {
+                for (int32_t i = 0; i < half; i++) mn_rope_rotate(&x[i], &x[i + half], cs[i], sn[i]);
+            } else {
+                for (int32_t i = 0; i < half; i++) mn_rope_rotate(&x[2 * i], &x[2 * i + 1], cs[i], sn[i]);
+            }
+        }
+    }
+}
+
+/* ---- kv_store ------------------------------------------------------------------------ */
+
+static void f32_to_f16_row(mn__simd simd, const float *x, uint16_t *y, int64_t n) {
+    if (simd >= MN__SIMD_AVX2) {
+        mn__f32_to_f16_row_avx2(x, y, n);
+    } else {
+        for (int64_t i = 0; i < n; i++) y[i] = mn_fp32_to_fp16(x[i]);
+    }
+}
+
+void mn_cpu_kv_store(const mn_kv_store_desc *d, void *work, const mn_par *par) {
+    const mn_kv_view *kv = &d->kv;
+    mn__simd simd = mn__cpu_simd();
+    int64_t lo, hi;
+    mn_par_range(par, d->T, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) {
+        /* a token's heads are contiguous in the cache row, so one conversion per row */
+        int64_t off = mn_kv_offset(kv, d->seq[t], d->pos[t], 0);
+        int64_t n = (int64_t)kv->n_kv_head * kv->head_dim;
+        f32_to_f16_row(simd, d->k + t * d->k_stride, kv->k + off, n);
+        f32_to_f16_row(simd, d->v + t * d->v_stride, kv->v + off, n);
+    }
+}
+
+/* ---- attention ----------------------------------------------------------------------- */
+
+/* Scalar twin of mn__attn_heads_avx2: online softmax over chunks of MN__ATTN_CHUNK
+ * positions for heads h0..h0+nh-1 of one KV group of token t. */
+static void attn_heads_scalar(const mn_attention_desc *d, int64_t t, int32_t h0, int32_t nh) {
+    const mn_kv_view *kv = &d->kv;
+    int32_t hd = d->head_dim, g = h0 / (d->n_head / d->n_kv_head);
+    int32_t s = d->seq[t], n_pos = d->pos[t] + 1;
+    float acc[MN__ATTN_MAX_HEADS][MN__ATTN_MAX_HD];
+    float sc[MN__ATTN_MAX_HEADS][MN__ATTN_CHUNK];
+    float m[MN__ATTN_MAX_HEADS], l[MN__ATTN_MAX_HEADS];
+    const float *q[MN__ATTN_MAX_HEADS];
+    for (int32_t j = 0; j < nh; j++) {
+        q[j] = d->q + t * d->q_stride + (int64_t)(h0 + j) * hd;
+        m[j] = -INFINITY;
+        l[j] = 0.0f;
+        for (int32_t i = 0; i < hd; i++) acc[j][i] = 0.0f;
+    }
+    for (int32_t c0 = 0; c0 < n_pos; c0 += MN__ATTN_CHUNK) {
+        int32_t n = n_pos - c0 < MN__ATTN_CHUNK ? n_pos - c0 : MN__ATTN_CHUNK;
+        for (int32_t p = 0; p < n; p++) {
+            const uint16_t *k = kv->k + mn_kv_offset(kv, s, c0 + p, g);
+            for (int32_t j = 0; j < nh; j++) {
+                float dot = 0.0f;
+                for (int32_t i = 0; i < hd; i++) dot += q[j][i] * mn_fp16_to_fp32(k[i]);
+                sc[j][p] = dot * d->scale;
+            }
+        }
+        for (int32_t j = 0; j < nh; j++) {
+            float cm = m[j];
+            for (int32_t p = 0; p < n; p++) cm = sc[j][p] > cm ? sc[j][p] : cm;
+            float alpha = expf(m[j] - cm), sum = 0.0f;
+            for (int32_t p = 0; p < n; p++) {
+                sc[j][p] = expf(sc[j][p] - cm);
+                sum += sc[j][p];
+            }
+            l[j] = l[j] * alpha + sum;
+            m[j] = cm;
+            for (int32_t i = 0; i < hd; i++) acc[j][i] *= alpha;
+        }
+        for (int32_t p = 0; p < n; p++) {
+            const uint16_t *v = kv->v + mn_kv_offset(kv, s, c0 + p, g);
+            for (int32_t i = 0; i < hd; i++) {
+                float vi = mn_fp16_to_fp32(v[i]);
+                for (int32_t j = 0; j < nh; j++) acc[j][i] += sc[j][p] * vi;
+            }
+        }
+    }
+    for (int32_t j = 0; j < nh; j++) {
+        float *o = d->out + t * d->out_stride + (int64_t)(h0 + j) * hd;
+        float inv = 1.0f / l[j];
+        for (int32_t i = 0; i < hd; i++) o[i] = acc[j][i] * inv;
+    }
+}
+
+void mn_cpu_attention(const mn_attention_desc *d, void *work, const mn_par *par) {
+    assert(d->head_dim <= MN__ATTN_MAX_HD && d->n_head % d->n_kv_head == 0);
+    int32_t group = d->n_head / d->n_kv_head;
+    /* A unit is (token, a run of heads of one KV group): those heads share each K/V row
+     * conversion. With few units per thread (decode) each head is its own unit so the
+     * threads stay busy. Either way a head's float sequence is the same. */
+    int32_t per = (group + MN__ATTN_MAX_HEADS - 1) / MN__ATTN_MAX_HEADS; /* runs per group */
+    int32_t run = (group + per - 1) / per;                               /* heads per run */
+    if (d->T * d->n_kv_head * per < 2 * (int64_t)par->nth) {
+        per = group;
+        run = 1;
+    }
+    int64_t units_per_token = (int64_t)d->n_kv_head * per;
+    int64_t lo, hi;
+    mn_par_range(par, d->T * units_per_token, &lo, &hi);
+    mn__simd simd = mn__cpu_simd();
+    for (int64_t u = lo; u < hi; u++) {
+        int64_t t = u / units_per_token;
+        int32_t r = (int32_t)(u % units_per_token);
+        int32_t g = r / per, k = r % per;
+        int32_t h0 = g * group + k * run;
+        int32_t nh = group - k * run < run ? group - k * run : run;
+        if (simd >= MN__SIMD_AVX512)
+            mn__attn_heads_avx512(d, t, h0, nh);
+        else if (simd >= MN__SIMD_AVX2)
+            mn__attn_heads_avx2(d, t, h0, nh);
+        else
+            attn_heads_scalar(d, t, h0, nh);
+    }
+}
+
+/* ---- silu_mul and add ---------------------------------------------------------------- */
+
+void mn_cpu_silu_mul(const mn_silu_mul_desc *d, void *work, const mn_par *par) {
+    int64_t lo, hi;
+    mn_par_range(par, d->T, &lo, &hi);
+    mn__simd simd = mn__cpu_simd();
+    for (int64_t t = lo; t < hi; t++) {
+        const float *g = d->gate + t * d->gate_stride;
+        const float *u = d->up + t * d->up_stride;
+        float *y = d->y + t * d->y_stride;
+        if (simd >= MN__SIMD_AVX512) {
+            mn__silu_mul_row_avx512(g, u, y, d->F);
+        } else if (simd >= MN__SIMD_AVX2) {
+            mn__silu_mul_row_avx2(g, u, y, d->F);
+        } else {
+            for (int64_t i = 0; i < d->F; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        }
+    }
+}
+
+void mn_cpu_add(const mn_add_desc *d, void *work, const mn_par *par) {
+    int64_t lo, hi;
+    mn_par_range(par, d->T, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) {
+        float *y = d->y + t * d->y_stride;
+        const float *x = d->x + t * d->x_stride;
+        for (int64_t i = 0; i < d->D; i++) y[i] += x[i];
+    }
+}

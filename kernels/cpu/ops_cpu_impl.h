@@ -1,0 +1,57 @@
+/* kernels/cpu/ops_cpu_impl.h — internal to kernels/cpu: the per-row / per-head work
+ * functions of the elementwise, normalisation and attention ops, one set per SIMD level.
+ *
+ * ops_cpu.c owns the public mn_cpu_<op> entry points: it splits the work over threads
+ * (by rows or by (token, head-group) units, never inside a reduction) and calls one of
+ * these for each unit according to mn__cpu_simd(). The _avx2 variants live in
+ * ops_cpu_avx2.c (AVX2+FMA+F16C), the _avx512 ones in ops_cpu_avx512.c.
+ * Each function's float operation sequence for one row / one head depends only on that
+ * row's / head's inputs, which is what makes the ops batch-invariant.
+ */
+#ifndef MN_OPS_CPU_IMPL_H
+#define MN_OPS_CPU_IMPL_H
+
+#include <stdint.h>
+#include "kernels/ops.h"
+
+/* Heads of one KV group processed together (they share each K/V row conversion). */
+#define MN__ATTN_MAX_HEADS 8
+/* Positions scored per softmax step; step boundaries are multiples of this from 0,
+ * whatever the batch, so every head sees the same float sequence. */
+#define MN__ATTN_CHUNK 32
+#define MN__ATTN_MAX_HD 256
+
+/* y[0:D] = x / sqrt(mean(x^2) + eps) * w; y may equal x. */
+void mn__rmsnorm_row_avx2(const float *x, const float *w, float *y, int64_t D, float eps);
+void mn__rmsnorm_row_avx512(const float *x, const float *w, float *y, int64_t D, float eps);
+
+/* y[0:F] = silu(g) * u; y may equal g. */
+void mn__silu_mul_row_avx2(const float *g, const float *u, float *y, int64_t F);
+void mn__silu_mul_row_avx512(const float *g, const float *u, float *y, int64_t F);
+
+/* f32 -> f16 with round to nearest even (bit-equal to mn_fp32_to_fp16 except NaN payloads). */
+void mn__f32_to_f16_row_avx2(const float *x, uint16_t *y, int64_t n);
+/* f16 -> f32 (exact). */
+void mn__f16_to_f32_row_avx2(const uint16_t *x, float *y, int64_t n);
+
+/* Attention for token t, heads h0 .. h0+nh-1 (nh <= MN__ATTN_MAX_HEADS, all in one KV group). */
+void mn__attn_heads_avx2(const mn_attention_desc *d, int64_t t, int32_t h0, int32_t nh);
+void mn__attn_heads_avx512(const mn_attention_desc *d, int64_t t, int32_t h0, int32_t nh);
+
+/* Cache row pointers of positions p0 .. p0+n-1 of sequence s, KV head g: walks the block
+ * table once per block instead of dividing once per position. */
+static inline void mn__kv_chunk_rows(const mn_kv_view *kv, int32_t s, int32_t p0, int32_t n, int32_t g,
+                                     const uint16_t **kp, const uint16_t **vp) {
+    int64_t row = (int64_t)kv->n_kv_head * kv->head_dim;
+    int32_t i = 0;
+    while (i < n) {
+        int64_t off = mn_kv_offset(kv, s, p0 + i, g);
+        int32_t left = kv->block_size - (p0 + i) % kv->block_size;
+        for (; left > 0 && i < n; left--, i++, off += row) {
+            kp[i] = kv->k + off;
+            vp[i] = kv->v + off;
+        }
+    }
+}
+
+#endif

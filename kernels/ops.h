@@ -1,0 +1,200 @@
+/* kernels/ops.h — the ops of the forward pass: one descriptor and one contract per op.
+ *
+ * Every op exists three times under one name and one contract:
+ *   mn_ref_<op>(const desc *)                         kernels/ref/   scalar C, obviously correct
+ *   mn_cpu_<op>(const desc *, void *work, mn_par *)   kernels/cpu/   SIMD + threads
+ *   mn_cuda_<op>(const desc *, stream)                kernels/cuda/  (CUDA issue)
+ * Pointers in a descriptor are backend memory (host memory for ref and cpu). Shapes are
+ * written next to each pointer; strides are in elements. No op allocates: an op that
+ * needs scratch memory says how much through mn_cpu_<op>_work_bytes() and the caller
+ * provides it (plan per batch, run per layer).
+ *
+ * Batch invariance (a contract of every op): the value of an output element never
+ * depends on the other rows/tokens in the call nor on the thread count. Each element's
+ * reduction runs in one fixed order. This makes a sequence's logits bit-identical
+ * whether it runs alone or batched with others, and on any thread count.
+ *
+ * Threading (cpu): every thread of the pool calls mn_cpu_<op>(d, work, par) with its
+ * own par->ith in [0, par->nth); the op splits the work itself and may call
+ * mn_par_barrier(par) (every thread must reach the same barriers).
+ */
+#ifndef MN_KERNELS_OPS_H
+#define MN_KERNELS_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "kernels/common.h"
+#include "kernels/dtype.h"
+
+/* ---- threading context handed to cpu kernels ---------------------------------------- */
+typedef struct mn_par {
+    int ith, nth;                     /* this thread, thread count */
+    void (*barrier)(void *ctx);       /* waits until all nth threads arrive */
+    void *ctx;
+} mn_par;
+
+static inline void mn_par_barrier(const mn_par *p) { if (p->nth > 1) p->barrier(p->ctx); }
+/* Split [0, n) into nth nearly equal contiguous parts; this thread gets [*lo, *hi). */
+static inline void mn_par_range(const mn_par *p, int64_t n, int64_t *lo, int64_t *hi) {
+    int64_t per = (n + p->nth - 1) / p->nth;
+    *lo = per * p->ith; if (*lo > n) *lo = n;
+    *hi = *lo + per;    if (*hi > n) *hi = n;
+}
+
+/* ---- paged KV cache view (one layer) --------------------------------------------------
+ * A pool of blocks; each block holds block_size tokens; one token's K row is
+ * n_kv_head*head_dim f16 values, contiguous (head h at h*head_dim). The same block id
+ * addresses K in k and V in v. Sequence s owns the blocks
+ * block_indices[block_indptr[s] .. block_indptr[s+1]) in position order, so position p
+ * of s lives in block block_indices[block_indptr[s] + p / block_size], slot p % block_size.
+ * Passed by value; the index arrays are read-only for kernels. */
+typedef struct mn_kv_view {
+    uint16_t *k;                  /* f16 [n_blocks][block_size][n_kv_head][head_dim] with block stride */
+    uint16_t *v;                  /* f16, same layout as k */
+    int64_t block_stride;         /* f16 elements between consecutive blocks (>= block_size*n_kv_head*head_dim) */
+    int32_t block_size;           /* tokens per block */
+    int32_t n_kv_head, head_dim;
+    const int32_t *block_indptr;  /* [n_seq+1] */
+    const int32_t *block_indices; /* [block_indptr[n_seq]] */
+} mn_kv_view;
+
+/* Element offset of (sequence s, position p, kv head h, dim 0) in k or v. */
+MN_HD int64_t mn_kv_offset(const mn_kv_view *kv, int32_t s, int32_t p, int32_t h) {
+    int32_t blk = kv->block_indices[kv->block_indptr[s] + p / kv->block_size];
+    return (int64_t)blk * kv->block_stride +
+           ((int64_t)(p % kv->block_size) * kv->n_kv_head + h) * kv->head_dim;
+}
+
+/* ---- descriptors ---------------------------------------------------------------------- */
+
+/* get_rows (embedding gather): y[t, 0:D] = dequant(table row ids[t]). Bit-exact in all
+ * implementations (dequantization is exact float math of the block formula). */
+typedef struct mn_get_rows_desc {
+    int64_t T, D;
+    const int32_t *ids;           /* [T], each in [0, n_rows) — checked by the caller */
+    const void *table;            /* row r at (const char *)table + r*row_bytes */
+    mn_dtype type;
+    int64_t row_bytes;
+    float *y; int64_t y_stride;   /* [T, D] */
+} mn_get_rows_desc;
+
+/* rmsnorm: y[t,:] = x[t,:] / sqrt(mean(x[t,:]^2) + eps) * w[:]. y may equal x. */
+typedef struct mn_rmsnorm_desc {
+    int64_t T, D;
+    const float *x; int64_t x_stride; /* [T, D] */
+    const float *w;                   /* [D] */
+    float eps;
+    float *y; int64_t y_stride;       /* [T, D] */
+} mn_rmsnorm_desc;
+
+/* matmul: y[t,n] (+)= sum_k x[t,k] * W[n,k] (+ bias[n]).
+ * W is N rows of K elements of w_type, row n at (const char *)w + n*w_row_bytes.
+ * Precision contract: for F32/F16/BF16 weights the dot is in f32 on dequantized values.
+ * For quantized weights x is first quantized per row: to mn_block_q8_1 for Q4_0, Q4_1
+ * and Q8_0 (d = amax/127, q = nearest integer of x/d, s = d*sum q), to mn_block_q8_K
+ * for the K-quants (d = amax/127, same rounding); the block dot is then an exact
+ * integer sum, scaled by the two block scales (and min terms) in f32.
+ * Tolerance against ref: |y - y_ref| <= 1e-4 * (sum_k |x_k w_k| + |bias|) (f32 order).
+ * K must be a multiple of the weight's block size. */
+typedef struct mn_matmul_desc {
+    int64_t T, N, K;
+    const float *x; int64_t x_stride;   /* [T, K] */
+    const void *w; mn_dtype w_type; int64_t w_row_bytes; /* [N, K] */
+    const float *bias;                  /* [N] or NULL */
+    float *y; int64_t y_stride;         /* [T, N] */
+    int accumulate;                     /* 0: y = x W^T + b;  1: y += x W^T + b */
+} mn_matmul_desc;
+
+enum { MN_ROPE_NORM = 0, MN_ROPE_NEOX = 2 };
+
+/* rope, in place: for each token t and head h, rotate the first n_rot dims of
+ * x[t, h*head_dim : ...] by pos[t]*inv_freq[i], pairs as in mn_rope_rotate; dims past
+ * n_rot are unchanged. cos and sin are cosf/sinf(pos*inv_freq[i]) times attn_factor.
+ * inv_freq (n_rot/2 values) already holds base^(-2i/n_rot), freq_scale and any
+ * llama3 / yarn scaling: the model computes it once. */
+typedef struct mn_rope_desc {
+    int64_t T;
+    int32_t n_head, head_dim, n_rot;
+    int32_t mode;                   /* MN_ROPE_NORM or MN_ROPE_NEOX */
+    float *x; int64_t x_stride;     /* [T, n_head*head_dim] */
+    const int32_t *pos;             /* [T] */
+    const float *inv_freq;          /* [n_rot/2] */
+    float attn_factor;              /* 1.0 unless yarn */
+} mn_rope_desc;
+
+/* kv_store: write token t's K and V rows (f32 -> f16, round to nearest even) into the
+ * cache at (seq[t], pos[t]). Blocks for those positions must already be in the table. */
+typedef struct mn_kv_store_desc {
+    int64_t T;
+    const float *k; int64_t k_stride;  /* [T, n_kv_head*head_dim] */
+    const float *v; int64_t v_stride;  /* [T, n_kv_head*head_dim] */
+    const int32_t *seq, *pos;          /* [T] */
+    mn_kv_view kv;
+} mn_kv_store_desc;
+
+/* attention (causal, paged): for token t and head h (kv head g = h / (n_head/n_kv_head)),
+ *   out[t, h*hd:(h+1)*hd] = sum_{p<=pos[t]} softmax_p(scale * q[t,h]·K[seq[t],p,g]) V[seq[t],p,g]
+ * with K/V f16 from the cache (kv_store of every position <= pos[t] done before).
+ * Softmax in f32 with max subtraction. Tolerance against ref: 1e-4 * max|V| + 1e-5. */
+typedef struct mn_attention_desc {
+    int64_t T;
+    int32_t n_head, n_kv_head, head_dim;
+    const float *q; int64_t q_stride;  /* [T, n_head*head_dim] */
+    const int32_t *seq, *pos;          /* [T] */
+    mn_kv_view kv;
+    float scale;                       /* usually 1/sqrt(head_dim) */
+    float *out; int64_t out_stride;    /* [T, n_head*head_dim] */
+} mn_attention_desc;
+
+/* silu_mul: y[t,i] = silu(gate[t,i]) * up[t,i], silu(g) = g / (1 + expf(-g)). y may equal gate. */
+typedef struct mn_silu_mul_desc {
+    int64_t T, F;
+    const float *gate; int64_t gate_stride; /* [T, F] */
+    const float *up; int64_t up_stride;     /* [T, F] */
+    float *y; int64_t y_stride;             /* [T, F] */
+} mn_silu_mul_desc;
+
+/* add: y[t,i] += x[t,i] (residual). Bit-exact in all implementations. */
+typedef struct mn_add_desc {
+    int64_t T, D;
+    float *y; int64_t y_stride;        /* [T, D] */
+    const float *x; int64_t x_stride;  /* [T, D] */
+} mn_add_desc;
+
+/* ---- dequantization (shared by get_rows, tests and the CUDA load path) --------------
+ * y[0:n] = values of the n elements at src (n a multiple of the block size). */
+void mn_ref_dequant_row(mn_dtype type, const void *src, float *y, int64_t n);
+/* Quantize activations x[0:n] to q8_1 blocks (n % 32 == 0) or q8_K blocks (n % 256 == 0). */
+void mn_ref_quantize_row_q8_1(const float *x, mn_block_q8_1 *y, int64_t n);
+void mn_ref_quantize_row_q8_K(const float *x, mn_block_q8_K *y, int64_t n);
+
+/* ---- reference implementations (kernels/ref/) ---------------------------------------- */
+void mn_ref_get_rows(const mn_get_rows_desc *d);
+void mn_ref_rmsnorm(const mn_rmsnorm_desc *d);
+void mn_ref_matmul(const mn_matmul_desc *d);
+void mn_ref_rope(const mn_rope_desc *d);
+void mn_ref_kv_store(const mn_kv_store_desc *d);
+void mn_ref_attention(const mn_attention_desc *d);
+void mn_ref_silu_mul(const mn_silu_mul_desc *d);
+void mn_ref_add(const mn_add_desc *d);
+
+/* ---- fast CPU implementations (kernels/cpu/) ------------------------------------------
+ * Call mn_cpu_init() once (idempotent, thread-safe) before any of them: it picks the
+ * SIMD variants the CPU supports (AVX2+FMA, AVX-512, AVX-512-VNNI) at run time. */
+void mn_cpu_init(void);
+const char *mn_cpu_simd_name(void);   /* e.g. "avx512-vnni", "avx2", "scalar" */
+/* Set the SIMD level explicitly (tests use it to cover every variant the CPU has);
+ * level names as returned by mn_cpu_simd_name; returns 0 if unsupported on this CPU. */
+int mn_cpu_set_simd(const char *name);
+
+size_t mn_cpu_matmul_work_bytes(const mn_matmul_desc *d, int nth);
+void mn_cpu_get_rows(const mn_get_rows_desc *d, void *work, const mn_par *par);
+void mn_cpu_rmsnorm(const mn_rmsnorm_desc *d, void *work, const mn_par *par);
+void mn_cpu_matmul(const mn_matmul_desc *d, void *work, const mn_par *par);
+void mn_cpu_rope(const mn_rope_desc *d, void *work, const mn_par *par);
+void mn_cpu_kv_store(const mn_kv_store_desc *d, void *work, const mn_par *par);
+void mn_cpu_attention(const mn_attention_desc *d, void *work, const mn_par *par);
+void mn_cpu_silu_mul(const mn_silu_mul_desc *d, void *work, const mn_par *par);
+void mn_cpu_add(const mn_add_desc *d, void *work, const mn_par *par);
+
+#endif

@@ -1,0 +1,119 @@
+/* server/cli.c — argument helpers and model loading for the mneme commands. */
+#include "server/cli.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define DEFAULT_MODEL_FILE "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+double cli_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+const char *cli_default_model(void) {
+    static char path[4096];
+    const char *m = getenv("MNEME_MODEL");
+    if (m && *m) return m;
+    const char *dir = getenv("MNEME_MODELS");
+    if (dir && *dir) snprintf(path, sizeof path, "%s/%s", dir, DEFAULT_MODEL_FILE);
+    else snprintf(path, sizeof path, "%s/.cache/mneme/%s", getenv("HOME") ? getenv("HOME") : ".", DEFAULT_MODEL_FILE);
+    return path;
+}
+
+int cli_value(int argc, char **argv, int *i, const char **val) {
+    if (*i + 1 >= argc) {
+        fprintf(stderr, "mneme: option %s needs a value\n", argv[*i]);
+        return -1;
+    }
+    *val = argv[++*i];
+    return 0;
+}
+
+int cli_int(const char *flag, const char *s, long lo, long hi, long *out) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end) {
+        fprintf(stderr, "mneme: %s: '%s' is not an integer\n", flag, s);
+        return -1;
+    }
+    if (v < lo || v > hi) {
+        fprintf(stderr, "mneme: %s: %ld is out of range [%ld, %ld]\n", flag, v, lo, hi);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+int cli_float(const char *flag, const char *s, double lo, double hi, double *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || v != v) {
+        fprintf(stderr, "mneme: %s: '%s' is not a number\n", flag, s);
+        return -1;
+    }
+    if (v < lo || v > hi) {
+        fprintf(stderr, "mneme: %s: %g is out of range [%g, %g]\n", flag, v, lo, hi);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+int cli_model_opt(int argc, char **argv, int *i, cli_model_opts *o) {
+    const char *a = argv[*i], *v;
+    long n;
+    if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
+        if (cli_value(argc, argv, i, &v)) return -1;
+        o->model = v;
+        return 1;
+    }
+    if (!strcmp(a, "--device")) {
+        if (cli_value(argc, argv, i, &v)) return -1;
+        o->device = v;
+        return 1;
+    }
+    if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
+        if (cli_value(argc, argv, i, &v) || cli_int(a, v, 1, 1024, &n)) return -1;
+        o->threads = (int)n;
+        return 1;
+    }
+    if (!strcmp(a, "-c") || !strcmp(a, "--ctx")) {
+        if (cli_value(argc, argv, i, &v) || cli_int(a, v, 1, 1 << 24, &n)) return -1;
+        o->n_ctx = (int32_t)n;
+        return 1;
+    }
+    return 0;
+}
+
+int cli_load(const cli_model_opts *o, mn_backend **be, mn_model **m) {
+    mn_errbuf eb = {{0}};
+    mn_backend_params bp = {.device = o->device ? o->device : "auto", .n_threads = o->threads};
+    bool fell_back = false;
+    mn_err e = mn_backend_new(&bp, be, &fell_back, &eb);
+    if (e != MN_OK) {
+        fprintf(stderr, "mneme: %s\n", eb.msg);
+        return -1;
+    }
+    if (fell_back) fprintf(stderr, "mneme: %s\n", eb.msg);
+    const char *path = o->model ? o->model : cli_default_model();
+    mn_model_params mp = {.n_ctx = o->n_ctx};
+    e = mn_model_load(path, *be, &mp, m, &eb);
+    if (e != MN_OK) {
+        fprintf(stderr, "mneme: %s: %s\n", path, eb.msg);
+        mn_backend_free(*be);
+        return -1;
+    }
+    return 0;
+}
+
+void cli_unload(mn_backend *be, mn_model *m) {
+    mn_model_free(m);
+    mn_backend_free(be);
+}
