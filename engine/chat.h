@@ -15,7 +15,9 @@
 typedef enum mn_chat_kind {
     MN_CHAT_CHATML = 1,  /* <|im_start|>role\ncontent<|im_end|>\n  (SmolLM2, Qwen2) */
     MN_CHAT_LLAMA3 = 2,  /* <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|> */
-    MN_CHAT_LLAMA2 = 3,  /* <s>[INST] <<SYS>>...<</SYS>> user [/INST] answer </s> (Llama 2, Mistral) */
+    MN_CHAT_LLAMA2 = 3,  /* <s>[INST] <<SYS>>\n...\n<</SYS>>\n\nuser [/INST] answer </s> (Llama 2) */
+    MN_CHAT_MISTRAL = 4, /* <s> [INST] system\n\nuser [/INST] answer</s> (Mistral v0.2+, Mixtral):
+                          * [INST] without <<SYS>>, system prepended to the first user turn */
 } mn_chat_kind;
 
 typedef struct mn_chat_template {
@@ -32,7 +34,13 @@ void mn_chat_template_clear(mn_chat_template *t);
 const char *mn_chat_kind_name(mn_chat_kind k);
 
 /** Render messages (roles: system, user, assistant) into prompt text; with
- *  add_generation_prompt the assistant header is appended. *out is NUL-terminated,
+ *  add_generation_prompt the assistant header is appended (the [INST] families ignore it:
+ *  their prompt already ends in [/INST]). Like the Jinja templates, the text holds the
+ *  BOS text for Llama 3 ("<|begin_of_text|>") and the [INST] families ("<s>", "</s>"),
+ *  so tokenize it with MN_TOK_PARSE_SPECIAL and without MN_TOK_ADD_BOS; ChatML has no
+ *  BOS. Llama 3 and Llama 2 strip whitespace around contents as their templates do.
+ *  [INST] families need user/assistant turns alternating (after an optional first
+ *  system message). *out is NUL-terminated,
  *  allocated with mn_malloc, owned by the caller. A role the family cannot express is
  *  MN_EINVALID naming the message index. */
 mn_err mn_chat_render(const mn_chat_template *t, const mn_chat_msg *msgs, int n_msgs,

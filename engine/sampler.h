@@ -58,12 +58,16 @@ void mn_sampler_set_rng(mn_sampler *s, const uint64_t state[4]);
 /* Stop strings over streamed text: holds back a tail that could still become a stop
  * string, so text after a stop string is never emitted. */
 typedef struct mn_stop mn_stop;
+/** stops[n_stops] are copied; an empty or NULL stop string is MN_EINVALID naming its index.
+ *  n_stops may be 0 (then only the UTF-8 hold-back applies). Free with mn_stop_free. */
 mn_err mn_stop_new(const char *const *stops, int n_stops, mn_stop **out, mn_errbuf *eb);
 void mn_stop_free(mn_stop *st);
 /** Feed n bytes of new text. Returns how many bytes of the text fed so far (not yet
  *  released) may be emitted now, copying them to out (cap bytes; cap >= n + longest stop
- *  suffices); sets *stopped when a stop string completed (the stop string itself and
- *  anything after it are not emitted). */
+ *  + 3 suffices); sets *stopped when a stop string completed (the stop string itself and
+ *  anything after it are not emitted). Released text never ends inside a UTF-8 sequence:
+ *  an incomplete one at the end is held until completed (or until mn_stop_flush).
+ *  After a stop, further feeds return 0 and set *stopped again. */
 size_t mn_stop_feed(mn_stop *st, const char *text, size_t n, char *out, size_t cap, bool *stopped);
 /** At end of stream: release the held-back tail. */
 size_t mn_stop_flush(mn_stop *st, char *out, size_t cap);

@@ -2,7 +2,8 @@
  *
  * The matcher keeps a pending buffer of bytes fed but not yet released. After each
  * feed, with P = pending bytes:
- *   - a stop string fully inside P: release P up to the earliest match start, stop;
+ *   - a stop string fully inside P: release P up to the start of the match that
+ *     completes first (ties: the one starting first), and stop;
  *   - otherwise hold back from h, the first position whose suffix P[h..] is a proper
  *     prefix of some stop string (nothing before h can start a stop string any more);
  *   - and never end a release inside a UTF-8 sequence: h moves back to the lead byte
@@ -111,12 +112,17 @@ size_t mn_stop_feed(mn_stop *st, const char *text, size_t n, char *out, size_t c
     memcpy(st->buf + st->len, text, n);
     st->len += n;
 
-    /* earliest complete match */
-    size_t best = (size_t)-1;
+    /* The match that completes first (smallest end), as if the text came a byte at a
+     * time; among those ending there, the one starting first. So the result does not
+     * depend on how the text was cut into pieces. */
+    size_t best = (size_t)-1, best_end = (size_t)-1;
     for (int k = 0; k < st->n; k++) {
         size_t L = st->lens[k];
-        for (size_t i = 0; i + L <= st->len && i < best; i++) {
-            if (memcmp(st->buf + i, st->stops[k], L) == 0) { best = i; break; }
+        for (size_t i = 0; i + L <= st->len && i + L <= best_end; i++) {
+            if (memcmp(st->buf + i, st->stops[k], L) == 0) {
+                if (i + L < best_end || i < best) { best = i; best_end = i + L; }
+                break;
+            }
         }
     }
     if (best != (size_t)-1) {

@@ -2,6 +2,7 @@
  * tokens and the streaming detokenizer. The two encoders live in tokenizer_bpe.c (gpt2)
  * and tokenizer_spm.c (llama); see tokenizer_impl.h for the shared layout.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -128,12 +129,9 @@ static bool opt_bool(const mn_gguf *g, const char *key, bool dflt)
     return mn_gguf_get_bool(g, key, &b, NULL) == MN_EOK ? b : dflt;
 }
 
-static int cmp_special_len(const void *a, const void *b, void *t_)
+static int cmp_u64(const void *a, const void *b)
 {
-    const mn_tokenizer *t = t_;
-    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-    if (t->raw_len[x] != t->raw_len[y])
-        return t->raw_len[x] > t->raw_len[y] ? -1 : 1;
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
     return x < y ? -1 : x > y;
 }
 
@@ -215,7 +213,7 @@ static mn_err load_vocab(mn_tokenizer *t, const mn_gguf *g, mn_errbuf *eb)
     return MN_EOK;
 }
 
-static void find_bytes_and_specials(mn_tokenizer *t)
+static mn_err find_bytes_and_specials(mn_tokenizer *t)
 {
     for (int b = 0; b < 256; b++) {
         if (t->kind == MN__TOK_GPT2) {
@@ -227,15 +225,27 @@ static void find_bytes_and_specials(mn_tokenizer *t)
             t->byte_tok[b] = mn__tok_lookup(t, name, 6);
         }
     }
+    /* longest text first (so "<|im_start|>" wins over any prefix of it), then by id:
+     * sort keys (~len << 32 | id) */
+    uint64_t *keys = mn_malloc((size_t)t->n_vocab * sizeof *keys);
+    t->special = mn_malloc((size_t)t->n_vocab * sizeof(int32_t));
+    if (!keys || !t->special) {
+        mn_free(keys);
+        return MN_ENOMEM;
+    }
     t->n_special = 0;
     for (int32_t i = 0; i < t->n_vocab; i++)
         if ((t->type[i] == MN__TT_CONTROL || t->type[i] == MN__TT_USER_DEFINED) && t->raw_len[i])
-            t->special[t->n_special++] = i;
-    qsort_r(t->special, (size_t)t->n_special, sizeof(int32_t), cmp_special_len, t);
+            keys[t->n_special++] = (uint64_t)(UINT32_MAX - t->raw_len[i]) << 32 | (uint32_t)i;
+    qsort(keys, (size_t)t->n_special, sizeof *keys, cmp_u64);
+    for (int32_t k = 0; k < t->n_special; k++)
+        t->special[k] = (int32_t)(keys[k] & 0xffffffffu);
+    mn_free(keys);
     for (int32_t k = 0; k < t->n_special; k++) {
         uint8_t c = (uint8_t)t->arena[t->raw_off[t->special[k]]];
         t->special_first[c >> 3] |= (uint8_t)(1u << (c & 7));
     }
+    return MN_EOK;
 }
 
 static int32_t find_raw(const mn_tokenizer *t, const char *s)
@@ -314,12 +324,10 @@ mn_err mn_tokenizer_from_gguf(const mn_gguf *g, mn_tokenizer **out, mn_errbuf *e
         mn_tokenizer_free(t);
         return err;
     }
-    t->special = mn_malloc((size_t)t->n_vocab * sizeof(int32_t));
-    if (!t->special) {
+    if ((err = find_bytes_and_specials(t))) {
         mn_tokenizer_free(t);
-        return MN_ENOMEM;
+        return mn_errf(eb, err, "tokenizer: out of memory for %d tokens", t->n_vocab);
     }
-    find_bytes_and_specials(t);
     t->bos = opt_id(g, "tokenizer.ggml.bos_token_id", t->n_vocab);
     t->eos = opt_id(g, "tokenizer.ggml.eos_token_id", t->n_vocab);
     t->unk = opt_id(g, "tokenizer.ggml.unknown_token_id", t->n_vocab);
@@ -372,15 +380,17 @@ int32_t mn_tokenizer_find(const mn_tokenizer *t, const char *s, size_t len)
         if (t->raw_len[id] == len && memcmp(t->arena + t->raw_off[id], s, len) == 0)
             return id;
     }
-    for (uint32_t h = hash_bytes(s, len) & t->lut_mask;; h = (h + 1) & t->lut_mask) {
-        int32_t id = t->lut[h];
-        if (id < 0)
-            break;
-        if (t->raw_len[id] == len && memcmp(t->arena + t->raw_off[id], s, len) == 0)
-            return id;
-    }
-    /* gpt2 lookup keys are decoded bytes: accept those too ("\n" for "Ċ") */
-    return mn__tok_lookup(t, s, len);
+    if (t->kind == MN__TOK_LLAMA)
+        return mn__tok_lookup(t, s, len);
+    /* gpt2: the lookup table holds decoded bytes; "Ġworld" is looked up as " world" */
+    char buf[512];
+    if (len > sizeof buf)
+        return -1;
+    size_t n = mn__unmap_text(s, len, buf);
+    int32_t id = mn__tok_lookup(t, buf, n);
+    if (id >= 0 && t->raw_len[id] == len && memcmp(t->arena + t->raw_off[id], s, len) == 0)
+        return id;
+    return -1;
 }
 
 const char *mn_token_bytes(const mn_tokenizer *t, int32_t id, size_t *len)
@@ -406,12 +416,11 @@ static int32_t special_at(const mn_tokenizer *t, const char *text, size_t n)
     return -1;
 }
 
-static mn_err encode_text(const mn_tokenizer *t, const char *s, size_t n, bool after_special,
-                          mn__tokvec *tv)
+static mn_err encode_text(const mn_tokenizer *t, const char *s, size_t n, mn__tokvec *tv)
 {
     if (t->kind == MN__TOK_GPT2)
         return mn__bpe_encode(t, s, n, tv);
-    return mn__spm_encode(t, s, n, t->add_space_prefix && after_special, tv);
+    return mn__spm_encode(t, s, n, t->add_space_prefix, tv);
 }
 
 mn_err mn_tokenize(const mn_tokenizer *t, const char *text, size_t len, int flags,
@@ -423,8 +432,8 @@ mn_err mn_tokenize(const mn_tokenizer *t, const char *text, size_t len, int flag
     *n_tokens = 0;
     if ((flags & MN_TOK_ADD_BOS) && t->add_bos && t->bos >= 0)
         err = mn__tokvec_push(&tv, t->bos);
-    /* SPM prefixes a space at the start and after every special token, as llama.cpp does */
-    bool after_special = true;
+    /* Every text run starts the text or follows a special token; SPM prefixes a space to
+     * each (llama.cpp does the same). */
     size_t start = 0;
     if (!err && (flags & MN_TOK_PARSE_SPECIAL) && t->n_special) {
         for (size_t p = 0; p < len && !err;) {
@@ -434,18 +443,15 @@ mn_err mn_tokenize(const mn_tokenizer *t, const char *text, size_t len, int flag
                 continue;
             }
             if (p > start)
-                err = encode_text(t, text + start, p - start, after_special, &tv);
+                err = encode_text(t, text + start, p - start, &tv);
             if (!err)
                 err = mn__tokvec_push(&tv, id);
-            after_special = true;
             p += t->raw_len[id];
             start = p;
-            if (!err && start > 0 && p <= len)
-                after_special = true;
         }
     }
     if (!err && start < len)
-        err = encode_text(t, text + start, len - start, after_special, &tv);
+        err = encode_text(t, text + start, len - start, &tv);
     if (err) {
         mn_free(tv.v);
         if (err == MN_ENOMEM)
@@ -457,4 +463,121 @@ mn_err mn_tokenize(const mn_tokenizer *t, const char *text, size_t len, int flag
     *tokens = tv.v;
     *n_tokens = tv.n;
     return MN_EOK;
+}
+
+/* ---- detokenizing ------------------------------------------------------------------- */
+
+mn_err mn_detokenize(const mn_tokenizer *t, const int32_t *ids, int64_t n, bool render_special,
+                     char **out, size_t *len, mn_errbuf *eb)
+{
+    *out = NULL;
+    *len = 0;
+    size_t total = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= t->n_vocab)
+            return mn_errf(eb, MN_ERANGE, "detokenize: token %lld at index %lld not in [0, %d)",
+                           (long long)ids[i], (long long)i, t->n_vocab);
+        total += t->dec_len[ids[i]];
+    }
+    char *buf = mn_malloc(total + 1);
+    if (!buf)
+        return mn_errf(eb, MN_ENOMEM, "detokenize: out of memory (%zu bytes)", total);
+    size_t o = 0;
+    bool started = false;
+    for (int64_t i = 0; i < n; i++) {
+        int32_t id = ids[i];
+        if (mn_tokenizer_is_special(t, id)) {
+            if (!render_special)
+                continue;
+        } else if (!started) {
+            started = true;
+            /* undo the leading-space rule on the first text piece */
+            if (t->kind == MN__TOK_LLAMA && t->add_space_prefix && t->dec_len[id] &&
+                t->arena[t->dec_off[id]] == ' ') {
+                memcpy(buf + o, t->arena + t->dec_off[id] + 1, t->dec_len[id] - 1);
+                o += t->dec_len[id] - 1;
+                continue;
+            }
+        }
+        memcpy(buf + o, t->arena + t->dec_off[id], t->dec_len[id]);
+        o += t->dec_len[id];
+    }
+    buf[o] = 0;
+    *out = buf;
+    *len = o;
+    return MN_EOK;
+}
+
+void mn_detok_reset(mn_detok *d)
+{
+    memset(d, 0, sizeof *d);
+}
+
+typedef struct obuf { char *p; size_t n, cap; } obuf;
+
+/* Append whole sequences only: what does not fit is dropped, never split. */
+static void put(obuf *o, const char *s, size_t n)
+{
+    if (o->n + n <= o->cap) {
+        memcpy(o->p + o->n, s, n);
+        o->n += n;
+    }
+}
+
+static const char repl[3] = {(char)0xEF, (char)0xBF, (char)0xBD};   /* U+FFFD */
+
+/* Feed one byte: emit complete sequences, U+FFFD for bytes that start none. */
+static void feed(mn_detok *d, uint8_t b, obuf *o)
+{
+    d->pending[d->n_pending++] = (char)b;
+    while (d->n_pending) {
+        int k = mn__utf8_check((const uint8_t *)d->pending, (size_t)d->n_pending);
+        if (k == 0)
+            return;   /* incomplete: wait for more bytes */
+        if (k > 0) {
+            put(o, d->pending, (size_t)k);
+        } else {
+            put(o, repl, 3);
+            k = 1;
+        }
+        memmove(d->pending, d->pending + k, (size_t)(d->n_pending - k));
+        d->n_pending -= k;
+    }
+}
+
+size_t mn_detok_flush(mn_detok *d, char *out, size_t cap)
+{
+    obuf o = {out, 0, cap};
+    if (d->n_pending)
+        put(&o, repl, 3);
+    d->n_pending = 0;
+    return o.n;
+}
+
+size_t mn_detok_push(const mn_tokenizer *t, mn_detok *d, int32_t id, bool render_special,
+                     char *out, size_t cap)
+{
+    if (id < 0 || id >= t->n_vocab)
+        return 0;
+    obuf o = {out, 0, cap};
+    const char *s = t->arena + t->dec_off[id];
+    size_t n = t->dec_len[id];
+    if (mn_tokenizer_is_special(t, id)) {
+        if (!render_special)
+            return 0;
+        /* a special token breaks any byte sequence in progress */
+        o.n = mn_detok_flush(d, out, cap);
+        put(&o, s, n);
+        return o.n;
+    }
+    if (!d->started) {
+        d->started = true;
+        if (t->kind == MN__TOK_LLAMA && t->add_space_prefix && n && s[0] == ' ') {
+            s++;
+            n--;
+        }
+    }
+    for (size_t i = 0; i < n; i++)
+        feed(d, (uint8_t)s[i], &o);
+    return o.n;
 }

@@ -235,8 +235,7 @@ static int32_t merge_find(const mn_tokenizer *t, int32_t left, int32_t right, in
     }
 }
 
-/* Turn a gpt2 token text (Ġ alphabet) into raw bytes in out (room for 4*len). */
-static size_t unmap_text(const char *s, size_t len, char *out)
+size_t mn__unmap_text(const char *s, size_t len, char *out)
 {
     size_t o = 0;
     for (size_t p = 0; p < len;) {
@@ -290,8 +289,8 @@ mn_err mn__bpe_load_merges(mn_tokenizer *t, const mn_gguf *g, mn_errbuf *eb)
             if (!(buf = mn_malloc(buf_cap)))
                 return MN_ENOMEM;
         }
-        size_t la = unmap_text(s.ptr, (size_t)(sp - s.ptr), buf);
-        size_t lb = unmap_text(sp + 1, s.len - (size_t)(sp - s.ptr) - 1, buf + la);
+        size_t la = mn__unmap_text(s.ptr, (size_t)(sp - s.ptr), buf);
+        size_t lb = mn__unmap_text(sp + 1, s.len - (size_t)(sp - s.ptr) - 1, buf + la);
         int32_t a = mn__tok_lookup(t, buf, la), b = mn__tok_lookup(t, buf + la, lb);
         int32_t r = mn__tok_lookup(t, buf, la + lb);
         if (a < 0 || b < 0 || r < 0)
@@ -408,9 +407,11 @@ static mn_err bpe_piece(void *ctx, size_t off, size_t len)
         try_pair(w, l);
     }
     for (int32_t i = 0; i >= 0; i = w->next[i]) {
-        int32_t id = w->id[i] >= 0 ? w->id[i] : t->unk;   /* a byte with no token */
-        if (id >= 0) {
-            mn_err err = mn__tokvec_push(w->out, id);
+        /* A byte the vocab has no token for is dropped, as HF tokenizers does without an
+         * unk token: SmolLM2's unknown_token_id is <|endoftext|>, which must not appear
+         * in the middle of user text. */
+        if (w->id[i] >= 0) {
+            mn_err err = mn__tokvec_push(w->out, w->id[i]);
             if (err)
                 return err;
         }

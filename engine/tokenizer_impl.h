@@ -67,6 +67,9 @@ mn_err mn__bpe_encode(const mn_tokenizer *t, const char *text, size_t len, mn__t
 mn_err mn__bpe_load_merges(mn_tokenizer *t, const mn_gguf *g, mn_errbuf *eb);
 /** GPT-2's bytes_to_unicode: the code point standing for byte b in gpt2 token texts. */
 uint32_t mn__byte_to_cp(uint8_t b);
+/** Turn a gpt2 token text (Ġ alphabet) into raw bytes in out (room for len bytes);
+ *  code points outside the alphabet are copied as they are. Returns the length. */
+size_t mn__unmap_text(const char *s, size_t len, char *out);
 /** Inverse of mn__byte_to_cp: the byte for code point cp, or -1. */
 int mn__cp_to_byte(int32_t cp);
 

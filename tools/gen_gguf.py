@@ -109,8 +109,9 @@ _PRESPLIT = re.compile(r"'(?:s|t|re|ve|m|ll|d)| ?[A-Za-z]+|[0-9]| ?[^\sA-Za-z0-9
 
 def build_vocab(n_vocab: int, text: str = SAMPLE_TEXT):
     """Return (tokens, token_types, merges, special ids) for a byte-level BPE of n_vocab."""
-    if n_vocab < 259:
-        raise ValueError(f"--n-vocab {n_vocab}: need at least 259 (256 bytes + 3 special tokens)")
+    # GGUFWriter cannot write an empty array, and a gpt2 tokenizer needs its merges key
+    if n_vocab < 260:
+        raise ValueError(f"--n-vocab {n_vocab}: need at least 260 (256 bytes, 1 merge, 3 special tokens)")
     b2u = byte_to_unicode()
     tokens = [b2u[b] for b in range(256)]
     known = set(tokens)

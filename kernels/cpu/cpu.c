@@ -1,5 +1,6 @@
 /* kernels/cpu/cpu.c — run-time choice of the SIMD variant of the CPU kernels. */
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kernels/cpu/cpu_impl.h"
@@ -24,6 +25,10 @@ static void detect(void) {
         l = MN__SIMD_AVX512VNNI;
     best_level = level = l;
 #endif
+    /* MNEME_SIMD=scalar|avx2|avx512|avx512-vnni caps the level (debugging, comparisons) */
+    const char *env = getenv("MNEME_SIMD");
+    for (int i = 0; env && i < 4; i++)
+        if (strcmp(env, level_names[i]) == 0 && (mn__simd)i <= best_level) level = (mn__simd)i;
 }
 
 void mn_cpu_init(void) { pthread_once(&once, detect); }

@@ -76,9 +76,10 @@ static inline __m512 load_h16(const uint16_t *p, __mmask16 k) {
 
 /* Same algorithm as mn__attn_heads_avx2 with 16 lanes; a head_dim that is not a
  * multiple of 16 ends in one masked vector (zeros in the unused lanes). */
-void mn__attn_heads_avx512(const mn_attention_desc *d, int64_t t, int32_t h0, int32_t nh) {
+static inline __attribute__((always_inline)) void attn_heads(const mn_attention_desc *d, int64_t t,
+                                                              int32_t h0, const int32_t nh, const int32_t nvc) {
     const mn_kv_view *kv = &d->kv;
-    const int32_t hd = d->head_dim, nv = (hd + 15) / 16, g = h0 / (d->n_head / d->n_kv_head);
+    const int32_t hd = d->head_dim, nv = nvc ? nvc : (hd + 15) / 16, g = h0 / (d->n_head / d->n_kv_head);
     const int32_t s = d->seq[t], n_pos = d->pos[t] + 1;
     float acc[MN__ATTN_MAX_HEADS][MN__ATTN_MAX_HD] __attribute__((aligned(64)));
     float sc[MN__ATTN_MAX_HEADS][MN__ATTN_CHUNK] __attribute__((aligned(64)));
@@ -136,5 +137,28 @@ void mn__attn_heads_avx512(const mn_attention_desc *d, int64_t t, int32_t h0, in
         float *o = d->out + t * d->out_stride + (int64_t)(h0 + j) * hd;
         float inv = 1.0f / l[j];
         for (int32_t i = 0; i < hd; i++) o[i] = acc[j][i] * inv;
+    }
+}
+
+/* One instance per group size (and for head_dim 64 and 128 per vector count), so the
+ * per-head accumulators live in registers and the loops unroll; every instance does the
+ * same float operations per head, so the choice cannot change a result. */
+#define ATTN_CASE(NH)                                                   \
+    case NH:                                                            \
+        if (d->head_dim == 64) attn_heads(d, t, h0, NH, 64 / 16);         \
+        else if (d->head_dim == 128) attn_heads(d, t, h0, NH, 128 / 16);  \
+        else attn_heads(d, t, h0, NH, 0);                               \
+        break;
+
+void mn__attn_heads_avx512(const mn_attention_desc *d, int64_t t, int32_t h0, int32_t nh) {
+    switch (nh) {
+    ATTN_CASE(1)
+    ATTN_CASE(2)
+    ATTN_CASE(3)
+    ATTN_CASE(4)
+    ATTN_CASE(5)
+    ATTN_CASE(6)
+    ATTN_CASE(7)
+    default: attn_heads(d, t, h0, 8, d->head_dim == 64 ? 64 / 16 : d->head_dim == 128 ? 128 / 16 : 0); break;
     }
 }

@@ -1,0 +1,193 @@
+/* kernels/cpu/matmul.c — mn_cpu_matmul: activation quantization, thread split and the
+ * scalar level; the SIMD levels live in matmul_avx2.c and matmul_avx512vnni.c.
+ *
+ * One call: (1) the T rows of x are quantized once into the work buffer (q8_1 for
+ * Q4_0/Q4_1/Q8_0, q8_K for the K-quants), the blocks split across threads;
+ * (2) barrier; (3) each thread computes a contiguous range of output rows n for all
+ * tokens. Splitting by n, never by k, keeps every element's reduction independent of
+ * the thread count (batch invariance, kernels/ops.h).
+ */
+#include "kernels/cpu/cpu_impl.h"
+#include "kernels/cpu/matmul_impl.h"
+#include "kernels/quant_math.h"
+
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+static int is_legacy(mn_dtype t) { return t == MN_Q4_0 || t == MN_Q4_1 || t == MN_Q8_0; }
+static int is_kquant(mn_dtype t) { return t == MN_Q4_K || t == MN_Q5_K || t == MN_Q6_K; }
+
+/* Byte offsets of the work-buffer parts (see matmul_impl.h). */
+typedef struct layout { size_t qs, d, s, bsums, scr, scr_per_thread, total; } layout;
+
+static layout plan(const mn_matmul_desc *d, int nth) {
+    layout L = {0};
+    if (!is_legacy(d->w_type) && !is_kquant(d->w_type)) return L;
+    size_t be = (size_t)mn_dtype_block_elems(d->w_type), nb = (size_t)d->K / be, T = (size_t)d->T;
+    size_t off = 0;
+    L.qs = off; off += align64(T * nb * be);
+    L.d = off; off += align64(T * nb * sizeof(float));
+    if (is_legacy(d->w_type)) {
+        L.s = off; off += align64(T * nb * sizeof(float));
+        L.scr_per_thread = align64(2 * MN__MM_RMAX * nb * sizeof(float));
+        L.scr = off; off += (size_t)nth * L.scr_per_thread;
+    } else {
+        L.bsums = off; off += align64(T * nb * 16 * sizeof(int16_t));
+    }
+    L.total = off + 64; /* room to align the caller's pointer */
+    return L;
+}
+
+size_t mn_cpu_matmul_work_bytes(const mn_matmul_desc *d, int nth) {
+    return plan(d, nth < 1 ? 1 : nth).total;
+}
+
+/* ---- scalar level --------------------------------------------------------------------- */
+
+static float quant_group_scalar(const float *x, int n, int8_t *q) {
+    float amax = 0.0f;
+    for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(x[i]));
+    float d = amax / 127.0f;
+    for (int i = 0; i < n; i++) q[i] = d == 0.0f ? 0 : (int8_t)nearbyintf(x[i] / d);
+    return d;
+}
+
+/* Per element, the same sequence as mn_ref_matmul (so scalar == ref bit for bit). */
+static float dot_legacy_scalar(mn_dtype t, const char *row, const mn__xq *xq, int64_t tok) {
+    int64_t nb = xq->nb;
+    const int8_t *qs = xq->qs + tok * nb * MN_QK;
+    const float *xd = xq->d + tok * nb, *xs = xq->s + tok * nb;
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *x = qs + b * MN_QK;
+        int isum = 0;
+        if (t == MN_Q8_0) {
+            const mn_block_q8_0 *w = (const mn_block_q8_0 *)row + b;
+            for (int j = 0; j < MN_QK; j++) isum += w->qs[j] * x[j];
+            acc += (mn_fp16_to_fp32(w->d) * xd[b]) * (float)isum;
+        } else if (t == MN_Q4_0) {
+            const mn_block_q4_0 *w = (const mn_block_q4_0 *)row + b;
+            for (int j = 0; j < 16; j++) isum += ((w->qs[j] & 15) - 8) * x[j] + ((w->qs[j] >> 4) - 8) * x[j + 16];
+            acc += (mn_fp16_to_fp32(w->d) * xd[b]) * (float)isum;
+        } else {
+            const mn_block_q4_1 *w = (const mn_block_q4_1 *)row + b;
+            for (int j = 0; j < 16; j++) isum += (w->qs[j] & 15) * x[j] + (w->qs[j] >> 4) * x[j + 16];
+            acc += (mn_fp16_to_fp32(w->d) * xd[b]) * (float)isum + mn_fp16_to_fp32(w->m) * xs[b];
+        }
+    }
+    return acc;
+}
+
+static float dot_kquant_scalar(mn_dtype t, const char *row, const mn__xq *xq, int64_t tok) {
+    int64_t nb = xq->nb;
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *x = xq->qs + (tok * nb + b) * MN_QK_K;
+        const int16_t *bs = xq->bsums + (tok * nb + b) * 16;
+        float dx = xq->d[tok * nb + b];
+        int isum = 0, imin = 0;
+        if (t == MN_Q6_K) {
+            const mn_block_q6_K *w = (const mn_block_q6_K *)(row + b * (int64_t)sizeof(mn_block_q6_K));
+            for (int s = 0; s < 16; s++) {
+                int ss = 0;
+                for (int l = 0; l < 16; l++) ss += (mn_q6_K_value(w, 16 * s + l) - 32) * x[16 * s + l];
+                isum += w->scales[s] * ss;
+            }
+            acc += (mn_fp16_to_fp32(w->d) * dx) * (float)isum;
+            continue;
+        }
+        const mn_block_q4_K *w4 = (const mn_block_q4_K *)row + b;
+        const mn_block_q5_K *w5 = (const mn_block_q5_K *)row + b;
+        const uint8_t *scales = t == MN_Q4_K ? w4->scales : w5->scales;
+        const uint8_t *qs = t == MN_Q4_K ? w4->qs : w5->qs;
+        for (int j = 0; j < 8; j++) {
+            uint8_t sc, m;
+            mn_k4_scale_min(scales, j, &sc, &m);
+            int ss = 0;
+            for (int l = 0; l < 32; l++) {
+                int v = (j & 1) ? (qs[32 * (j / 2) + l] >> 4) : (qs[32 * (j / 2) + l] & 15);
+                if (t == MN_Q5_K) v |= ((w5->qh[l] >> j) & 1) << 4;
+                ss += v * x[32 * j + l];
+            }
+            isum += sc * ss;
+            imin += m * (bs[2 * j] + bs[2 * j + 1]);
+        }
+        uint16_t dd = t == MN_Q4_K ? w4->d : w5->d, dm = t == MN_Q4_K ? w4->dmin : w5->dmin;
+        acc += (mn_fp16_to_fp32(dd) * dx) * (float)isum - (mn_fp16_to_fp32(dm) * dx) * (float)imin;
+    }
+    return acc;
+}
+
+static float dot_float_scalar(mn_dtype t, const char *row, const float *x, int64_t K) {
+    float acc = 0.0f;
+    for (int64_t k = 0; k < K; k++) {
+        float w = t == MN_F32 ? ((const float *)row)[k]
+                : t == MN_F16 ? mn_fp16_to_fp32(((const uint16_t *)row)[k])
+                              : mn_bf16_to_fp32(((const uint16_t *)row)[k]);
+        acc += x[k] * w;
+    }
+    return acc;
+}
+
+static void rows_scalar(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
+    const mn_matmul_desc *d = c->d;
+    for (int64_t n = n0; n < n1; n++) {
+        const char *row = (const char *)d->w + n * d->w_row_bytes;
+        for (int64_t t = 0; t < d->T; t++) {
+            float v = is_legacy(d->w_type) ? dot_legacy_scalar(d->w_type, row, &c->xq, t)
+                    : is_kquant(d->w_type) ? dot_kquant_scalar(d->w_type, row, &c->xq, t)
+                                           : dot_float_scalar(d->w_type, row, d->x + t * d->x_stride, d->K);
+            mn__mm_store(d, t, n, v);
+        }
+    }
+}
+
+/* ---- the op ------------------------------------------------------------------------- */
+
+void mn_cpu_matmul(const mn_matmul_desc *d, void *work, const mn_par *par) {
+    mn__simd lvl = mn__cpu_simd();
+    mn__mm_ctx c = {.d = d};
+    if (is_legacy(d->w_type) || is_kquant(d->w_type)) {
+        layout L = plan(d, par->nth);
+        char *base = (char *)(((uintptr_t)work + 63) & ~(uintptr_t)63);
+        int be = (int)mn_dtype_block_elems(d->w_type);
+        int64_t nb = d->K / be;
+        int8_t *qs = (int8_t *)(base + L.qs);
+        float *xd = (float *)(base + L.d);
+        float *xs = is_legacy(d->w_type) ? (float *)(base + L.s) : NULL;
+        int16_t *bsums = is_kquant(d->w_type) ? (int16_t *)(base + L.bsums) : NULL;
+        /* (1) quantize: blocks of all rows split evenly, so T = 1 also uses every thread */
+        int64_t lo, hi;
+        mn_par_range(par, d->T * nb, &lo, &hi);
+        for (int64_t i = lo; i < hi; i++) {
+            int64_t t = i / nb, b = i % nb;
+            const float *x = d->x + t * d->x_stride + b * be;
+            int8_t *q = qs + i * be;
+            xd[i] = lvl >= MN__SIMD_AVX2 ? mn__quant_group_avx2(x, be, q) : quant_group_scalar(x, be, q);
+            if (xs) {
+                int sum = 0;
+                for (int j = 0; j < be; j++) sum += q[j];
+                xs[i] = xd[i] * (float)sum;
+            } else {
+                for (int g = 0; g < 16; g++) {
+                    int sum = 0;
+                    for (int j = 0; j < 16; j++) sum += q[16 * g + j];
+                    bsums[i * 16 + g] = (int16_t)sum;
+                }
+            }
+        }
+        c.xq = (mn__xq){.qs = qs, .d = xd, .s = xs, .bsums = bsums, .nb = nb};
+        if (L.scr_per_thread) c.scr = (float *)(base + L.scr + (size_t)par->ith * L.scr_per_thread);
+        mn_par_barrier(par);
+    }
+    /* (3) output rows in units of MN__MM_RMAX so row tiles are not cut by the split */
+    int64_t groups = (d->N + MN__MM_RMAX - 1) / MN__MM_RMAX, g0, g1;
+    mn_par_range(par, groups, &g0, &g1);
+    int64_t n0 = g0 * MN__MM_RMAX, n1 = g1 * MN__MM_RMAX < d->N ? g1 * MN__MM_RMAX : d->N;
+    if (n0 >= n1) return;
+    switch (lvl) {
+    case MN__SIMD_AVX512VNNI: mn__mm_rows_avx512vnni(&c, n0, n1); break;
+    case MN__SIMD_AVX512:
+    case MN__SIMD_AVX2: mn__mm_rows_avx2(&c, n0, n1); break;
+    default: rows_scalar(&c, n0, n1); break;
+    }
+}

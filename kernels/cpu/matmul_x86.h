@@ -1,0 +1,254 @@
+/* kernels/cpu/matmul_x86.h — the x86 SIMD matmul kernels, written once and compiled
+ * twice: by matmul_avx2.c (integer dot = maddubs + madd) and by matmul_avx512vnni.c
+ * (integer dot = vpdpbusd on 256-bit vectors, twice the registers, bigger tiles).
+ * The includer defines, before including this file:
+ *   MN__DOT(u, s)   __m256i of 8 int32: lane i = sum of u8*s8 products of bytes 4i..4i+3
+ *   MN__RT, MN__CT  row and token tile limits (MN__RT <= MN__MM_RMAX, both <= 4)
+ *   MN__ROWS_FN     the name of the entry point (declared in matmul_impl.h)
+ * Both integer dots give the same exact sums, so both levels produce the same bits.
+ *
+ * Per-element sequences (fixed whatever the tile; that is the batch invariance):
+ *   Q8_0/Q4_0/Q4_1: acc(8 lanes) = fma(dw*dx, cvt(int dot of the block), acc) per block,
+ *     then hsum8(acc); Q4_1 adds its min term sum_b m_b*s_b (8-lane fma + hsum8 +
+ *     scalar tail, in block order).
+ *   K-quants: per super-block an exact int32 sum, then the scalar formula of the reference
+ *     (so these equal mn_ref_matmul bit for bit).
+ *   F32/F16/BF16: four 8-lane fma chains over k (32 at a time), a 8-lane chain for the
+ *     rest of the multiples of 8, a fixed combine, hsum8, scalar tail.
+ * The includer turns off FP contraction so no mul+add is fused behind our back.
+ */
+#include <immintrin.h>
+
+#include "kernels/cpu/matmul_impl.h"
+#include "kernels/quant_math.h"
+
+static inline float x86_hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline int x86_hsum8i(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+static inline float x86_h2f(uint16_t h) { return _cvtsh_ss(h); }
+
+/* 16 bytes of packed nibbles -> 32 bytes 0..15 in element order (low nibbles first). */
+static inline __m256i x86_unpack_q4(const uint8_t *qs) {
+    __m128i q = _mm_loadu_si128((const __m128i *)qs), m = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
+}
+
+/* ---- legacy quants (Q4_0, Q4_1, Q8_0) x q8_1: register tile of R rows x C tokens ------- */
+
+/* Weight scales (and Q4_1 mins) of rows n..n+R-1 as floats: dw[r*nb+b], mw[r*nb+b]. */
+static void x86_row_scales(const mn_matmul_desc *d, int64_t n, int R, int64_t nb, float *dw, float *mw) {
+    for (int r = 0; r < R; r++) {
+        const char *row = (const char *)d->w + (n + r) * d->w_row_bytes;
+        for (int64_t b = 0; b < nb; b++) {
+            if (d->w_type == MN_Q4_1) {
+                const mn_block_q4_1 *w = (const mn_block_q4_1 *)row + b;
+                dw[r * nb + b] = x86_h2f(w->d);
+                mw[r * nb + b] = x86_h2f(w->m);
+            } else if (d->w_type == MN_Q4_0) {
+                dw[r * nb + b] = x86_h2f(((const mn_block_q4_0 *)row + b)->d);
+            } else {
+                dw[r * nb + b] = x86_h2f(((const mn_block_q8_0 *)row + b)->d);
+            }
+        }
+    }
+}
+
+static inline float x86_dot_mins(const float *m, const float *s, int64_t nb) {
+    __m256 a = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(m + b), _mm256_loadu_ps(s + b), a);
+    float v = x86_hsum8(a);
+    for (; b < nb; b++) v += m[b] * s[b];
+    return v;
+}
+
+static inline __attribute__((always_inline)) void x86_tile_legacy(const mn__mm_ctx *c, const int R, const int C,
+                                                                  int64_t n, int64_t tok, const float *dw, const float *mw) {
+    const mn_matmul_desc *d = c->d;
+    const mn_dtype t = d->w_type;
+    const int64_t nb = c->xq.nb;
+    const char *row[MN__RT];
+    const int8_t *xq[MN__CT];
+    const float *xd[MN__CT];
+    __m256 acc[MN__RT][MN__CT];
+    for (int r = 0; r < R; r++) row[r] = (const char *)d->w + (n + r) * d->w_row_bytes;
+    for (int j = 0; j < C; j++) {
+        xq[j] = c->xq.qs + (tok + j) * nb * MN_QK;
+        xd[j] = c->xq.d + (tok + j) * nb;
+        for (int r = 0; r < R; r++) acc[r][j] = _mm256_setzero_ps();
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i wv[MN__RT];
+        for (int r = 0; r < R; r++) {
+            if (t == MN_Q8_0) {
+                wv[r] = _mm256_loadu_si256((const __m256i *)((const mn_block_q8_0 *)row[r] + b)->qs);
+            } else if (t == MN_Q4_0) { /* to signed q-8, then the same sign trick as Q8_0 */
+                wv[r] = _mm256_sub_epi8(x86_unpack_q4(((const mn_block_q4_0 *)row[r] + b)->qs), _mm256_set1_epi8(8));
+            } else {
+                wv[r] = x86_unpack_q4(((const mn_block_q4_1 *)row[r] + b)->qs);
+            }
+            _mm_prefetch(row[r] + (b + 8) * (t == MN_Q8_0 ? 34 : t == MN_Q4_0 ? 18 : 20), _MM_HINT_T0);
+        }
+        for (int j = 0; j < C; j++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[j] + b * MN_QK));
+            float dx = xd[j][b];
+            for (int r = 0; r < R; r++) {
+                __m256i p = t == MN_Q4_1 ? MN__DOT(wv[r], xv)
+                                         : MN__DOT(_mm256_abs_epi8(wv[r]), _mm256_sign_epi8(xv, wv[r]));
+                acc[r][j] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r * nb + b] * dx), _mm256_cvtepi32_ps(p), acc[r][j]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        for (int j = 0; j < C; j++) {
+            float v = x86_hsum8(acc[r][j]);
+            if (t == MN_Q4_1) v += x86_dot_mins(mw + r * nb, c->xq.s + (tok + j) * nb, nb);
+            mn__mm_store(d, tok + j, n + r, v);
+        }
+    }
+}
+
+#define MN__TILE_CASE(R_, C_) \
+    case (R_) * 8 + (C_): x86_tile_legacy(c, R_, C_, n, tok, dw, mw); break;
+
+static void x86_rows_legacy(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
+    const mn_matmul_desc *d = c->d;
+    int64_t nb = c->xq.nb;
+    float *dw = c->scr, *mw = c->scr + MN__MM_RMAX * nb;
+    for (int64_t n = n0; n < n1; n += MN__RT) {
+        int R = n1 - n < MN__RT ? (int)(n1 - n) : MN__RT;
+        x86_row_scales(d, n, R, nb, dw, mw);
+        for (int64_t tok = 0; tok < d->T; tok += MN__CT) {
+            int C = d->T - tok < MN__CT ? (int)(d->T - tok) : MN__CT;
+            switch (R * 8 + C) {
+                MN__TILE_CASE(1, 1) MN__TILE_CASE(1, 2) MN__TILE_CASE(1, 3) MN__TILE_CASE(1, 4)
+                MN__TILE_CASE(2, 1) MN__TILE_CASE(2, 2) MN__TILE_CASE(2, 3) MN__TILE_CASE(2, 4)
+#if MN__RT > 2
+                MN__TILE_CASE(3, 1) MN__TILE_CASE(3, 2) MN__TILE_CASE(3, 3) MN__TILE_CASE(3, 4)
+                MN__TILE_CASE(4, 1) MN__TILE_CASE(4, 2) MN__TILE_CASE(4, 3) MN__TILE_CASE(4, 4)
+#endif
+            default: break; /* unreachable: R <= MN__RT, C <= MN__CT */
+            }
+        }
+    }
+}
+
+/* ---- K-quants x q8_K: one element at a time, exact int32 per super-block ----------------- */
+
+static float x86_dot_kquant(mn_dtype t, const char *row, const mn__xq *xq, int64_t tok) {
+    const __m256i m15 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    float acc = 0.0f;
+    for (int64_t b = 0; b < xq->nb; b++) {
+        const int8_t *x = xq->qs + (tok * xq->nb + b) * MN_QK_K;
+        const int16_t *bs = xq->bsums + (tok * xq->nb + b) * 16;
+        float dx = xq->d[tok * xq->nb + b];
+        __m256i ia = _mm256_setzero_si256();
+        int imin = 0;
+        if (t == MN_Q6_K) {
+            const mn_block_q6_K *w = (const mn_block_q6_K *)(row + b * (int64_t)sizeof(mn_block_q6_K));
+            for (int h = 0; h < 2; h++) {
+                __m256i l0 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h));
+                __m256i l1 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h + 32));
+                __m256i qh = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * h));
+                __m256i v[4];
+                v[0] = _mm256_or_si256(_mm256_and_si256(l0, m15), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4));
+                v[1] = _mm256_or_si256(_mm256_and_si256(l1, m15), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4));
+                v[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m15), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4));
+                v[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m15), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4));
+                for (int quad = 0; quad < 4; quad++) {
+                    int s = 8 * h + 2 * quad;
+                    __m256i p = MN__DOT(v[quad], _mm256_loadu_si256((const __m256i *)(x + 128 * h + 32 * quad)));
+                    __m256i sc = _mm256_set_m128i(_mm_set1_epi32(w->scales[s + 1]), _mm_set1_epi32(w->scales[s]));
+                    ia = _mm256_add_epi32(ia, _mm256_mullo_epi32(p, sc));
+                }
+            }
+            for (int s = 0; s < 16; s++) imin += w->scales[s] * bs[s];
+            int isum = x86_hsum8i(ia) - 32 * imin;
+            acc += (x86_h2f(w->d) * dx) * (float)isum;
+            continue;
+        }
+        const mn_block_q4_K *w4 = (const mn_block_q4_K *)row + b;
+        const mn_block_q5_K *w5 = (const mn_block_q5_K *)row + b;
+        const uint8_t *scales = t == MN_Q4_K ? w4->scales : w5->scales;
+        const uint8_t *qs = t == MN_Q4_K ? w4->qs : w5->qs;
+        __m256i qh = t == MN_Q5_K ? _mm256_loadu_si256((const __m256i *)w5->qh) : _mm256_setzero_si256();
+        for (int cc = 0; cc < 4; cc++) {
+            uint8_t sc0, m0, sc1, m1;
+            mn_k4_scale_min(scales, 2 * cc, &sc0, &m0);
+            mn_k4_scale_min(scales, 2 * cc + 1, &sc1, &m1);
+            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * cc));
+            __m256i lo = _mm256_and_si256(q, m15), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m15);
+            if (t == MN_Q5_K) {
+                __m256i b0 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * cc)), one);
+                __m256i b1 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * cc + 1)), one);
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(b0, 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(b1, 4));
+            }
+            __m256i p0 = MN__DOT(lo, _mm256_loadu_si256((const __m256i *)(x + 64 * cc)));
+            __m256i p1 = MN__DOT(hi, _mm256_loadu_si256((const __m256i *)(x + 64 * cc + 32)));
+            ia = _mm256_add_epi32(ia, _mm256_mullo_epi32(p0, _mm256_set1_epi32(sc0)));
+            ia = _mm256_add_epi32(ia, _mm256_mullo_epi32(p1, _mm256_set1_epi32(sc1)));
+            imin += m0 * (bs[4 * cc] + bs[4 * cc + 1]) + m1 * (bs[4 * cc + 2] + bs[4 * cc + 3]);
+        }
+        uint16_t dd = t == MN_Q4_K ? w4->d : w5->d, dm = t == MN_Q4_K ? w4->dmin : w5->dmin;
+        acc += (x86_h2f(dd) * dx) * (float)x86_hsum8i(ia) - (x86_h2f(dm) * dx) * (float)imin;
+    }
+    return acc;
+}
+
+/* ---- float weights --------------------------------------------------------------------- */
+
+static inline __m256 x86_load_w8(mn_dtype t, const char *row, int64_t k) {
+    if (t == MN_F32) return _mm256_loadu_ps((const float *)row + k);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + k));
+    if (t == MN_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static float x86_dot_float(mn_dtype t, const char *row, const float *x, int64_t K) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), x86_load_w8(t, row, k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), x86_load_w8(t, row, k + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), x86_load_w8(t, row, k + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), x86_load_w8(t, row, k + 24), a3);
+    }
+    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), x86_load_w8(t, row, k), a0);
+    float v = x86_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < K; k++) {
+        float w = t == MN_F32 ? ((const float *)row)[k]
+                : t == MN_F16 ? x86_h2f(((const uint16_t *)row)[k])
+                              : mn_bf16_to_fp32(((const uint16_t *)row)[k]);
+        v += x[k] * w;
+    }
+    return v;
+}
+
+void MN__ROWS_FN(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
+    const mn_matmul_desc *d = c->d;
+    mn_dtype t = d->w_type;
+    if (t == MN_Q4_0 || t == MN_Q4_1 || t == MN_Q8_0) {
+        x86_rows_legacy(c, n0, n1);
+        return;
+    }
+    for (int64_t n = n0; n < n1; n++) {
+        const char *row = (const char *)d->w + n * d->w_row_bytes;
+        for (int64_t tok = 0; tok < d->T; tok++) {
+            float v = (t == MN_Q4_K || t == MN_Q5_K || t == MN_Q6_K) ? x86_dot_kquant(t, row, &c->xq, tok)
+                                                                      : x86_dot_float(t, row, d->x + tok * d->x_stride, d->K);
+            mn__mm_store(d, tok, n, v);
+        }
+    }
+}

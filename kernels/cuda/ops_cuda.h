@@ -1,0 +1,89 @@
+/* kernels/cuda/ops_cuda.h — the CUDA implementations of the ops of kernels/ops.h, and
+ * the one checking macro for CUDA / cuBLAS calls.
+ *
+ * Same names and contracts as mn_ref_<op> (kernels/ops.h): every pointer in a
+ * descriptor (including ids, seq, pos, inv_freq and the KV block tables) is device
+ * memory. Each mn_cuda_<op> only enqueues work on the given stream and returns; it
+ * checks its launch (cudaGetLastError) and returns MN_EDEVICE with statement, file and
+ * line in eb on failure, MN_EUNSUPPORTED for a shape it does not handle (see
+ * mn_cuda_op_supported). Errors raised while a kernel runs surface at the next
+ * synchronisation (mn_backend_synchronize).
+ * Ownership: nothing here allocates; matmul's scratch is the caller's (sized by
+ * mn_cuda_matmul_work_bytes, plan per batch).
+ * Header usable from C and CUDA C++.
+ */
+#ifndef MN_KERNELS_OPS_CUDA_H
+#define MN_KERNELS_OPS_CUDA_H
+
+#include <stddef.h>
+#include <cuda_runtime.h>
+#include <cublas_v2.h>
+
+#include "kernels/ops.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+#include "engine/err.h"
+
+/* Run stmt (a cudaError_t expression); on failure fill eb and return MN_EDEVICE from the
+ * enclosing function. Records the statement text, file and line, so a device error
+ * names the call that raised it. */
+#define MN_CUDA_CHECK(eb, stmt)                                                                       \
+    do {                                                                                              \
+        cudaError_t mn__ce = (stmt);                                                                  \
+        if (mn__ce != cudaSuccess)                                                                    \
+            return mn_errf((eb), MN_EDEVICE, "%s:%d: %s: %s (%s)", __FILE__, __LINE__, #stmt,         \
+                           cudaGetErrorString(mn__ce), cudaGetErrorName(mn__ce));                     \
+    } while (0)
+
+/* The same for a cublasStatus_t expression. */
+#define MN_CUBLAS_CHECK(eb, stmt)                                                                     \
+    do {                                                                                              \
+        cublasStatus_t mn__bs = (stmt);                                                               \
+        if (mn__bs != CUBLAS_STATUS_SUCCESS)                                                          \
+            return mn_errf((eb), MN_EDEVICE, "%s:%d: %s: %s", __FILE__, __LINE__, #stmt,              \
+                           cublasGetStatusString(mn__bs));                                            \
+    } while (0)
+
+/* Check the kernel launch just made (bad configuration, no kernel image for this GPU);
+ * name says which kernel. */
+#define MN_CUDA_CHECK_LAUNCH(eb, name)                                                                \
+    do {                                                                                              \
+        cudaError_t mn__le = cudaGetLastError();                                                      \
+        if (mn__le != cudaSuccess)                                                                    \
+            return mn_errf((eb), MN_EDEVICE, "%s:%d: launch of %s: %s (%s)", __FILE__, __LINE__,      \
+                           (name), cudaGetErrorString(mn__le), cudaGetErrorName(mn__le));             \
+    } while (0)
+
+/** Largest head_dim attention handles (the per-lane accumulators are registers). */
+#define MN_CUDA_MAX_HEAD_DIM 256
+
+/** True when the CUDA op handles this descriptor (weight types, head_dim, strides);
+ *  kind is an mn_op_kind of engine/backend.h, desc the matching descriptor. */
+int mn_cuda_op_supported(int kind, const void *desc);
+
+/** Scratch bytes mn_cuda_matmul needs for d (0 for F32 weights: cuBLAS reads them in place). */
+size_t mn_cuda_matmul_work_bytes(const mn_matmul_desc *d);
+
+mn_err mn_cuda_get_rows(const mn_get_rows_desc *d, cudaStream_t s, mn_errbuf *eb);
+mn_err mn_cuda_rmsnorm(const mn_rmsnorm_desc *d, cudaStream_t s, mn_errbuf *eb);
+/** matmul: quantized / F16 / BF16 weights are dequantized to bf16 into work, x is
+ *  rounded to bf16 (after the q8_1 / q8_K round trip of the contract for quantized
+ *  weights), then one cublasGemmEx with f32 accumulation. F32 weights: f32 GEMM in place.
+ *  Precision: f32 weights within the ops.h tolerance; others within
+ *  (1e-4 + 2^-7) * (sum_k |x_k w_k| + |b|) of the reference (two bf16 roundings).
+ *  blas must be bound to nothing else concurrently; it is set to stream s. */
+mn_err mn_cuda_matmul(const mn_matmul_desc *d, void *work, size_t work_bytes, cublasHandle_t blas,
+                      cudaStream_t s, mn_errbuf *eb);
+mn_err mn_cuda_rope(const mn_rope_desc *d, cudaStream_t s, mn_errbuf *eb);
+mn_err mn_cuda_kv_store(const mn_kv_store_desc *d, cudaStream_t s, mn_errbuf *eb);
+mn_err mn_cuda_attention(const mn_attention_desc *d, cudaStream_t s, mn_errbuf *eb);
+mn_err mn_cuda_silu_mul(const mn_silu_mul_desc *d, cudaStream_t s, mn_errbuf *eb);
+mn_err mn_cuda_add(const mn_add_desc *d, cudaStream_t s, mn_errbuf *eb);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

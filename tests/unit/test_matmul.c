@@ -1,0 +1,287 @@
+/* tests/unit/test_matmul.c — matmul and activation quantization: cpu vs ref on every
+ * weight type and every SIMD level the CPU has, batch invariance (rows alone vs batched,
+ * 1/2/3 threads: memcmp-equal), and the reference itself against double-precision dots.
+ *
+ * Tolerance (kernels/ops.h): |y - y_ref| <= 1e-4 * (sum_k |x_k w_k| + |bias|), the sum in
+ * double from the dequantized weights; NaN/inf fails; bytes of y outside the [T][N] part
+ * (row gaps and a guard tail) must keep their fill.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/alloc.h"
+#include "kernels/ops.h"
+
+static const mn_dtype TYPES[] = {MN_F32, MN_F16, MN_BF16, MN_Q4_0, MN_Q4_1, MN_Q8_0, MN_Q4_K, MN_Q5_K, MN_Q6_K};
+enum { NTYPES = sizeof(TYPES) / sizeof(TYPES[0]) };
+static const char *const LEVELS[] = {"scalar", "avx2", "avx512", "avx512-vnni"};
+
+static uint64_t rng = 0x9e3779b97f4a7c15ull;
+static uint32_t rnd(void) {
+    rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
+    return (uint32_t)(rng >> 16);
+}
+static float frand(float lo, float hi) { return lo + (hi - lo) * (float)(rnd() & 0xffffff) / 16777216.0f; }
+
+/* Random weights: random quant bytes, sane fp16 scales (some negative, like real files). */
+static void fill_weights(mn_dtype t, void *w, int64_t N, int64_t K) {
+    int64_t rb = mn_dtype_row_bytes(t, K);
+    uint8_t *p = (uint8_t *)w;
+    for (int64_t i = 0; i < N * rb; i++) p[i] = (uint8_t)rnd();
+    int64_t nblk = N * rb / mn_dtype_block_bytes(t);
+    for (int64_t b = 0; b < nblk; b++) {
+        uint8_t *blk = p + b * mn_dtype_block_bytes(t);
+        uint16_t h1 = mn_fp32_to_fp16(frand(-0.02f, 0.02f)), h2 = mn_fp32_to_fp16(frand(0.0f, 0.02f));
+        switch (t) {
+        case MN_F32: { float f = frand(-1, 1); memcpy(blk, &f, 4); break; }
+        case MN_F16: { uint16_t h = mn_fp32_to_fp16(frand(-1, 1)); memcpy(blk, &h, 2); break; }
+        case MN_BF16: { uint16_t h = mn_fp32_to_bf16(frand(-1, 1)); memcpy(blk, &h, 2); break; }
+        case MN_Q4_0: case MN_Q8_0: memcpy(blk, &h1, 2); break;
+        case MN_Q4_1: case MN_Q4_K: case MN_Q5_K: memcpy(blk, &h1, 2); memcpy(blk + 2, &h2, 2); break;
+        case MN_Q6_K: memcpy(blk + offsetof(mn_block_q6_K, d), &h1, 2); break;
+        default: break;
+        }
+    }
+}
+
+/* ---- running the cpu op on nth real threads ----------------------------------------- */
+typedef struct job { const mn_matmul_desc *d; void *work; mn_par par; } job;
+static void barrier_wait(void *ctx) { pthread_barrier_wait((pthread_barrier_t *)ctx); }
+static void *job_main(void *arg) {
+    job *j = (job *)arg;
+    mn_cpu_matmul(j->d, j->work, &j->par);
+    return NULL;
+}
+static void run_cpu(const mn_matmul_desc *d, int nth) {
+    size_t wb = mn_cpu_matmul_work_bytes(d, nth);
+    void *work = mn_malloc(wb ? wb : 1);
+    assert_non_null(work);
+    pthread_barrier_t bar;
+    pthread_barrier_init(&bar, NULL, (unsigned)nth);
+    job jobs[8];
+    pthread_t th[8];
+    for (int i = 0; i < nth; i++) jobs[i] = (job){d, work, {i, nth, barrier_wait, &bar}};
+    for (int i = 1; i < nth; i++) assert_int_equal(pthread_create(&th[i], NULL, job_main, &jobs[i]), 0);
+    job_main(&jobs[0]);
+    for (int i = 1; i < nth; i++) pthread_join(th[i], NULL);
+    pthread_barrier_destroy(&bar);
+    mn_free(work);
+}
+
+/* ---- one case --------------------------------------------------------------------------- */
+typedef struct mcase {
+    mn_dtype t; int64_t T, N, K, xs, ys;
+    float *x, *bias, *y0, *ydeq;   /* ydeq: dequantized weights [N][K] */
+    void *w; int64_t rb;
+    double *mag;                   /* [T][N] sum |x w| + |b| */
+} mcase;
+
+static void case_make(mcase *c, mn_dtype t, int64_t T, int64_t N, int64_t K, int with_bias) {
+    c->t = t; c->T = T; c->N = N; c->K = K; c->xs = K + 3; c->ys = N + 5;
+    c->rb = mn_dtype_row_bytes(t, K);
+    c->x = mn_malloc(sizeof(float) * (size_t)(T * c->xs));
+    c->w = mn_malloc((size_t)(N * c->rb));
+    c->ydeq = mn_malloc(sizeof(float) * (size_t)(N * K));
+    c->bias = with_bias ? mn_malloc(sizeof(float) * (size_t)N) : NULL;
+    c->y0 = mn_malloc(sizeof(float) * (size_t)(T * c->ys + 16));
+    c->mag = mn_malloc(sizeof(double) * (size_t)(T * N));
+    for (int64_t i = 0; i < T * c->xs; i++) c->x[i] = frand(-2, 2) * ((rnd() & 7) == 0 ? 4.0f : 1.0f);
+    fill_weights(t, c->w, N, K);
+    for (int64_t n = 0; n < N; n++) mn_ref_dequant_row(t, (char *)c->w + n * c->rb, c->ydeq + n * K, K);
+    if (c->bias) for (int64_t n = 0; n < N; n++) c->bias[n] = frand(-1, 1);
+    for (int64_t i = 0; i < T * c->ys + 16; i++) c->y0[i] = frand(-1, 1);
+    for (int64_t tt = 0; tt < T; tt++)
+        for (int64_t n = 0; n < N; n++) {
+            double s = c->bias ? fabs(c->bias[n]) : 0.0;
+            for (int64_t k = 0; k < K; k++) s += fabs((double)c->x[tt * c->xs + k] * c->ydeq[n * K + k]);
+            c->mag[tt * N + n] = s;
+        }
+}
+static void case_free(mcase *c) {
+    mn_free(c->x); mn_free(c->w); mn_free(c->ydeq); mn_free(c->bias); mn_free(c->y0); mn_free(c->mag);
+}
+static mn_matmul_desc case_desc(const mcase *c, float *y, int acc) {
+    return (mn_matmul_desc){.T = c->T, .N = c->N, .K = c->K, .x = c->x, .x_stride = c->xs, .w = c->w,
+                            .w_type = c->t, .w_row_bytes = c->rb, .bias = c->bias, .y = y,
+                            .y_stride = c->ys, .accumulate = acc};
+}
+static float *ybuf(const mcase *c) {
+    float *y = mn_malloc(sizeof(float) * (size_t)(c->T * c->ys + 16));
+    memcpy(y, c->y0, sizeof(float) * (size_t)(c->T * c->ys + 16));
+    return y;
+}
+
+/* cpu vs ref on one case at every level; returns the number of levels run. */
+static int check_case(mcase *c, int acc, int nth) {
+    float *yr = ybuf(c);
+    mn_matmul_desc dr = case_desc(c, yr, acc);
+    mn_ref_matmul(&dr);
+    int ran = 0;
+    for (int l = 0; l < 4; l++) {
+        if (!mn_cpu_set_simd(LEVELS[l])) continue;
+        ran++;
+        float *y = ybuf(c);
+        mn_matmul_desc d = case_desc(c, y, acc);
+        run_cpu(&d, nth);
+        for (int64_t i = 0; i < c->T * c->ys + 16; i++) {
+            int64_t tt = i / c->ys, n = i % c->ys;
+            if (tt < c->T && n < c->N) {
+                double tol = 1e-4 * c->mag[tt * c->N + n] + (acc ? 1e-6 * fabs(c->y0[i]) : 0.0);
+                if (!isfinite(y[i]) || fabs((double)y[i] - yr[i]) > tol) {
+                    print_error("%s %s T=%lld N=%lld K=%lld acc=%d: y[%lld,%lld] = %.9g, ref %.9g (tol %.3g)\n",
+                                LEVELS[l], mn_dtype_name(c->t), (long long)c->T, (long long)c->N, (long long)c->K,
+                                acc, (long long)tt, (long long)n, y[i], yr[i], tol);
+                    fail();
+                }
+            } else if (memcmp(&y[i], &c->y0[i], sizeof(float)) != 0) {
+                print_error("%s %s: write outside the output at float %lld\n", LEVELS[l], mn_dtype_name(c->t), (long long)i);
+                fail();
+            }
+        }
+        mn_free(y);
+    }
+    mn_cpu_set_simd(LEVELS[0]);
+    for (int l = 3; l >= 0; l--) if (mn_cpu_set_simd(LEVELS[l])) break; /* restore the best level */
+    mn_free(yr);
+    return ran;
+}
+
+static void test_cpu_vs_ref(void **state) {
+    (void)state;
+    mn_cpu_init();
+    static const int64_t Ts[] = {1, 2, 3, 5, 8, 17, 64}, Ns[] = {1, 7, 32, 33, 129};
+    int cases = 0;
+    for (int ti = 0; ti < NTYPES; ti++) {
+        mn_dtype t = TYPES[ti];
+        int64_t be = mn_dtype_block_elems(t);
+        int64_t Ks[3] = {be == 1 ? 13 : be, be == 1 ? 64 : 2 * be, be == 1 ? 576 : 18 * be};
+        for (int ki = 0; ki < 3; ki++)
+            for (int a = 0; a < 7; a++)
+                for (int b = 0; b < 5; b++) {
+                    /* the largest shapes only for the cheaper K: keeps the ref's cost down */
+                    if (Ks[ki] * Ts[a] * Ns[b] > 2000000 && (a + b) % 3 != 0) continue;
+                    mcase c;
+                    case_make(&c, t, Ts[a], Ns[b], Ks[ki], (a + b) & 1);
+                    cases += check_case(&c, (a + ki) & 1, 1 + ((a + b + ki) % 2));
+                    case_free(&c);
+                }
+    }
+    assert_true(cases > 0);
+}
+
+/* Batch invariance: T=37 together == each row alone == other thread counts, bit for bit. */
+static void test_batch_invariance(void **state) {
+    (void)state;
+    mn_cpu_init();
+    for (int ti = 0; ti < NTYPES; ti++) {
+        mn_dtype t = TYPES[ti];
+        int64_t be = mn_dtype_block_elems(t);
+        int64_t K = be == 1 ? 200 : (be == MN_QK ? 18 * MN_QK : 3 * MN_QK_K);
+        mcase c;
+        case_make(&c, t, 37, 45, K, 1);
+        for (int l = 0; l < 4; l++) {
+            if (!mn_cpu_set_simd(LEVELS[l])) continue;
+            float *yall = ybuf(&c);
+            mn_matmul_desc d = case_desc(&c, yall, 0);
+            run_cpu(&d, 1);
+            for (int nth = 2; nth <= 3; nth++) {
+                float *y = ybuf(&c);
+                mn_matmul_desc dn = case_desc(&c, y, 0);
+                run_cpu(&dn, nth);
+                if (memcmp(y, yall, sizeof(float) * (size_t)(c.T * c.ys)) != 0) {
+                    print_error("%s %s: nth=%d differs from nth=1\n", LEVELS[l], mn_dtype_name(t), nth);
+                    fail();
+                }
+                mn_free(y);
+            }
+            /* each row alone, and a middle slice of 11 rows, on 2 threads */
+            for (int64_t r = 0; r < c.T; r++) {
+                float y1[64];
+                mn_matmul_desc d1 = case_desc(&c, y1, 0);
+                d1.T = 1; d1.x = c.x + r * c.xs; d1.y = y1;
+                run_cpu(&d1, 1 + (int)(r % 2));
+                if (memcmp(y1, yall + r * c.ys, sizeof(float) * (size_t)c.N) != 0) {
+                    print_error("%s %s: row %lld alone differs from the batch\n", LEVELS[l], mn_dtype_name(t), (long long)r);
+                    fail();
+                }
+            }
+            float *ys = ybuf(&c);
+            mn_matmul_desc dsl = case_desc(&c, ys, 0);
+            dsl.T = 11; dsl.x = c.x + 13 * c.xs;
+            run_cpu(&dsl, 3);
+            for (int64_t r = 0; r < 11; r++) assert_memory_equal(ys + r * c.ys, yall + (13 + r) * c.ys, sizeof(float) * (size_t)c.N);
+            mn_free(ys);
+            mn_free(yall);
+        }
+        for (int l = 3; l >= 0; l--) if (mn_cpu_set_simd(LEVELS[l])) break;
+        case_free(&c);
+    }
+}
+
+/* The reference against double-precision dots: (1) on the quantized-then-dequantized
+ * activations it must agree to f32 accumulation error; (2) on the original x it must be
+ * within the activation quantization error sum_k |w_k| * d_k / 2. */
+static void test_ref_vs_double(void **state) {
+    (void)state;
+    for (int ti = 0; ti < NTYPES; ti++) {
+        mn_dtype t = TYPES[ti];
+        int64_t be = mn_dtype_block_elems(t), K = be == 1 ? 96 : 4 * be, N = 9, T = 3;
+        mcase c;
+        case_make(&c, t, T, N, K, 0);
+        float y[3 * 16];
+        mn_matmul_desc d = case_desc(&c, y, 0);
+        d.y_stride = 16;
+        mn_ref_matmul(&d);
+        float *xdq = mn_malloc(sizeof(float) * (size_t)K), *dk = mn_malloc(sizeof(float) * (size_t)K);
+        void *xq = mn_malloc((size_t)K * 2 + 1024);
+        for (int64_t tt = 0; tt < T; tt++) {
+            const float *x = c.x + tt * c.xs;
+            if (be == 1) {
+                memcpy(xdq, x, sizeof(float) * (size_t)K);
+                for (int64_t k = 0; k < K; k++) dk[k] = 0.0f;
+            } else {
+                mn_dtype at = be == MN_QK ? MN_Q8_1 : MN_Q8_K;
+                if (at == MN_Q8_1) mn_ref_quantize_row_q8_1(x, xq, K); else mn_ref_quantize_row_q8_K(x, xq, K);
+                mn_ref_dequant_row(at, xq, xdq, K);
+                for (int64_t k = 0; k < K; k++) {
+                    float dd = at == MN_Q8_1 ? ((mn_block_q8_1 *)xq)[k / MN_QK].d : ((mn_block_q8_K *)xq)[k / MN_QK_K].d;
+                    dk[k] = dd;
+                    assert_true(fabs((double)xdq[k] - x[k]) <= 0.5 * dd * (1 + 1e-5)); /* nearest rounding */
+                }
+            }
+            for (int64_t n = 0; n < N; n++) {
+                double dq = 0, ex = 0, mag = 0, qerr = 0;
+                for (int64_t k = 0; k < K; k++) {
+                    double w = c.ydeq[n * K + k];
+                    dq += w * xdq[k]; ex += w * x[k]; mag += fabs(w * xdq[k]); qerr += fabs(w) * dk[k] * 0.5;
+                }
+                double got = y[tt * 16 + n];
+                if (fabs(got - dq) > 2e-6 * mag + 1e-30 || fabs(got - ex) > qerr * 1.001 + 2e-6 * mag) {
+                    print_error("ref %s t=%lld n=%lld: %.9g vs double %.9g (orig x %.9g, qerr %.3g)\n",
+                                mn_dtype_name(t), (long long)tt, (long long)n, got, dq, ex, qerr);
+                    fail();
+                }
+            }
+        }
+        mn_free(xdq); mn_free(dk); mn_free(xq);
+        case_free(&c);
+    }
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_ref_vs_double),
+        cmocka_unit_test(test_cpu_vs_ref),
+        cmocka_unit_test(test_batch_invariance),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
