@@ -6,7 +6,9 @@
  * a 256 MiB buffer, 1 and 2 threads) — ratio ~1 means memory-bound at full speed;
  * above 1 means the weights came from cache.
  *
- * Build: ninja -C build bench_matmul.  Run: build/bench_matmul [seconds_per_case=0.12]
+ * Build: ninja -C build bench_matmul.  Run: build/bench_matmul [seconds_per_case=0.12] [types]
+ * With "types": instead, every weight type at N x K = 1536 x 1536, T = 1 and 64, one
+ * thread, at every SIMD level the CPU has.
  * The output is checked against mn_ref_matmul on a few elements before timing.
  */
 #include <math.h>
@@ -88,6 +90,45 @@ static double time_runs(double budget) {
 static uint32_t rs = 12345;
 static uint32_t rnd(void) { rs = rs * 1664525u + 1013904223u; return rs >> 8; }
 
+/* One weight matrix of type t (random bytes, scales 0.01), timed at T = 1 and 64. */
+static int per_type(double budget) {
+    static const mn_dtype types[] = {MN_F32, MN_F16, MN_BF16, MN_Q4_0, MN_Q4_1, MN_Q8_0, MN_Q4_K, MN_Q5_K, MN_Q6_K};
+    static const char *const levels[] = {"scalar", "avx2", "avx512", "avx512-vnni"};
+    const int64_t N = 1536, K = 1536;
+    float *x = mn_malloc(sizeof(float) * 64 * K), *y = mn_malloc(sizeof(float) * 64 * N);
+    for (int64_t i = 0; i < 64 * K; i++) x[i] = (float)(rnd() % 2001) / 1000.0f - 1.0f;
+    printf("%-12s %-5s %4s %10s %8s %8s\n", "level", "type", "T", "us/call", "W GB/s", "GFLOP/s");
+    for (int l = 0; l < 4; l++) {
+        if (!mn_cpu_set_simd(levels[l])) continue;
+        for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
+            mn_dtype t = types[i];
+            int64_t rb = mn_dtype_row_bytes(t, K), bb = mn_dtype_block_bytes(t);
+            uint8_t *w = mn_malloc((size_t)(N * rb));
+            for (int64_t j = 0; j < N * rb; j++) w[j] = (uint8_t)rnd();
+            uint16_t h = mn_fp32_to_fp16(0.01f);
+            if (bb == 4) for (int64_t j = 0; j < N * K; j++) ((float *)w)[j] = 0.01f;
+            else if (bb == 2) for (int64_t j = 0; j < N * K; j++) ((uint16_t *)w)[j] = t == MN_F16 ? h : mn_fp32_to_bf16(0.01f);
+            else for (int64_t b = 0; b < N * rb / bb; b++) memcpy(w + b * bb + (t == MN_Q6_K ? 208 : 0), &h, 2);
+            for (int64_t T = 1; T <= 64; T *= 64) {
+                mn_matmul_desc d = {.T = T, .N = N, .K = K, .x = x, .x_stride = K, .w = w, .w_type = t,
+                                    .w_row_bytes = rb, .y = y, .y_stride = N};
+                void *work = mn_malloc(mn_cpu_matmul_work_bytes(&d, 1) + 1);
+                pool_start(1);
+                P.job = job_matmul; P.d = &d; P.work = work;
+                double sec = time_runs(l == 0 ? budget / 4 : budget);
+                pool_stop();
+                printf("%-12s %-5s %4lld %10.1f %8.1f %8.1f\n", levels[l], mn_dtype_name(t), (long long)T, sec * 1e6,
+                       (double)(N * rb) / sec / 1e9, 2.0 * (double)(T * N * K) / sec / 1e9);
+                fflush(stdout);
+                mn_free(work);
+            }
+            mn_free(w);
+        }
+    }
+    mn_free(x); mn_free(y);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     double budget = argc > 1 ? atof(argv[1]) : 0.12;
     mn_cpu_init();
@@ -110,6 +151,7 @@ int main(int argc, char **argv) {
     printf("memcpy 128 MiB, 1 thread: %.1f GB/s (read+write)\n", (double)nbuf * 8 / (now() - tc) / 1e9);
     mn_free(buf);
 
+    if (argc > 2 && strcmp(argv[2], "types") == 0) return per_type(budget);
     static const struct { mn_dtype t; int64_t N, K; } shapes[] = {
         {MN_Q4_1, 576, 576}, {MN_Q4_1, 192, 576}, {MN_Q4_1, 1536, 576}, {MN_Q4_1, 576, 1536},
         {MN_Q8_0, 576, 576}, {MN_Q8_0, 192, 576}, {MN_Q8_0, 1536, 576}, {MN_Q8_0, 576, 1536},

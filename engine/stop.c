@@ -109,7 +109,7 @@ size_t mn_stop_feed(mn_stop *st, const char *text, size_t n, char *out, size_t c
         st->buf = b;
         st->cap = nc;
     }
-    memcpy(st->buf + st->len, text, n);
+    if (n > 0) memcpy(st->buf + st->len, text, n);
     st->len += n;
 
     /* The match that completes first (smallest end), as if the text came a byte at a
@@ -145,6 +145,7 @@ size_t mn_stop_feed(mn_stop *st, const char *text, size_t n, char *out, size_t c
 size_t mn_stop_flush(mn_stop *st, char *out, size_t cap) {
     if (st->stopped) return 0;
     size_t n = st->len < cap ? st->len : cap;
+    if (n == 0) return 0;
     memcpy(out, st->buf, n);
     memmove(st->buf, st->buf + n, st->len - n);
     st->len -= n;

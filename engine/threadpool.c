@@ -6,6 +6,7 @@
 #include "engine/threadpool.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <string.h>
@@ -48,7 +49,14 @@ static void barrier_wait(void *ctx) {
         atomic_store_explicit(&p->bar.arrived, 0, memory_order_relaxed);
         atomic_fetch_add_explicit(&p->bar.phase, 1, memory_order_release);
     } else {
-        while (atomic_load_explicit(&p->bar.phase, memory_order_acquire) == ph) cpu_relax();
+        /* spin first (the usual wait is a few microseconds); yield once it is long, so an
+         * oversubscribed machine does not burn whole time slices waiting for a thread that
+         * is not running */
+        int spins = 0;
+        while (atomic_load_explicit(&p->bar.phase, memory_order_acquire) == ph) {
+            if (++spins < 4096) cpu_relax();
+            else sched_yield();
+        }
     }
 }
 

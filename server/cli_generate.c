@@ -273,7 +273,7 @@ int cmd_generate(int argc, char **argv) {
     mn_stop *stop = NULL;
     runner r = {0};
     bool have_runner = false;
-    if (mn_tokenize(m->tok, in, text_len, MN_TOK_ADD_BOS | (chat ? MN_TOK_PARSE_SPECIAL : 0), &toks, &n_toks, &eb) != MN_OK ||
+    if (mn_tokenize(m->tok, in, text_len, chat ? MN_TOK_PARSE_SPECIAL : MN_TOK_ADD_BOS, &toks, &n_toks, &eb) != MN_OK ||
         mn_sampling_validate(&sp, m->cfg.n_vocab, &eb) != MN_OK ||
         mn_sampler_new(&sp, m->cfg.n_vocab, &smp, &eb) != MN_OK ||
         mn_stop_new(stops, n_stops, &stop, &eb) != MN_OK) {

@@ -73,10 +73,10 @@ static inline float x86_dot_mins(const float *m, const float *s, int64_t nb) {
     return v;
 }
 
-static inline __attribute__((always_inline)) void x86_tile_legacy(const mn__mm_ctx *c, const int R, const int C,
-                                                                  int64_t n, int64_t tok, const float *dw, const float *mw) {
+static inline __attribute__((always_inline)) void x86_tile_legacy(const mn__mm_ctx *c, const mn_dtype t, const int R,
+                                                                  const int C, int64_t n, int64_t tok, const float *dw,
+                                                                  const float *mw) {
     const mn_matmul_desc *d = c->d;
-    const mn_dtype t = d->w_type;
     const int64_t nb = c->xq.nb;
     const char *row[MN__RT];
     const int8_t *xq[MN__CT];
@@ -100,13 +100,16 @@ static inline __attribute__((always_inline)) void x86_tile_legacy(const mn__mm_c
             }
             _mm_prefetch(row[r] + (b + 8) * (t == MN_Q8_0 ? 34 : t == MN_Q4_0 ? 18 : 20), _MM_HINT_T0);
         }
+        __m256 bdw[MN__RT];
+        for (int r = 0; r < R; r++) bdw[r] = _mm256_broadcast_ss(&dw[r * nb + b]);
         for (int j = 0; j < C; j++) {
             __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[j] + b * MN_QK));
-            float dx = xd[j][b];
+            __m256 bdx = _mm256_broadcast_ss(&xd[j][b]);
             for (int r = 0; r < R; r++) {
                 __m256i p = t == MN_Q4_1 ? MN__DOT(wv[r], xv)
                                          : MN__DOT(_mm256_abs_epi8(wv[r]), _mm256_sign_epi8(xv, wv[r]));
-                acc[r][j] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r * nb + b] * dx), _mm256_cvtepi32_ps(p), acc[r][j]);
+                /* scale dw*dx: one f32 rounding, the same in every lane and every tile */
+                acc[r][j] = _mm256_fmadd_ps(_mm256_mul_ps(bdw[r], bdx), _mm256_cvtepi32_ps(p), acc[r][j]);
             }
         }
     }
@@ -119,8 +122,24 @@ static inline __attribute__((always_inline)) void x86_tile_legacy(const mn__mm_c
     }
 }
 
-#define MN__TILE_CASE(R_, C_) \
-    case (R_) * 8 + (C_): x86_tile_legacy(c, R_, C_, n, tok, dw, mw); break;
+/* Type, R and C become constants in each case, so every tile shape is its own
+ * straight-line loop body (same per-element operations, see the top of this file). */
+#define MN__TILE_CASE(T_, R_, C_) \
+    case (R_) * 8 + (C_): x86_tile_legacy(c, T_, R_, C_, n, tok, dw, mw); break;
+#if MN__RT > 2
+#define MN__TILE_CASES_R34(T_) \
+    MN__TILE_CASE(T_, 3, 1) MN__TILE_CASE(T_, 3, 2) MN__TILE_CASE(T_, 3, 3) MN__TILE_CASE(T_, 3, 4) \
+    MN__TILE_CASE(T_, 4, 1) MN__TILE_CASE(T_, 4, 2) MN__TILE_CASE(T_, 4, 3) MN__TILE_CASE(T_, 4, 4)
+#else
+#define MN__TILE_CASES_R34(T_)
+#endif
+#define MN__TILE_SWITCH(T_)                                                                          \
+    switch (R * 8 + C) {                                                                             \
+        MN__TILE_CASE(T_, 1, 1) MN__TILE_CASE(T_, 1, 2) MN__TILE_CASE(T_, 1, 3) MN__TILE_CASE(T_, 1, 4) \
+        MN__TILE_CASE(T_, 2, 1) MN__TILE_CASE(T_, 2, 2) MN__TILE_CASE(T_, 2, 3) MN__TILE_CASE(T_, 2, 4) \
+        MN__TILE_CASES_R34(T_)                                                                       \
+    default: break; /* unreachable: R <= MN__RT, C <= MN__CT */                                    \
+    }
 
 static void x86_rows_legacy(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
     const mn_matmul_desc *d = c->d;
@@ -131,14 +150,12 @@ static void x86_rows_legacy(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
         x86_row_scales(d, n, R, nb, dw, mw);
         for (int64_t tok = 0; tok < d->T; tok += MN__CT) {
             int C = d->T - tok < MN__CT ? (int)(d->T - tok) : MN__CT;
-            switch (R * 8 + C) {
-                MN__TILE_CASE(1, 1) MN__TILE_CASE(1, 2) MN__TILE_CASE(1, 3) MN__TILE_CASE(1, 4)
-                MN__TILE_CASE(2, 1) MN__TILE_CASE(2, 2) MN__TILE_CASE(2, 3) MN__TILE_CASE(2, 4)
-#if MN__RT > 2
-                MN__TILE_CASE(3, 1) MN__TILE_CASE(3, 2) MN__TILE_CASE(3, 3) MN__TILE_CASE(3, 4)
-                MN__TILE_CASE(4, 1) MN__TILE_CASE(4, 2) MN__TILE_CASE(4, 3) MN__TILE_CASE(4, 4)
-#endif
-            default: break; /* unreachable: R <= MN__RT, C <= MN__CT */
+            if (d->w_type == MN_Q4_1) {
+                MN__TILE_SWITCH(MN_Q4_1)
+            } else if (d->w_type == MN_Q4_0) {
+                MN__TILE_SWITCH(MN_Q4_0)
+            } else {
+                MN__TILE_SWITCH(MN_Q8_0)
             }
         }
     }

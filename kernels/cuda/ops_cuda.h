@@ -5,8 +5,9 @@
  * descriptor (including ids, seq, pos, inv_freq and the KV block tables) is device
  * memory. Each mn_cuda_<op> only enqueues work on the given stream and returns; it
  * checks its launch (cudaGetLastError) and returns MN_EDEVICE with statement, file and
- * line in eb on failure, MN_EUNSUPPORTED for a shape it does not handle (see
- * mn_cuda_op_supported). Errors raised while a kernel runs surface at the next
+ * line in eb on failure, MN_EUNSUPPORTED for a shape it does not handle (a weight type
+ * outside mn_dtype_is_weight_type, head_dim > MN_CUDA_MAX_HEAD_DIM, an F32 weight row
+ * not a whole number of floats). Errors raised while a kernel runs surface at the next
  * synchronisation (mn_backend_synchronize).
  * Ownership: nothing here allocates; matmul's scratch is the caller's (sized by
  * mn_cuda_matmul_work_bytes, plan per batch).
@@ -58,10 +59,6 @@ extern "C" {
 
 /** Largest head_dim attention handles (the per-lane accumulators are registers). */
 #define MN_CUDA_MAX_HEAD_DIM 256
-
-/** True when the CUDA op handles this descriptor (weight types, head_dim, strides);
- *  kind is an mn_op_kind of engine/backend.h, desc the matching descriptor. */
-int mn_cuda_op_supported(int kind, const void *desc);
 
 /** Scratch bytes mn_cuda_matmul needs for d (0 for F32 weights: cuBLAS reads them in place). */
 size_t mn_cuda_matmul_work_bytes(const mn_matmul_desc *d);

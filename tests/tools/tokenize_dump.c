@@ -4,6 +4,8 @@
  *                                                         on one line
  *   tokenize_dump MODEL.gguf --decode [--special] < ids   prints the decoded bytes
  *                                                         (--special renders special tokens)
+ *   tokenize_dump MODEL.gguf --batch [--special] < texts  texts separated by NUL bytes:
+ *                                                         one line of ids per text
  *   tokenize_dump MODEL.gguf --bench N < text             encodes N times, prints MB/s
  * pytest (tests/python/test_tokenizer.py) drives it to compare with HF tokenizers.
  */
@@ -55,7 +57,7 @@ int main(int argc, char **argv)
         return 2;
     }
     int flags = 0, bench = 0;
-    bool decode = false;
+    bool decode = false, batch = false;
     for (int i = 2; i < argc; i++) {
         if (!strcmp(argv[i], "--special")) {
             flags |= MN_TOK_PARSE_SPECIAL;
@@ -63,6 +65,8 @@ int main(int argc, char **argv)
             flags |= MN_TOK_ADD_BOS;
         } else if (!strcmp(argv[i], "--decode")) {
             decode = true;
+        } else if (!strcmp(argv[i], "--batch")) {
+            batch = true;
         } else if (!strcmp(argv[i], "--bench") && i + 1 < argc) {
             bench = atoi(argv[++i]);
         } else {
@@ -129,6 +133,23 @@ int main(int argc, char **argv)
         }
         mn_free(out);
         mn_free(ids);
+    } else if (batch) {
+        for (size_t a = 0; a <= len && !rc;) {
+            char *z = memchr(in + a, 0, len - a);
+            size_t e = z ? (size_t)(z - in) : len;
+            int32_t *tok = NULL;
+            int64_t n = 0;
+            err = mn_tokenize(t, in + a, e - a, flags, &tok, &n, &eb);
+            if (err) {
+                fprintf(stderr, "%s: %s: %s\n", argv[0], mn_err_name(err), eb.msg);
+                rc = 1;
+            }
+            for (int64_t i = 0; i < n; i++)
+                printf(i ? " %d" : "%d", tok[i]);
+            printf("\n");
+            mn_free(tok);
+            a = e + 1;
+        }
     } else {
         int32_t *tok = NULL;
         int64_t n = 0;

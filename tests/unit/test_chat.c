@@ -154,7 +154,7 @@ static void test_llama2(void **st) {
                            { "user", "Bye" } };
     expect_render(&t, conv, 4, true,
                   "<s>[INST] <<SYS>>\n Be kind.\n<</SYS>>\n\nHi [/INST] Hello! </s><s>[INST] Bye [/INST]");
-    /* the whole <<SYS>> block is stripped as one string: a leading space of system goes */
+    /* the whole <<SYS>> block is stripped as one string: the space before "Be kind." stays */
     expect_render(&t, conv, 2, false, "<s>[INST] <<SYS>>\n Be kind.\n<</SYS>>\n\nHi [/INST]");
     mn_chat_msg nosys[] = { { "user", "Q1" }, { "assistant", "A1" }, { "user", "Q2" } };
     expect_render(&t, nosys, 3, true, "<s>[INST] Q1 [/INST] A1 </s><s>[INST] Q2 [/INST]");
@@ -209,6 +209,7 @@ static void test_bad_input_and_oom(void **st) {
     }
     assert_true(failures > 0);
     mn_chat_template_clear(&t);
+    live = mn_alloc_live();
     for (long k = 0; k < 4; k++) {
         mn_alloc_fail_after(k);
         mn_err e = mn_chat_template_detect(SMOLLM2, strlen(SMOLLM2), &t, &eb);

@@ -1,0 +1,338 @@
+/* engine/cuda/backend_cuda.c — the CUDA backend: the engine/backend.h vtable over device
+ * memory, two streams and the kernels of kernels/cuda.
+ *
+ * Streams: `compute` runs the ops of mn_backend_run in order; `copy` runs the copy queue.
+ * Before each copy the copy stream waits (on the device) for an event recorded on the
+ * compute stream, so a copy sees every op enqueued before it; compute never waits for the
+ * copy stream by itself (callers wait on the copy's event), so a layer-wise restore can
+ * overlap with compute of the layers already there.
+ *
+ * Events: mn_event holds only a ticket (1, 2, 3, ...). Ticket n uses cudaEvent
+ * ring[n % EV_RING]. Copies are ordered on one stream, so ticket n done means every
+ * ticket <= n is done: `done_ticket` is that watermark. Reusing a ring slot first waits
+ * for the ticket it held, so an old ticket whose slot was reused is always <= done_ticket.
+ */
+#include "engine/cuda/backend_cuda.h"
+
+#include <string.h>
+#include <time.h>
+
+#include "engine/alloc.h"
+#include "kernels/cuda/ops_cuda.h"
+
+enum { EV_RING = 256 };
+
+typedef struct cuda_impl {
+    int device;
+    cudaStream_t compute, copy;
+    cudaEvent_t compute_mark;       /* recorded on compute before each copy; the copy waits on it */
+    cublasHandle_t blas;
+    void *work;                     /* matmul scratch (device), work_size bytes */
+    size_t work_size;
+    cudaEvent_t ring[EV_RING];
+    uint64_t ring_ticket[EV_RING];  /* ticket recorded in each slot, 0 = never */
+    uint64_t next_ticket, done_ticket;
+    void **weights;                 /* device copies made by weights_map */
+    size_t *weight_bytes;
+    size_t n_weights, cap_weights;
+} cuda_impl;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Release everything impl holds (tolerates a half-built impl); errors are ignored, there
+ * is nobody left to report them to. */
+static void impl_release(mn_backend *be, cuda_impl *c) {
+    if (c->compute) cudaStreamSynchronize(c->compute);
+    if (c->copy) cudaStreamSynchronize(c->copy);
+    for (size_t i = 0; i < c->n_weights; i++) {
+        cudaFree(c->weights[i]);
+        if (be) be->used[MN_MEM_DEVICE] -= c->weight_bytes[i];
+    }
+    mn_free(c->weights);
+    mn_free(c->weight_bytes);
+    if (c->work) {
+        cudaFree(c->work);
+        if (be) be->used[MN_MEM_DEVICE] -= c->work_size;
+    }
+    for (int i = 0; i < EV_RING; i++)
+        if (c->ring[i]) cudaEventDestroy(c->ring[i]);
+    if (c->compute_mark) cudaEventDestroy(c->compute_mark);
+    if (c->blas) cublasDestroy(c->blas);
+    if (c->copy) cudaStreamDestroy(c->copy);
+    if (c->compute) cudaStreamDestroy(c->compute);
+    mn_free(c);
+}
+
+static void cuda_destroy(mn_backend *be) {
+    impl_release(be, be->impl);
+    mn_free(be);
+}
+
+/* Budget check for memory the backend takes for itself (weights, scratch). */
+static mn_err charge(mn_backend *be, size_t n, const char *what, mn_errbuf *eb) {
+    size_t budget = be->budget[MN_MEM_DEVICE];
+    if (budget && (n > budget || be->used[MN_MEM_DEVICE] > budget - n))
+        return mn_errf(eb, MN_ELIMIT, "device budget: %s needs %zu bytes, %zu of %zu in use", what, n,
+                       be->used[MN_MEM_DEVICE], budget);
+    return MN_OK;
+}
+
+static mn_err cuda_mem_alloc(mn_backend *be, mn_mem_kind kind, size_t size, void **ptr, mn_errbuf *eb) {
+    size_t n = size ? size : 256;
+    *ptr = NULL;
+    if (kind == MN_MEM_HOST_PINNED)
+        MN_CUDA_CHECK(eb, cudaHostAlloc(ptr, n, cudaHostAllocPortable));
+    else
+        MN_CUDA_CHECK(eb, cudaMalloc(ptr, n));
+    return MN_OK;
+}
+
+static void cuda_mem_free(mn_backend *be, mn_mem_kind kind, void *ptr, size_t size) {
+    if (!ptr) return;
+    if (kind == MN_MEM_HOST_PINNED)
+        cudaFreeHost(ptr);
+    else
+        cudaFree(ptr);
+}
+
+static mn_err cuda_copy_async(mn_backend *be, mn_copy_dir dir, void *dst, const void *src, size_t n, mn_errbuf *eb) {
+    cuda_impl *c = be->impl;
+    if ((unsigned)dir > MN_COPY_D2D) return mn_errf(eb, MN_EINVALID, "copy direction %d unknown", (int)dir);
+    if (n == 0) return MN_OK;
+    static const enum cudaMemcpyKind kinds[] = {cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost,
+                                                cudaMemcpyDeviceToDevice};
+    MN_CUDA_CHECK(eb, cudaEventRecord(c->compute_mark, c->compute));
+    MN_CUDA_CHECK(eb, cudaStreamWaitEvent(c->copy, c->compute_mark, 0));
+    MN_CUDA_CHECK(eb, cudaMemcpyAsync(dst, src, n, kinds[dir], c->copy));
+    return MN_OK;
+}
+
+static mn_err cuda_event_record(mn_backend *be, mn_event *ev, mn_errbuf *eb) {
+    cuda_impl *c = be->impl;
+    uint64_t t = c->next_ticket + 1;
+    int slot = (int)(t % EV_RING);
+    if (c->ring_ticket[slot] > c->done_ticket) { /* slot still holds a live ticket: finish it */
+        MN_CUDA_CHECK(eb, cudaEventSynchronize(c->ring[slot]));
+        c->done_ticket = c->ring_ticket[slot];
+    }
+    MN_CUDA_CHECK(eb, cudaEventRecord(c->ring[slot], c->copy));
+    c->ring_ticket[slot] = t;
+    c->next_ticket = t;
+    ev->ticket = t;
+    return MN_OK;
+}
+
+/* A query error counts as done, so no caller polls forever; event_wait reports it. */
+static bool cuda_event_done(mn_backend *be, const mn_event *ev) {
+    cuda_impl *c = be->impl;
+    uint64_t t = ev->ticket;
+    if (t <= c->done_ticket || t > c->next_ticket) return true;
+    int slot = (int)(t % EV_RING);
+    cudaError_t e = cudaEventQuery(c->ring[slot]);
+    if (e == cudaErrorNotReady) return false;
+    if (e == cudaSuccess) c->done_ticket = t;
+    return true;
+}
+
+static mn_err cuda_event_wait(mn_backend *be, const mn_event *ev, mn_errbuf *eb) {
+    cuda_impl *c = be->impl;
+    uint64_t t = ev->ticket;
+    if (t > c->next_ticket) return mn_errf(eb, MN_EINVALID, "event ticket %llu was never recorded", (unsigned long long)t);
+    if (t <= c->done_ticket) return MN_OK;
+    MN_CUDA_CHECK(eb, cudaEventSynchronize(c->ring[t % EV_RING]));
+    c->done_ticket = t;
+    return MN_OK;
+}
+
+static mn_err cuda_weights_map(mn_backend *be, const void *host, size_t n, void **dev, mn_errbuf *eb) {
+    cuda_impl *c = be->impl;
+    mn_err e = charge(be, n, "weights", eb);
+    if (e != MN_OK) return e;
+    if (c->n_weights == c->cap_weights) {
+        size_t cap = c->cap_weights ? 2 * c->cap_weights : 64;
+        void **w = mn_realloc(c->weights, cap * sizeof *w);
+        if (!w) return mn_errf(eb, MN_ENOMEM, "cuda weights_map: out of host memory");
+        c->weights = w;
+        size_t *wb = mn_realloc(c->weight_bytes, cap * sizeof *wb);
+        if (!wb) return mn_errf(eb, MN_ENOMEM, "cuda weights_map: out of host memory");
+        c->weight_bytes = wb;
+        c->cap_weights = cap;
+    }
+    void *p = NULL;
+    MN_CUDA_CHECK(eb, cudaMalloc(&p, n ? n : 256));
+    cudaError_t ce = cudaMemcpy(p, host, n, cudaMemcpyHostToDevice);
+    if (ce != cudaSuccess) {
+        cudaFree(p);
+        return mn_errf(eb, MN_EDEVICE, "cuda weights_map: copying %zu bytes: %s", n, cudaGetErrorString(ce));
+    }
+    c->weights[c->n_weights] = p;
+    c->weight_bytes[c->n_weights++] = n;
+    be->used[MN_MEM_DEVICE] += n;
+    *dev = p;
+    return MN_OK;
+}
+
+static bool cuda_supports_op(mn_backend *be, const mn_op *op) {
+    switch (op->kind) {
+    case MN_OP_GET_ROWS: {
+        const mn_get_rows_desc *d = &op->u.get_rows;
+        return mn_dtype_is_weight_type(d->type) && d->D % mn_dtype_block_elems(d->type) == 0;
+    }
+    case MN_OP_MATMUL: {
+        const mn_matmul_desc *d = &op->u.matmul;
+        return mn_dtype_is_weight_type(d->w_type) && d->K > 0 && d->K % mn_dtype_block_elems(d->w_type) == 0 &&
+               (d->w_type != MN_F32 || d->w_row_bytes % 4 == 0);
+    }
+    case MN_OP_ATTENTION: {
+        const mn_attention_desc *d = &op->u.attention;
+        return d->head_dim > 0 && d->head_dim <= MN_CUDA_MAX_HEAD_DIM && d->n_kv_head > 0 &&
+               d->n_head % d->n_kv_head == 0;
+    }
+    case MN_OP_ROPE: return op->u.rope.n_rot <= op->u.rope.head_dim && op->u.rope.n_rot % 2 == 0;
+    case MN_OP_RMSNORM: case MN_OP_KV_STORE: case MN_OP_SILU_MUL: case MN_OP_ADD: return true;
+    case MN_OP_COUNT: break;
+    }
+    return false;
+}
+
+static size_t cuda_op_work_bytes(mn_backend *be, const mn_op *op) {
+    return op->kind == MN_OP_MATMUL ? mn_cuda_matmul_work_bytes(&op->u.matmul) : 0;
+}
+
+static mn_err cuda_reserve_work(mn_backend *be, size_t bytes, mn_errbuf *eb) {
+    cuda_impl *c = be->impl;
+    if (bytes <= c->work_size) return MN_OK;
+    /* the old area may still be read by enqueued ops; cudaFree waits for the device */
+    be->used[MN_MEM_DEVICE] -= c->work_size;
+    mn_err e = charge(be, bytes, "scratch", eb);
+    if (e != MN_OK) {
+        be->used[MN_MEM_DEVICE] += c->work_size;
+        return e;
+    }
+    void *w = NULL;
+    cudaError_t ce = cudaMalloc(&w, bytes);
+    if (ce != cudaSuccess) {
+        be->used[MN_MEM_DEVICE] += c->work_size;
+        return mn_errf(eb, MN_ENOMEM, "cuda backend: %zu bytes of scratch: %s", bytes, cudaGetErrorString(ce));
+    }
+    if (c->work) cudaFree(c->work);
+    c->work = w;
+    c->work_size = bytes;
+    be->used[MN_MEM_DEVICE] += bytes;
+    return MN_OK;
+}
+
+/* One flat switch: op kind -> kernel launcher (enqueue only). */
+static mn_err run_op(cuda_impl *c, const mn_op *op, mn_errbuf *eb) {
+    cudaStream_t s = c->compute;
+    switch (op->kind) {
+    case MN_OP_GET_ROWS: return mn_cuda_get_rows(&op->u.get_rows, s, eb);
+    case MN_OP_RMSNORM: return mn_cuda_rmsnorm(&op->u.rmsnorm, s, eb);
+    case MN_OP_MATMUL: return mn_cuda_matmul(&op->u.matmul, c->work, c->work_size, c->blas, s, eb);
+    case MN_OP_ROPE: return mn_cuda_rope(&op->u.rope, s, eb);
+    case MN_OP_KV_STORE: return mn_cuda_kv_store(&op->u.kv_store, s, eb);
+    case MN_OP_ATTENTION: return mn_cuda_attention(&op->u.attention, s, eb);
+    case MN_OP_SILU_MUL: return mn_cuda_silu_mul(&op->u.silu_mul, s, eb);
+    case MN_OP_ADD: return mn_cuda_add(&op->u.add, s, eb);
+    case MN_OP_COUNT: break;
+    }
+    return mn_errf(eb, MN_EINVALID, "op kind %d unknown", (int)op->kind);
+}
+
+static mn_err cuda_run(mn_backend *be, const mn_op *ops, int n_ops, mn_errbuf *eb) {
+    cuda_impl *c = be->impl;
+    for (int i = 0; i < n_ops; i++) {
+        if (!cuda_supports_op(be, &ops[i]))
+            return mn_errf(eb, MN_EUNSUPPORTED, "op %d (%s): not supported by the cuda backend", i,
+                           mn_op_name(ops[i].kind));
+        if (cuda_op_work_bytes(be, &ops[i]) > c->work_size)
+            return mn_errf(eb, MN_EINVALID, "op %d (%s): scratch not reserved (call mn_backend_reserve)", i,
+                           mn_op_name(ops[i].kind));
+    }
+    /* profiling synchronises after every op so the host clock measures the op itself */
+    double t = be->op_seconds ? now_s() : 0.0;
+    for (int i = 0; i < n_ops; i++) {
+        mn_err e = run_op(c, &ops[i], eb);
+        if (e != MN_OK) return e;
+        if (be->op_seconds) {
+            MN_CUDA_CHECK(eb, cudaStreamSynchronize(c->compute));
+            double t2 = now_s();
+            be->op_seconds[ops[i].kind] += t2 - t;
+            if (be->op_calls) be->op_calls[ops[i].kind]++;
+            t = t2;
+        }
+    }
+    return MN_OK;
+}
+
+static mn_err cuda_synchronize(mn_backend *be, mn_errbuf *eb) {
+    cuda_impl *c = be->impl;
+    MN_CUDA_CHECK(eb, cudaStreamSynchronize(c->compute));
+    MN_CUDA_CHECK(eb, cudaStreamSynchronize(c->copy));
+    return MN_OK;
+}
+
+static const mn_backend_iface cuda_iface = {
+    .name = "cuda",
+    .destroy = cuda_destroy,
+    .mem_alloc = cuda_mem_alloc,
+    .mem_free = cuda_mem_free,
+    .copy_async = cuda_copy_async,
+    .event_record = cuda_event_record,
+    .event_done = cuda_event_done,
+    .event_wait = cuda_event_wait,
+    .weights_map = cuda_weights_map,
+    .supports_op = cuda_supports_op,
+    .op_work_bytes = cuda_op_work_bytes,
+    .reserve_work = cuda_reserve_work,
+    .run = cuda_run,
+    .synchronize = cuda_synchronize,
+};
+
+/* Streams, events and the cuBLAS handle of a fresh impl. */
+static mn_err impl_init(cuda_impl *c, mn_errbuf *eb) {
+    MN_CUDA_CHECK(eb, cudaSetDevice(c->device));
+    MN_CUDA_CHECK(eb, cudaStreamCreateWithFlags(&c->compute, cudaStreamNonBlocking));
+    MN_CUDA_CHECK(eb, cudaStreamCreateWithFlags(&c->copy, cudaStreamNonBlocking));
+    MN_CUDA_CHECK(eb, cudaEventCreateWithFlags(&c->compute_mark, cudaEventDisableTiming));
+    for (int i = 0; i < EV_RING; i++) MN_CUDA_CHECK(eb, cudaEventCreateWithFlags(&c->ring[i], cudaEventDisableTiming));
+    MN_CUBLAS_CHECK(eb, cublasCreate(&c->blas));
+    MN_CUBLAS_CHECK(eb, cublasSetStream(c->blas, c->compute));
+    /* f32 GEMMs stay f32: no TF32 tensor-op shortcut */
+    MN_CUBLAS_CHECK(eb, cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH));
+    return MN_OK;
+}
+
+mn_err mn_backend_cuda_new(const mn_backend_params *p, mn_backend **out, mn_errbuf *eb) {
+    int count = 0;
+    cudaError_t ce = cudaGetDeviceCount(&count);
+    if (ce != cudaSuccess)
+        return mn_errf(eb, MN_EUNSUPPORTED, "cuda backend: no usable CUDA device: %s (%s)", cudaGetErrorString(ce),
+                       cudaGetErrorName(ce));
+    if (count == 0) return mn_errf(eb, MN_EUNSUPPORTED, "cuda backend: no CUDA device found");
+    mn_backend *be = mn_calloc(1, sizeof *be);
+    cuda_impl *c = mn_calloc(1, sizeof *c);
+    if (!be || !c) {
+        mn_free(be);
+        mn_free(c);
+        return mn_errf(eb, MN_ENOMEM, "cuda backend: out of host memory");
+    }
+    c->device = 0;
+    mn_err e = impl_init(c, eb);
+    if (e != MN_OK) {
+        impl_release(NULL, c);
+        mn_free(be);
+        return e;
+    }
+    be->iface = &cuda_iface;
+    be->impl = c;
+    be->n_threads = 1;
+    be->budget[MN_MEM_DEVICE] = p->device_budget;
+    be->budget[MN_MEM_HOST_PINNED] = p->pinned_budget;
+    *out = be;
+    return MN_OK;
+}

@@ -1,0 +1,27 @@
+/* engine/cuda/backend_cuda.h — creating the CUDA backend (engine/backend.h vtable over
+ * cudaMalloc'ed memory, cudaHostAlloc'ed pinned memory, a compute stream, a copy stream,
+ * cuBLAS and kernels/cuda). Built only when CMake finds nvcc (MNEME_HAVE_CUDA=1).
+ *
+ * Semantics beyond engine/backend.h:
+ *   - copies (copy stream) start only after all compute enqueued before them
+ *     (a device-side wait, the host does not block), so a swap-out reads finished KV;
+ *   - compute does NOT wait for copies: wait on the copy's event (mn_backend_event_wait,
+ *     which blocks the host) before running ops that read what was copied in;
+ *   - mn_backend_run only enqueues; kernel faults surface at mn_backend_synchronize or
+ *     at the next event wait;
+ *   - weights_map copies the bytes to the device synchronously; the copy counts against
+ *     the device budget and lives until the backend is freed; so does the scratch area.
+ * Ownership: the backend owns its streams, events, cuBLAS handle, scratch and mapped
+ * weights and frees them in mn_backend_free; buffers stay the caller's.
+ */
+#ifndef MN_BACKEND_CUDA_H
+#define MN_BACKEND_CUDA_H
+
+#include "engine/backend.h"
+
+/** Create the CUDA backend on device 0. Without a usable device (no driver, no GPU) it
+ *  returns MN_EUNSUPPORTED with the CUDA error text in eb; MN_EDEVICE / MN_ENOMEM if
+ *  creating streams, events or the cuBLAS handle fails. */
+mn_err mn_backend_cuda_new(const mn_backend_params *p, mn_backend **out, mn_errbuf *eb);
+
+#endif
