@@ -21,3 +21,22 @@ cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCMAKE_C_FLAGS_DEBUG
 ninja -C build-asan >/dev/null
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   MNEME_BUILD_DIR="$root/build-asan" ctest --test-dir build-asan --output-on-failure -j2 -L cpu
+
+echo "== fuzz smoke: the GGUF reader under libFuzzer for ${MNEME_FUZZ_SECONDS:-20} s"
+cmake -S . -B build-fuzz -G Ninja -DMNEME_FUZZ=ON -DCMAKE_C_COMPILER=clang -DMNEME_CUDA=OFF >/dev/null
+ninja -C build-fuzz fuzz_gguf >/dev/null
+corpus=$(mktemp -d)
+for t in F32 F16 Q8_0 Q4_0 Q4_1; do
+  python3 tools/gen_gguf.py "$corpus/s_$t.gguf" --type "$t" --n-layer 1 --n-embd 64 --n-head 2 \
+    --n-kv-head 1 --n-ff 64 --n-vocab 260 2>/dev/null
+done
+python3 tools/gen_gguf.py "$corpus/s_q4k.gguf" --type Q4_K --arch qwen2 --n-layer 1 --n-embd 256 --n-head 2 \
+  --n-kv-head 1 --n-ff 256 --n-vocab 260 --untied 2>/dev/null
+python3 tools/gen_gguf.py "$corpus/s_tok.gguf" --no-tensors --n-vocab 260 2>/dev/null
+rc=0
+build-fuzz/fuzz_gguf -max_total_time="${MNEME_FUZZ_SECONDS:-20}" -rss_limit_mb=1024 -print_final_stats=1 \
+  "$corpus" >"$corpus/log" 2>&1 || rc=$?
+grep -E "stat::number_of_executed_units|ERROR|SUMMARY" "$corpus/log" || true
+if [ $rc -ne 0 ]; then tail -40 "$corpus/log"; echo "fuzz_gguf failed (exit $rc)"; exit 1; fi
+rm -rf "$corpus"
+echo "all test stages passed"

@@ -9,9 +9,6 @@
 #include "kernels/cpu/matmul_impl.h"
 #include "kernels/quant_math.h"
 
-/* every mul and add below is its own rounding: the per-element sequences must not depend
- * on how the compiler happens to fuse them in each inlined tile shape */
-#pragma GCC optimize("fp-contract=off")
 
 #define MN__DOT(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1))
 #define MN__RT 2

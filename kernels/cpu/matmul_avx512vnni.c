@@ -10,8 +10,6 @@
 #include "kernels/cpu/matmul_impl.h"
 #include "kernels/quant_math.h"
 
-/* see matmul_avx2.c: no fused mul+add except where written */
-#pragma GCC optimize("fp-contract=off")
 
 #define MN__DOT(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (u), (s))
 #define MN__RT 2

@@ -456,7 +456,7 @@ static int run_case(const tcase *c, cublasHandle_t blas, cudaStream_t s) {
     judge j;
     build(&a, c, &op, &j);
     int ok = 0;
-    char why[256] = "";
+    char why[640] = "";
     double err = 0, ratio = 0, us = 0;
     size_t out_bytes = a.bytes[j.out];
     uint8_t *init = malloc(out_bytes), *got = malloc(out_bytes);

@@ -224,7 +224,8 @@ def _silu(x):
 class _State:
     """Per-layer K/V caches ([pos, n_kv, head_dim]) for incremental decoding."""
 
-    def __init__(self, m: Model):
+    def __init__(self, m: Model, kv_f16: bool = False):
+        self.kv_f16 = kv_f16
         self.k = [np.zeros((0, m.n_kv, m.head_dim), m.dtype) for _ in range(m.n_layer)]
         self.v = [np.zeros((0, m.n_kv, m.head_dim), m.dtype) for _ in range(m.n_layer)]
         self.n_past = 0
@@ -264,6 +265,9 @@ def _step(m: Model, st: _State, tokens, all_logits: bool = True) -> np.ndarray:
         q = rope(m, q.reshape(n, nh, hd), cos, sin)
         k = rope(m, k.reshape(n, nkv, hd), cos, sin)
         v = v.reshape(n, nkv, hd)
+        if st.kv_f16:  # model a KV cache that stores (roped) K and V as IEEE half
+            k = k.astype(np.float16).astype(m.dtype)
+            v = v.astype(np.float16).astype(m.dtype)
         st.k[li] = K = np.concatenate([st.k[li], k], axis=0)
         st.v[li] = V = np.concatenate([st.v[li], v], axis=0)
         # GQA: query head j reads K/V head j // group
@@ -284,10 +288,13 @@ def _step(m: Model, st: _State, tokens, all_logits: bool = True) -> np.ndarray:
     return (h @ m.output.T).astype(np.float64)
 
 
-def forward(model_path: str, tokens) -> np.ndarray:
-    """Logits for every position of `tokens` (no BOS added): [n_tokens, n_vocab] float64."""
+def forward(model_path: str, tokens, kv_f16: bool = False) -> np.ndarray:
+    """Logits for every position of `tokens` (no BOS added): [n_tokens, n_vocab] float64.
+
+    kv_f16: round K (after RoPE) and V to IEEE half before attention, as an engine whose
+    KV cache is stored in f16 does; lets float-weight tests use a much tighter bound."""
     m = load(model_path)
-    return _step(m, _State(m), tokens)
+    return _step(m, _State(m, kv_f16), tokens)
 
 
 def greedy_with_logits(model_path: str, tokens, n: int):

@@ -9,25 +9,44 @@ prompt/model reports the largest rel over its rows. Normalising by the row's lar
 logit (not per element) is what matters for sampling: a tiny logit may have a large
 relative error without changing any probability.
 
-Tolerance budget (why these numbers):
-* Quantized weights (Q4_0/Q4_1/Q8_0/K-quants): mneme rounds the activations of every
-  matrix product to 8 bits per 32-element block (Q8_0/Q8_1/Q8_K style) before the integer
-  dot product. One such rounding has a relative error of about 2^-8 ~ 4e-3 per element,
-  which averages down over a dot product, but it recurs in every projection of every layer
-  and compounds through the residual stream. On the synthetic 2-layer models that gives
-  ~1e-2 of the row maximum at most; QUANT_TOL = 3e-2 leaves 3x headroom while still
-  catching any real bug (a wrong scale, a swapped nibble order, a wrong RoPE pair layout or
-  a GQA head mapping error gives errors of order 1).
-* The real 30-layer model compounds the same rounding over 15x more layers: REAL_TOL 5e-2
-  (we measured about 1e-2 to 2e-2; a broken layer gives > 0.3).
-* Float weights (F32/F16/BF16): mneme computes f32 dots of f32 activations with the exact
-  weight values; the only differences are f32 summation order and expf/sqrtf rounding, so
-  FLOAT_TOL = 1e-4 (measured ~1e-6 .. 1e-5).
+Tolerance budget (why these numbers; all were measured against build/mneme and checked
+to be well below what a real bug produces):
+* Real model, quantized weights: mneme rounds the activations of every matrix product
+  to 8 bits per 32-element block before the integer dot product. One rounding is ~2^-8
+  relative per element, but it recurs in 7 projections x 30 layers + the output and
+  compounds through the residual stream. Emulating just that rounding inside the numpy
+  reference (an experiment, not part of the test) moves the reference's own logits by
+  4e-2 .. 6e-2 of the row max, and mneme differs from the f64 reference by 4e-2 .. 7.5e-2,
+  i.e. by the same amount. So REAL_TOL = 0.15 (2x the worst measured). That bound alone is
+  loose, so the distributions are also compared: the mean over positions of
+  KL(p_ref || p_mneme) must stay below REAL_KL = 1e-2 (measured 3e-3 .. 5e-3, the same as
+  the emulated rounding gives). For scale: NEOX instead of NORM RoPE pairs gives rel ~1 and
+  KL ~0.9; a wrong rope base (1e4 instead of 1e5) rel 0.13 .. 0.5 and KL 1.5e-2 .. 1.1e-1.
+* Synthetic models, quantized weights: QUANT_TOL = 2e-2 (measured 1e-3 .. 8e-3).
+* Synthetic models, float weights (F32/F16/BF16): mneme uses f32 dots with the exact
+  weight values, but its KV cache stores K and V as IEEE half (engine/kv.h). That rounding
+  alone moves the logits by ~3e-5 of the row max (1.4e-4 with untied output), so the
+  synthetic tests run the reference with kv_f16=True (K after RoPE and V rounded to f16),
+  after which only f32 rounding and summation order remain: FLOAT_TOL = 3e-5 (measured
+  1e-7 .. 7e-6). If mneme's KV cache type changes, change KV_F16 below. For quantized
+  weights kv_f16 makes no visible difference.
+
+Synthetic models are "sharpened" before use: gen_gguf.py draws weights of std 0.02, with
+which attention scores are ~0.1 and the attention branch adds only a few percent to the
+residual; then even NEOX-vs-NORM RoPE changes the logits by only 1e-3 of the row max,
+which no tolerance could separate from quantization noise. Multiplying every
+attn_norm.weight by 4 and ffn_norm.weight by 2 (F32 tensors, edited in place in the file)
+makes the layers matter: a RoPE pair-layout error then moves the logits by 5e-2 .. 3e-1, a
+wrong rope base by ~1e-2, a K/V-head mapping error by > 0.14, a dropped qwen2 bias by
+1.4e-3, missing llama3 frequency factors by ~7.6e-4 (64 positions) and a 10x larger
+RMSNorm eps by 4e-5 .. 1.5e-4 (llama eps) — the last three only visible against
+FLOAT_TOL, hence the F32 variants of the qwen2 and llama3 cases.
 """
 from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -35,12 +54,19 @@ import pytest
 import ref_forward as rf
 
 THREADS = int(os.environ.get("MNEME_TEST_THREADS", "2"))
-REAL_TOL = 5e-2
-QUANT_TOL = 3e-2
-FLOAT_TOL = 1e-4
+REAL_TOL = 0.15
+REAL_KL = 1e-2
+QUANT_TOL = 2e-2
+FLOAT_TOL = 3e-5
+KV_F16 = True   # mneme's KV cache holds f16 K/V
 ARGMAX_AGREE = 0.95
 GREEDY_N = 32
-NEAR_TIE = 1e-3   # top-2 gap below NEAR_TIE * max|logit| counts as a tie
+# A greedy pick that loses to the reference's argmax by less than NEAR_TIE * max|logit|
+# counts as a near tie. The activation rounding moves single logits by up to ~5e-2 of
+# the row max (see REAL_TOL), so gaps of a few 1e-3 can flip; we measured divergences at
+# gaps of 2.2e-3 and 3.4e-3. 1e-2 still rejects any pick the reference does not rank
+# essentially level with its best.
+NEAR_TIE = 1e-2
 
 CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
@@ -73,6 +99,15 @@ def mneme_greedy(run_mneme, model, tokens, n) -> list[int]:
 def row_rel_err(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per row: max|a-b| / max|b| (b is the reference)."""
     return np.abs(a - b).max(axis=1) / np.abs(b).max(axis=1)
+
+
+def mean_kl(got: np.ndarray, ref: np.ndarray) -> float:
+    """Mean over positions of KL(softmax(ref) || softmax(got))."""
+    def logsm(x):
+        x = x - x.max(axis=1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    lr, lg = logsm(ref), logsm(got)
+    return float((np.exp(lr) * (lr - lg)).sum(axis=1).mean())
 
 
 def compare(a: np.ndarray, b: np.ndarray, tol: float, what: str):
@@ -109,31 +144,46 @@ def test_real_model_logits(name, model_path, real_tokens, run_mneme, tmp_path):
     t2 = time.time()
     print(f"{name}: {len(toks)} tokens, reference {t1 - t0:.2f}s, mneme {t2 - t1:.2f}s")
     _, agree = compare(got, ref, REAL_TOL, f"SmolLM2 {name}")
+    kl = mean_kl(got, ref)
+    print(f"{name}: mean KL(ref||mneme) {kl:.3e}")
+    assert kl < REAL_KL, f"{name}: mean KL divergence {kl:.3e} >= {REAL_KL:g}"
     assert agree >= ARGMAX_AGREE, f"{name}: argmax agrees at only {agree:.1%} of positions"
 
 
 @pytest.mark.parametrize("name", ["chatml", "english", "code", "numbers"])
 def test_real_model_greedy(name, model_path, real_tokens, run_mneme):
+    """mneme's 32 greedy ids must equal the reference's greedy continuation. If they
+    differ, every one of mneme's choices is checked teacher-forced against the reference
+    (one reference pass over prompt + mneme's continuation): each must be the reference's
+    argmax or lose to it by less than NEAR_TIE of the row's max |logit|; the run passes
+    with a warning that names the near ties, and fails on any real disagreement."""
     toks = real_tokens[name]
-    ref_ids, ref_dists = rf.greedy_with_logits(str(model_path), toks, GREEDY_N)
+    t0 = time.time()
+    ref_ids = rf.greedy(str(model_path), toks, GREEDY_N)
+    t1 = time.time()
     got = mneme_greedy(run_mneme, model_path, toks, GREEDY_N)
+    print(f"{name}: reference greedy {t1 - t0:.2f}s, mneme {time.time() - t1:.2f}s")
     assert len(got) == GREEDY_N, f"mneme printed {len(got)} ids, expected {GREEDY_N}: {got}"
     if got == ref_ids:
         return
-    j = next(i for i in range(GREEDY_N) if got[i] != ref_ids[i])
-    d = ref_dists[j]
-    top2 = np.sort(d)[-2:]
-    gap = float(top2[1] - top2[0])
-    scale = float(np.abs(d).max())
-    # mneme's pick must at least be the reference's runner-up for a tie to excuse it
-    runner_up = int(np.argsort(d)[-2])
-    msg = (f"{name}: greedy continuations diverge at step {j}: mneme {got[j]}, reference "
-           f"{ref_ids[j]} (runner-up {runner_up}); reference top-2 gap {gap:.3e} = "
-           f"{gap / scale:.2e} of max|logit|\n  mneme {got}\n  ref   {ref_ids}")
-    if gap < NEAR_TIE * scale and got[j] == runner_up:
-        print("near tie, accepted: " + msg)
-        return
-    pytest.fail(msg, pytrace=False)
+    first = next(i for i in range(GREEDY_N) if got[i] != ref_ids[i])
+    forced = rf.forward(str(model_path), toks + got[:-1])[len(toks) - 1:]
+    ties, bad = [], []
+    for j, t in enumerate(got):
+        row = forced[j]
+        best = int(np.argmax(row))
+        if t == best:
+            continue
+        gap = float(row[best] - row[t]) / float(np.abs(row).max())
+        (ties if gap < NEAR_TIE else bad).append(f"step {j}: mneme {t}, reference {best}, "
+                                                 f"gap {gap:.2e} of max|logit|")
+    msg = (f"{name}: greedy continuations differ from step {first}\n  mneme {got}\n"
+           f"  ref   {ref_ids}\n  teacher-forced near ties: {ties}\n  real disagreements: {bad}")
+    if bad:
+        pytest.fail(msg, pytrace=False)
+    print(msg)
+    warnings.warn(f"{name}: greedy continuation diverges at step {first} after near tie(s): "
+                  f"{ties}")
 
 
 def test_reference_answers_paris(model_path):
@@ -150,19 +200,24 @@ def test_reference_answers_paris(model_path):
 FLOAT_TYPES = ("F32", "F16", "BF16")
 ALL_TYPES = FLOAT_TYPES + ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 
-# (id, generator options). Dimensions are multiples of 256 so every K-quant fits.
-SYNTH = [(f"type-{t}", dict(type=t)) for t in ALL_TYPES] + [
-    ("gqa1", dict(n_head=8, n_kv_head=8, type="Q8_0")),
-    ("gqa3", dict(n_head=6, n_kv_head=2, head_dim=32, type="Q8_0")),  # q dim 192 != n_embd
-    ("gqa4", dict(n_head=8, n_kv_head=2, type="Q4_1")),
-    ("gqa8", dict(n_head=8, n_kv_head=1, type="Q4_1")),
-    ("qwen2-bias", dict(arch="qwen2", n_head=8, n_kv_head=2, type="Q4_1")),
-    ("qwen2-f32", dict(arch="qwen2", n_head=8, n_kv_head=4, type="F32")),
-    ("untied", dict(untied=True, type="Q4_0")),
-    ("untied-f16", dict(untied=True, type="F16")),
-    ("llama3-rope", dict(rope_scaling="llama3", type="Q8_0", rope_base=500000.0)),
-    ("llama3-rope-f32", dict(rope_scaling="llama3", type="F32", rope_base=500000.0)),
-    ("headdim64", dict(n_head=4, n_kv_head=2, head_dim=64, type="F16")),
+ATTN_NORM_GAIN = 4.0
+FFN_NORM_GAIN = 2.0
+
+# (id, generator options, prompt length). Dimensions are multiples of 256 so every
+# K-quant fits.
+SYNTH = [(f"type-{t}", dict(type=t), 20) for t in ALL_TYPES] + [
+    ("gqa1", dict(n_head=8, n_kv_head=8, type="Q8_0"), 20),
+    ("gqa3", dict(n_head=6, n_kv_head=2, head_dim=32, type="Q8_0"), 20),  # q dim 192 != n_embd
+    ("gqa3-f32", dict(n_head=6, n_kv_head=2, head_dim=32, type="F32"), 20),
+    ("gqa4", dict(n_head=8, n_kv_head=2, type="Q4_1"), 20),
+    ("gqa8", dict(n_head=8, n_kv_head=1, type="Q4_1"), 20),
+    ("qwen2-bias", dict(arch="qwen2", n_head=8, n_kv_head=2, type="Q4_1"), 20),
+    ("qwen2-bias-f32", dict(arch="qwen2", n_head=8, n_kv_head=4, type="F32"), 20),
+    ("untied", dict(untied=True, type="Q4_0"), 20),
+    ("untied-f16", dict(untied=True, type="F16"), 20),
+    ("llama3-rope", dict(rope_scaling="llama3", type="Q8_0", rope_base=500000.0), 20),
+    ("llama3-rope-f32", dict(rope_scaling="llama3", type="F32", rope_base=500000.0), 64),
+    ("headdim64", dict(n_head=4, n_kv_head=2, head_dim=64, type="F16"), 20),
 ]
 
 
@@ -171,13 +226,46 @@ def _tol(opts) -> float:
     return FLOAT_TOL if types <= set(FLOAT_TYPES) else QUANT_TOL
 
 
-@pytest.mark.parametrize("opts", [o for _, o in SYNTH], ids=[i for i, _ in SYNTH])
-def test_synthetic_logits(opts, synth_model, run_mneme, tmp_path):
-    path = synth_model(**opts)
+def sharpen(path) -> None:
+    """Scale the RMSNorm gains in place (see the module docstring for why)."""
+    from gguf import GGUFReader
+    r = GGUFReader(str(path), "r+")
+    n = 0
+    for t in r.tensors:
+        if t.name.endswith("attn_norm.weight"):
+            t.data[...] *= ATTN_NORM_GAIN
+            n += 1
+        elif t.name.endswith("ffn_norm.weight"):
+            t.data[...] *= FFN_NORM_GAIN
+            n += 1
+    assert n > 0 and all(t.tensor_type.name == "F32" for t in r.tensors if "norm" in t.name)
+    r.data.flush()
+    del r
+
+
+@pytest.fixture(scope="module")
+def sharp_model(gen_gguf, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharp")
+    made = {}
+
+    def make(case_id, opts):
+        if case_id not in made:
+            path = root / f"{case_id}.gguf"
+            gen_gguf.generate(str(path), **opts)
+            sharpen(path)
+            made[case_id] = path
+        return made[case_id]
+
+    return make
+
+
+@pytest.mark.parametrize("case_id,opts,n_tok", SYNTH, ids=[c[0] for c in SYNTH])
+def test_synthetic_logits(case_id, opts, n_tok, sharp_model, run_mneme, tmp_path):
+    path = sharp_model(case_id, opts)
     m = rf.load(str(path))
-    rng = np.random.default_rng(20 + len(repr(opts)))
-    toks = [int(t) for t in rng.integers(0, m.n_vocab, size=20)]
-    ref = rf.forward(str(path), toks)
+    rng = np.random.default_rng(sum(map(ord, case_id)))
+    toks = [int(t) for t in rng.integers(0, m.n_vocab, size=n_tok)]
+    ref = rf.forward(str(path), toks, kv_f16=KV_F16)
     got = mneme_logits(run_mneme, path, toks, tmp_path)
-    _, agree = compare(got, ref, _tol(opts), f"synthetic {opts}")
+    _, agree = compare(got, ref, _tol(opts), f"synthetic {case_id}")
     assert agree >= ARGMAX_AGREE, f"argmax agrees at only {agree:.1%} of positions"
