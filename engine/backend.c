@@ -2,9 +2,13 @@
  * to the vtable. */
 #include "engine/backend.h"
 
+#include <stdio.h>
 #include <string.h>
 
 #include "engine/alloc.h"
+#ifdef MNEME_HAVE_CUDA
+#include "engine/cuda/backend_cuda.h"
+#endif
 
 static const char *const op_names[MN_OP_COUNT] = {
     "get_rows", "rmsnorm", "matmul", "rope", "kv_store", "attention", "silu_mul", "add",
@@ -16,12 +20,23 @@ mn_err mn_backend_new(const mn_backend_params *p, mn_backend **out, bool *fell_b
     const char *dev = p->device ? p->device : "auto";
     if (fell_back) *fell_back = false;
     if (strcmp(dev, "cpu") == 0) return mn_backend_cpu_new(p, out, eb);
-    if (strcmp(dev, "cuda") == 0)
-        return mn_errf(eb, MN_EUNSUPPORTED, "--device cuda: this build has no CUDA backend yet (use --device cpu)");
+    if (strcmp(dev, "cuda") == 0) {
+#ifdef MNEME_HAVE_CUDA
+        return mn_backend_cuda_new(p, out, eb);
+#else
+        return mn_errf(eb, MN_EUNSUPPORTED, "--device cuda: this build has no CUDA backend (nvcc was not found at build time)");
+#endif
+    }
     if (strcmp(dev, "auto") == 0) {
+        char why[600] = "this build has no CUDA backend";
+#ifdef MNEME_HAVE_CUDA
+        mn_errbuf ceb = {{0}};
+        if (mn_backend_cuda_new(p, out, &ceb) == MN_OK) return MN_OK;
+        snprintf(why, sizeof why, "no usable CUDA device (%s)", ceb.msg);
+#endif
         if (fell_back) *fell_back = true;
         mn_err e = mn_backend_cpu_new(p, out, eb);
-        if (e == MN_OK) mn_errf(eb, MN_OK, "no CUDA backend in this build: using the CPU backend");
+        if (e == MN_OK) mn_errf(eb, MN_OK, "%s: using the CPU backend", why);
         return e;
     }
     return mn_errf(eb, MN_EINVALID, "device must be cpu, cuda or auto, got '%s'", dev);

@@ -66,7 +66,12 @@ log "model: $MODELS/$MODEL_FILE"
 
 # --- build ------------------------------------------------------------------------------------
 if [ "${MNEME_SKIP_BUILD:-0}" != 1 ]; then
-  cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+  cuda=()
+  # nvcc may be installed but not on PATH: point CMake at it so the CUDA code is always compiled
+  if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
+    cuda=(-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc)
+  fi
+  cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release "${cuda[@]}" >/dev/null
   ninja -C "$BUILD" >/dev/null
   log "built $BUILD/mneme"
 fi
