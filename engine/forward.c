@@ -197,7 +197,7 @@ mn_err mn_forward_run(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, con
     }
     for (int32_t i = 0; i < b->n_out; i++)
         ops[n++] = (mn_op){MN_OP_RMSNORM, .u.rmsnorm = {1, E, x + (int64_t)b->out_rows[i] * E, E, m->output_norm, c->rms_eps, xo + (int64_t)i * E, E}};
-    float *d_logits = f->logits->ptr;
+    float *d_logits = b->n_out > 0 ? f->logits->ptr : NULL;
     if (b->n_out > 0) ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&m->output, xo, E, d_logits, c->n_vocab, b->n_out, NULL, 0)};
 
     /* the ops read the metadata: wait for its copy (a no-op on the CPU backend) */

@@ -47,6 +47,76 @@ int64_t mn_kv_bytes_per_token(const mn_kv_pool *p) {
     return (int64_t)p->n_layer * 2 * p->n_kv_head * p->head_dim * (int64_t)sizeof(uint16_t);
 }
 
+static mn_err seq_grow(mn_kv_seq *seq, int32_t need, mn_errbuf *eb) {
+    if (need <= seq->cap) return MN_OK;
+    int32_t cap = seq->cap ? seq->cap : 8;
+    while (cap < need) cap *= 2;
+    int32_t *nb = mn_realloc(seq->blocks, (size_t)cap * sizeof(int32_t));
+    if (!nb) return mn_errf(eb, MN_ENOMEM, "kv sequence: out of memory");
+    seq->blocks = nb;
+    seq->cap = cap;
+    return MN_OK;
+}
+
+void mn_kv_block_retain(mn_kv_pool *p, int32_t id) { p->refs[id]++; }
+
+void mn_kv_block_release(mn_kv_pool *p, int32_t id) {
+    if (--p->refs[id] == 0) p->free_ids[p->n_free++] = id;
+}
+
+mn_err mn_kv_seq_attach(mn_kv_pool *p, mn_kv_seq *seq, int32_t id, mn_errbuf *eb) {
+    mn_err e = seq_grow(seq, seq->n_blocks + 1, eb);
+    if (e != MN_OK) return e;
+    mn_kv_block_retain(p, id);
+    seq->blocks[seq->n_blocks++] = id;
+    return MN_OK;
+}
+
+mn_err mn_kv_seq_make_writable(mn_kv_pool *p, mn_kv_seq *seq, int32_t pos, mn_errbuf *eb) {
+    int32_t bi = pos / p->block_size;
+    if (bi >= seq->n_blocks) return MN_OK;
+    int32_t old = seq->blocks[bi];
+    if (p->refs[old] == 1) return MN_OK;
+    if (p->n_free == 0) return mn_errf(eb, MN_ELIMIT, "kv pool full: no free block to copy a shared block (%d blocks)", p->n_blocks);
+    int32_t id = p->free_ids[--p->n_free];
+    p->refs[id] = 1;
+    uint16_t *base = p->buf->ptr;
+    size_t bytes = (size_t)p->block_elems * sizeof(uint16_t);
+    int64_t per_kind = (int64_t)p->n_blocks * p->block_elems;
+    mn_err e = MN_OK;
+    for (int32_t k = 0; k < p->n_layer * 2 && e == MN_OK; k++) {
+        uint16_t *kind = base + (int64_t)k * per_kind;
+        e = mn_backend_copy_async(p->backend, MN_COPY_D2D, kind + (int64_t)id * p->block_elems,
+                                  kind + (int64_t)old * p->block_elems, bytes, eb);
+    }
+    if (e == MN_OK) e = mn_backend_synchronize(p->backend, eb);
+    if (e != MN_OK) {
+        mn_kv_block_release(p, id);
+        return e;
+    }
+    mn_kv_block_release(p, old);
+    seq->blocks[bi] = id;
+    return MN_OK;
+}
+
+void mn_kv_seq_truncate(mn_kv_pool *p, mn_kv_seq *seq, int32_t n) {
+    int32_t keep = (n + p->block_size - 1) / p->block_size;
+    while (seq->n_blocks > keep) mn_kv_block_release(p, seq->blocks[--seq->n_blocks]);
+    if (seq->n_tokens > n) seq->n_tokens = n;
+}
+
+mn_err mn_kv_seq_clone(mn_kv_pool *p, const mn_kv_seq *src, mn_kv_seq *dst, mn_errbuf *eb) {
+    mn_err e = seq_grow(dst, src->n_blocks, eb);
+    if (e != MN_OK) return e;
+    for (int32_t i = 0; i < src->n_blocks; i++) {
+        mn_kv_block_retain(p, src->blocks[i]);
+        dst->blocks[i] = src->blocks[i];
+    }
+    dst->n_blocks = src->n_blocks;
+    dst->n_tokens = src->n_tokens;
+    return MN_OK;
+}
+
 mn_err mn_kv_seq_reserve(mn_kv_pool *p, mn_kv_seq *seq, int32_t n_tokens, mn_errbuf *eb) {
     int32_t need = (n_tokens + p->block_size - 1) / p->block_size;
     if (need <= seq->n_blocks) return MN_OK;
@@ -54,14 +124,8 @@ mn_err mn_kv_seq_reserve(mn_kv_pool *p, mn_kv_seq *seq, int32_t n_tokens, mn_err
     if (add > p->n_free)
         return mn_errf(eb, MN_ELIMIT, "kv pool full: %d more blocks of %d tokens needed, %d of %d free", add,
                        p->block_size, p->n_free, p->n_blocks);
-    if (need > seq->cap) {
-        int32_t cap = seq->cap ? seq->cap : 8;
-        while (cap < need) cap *= 2;
-        int32_t *nb = mn_realloc(seq->blocks, (size_t)cap * sizeof(int32_t));
-        if (!nb) return mn_errf(eb, MN_ENOMEM, "kv sequence: out of memory");
-        seq->blocks = nb;
-        seq->cap = cap;
-    }
+    mn_err e = seq_grow(seq, need, eb);
+    if (e != MN_OK) return e;
     for (int32_t i = 0; i < add; i++) {
         int32_t id = p->free_ids[--p->n_free];
         p->refs[id] = 1;
@@ -71,10 +135,7 @@ mn_err mn_kv_seq_reserve(mn_kv_pool *p, mn_kv_seq *seq, int32_t n_tokens, mn_err
 }
 
 void mn_kv_seq_release(mn_kv_pool *p, mn_kv_seq *seq) {
-    for (int32_t i = 0; i < seq->n_blocks; i++) {
-        int32_t id = seq->blocks[i];
-        if (--p->refs[id] == 0) p->free_ids[p->n_free++] = id;
-    }
+    for (int32_t i = 0; i < seq->n_blocks; i++) mn_kv_block_release(p, seq->blocks[i]);
     mn_free(seq->blocks);
     memset(seq, 0, sizeof *seq);
 }

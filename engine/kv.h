@@ -45,6 +45,20 @@ mn_err mn_kv_seq_reserve(mn_kv_pool *p, mn_kv_seq *seq, int32_t n_tokens, mn_err
 /** Drop every block reference of seq and reset it to empty. */
 void mn_kv_seq_release(mn_kv_pool *p, mn_kv_seq *seq);
 
+/** Take / drop one reference to a block (prefix cache, fork). Dropping the last frees it. */
+void mn_kv_block_retain(mn_kv_pool *p, int32_t id);
+void mn_kv_block_release(mn_kv_pool *p, int32_t id);
+/** Attach an existing block at the end of seq (takes a reference). seq->n_tokens is not
+ *  changed: the caller says how many positions are valid. */
+mn_err mn_kv_seq_attach(mn_kv_pool *p, mn_kv_seq *seq, int32_t id, mn_errbuf *eb);
+/** Make the block holding position pos private to seq before it is written: a block with
+ *  other references is copied (all layers, K and V) to a fresh block. No-op past the end. */
+mn_err mn_kv_seq_make_writable(mn_kv_pool *p, mn_kv_seq *seq, int32_t pos, mn_errbuf *eb);
+/** Keep positions [0, n): drop the blocks past them; seq->n_tokens = min(n_tokens, n). */
+void mn_kv_seq_truncate(mn_kv_pool *p, mn_kv_seq *seq, int32_t n);
+/** dst (empty) shares every block of src. */
+mn_err mn_kv_seq_clone(mn_kv_pool *p, const mn_kv_seq *src, mn_kv_seq *dst, mn_errbuf *eb);
+
 /** The view of one layer; indptr/indices are block tables in backend memory. */
 mn_kv_view mn_kv_pool_view(const mn_kv_pool *p, int32_t layer, const int32_t *indptr, const int32_t *indices);
 

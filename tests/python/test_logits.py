@@ -67,6 +67,7 @@ GREEDY_N = 32
 # gaps of 2.2e-3 and 3.4e-3. 1e-2 still rejects any pick the reference does not rank
 # essentially level with its best.
 NEAR_TIE = 1e-2
+MAX_TIES = 4      # more near-tie flips than this in 32 greedy steps is not luck
 
 CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
@@ -185,7 +186,7 @@ def test_real_model_greedy(name, model_path, real_tokens, run_mneme):
                                                  f"gap {gap:.2e} of max|logit|")
     msg = (f"{name}: greedy continuations differ from step {first}\n  mneme {got}\n"
            f"  ref   {ref_ids}\n  teacher-forced near ties: {ties}\n  real disagreements: {bad}")
-    if bad:
+    if bad or len(ties) > MAX_TIES:
         pytest.fail(msg, pytrace=False)
     print(msg)
     warnings.warn(f"{name}: greedy continuation diverges at step {first} after near tie(s): "

@@ -1,0 +1,711 @@
+/* engine/session.c — sessions over the paged KV pool: append, generate, fork, rewind,
+ * prefix sharing, and the engine step that batches every session's pending work.
+ *
+ * A session's tokens split into [0, n_computed) whose KV is in its blocks and
+ * [n_computed, n_tokens) pending. A step computes pending tokens (decode tokens of
+ * generating sessions first, then prefill chunks under max_batch_tokens); a generating
+ * session whose pending tokens are all computed samples its next token, which becomes
+ * pending for the next step. */
+#include "engine/session.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+#include "engine/alloc.h"
+#include "engine/forward.h"
+#include "engine/kv.h"
+
+#define PREFIX_EMPTY (-1)
+
+typedef struct prefix_entry {
+    uint64_t hash;       /* chain hash of this block (covers every block before it) */
+    int32_t block;       /* PREFIX_EMPTY for a free slot */
+    int32_t *tokens;     /* the block's tokens, to verify a hit exactly */
+} prefix_entry;
+
+typedef struct gen_state {
+    mn_gen_params p;
+    mn_sampler *sampler;
+    mn_stop *stop;
+    mn_detok detok;
+    mn_token_cb cb;
+    void *ud;
+    int32_t n_generated;
+    mn_finish finish;
+} gen_state;
+
+struct mn_session {
+    char id[33];
+    int32_t *tokens;
+    uint8_t *roles;
+    int32_t n_tokens, cap;
+    int32_t n_computed;
+    mn_kv_seq seq;
+    uint64_t *block_hash;  /* chain hash of each full computed block */
+    int32_t n_hashed, cap_hashed;
+    float *logits;         /* [n_vocab] after the last computed token */
+    bool logits_valid;
+    double last_use;
+    gen_state *gen;        /* non-NULL while generating */
+};
+
+struct mn_engine {
+    mn_model *m;
+    mn_kv_pool *kv;
+    mn_forward *f;
+    int32_t bs, max_batch;
+    mn_session **sessions;
+    int32_t n_sessions, cap_sessions;
+    prefix_entry *prefix;  /* open addressing, power-of-two capacity */
+    int32_t prefix_cap, prefix_count;
+    int64_t hit_tokens, computed_tokens;
+    /* step scratch, sized for max_batch rows */
+    int32_t *b_tok, *b_seq, *b_pos, *b_rows;
+    mn_session **b_sess;
+    mn_kv_seq **b_seqs;
+    float *b_logits, *sample_scratch;
+};
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+const char *mn_role_name(mn_role r) {
+    static const char *const names[] = {"none", "system", "user", "assistant", "thought"};
+    return (unsigned)r <= MN_ROLE_THOUGHT ? names[r] : "?";
+}
+
+mn_err mn_role_parse(const char *s, mn_role *out, mn_errbuf *eb) {
+    for (int r = 0; r <= MN_ROLE_THOUGHT; r++)
+        if (strcmp(s, mn_role_name((mn_role)r)) == 0) { *out = (mn_role)r; return MN_OK; }
+    return mn_errf(eb, MN_EINVALID, "role must be one of system, user, assistant, thought, none; got '%.40s'", s);
+}
+
+/* ---- prefix cache ----------------------------------------------------------------------- */
+
+static uint64_t mix64(uint64_t x) {
+    x ^= x >> 30; x *= 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 27; x *= 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+/* Chain hash: the hash of block b covers its tokens and (through parent) all before it.
+ * Collisions are harmless: a hit is verified against the stored tokens. */
+static uint64_t block_hash(uint64_t parent, const int32_t *toks, int32_t n) {
+    uint64_t h = mix64(parent ^ 0x6d6e656d65ull);
+    for (int32_t i = 0; i < n; i++) h = mix64(h ^ (uint32_t)toks[i]);
+    return h ? h : 1;
+}
+
+static int32_t prefix_find(const mn_engine *e, uint64_t h, const int32_t *toks) {
+    if (!e->prefix_cap) return -1;
+    for (int32_t i = (int32_t)(h & (uint64_t)(e->prefix_cap - 1));; i = (i + 1) & (e->prefix_cap - 1)) {
+        const prefix_entry *pe = &e->prefix[i];
+        if (pe->block == PREFIX_EMPTY) return -1;
+        if (pe->hash == h && memcmp(pe->tokens, toks, (size_t)e->bs * sizeof(int32_t)) == 0) return i;
+    }
+}
+
+static mn_err prefix_insert(mn_engine *e, uint64_t h, const int32_t *toks, int32_t block, mn_errbuf *eb) {
+    if ((e->prefix_count + 1) * 2 > e->prefix_cap) { /* keep load <= 1/2 */
+        int32_t ncap = e->prefix_cap ? e->prefix_cap * 2 : 256;
+        prefix_entry *np = mn_malloc((size_t)ncap * sizeof *np);
+        if (!np) return mn_errf(eb, MN_ENOMEM, "prefix cache: out of memory");
+        for (int32_t i = 0; i < ncap; i++) np[i].block = PREFIX_EMPTY;
+        for (int32_t i = 0; i < e->prefix_cap; i++) {
+            prefix_entry *pe = &e->prefix[i];
+            if (pe->block == PREFIX_EMPTY) continue;
+            int32_t j = (int32_t)(pe->hash & (uint64_t)(ncap - 1));
+            while (np[j].block != PREFIX_EMPTY) j = (j + 1) & (ncap - 1);
+            np[j] = *pe;
+        }
+        mn_free(e->prefix);
+        e->prefix = np;
+        e->prefix_cap = ncap;
+    }
+    int32_t *copy = mn_malloc((size_t)e->bs * sizeof(int32_t));
+    if (!copy) return mn_errf(eb, MN_ENOMEM, "prefix cache: out of memory");
+    memcpy(copy, toks, (size_t)e->bs * sizeof(int32_t));
+    int32_t j = (int32_t)(h & (uint64_t)(e->prefix_cap - 1));
+    while (e->prefix[j].block != PREFIX_EMPTY) j = (j + 1) & (e->prefix_cap - 1);
+    e->prefix[j] = (prefix_entry){h, block, copy};
+    mn_kv_block_retain(e->kv, block);
+    e->prefix_count++;
+    return MN_OK;
+}
+
+/* Drop cache entries that no session uses (the cache holds the only reference), so their
+ * blocks return to the pool. Rebuilds the table (deletion from linear probing). */
+static void prefix_evict_unused(mn_engine *e) {
+    if (!e->prefix_count) return;
+    prefix_entry *old = e->prefix;
+    int32_t cap = e->prefix_cap;
+    e->prefix = NULL;
+    e->prefix_cap = 0;
+    e->prefix_count = 0;
+    mn_errbuf eb;
+    for (int32_t i = 0; i < cap; i++) {
+        prefix_entry *pe = &old[i];
+        if (pe->block == PREFIX_EMPTY) continue;
+        if (e->kv->refs[pe->block] > 1 && prefix_insert(e, pe->hash, pe->tokens, pe->block, &eb) == MN_OK) {
+            mn_kv_block_release(e->kv, pe->block); /* insert took its own reference */
+        } else {
+            mn_kv_block_release(e->kv, pe->block);
+        }
+        mn_free(pe->tokens);
+    }
+    mn_free(old);
+}
+
+/* Register every newly full computed block of s. */
+static mn_err register_blocks(mn_engine *e, mn_session *s, mn_errbuf *eb) {
+    while ((s->n_hashed + 1) * e->bs <= s->n_computed) {
+        int32_t b = s->n_hashed;
+        if (b >= s->cap_hashed) {
+            int32_t nc = s->cap_hashed ? s->cap_hashed * 2 : 16;
+            uint64_t *nh = mn_realloc(s->block_hash, (size_t)nc * sizeof(uint64_t));
+            if (!nh) return mn_errf(eb, MN_ENOMEM, "session: out of memory");
+            s->block_hash = nh;
+            s->cap_hashed = nc;
+        }
+        const int32_t *toks = s->tokens + (int64_t)b * e->bs;
+        uint64_t h = block_hash(b ? s->block_hash[b - 1] : 0, toks, e->bs);
+        s->block_hash[b] = h;
+        s->n_hashed++;
+        if (prefix_find(e, h, toks) < 0) {
+            mn_err err = prefix_insert(e, h, toks, s->seq.blocks[b], eb);
+            if (err != MN_OK) return err;
+        }
+    }
+    return MN_OK;
+}
+
+/* Attach cached blocks for the pending tokens of s, leaving at least one token pending
+ * (its logits are needed to continue). */
+static mn_err attach_cached(mn_engine *e, mn_session *s, mn_errbuf *eb) {
+    while (s->n_computed % e->bs == 0 && s->n_hashed * e->bs == s->n_computed &&
+           s->seq.n_blocks == s->n_computed / e->bs && s->n_computed + e->bs < s->n_tokens) {
+        int32_t b = s->n_computed / e->bs;
+        const int32_t *toks = s->tokens + s->n_computed;
+        uint64_t h = block_hash(b ? s->block_hash[b - 1] : 0, toks, e->bs);
+        int32_t slot = prefix_find(e, h, toks);
+        if (slot < 0) break;
+        if (b >= s->cap_hashed) {
+            int32_t nc = s->cap_hashed ? s->cap_hashed * 2 : 16;
+            while (nc <= b) nc *= 2;
+            uint64_t *nh = mn_realloc(s->block_hash, (size_t)nc * sizeof(uint64_t));
+            if (!nh) return mn_errf(eb, MN_ENOMEM, "session: out of memory");
+            s->block_hash = nh;
+            s->cap_hashed = nc;
+        }
+        mn_err err = mn_kv_seq_attach(e->kv, &s->seq, e->prefix[slot].block, eb);
+        if (err != MN_OK) return err;
+        s->block_hash[b] = h;
+        s->n_hashed++;
+        s->n_computed += e->bs;
+        s->seq.n_tokens = s->n_computed;
+        e->hit_tokens += e->bs;
+    }
+    return MN_OK;
+}
+
+/* ---- engine ------------------------------------------------------------------------------ */
+
+mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn_errbuf *eb) {
+    mn_engine *e = mn_calloc(1, sizeof *e);
+    if (!e) return mn_errf(eb, MN_ENOMEM, "engine: out of memory");
+    const mn_model_config *c = &m->cfg;
+    e->m = m;
+    e->bs = p && p->block_size > 0 ? p->block_size : 16;
+    e->max_batch = p && p->max_batch_tokens > 0 ? p->max_batch_tokens : 512;
+    int32_t ctx = c->n_ctx < 4096 ? c->n_ctx : 4096;
+    int32_t n_blocks = p && p->n_blocks > 0 ? p->n_blocks : 4 * ((ctx + e->bs - 1) / e->bs);
+    int32_t mb = e->max_batch;
+    mn_err err = mn_kv_pool_new(m->backend, c->n_layer, c->n_kv_head, c->head_dim, e->bs, n_blocks, &e->kv, eb);
+    if (err == MN_OK) err = mn_forward_new(m, e->kv, &e->f, eb);
+    if (err == MN_OK) {
+        e->b_tok = mn_malloc((size_t)mb * 4);
+        e->b_seq = mn_malloc((size_t)mb * 4);
+        e->b_pos = mn_malloc((size_t)mb * 4);
+        e->b_rows = mn_malloc((size_t)mb * 4);
+        e->b_sess = mn_malloc((size_t)mb * sizeof(mn_session *));
+        e->b_seqs = mn_malloc((size_t)mb * sizeof(mn_kv_seq *));
+        e->b_logits = mn_malloc((size_t)mb * c->n_vocab * sizeof(float));
+        e->sample_scratch = mn_malloc((size_t)c->n_vocab * sizeof(float));
+        if (!e->b_tok || !e->b_seq || !e->b_pos || !e->b_rows || !e->b_sess || !e->b_seqs || !e->b_logits || !e->sample_scratch)
+            err = mn_errf(eb, MN_ENOMEM, "engine: out of memory");
+    }
+    if (err != MN_OK) {
+        mn_engine_free(e);
+        return err;
+    }
+    *out = e;
+    return MN_OK;
+}
+
+static void session_free(mn_engine *e, mn_session *s);
+
+void mn_engine_free(mn_engine *e) {
+    if (!e) return;
+    while (e->n_sessions) mn_session_delete(e, e->sessions[e->n_sessions - 1]);
+    mn_free(e->sessions);
+    for (int32_t i = 0; i < e->prefix_cap; i++)
+        if (e->prefix[i].block != PREFIX_EMPTY) {
+            mn_kv_block_release(e->kv, e->prefix[i].block);
+            mn_free(e->prefix[i].tokens);
+        }
+    mn_free(e->prefix);
+    mn_forward_free(e->f);
+    mn_kv_pool_free(e->kv);
+    mn_free(e->b_tok); mn_free(e->b_seq); mn_free(e->b_pos); mn_free(e->b_rows);
+    mn_free(e->b_sess); mn_free(e->b_seqs); mn_free(e->b_logits); mn_free(e->sample_scratch);
+    mn_free(e);
+}
+
+const mn_model *mn_engine_model(const mn_engine *e) { return e->m; }
+
+void mn_engine_stats_get(const mn_engine *e, mn_engine_stats *st) {
+    st->n_sessions = e->n_sessions;
+    st->blocks_total = e->kv->n_blocks;
+    st->blocks_free = e->kv->n_free;
+    st->prefix_entries = e->prefix_count;
+    st->prefix_hit_tokens = e->hit_tokens;
+    st->computed_tokens = e->computed_tokens;
+    st->bytes_per_token = mn_kv_bytes_per_token(e->kv);
+}
+
+/* ---- sessions ------------------------------------------------------------------------------ */
+
+static mn_err add_tokens(mn_session *s, const int32_t *toks, int32_t n, mn_role role, mn_errbuf *eb) {
+    if (s->n_tokens + n > s->cap) {
+        int32_t cap = s->cap ? s->cap : 64;
+        while (cap < s->n_tokens + n) cap *= 2;
+        int32_t *nt = mn_realloc(s->tokens, (size_t)cap * sizeof(int32_t));
+        if (!nt) return mn_errf(eb, MN_ENOMEM, "session: out of memory");
+        s->tokens = nt;
+        uint8_t *nr = mn_realloc(s->roles, (size_t)cap);
+        if (!nr) return mn_errf(eb, MN_ENOMEM, "session: out of memory");
+        s->roles = nr;
+        s->cap = cap;
+    }
+    memcpy(s->tokens + s->n_tokens, toks, (size_t)n * sizeof(int32_t));
+    memset(s->roles + s->n_tokens, (int)role, (size_t)n);
+    s->n_tokens += n;
+    if (n) s->logits_valid = false;
+    return MN_OK;
+}
+
+static mn_err new_session(mn_engine *e, mn_session **out, mn_errbuf *eb) {
+    if (e->n_sessions == e->cap_sessions) {
+        int32_t cap = e->cap_sessions ? e->cap_sessions * 2 : 16;
+        mn_session **ns = mn_realloc(e->sessions, (size_t)cap * sizeof *ns);
+        if (!ns) return mn_errf(eb, MN_ENOMEM, "engine: out of memory");
+        e->sessions = ns;
+        e->cap_sessions = cap;
+    }
+    mn_session *s = mn_calloc(1, sizeof *s);
+    if (!s || !(s->logits = mn_malloc((size_t)e->m->cfg.n_vocab * sizeof(float)))) {
+        mn_free(s);
+        return mn_errf(eb, MN_ENOMEM, "session: out of memory");
+    }
+    uint8_t rnd[16];
+    if (getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd) {
+        mn_free(s->logits);
+        mn_free(s);
+        return mn_errf(eb, MN_EIO, "session: getrandom failed");
+    }
+    for (int i = 0; i < 16; i++) snprintf(s->id + 2 * i, 3, "%02x", rnd[i]);
+    s->last_use = now_s();
+    e->sessions[e->n_sessions++] = s;
+    *out = s;
+    return MN_OK;
+}
+
+static void gen_end(mn_session *s) {
+    if (!s->gen) return;
+    mn_sampler_free(s->gen->sampler);
+    mn_stop_free(s->gen->stop);
+    mn_free(s->gen);
+    s->gen = NULL;
+}
+
+static void session_free(mn_engine *e, mn_session *s) {
+    gen_end(s);
+    mn_kv_seq_release(e->kv, &s->seq);
+    mn_free(s->tokens);
+    mn_free(s->roles);
+    mn_free(s->block_hash);
+    mn_free(s->logits);
+    mn_free(s);
+}
+
+void mn_session_delete(mn_engine *e, mn_session *s) {
+    for (int32_t i = 0; i < e->n_sessions; i++)
+        if (e->sessions[i] == s) {
+            e->sessions[i] = e->sessions[--e->n_sessions];
+            break;
+        }
+    session_free(e, s);
+}
+
+mn_session *mn_session_find(mn_engine *e, const char *id_hex) {
+    for (int32_t i = 0; i < e->n_sessions; i++)
+        if (strcmp(e->sessions[i]->id, id_hex) == 0) return e->sessions[i];
+    return NULL;
+}
+
+const char *mn_session_id(const mn_session *s) { return s->id; }
+
+const int32_t *mn_session_tokens(const mn_session *s, const uint8_t **roles, int32_t *n) {
+    if (roles) *roles = s->roles;
+    *n = s->n_tokens;
+    return s->tokens;
+}
+
+const float *mn_session_logits(const mn_session *s) { return s->logits_valid ? s->logits : NULL; }
+
+void mn_session_info_get(const mn_engine *e, const mn_session *s, mn_session_info *info) {
+    int32_t shared = 0;
+    for (int32_t i = 0; i < s->seq.n_blocks; i++) shared += e->kv->refs[s->seq.blocks[i]] > 1;
+    info->n_tokens = s->n_tokens;
+    info->n_computed = s->n_computed;
+    info->n_blocks = s->seq.n_blocks;
+    info->n_shared_blocks = shared;
+    info->kv_bytes = (int64_t)s->seq.n_blocks * e->bs * mn_kv_bytes_per_token(e->kv);
+    info->tier = "T0";
+    info->last_use = s->last_use;
+}
+
+/* ---- the engine step ------------------------------------------------------------------------ */
+
+static bool wants_compute(const mn_session *s) { return s->n_computed < s->n_tokens; }
+
+/* Sample the next token for a generating session whose pending tokens are all computed. */
+static mn_err gen_advance(mn_engine *e, mn_session *s, mn_errbuf *eb) {
+    gen_state *g = s->gen;
+    const mn_tokenizer *tok = e->m->tok;
+    memcpy(e->sample_scratch, s->logits, (size_t)e->m->cfg.n_vocab * sizeof(float));
+    mn_sample_info info;
+    int32_t t = mn_sampler_sample(g->sampler, e->sample_scratch, g->p.sampling.n_logprobs > 0 ? &info : NULL);
+    mn_sampler_accept(g->sampler, t);
+    g->n_generated++;
+    mn_err err = add_tokens(s, &t, 1, MN_ROLE_ASSISTANT, eb);
+    if (err != MN_OK) return err;
+    char piece[1024], out[2048];
+    size_t on = 0;
+    bool stopped = false, eog = mn_tokenizer_is_eog(tok, t);
+    if (!eog || g->p.render_special) {
+        size_t pn = mn_detok_push(tok, &g->detok, t, g->p.render_special, piece, sizeof piece);
+        on = mn_stop_feed(g->stop, piece, pn, out, sizeof out, &stopped);
+    }
+    if (!stopped && (eog || g->n_generated >= g->p.max_tokens)) { /* end of stream: release what is held */
+        size_t pn = mn_detok_flush(&g->detok, piece, sizeof piece);
+        on += mn_stop_feed(g->stop, piece, pn, out + on, sizeof out - on, &stopped);
+        if (!stopped) on += mn_stop_flush(g->stop, out + on, sizeof out - on);
+    }
+    bool go_on = g->cb ? g->cb(g->ud, t, out, on, g->p.sampling.n_logprobs > 0 ? &info : NULL) : true;
+    if (stopped) g->finish = MN_FINISH_STOP;
+    else if (eog) g->finish = MN_FINISH_EOG;
+    else if (!go_on) g->finish = MN_FINISH_CANCELLED;
+    else if (g->n_generated >= g->p.max_tokens) g->finish = MN_FINISH_LENGTH;
+    return MN_OK;
+}
+
+mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb) {
+    *did_work = false;
+    mn_err err = MN_OK;
+    /* generating sessions with nothing pending sample first (their logits are ready) */
+    for (int32_t i = 0; i < e->n_sessions; i++) {
+        mn_session *s = e->sessions[i];
+        if (s->gen && s->gen->finish == MN_FINISH_NONE && !wants_compute(s) && s->logits_valid) {
+            if ((err = gen_advance(e, s, eb)) != MN_OK) return err;
+            *did_work = true;
+        }
+    }
+    for (int32_t i = 0; i < e->n_sessions; i++)
+        if (wants_compute(e->sessions[i]) && (err = attach_cached(e, e->sessions[i], eb)) != MN_OK) return err;
+
+    /* plan: one token for each session with exactly one pending (decode), then chunks */
+    int32_t n = 0, ns = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int32_t i = 0; i < e->n_sessions && n < e->max_batch; i++) {
+            mn_session *s = e->sessions[i];
+            int32_t pending = s->n_tokens - s->n_computed;
+            if (pending <= 0 || (pass == 0) != (pending == 1)) continue;
+            int32_t take = pending < e->max_batch - n ? pending : e->max_batch - n;
+            if ((err = mn_kv_seq_make_writable(e->kv, &s->seq, s->n_computed, eb)) != MN_OK) {
+                prefix_evict_unused(e);
+                if ((err = mn_kv_seq_make_writable(e->kv, &s->seq, s->n_computed, eb)) != MN_OK) return err;
+            }
+            s->seq.n_tokens = s->n_computed;
+            e->b_seqs[ns] = &s->seq;
+            e->b_sess[ns] = s;
+            for (int32_t k = 0; k < take; k++) {
+                e->b_tok[n + k] = s->tokens[s->n_computed + k];
+                e->b_seq[n + k] = ns;
+                e->b_pos[n + k] = s->n_computed + k;
+            }
+            n += take;
+            ns++;
+        }
+    }
+    if (n == 0) return MN_OK;
+    *did_work = true;
+    /* logits rows: the last row of each session whose pending tokens all fit this step */
+    int32_t n_out = 0;
+    for (int32_t r = 0; r < n; r++) {
+        mn_session *s = e->b_sess[e->b_seq[r]];
+        bool last_of_session = r + 1 == n || e->b_seq[r + 1] != e->b_seq[r];
+        if (last_of_session && e->b_pos[r] + 1 == s->n_tokens) e->b_rows[n_out++] = r;
+    }
+    mn_batch b = {n, e->b_tok, e->b_seq, e->b_pos, n_out, e->b_rows};
+    err = mn_forward_run(e->f, e->b_seqs, ns, &b, e->b_logits, eb);
+    if (err == MN_ELIMIT) { /* pool full: give back cached blocks nobody uses, then retry */
+        prefix_evict_unused(e);
+        err = mn_forward_run(e->f, e->b_seqs, ns, &b, e->b_logits, eb);
+    }
+    if (err != MN_OK) return err;
+    e->computed_tokens += n;
+    for (int32_t o = 0; o < n_out; o++) {
+        mn_session *s = e->b_sess[e->b_seq[e->b_rows[o]]];
+        memcpy(s->logits, e->b_logits + (size_t)o * e->m->cfg.n_vocab, (size_t)e->m->cfg.n_vocab * sizeof(float));
+    }
+    double t = now_s();
+    for (int32_t k = 0; k < ns; k++) {
+        mn_session *s = e->b_sess[k];
+        s->n_computed = s->seq.n_tokens;
+        s->logits_valid = s->n_computed == s->n_tokens;
+        s->last_use = t;
+        if ((err = register_blocks(e, s, eb)) != MN_OK) return err;
+    }
+    return MN_OK;
+}
+
+/* Run steps until s has nothing pending (and, if generating, until it finished). */
+static mn_err run_until_done(mn_engine *e, mn_session *s, mn_errbuf *eb) {
+    for (;;) {
+        bool busy = wants_compute(s) || (s->gen && s->gen->finish == MN_FINISH_NONE);
+        if (!busy) return MN_OK;
+        bool did;
+        mn_err err = mn_engine_step(e, &did, eb);
+        if (err != MN_OK) return err;
+        if (!did) return mn_errf(eb, MN_EINVALID, "session %s: no progress possible", s->id);
+    }
+}
+
+/* ---- the session API ------------------------------------------------------------------------ */
+
+mn_err mn_session_append_tokens(mn_engine *e, mn_session *s, const int32_t *tokens, int32_t n, mn_role role,
+                                mn_errbuf *eb) {
+    if (s->gen) return mn_errf(eb, MN_EBUSY, "session %s is generating", s->id);
+    if ((unsigned)role > MN_ROLE_THOUGHT) return mn_errf(eb, MN_EINVALID, "role %d unknown", (int)role);
+    if (n < 0) return mn_errf(eb, MN_EINVALID, "token count %d is negative", n);
+    for (int32_t i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= e->m->cfg.n_vocab)
+            return mn_errf(eb, MN_ERANGE, "tokens[%d] = %d is not in [0, %d)", i, tokens[i], e->m->cfg.n_vocab);
+    if ((int64_t)s->n_tokens + n > e->m->cfg.n_ctx)
+        return mn_errf(eb, MN_ELIMIT, "session %s: %d + %d tokens exceed the context length %d", s->id, s->n_tokens, n,
+                       e->m->cfg.n_ctx);
+    int32_t before = s->n_tokens;
+    mn_err err = add_tokens(s, tokens, n, role, eb);
+    if (err == MN_OK) err = run_until_done(e, s, eb);
+    if (err != MN_OK) { /* nothing half-appended: drop the new tokens and any KV made for them */
+        mn_kv_seq_truncate(e->kv, &s->seq, before < s->n_computed ? before : s->n_computed);
+        s->n_tokens = before;
+        if (s->n_computed > before) s->n_computed = before;
+        if (s->n_hashed * e->bs > s->n_computed) s->n_hashed = s->n_computed / e->bs;
+        s->logits_valid = false;
+    }
+    return err;
+}
+
+/* Frame one message with the chat template, tokenizing the template's own text with
+ * special tokens recognised and the content without (so "<|im_end|>" typed by a user
+ * stays text). The content is located by rendering a sentinel in its place. */
+static mn_err frame_message(mn_engine *e, mn_session *s, mn_role role, const char *text, size_t len, int32_t **out,
+                            int64_t *n_out, mn_errbuf *eb) {
+    const mn_model *m = e->m;
+    if (!m->has_chat_template) return mn_errf(eb, MN_EUNSUPPORTED, "role %s: the model has no recognised chat template", mn_role_name(role));
+    if (m->chat.kind != MN_CHAT_CHATML && m->chat.kind != MN_CHAT_LLAMA3)
+        return mn_errf(eb, MN_EUNSUPPORTED, "role %s: per-message framing needs a ChatML or Llama 3 template, the model has %s",
+                       mn_role_name(role), mn_chat_kind_name(m->chat.kind));
+    static const char sentinel[] = "\x01mneme-content\x01";
+    mn_chat_template t = m->chat;
+    if (s->n_tokens > 0 || role == MN_ROLE_SYSTEM) t.default_system = NULL; /* only a first message gets it */
+    mn_chat_msg msg = {mn_role_name(role), sentinel};
+    char *r = NULL;
+    size_t rl = 0;
+    mn_err err = mn_chat_render(&t, &msg, 1, false, &r, &rl, eb);
+    if (err != MN_OK) return err;
+    char *at = strstr(r, sentinel);
+    if (!at) { mn_free(r); return mn_errf(eb, MN_EUNSUPPORTED, "chat template dropped the message content"); }
+    const char *parts[3] = {r, text, at + sizeof sentinel - 1};
+    size_t lens[3] = {(size_t)(at - r), len, strlen(at + sizeof sentinel - 1)};
+    int32_t *all = NULL;
+    int64_t n_all = 0;
+    for (int k = 0; k < 3 && err == MN_OK; k++) {
+        int32_t *t_ids = NULL;
+        int64_t nt = 0;
+        err = mn_tokenize(m->tok, parts[k], lens[k], k == 1 ? 0 : MN_TOK_PARSE_SPECIAL, &t_ids, &nt, eb);
+        if (err != MN_OK) break;
+        int32_t *na = mn_realloc(all, (size_t)(n_all + nt + 1) * sizeof(int32_t));
+        if (!na) { mn_free(t_ids); err = mn_errf(eb, MN_ENOMEM, "out of memory"); break; }
+        all = na;
+        memcpy(all + n_all, t_ids, (size_t)nt * sizeof(int32_t));
+        n_all += nt;
+        mn_free(t_ids);
+    }
+    mn_free(r);
+    /* a template that opens with BOS text renders it for every message: keep it only first */
+    int32_t bos = mn_tokenizer_bos(m->tok);
+    if (err == MN_OK && s->n_tokens > 0 && n_all > 0 && all[0] == bos && bos >= 0) {
+        memmove(all, all + 1, (size_t)(n_all - 1) * sizeof(int32_t));
+        n_all--;
+    }
+    if (err != MN_OK) { mn_free(all); return err; }
+    *out = all;
+    *n_out = n_all;
+    return MN_OK;
+}
+
+mn_err mn_session_append_text(mn_engine *e, mn_session *s, mn_role role, const char *text, size_t len, mn_errbuf *eb) {
+    int32_t *toks = NULL;
+    int64_t n = 0;
+    mn_err err;
+    if (role == MN_ROLE_NONE || role == MN_ROLE_THOUGHT)
+        err = mn_tokenize(e->m->tok, text, len, s->n_tokens == 0 ? MN_TOK_ADD_BOS : 0, &toks, &n, eb);
+    else if ((unsigned)role > MN_ROLE_THOUGHT)
+        return mn_errf(eb, MN_EINVALID, "role %d unknown", (int)role);
+    else
+        err = frame_message(e, s, role, text, len, &toks, &n, eb);
+    if (err == MN_OK) {
+        if (n > INT32_MAX) err = mn_errf(eb, MN_ELIMIT, "text of %zu bytes is too long", len);
+        else err = mn_session_append_tokens(e, s, toks, (int32_t)n, role, eb);
+    }
+    mn_free(toks);
+    return err;
+}
+
+mn_err mn_session_create(mn_engine *e, const char *system_prompt, mn_session **out, mn_errbuf *eb) {
+    mn_session *s;
+    mn_err err = new_session(e, &s, eb);
+    if (err != MN_OK) return err;
+    if (system_prompt) {
+        err = mn_session_append_text(e, s, MN_ROLE_SYSTEM, system_prompt, strlen(system_prompt), eb);
+        if (err != MN_OK) {
+            mn_session_delete(e, s);
+            return err;
+        }
+    }
+    *out = s;
+    return MN_OK;
+}
+
+/* The text a template puts before an assistant reply ("<|im_start|>assistant\n"). */
+static mn_err assistant_header(mn_engine *e, int32_t **out, int64_t *n, mn_errbuf *eb) {
+    const mn_model *m = e->m;
+    if (!m->has_chat_template) return mn_errf(eb, MN_EUNSUPPORTED, "assistant_prefix: the model has no recognised chat template");
+    mn_chat_template t = m->chat;
+    t.default_system = NULL;
+    mn_chat_msg msg = {"user", "x"};
+    char *a = NULL, *b = NULL;
+    size_t al = 0, bl = 0;
+    mn_err err = mn_chat_render(&t, &msg, 1, false, &a, &al, eb);
+    if (err == MN_OK) err = mn_chat_render(&t, &msg, 1, true, &b, &bl, eb);
+    if (err == MN_OK && (bl < al || memcmp(a, b, al) != 0))
+        err = mn_errf(eb, MN_EUNSUPPORTED, "chat template %s has no separable assistant header", mn_chat_kind_name(t.kind));
+    if (err == MN_OK) err = mn_tokenize(m->tok, b + al, bl - al, MN_TOK_PARSE_SPECIAL, out, n, eb);
+    mn_free(a);
+    mn_free(b);
+    return err;
+}
+
+mn_err mn_session_generate(mn_engine *e, mn_session *s, const mn_gen_params *p, mn_token_cb cb, void *ud,
+                           mn_gen_result *res, mn_errbuf *eb) {
+    if (s->gen) return mn_errf(eb, MN_EBUSY, "session %s is already generating", s->id);
+    if (p->max_tokens < 1) return mn_errf(eb, MN_ERANGE, "max_tokens must be >= 1, got %d", p->max_tokens);
+    if (s->n_tokens + p->max_tokens > e->m->cfg.n_ctx)
+        return mn_errf(eb, MN_ELIMIT, "session %s: %d tokens + max_tokens %d exceed the context length %d", s->id,
+                       s->n_tokens, p->max_tokens, e->m->cfg.n_ctx);
+    mn_err err = mn_sampling_validate(&p->sampling, e->m->cfg.n_vocab, eb);
+    if (err != MN_OK) return err;
+    if (p->assistant_prefix) {
+        int32_t *h = NULL;
+        int64_t nh = 0;
+        err = assistant_header(e, &h, &nh, eb);
+        if (err == MN_OK) err = mn_session_append_tokens(e, s, h, (int32_t)nh, MN_ROLE_ASSISTANT, eb);
+        mn_free(h);
+        if (err != MN_OK) return err;
+    }
+    if (s->n_tokens == 0) return mn_errf(eb, MN_EINVALID, "session %s is empty: append a prompt first", s->id);
+    gen_state *g = mn_calloc(1, sizeof *g);
+    if (!g) return mn_errf(eb, MN_ENOMEM, "out of memory");
+    g->p = *p;
+    g->cb = cb;
+    g->ud = ud;
+    s->gen = g;
+    err = mn_sampler_new(&p->sampling, e->m->cfg.n_vocab, &g->sampler, eb);
+    if (err == MN_OK) err = mn_stop_new((const char *const *)p->stops, p->n_stops, &g->stop, eb);
+    if (err == MN_OK) {
+        for (int32_t i = 0; i < s->n_tokens; i++) mn_sampler_accept(g->sampler, s->tokens[i]);
+        mn_detok_reset(&g->detok);
+        /* history computed but logits lost (e.g. after a rewind): recompute the last token */
+        if (!wants_compute(s) && !s->logits_valid) {
+            mn_kv_seq_truncate(e->kv, &s->seq, s->n_tokens - 1);
+            s->n_computed = s->n_tokens - 1;
+            if (s->n_hashed * e->bs > s->n_computed) s->n_hashed = s->n_computed / e->bs;
+        }
+        err = run_until_done(e, s, eb);
+    }
+    if (res) {
+        res->n_generated = g->n_generated;
+        res->finish = err == MN_OK ? g->finish : MN_FINISH_NONE;
+    }
+    gen_end(s);
+    return err;
+}
+
+mn_err mn_session_fork(mn_engine *e, mn_session *s, mn_session **out, mn_errbuf *eb) {
+    if (s->gen) return mn_errf(eb, MN_EBUSY, "session %s is generating", s->id);
+    mn_session *c;
+    mn_err err = new_session(e, &c, eb);
+    if (err != MN_OK) return err;
+    err = add_tokens(c, s->tokens, s->n_tokens, MN_ROLE_NONE, eb);
+    if (err == MN_OK) memcpy(c->roles, s->roles, (size_t)s->n_tokens);
+    if (err == MN_OK) err = mn_kv_seq_clone(e->kv, &s->seq, &c->seq, eb);
+    if (err == MN_OK && s->n_hashed) {
+        c->block_hash = mn_malloc((size_t)s->n_hashed * sizeof(uint64_t));
+        if (!c->block_hash) err = mn_errf(eb, MN_ENOMEM, "out of memory");
+        else {
+            memcpy(c->block_hash, s->block_hash, (size_t)s->n_hashed * sizeof(uint64_t));
+            c->n_hashed = c->cap_hashed = s->n_hashed;
+        }
+    }
+    if (err != MN_OK) {
+        mn_session_delete(e, c);
+        return err;
+    }
+    c->n_computed = s->n_computed;
+    memcpy(c->logits, s->logits, (size_t)e->m->cfg.n_vocab * sizeof(float));
+    c->logits_valid = s->logits_valid;
+    *out = c;
+    return MN_OK;
+}
+
+mn_err mn_session_rewind(mn_engine *e, mn_session *s, int32_t n, mn_errbuf *eb) {
+    if (s->gen) return mn_errf(eb, MN_EBUSY, "session %s is generating", s->id);
+    if (n < 0 || n > s->n_tokens)
+        return mn_errf(eb, MN_ERANGE, "rewind position %d is not in [0, %d] (session length)", n, s->n_tokens);
+    if (n == s->n_tokens) return MN_OK;
+    s->n_tokens = n;
+    if (s->n_computed > n) s->n_computed = n;
+    mn_kv_seq_truncate(e->kv, &s->seq, s->n_computed);
+    if (s->n_hashed * e->bs > s->n_computed) s->n_hashed = s->n_computed / e->bs;
+    s->logits_valid = false;
+    s->last_use = now_s();
+    return MN_OK;
+}

@@ -1,0 +1,133 @@
+/* engine/session.h — sessions: conversations whose KV cache lives in the engine.
+ *
+ * An mn_engine owns one model's KV block pool, a prefix cache, and every session. A
+ * session holds its tokens (with a role per token), references to the KV blocks of the
+ * positions already computed, and, while generating, a sampler and stop rules.
+ *
+ * Work is done in steps: mn_engine_step() builds ONE batch from every session with
+ * pending tokens (one decode token per generating session first, then prefill chunks
+ * under max_batch_tokens), runs the forward pass, samples for generating sessions and
+ * calls their token callbacks. The blocking calls (append, generate) run steps until
+ * their own session is done; sessions started meanwhile progress in the same steps.
+ * Appending k tokens to a session costs work for k tokens, never for the history.
+ *
+ * Prefix sharing: every full block that is computed is registered in the prefix cache
+ * under a hash chain of (adapter, tokens of all blocks up to it). A session whose
+ * pending tokens start with a known chain attaches those blocks (reference counted)
+ * instead of computing them. Blocks shared by several sessions are copy-on-write.
+ *
+ * Ownership: the engine owns sessions (freed by mn_session_delete or mn_engine_free);
+ * it borrows the model, which must outlive it. Session ids are 128-bit random values.
+ * Not thread-safe: one thread drives an engine.
+ */
+#ifndef MN_SESSION_H
+#define MN_SESSION_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "engine/err.h"
+#include "engine/model.h"
+#include "engine/sampler.h"
+
+typedef enum mn_role {
+    MN_ROLE_NONE = 0,       /* raw text or tokens, no chat framing */
+    MN_ROLE_SYSTEM = 1,
+    MN_ROLE_USER = 2,
+    MN_ROLE_ASSISTANT = 3,  /* also the role of generated tokens */
+    MN_ROLE_THOUGHT = 4,    /* kept in the KV, hidden from transcripts */
+} mn_role;
+
+const char *mn_role_name(mn_role r);
+/** Parse "system", "user", "assistant", "thought" or "none"; MN_EINVALID otherwise. */
+mn_err mn_role_parse(const char *s, mn_role *out, mn_errbuf *eb);
+
+typedef struct mn_engine_params {
+    int32_t block_size;        /* tokens per KV block (default 16) */
+    int32_t n_blocks;          /* KV pool size in blocks (default: enough for 4 full contexts) */
+    int32_t max_batch_tokens;  /* per step (default 512) */
+} mn_engine_params;
+
+typedef struct mn_engine mn_engine;
+typedef struct mn_session mn_session;
+
+mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn_errbuf *eb);
+void mn_engine_free(mn_engine *e);
+const mn_model *mn_engine_model(const mn_engine *e);
+
+typedef struct mn_engine_stats {
+    int32_t n_sessions;
+    int32_t blocks_total, blocks_free;
+    int32_t prefix_entries;        /* blocks registered in the prefix cache */
+    int64_t prefix_hit_tokens;     /* tokens attached from the cache instead of computed */
+    int64_t computed_tokens;       /* tokens run through the model */
+    int64_t bytes_per_token;
+} mn_engine_stats;
+void mn_engine_stats_get(const mn_engine *e, mn_engine_stats *st);
+
+/** Create an empty session; with system_prompt (may be NULL) a system message is appended
+ *  and computed (or attached from the prefix cache). */
+mn_err mn_session_create(mn_engine *e, const char *system_prompt, mn_session **out, mn_errbuf *eb);
+/** Delete a session and drop its block references. */
+void mn_session_delete(mn_engine *e, mn_session *s);
+/** Find a session by its 32-hex-digit id; NULL if unknown. */
+mn_session *mn_session_find(mn_engine *e, const char *id_hex);
+const char *mn_session_id(const mn_session *s);   /* 32 hex digits */
+
+/** Append tokens (ids checked against the vocabulary; the message names the index) and
+ *  compute them. */
+mn_err mn_session_append_tokens(mn_engine *e, mn_session *s, const int32_t *tokens, int32_t n, mn_role role,
+                                mn_errbuf *eb);
+/** Append text; with a chat role it is framed as one message by the model's chat template
+ *  (ChatML and Llama 3 families), MN_ROLE_NONE and MN_ROLE_THOUGHT append it raw. */
+mn_err mn_session_append_text(mn_engine *e, mn_session *s, mn_role role, const char *text, size_t len,
+                              mn_errbuf *eb);
+
+typedef enum mn_finish { MN_FINISH_NONE, MN_FINISH_LENGTH, MN_FINISH_EOG, MN_FINISH_STOP, MN_FINISH_CANCELLED } mn_finish;
+
+/** Called for every generated token with the text it releases (maybe empty: held back for
+ *  UTF-8 or a possible stop string). Return false to stop generating (MN_FINISH_CANCELLED). */
+typedef bool (*mn_token_cb)(void *ud, int32_t token, const char *text, size_t len, const mn_sample_info *info);
+
+typedef struct mn_gen_params {
+    mn_sampling_params sampling;
+    int32_t max_tokens;            /* > 0 */
+    const char *const *stops; int32_t n_stops;
+    bool render_special;           /* emit text of special tokens */
+    bool assistant_prefix;         /* chat: open an assistant turn first (template header) */
+} mn_gen_params;
+
+typedef struct mn_gen_result {
+    int32_t n_generated;
+    mn_finish finish;
+} mn_gen_result;
+
+/** Generate up to max_tokens; the tokens become part of the session (role assistant). An
+ *  EOG token ends generation and is kept in the session (the turn is closed). */
+mn_err mn_session_generate(mn_engine *e, mn_session *s, const mn_gen_params *p, mn_token_cb cb, void *ud,
+                           mn_gen_result *res, mn_errbuf *eb);
+
+/** Fork: a new session with the same history, sharing every KV block copy-on-write. */
+mn_err mn_session_fork(mn_engine *e, mn_session *s, mn_session **out, mn_errbuf *eb);
+/** Drop every token at position >= n (barge-in). MN_ERANGE if n > the session's length. */
+mn_err mn_session_rewind(mn_engine *e, mn_session *s, int32_t n, mn_errbuf *eb);
+
+typedef struct mn_session_info {
+    int32_t n_tokens;           /* tokens in the session */
+    int32_t n_computed;         /* tokens whose KV is in the cache */
+    int32_t n_blocks, n_shared_blocks;
+    int64_t kv_bytes;           /* bytes of the blocks it references */
+    const char *tier;           /* "T0" (device) for now */
+    double last_use;            /* monotonic seconds */
+} mn_session_info;
+void mn_session_info_get(const mn_engine *e, const mn_session *s, mn_session_info *info);
+/** Tokens and roles of the session (valid until the next call that changes it). */
+const int32_t *mn_session_tokens(const mn_session *s, const uint8_t **roles, int32_t *n);
+/** Logits after the last computed token ([n_vocab]), or NULL if none were computed since
+ *  the last append/rewind. */
+const float *mn_session_logits(const mn_session *s);
+
+/** Run one engine step. *did_work is false when no session had anything to do. */
+mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb);
+
+#endif

@@ -1,0 +1,309 @@
+/* tests/unit/test_session.c — sessions on the real SmolLM2 model.
+ *
+ * The reference for every check is a session in a SEPARATE engine (own KV pool, own
+ * prefix cache) that received the same history in one append: fork, rewind, generation
+ * and prefix sharing must give bit-identical logits to it. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/alloc.h"
+#include "engine/session.h"
+
+static mn_backend *be;
+static mn_model *model;
+
+static const char *model_path(void) {
+    static char buf[4096];
+    const char *p = getenv("MNEME_MODEL");
+    if (p && *p) return p;
+    const char *d = getenv("MNEME_MODELS");
+    if (d && *d) snprintf(buf, sizeof buf, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", d);
+    else snprintf(buf, sizeof buf, "%s/.cache/mneme/SmolLM2-135M-Instruct.Q4_1.gguf", getenv("HOME"));
+    return buf;
+}
+
+static int setup(void **state) {
+    mn_errbuf eb;
+    mn_backend_params bp = {.device = "cpu", .n_threads = 2};
+    if (mn_backend_cpu_new(&bp, &be, &eb) != MN_OK) return -1;
+    if (mn_model_load(model_path(), be, NULL, &model, &eb) != MN_OK) {
+        fprintf(stderr, "cannot load %s: %s (run tools/setup.sh)\n", model_path(), eb.msg);
+        return -1;
+    }
+    return 0;
+}
+
+static int teardown(void **state) {
+    mn_model_free(model);
+    mn_backend_free(be);
+    return 0;
+}
+
+static mn_engine *engine(int32_t n_blocks) {
+    mn_engine *e;
+    mn_errbuf eb;
+    mn_engine_params p = {.block_size = 16, .n_blocks = n_blocks, .max_batch_tokens = 256};
+    if (mn_engine_new(model, &p, &e, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    return e;
+}
+
+/* A fresh session in engine e holding exactly the tokens of s; returns its logits copy. */
+static float *fresh_logits(mn_engine *e, const mn_session *s) {
+    mn_errbuf eb;
+    int32_t n;
+    const int32_t *t = mn_session_tokens(s, NULL, &n);
+    mn_session *f;
+    if (mn_session_create(e, NULL, &f, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    if (mn_session_append_tokens(e, f, t, n, MN_ROLE_NONE, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    const float *l = mn_session_logits(f);
+    assert_non_null(l);
+    size_t bytes = (size_t)model->cfg.n_vocab * sizeof(float);
+    float *copy = malloc(bytes);
+    memcpy(copy, l, bytes);
+    mn_session_delete(e, f);
+    return copy;
+}
+
+static void assert_logits_equal(mn_engine *ref, const mn_session *s, const char *what) {
+    const float *l = mn_session_logits(s);
+    if (!l) fail_msg("%s: no logits", what);
+    float *f = fresh_logits(ref, s);
+    if (memcmp(l, f, (size_t)model->cfg.n_vocab * sizeof(float)) != 0) fail_msg("%s: logits differ from a fresh session", what);
+    free(f);
+}
+
+static void append(mn_engine *e, mn_session *s, mn_role role, const char *text) {
+    mn_errbuf eb;
+    if (mn_session_append_text(e, s, role, text, strlen(text), &eb) != MN_OK) fail_msg("append: %s", eb.msg);
+}
+
+static mn_gen_params greedy(int32_t n) {
+    mn_gen_params g = {0};
+    g.sampling = mn_sampling_defaults();
+    g.sampling.temperature = 0;
+    g.max_tokens = n;
+    return g;
+}
+
+typedef struct { char text[4096]; size_t len; int calls; } collect;
+static bool collect_cb(void *ud, int32_t tok, const char *text, size_t len, const mn_sample_info *info) {
+    collect *c = ud;
+    if (c->len + len < sizeof c->text) { memcpy(c->text + c->len, text, len); c->len += len; }
+    c->calls++;
+    return true;
+}
+
+static void test_chat_and_generate(void **state) {
+    mn_engine *e = engine(256), *ref = engine(256);
+    mn_errbuf eb;
+    mn_session *s;
+    assert_int_equal(mn_session_create(e, NULL, &s, &eb), MN_OK);
+    append(e, s, MN_ROLE_USER, "What is the capital of France?");
+    mn_gen_params g = greedy(16);
+    g.assistant_prefix = true;
+    collect c = {{0}, 0, 0};
+    mn_gen_result r;
+    assert_int_equal(mn_session_generate(e, s, &g, collect_cb, &c, &r, &eb), MN_OK);
+    c.text[c.len] = 0;
+    assert_true(r.n_generated >= 1 && r.n_generated <= 16);
+    assert_int_equal(c.calls, r.n_generated);
+    /* the streamed text is exactly the text of the generated tokens */
+    int32_t nt;
+    const int32_t *all = mn_session_tokens(s, NULL, &nt);
+    char *dec = NULL;
+    size_t dl = 0;
+    assert_int_equal(mn_detokenize(model->tok, all + nt - r.n_generated, r.n_generated, false, &dec, &dl, &eb), MN_OK);
+    if (r.finish == MN_FINISH_EOG) assert_true(dl >= c.len); /* EOG text is not streamed */
+    else assert_int_equal(dl, c.len);
+    assert_memory_equal(dec, c.text, c.len);
+    assert_true(c.len > 0);
+    mn_free(dec);
+    /* generated tokens are part of the session, with role assistant; the framing includes
+     * the model's default system message (first message of the conversation) */
+    int32_t n;
+    const uint8_t *roles;
+    const int32_t *toks = mn_session_tokens(s, &roles, &n);
+    assert_int_equal(roles[n - 1], MN_ROLE_ASSISTANT);
+    assert_int_equal(toks[0], mn_tokenizer_find(model->tok, "<|im_start|>", 12));
+    /* the session continues exactly like a fresh one with the same history */
+    append(e, s, MN_ROLE_USER, "And of Italy?");
+    assert_logits_equal(ref, s, "after generate + append");
+    mn_engine_free(e);
+    mn_engine_free(ref);
+}
+
+static void test_fork_diverge(void **state) {
+    mn_engine *e = engine(256), *ref = engine(256);
+    mn_errbuf eb;
+    mn_session *a, *b;
+    assert_int_equal(mn_session_create(e, "You are a terse assistant.", &a, &eb), MN_OK);
+    append(e, a, MN_ROLE_USER, "Name a color of the sky on a clear day, in one word.");
+    mn_engine_stats st0;
+    mn_engine_stats_get(e, &st0);
+    assert_int_equal(mn_session_fork(e, a, &b, &eb), MN_OK);
+    mn_session_info ia, ib;
+    mn_session_info_get(e, a, &ia);
+    mn_session_info_get(e, b, &ib);
+    assert_int_equal(ia.n_tokens, ib.n_tokens);
+    assert_int_equal(ib.n_shared_blocks, ib.n_blocks); /* all shared, nothing copied */
+    mn_engine_stats st1;
+    mn_engine_stats_get(e, &st1);
+    assert_int_equal(st1.blocks_free, st0.blocks_free);
+    /* diverge: different continuations, each equal to a fresh session with its history */
+    append(e, a, MN_ROLE_USER, "Now a color of grass.");
+    append(e, b, MN_ROLE_USER, "Now a color of snow, please.");
+    assert_logits_equal(ref, a, "fork branch a");
+    assert_logits_equal(ref, b, "fork branch b");
+    mn_gen_params g = greedy(6);
+    assert_int_equal(mn_session_generate(e, b, &g, NULL, NULL, NULL, &eb), MN_OK);
+    append(e, a, MN_ROLE_NONE, " more");
+    assert_logits_equal(ref, a, "fork branch a after b generated");
+    append(e, b, MN_ROLE_NONE, " more");
+    assert_logits_equal(ref, b, "fork branch b after generating");
+    mn_engine_free(e);
+    mn_engine_free(ref);
+}
+
+static void test_rewind(void **state) {
+    mn_engine *e = engine(256), *ref = engine(256);
+    mn_errbuf eb;
+    mn_session *s;
+    assert_int_equal(mn_session_create(e, NULL, &s, &eb), MN_OK);
+    append(e, s, MN_ROLE_USER, "Tell me a story about a dragon who learns to bake bread.");
+    int32_t before;
+    mn_session_tokens(s, NULL, &before);
+    mn_gen_params g = greedy(20);
+    g.assistant_prefix = true;
+    assert_int_equal(mn_session_generate(e, s, &g, NULL, NULL, NULL, &eb), MN_OK);
+    int32_t after;
+    mn_session_tokens(s, NULL, &after);
+    assert_true(after > before + 3);
+    /* barge-in: keep 3 generated tokens, then the user speaks */
+    assert_int_equal(mn_session_rewind(e, s, before + 3 + 5, &eb), MN_OK); /* +5: the assistant header */
+    assert_null(mn_session_logits(s));
+    append(e, s, MN_ROLE_NONE, " Wait, make it about a cat.");
+    assert_logits_equal(ref, s, "rewind then append");
+    /* rewind then regenerate equals generating on a fresh session with that history */
+    assert_int_equal(mn_session_rewind(e, s, before, &eb), MN_OK);
+    mn_gen_params g2 = greedy(8);
+    g2.assistant_prefix = true;
+    collect c1 = {{0}, 0, 0}, c2 = {{0}, 0, 0};
+    assert_int_equal(mn_session_generate(e, s, &g2, collect_cb, &c1, NULL, &eb), MN_OK);
+    int32_t n;
+    const int32_t *t = mn_session_tokens(s, NULL, &n);
+    mn_session *f;
+    assert_int_equal(mn_session_create(ref, NULL, &f, &eb), MN_OK);
+    assert_int_equal(mn_session_append_tokens(ref, f, t, before, MN_ROLE_NONE, &eb), MN_OK);
+    assert_int_equal(mn_session_generate(ref, f, &g2, collect_cb, &c2, NULL, &eb), MN_OK);
+    assert_int_equal(c1.len, c2.len);
+    assert_memory_equal(c1.text, c2.text, c1.len);
+    /* bad rewinds */
+    assert_int_equal(mn_session_rewind(e, s, n + 1, &eb), MN_ERANGE);
+    assert_non_null(strstr(eb.msg, "rewind position"));
+    assert_int_equal(mn_session_rewind(e, s, -1, &eb), MN_ERANGE);
+    mn_engine_free(e);
+    mn_engine_free(ref);
+}
+
+static void test_prefix_sharing(void **state) {
+    /* a ~1000-token system prompt, 16 sessions: stored once */
+    char *sys = malloc(8192);
+    size_t len = 0;
+    for (int i = 0; len < 6000; i++)
+        len += (size_t)snprintf(sys + len, 8192 - len, "Rule %d: always answer about topic %d politely. ", i, i * 7 % 13);
+    mn_engine *e = engine(1024), *ref = engine(256);
+    mn_errbuf eb;
+    mn_session *ss[16];
+    for (int i = 0; i < 16; i++) assert_int_equal(mn_session_create(e, sys, &ss[i], &eb), MN_OK);
+    int32_t n;
+    mn_session_tokens(ss[0], NULL, &n);
+    assert_true(n >= 1000);
+    mn_engine_stats st;
+    mn_engine_stats_get(e, &st);
+    int32_t used = st.blocks_total - st.blocks_free;
+    int32_t full = n / 16;
+    /* the shared prefix once, plus at most 2 private blocks per session (partial tail) */
+    assert_true(used <= full + 1 + 16 * 2);
+    assert_true(st.prefix_hit_tokens >= (int64_t)15 * (full - 1) * 16);
+    assert_true(st.computed_tokens < 2 * n + 16 * 32);
+    /* each session's own turn; deleting half of them never disturbs the others */
+    for (int i = 0; i < 16; i++) {
+        char q[64];
+        snprintf(q, sizeof q, "Question %d: what is %d plus %d?", i, i, i + 1);
+        append(e, ss[i], MN_ROLE_USER, q);
+    }
+    for (int i = 0; i < 16; i += 2) mn_session_delete(e, ss[i]);
+    for (int i = 1; i < 16; i += 4) assert_logits_equal(ref, ss[i], "shared-prefix session after deletions");
+    for (int i = 1; i < 16; i += 2) mn_session_delete(e, ss[i]);
+    mn_engine_stats_get(e, &st);
+    assert_int_equal(st.n_sessions, 0);
+    /* only the prefix cache holds blocks now: its entries, and nothing leaked */
+    assert_int_equal(st.blocks_total - st.blocks_free, st.prefix_entries);
+    free(sys);
+    mn_engine_free(e);
+    mn_engine_free(ref);
+}
+
+static void test_bad_input(void **state) {
+    mn_engine *e = engine(16); /* 256 tokens of KV */
+    mn_errbuf eb;
+    mn_session *s;
+    assert_int_equal(mn_session_create(e, NULL, &s, &eb), MN_OK);
+    append(e, s, MN_ROLE_NONE, "Hello there");
+    int32_t n0;
+    mn_session_tokens(s, NULL, &n0);
+    int32_t bad[3] = {5, model->cfg.n_vocab, 7};
+    assert_int_equal(mn_session_append_tokens(e, s, bad, 3, MN_ROLE_USER, &eb), MN_ERANGE);
+    assert_non_null(strstr(eb.msg, "tokens[1]"));
+    int32_t n1;
+    mn_session_tokens(s, NULL, &n1);
+    assert_int_equal(n1, n0);
+    assert_non_null(mn_session_logits(s)); /* untouched */
+    mn_gen_params g = greedy(0);
+    assert_int_equal(mn_session_generate(e, s, &g, NULL, NULL, NULL, &eb), MN_ERANGE);
+    assert_non_null(strstr(eb.msg, "max_tokens"));
+    g = greedy(4);
+    g.sampling.top_p = 1.5f;
+    assert_int_equal(mn_session_generate(e, s, &g, NULL, NULL, NULL, &eb), MN_ERANGE);
+    assert_non_null(strstr(eb.msg, "top_p"));
+    g = greedy(model->cfg.n_ctx);
+    assert_int_equal(mn_session_generate(e, s, &g, NULL, NULL, NULL, &eb), MN_ELIMIT);
+    assert_non_null(strstr(eb.msg, "context length"));
+    assert_null(mn_session_find(e, "00000000000000000000000000000000"));
+    assert_ptr_equal(mn_session_find(e, mn_session_id(s)), s);
+    assert_int_equal(strlen(mn_session_id(s)), 32);
+    /* a pool too small for the append: refused, the session keeps what it had */
+    char big[4000];
+    memset(big, 0, sizeof big);
+    for (int i = 0; i < 300; i++) strcat(big, "word ");
+    assert_int_equal(mn_session_append_text(e, s, MN_ROLE_NONE, big, strlen(big), &eb) != MN_OK, 1);
+    mn_session_tokens(s, NULL, &n1);
+    assert_int_equal(n1, n0);
+    append(e, s, MN_ROLE_NONE, " again");
+    mn_engine *ref = engine(64);
+    assert_logits_equal(ref, s, "after a refused append");
+    mn_engine_free(ref);
+    mn_engine_free(e);
+}
+
+int main(void) {
+    const char *allow = getenv("MNEME_ALLOW_NO_MODEL");
+    FILE *f = fopen(model_path(), "rb");
+    if (!f && allow && *allow == '1') return 0;
+    if (f) fclose(f);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_chat_and_generate),
+        cmocka_unit_test(test_fork_diverge),
+        cmocka_unit_test(test_rewind),
+        cmocka_unit_test(test_prefix_sharing),
+        cmocka_unit_test(test_bad_input),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
