@@ -32,7 +32,7 @@ mn_err mn_backend_new(const mn_backend_params *p, mn_backend **out, bool *fell_b
 #ifdef MNEME_HAVE_CUDA
         mn_errbuf ceb = {{0}};
         if (mn_backend_cuda_new(p, out, &ceb) == MN_OK) return MN_OK;
-        snprintf(why, sizeof why, "no usable CUDA device (%s)", ceb.msg);
+        snprintf(why, sizeof why, "%s", ceb.msg);
 #endif
         if (fell_back) *fell_back = true;
         mn_err e = mn_backend_cpu_new(p, out, eb);

@@ -26,13 +26,19 @@ typedef struct bench_ctx {
 
 static int parse_list(const char *flag, const char *s, long lo, long hi, long *out, int *n) {
     char buf[256];
+    if (strlen(s) >= sizeof buf) { fprintf(stderr, "mneme: %s: list too long\n", flag); return -1; }
     snprintf(buf, sizeof buf, "%s", s);
     *n = 0;
-    for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
+    char *p = buf;
+    for (;;) {
+        char *comma = strchr(p, ',');
+        if (comma) *comma = 0;
         if (*n == MAX_LIST) { fprintf(stderr, "mneme: %s: at most %d values\n", flag, MAX_LIST); return -1; }
-        if (cli_int(flag, tok, lo, hi, &out[(*n)++])) return -1;
+        if (!*p) { fprintf(stderr, "mneme: %s: empty value in list '%s'\n", flag, s); return -1; }
+        if (cli_int(flag, p, lo, hi, &out[(*n)++])) return -1;
+        if (!comma) break;
+        p = comma + 1;
     }
-    if (*n == 0) { fprintf(stderr, "mneme: %s: no values\n", flag); return -1; }
     return 0;
 }
 
@@ -117,6 +123,11 @@ int cmd_bench(int argc, char **argv) {
         if (!strcmp(a, "-m") || !strcmp(a, "--model") || !strcmp(a, "--device") || !strcmp(a, "-c")) {
             if (cli_model_opt(argc, argv, &i, &mo) < 0) return 2;
             continue;
+        }
+        if (strcmp(a, "-p") && strcmp(a, "-n") && strcmp(a, "-t") && strcmp(a, "-b") && strcmp(a, "-r")) {
+            fprintf(stderr, "mneme bench: unknown option '%s'\n", a);
+            bench_usage();
+            return 2;
         }
         if (cli_value(argc, argv, &i, &v)) return 2;
         if (!strcmp(a, "-p")) { if (parse_list(a, v, 0, 1 << 20, pl, &np)) return 2; }

@@ -205,6 +205,15 @@ static void generate_usage(void) {
             "  -t THREADS  -c CTX  --device cpu|cuda|auto\n");
 }
 
+static bool is_value_flag(const char *a) {
+    static const char *const flags[] = {"-p", "--prompt", "--system", "-n", "--temp", "--top-k", "--top-p", "--min-p",
+                                        "--seed", "--repeat-penalty", "--repeat-last-n", "--frequency-penalty",
+                                        "--presence-penalty", "--stop"};
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
+        if (!strcmp(a, flags[i])) return true;
+    return false;
+}
+
 int cmd_generate(int argc, char **argv) {
     cli_model_opts mo = {0};
     const char *prompt = NULL, *system = NULL, *stops[16];
@@ -222,6 +231,7 @@ int cmd_generate(int argc, char **argv) {
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { generate_usage(); return 0; }
         else if (!strcmp(a, "--chat")) chat = true;
         else if (!strcmp(a, "--special")) render_special = true;
+        else if (!is_value_flag(a)) { fprintf(stderr, "mneme generate: unknown option '%s'\n", a); generate_usage(); return 2; }
         else if (cli_value(argc, argv, &i, &v)) return 2;
         else if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) prompt = v;
         else if (!strcmp(a, "--system")) system = v;
