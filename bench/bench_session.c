@@ -1,0 +1,107 @@
+/* bench/bench_session.c — what a resident session saves.
+ *
+ * For each history length L (default 512, 2048; add more as arguments, e.g. 8192):
+ *   resident  append 5 tokens to a session that already holds L tokens, then the first
+ *             generated token (time to first token of a new turn)
+ *   recompute the same L+5 tokens into a new session (what a stateless server does),
+ *             then the first token
+ *   new       append 5 tokens to an empty session, then the first token
+ * and prints ms and the ratios. Tier restore (T1/T2/T3) joins when tiering lands.
+ *   usage: bench_session [-m MODEL] [-t THREADS] [L ...]
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "engine/session.h"
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void die(const char *what, const mn_errbuf *eb) {
+    fprintf(stderr, "bench_session: %s: %s\n", what, eb->msg);
+    exit(1);
+}
+
+/* append n tokens then generate one greedy token; returns seconds */
+static double turn(mn_engine *e, mn_session *s, const int32_t *toks, int32_t n) {
+    mn_errbuf eb;
+    mn_gen_params g = {0};
+    g.sampling = mn_sampling_defaults();
+    g.sampling.temperature = 0;
+    g.max_tokens = 1;
+    double t0 = now_s();
+    if (mn_session_append_tokens(e, s, toks, n, MN_ROLE_USER, &eb) != MN_OK) die("append", &eb);
+    if (mn_session_generate(e, s, &g, NULL, NULL, NULL, &eb) != MN_OK) die("generate", &eb);
+    return now_s() - t0;
+}
+
+int main(int argc, char **argv) {
+    const char *model_path = NULL;
+    int threads = 0;
+    int32_t lens[16];
+    int n_lens = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "-m") && i + 1 < argc) model_path = argv[++i];
+        else if (!strcmp(argv[i], "-t") && i + 1 < argc) threads = atoi(argv[++i]);
+        else if (n_lens < 16) lens[n_lens++] = atoi(argv[i]);
+    }
+    if (!n_lens) { lens[0] = 512; lens[1] = 2048; n_lens = 2; }
+    static char def[4096];
+    if (!model_path) {
+        snprintf(def, sizeof def, "%s/.cache/mneme/SmolLM2-135M-Instruct.Q4_1.gguf", getenv("HOME"));
+        model_path = getenv("MNEME_MODEL") ? getenv("MNEME_MODEL") : def;
+    }
+    mn_errbuf eb;
+    mn_backend *be;
+    mn_model *m;
+    mn_backend_params bp = {.device = "cpu", .n_threads = threads};
+    if (mn_backend_cpu_new(&bp, &be, &eb) != MN_OK) die("backend", &eb);
+    if (mn_model_load(model_path, be, NULL, &m, &eb) != MN_OK) die(model_path, &eb);
+    int32_t max_len = 0;
+    for (int i = 0; i < n_lens; i++) max_len = lens[i] > max_len ? lens[i] : max_len;
+    mn_engine_params ep = {.block_size = 16, .n_blocks = 3 * (max_len / 16 + 8), .max_batch_tokens = 512};
+    mn_engine *e;
+    if (mn_engine_new(m, &ep, &e, &eb) != MN_OK) die("engine", &eb);
+    int32_t *toks = malloc((size_t)(max_len + 16) * sizeof(int32_t));
+    for (int32_t i = 0; i < max_len + 16; i++) toks[i] = 100 + (int32_t)((i * 7919u) % 40000u);
+    printf("%8s %12s %12s %12s %10s %10s\n", "history", "resident ms", "new ms", "recompute ms", "res/new", "recomp/res");
+    for (int li = 0; li < n_lens; li++) {
+        int32_t L = lens[li];
+        mn_session *s, *fresh, *blank;
+        if (mn_session_create(e, NULL, &s, &eb) != MN_OK) die("create", &eb);
+        if (mn_session_append_tokens(e, s, toks, L, MN_ROLE_USER, &eb) != MN_OK) die("prefill", &eb);
+        double best_res = 1e9, best_new = 1e9;
+        for (int r = 0; r < 3; r++) {
+            int32_t n0;
+            mn_session_tokens(s, NULL, &n0);
+            double t = turn(e, s, toks + L, 5);
+            best_res = t < best_res ? t : best_res;
+            if (mn_session_rewind(e, s, n0, &eb) != MN_OK) die("rewind", &eb);
+            if (mn_session_create(e, NULL, &blank, &eb) != MN_OK) die("create", &eb);
+            t = turn(e, blank, toks + L, 5);
+            best_new = t < best_new ? t : best_new;
+            mn_session_delete(e, blank);
+        }
+        /* recompute: distinct tokens so the prefix cache cannot help */
+        int32_t *other = malloc((size_t)(L + 5) * sizeof(int32_t));
+        for (int32_t i = 0; i < L + 5; i++) other[i] = 100 + (int32_t)((i * 104729u + 17) % 40000u);
+        if (mn_session_create(e, NULL, &fresh, &eb) != MN_OK) die("create", &eb);
+        double rec = turn(e, fresh, other, L + 5);
+        mn_session_delete(e, fresh);
+        mn_session_delete(e, s);
+        free(other);
+        printf("%8d %12.2f %12.2f %12.1f %10.2f %10.0f\n", L, best_res * 1e3, best_new * 1e3, rec * 1e3, best_res / best_new,
+               rec / best_res);
+        fflush(stdout);
+    }
+    free(toks);
+    mn_engine_free(e);
+    mn_model_free(m);
+    mn_backend_free(be);
+    return 0;
+}
