@@ -98,7 +98,7 @@ int main(int argc, char **argv) {
     mn_threadpool *pools[2];
     for (int i = 0; i < 2; i++) {
         mn_errbuf eb;
-        if (mn_threadpool_new(i + 1, &pools[i], &eb) != MN_EOK) {
+        if (mn_threadpool_new(i + 1, &pools[i], &eb) != MN_OK) {
             fprintf(stderr, "bench_ops: thread pool: %s\n", eb.msg);
             return 1;
         }

@@ -30,7 +30,7 @@ typedef enum mn_err {
 #undef MN__ERR_ENUM
 } mn_err;
 
-/* Older spelling of MN_OK, kept so both read the same. */
+/* Transitional alias while in-flight code moves to MN_OK; removed once unused. */
 #define MN_EOK MN_OK
 
 /* A caller-owned message buffer. Functions write one line without a trailing newline. */

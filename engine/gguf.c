@@ -139,7 +139,7 @@ static mn_err mn__need(mn__cur *c, uint64_t n, const char *what) {
         return mn__fail(c, c->pos, "%s needs %llu bytes, only %llu left (file size %llu)", what,
                         (unsigned long long)n, (unsigned long long)mn__left(c),
                         (unsigned long long)c->size);
-    return MN_EOK;
+    return MN_OK;
 }
 
 static mn_err mn__rd(mn__cur *c, void *dst, uint64_t n, const char *what) {
@@ -147,7 +147,7 @@ static mn_err mn__rd(mn__cur *c, void *dst, uint64_t n, const char *what) {
     if (e) return e;
     memcpy(dst, c->b + c->pos, (size_t)n);
     c->pos += n;
-    return MN_EOK;
+    return MN_OK;
 }
 
 static mn_err mn__rd_u32(mn__cur *c, uint32_t *v, const char *what) { return mn__rd(c, v, 4, what); }
@@ -164,7 +164,7 @@ static mn_err mn__rd_str(mn__cur *c, mn_str *s, const char *what) {
     s->ptr = (const char *)c->b + c->pos;
     s->len = len;
     c->pos += len;
-    return MN_EOK;
+    return MN_OK;
 }
 
 /* ---- value types ------------------------------------------------------------------- */
@@ -260,7 +260,7 @@ static mn_err mn__parse_array(mn_gguf *g, mn__cur *c, mn_gguf_value *v, int dept
                                     (unsigned long long)i, c->b[c->pos + i]);
         }
         c->pos += n * (uint64_t)esz;
-        return MN_EOK;
+        return MN_OK;
     }
     /* n <= bytes left / 8, so n * sizeof(value) cannot overflow */
     mn_gguf_value *items = n ? mn__arena_alloc(g, (size_t)n * sizeof *items) : NULL;
@@ -271,7 +271,7 @@ static mn_err mn__parse_array(mn_gguf *g, mn__cur *c, mn_gguf_value *v, int dept
         if (e) return e;
     }
     v->v.arr.items = items;
-    return MN_EOK;
+    return MN_OK;
 }
 
 /* The payload of a value whose type v->type is already known. */
@@ -286,7 +286,7 @@ static mn_err mn__parse_value(mn_gguf *g, mn__cur *c, mn_gguf_value *v, int dept
         return mn__fail(c, c->pos, "bool value is %u, not 0 or 1", c->b[c->pos]);
     mn__decode_scalar(c->b + c->pos, v);
     c->pos += (uint64_t)esz;
-    return MN_EOK;
+    return MN_OK;
 }
 
 /* ---- hash index --------------------------------------------------------------------- */
@@ -334,7 +334,7 @@ static mn_err mn__dup_name(mn_gguf *g, mn__cur *c, uint64_t at, mn_str s, const 
     memcpy(p, s.ptr, (size_t)s.len);
     p[s.len] = 0;
     *out = p;
-    return MN_EOK;
+    return MN_OK;
 }
 
 /* ---- the parser --------------------------------------------------------------------- */
@@ -361,7 +361,7 @@ static mn_err mn__parse_header(mn_gguf *g, mn__cur *c, uint64_t *n_tensors, uint
     if (*n_kv > MN__GGUF_MAX_COUNT || *n_kv > mn__left(c) / MN__KV_MIN_BYTES)
         return mn__fail(c, 16, "key/value count %llu is more than the file can hold (%llu bytes left, limit %u)",
                         (unsigned long long)*n_kv, (unsigned long long)mn__left(c), MN__GGUF_MAX_COUNT);
-    return MN_EOK;
+    return MN_OK;
 }
 
 static mn_err mn__parse_kvs(mn_gguf *g, mn__cur *c, uint64_t n_kv) {
@@ -400,7 +400,7 @@ static mn_err mn__parse_kvs(mn_gguf *g, mn__cur *c, uint64_t n_kv) {
         g->alignment = al->v.u64;
         c->ctx[0] = 0;
     }
-    return MN_EOK;
+    return MN_OK;
 }
 
 static mn_err mn__parse_tensor_info(mn_gguf *g, mn__cur *c, uint64_t i, uint64_t *off_field) {
@@ -453,7 +453,7 @@ static mn_err mn__parse_tensor_info(mn_gguf *g, mn__cur *c, uint64_t i, uint64_t
     if (t->offset % g->alignment != 0)
         return mn__fail(c, *off_field, "data offset %llu is not a multiple of the alignment %llu",
                         (unsigned long long)t->offset, (unsigned long long)g->alignment);
-    return MN_EOK;
+    return MN_OK;
 }
 
 static mn_err mn__parse_tensors(mn_gguf *g, mn__cur *c, uint64_t n) {
@@ -471,7 +471,7 @@ static mn_err mn__parse_tensors(mn_gguf *g, mn__cur *c, uint64_t n) {
     c->ctx[0] = 0;
     uint64_t rem = c->pos % g->alignment;
     g->data_off = c->pos + (rem ? g->alignment - rem : 0);
-    if (n == 0) return MN_EOK; /* a tokenizer-only file may end without padding */
+    if (n == 0) return MN_OK; /* a tokenizer-only file may end without padding */
     if (g->data_off > c->size)
         return mn__fail(c, c->pos, "data section at %llu (alignment %llu) starts past end of file (size %llu)",
                         (unsigned long long)g->data_off, (unsigned long long)g->alignment,
@@ -492,7 +492,7 @@ static mn_err mn__parse_tensors(mn_gguf *g, mn__cur *c, uint64_t n) {
         }
         t->data = c->b + g->data_off + t->offset;
     }
-    return MN_EOK;
+    return MN_OK;
 }
 
 mn_err mn_gguf_open_memory(const void *data, size_t size, mn_gguf **out, mn_errbuf *eb) {
@@ -513,7 +513,7 @@ mn_err mn_gguf_open_memory(const void *data, size_t size, mn_gguf **out, mn_errb
         return e;
     }
     *out = g;
-    return MN_EOK;
+    return MN_OK;
 }
 
 mn_err mn_gguf_open(const char *path, mn_gguf **out, mn_errbuf *eb) {
@@ -554,7 +554,7 @@ mn_err mn_gguf_open(const char *path, mn_gguf **out, mn_errbuf *eb) {
         return e;
     }
     (*out)->mapped = 1;
-    return MN_EOK;
+    return MN_OK;
 }
 
 void mn_gguf_close(mn_gguf *g) {
@@ -599,7 +599,7 @@ const mn_gguf_tensor *mn_gguf_find_tensor(const mn_gguf *g, const char *name) {
 static mn_err mn__get(const mn_gguf *g, const char *key, const mn_gguf_value **v, mn_errbuf *eb) {
     *v = mn_gguf_find(g, key);
     if (!*v) return mn_errf(eb, MN_ENOT_FOUND, "gguf: key '%s' not found", key);
-    return MN_EOK;
+    return MN_OK;
 }
 
 static mn_err mn__wrong_type(const char *key, const char *want, const mn_gguf_value *v, mn_errbuf *eb) {
@@ -619,7 +619,7 @@ mn_err mn_gguf_get_i64(const mn_gguf *g, const char *key, int64_t *out, mn_errbu
         return mn_errf(eb, MN_ERANGE, "gguf: key '%s': %llu does not fit in int64", key,
                        (unsigned long long)v->v.u64);
     *out = mn__is_signed(v->type) ? v->v.i64 : (int64_t)v->v.u64;
-    return MN_EOK;
+    return MN_OK;
 }
 
 mn_err mn_gguf_get_u32(const mn_gguf *g, const char *key, uint32_t *out, mn_errbuf *eb) {
@@ -634,7 +634,7 @@ mn_err mn_gguf_get_u32(const mn_gguf *g, const char *key, uint32_t *out, mn_errb
                        (unsigned long long)v->v.u64);
     }
     *out = mn__is_signed(v->type) ? (uint32_t)v->v.i64 : (uint32_t)v->v.u64;
-    return MN_EOK;
+    return MN_OK;
 }
 
 mn_err mn_gguf_get_f32(const mn_gguf *g, const char *key, float *out, mn_errbuf *eb) {
@@ -644,7 +644,7 @@ mn_err mn_gguf_get_f32(const mn_gguf *g, const char *key, float *out, mn_errbuf 
     if (v->type == MN_GGUF_FLOAT32 || v->type == MN_GGUF_FLOAT64) *out = (float)v->v.f64;
     else if (mn__is_int(v->type)) *out = mn__is_signed(v->type) ? (float)v->v.i64 : (float)v->v.u64;
     else return mn__wrong_type(key, "a number", v, eb);
-    return MN_EOK;
+    return MN_OK;
 }
 
 mn_err mn_gguf_get_bool(const mn_gguf *g, const char *key, bool *out, mn_errbuf *eb) {
@@ -653,7 +653,7 @@ mn_err mn_gguf_get_bool(const mn_gguf *g, const char *key, bool *out, mn_errbuf 
     if (e) return e;
     if (v->type != MN_GGUF_BOOL) return mn__wrong_type(key, "BOOL", v, eb);
     *out = v->v.b;
-    return MN_EOK;
+    return MN_OK;
 }
 
 mn_err mn_gguf_get_str(const mn_gguf *g, const char *key, mn_str *out, mn_errbuf *eb) {
@@ -662,7 +662,7 @@ mn_err mn_gguf_get_str(const mn_gguf *g, const char *key, mn_str *out, mn_errbuf
     if (e) return e;
     if (v->type != MN_GGUF_STRING) return mn__wrong_type(key, "STRING", v, eb);
     *out = v->v.str;
-    return MN_EOK;
+    return MN_OK;
 }
 
 mn_err mn_gguf_get_arr(const mn_gguf *g, const char *key, mn_gguf_type elem, const mn_gguf_value **out,
@@ -676,7 +676,7 @@ mn_err mn_gguf_get_arr(const mn_gguf *g, const char *key, mn_gguf_type elem, con
         return mn__wrong_type(key, want, v, eb);
     }
     *out = v;
-    return MN_EOK;
+    return MN_OK;
 }
 
 /* ---- scalar arrays -------------------------------------------------------------------- */

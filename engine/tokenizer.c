@@ -23,7 +23,7 @@ mn_err mn__tokvec_push(mn__tokvec *tv, int32_t id)
         tv->cap = cap;
     }
     tv->v[tv->n++] = id;
-    return MN_EOK;
+    return MN_OK;
 }
 
 static uint32_t hash_bytes(const char *s, size_t n)
@@ -118,7 +118,7 @@ static size_t decode_token(const mn_tokenizer *t, int32_t i, const char *s, size
 static int32_t opt_id(const mn_gguf *g, const char *key, int32_t n_vocab)
 {
     uint32_t v;
-    if (mn_gguf_get_u32(g, key, &v, NULL) != MN_EOK || v >= (uint32_t)n_vocab)
+    if (mn_gguf_get_u32(g, key, &v, NULL) != MN_OK || v >= (uint32_t)n_vocab)
         return -1;
     return (int32_t)v;
 }
@@ -126,7 +126,7 @@ static int32_t opt_id(const mn_gguf *g, const char *key, int32_t n_vocab)
 static bool opt_bool(const mn_gguf *g, const char *key, bool dflt)
 {
     bool b;
-    return mn_gguf_get_bool(g, key, &b, NULL) == MN_EOK ? b : dflt;
+    return mn_gguf_get_bool(g, key, &b, NULL) == MN_OK ? b : dflt;
 }
 
 static int cmp_u64(const void *a, const void *b)
@@ -210,7 +210,7 @@ static mn_err load_vocab(mn_tokenizer *t, const mn_gguf *g, mn_errbuf *eb)
             if (special == (pass == 1))
                 lut_insert(t, i);
         }
-    return MN_EOK;
+    return MN_OK;
 }
 
 static mn_err find_bytes_and_specials(mn_tokenizer *t)
@@ -245,7 +245,7 @@ static mn_err find_bytes_and_specials(mn_tokenizer *t)
         uint8_t c = (uint8_t)t->arena[t->raw_off[t->special[k]]];
         t->special_first[c >> 3] |= (uint8_t)(1u << (c & 7));
     }
-    return MN_EOK;
+    return MN_OK;
 }
 
 static int32_t find_raw(const mn_tokenizer *t, const char *s)
@@ -335,7 +335,7 @@ mn_err mn_tokenizer_from_gguf(const mn_gguf *g, mn_tokenizer **out, mn_errbuf *e
     t->add_space_prefix = opt_bool(g, "tokenizer.ggml.add_space_prefix", t->kind == MN__TOK_LLAMA);
     find_eog(t, g);
     *out = t;
-    return MN_EOK;
+    return MN_OK;
 }
 
 void mn_tokenizer_free(mn_tokenizer *t)
@@ -427,7 +427,7 @@ mn_err mn_tokenize(const mn_tokenizer *t, const char *text, size_t len, int flag
                    int32_t **tokens, int64_t *n_tokens, mn_errbuf *eb)
 {
     mn__tokvec tv = {0};
-    mn_err err = MN_EOK;
+    mn_err err = MN_OK;
     *tokens = NULL;
     *n_tokens = 0;
     if ((flags & MN_TOK_ADD_BOS) && t->add_bos && t->bos >= 0)
@@ -462,7 +462,7 @@ mn_err mn_tokenize(const mn_tokenizer *t, const char *text, size_t len, int flag
         return mn_errf(eb, MN_ENOMEM, "tokenize: out of memory");
     *tokens = tv.v;
     *n_tokens = tv.n;
-    return MN_EOK;
+    return MN_OK;
 }
 
 /* ---- detokenizing ------------------------------------------------------------------- */
@@ -505,7 +505,7 @@ mn_err mn_detokenize(const mn_tokenizer *t, const int32_t *ids, int64_t n, bool 
     buf[o] = 0;
     *out = buf;
     *len = o;
-    return MN_EOK;
+    return MN_OK;
 }
 
 void mn_detok_reset(mn_detok *d)

@@ -165,13 +165,13 @@ static mn_err split_segment(int pre, const unit *u, const size_t *off, size_t s,
             return err;
         i = j;
     }
-    return MN_EOK;
+    return MN_OK;
 }
 
 mn_err mn__pretok_split(int pre, const char *text, size_t len, mn__piece_fn fn, void *ctx)
 {
     if (len == 0)
-        return MN_EOK;
+        return MN_OK;
     unit *u = mn_malloc(len * sizeof *u);
     size_t *off = mn_malloc((len + 1) * sizeof *off);
     if (!u || !off) {
@@ -190,7 +190,7 @@ mn_err mn__pretok_split(int pre, const char *text, size_t len, mn__piece_fn fn, 
         p += (size_t)k;
     }
     off[n] = len;
-    mn_err err = MN_EOK;
+    mn_err err = MN_OK;
     if (pre == MN__PRE_SMOLLM) {
         size_t a = 0;
         for (size_t i = 0; i <= n && !err; i++) {
@@ -258,7 +258,7 @@ mn_err mn__bpe_load_merges(mn_tokenizer *t, const mn_gguf *g, mn_errbuf *eb)
     const mn_gguf_value *arr = NULL;
     mn_err err = mn_gguf_get_arr(g, "tokenizer.ggml.merges", MN_GGUF_STRING, &arr, eb);
     if (err == MN_ENOT_FOUND)
-        return MN_EOK;   /* a vocab without merges: every piece becomes single bytes */
+        return MN_OK;   /* a vocab without merges: every piece becomes single bytes */
     if (err)
         return err;
     uint64_t n = arr->v.arr.n;
@@ -306,7 +306,7 @@ mn_err mn__bpe_load_merges(mn_tokenizer *t, const mn_gguf *g, mn_errbuf *eb)
         t->mres[h] = r;
     }
     mn_free(buf);
-    return MN_EOK;
+    return MN_OK;
 }
 
 /* ---- BPE of one piece ---------------------------------------------------------------- */
@@ -416,13 +416,13 @@ static mn_err bpe_piece(void *ctx, size_t off, size_t len)
                 return err;
         }
     }
-    return MN_EOK;
+    return MN_OK;
 }
 
 mn_err mn__bpe_encode(const mn_tokenizer *t, const char *text, size_t len, mn__tokvec *out)
 {
     if (len == 0)
-        return MN_EOK;
+        return MN_OK;
     if (len > INT32_MAX / 4)
         return MN_ELIMIT;
     bpe_work w = {.t = t, .text = text, .out = out};

@@ -89,7 +89,7 @@ mn_err mn__spm_encode(const mn_tokenizer *t, const char *text, size_t len, bool 
 {
     static const char sp[3] = {(char)0xE2, (char)0x96, (char)0x81};   /* U+2581 */
     if (len == 0)
-        return MN_EOK;
+        return MN_OK;
     if (len > INT32_MAX / 8)
         return MN_ELIMIT;
     size_t cap = 3 * (len + 1);
@@ -140,7 +140,7 @@ mn_err mn__spm_encode(const mn_tokenizer *t, const char *text, size_t len, bool 
         try_bigram(&w, l->prev);
         try_bigram(&w, b.left);
     }
-    err = MN_EOK;
+    err = MN_OK;
     for (int32_t i = 0; i >= 0 && !err; i = sy[i].next) {
         int32_t id = mn__tok_lookup(t, s + sy[i].off, sy[i].len);
         if (usable(t, id)) {

@@ -41,7 +41,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     mn_errbuf eb;
     eb.msg[0] = 0;
     mn_err e = mn_gguf_open_memory(copy, size, &g, &eb);
-    if (e != MN_EOK) {
+    if (e != MN_OK) {
         if (g != NULL || eb.msg[0] == 0) abort(); /* failures must leave no object and say why */
         free(copy);
         return 0;

@@ -213,20 +213,20 @@ static void check_standard(uint32_t version, uint32_t align) {
     assert_null(mn_gguf_find(g, "t.missing"));
 
     uint32_t u32; int64_t i64; float f; bool bo; mn_str s;
-    assert_int_equal(mn_gguf_get_u32(g, "t.u8", &u32, &eb), MN_EOK); assert_int_equal(u32, 200);
-    assert_int_equal(mn_gguf_get_i64(g, "t.i8", &i64, &eb), MN_EOK); assert_int_equal(i64, -5);
-    assert_int_equal(mn_gguf_get_u32(g, "t.u16", &u32, &eb), MN_EOK); assert_int_equal(u32, 60000);
-    assert_int_equal(mn_gguf_get_i64(g, "t.i16", &i64, &eb), MN_EOK); assert_int_equal(i64, -30000);
-    assert_int_equal(mn_gguf_get_u32(g, "t.u32", &u32, &eb), MN_EOK); assert_int_equal(u32, 4000000000u);
-    assert_int_equal(mn_gguf_get_i64(g, "t.i32", &i64, &eb), MN_EOK); assert_int_equal(i64, -2000000000);
-    assert_int_equal(mn_gguf_get_f32(g, "t.f32", &f, &eb), MN_EOK); assert_true(f == 1.5f);
-    assert_int_equal(mn_gguf_get_bool(g, "t.bool", &bo, &eb), MN_EOK); assert_true(bo);
-    assert_int_equal(mn_gguf_get_i64(g, "t.u64", &i64, &eb), MN_EOK); assert_int_equal(i64, (1ll << 40) + 3);
-    assert_int_equal(mn_gguf_get_i64(g, "t.i64", &i64, &eb), MN_EOK); assert_int_equal(i64, -(1ll << 40));
-    assert_int_equal(mn_gguf_get_f32(g, "t.f64", &f, &eb), MN_EOK); assert_true(f == 3.25f);
-    assert_int_equal(mn_gguf_get_str(g, "t.str", &s, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_u32(g, "t.u8", &u32, &eb), MN_OK); assert_int_equal(u32, 200);
+    assert_int_equal(mn_gguf_get_i64(g, "t.i8", &i64, &eb), MN_OK); assert_int_equal(i64, -5);
+    assert_int_equal(mn_gguf_get_u32(g, "t.u16", &u32, &eb), MN_OK); assert_int_equal(u32, 60000);
+    assert_int_equal(mn_gguf_get_i64(g, "t.i16", &i64, &eb), MN_OK); assert_int_equal(i64, -30000);
+    assert_int_equal(mn_gguf_get_u32(g, "t.u32", &u32, &eb), MN_OK); assert_int_equal(u32, 4000000000u);
+    assert_int_equal(mn_gguf_get_i64(g, "t.i32", &i64, &eb), MN_OK); assert_int_equal(i64, -2000000000);
+    assert_int_equal(mn_gguf_get_f32(g, "t.f32", &f, &eb), MN_OK); assert_true(f == 1.5f);
+    assert_int_equal(mn_gguf_get_bool(g, "t.bool", &bo, &eb), MN_OK); assert_true(bo);
+    assert_int_equal(mn_gguf_get_i64(g, "t.u64", &i64, &eb), MN_OK); assert_int_equal(i64, (1ll << 40) + 3);
+    assert_int_equal(mn_gguf_get_i64(g, "t.i64", &i64, &eb), MN_OK); assert_int_equal(i64, -(1ll << 40));
+    assert_int_equal(mn_gguf_get_f32(g, "t.f64", &f, &eb), MN_OK); assert_true(f == 3.25f);
+    assert_int_equal(mn_gguf_get_str(g, "t.str", &s, &eb), MN_OK);
     assert_int_equal(s.len, 12); assert_memory_equal(s.ptr, "hello, world", 12);
-    assert_int_equal(mn_gguf_get_str(g, "t.empty", &s, &eb), MN_EOK); assert_int_equal(s.len, 0);
+    assert_int_equal(mn_gguf_get_str(g, "t.empty", &s, &eb), MN_OK); assert_int_equal(s.len, 0);
     assert_int_equal(mn_gguf_find(g, "t.f64")->type, MN_GGUF_FLOAT64);
     assert_true(mn_gguf_find(g, "t.f64")->v.f64 == 3.25);
 
@@ -243,30 +243,30 @@ static void check_standard(uint32_t version, uint32_t align) {
     assert_non_null(strstr(eb.msg, "'nope'"));
 
     const mn_gguf_value *a;
-    assert_int_equal(mn_gguf_get_arr(g, "t.arr_u8", MN_GGUF_UINT8, &a, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_arr(g, "t.arr_u8", MN_GGUF_UINT8, &a, &eb), MN_OK);
     assert_int_equal(a->v.arr.n, 3);
     assert_int_equal(mn_gguf_arr_int(a, 0), 1); assert_int_equal(mn_gguf_arr_int(a, 2), 255);
     assert_int_equal(mn_gguf_get_arr(g, "t.arr_u8", MN_GGUF_INT32, &a, &eb), MN_EFORMAT);
     assert_non_null(strstr(eb.msg, "t.arr_u8"));
-    assert_int_equal(mn_gguf_get_arr(g, "t.arr_i16", MN_GGUF_INT16, &a, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_arr(g, "t.arr_i16", MN_GGUF_INT16, &a, &eb), MN_OK);
     assert_int_equal(mn_gguf_arr_int(a, 0), -1); assert_int_equal(mn_gguf_arr_int(a, 1), 300);
-    assert_int_equal(mn_gguf_get_arr(g, "t.arr_f32", MN_GGUF_FLOAT32, &a, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_arr(g, "t.arr_f32", MN_GGUF_FLOAT32, &a, &eb), MN_OK);
     assert_true(mn_gguf_arr_float(a, 0) == 0.5 && mn_gguf_arr_float(a, 1) == -2.0);
-    assert_int_equal(mn_gguf_get_arr(g, "t.arr_f64", MN_GGUF_FLOAT64, &a, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_arr(g, "t.arr_f64", MN_GGUF_FLOAT64, &a, &eb), MN_OK);
     assert_true(mn_gguf_arr_float(a, 0) == -1e300);
-    assert_int_equal(mn_gguf_get_arr(g, "t.arr_bool", MN_GGUF_BOOL, &a, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_arr(g, "t.arr_bool", MN_GGUF_BOOL, &a, &eb), MN_OK);
     assert_int_equal(mn_gguf_arr_int(a, 0), 1); assert_int_equal(mn_gguf_arr_int(a, 1), 0);
-    assert_int_equal(mn_gguf_get_arr(g, "t.arr_i64", MN_GGUF_INT64, &a, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_arr(g, "t.arr_i64", MN_GGUF_INT64, &a, &eb), MN_OK);
     assert_true(mn_gguf_arr_int(a, 0) == INT64_MIN); assert_int_equal(mn_gguf_arr_int(a, 1), 7);
     assert_true(mn_gguf_arr_float(a, 1) == 7.0);
-    assert_int_equal(mn_gguf_get_arr(g, "t.arr_str", MN_GGUF_STRING, &a, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_arr(g, "t.arr_str", MN_GGUF_STRING, &a, &eb), MN_OK);
     assert_int_equal(a->v.arr.n, 3);
     assert_int_equal(a->v.arr.items[0].type, MN_GGUF_STRING);
     assert_int_equal(a->v.arr.items[1].v.str.len, 2);
     assert_memory_equal(a->v.arr.items[1].v.str.ptr, "bc", 2);
     assert_int_equal(a->v.arr.items[2].v.str.len, 0);
 
-    assert_int_equal(mn_gguf_get_arr(g, "t.nested", MN_GGUF_ARRAY, &a, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_arr(g, "t.nested", MN_GGUF_ARRAY, &a, &eb), MN_OK);
     assert_int_equal(a->v.arr.n, 3);
     const mn_gguf_value *it = a->v.arr.items;
     assert_int_equal(it[0].type, MN_GGUF_ARRAY); assert_int_equal(it[0].v.arr.elem_type, MN_GGUF_INT32);
@@ -274,7 +274,7 @@ static void check_standard(uint32_t version, uint32_t align) {
     assert_int_equal(mn_gguf_arr_int(&it[0], 0), 1); assert_int_equal(mn_gguf_arr_int(&it[0], 1), 2);
     assert_int_equal(it[1].v.arr.n, 1); assert_int_equal(mn_gguf_arr_int(&it[1], 0), 3);
     assert_int_equal(it[2].v.arr.n, 0);
-    assert_int_equal(mn_gguf_get_arr(g, "t.nested_str", MN_GGUF_ARRAY, &a, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_arr(g, "t.nested_str", MN_GGUF_ARRAY, &a, &eb), MN_OK);
     it = a->v.arr.items;
     assert_int_equal(it[0].v.arr.elem_type, MN_GGUF_STRING);
     assert_memory_equal(it[0].v.arr.items[1].v.str.ptr, "yz", 2);
@@ -485,7 +485,7 @@ static void test_mutations(void **st) {
         mn_gguf *g = NULL;
         mn_errbuf eb = {{0}};
         mn_err e = mn_gguf_open_memory(p, b.n, &g, &eb);
-        if (e == MN_EOK) {
+        if (e == MN_OK) {
             parsed++;
             (void)walk(g);
             mn_gguf_close(g);
@@ -515,7 +515,7 @@ static void test_alloc_failure(void **st) {
         mn_errbuf eb = {{0}};
         mn_err e = mn_gguf_open_memory(b.p, b.n, &g, &eb);
         mn_alloc_fail_after(-1);
-        if (e == MN_EOK) {
+        if (e == MN_OK) {
             ok = 1;
             assert_int_equal(mn_gguf_n_tensors(g), NT);
             mn_gguf_close(g);
@@ -545,7 +545,7 @@ static void test_open_errors(void **st) {
     buf b = build(3, 0, &L);
     assert_int_equal(write(fd, b.p, b.n), (ssize_t)b.n);
     close(fd);
-    assert_int_equal(mn_gguf_open(path, &g, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_open(path, &g, &eb), MN_OK);
     assert_int_equal(mn_gguf_n_tensors(g), NT);
     assert_memory_equal(mn_gguf_file_data(g), b.p, b.n);
     mn_gguf_close(g);
@@ -612,26 +612,26 @@ static void test_real_model(void **st) {
     assert_int_equal(counts[MN_Q8_0], 1);
 
     uint32_t u; float f; mn_str s; bool b;
-    assert_int_equal(mn_gguf_get_u32(g, "llama.block_count", &u, &eb), MN_EOK); assert_int_equal(u, 30);
-    assert_int_equal(mn_gguf_get_u32(g, "llama.attention.head_count", &u, &eb), MN_EOK); assert_int_equal(u, 9);
-    assert_int_equal(mn_gguf_get_u32(g, "llama.attention.head_count_kv", &u, &eb), MN_EOK); assert_int_equal(u, 3);
-    assert_int_equal(mn_gguf_get_u32(g, "llama.context_length", &u, &eb), MN_EOK); assert_int_equal(u, 8192);
-    assert_int_equal(mn_gguf_get_f32(g, "llama.rope.freq_base", &f, &eb), MN_EOK); assert_true(f == 100000.0f);
-    assert_int_equal(mn_gguf_get_f32(g, "llama.attention.layer_norm_rms_epsilon", &f, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_u32(g, "llama.block_count", &u, &eb), MN_OK); assert_int_equal(u, 30);
+    assert_int_equal(mn_gguf_get_u32(g, "llama.attention.head_count", &u, &eb), MN_OK); assert_int_equal(u, 9);
+    assert_int_equal(mn_gguf_get_u32(g, "llama.attention.head_count_kv", &u, &eb), MN_OK); assert_int_equal(u, 3);
+    assert_int_equal(mn_gguf_get_u32(g, "llama.context_length", &u, &eb), MN_OK); assert_int_equal(u, 8192);
+    assert_int_equal(mn_gguf_get_f32(g, "llama.rope.freq_base", &f, &eb), MN_OK); assert_true(f == 100000.0f);
+    assert_int_equal(mn_gguf_get_f32(g, "llama.attention.layer_norm_rms_epsilon", &f, &eb), MN_OK);
     assert_true(f == 1e-5f);
-    assert_int_equal(mn_gguf_get_bool(g, "tokenizer.ggml.add_bos_token", &b, &eb), MN_EOK); assert_false(b);
-    assert_int_equal(mn_gguf_get_str(g, "tokenizer.ggml.pre", &s, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_bool(g, "tokenizer.ggml.add_bos_token", &b, &eb), MN_OK); assert_false(b);
+    assert_int_equal(mn_gguf_get_str(g, "tokenizer.ggml.pre", &s, &eb), MN_OK);
     assert_int_equal(s.len, 6); assert_memory_equal(s.ptr, "smollm", 6);
     const mn_gguf_value *a;
-    assert_int_equal(mn_gguf_get_arr(g, "tokenizer.ggml.tokens", MN_GGUF_STRING, &a, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_arr(g, "tokenizer.ggml.tokens", MN_GGUF_STRING, &a, &eb), MN_OK);
     assert_int_equal(a->v.arr.n, 49152);
     assert_int_equal(a->v.arr.items[2].v.str.len, 10);
     assert_memory_equal(a->v.arr.items[2].v.str.ptr, "<|im_end|>", 10);
     assert_memory_equal(a->v.arr.items[49151].v.str.ptr, "ectable", 7);
-    assert_int_equal(mn_gguf_get_arr(g, "tokenizer.ggml.merges", MN_GGUF_STRING, &a, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_arr(g, "tokenizer.ggml.merges", MN_GGUF_STRING, &a, &eb), MN_OK);
     assert_int_equal(a->v.arr.n, 48900);
     assert_memory_equal(a->v.arr.items[0].v.str.ptr, "\xc4\xa0 t", 4);
-    assert_int_equal(mn_gguf_get_arr(g, "tokenizer.ggml.token_type", MN_GGUF_INT32, &a, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_arr(g, "tokenizer.ggml.token_type", MN_GGUF_INT32, &a, &eb), MN_OK);
     assert_int_equal(mn_gguf_arr_int(a, 0), 3); assert_int_equal(mn_gguf_arr_int(a, 300), 1);
     mn_gguf_close(g);
 }
@@ -684,7 +684,7 @@ static void check_generated(const mn_gguf *g, const gen_case *c) {
     mn_errbuf eb;
     mn_str s;
     const char *a = c->arch;
-    assert_int_equal(mn_gguf_get_str(g, "general.architecture", &s, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_str(g, "general.architecture", &s, &eb), MN_OK);
     assert_int_equal(s.len, strlen(a)); assert_memory_equal(s.ptr, a, s.len);
     expect_u32(g, a, "block_count", (uint32_t)c->n_layer);
     expect_u32(g, a, "embedding_length", (uint32_t)c->n_embd);
@@ -699,24 +699,24 @@ static void check_generated(const mn_gguf *g, const gen_case *c) {
     else assert_null(mn_gguf_find(g, key));
     float f;
     snprintf(key, sizeof key, "%s.rope.freq_base", a);
-    assert_int_equal(mn_gguf_get_f32(g, key, &f, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_f32(g, key, &f, &eb), MN_OK);
     snprintf(key, sizeof key, "%s.attention.layer_norm_rms_epsilon", a);
-    assert_int_equal(mn_gguf_get_f32(g, key, &f, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_f32(g, key, &f, &eb), MN_OK);
     assert_true(f > 0 && f < 1e-4f);
 
-    assert_int_equal(mn_gguf_get_str(g, "tokenizer.ggml.model", &s, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_str(g, "tokenizer.ggml.model", &s, &eb), MN_OK);
     assert_memory_equal(s.ptr, "gpt2", 4);
-    assert_int_equal(mn_gguf_get_str(g, "tokenizer.chat_template", &s, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_str(g, "tokenizer.chat_template", &s, &eb), MN_OK);
     assert_true(s.len > 20 && memmem(s.ptr, s.len, "<|im_start|>", 12) != NULL);
     const mn_gguf_value *tok, *tt, *mg;
-    assert_int_equal(mn_gguf_get_arr(g, "tokenizer.ggml.tokens", MN_GGUF_STRING, &tok, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_arr(g, "tokenizer.ggml.tokens", MN_GGUF_STRING, &tok, &eb), MN_OK);
     assert_int_equal(tok->v.arr.n, (uint64_t)c->n_vocab);
-    assert_int_equal(mn_gguf_get_arr(g, "tokenizer.ggml.token_type", MN_GGUF_INT32, &tt, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_arr(g, "tokenizer.ggml.token_type", MN_GGUF_INT32, &tt, &eb), MN_OK);
     assert_int_equal(tt->v.arr.n, (uint64_t)c->n_vocab);
-    assert_int_equal(mn_gguf_get_arr(g, "tokenizer.ggml.merges", MN_GGUF_STRING, &mg, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_arr(g, "tokenizer.ggml.merges", MN_GGUF_STRING, &mg, &eb), MN_OK);
     assert_true(mg->v.arr.n >= (uint64_t)(c->n_vocab - 259) || c->n_vocab > 700);
     uint32_t eos;
-    assert_int_equal(mn_gguf_get_u32(g, "tokenizer.ggml.eos_token_id", &eos, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_get_u32(g, "tokenizer.ggml.eos_token_id", &eos, &eb), MN_OK);
     const mn_str *e = &tok->v.arr.items[eos].v.str;
     assert_int_equal(e->len, 13); assert_memory_equal(e->ptr, "<|endoftext|>", 13);
     assert_int_equal(mn_gguf_arr_int(tt, eos), 3);                      /* CONTROL */

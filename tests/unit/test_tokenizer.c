@@ -92,10 +92,10 @@ static void roundtrip(const mn_tokenizer *t, const char *s, size_t n)
     mn_errbuf eb;
     int32_t *ids;
     int64_t nt;
-    assert_int_equal(mn_tokenize(t, s, n, 0, &ids, &nt, &eb), MN_EOK);
+    assert_int_equal(mn_tokenize(t, s, n, 0, &ids, &nt, &eb), MN_OK);
     char *out;
     size_t olen;
-    assert_int_equal(mn_detokenize(t, ids, nt, false, &out, &olen, &eb), MN_EOK);
+    assert_int_equal(mn_detokenize(t, ids, nt, false, &out, &olen, &eb), MN_OK);
     if (olen != n || memcmp(out, s, n) != 0)
         fail_msg("round trip of %zu bytes gave %zu bytes: \"%.*s\"", n, olen, (int)olen, out);
     /* streaming: one token at a time, valid UTF-8 each time; for valid input it must add
@@ -133,14 +133,14 @@ static mn_err collect(void *ctx, size_t off, size_t len)
     pieces *p = ctx;
     size_t n = strlen(p->buf);
     snprintf(p->buf + n, sizeof p->buf - n, "%s%.*s", n ? "|" : "", (int)len, p->text + off);
-    return MN_EOK;
+    return MN_OK;
 }
 
 static void check_split(int pre, const char *text, const char *want)
 {
     pieces p = {.text = text};
     p.buf[0] = 0;
-    assert_int_equal(mn__pretok_split(pre, text, strlen(text), collect, &p), MN_EOK);
+    assert_int_equal(mn__pretok_split(pre, text, strlen(text), collect, &p), MN_OK);
     if (strcmp(p.buf, want) != 0) {
         for (char *c = p.buf; *c; c++)
             *c = *c == '\n' ? 'N' : *c == '\r' ? 'R' : *c;
@@ -252,7 +252,7 @@ static void test_smol_known_pieces(void **state)
     mn_errbuf eb;
     int32_t *ids;
     int64_t n;
-    assert_int_equal(mn_tokenize(smol, s, strlen(s), 0, &ids, &n, &eb), MN_EOK);
+    assert_int_equal(mn_tokenize(smol, s, strlen(s), 0, &ids, &n, &eb), MN_OK);
     assert_int_equal(n, 10);
     for (int i = 0; i < 10; i++) {
         int32_t id = mn_tokenizer_find(smol, want[i], strlen(want[i]));
@@ -273,26 +273,26 @@ static void test_smol_special(void **state)
     mn_errbuf eb;
     int32_t *ids;
     int64_t n;
-    assert_int_equal(mn_tokenize(smol, s, strlen(s), MN_TOK_PARSE_SPECIAL, &ids, &n, &eb), MN_EOK);
+    assert_int_equal(mn_tokenize(smol, s, strlen(s), MN_TOK_PARSE_SPECIAL, &ids, &n, &eb), MN_OK);
     assert_true(n >= 4);
     assert_int_equal(ids[0], start);
     assert_int_equal(ids[n - 1], end);
     int32_t *ids2;
     int64_t n2;
     /* the middle equals encoding "user\nHi" alone */
-    assert_int_equal(mn_tokenize(smol, "user\nHi", 7, 0, &ids2, &n2, &eb), MN_EOK);
+    assert_int_equal(mn_tokenize(smol, "user\nHi", 7, 0, &ids2, &n2, &eb), MN_OK);
     assert_int_equal(n2, n - 2);
     assert_memory_equal(ids2, ids + 1, (size_t)n2 * sizeof *ids2);
     mn_free(ids2);
     mn_free(ids);
     /* without PARSE_SPECIAL the markers are plain text: no special id appears */
-    assert_int_equal(mn_tokenize(smol, s, strlen(s), 0, &ids, &n, &eb), MN_EOK);
+    assert_int_equal(mn_tokenize(smol, s, strlen(s), 0, &ids, &n, &eb), MN_OK);
     for (int64_t i = 0; i < n; i++)
         assert_false(mn_tokenizer_is_special(smol, ids[i]));
     roundtrip(smol, s, strlen(s));
     mn_free(ids);
     /* add_bos_token is false in this model: ADD_BOS adds nothing */
-    assert_int_equal(mn_tokenize(smol, "Hi", 2, MN_TOK_ADD_BOS, &ids, &n, &eb), MN_EOK);
+    assert_int_equal(mn_tokenize(smol, "Hi", 2, MN_TOK_ADD_BOS, &ids, &n, &eb), MN_OK);
     assert_int_equal(n, 1);
     mn_free(ids);
     /* render_special decides whether the streaming detokenizer shows markers */
@@ -345,8 +345,8 @@ static void test_smol_roundtrip(void **state)
     char *out;
     size_t olen;
     const char *in = "a\xff" "b\xfe\xc0 ok";
-    assert_int_equal(mn_tokenize(smol, in, strlen(in), 0, &ids, &n, &eb), MN_EOK);
-    assert_int_equal(mn_detokenize(smol, ids, n, false, &out, &olen, &eb), MN_EOK);
+    assert_int_equal(mn_tokenize(smol, in, strlen(in), 0, &ids, &n, &eb), MN_OK);
+    assert_int_equal(mn_detokenize(smol, ids, n, false, &out, &olen, &eb), MN_OK);
     assert_int_equal(olen, 5);
     assert_memory_equal(out, "ab ok", 5);
     mn_free(out);
@@ -398,7 +398,7 @@ static void test_smol_speed(void **state)
     double best = 1e9;
     for (int r = 0; r < 5; r++) {
         clock_gettime(CLOCK_MONOTONIC, &t0);
-        assert_int_equal(mn_tokenize(smol, buf, n, 0, &ids, &nt, &eb), MN_EOK);
+        assert_int_equal(mn_tokenize(smol, buf, n, 0, &ids, &nt, &eb), MN_OK);
         clock_gettime(CLOCK_MONOTONIC, &t1);
         double dt = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
         best = dt < best ? dt : best;
@@ -498,7 +498,7 @@ static void expect_ids(const mn_tokenizer *t, const char *s, int flags, const in
     mn_errbuf eb;
     int32_t *ids;
     int64_t n;
-    assert_int_equal(mn_tokenize(t, s, strlen(s), flags, &ids, &n, &eb), MN_EOK);
+    assert_int_equal(mn_tokenize(t, s, strlen(s), flags, &ids, &n, &eb), MN_OK);
     if (n != nw || memcmp(ids, want, (size_t)n * sizeof *ids) != 0) {
         char got[256] = "";
         for (int64_t i = 0; i < n && strlen(got) < 200; i++)
@@ -516,7 +516,7 @@ static void test_spm(void **state)
     mn_errbuf eb;
     mn_gguf *g;
     mn_tokenizer *t;
-    assert_int_equal(mn_gguf_open_memory(file, size, &g, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_open_memory(file, size, &g, &eb), MN_OK);
     mn_err err = mn_tokenizer_from_gguf(g, &t, &eb);
     if (err)
         fail_msg("%s", eb.msg);
@@ -538,7 +538,7 @@ static void test_spm(void **state)
     const int32_t ids[] = {1, SPHELLO, SP, W, O, BYTE(0xC3), BYTE(0xA9)};
     char *out;
     size_t olen;
-    assert_int_equal(mn_detokenize(t, ids, 7, false, &out, &olen, &eb), MN_EOK);
+    assert_int_equal(mn_detokenize(t, ids, 7, false, &out, &olen, &eb), MN_OK);
     assert_int_equal(olen, 10);
     assert_memory_equal(out, "hello wo\xc3\xa9", 10);
     mn_free(out);
@@ -549,8 +549,8 @@ static void test_spm(void **state)
     /* without the leading-space rule: "hello" -> he llo ("hello" is no piece); "llo"
      * (-4) is preferred although "lo" (-10) is also a piece */
     file = build_spm_gguf(&size, false);
-    assert_int_equal(mn_gguf_open_memory(file, size, &g, &eb), MN_EOK);
-    assert_int_equal(mn_tokenizer_from_gguf(g, &t, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_open_memory(file, size, &g, &eb), MN_OK);
+    assert_int_equal(mn_tokenizer_from_gguf(g, &t, &eb), MN_OK);
     mn_gguf_close(g);
     expect_ids(t, "hello", 0, (int32_t[]){HE, LLO}, 2);
     expect_ids(t, "lo", 0, (int32_t[]){LO}, 1);
@@ -574,7 +574,7 @@ static void test_bad_gguf(void **state)
     mn_errbuf eb = {{0}};
     mn_gguf *g;
     mn_tokenizer *t = NULL;
-    assert_int_equal(mn_gguf_open_memory(file, size, &g, &eb), MN_EOK);
+    assert_int_equal(mn_gguf_open_memory(file, size, &g, &eb), MN_OK);
     assert_int_equal(mn_tokenizer_from_gguf(g, &t, &eb), MN_EUNSUPPORTED);
     assert_null(t);
     assert_non_null(strstr(eb.msg, "tokenizer.ggml.model"));
