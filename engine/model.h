@@ -58,6 +58,8 @@ typedef struct mn_model {
     float *inv_freq;             /* [n_rot/2] in backend memory */
     mn_buffer *owned;            /* f32 copies of non-f32 norm/bias tensors and inv_freq */
     char name[128];
+    uint8_t fingerprint[16];     /* XXH3-128 of the whole model file: sessions saved under
+                                    another model (or another version of it) are refused */
 } mn_model;
 
 typedef struct mn_model_params {

@@ -16,57 +16,7 @@
 #include "engine/alloc.h"
 #include "engine/forward.h"
 #include "engine/kv.h"
-
-#define PREFIX_EMPTY (-1)
-
-typedef struct prefix_entry {
-    uint64_t hash;       /* chain hash of this block (covers every block before it) */
-    int32_t block;       /* PREFIX_EMPTY for a free slot */
-    int32_t *tokens;     /* the block's tokens, to verify a hit exactly */
-} prefix_entry;
-
-typedef struct gen_state {
-    mn_gen_params p;
-    mn_sampler *sampler;
-    mn_stop *stop;
-    mn_detok detok;
-    mn_token_cb cb;
-    void *ud;
-    int32_t n_generated;
-    mn_finish finish;
-} gen_state;
-
-struct mn_session {
-    char id[33];
-    int32_t *tokens;
-    uint8_t *roles;
-    int32_t n_tokens, cap;
-    int32_t n_computed;
-    mn_kv_seq seq;
-    uint64_t *block_hash;  /* chain hash of each full computed block */
-    int32_t n_hashed, cap_hashed;
-    float *logits;         /* [n_vocab] after the last computed token */
-    bool logits_valid;
-    double last_use;
-    gen_state *gen;        /* non-NULL while generating */
-};
-
-struct mn_engine {
-    mn_model *m;
-    mn_kv_pool *kv;
-    mn_forward *f;
-    int32_t bs, max_batch;
-    mn_session **sessions;
-    int32_t n_sessions, cap_sessions;
-    prefix_entry *prefix;  /* open addressing, power-of-two capacity */
-    int32_t prefix_cap, prefix_count;
-    int64_t hit_tokens, computed_tokens;
-    /* step scratch, sized for max_batch rows */
-    int32_t *b_tok, *b_seq, *b_pos, *b_rows;
-    mn_session **b_sess;
-    mn_kv_seq **b_seqs;
-    float *b_logits, *sample_scratch;
-};
+#include "engine/session_impl.h"
 
 static double now_s(void) {
     struct timespec ts;
@@ -280,7 +230,7 @@ void mn_engine_stats_get(const mn_engine *e, mn_engine_stats *st) {
 
 /* ---- sessions ------------------------------------------------------------------------------ */
 
-static mn_err add_tokens(mn_session *s, const int32_t *toks, int32_t n, mn_role role, mn_errbuf *eb) {
+mn_err mn__session_add_tokens(mn_session *s, const int32_t *toks, int32_t n, mn_role role, mn_errbuf *eb) {
     if (s->n_tokens + n > s->cap) {
         int32_t cap = s->cap ? s->cap : 64;
         while (cap < s->n_tokens + n) cap *= 2;
@@ -299,7 +249,7 @@ static mn_err add_tokens(mn_session *s, const int32_t *toks, int32_t n, mn_role 
     return MN_OK;
 }
 
-static mn_err new_session(mn_engine *e, mn_session **out, mn_errbuf *eb) {
+mn_err mn__session_new(mn_engine *e, mn_session **out, mn_errbuf *eb) {
     if (e->n_sessions == e->cap_sessions) {
         int32_t cap = e->cap_sessions ? e->cap_sessions * 2 : 16;
         mn_session **ns = mn_realloc(e->sessions, (size_t)cap * sizeof *ns);
@@ -393,7 +343,7 @@ static mn_err gen_advance(mn_engine *e, mn_session *s, mn_errbuf *eb) {
     int32_t t = mn_sampler_sample(g->sampler, e->sample_scratch, g->p.sampling.n_logprobs > 0 ? &info : NULL);
     mn_sampler_accept(g->sampler, t);
     g->n_generated++;
-    mn_err err = add_tokens(s, &t, 1, MN_ROLE_ASSISTANT, eb);
+    mn_err err = mn__session_add_tokens(s, &t, 1, MN_ROLE_ASSISTANT, eb);
     if (err != MN_OK) return err;
     char piece[1024], out[2048];
     size_t on = 0;
@@ -486,7 +436,7 @@ mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb) {
 }
 
 /* Run steps until s has nothing pending (and, if generating, until it finished). */
-static mn_err run_until_done(mn_engine *e, mn_session *s, mn_errbuf *eb) {
+mn_err mn__session_run_until_done(mn_engine *e, mn_session *s, mn_errbuf *eb) {
     for (;;) {
         bool busy = wants_compute(s) || (s->gen && s->gen->finish == MN_FINISH_NONE);
         if (!busy) return MN_OK;
@@ -511,8 +461,8 @@ mn_err mn_session_append_tokens(mn_engine *e, mn_session *s, const int32_t *toke
         return mn_errf(eb, MN_ELIMIT, "session %s: %d + %d tokens exceed the context length %d", s->id, s->n_tokens, n,
                        e->m->cfg.n_ctx);
     int32_t before = s->n_tokens;
-    mn_err err = add_tokens(s, tokens, n, role, eb);
-    if (err == MN_OK) err = run_until_done(e, s, eb);
+    mn_err err = mn__session_add_tokens(s, tokens, n, role, eb);
+    if (err == MN_OK) err = mn__session_run_until_done(e, s, eb);
     if (err != MN_OK) { /* nothing half-appended: drop the new tokens and any KV made for them */
         mn_kv_seq_truncate(e->kv, &s->seq, before < s->n_computed ? before : s->n_computed);
         s->n_tokens = before;
@@ -592,7 +542,7 @@ mn_err mn_session_append_text(mn_engine *e, mn_session *s, mn_role role, const c
 
 mn_err mn_session_create(mn_engine *e, const char *system_prompt, mn_session **out, mn_errbuf *eb) {
     mn_session *s;
-    mn_err err = new_session(e, &s, eb);
+    mn_err err = mn__session_new(e, &s, eb);
     if (err != MN_OK) return err;
     if (system_prompt) {
         err = mn_session_append_text(e, s, MN_ROLE_SYSTEM, system_prompt, strlen(system_prompt), eb);
@@ -659,7 +609,7 @@ mn_err mn_session_generate(mn_engine *e, mn_session *s, const mn_gen_params *p, 
             s->n_computed = s->n_tokens - 1;
             if (s->n_hashed * e->bs > s->n_computed) s->n_hashed = s->n_computed / e->bs;
         }
-        err = run_until_done(e, s, eb);
+        err = mn__session_run_until_done(e, s, eb);
     }
     if (res) {
         res->n_generated = g->n_generated;
@@ -672,9 +622,9 @@ mn_err mn_session_generate(mn_engine *e, mn_session *s, const mn_gen_params *p, 
 mn_err mn_session_fork(mn_engine *e, mn_session *s, mn_session **out, mn_errbuf *eb) {
     if (s->gen) return mn_errf(eb, MN_EBUSY, "session %s is generating", s->id);
     mn_session *c;
-    mn_err err = new_session(e, &c, eb);
+    mn_err err = mn__session_new(e, &c, eb);
     if (err != MN_OK) return err;
-    err = add_tokens(c, s->tokens, s->n_tokens, MN_ROLE_NONE, eb);
+    err = mn__session_add_tokens(c, s->tokens, s->n_tokens, MN_ROLE_NONE, eb);
     if (err == MN_OK) memcpy(c->roles, s->roles, (size_t)s->n_tokens);
     if (err == MN_OK) err = mn_kv_seq_clone(e->kv, &s->seq, &c->seq, eb);
     if (err == MN_OK && s->n_hashed) {

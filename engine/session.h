@@ -127,6 +127,20 @@ const int32_t *mn_session_tokens(const mn_session *s, const uint8_t **roles, int
  *  the last append/rewind. */
 const float *mn_session_logits(const mn_session *s);
 
+/* ---- persistence (docs/session-format.md) ----
+ * A saved session holds the model fingerprint, tokens and roles, and the KV of every
+ * computed position; pending tokens are computed before saving. Loading checks
+ * everything and refuses a file saved by another model (MN_EMISMATCH) or a damaged
+ * one (MN_EFORMAT naming the offset), leaving every other session untouched. A loaded
+ * session continues bit-identically to the one that was saved. */
+/** Write s to path atomically (temp file, fsync, rename). */
+mn_err mn_session_save(mn_engine *e, mn_session *s, const char *path, mn_errbuf *eb);
+/** Export s as a byte stream in the same format; *out (mn_malloc) is the caller's. */
+mn_err mn_session_export(mn_engine *e, mn_session *s, uint8_t **out, size_t *len, mn_errbuf *eb);
+/** Load a saved session as a new session (new id). */
+mn_err mn_session_load(mn_engine *e, const char *path, mn_session **out, mn_errbuf *eb);
+mn_err mn_session_import(mn_engine *e, const void *data, size_t len, mn_session **out, mn_errbuf *eb);
+
 /** Run one engine step. *did_work is false when no session had anything to do. */
 mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb);
 

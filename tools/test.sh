@@ -39,4 +39,15 @@ build-fuzz/fuzz_gguf -max_total_time="${MNEME_FUZZ_SECONDS:-20}" -rss_limit_mb=1
 grep -E "stat::number_of_executed_units|ERROR|SUMMARY" "$corpus/log" || true
 if [ $rc -ne 0 ]; then tail -40 "$corpus/log"; echo "fuzz_gguf failed (exit $rc)"; exit 1; fi
 rm -rf "$corpus"
+
+echo "== fuzz smoke: the session file reader for ${MNEME_FUZZ_SECONDS:-20} s"
+ninja -C build-fuzz fuzz_session_file >/dev/null
+corpus=$(mktemp -d)
+MNEME_SESSION_SEED_DIR="$corpus" build/test_session_file >/dev/null
+rc=0
+build-fuzz/fuzz_session_file -max_total_time="${MNEME_FUZZ_SECONDS:-20}" -rss_limit_mb=1024 -print_final_stats=1 \
+  "$corpus" >"$corpus/log" 2>&1 || rc=$?
+grep -E "stat::number_of_executed_units|ERROR|SUMMARY" "$corpus/log" || true
+if [ $rc -ne 0 ]; then tail -40 "$corpus/log"; echo "fuzz_session_file failed (exit $rc)"; exit 1; fi
+rm -rf "$corpus"
 echo "all test stages passed"

@@ -17,7 +17,7 @@ static int is_legacy(mn_dtype t) { return t == MN_Q4_0 || t == MN_Q4_1 || t == M
 static int is_kquant(mn_dtype t) { return t == MN_Q4_K || t == MN_Q5_K || t == MN_Q6_K; }
 
 /* Byte offsets of the work-buffer parts (see matmul_impl.h). */
-typedef struct layout { size_t qs, d, s, bsums, scr, scr_per_thread, total; } layout;
+typedef struct layout { size_t qs, d, s, xc, bsums, scr, scr_per_thread, total; } layout;
 
 static layout plan(const mn_matmul_desc *d, int nth) {
     layout L = {0};
@@ -28,7 +28,9 @@ static layout plan(const mn_matmul_desc *d, int nth) {
     L.d = off; off += align64(T * nb * sizeof(float));
     if (is_legacy(d->w_type)) {
         L.s = off; off += align64(T * nb * sizeof(float));
+        L.xc = off; off += align64(T * nb * sizeof(int32_t));
         L.scr_per_thread = align64(2 * MN__MM_RMAX * nb * sizeof(float));
+        if (d->w_type == MN_Q8_0 && L.scr_per_thread < MN__Q8_SCR_BYTES(nb)) L.scr_per_thread = align64(MN__Q8_SCR_BYTES(nb));
         L.scr = off; off += (size_t)nth * L.scr_per_thread;
     } else {
         L.bsums = off; off += align64(T * nb * 16 * sizeof(int16_t));
@@ -154,6 +156,7 @@ void mn_cpu_matmul(const mn_matmul_desc *d, void *work, const mn_par *par) {
         int8_t *qs = (int8_t *)(base + L.qs);
         float *xd = (float *)(base + L.d);
         float *xs = is_legacy(d->w_type) ? (float *)(base + L.s) : NULL;
+        int32_t *xc = is_legacy(d->w_type) ? (int32_t *)(base + L.xc) : NULL;
         int16_t *bsums = is_kquant(d->w_type) ? (int16_t *)(base + L.bsums) : NULL;
         /* (1) quantize: blocks of all rows split evenly, so T = 1 also uses every thread */
         int64_t lo, hi;
@@ -167,6 +170,7 @@ void mn_cpu_matmul(const mn_matmul_desc *d, void *work, const mn_par *par) {
                 int sum = 0;
                 for (int j = 0; j < be; j++) sum += q[j];
                 xs[i] = xd[i] * (float)sum;
+                xc[i] = -128 * sum;
             } else {
                 for (int g = 0; g < 16; g++) {
                     int sum = 0;
@@ -175,7 +179,7 @@ void mn_cpu_matmul(const mn_matmul_desc *d, void *work, const mn_par *par) {
                 }
             }
         }
-        c.xq = (mn__xq){.qs = qs, .d = xd, .s = xs, .bsums = bsums, .nb = nb};
+        c.xq = (mn__xq){.qs = qs, .d = xd, .s = xs, .xc = xc, .bsums = bsums, .nb = nb};
         if (L.scr_per_thread) c.scr = (float *)(base + L.scr + (size_t)par->ith * L.scr_per_thread);
         mn_par_barrier(par);
     }

@@ -14,5 +14,7 @@
 #define MN__DOT(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (u), (s))
 #define MN__RT 2
 #define MN__CT 4
+#define MN__Q8_VNNI 1
+#define MN__Q8_CT 8
 #define MN__ROWS_FN mn__mm_rows_avx512vnni
 #include "kernels/cpu/matmul_x86.h"

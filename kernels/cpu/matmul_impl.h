@@ -5,8 +5,10 @@
  *   qs    int8  [T][nb*be]   quantized x rows (be = 32 for q8_1, 256 for q8_K)
  *   d     f32   [T][nb]      block scales (amax/127)
  *   s     f32   [T][nb]      q8_1 only: d * sum(qs of the block)
+ *   xc    i32   [T][nb]      q8_1 only: -128 * sum(qs of the block) (the Q8_0 vnni offset)
  *   bsums i16   [T][nb*16]   q8_K only: sums of 16 consecutive qs
  *   scr   f32   [nth][2*MN__MM_RMAX*nb]  legacy quants only: per-thread weight-scale rows
+ *                                  (Q8_0: MN__Q8_SCR_BYTES(nb), 8 rows repacked, see matmul_x86.h)
  * Every output element is computed by one fixed per-element sequence that depends only
  * on (SIMD level, weight type, K), never on the tile it sits in: that is what makes the
  * op batch invariant (see kernels/ops.h).
@@ -19,10 +21,14 @@
 
 #define MN__MM_RMAX 4 /* most weight rows in one register tile (any level) */
 
+/* Q8_0 per-thread scratch: 8 rows' quants interleaved (256 bytes a block) + their scales. */
+#define MN__Q8_SCR_BYTES(nb) ((size_t)(nb) * (256 + 8 * sizeof(float)))
+
 /* Quantized activations of one call. */
 typedef struct mn__xq {
     const int8_t *qs;
     const float *d, *s;
+    const int32_t *xc;     /* -128 * block sums (legacy quants) */
     const int16_t *bsums;
     int64_t nb;            /* blocks per row */
 } mn__xq;

@@ -18,6 +18,7 @@
  * The includer turns off FP contraction so no mul+add is fused behind our back.
  */
 #include <immintrin.h>
+#include <string.h>
 
 #include "kernels/cpu/matmul_impl.h"
 #include "kernels/quant_math.h"
@@ -161,6 +162,137 @@ static void x86_rows_legacy(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
     }
 }
 
+/* ---- Q8_0 x q8_1: 8 weight rows interleaved, one vector lane per row ------------------
+ * The 8 rows of a group are repacked once into the thread's scratch: per block, vector k
+ * holds bytes 4k..4k+3 of rows 0..7, so one integer dot with the 4 activation bytes
+ * 4k..4k+3 broadcast adds to each row's own lane, and after 8 of them lane r holds the
+ * exact integer dot of row r's block: no horizontal sums, no per-(row, token) float work
+ * beyond the scaling. Per element the sequence is the reference's, in block order:
+ * acc = acc + (dw*dx) * (float)isum (separate mul and add), whatever the tile, T or
+ * level, so Q8_0 equals mn_ref_matmul bit for bit.
+ * vnni: vpdpbusd needs unsigned x signed, so the repacked weights are w + 128 (u8) and the
+ * dot starts from -128 * sum(x) of the block (xq.xc): exact. avx2: maddubs would saturate
+ * on w + 128, so it keeps signed weights and the abs/sign trick. */
+#ifndef MN__Q8_CT
+#define MN__Q8_CT 4
+#endif
+
+static void x86_q8_repack(const mn_matmul_desc *d, int64_t n, int R, int64_t nb, int8_t *wp, float *dwT) {
+    const mn_block_q8_0 *rows[8];
+    for (int r = 0; r < 8; r++) /* a short group repeats its last row: those lanes are never stored */
+        rows[r] = (const mn_block_q8_0 *)((const char *)d->w + (n + (r < R ? r : R - 1)) * d->w_row_bytes);
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i v[8], t[8], u[8];
+        uint16_t dh[8];
+        for (int r = 0; r < 8; r++) {
+            v[r] = _mm256_loadu_si256((const __m256i *)rows[r][b].qs);
+            dh[r] = rows[r][b].d;
+        }
+        for (int r = 0; r < 8; r += 2) { /* 8x8 transpose of 4-byte groups */
+            t[r] = _mm256_unpacklo_epi32(v[r], v[r + 1]);
+            t[r + 1] = _mm256_unpackhi_epi32(v[r], v[r + 1]);
+        }
+        for (int h = 0; h < 8; h += 4) {
+            u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);
+            u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);
+            u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);
+            u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);
+        }
+        __m256i *o = (__m256i *)(wp + b * 256);
+#if MN__Q8_VNNI
+        const __m256i off = _mm256_set1_epi8((char)0x80);
+#endif
+        for (int k = 0; k < 4; k++) {
+            __m256i lo = _mm256_permute2x128_si256(u[k], u[k + 4], 0x20);
+            __m256i hi = _mm256_permute2x128_si256(u[k], u[k + 4], 0x31);
+#if MN__Q8_VNNI
+            lo = _mm256_xor_si256(lo, off);
+            hi = _mm256_xor_si256(hi, off);
+#endif
+            _mm256_store_si256(o + k, lo);
+            _mm256_store_si256(o + k + 4, hi);
+        }
+        _mm256_storeu_ps(dwT + b * 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dh)));
+    }
+}
+
+static inline __attribute__((always_inline)) void x86_q8_tile(const mn__mm_ctx *c, const int C, int64_t n, int R,
+                                                              int64_t tok, const int8_t *wp, const float *dwT) {
+    const mn_matmul_desc *d = c->d;
+    const int64_t nb = c->xq.nb;
+    const int8_t *xq[MN__Q8_CT];
+    const float *xd[MN__Q8_CT];
+    __m256 acc[MN__Q8_CT];
+    _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
+        xq[j] = c->xq.qs + (tok + j) * nb * MN_QK;
+        xd[j] = c->xq.d + (tok + j) * nb;
+        acc[j] = _mm256_setzero_ps();
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i *W = (const __m256i *)(wp + b * 256);
+        __m256i p[MN__Q8_CT];
+        _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
+#if MN__Q8_VNNI
+            p[j] = _mm256_set1_epi32(c->xq.xc[(tok + j) * nb + b]);
+#else
+            p[j] = _mm256_setzero_si256();
+#endif
+        }
+        _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) {
+            __m256i w = _mm256_load_si256(W + k);
+#if !MN__Q8_VNNI
+            __m256i aw = _mm256_abs_epi8(w);
+#endif
+            _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
+                int32_t x4;
+                memcpy(&x4, xq[j] + b * MN_QK + 4 * k, 4);
+                __m256i xb = _mm256_set1_epi32(x4);
+#if MN__Q8_VNNI
+                p[j] = _mm256_dpbusd_epi32(p[j], w, xb);
+#else
+                p[j] = _mm256_add_epi32(p[j], MN__DOT(aw, _mm256_sign_epi8(xb, w)));
+#endif
+            }
+        }
+        __m256 dwv = _mm256_loadu_ps(dwT + b * 8);
+        _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
+            __m256 sc = _mm256_mul_ps(dwv, _mm256_broadcast_ss(&xd[j][b]));
+            acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(sc, _mm256_cvtepi32_ps(p[j])));
+        }
+    }
+    _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
+        float v[8];
+        _mm256_storeu_ps(v, acc[j]);
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) mn__mm_store(d, tok + j, n + r, v[r]);
+    }
+}
+
+static void x86_rows_q8(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
+    const mn_matmul_desc *d = c->d;
+    int64_t nb = c->xq.nb;
+    int8_t *wp = (int8_t *)c->scr;
+    float *dwT = (float *)(wp + nb * 256);
+    for (int64_t n = n0; n < n1; n += 8) {
+        int R = n1 - n < 8 ? (int)(n1 - n) : 8;
+        x86_q8_repack(d, n, R, nb, wp, dwT);
+        for (int64_t tok = 0; tok < d->T; tok += MN__Q8_CT) {
+            int C = d->T - tok < MN__Q8_CT ? (int)(d->T - tok) : MN__Q8_CT;
+            switch (C) { /* C a constant in each case: straight-line bodies, same per-element ops */
+            case 1: x86_q8_tile(c, 1, n, R, tok, wp, dwT); break;
+            case 2: x86_q8_tile(c, 2, n, R, tok, wp, dwT); break;
+            case 3: x86_q8_tile(c, 3, n, R, tok, wp, dwT); break;
+#if MN__Q8_CT > 4
+            case 4: x86_q8_tile(c, 4, n, R, tok, wp, dwT); break;
+            case 5: x86_q8_tile(c, 5, n, R, tok, wp, dwT); break;
+            case 6: x86_q8_tile(c, 6, n, R, tok, wp, dwT); break;
+            case 7: x86_q8_tile(c, 7, n, R, tok, wp, dwT); break;
+#endif
+            default: x86_q8_tile(c, MN__Q8_CT, n, R, tok, wp, dwT); break;
+            }
+        }
+    }
+}
+
 /* ---- K-quants x q8_K: one element at a time, exact int32 per super-block ----------------- */
 
 static float x86_dot_kquant(mn_dtype t, const char *row, const mn__xq *xq, int64_t tok) {
@@ -256,7 +388,11 @@ static float x86_dot_float(mn_dtype t, const char *row, const float *x, int64_t 
 void MN__ROWS_FN(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
     const mn_matmul_desc *d = c->d;
     mn_dtype t = d->w_type;
-    if (t == MN_Q4_0 || t == MN_Q4_1 || t == MN_Q8_0) {
+    if (t == MN_Q8_0) {
+        x86_rows_q8(c, n0, n1);
+        return;
+    }
+    if (t == MN_Q4_0 || t == MN_Q4_1) {
         x86_rows_legacy(c, n0, n1);
         return;
     }

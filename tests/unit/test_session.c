@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "engine/alloc.h"
 #include "engine/session.h"
@@ -293,6 +294,91 @@ static void test_bad_input(void **state) {
     mn_engine_free(e);
 }
 
+/* T0 -> bytes -> T0, and T0 -> file -> new engine -> T0: bit-identical continuation. */
+static void test_save_load(void **state) {
+    mn_engine *e = engine(256);
+    mn_errbuf eb;
+    mn_session *a, *b;
+    assert_int_equal(mn_session_create(e, "You are a helpful assistant.", &a, &eb), MN_OK);
+    append(e, a, MN_ROLE_USER, "Remember the number 4172. What is it?");
+    mn_gen_params g = greedy(5);
+    g.assistant_prefix = true;
+    assert_int_equal(mn_session_generate(e, a, &g, NULL, NULL, NULL, &eb), MN_OK);
+    /* export / import in one engine */
+    uint8_t *buf;
+    size_t len;
+    assert_int_equal(mn_session_export(e, a, &buf, &len, &eb), MN_OK);
+    int32_t na;
+    mn_session_tokens(a, NULL, &na);
+    assert_true(len > (size_t)na * 23040 / 2); /* the KV is in there */
+    assert_int_equal(mn_session_import(e, buf, len, &b, &eb), MN_OK);
+    assert_string_not_equal(mn_session_id(a), mn_session_id(b));
+    int32_t nb;
+    const uint8_t *ra, *rb;
+    const int32_t *ta = mn_session_tokens(a, &ra, &na), *tb = mn_session_tokens(b, &rb, &nb);
+    assert_int_equal(na, nb);
+    assert_memory_equal(ta, tb, (size_t)na * 4);
+    assert_memory_equal(ra, rb, (size_t)na);
+    append(e, a, MN_ROLE_USER, "Thanks!");
+    append(e, b, MN_ROLE_USER, "Thanks!");
+    size_t vb = (size_t)model->cfg.n_vocab * sizeof(float);
+    assert_memory_equal(mn_session_logits(a), mn_session_logits(b), vb);
+    /* damaged streams are refused and change nothing */
+    mn_engine_stats st0, st1;
+    mn_engine_stats_get(e, &st0);
+    mn_session *c;
+    for (size_t off = 0; off < len; off += len / 7 + 1) {
+        buf[off] ^= 0x40;
+        assert_int_equal(mn_session_import(e, buf, len, &c, &eb), MN_EFORMAT);
+        buf[off] ^= 0x40;
+    }
+    assert_int_equal(mn_session_import(e, buf, len / 2, &c, &eb), MN_EFORMAT);
+    mn_engine_stats_get(e, &st1);
+    assert_int_equal(st1.n_sessions, st0.n_sessions);
+    assert_int_equal(st1.blocks_free, st0.blocks_free);
+    mn_free(buf);
+
+    /* file, then a new engine (a restart): the restored session continues identically */
+    char path[] = "/tmp/mneme-test-session-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    assert_int_equal(mn_session_save(e, a, path, &eb), MN_OK);
+    append(e, a, MN_ROLE_USER, "One more question: and the number doubled?");
+    float *expect = malloc(vb);
+    memcpy(expect, mn_session_logits(a), vb);
+    mn_engine_free(e);
+    mn_engine *e2 = engine(256);
+    mn_session *r;
+    assert_int_equal(mn_session_load(e2, path, &r, &eb), MN_OK);
+    append(e2, r, MN_ROLE_USER, "One more question: and the number doubled?");
+    assert_memory_equal(mn_session_logits(r), expect, vb);
+    /* a session file of another model is refused with a clear error */
+    char cmd[1024], other[] = "/tmp/mneme-test-model-XXXXXX";
+    fd = mkstemp(other);
+    close(fd);
+    snprintf(cmd, sizeof cmd, "python3 %s/tools/gen_gguf.py %s --n-layer 1 --n-embd 64 --n-head 2 --n-kv-head 1 --n-ff 64 --n-vocab 300 >/dev/null 2>&1",
+             getenv("MNEME_SOURCE_DIR") ? getenv("MNEME_SOURCE_DIR") : ".", other);
+    if (system(cmd) != 0) fail_msg("cannot run tools/gen_gguf.py (python3 with the gguf package is needed): %s", cmd);
+    mn_model *m2;
+    assert_int_equal(mn_model_load(other, be, NULL, &m2, &eb), MN_OK);
+    mn_engine *e3;
+    mn_engine_params p3 = {.block_size = 16, .n_blocks = 64, .max_batch_tokens = 64};
+    assert_int_equal(mn_engine_new(m2, &p3, &e3, &eb), MN_OK);
+    assert_int_equal(mn_session_load(e3, path, &r, &eb), MN_EMISMATCH);
+    assert_non_null(strstr(eb.msg, "model"));
+    mn_engine_free(e3);
+    mn_model_free(m2);
+    unlink(other);
+    /* missing and truncated files */
+    assert_int_equal(mn_session_load(e2, "/nonexistent/dir/s.mns", &r, &eb), MN_ENOT_FOUND);
+    assert_int_equal(truncate(path, 100), 0);
+    assert_int_equal(mn_session_load(e2, path, &r, &eb), MN_EFORMAT);
+    unlink(path);
+    free(expect);
+    mn_engine_free(e2);
+}
+
 int main(void) {
     const char *allow = getenv("MNEME_ALLOW_NO_MODEL");
     FILE *f = fopen(model_path(), "rb");
@@ -304,6 +390,7 @@ int main(void) {
         cmocka_unit_test(test_rewind),
         cmocka_unit_test(test_prefix_sharing),
         cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_save_load),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -1,0 +1,129 @@
+/* engine/session_io.c — saving, loading, exporting and importing sessions.
+ *
+ * The file format (engine/session_file.c, docs/session-format.md) stores KV block-major
+ * (one block of every layer per chunk); the pool stores it layer-major. Saving gathers
+ * a session's blocks into a host image with backend copies (D2H), loading scatters them
+ * into freshly reserved blocks (H2D). */
+#include <string.h>
+
+#include "engine/alloc.h"
+#include "engine/session_file.h"
+#include "engine/session_impl.h"
+
+/* Pool address of (block id, layer, K=0/V=1). */
+static uint16_t *pool_block(const mn_kv_pool *p, int32_t id, int32_t layer, int kind) {
+    int64_t per_kind = (int64_t)p->n_blocks * p->block_elems;
+    return (uint16_t *)p->buf->ptr + ((int64_t)layer * 2 + kind) * per_kind + (int64_t)id * p->block_elems;
+}
+
+static mn_err build_image(mn_engine *e, mn_session *s, mn_session_image *img, uint16_t **kv_out, mn_errbuf *eb) {
+    if (s->gen) return mn_errf(eb, MN_EBUSY, "session %s is generating", s->id);
+    mn_err err = mn__session_run_until_done(e, s, eb); /* pending tokens get their KV first */
+    if (err != MN_OK) return err;
+    const mn_kv_pool *p = e->kv;
+    int32_t n_blocks = (s->n_computed + p->block_size - 1) / p->block_size;
+    size_t block_all = (size_t)p->n_layer * 2 * (size_t)p->block_elems;
+    uint16_t *kv = mn_aligned_alloc(64, (n_blocks ? (size_t)n_blocks : 1) * block_all * sizeof(uint16_t));
+    if (!kv) return mn_errf(eb, MN_ENOMEM, "session %s: out of memory for a %d-block image", s->id, n_blocks);
+    for (int32_t b = 0; b < n_blocks && err == MN_OK; b++)
+        for (int32_t l = 0; l < p->n_layer && err == MN_OK; l++)
+            for (int k = 0; k < 2 && err == MN_OK; k++)
+                err = mn_backend_copy_async(p->backend, MN_COPY_D2H, kv + ((size_t)b * p->n_layer + l) * 2 * p->block_elems + (size_t)k * p->block_elems,
+                                            pool_block(p, s->seq.blocks[b], l, k), (size_t)p->block_elems * sizeof(uint16_t), eb);
+    if (err == MN_OK) err = mn_backend_synchronize(p->backend, eb);
+    if (err != MN_OK) {
+        mn_free(kv);
+        return err;
+    }
+    memset(img, 0, sizeof *img);
+    memcpy(img->model_fp, e->m->fingerprint, 16);
+    img->n_layer = p->n_layer;
+    img->n_kv_head = p->n_kv_head;
+    img->head_dim = p->head_dim;
+    img->block_size = p->block_size;
+    img->n_tokens = s->n_computed;
+    img->tokens = s->tokens;
+    img->roles = s->roles;
+    img->n_blocks = n_blocks;
+    img->kv = kv;
+    *kv_out = kv;
+    return MN_OK;
+}
+
+mn_err mn_session_save(mn_engine *e, mn_session *s, const char *path, mn_errbuf *eb) {
+    mn_session_image img;
+    uint16_t *kv;
+    mn_err err = build_image(e, s, &img, &kv, eb);
+    if (err != MN_OK) return err;
+    err = mn_session_write_file(path, &img, eb);
+    mn_free(kv);
+    return err;
+}
+
+mn_err mn_session_export(mn_engine *e, mn_session *s, uint8_t **out, size_t *len, mn_errbuf *eb) {
+    mn_session_image img;
+    uint16_t *kv;
+    mn_err err = build_image(e, s, &img, &kv, eb);
+    if (err != MN_OK) return err;
+    err = mn_session_write_mem(&img, out, len, eb);
+    mn_free(kv);
+    return err;
+}
+
+/* Turn a validated image into a session of e. */
+static mn_err restore(mn_engine *e, mn_session_loaded *ld, mn_session **out, mn_errbuf *eb) {
+    const mn_session_image *img = &ld->img;
+    mn_kv_pool *p = e->kv;
+    static const uint8_t no_adapter[16] = {0};
+    mn_err err = mn_session_check_adapter(ld, no_adapter, eb);
+    if (err != MN_OK) return err;
+    if (img->n_layer != p->n_layer || img->n_kv_head != p->n_kv_head || img->head_dim != p->head_dim ||
+        img->block_size != p->block_size)
+        return mn_errf(eb, MN_EMISMATCH, "session KV geometry (layers %d, kv heads %d, head dim %d, block %d) does not match "
+                       "this engine (%d, %d, %d, %d)", img->n_layer, img->n_kv_head, img->head_dim, img->block_size,
+                       p->n_layer, p->n_kv_head, p->head_dim, p->block_size);
+    if (img->n_tokens > e->m->cfg.n_ctx)
+        return mn_errf(eb, MN_ELIMIT, "session has %d tokens, more than the context length %d", img->n_tokens, e->m->cfg.n_ctx);
+    for (int32_t i = 0; i < img->n_tokens; i++)
+        if (img->tokens[i] >= e->m->cfg.n_vocab)
+            return mn_errf(eb, MN_EFORMAT, "session token %d is %d, not in [0, %d)", i, img->tokens[i], e->m->cfg.n_vocab);
+    mn_session *s;
+    if ((err = mn__session_new(e, &s, eb)) != MN_OK) return err;
+    err = mn__session_add_tokens(s, img->tokens, img->n_tokens, MN_ROLE_NONE, eb);
+    if (err == MN_OK && img->n_tokens) memcpy(s->roles, img->roles, (size_t)img->n_tokens);
+    if (err == MN_OK) err = mn_kv_seq_reserve(p, &s->seq, img->n_tokens, eb);
+    for (int32_t b = 0; b < img->n_blocks && err == MN_OK; b++)
+        for (int32_t l = 0; l < p->n_layer && err == MN_OK; l++)
+            for (int k = 0; k < 2 && err == MN_OK; k++)
+                err = mn_backend_copy_async(p->backend, MN_COPY_H2D, pool_block(p, s->seq.blocks[b], l, k),
+                                            img->kv + ((size_t)b * p->n_layer + l) * 2 * p->block_elems + (size_t)k * p->block_elems,
+                                            (size_t)p->block_elems * sizeof(uint16_t), eb);
+    if (err == MN_OK) err = mn_backend_synchronize(p->backend, eb);
+    if (err != MN_OK) {
+        mn_session_delete(e, s);
+        return err;
+    }
+    s->seq.n_tokens = img->n_tokens;
+    s->n_computed = img->n_tokens;
+    s->logits_valid = false; /* the next generate recomputes the last token from the restored KV */
+    *out = s;
+    return MN_OK;
+}
+
+mn_err mn_session_load(mn_engine *e, const char *path, mn_session **out, mn_errbuf *eb) {
+    mn_session_loaded *ld;
+    mn_err err = mn_session_read_file(path, e->m->fingerprint, &ld, eb);
+    if (err != MN_OK) return err;
+    err = restore(e, ld, out, eb);
+    mn_session_loaded_free(ld);
+    return err;
+}
+
+mn_err mn_session_import(mn_engine *e, const void *data, size_t len, mn_session **out, mn_errbuf *eb) {
+    mn_session_loaded *ld;
+    mn_err err = mn_session_read_mem(data, len, e->m->fingerprint, &ld, eb);
+    if (err != MN_OK) return err;
+    err = restore(e, ld, out, eb);
+    mn_session_loaded_free(ld);
+    return err;
+}
