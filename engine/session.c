@@ -90,7 +90,7 @@ static mn_err prefix_insert(mn_engine *e, uint64_t h, const int32_t *toks, int32
 
 /* Drop cache entries that no session uses (the cache holds the only reference), so their
  * blocks return to the pool. Rebuilds the table (deletion from linear probing). */
-static void prefix_evict_unused(mn_engine *e) {
+void mn__prefix_evict_unused(mn_engine *e) {
     if (!e->prefix_count) return;
     prefix_entry *old = e->prefix;
     int32_t cap = e->prefix_cap;
@@ -175,6 +175,14 @@ mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn
     int32_t ctx = c->n_ctx < 4096 ? c->n_ctx : 4096;
     int32_t n_blocks = p && p->n_blocks > 0 ? p->n_blocks : 4 * ((ctx + e->bs - 1) / e->bs);
     int32_t mb = e->max_batch;
+    if (p) {
+        e->tier_budget[1] = p->t1_budget;
+        e->tier_budget[2] = p->t2_budget;
+        if (p->persist_dir && !(e->persist_dir = mn_strdup(p->persist_dir))) {
+            mn_free(e);
+            return mn_errf(eb, MN_ENOMEM, "engine: out of memory");
+        }
+    }
     mn_err err = mn_kv_pool_new(m->backend, c->n_layer, c->n_kv_head, c->head_dim, e->bs, n_blocks, &e->kv, eb);
     if (err == MN_OK) err = mn_forward_new(m, e->kv, &e->f, eb);
     if (err == MN_OK) {
@@ -213,6 +221,7 @@ void mn_engine_free(mn_engine *e) {
     mn_kv_pool_free(e->kv);
     mn_free(e->b_tok); mn_free(e->b_seq); mn_free(e->b_pos); mn_free(e->b_rows);
     mn_free(e->b_sess); mn_free(e->b_seqs); mn_free(e->b_logits); mn_free(e->sample_scratch);
+    mn_free(e->persist_dir);
     mn_free(e);
 }
 
@@ -226,6 +235,13 @@ void mn_engine_stats_get(const mn_engine *e, mn_engine_stats *st) {
     st->prefix_hit_tokens = e->hit_tokens;
     st->computed_tokens = e->computed_tokens;
     st->bytes_per_token = mn_kv_bytes_per_token(e->kv);
+    for (int t = 0; t < 4; t++) {
+        st->tier_bytes[t] = e->tier_used[t];
+        st->tier_sessions[t] = 0;
+        st->swapped_out[t] = e->swapped_out[t];
+        st->swapped_in[t] = e->swapped_in[t];
+    }
+    for (int32_t i = 0; i < e->n_sessions; i++) st->tier_sessions[e->sessions[i]->tier]++;
 }
 
 /* ---- sessions ------------------------------------------------------------------------------ */
@@ -285,6 +301,7 @@ static void gen_end(mn_session *s) {
 
 static void session_free(mn_engine *e, mn_session *s) {
     gen_end(s);
+    mn__tier_drop(e, s);
     mn_kv_seq_release(e->kv, &s->seq);
     mn_free(s->tokens);
     mn_free(s->roles);
@@ -325,8 +342,8 @@ void mn_session_info_get(const mn_engine *e, const mn_session *s, mn_session_inf
     info->n_computed = s->n_computed;
     info->n_blocks = s->seq.n_blocks;
     info->n_shared_blocks = shared;
-    info->kv_bytes = (int64_t)s->seq.n_blocks * e->bs * mn_kv_bytes_per_token(e->kv);
-    info->tier = "T0";
+    info->kv_bytes = s->tier ? s->host_bytes : (int64_t)s->seq.n_blocks * e->bs * mn_kv_bytes_per_token(e->kv);
+    info->tier = mn__tier_name(s->tier);
     info->last_use = s->last_use;
 }
 
@@ -378,6 +395,17 @@ mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb) {
     }
     for (int32_t i = 0; i < e->n_sessions; i++)
         if (wants_compute(e->sessions[i]) && (err = attach_cached(e, e->sessions[i], eb)) != MN_OK) return err;
+    /* blocks this step may need (new positions, plus one copy-on-write each): swap idle
+     * sessions out now rather than fail in the middle of the batch */
+    int32_t need = 0;
+    for (int32_t i = 0; i < e->n_sessions; i++) {
+        mn_session *s = e->sessions[i];
+        if (wants_compute(s)) need += (s->n_tokens + e->bs - 1) / e->bs - s->seq.n_blocks + 1;
+    }
+    if (need > e->kv->n_free) {
+        mn_errbuf ignore;
+        mn__tier_make_room(e, need, NULL, &ignore); /* best effort: the forward reports a real shortage */
+    }
 
     /* plan: one token for each session with exactly one pending (decode), then chunks */
     int32_t n = 0, ns = 0;
@@ -388,7 +416,7 @@ mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb) {
             if (pending <= 0 || (pass == 0) != (pending == 1)) continue;
             int32_t take = pending < e->max_batch - n ? pending : e->max_batch - n;
             if ((err = mn_kv_seq_make_writable(e->kv, &s->seq, s->n_computed, eb)) != MN_OK) {
-                prefix_evict_unused(e);
+                mn__prefix_evict_unused(e);
                 if ((err = mn_kv_seq_make_writable(e->kv, &s->seq, s->n_computed, eb)) != MN_OK) return err;
             }
             s->seq.n_tokens = s->n_computed;
@@ -415,7 +443,7 @@ mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb) {
     mn_batch b = {n, e->b_tok, e->b_seq, e->b_pos, n_out, e->b_rows};
     err = mn_forward_run(e->f, e->b_seqs, ns, &b, e->b_logits, eb);
     if (err == MN_ELIMIT) { /* pool full: give back cached blocks nobody uses, then retry */
-        prefix_evict_unused(e);
+        mn__prefix_evict_unused(e);
         err = mn_forward_run(e->f, e->b_seqs, ns, &b, e->b_logits, eb);
     }
     if (err != MN_OK) return err;
@@ -453,6 +481,8 @@ mn_err mn_session_append_tokens(mn_engine *e, mn_session *s, const int32_t *toke
                                 mn_errbuf *eb) {
     if (s->gen) return mn_errf(eb, MN_EBUSY, "session %s is generating", s->id);
     if ((unsigned)role > MN_ROLE_THOUGHT) return mn_errf(eb, MN_EINVALID, "role %d unknown", (int)role);
+    mn_err rerr = mn__tier_ensure_resident(e, s, eb);
+    if (rerr != MN_OK) return rerr;
     if (n < 0) return mn_errf(eb, MN_EINVALID, "token count %d is negative", n);
     for (int32_t i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= e->m->cfg.n_vocab)
@@ -582,6 +612,7 @@ mn_err mn_session_generate(mn_engine *e, mn_session *s, const mn_gen_params *p, 
         return mn_errf(eb, MN_ELIMIT, "session %s: %d tokens + max_tokens %d exceed the context length %d", s->id,
                        s->n_tokens, p->max_tokens, e->m->cfg.n_ctx);
     mn_err err = mn_sampling_validate(&p->sampling, e->m->cfg.n_vocab, eb);
+    if (err == MN_OK) err = mn__tier_ensure_resident(e, s, eb);
     if (err != MN_OK) return err;
     if (p->assistant_prefix) {
         int32_t *h = NULL;
@@ -621,8 +652,10 @@ mn_err mn_session_generate(mn_engine *e, mn_session *s, const mn_gen_params *p, 
 
 mn_err mn_session_fork(mn_engine *e, mn_session *s, mn_session **out, mn_errbuf *eb) {
     if (s->gen) return mn_errf(eb, MN_EBUSY, "session %s is generating", s->id);
+    mn_err err = mn__tier_ensure_resident(e, s, eb);
+    if (err != MN_OK) return err;
     mn_session *c;
-    mn_err err = mn__session_new(e, &c, eb);
+    err = mn__session_new(e, &c, eb);
     if (err != MN_OK) return err;
     err = mn__session_add_tokens(c, s->tokens, s->n_tokens, MN_ROLE_NONE, eb);
     if (err == MN_OK) memcpy(c->roles, s->roles, (size_t)s->n_tokens);
@@ -651,6 +684,8 @@ mn_err mn_session_rewind(mn_engine *e, mn_session *s, int32_t n, mn_errbuf *eb) 
     if (n < 0 || n > s->n_tokens)
         return mn_errf(eb, MN_ERANGE, "rewind position %d is not in [0, %d] (session length)", n, s->n_tokens);
     if (n == s->n_tokens) return MN_OK;
+    mn_err err = mn__tier_ensure_resident(e, s, eb);
+    if (err != MN_OK) return err;
     s->n_tokens = n;
     if (s->n_computed > n) s->n_computed = n;
     mn_kv_seq_truncate(e->kv, &s->seq, s->n_computed);

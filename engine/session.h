@@ -46,6 +46,9 @@ typedef struct mn_engine_params {
     int32_t block_size;        /* tokens per KV block (default 16) */
     int32_t n_blocks;          /* KV pool size in blocks (default: enough for 4 full contexts) */
     int32_t max_batch_tokens;  /* per step (default 512) */
+    int64_t t1_budget;         /* bytes of host KV images (T1); 0 = unlimited */
+    int64_t t2_budget;         /* bytes of compressed host KV (T2); 0 = unlimited */
+    const char *persist_dir;   /* T3 directory (copied); NULL = no disk tier */
 } mn_engine_params;
 
 typedef struct mn_engine mn_engine;
@@ -62,6 +65,9 @@ typedef struct mn_engine_stats {
     int64_t prefix_hit_tokens;     /* tokens attached from the cache instead of computed */
     int64_t computed_tokens;       /* tokens run through the model */
     int64_t bytes_per_token;
+    int64_t tier_bytes[4];         /* bytes held in T1, T2 (T0: see blocks; T3: on disk) */
+    int32_t tier_sessions[4];      /* sessions whose KV is in each tier */
+    int64_t swapped_out[4], swapped_in[4];  /* bytes moved to / from each tier */
 } mn_engine_stats;
 void mn_engine_stats_get(const mn_engine *e, mn_engine_stats *st);
 
@@ -140,6 +146,14 @@ mn_err mn_session_export(mn_engine *e, mn_session *s, uint8_t **out, size_t *len
 /** Load a saved session as a new session (new id). */
 mn_err mn_session_load(mn_engine *e, const char *path, mn_session **out, mn_errbuf *eb);
 mn_err mn_session_import(mn_engine *e, const void *data, size_t len, mn_session **out, mn_errbuf *eb);
+
+/* ---- tiers (engine/tier.c) ---- */
+/** Move s's KV down to tier 1 (host image), 2 (compressed host) or 3 (file in the persist
+ *  directory). Pending tokens are computed first. Access promotes it back to T0. */
+mn_err mn_session_demote(mn_engine *e, mn_session *s, int tier, mn_errbuf *eb);
+/** Demote sessions idle for longer than idle_seconds (T1), twice that (T2), four times
+ *  (T3 when there is a persist directory); now is mn-style monotonic seconds. */
+mn_err mn_engine_demote_idle(mn_engine *e, double idle_seconds, double now, mn_errbuf *eb);
 
 /** Run one engine step. *did_work is false when no session had anything to do. */
 mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb);

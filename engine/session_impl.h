@@ -5,6 +5,7 @@
 #include "engine/forward.h"
 #include "engine/kv.h"
 #include "engine/session.h"
+#include "engine/session_file.h"
 
 #define PREFIX_EMPTY (-1)
 
@@ -38,6 +39,14 @@ struct mn_session {
     bool logits_valid;
     double last_use;
     gen_state *gen;        /* non-NULL while generating */
+    /* tiering: where the KV of [0, n_computed) lives when it is not in the pool (T0) */
+    int tier;              /* 0 resident; 1 host image; 2 compressed host bytes; 3 file */
+    uint16_t *host_kv;     /* T1: block-major image (session_file.h layout) */
+    int32_t host_blocks;
+    uint8_t *packed;       /* T2: a session stream (lz4 chunks, checksums) */
+    size_t packed_len;
+    char *file;            /* T3: path of the session file */
+    int64_t host_bytes;    /* bytes it holds in T1 or T2 */
 };
 
 struct mn_engine {
@@ -55,6 +64,10 @@ struct mn_engine {
     mn_session **b_sess;
     mn_kv_seq **b_seqs;
     float *b_logits, *sample_scratch;
+    /* tiers */
+    int64_t tier_budget[4], tier_used[4];   /* [1] T1, [2] T2 bytes (0 = unlimited) */
+    char *persist_dir;                      /* T3; NULL: no disk tier */
+    int64_t swapped_out[4], swapped_in[4];  /* bytes moved to / from each tier */
 };
 
 
@@ -62,5 +75,17 @@ struct mn_engine {
 mn_err mn__session_new(mn_engine *e, mn_session **out, mn_errbuf *eb);
 mn_err mn__session_add_tokens(mn_session *s, const int32_t *toks, int32_t n, mn_role role, mn_errbuf *eb);
 mn_err mn__session_run_until_done(mn_engine *e, mn_session *s, mn_errbuf *eb);
+/* session_io.c: move a session's KV between the pool and a block-major host image */
+mn_err mn__session_gather_kv(mn_engine *e, const mn_session *s, uint16_t **kv_out, int32_t *n_blocks, mn_errbuf *eb);
+mn_err mn__session_scatter_kv(mn_engine *e, mn_session *s, const uint16_t *kv, int32_t n_tokens, mn_errbuf *eb);
+void mn__session_fill_image(const mn_engine *e, const mn_session *s, const uint16_t *kv, int32_t n_blocks,
+                            mn_session_image *img);
+/* tier.c */
+mn_err mn__tier_ensure_resident(mn_engine *e, mn_session *s, mn_errbuf *eb);
+mn_err mn__tier_make_room(mn_engine *e, int32_t blocks, const mn_session *keep, mn_errbuf *eb);
+void mn__tier_drop(mn_engine *e, mn_session *s);
+const char *mn__tier_name(int t);
+/* session.c */
+void mn__prefix_evict_unused(mn_engine *e);
 
 #endif

@@ -16,15 +16,13 @@ static uint16_t *pool_block(const mn_kv_pool *p, int32_t id, int32_t layer, int 
     return (uint16_t *)p->buf->ptr + ((int64_t)layer * 2 + kind) * per_kind + (int64_t)id * p->block_elems;
 }
 
-static mn_err build_image(mn_engine *e, mn_session *s, mn_session_image *img, uint16_t **kv_out, mn_errbuf *eb) {
-    if (s->gen) return mn_errf(eb, MN_EBUSY, "session %s is generating", s->id);
-    mn_err err = mn__session_run_until_done(e, s, eb); /* pending tokens get their KV first */
-    if (err != MN_OK) return err;
+mn_err mn__session_gather_kv(mn_engine *e, const mn_session *s, uint16_t **kv_out, int32_t *n_blocks_out, mn_errbuf *eb) {
     const mn_kv_pool *p = e->kv;
     int32_t n_blocks = (s->n_computed + p->block_size - 1) / p->block_size;
     size_t block_all = (size_t)p->n_layer * 2 * (size_t)p->block_elems;
     uint16_t *kv = mn_aligned_alloc(64, (n_blocks ? (size_t)n_blocks : 1) * block_all * sizeof(uint16_t));
     if (!kv) return mn_errf(eb, MN_ENOMEM, "session %s: out of memory for a %d-block image", s->id, n_blocks);
+    mn_err err = MN_OK;
     for (int32_t b = 0; b < n_blocks && err == MN_OK; b++)
         for (int32_t l = 0; l < p->n_layer && err == MN_OK; l++)
             for (int k = 0; k < 2 && err == MN_OK; k++)
@@ -35,6 +33,14 @@ static mn_err build_image(mn_engine *e, mn_session *s, mn_session_image *img, ui
         mn_free(kv);
         return err;
     }
+    *kv_out = kv;
+    *n_blocks_out = n_blocks;
+    return MN_OK;
+}
+
+void mn__session_fill_image(const mn_engine *e, const mn_session *s, const uint16_t *kv, int32_t n_blocks,
+                            mn_session_image *img) {
+    const mn_kv_pool *p = e->kv;
     memset(img, 0, sizeof *img);
     memcpy(img->model_fp, e->m->fingerprint, 16);
     img->n_layer = p->n_layer;
@@ -46,7 +52,35 @@ static mn_err build_image(mn_engine *e, mn_session *s, mn_session_image *img, ui
     img->roles = s->roles;
     img->n_blocks = n_blocks;
     img->kv = kv;
-    *kv_out = kv;
+}
+
+static mn_err build_image(mn_engine *e, mn_session *s, mn_session_image *img, uint16_t **kv_out, mn_errbuf *eb) {
+    if (s->gen) return mn_errf(eb, MN_EBUSY, "session %s is generating", s->id);
+    mn_err err = mn__tier_ensure_resident(e, s, eb);
+    if (err == MN_OK) err = mn__session_run_until_done(e, s, eb); /* pending tokens get their KV first */
+    int32_t n_blocks = 0;
+    if (err == MN_OK) err = mn__session_gather_kv(e, s, kv_out, &n_blocks, eb);
+    if (err != MN_OK) return err;
+    mn__session_fill_image(e, s, *kv_out, n_blocks, img);
+    return MN_OK;
+}
+
+mn_err mn__session_scatter_kv(mn_engine *e, mn_session *s, const uint16_t *kv, int32_t n_tokens, mn_errbuf *eb) {
+    mn_kv_pool *p = e->kv;
+    mn_err err = mn_kv_seq_reserve(p, &s->seq, n_tokens, eb);
+    int32_t n_blocks = (n_tokens + p->block_size - 1) / p->block_size;
+    for (int32_t b = 0; b < n_blocks && err == MN_OK; b++)
+        for (int32_t l = 0; l < p->n_layer && err == MN_OK; l++)
+            for (int k = 0; k < 2 && err == MN_OK; k++)
+                err = mn_backend_copy_async(p->backend, MN_COPY_H2D, pool_block(p, s->seq.blocks[b], l, k),
+                                            kv + ((size_t)b * p->n_layer + l) * 2 * p->block_elems + (size_t)k * p->block_elems,
+                                            (size_t)p->block_elems * sizeof(uint16_t), eb);
+    if (err == MN_OK) err = mn_backend_synchronize(p->backend, eb);
+    if (err != MN_OK) {
+        mn_kv_seq_release(p, &s->seq);
+        return err;
+    }
+    s->seq.n_tokens = n_tokens;
     return MN_OK;
 }
 
@@ -91,14 +125,8 @@ static mn_err restore(mn_engine *e, mn_session_loaded *ld, mn_session **out, mn_
     if ((err = mn__session_new(e, &s, eb)) != MN_OK) return err;
     err = mn__session_add_tokens(s, img->tokens, img->n_tokens, MN_ROLE_NONE, eb);
     if (err == MN_OK && img->n_tokens) memcpy(s->roles, img->roles, (size_t)img->n_tokens);
-    if (err == MN_OK) err = mn_kv_seq_reserve(p, &s->seq, img->n_tokens, eb);
-    for (int32_t b = 0; b < img->n_blocks && err == MN_OK; b++)
-        for (int32_t l = 0; l < p->n_layer && err == MN_OK; l++)
-            for (int k = 0; k < 2 && err == MN_OK; k++)
-                err = mn_backend_copy_async(p->backend, MN_COPY_H2D, pool_block(p, s->seq.blocks[b], l, k),
-                                            img->kv + ((size_t)b * p->n_layer + l) * 2 * p->block_elems + (size_t)k * p->block_elems,
-                                            (size_t)p->block_elems * sizeof(uint16_t), eb);
-    if (err == MN_OK) err = mn_backend_synchronize(p->backend, eb);
+    if (err == MN_OK) err = mn__tier_make_room(e, (img->n_tokens + p->block_size - 1) / p->block_size, s, eb);
+    if (err == MN_OK) err = mn__session_scatter_kv(e, s, img->kv, img->n_tokens, eb);
     if (err != MN_OK) {
         mn_session_delete(e, s);
         return err;

@@ -179,20 +179,22 @@ static void x86_rows_legacy(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
 
 static void x86_q8_repack(const mn_matmul_desc *d, int64_t n, int R, int64_t nb, int8_t *wp, float *dwT) {
     const mn_block_q8_0 *rows[8];
-    for (int r = 0; r < 8; r++) /* a short group repeats its last row: those lanes are never stored */
+    _Pragma("GCC unroll 8") for (int r = 0; r < 8; r++) /* a short group repeats its last row: those lanes are never stored */
         rows[r] = (const mn_block_q8_0 *)((const char *)d->w + (n + (r < R ? r : R - 1)) * d->w_row_bytes);
     for (int64_t b = 0; b < nb; b++) {
         __m256i v[8], t[8], u[8];
-        uint16_t dh[8];
-        for (int r = 0; r < 8; r++) {
+        _Pragma("GCC unroll 8") for (int r = 0; r < 8; r++) {
             v[r] = _mm256_loadu_si256((const __m256i *)rows[r][b].qs);
-            dh[r] = rows[r][b].d;
+            dwT[b * 8 + r] = x86_h2f(rows[r][b].d);
+            /* the same bytes of the next group's rows: 8 strided streams are more than the
+             * hardware prefetchers follow, and DRAM sat idle at T = 1 without this */
+            //PF
         }
-        for (int r = 0; r < 8; r += 2) { /* 8x8 transpose of 4-byte groups */
+        _Pragma("GCC unroll 8") for (int r = 0; r < 8; r += 2) { /* 8x8 transpose of 4-byte groups */
             t[r] = _mm256_unpacklo_epi32(v[r], v[r + 1]);
             t[r + 1] = _mm256_unpackhi_epi32(v[r], v[r + 1]);
         }
-        for (int h = 0; h < 8; h += 4) {
+        _Pragma("GCC unroll 8") for (int h = 0; h < 8; h += 4) {
             u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);
             u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);
             u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);
@@ -202,7 +204,7 @@ static void x86_q8_repack(const mn_matmul_desc *d, int64_t n, int R, int64_t nb,
 #if MN__Q8_VNNI
         const __m256i off = _mm256_set1_epi8((char)0x80);
 #endif
-        for (int k = 0; k < 4; k++) {
+        _Pragma("GCC unroll 8") for (int k = 0; k < 4; k++) {
             __m256i lo = _mm256_permute2x128_si256(u[k], u[k + 4], 0x20);
             __m256i hi = _mm256_permute2x128_si256(u[k], u[k + 4], 0x31);
 #if MN__Q8_VNNI
@@ -212,7 +214,6 @@ static void x86_q8_repack(const mn_matmul_desc *d, int64_t n, int R, int64_t nb,
             _mm256_store_si256(o + k, lo);
             _mm256_store_si256(o + k + 4, hi);
         }
-        _mm256_storeu_ps(dwT + b * 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dh)));
     }
 }
 

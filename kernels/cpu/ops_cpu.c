@@ -200,34 +200,57 @@ static void attn_heads_scalar(const mn_attention_desc *d, int64_t t, int32_t h0,
     }
 }
 
+/* Heads h0..h0+nh-1 of one KV group for tokens t0..t0+nt-1 of one sequence. */
+static void attn_unit(mn__simd simd, const mn_attention_desc *d, int64_t t0, int32_t nt, int32_t h0, int32_t nh) {
+    if (simd >= MN__SIMD_AVX512) {
+        mn__attn_tile_avx512(d, t0, nt, h0, nh);
+        return;
+    }
+    for (int64_t t = t0; t < t0 + nt; t++) {
+        if (simd >= MN__SIMD_AVX2)
+            mn__attn_heads_avx2(d, t, h0, nh);
+        else
+            attn_heads_scalar(d, t, h0, nh);
+    }
+}
+
 void mn_cpu_attention(const mn_attention_desc *d, void *work, const mn_par *par) {
     assert(d->head_dim <= MN__ATTN_MAX_HD && d->n_head % d->n_kv_head == 0);
     int32_t group = d->n_head / d->n_kv_head;
-    /* A unit is (token, a run of heads of one KV group): those heads share each K/V row
+    /* Tiles are runs of up to MN__ATTN_TILE consecutive tokens of one sequence: they
+     * share each K/V chunk conversion. Every thread finds the same tiles. */
+    int64_t n_tiles = 0;
+    for (int64_t t = 0, len = 0; t < d->T; t++, len++) {
+        if (t == 0 || len == MN__ATTN_TILE || d->seq[t] != d->seq[t - 1]) {
+            n_tiles++;
+            len = 0;
+        }
+    }
+    /* A unit is (tile, a run of heads of one KV group): those heads share each K/V row
      * conversion. With few units per thread (decode) each head is its own unit so the
      * threads stay busy. Either way a head's float sequence is the same. */
     int32_t per = (group + MN__ATTN_MAX_HEADS - 1) / MN__ATTN_MAX_HEADS; /* runs per group */
     int32_t run = (group + per - 1) / per;                               /* heads per run */
-    if (d->T * d->n_kv_head * per < 2 * (int64_t)par->nth) {
+    if (n_tiles * d->n_kv_head * per < 2 * (int64_t)par->nth) {
         per = group;
         run = 1;
     }
-    int64_t units_per_token = (int64_t)d->n_kv_head * per;
-    int64_t lo, hi;
-    mn_par_range(par, d->T * units_per_token, &lo, &hi);
+    int64_t units_per_tile = (int64_t)d->n_kv_head * per;
     mn__simd simd = mn__cpu_simd();
-    for (int64_t u = lo; u < hi; u++) {
-        int64_t t = u / units_per_token;
-        int32_t r = (int32_t)(u % units_per_token);
-        int32_t g = r / per, k = r % per;
-        int32_t h0 = g * group + k * run;
-        int32_t nh = group - k * run < run ? group - k * run : run;
-        if (simd >= MN__SIMD_AVX512)
-            mn__attn_heads_avx512(d, t, h0, nh);
-        else if (simd >= MN__SIMD_AVX2)
-            mn__attn_heads_avx2(d, t, h0, nh);
-        else
-            attn_heads_scalar(d, t, h0, nh);
+    /* Units go round-robin over the threads: under the causal mask later tokens cost
+     * more, and interleaving keeps prefill balanced where contiguous ranges would not. */
+    int64_t u = 0;
+    for (int64_t t0 = 0; t0 < d->T;) {
+        int32_t nt = 1;
+        while (nt < MN__ATTN_TILE && t0 + nt < d->T && d->seq[t0 + nt] == d->seq[t0]) nt++;
+        for (int64_t r = 0; r < units_per_tile; r++, u++) {
+            if (u % par->nth != par->ith) continue;
+            int32_t g = (int32_t)(r / per), k = (int32_t)(r % per);
+            int32_t h0 = g * group + k * run;
+            int32_t nh = group - k * run < run ? group - k * run : run;
+            attn_unit(simd, d, t0, nt, h0, nh);
+        }
+        t0 += nt;
     }
 }
 

@@ -20,6 +20,8 @@
  * whatever the batch, so every head sees the same float sequence. */
 #define MN__ATTN_CHUNK 32
 #define MN__ATTN_MAX_HD 256
+/* Tokens of one sequence whose attention shares each converted K/V chunk (AVX-512). */
+#define MN__ATTN_TILE 8
 
 /* y[0:D] = x / sqrt(mean(x^2) + eps) * w; y may equal x. */
 void mn__rmsnorm_row_avx2(const float *x, const float *w, float *y, int64_t D, float eps);
@@ -36,7 +38,9 @@ void mn__f16_to_f32_row_avx2(const uint16_t *x, float *y, int64_t n);
 
 /* Attention for token t, heads h0 .. h0+nh-1 (nh <= MN__ATTN_MAX_HEADS, all in one KV group). */
 void mn__attn_heads_avx2(const mn_attention_desc *d, int64_t t, int32_t h0, int32_t nh);
-void mn__attn_heads_avx512(const mn_attention_desc *d, int64_t t, int32_t h0, int32_t nh);
+/* Attention for tokens t0 .. t0+nt-1 (nt <= MN__ATTN_TILE, all of one sequence), heads
+ * h0 .. h0+nh-1 of one KV group; each token's result is independent of the others. */
+void mn__attn_tile_avx512(const mn_attention_desc *d, int64_t t0, int32_t nt, int32_t h0, int32_t nh);
 
 /* Cache row pointers of positions p0 .. p0+n-1 of sequence s, KV head g: walks the block
  * table once per block instead of dividing once per position. */

@@ -379,6 +379,98 @@ static void test_save_load(void **state) {
     mn_engine_free(e2);
 }
 
+static mn_engine *engine_tiers(int32_t n_blocks, int64_t t1, int64_t t2, const char *dir) {
+    mn_engine *e;
+    mn_errbuf eb;
+    mn_engine_params p = {.block_size = 16, .n_blocks = n_blocks, .max_batch_tokens = 256, .t1_budget = t1,
+                          .t2_budget = t2, .persist_dir = dir};
+    if (mn_engine_new(model, &p, &e, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    return e;
+}
+
+/* T0 -> Tn -> T0 for every tier: the KV comes back bit-exact. */
+static void test_tier_round_trips(void **state) {
+    char dir[] = "/tmp/mneme-test-tiers-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    mn_engine *e = engine_tiers(256, 0, 0, dir), *ref = engine(256);
+    mn_errbuf eb;
+    for (int t = 1; t <= 3; t++) {
+        mn_session *s;
+        assert_int_equal(mn_session_create(e, NULL, &s, &eb), MN_OK);
+        char msg[128];
+        snprintf(msg, sizeof msg, "Tier test %d: list three fruits.", t);
+        append(e, s, MN_ROLE_USER, msg);
+        mn_engine_stats a, b;
+        mn_engine_stats_get(e, &a);
+        assert_int_equal(mn_session_demote(e, s, t, &eb), MN_OK);
+        mn_session_info info;
+        mn_session_info_get(e, s, &info);
+        char name[3] = {'T', (char)('0' + t), 0};
+        assert_string_equal(info.tier, name);
+        mn_engine_stats_get(e, &b);
+        assert_true(b.blocks_free > a.blocks_free);          /* its private blocks went back */
+        assert_int_equal(b.tier_sessions[t], 1);
+        if (t == 3) {
+            char path[256];
+            snprintf(path, sizeof path, "%s/%s.mns", dir, mn_session_id(s));
+            assert_int_equal(access(path, R_OK), 0);
+        }
+        append(e, s, MN_ROLE_USER, "Now two vegetables.");      /* promotes */
+        mn_session_info_get(e, s, &info);
+        assert_string_equal(info.tier, "T0");
+        assert_logits_equal(ref, s, "after a tier round trip");
+        mn_session_delete(e, s);
+    }
+    mn_engine_free(e);
+    mn_engine_free(ref);
+    assert_int_equal(rmdir(dir), 0); /* no session file left behind */
+}
+
+/* Room in T0 for 4 sessions, 64 sessions taking turns; tiny host budgets force the
+ * cascade T1 -> T2 -> T3. Every checked session still equals a fresh one. */
+static void test_tier_budgets(void **state) {
+    char dir[] = "/tmp/mneme-test-budget-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    const int N = 64;
+    mn_engine *e = engine_tiers(4 * 4, 2 * 1024 * 1024, 4 * 1024 * 1024, dir), *ref = engine(64);
+    mn_errbuf eb;
+    mn_session **ss = calloc(N, sizeof *ss);
+    for (int i = 0; i < N; i++) {
+        char msg[256];
+        snprintf(msg, sizeof msg, "Agent %d here. My favourite number is %d, my favourite colour is the colour of "
+                 "the sea at dawn, and I keep a small notebook of every game I have played with you so far.", i, i * 37 % 101);
+        assert_int_equal(mn_session_create(e, NULL, &ss[i], &eb), MN_OK);
+        if (mn_session_append_text(e, ss[i], MN_ROLE_NONE, msg, strlen(msg), &eb) != MN_OK) fail_msg("session %d: %s", i, eb.msg);
+    }
+    mn_engine_stats st;
+    mn_engine_stats_get(e, &st);
+    assert_true(st.tier_sessions[0] <= 5);
+    assert_true(st.tier_sessions[1] + st.tier_sessions[2] + st.tier_sessions[3] >= N - 4);
+    assert_true(st.tier_sessions[3] > 0);      /* the budgets pushed some down to disk */
+    assert_true(st.tier_bytes[1] <= 2 * 1024 * 1024);
+    for (int round = 0; round < 2; round++)
+        for (int i = 0; i < N; i++) {
+            append(e, ss[i], MN_ROLE_NONE, round ? " Again." : " Hello?");
+            mn_gen_params g = greedy(2);
+            if (mn_session_generate(e, ss[i], &g, NULL, NULL, NULL, &eb) != MN_OK) fail_msg("session %d: %s", i, eb.msg);
+        }
+    for (int i = 0; i < N; i += 9) {
+        append(e, ss[i], MN_ROLE_NONE, " Bye.");
+        assert_logits_equal(ref, ss[i], "a session that went through the tiers");
+    }
+    mn_engine_stats_get(e, &st);
+    assert_true(st.swapped_in[1] + st.swapped_in[2] + st.swapped_in[3] > 0);
+    for (int i = 0; i < N; i++) mn_session_delete(e, ss[i]);
+    mn_engine_stats_get(e, &st);
+    assert_int_equal(st.tier_bytes[1], 0);
+    assert_int_equal(st.tier_bytes[2], 0);
+    assert_int_equal(st.blocks_total - st.blocks_free, st.prefix_entries);
+    free(ss);
+    mn_engine_free(e);
+    mn_engine_free(ref);
+    assert_int_equal(rmdir(dir), 0);
+}
+
 int main(void) {
     const char *allow = getenv("MNEME_ALLOW_NO_MODEL");
     FILE *f = fopen(model_path(), "rb");
@@ -391,6 +483,8 @@ int main(void) {
         cmocka_unit_test(test_prefix_sharing),
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_save_load),
+        cmocka_unit_test(test_tier_round_trips),
+        cmocka_unit_test(test_tier_budgets),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -1,0 +1,211 @@
+/* engine/tier.c — moving idle sessions' KV down the memory tiers and back.
+ *
+ *   T0  the KV block pool (device memory; host memory on the CPU backend)
+ *   T1  a block-major host image (pinned host memory on a GPU backend)
+ *   T2  the session stream of session_file.c in host memory: byte-shuffled lz4 chunks
+ *       with checksums
+ *   T3  the same stream as a file in the persist directory (atomic write)
+ * Demotion takes the least recently used idle sessions (no pending tokens, not
+ * generating) when the pool needs blocks, and cascades down when a host tier passes its
+ * budget. Promotion happens on access (append, generate, fork, rewind, save) and brings
+ * the exact KV bits back, so a promoted session continues bit-identically. */
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "engine/alloc.h"
+#include "engine/session_impl.h"
+
+static const char *const tier_names[] = {"T0", "T1", "T2", "T3"};
+
+/* Free whatever s holds below T0 and forget the accounting. */
+void mn__tier_drop(mn_engine *e, mn_session *s) {
+    e->tier_used[s->tier] -= s->host_bytes;
+    mn_free(s->host_kv);
+    mn_free(s->packed);
+    if (s->file) {
+        unlink(s->file);
+        mn_free(s->file);
+    }
+    s->host_kv = NULL;
+    s->packed = NULL;
+    s->file = NULL;
+    s->packed_len = 0;
+    s->host_bytes = 0;
+    s->host_blocks = 0;
+}
+
+/* The block-major KV image of s from whichever tier holds it. *owned is set when the
+ * caller must free *kv (or *ld). */
+static mn_err read_tier(mn_engine *e, mn_session *s, const uint16_t **kv, mn_session_loaded **ld, mn_errbuf *eb) {
+    *ld = NULL;
+    switch (s->tier) {
+    case 1: *kv = s->host_kv; return MN_OK;
+    case 2: {
+        mn_err err = mn_session_read_mem(s->packed, s->packed_len, e->m->fingerprint, ld, eb);
+        if (err == MN_OK) *kv = (*ld)->kv;
+        return err;
+    }
+    case 3: {
+        mn_err err = mn_session_read_file(s->file, e->m->fingerprint, ld, eb);
+        if (err == MN_OK) *kv = (*ld)->kv;
+        return err;
+    }
+    default: return mn_errf(eb, MN_EINVALID, "session %s is resident", s->id);
+    }
+}
+
+static mn_err demote(mn_engine *e, mn_session *s, int to, mn_errbuf *eb) {
+    if (to <= s->tier) return MN_OK;
+    if (to == 3 && !e->persist_dir) return mn_errf(eb, MN_EUNSUPPORTED, "no persist directory: tier T3 (disk) is off");
+    uint16_t *gathered = NULL;
+    const uint16_t *kv = NULL;
+    mn_session_loaded *ld = NULL;
+    int32_t n_blocks = (s->n_computed + e->bs - 1) / e->bs;
+    mn_err err;
+    if (s->tier == 0) {
+        err = mn__session_gather_kv(e, s, &gathered, &n_blocks, eb);
+        kv = gathered;
+    } else {
+        err = read_tier(e, s, &kv, &ld, eb);
+    }
+    if (err != MN_OK) return err;
+    mn_session_image img;
+    mn__session_fill_image(e, s, kv, n_blocks, &img);
+    uint8_t *packed = NULL;
+    size_t packed_len = 0;
+    char *path = NULL;
+    int64_t bytes = 0;
+    if (to == 1) {
+        if (!gathered) { /* T1 from below: keep a private copy of the image */
+            size_t n = (size_t)n_blocks * e->kv->n_layer * 2 * (size_t)e->kv->block_elems * sizeof(uint16_t);
+            gathered = mn_aligned_alloc(64, n ? n : 64);
+            if (!gathered) err = mn_errf(eb, MN_ENOMEM, "tier T1: out of memory");
+            else memcpy(gathered, kv, n);
+        }
+        bytes = (int64_t)n_blocks * e->kv->n_layer * 2 * e->kv->block_elems * (int64_t)sizeof(uint16_t);
+    } else if (to == 2) {
+        err = mn_session_write_mem(&img, &packed, &packed_len, eb);
+        bytes = (int64_t)packed_len;
+    } else {
+        size_t n = strlen(e->persist_dir) + 48;
+        path = mn_malloc(n);
+        if (!path) err = mn_errf(eb, MN_ENOMEM, "tier T3: out of memory");
+        else {
+            snprintf(path, n, "%s/%s.mns", e->persist_dir, s->id);
+            err = mn_session_write_file(path, &img, eb);
+        }
+    }
+    mn_session_loaded_free(ld);
+    if (err != MN_OK) {
+        mn_free(packed);
+        mn_free(path);
+        if (gathered) mn_free(gathered);
+        return err;
+    }
+    /* the new copy is complete: now drop the old one */
+    int from = s->tier;
+    if (from == 0) {
+        mn_kv_seq_release(e->kv, &s->seq);
+    } else {
+        char *keep_file = s->file;
+        s->file = NULL; /* rewriting T3 over itself is not possible (to > from) */
+        mn__tier_drop(e, s);
+        if (keep_file) { unlink(keep_file); mn_free(keep_file); }
+    }
+    e->swapped_out[to] += bytes ? bytes : 0;
+    s->tier = to;
+    s->host_kv = to == 1 ? gathered : NULL;
+    if (to != 1) mn_free(gathered);
+    s->host_blocks = n_blocks;
+    s->packed = packed;
+    s->packed_len = packed_len;
+    s->file = path;
+    s->host_bytes = to == 3 ? 0 : bytes; /* disk has no budget here */
+    e->tier_used[to] += s->host_bytes;
+    (void)from;
+    return MN_OK;
+}
+
+/* Push the least recently used sessions of over-budget host tiers one tier down. */
+static void rebalance(mn_engine *e, const mn_session *keep) {
+    for (int t = 1; t <= 2; t++) {
+        while (e->tier_budget[t] && e->tier_used[t] > e->tier_budget[t]) {
+            if (t == 2 && !e->persist_dir) return; /* nowhere further down: stays over budget */
+            mn_session *lru = NULL;
+            for (int32_t i = 0; i < e->n_sessions; i++) {
+                mn_session *s = e->sessions[i];
+                if (s->tier == t && s != keep && (!lru || s->last_use < lru->last_use)) lru = s;
+            }
+            mn_errbuf eb;
+            if (!lru || demote(e, lru, t + 1, &eb) != MN_OK) return;
+        }
+    }
+}
+
+mn_err mn_session_demote(mn_engine *e, mn_session *s, int tier, mn_errbuf *eb) {
+    if (tier < 1 || tier > 3) return mn_errf(eb, MN_ERANGE, "tier must be 1, 2 or 3, got %d", tier);
+    if (s->gen) return mn_errf(eb, MN_EBUSY, "session %s is generating", s->id);
+    mn_err err = MN_OK;
+    if (s->tier == 0) err = mn__session_run_until_done(e, s, eb); /* compute pending tokens first */
+    if (err == MN_OK) err = demote(e, s, tier, eb);
+    if (err == MN_OK) rebalance(e, NULL);
+    return err;
+}
+
+mn_err mn__tier_make_room(mn_engine *e, int32_t blocks, const mn_session *keep, mn_errbuf *eb) {
+    bool evicted_prefix = false;
+    while (e->kv->n_free < blocks) {
+        mn_session *lru = NULL;
+        for (int32_t i = 0; i < e->n_sessions; i++) {
+            mn_session *s = e->sessions[i];
+            if (s == keep || s->tier != 0 || s->seq.n_blocks == 0 || s->gen || s->n_computed != s->n_tokens) continue;
+            if (!lru || s->last_use < lru->last_use) lru = s;
+        }
+        if (lru) {
+            mn_err err = demote(e, lru, 1, eb);
+            if (err != MN_OK) return err;
+            continue;
+        }
+        if (evicted_prefix)
+            return mn_errf(eb, MN_ELIMIT, "kv pool full: %d blocks needed, %d free of %d, and no idle session to swap out",
+                           blocks, e->kv->n_free, e->kv->n_blocks);
+        mn__prefix_evict_unused(e);
+        evicted_prefix = true;
+    }
+    rebalance(e, keep);
+    return MN_OK;
+}
+
+mn_err mn__tier_ensure_resident(mn_engine *e, mn_session *s, mn_errbuf *eb) {
+    if (s->tier == 0) return MN_OK;
+    const uint16_t *kv;
+    mn_session_loaded *ld = NULL;
+    int32_t n_blocks = (s->n_computed + e->bs - 1) / e->bs;
+    mn_err err = mn__tier_make_room(e, n_blocks, s, eb);
+    if (err == MN_OK) err = read_tier(e, s, &kv, &ld, eb);
+    if (err == MN_OK) err = mn__session_scatter_kv(e, s, kv, s->n_computed, eb);
+    mn_session_loaded_free(ld);
+    if (err != MN_OK) return err;
+    e->swapped_in[s->tier] += s->tier == 3 ? (int64_t)n_blocks * e->bs * mn_kv_bytes_per_token(e->kv) : s->host_bytes;
+    mn__tier_drop(e, s);
+    s->tier = 0;
+    return MN_OK;
+}
+
+mn_err mn_engine_demote_idle(mn_engine *e, double idle_seconds, double now, mn_errbuf *eb) {
+    for (int32_t i = 0; i < e->n_sessions; i++) {
+        mn_session *s = e->sessions[i];
+        if (s->gen || s->n_computed != s->n_tokens) continue;
+        double idle = now - s->last_use;
+        int want = idle > 4 * idle_seconds ? (e->persist_dir ? 3 : 2) : idle > 2 * idle_seconds ? 2 : idle > idle_seconds ? 1 : 0;
+        if (want > s->tier) {
+            mn_err err = demote(e, s, want, eb);
+            if (err != MN_OK) return err;
+        }
+    }
+    rebalance(e, NULL);
+    return MN_OK;
+}
+
+const char *mn__tier_name(int t) { return (unsigned)t < 4 ? tier_names[t] : "?"; }
