@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/random.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "engine/alloc.h"
 #include "engine/forward.h"
@@ -178,6 +179,10 @@ mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn
     if (p) {
         e->tier_budget[1] = p->t1_budget;
         e->tier_budget[2] = p->t2_budget;
+        if (p->persist_dir && access(p->persist_dir, W_OK | X_OK) != 0) {
+            mn_free(e);
+            return mn_errf(eb, MN_EINVALID, "persist directory '%s' is not a writable directory", p->persist_dir);
+        }
         if (p->persist_dir && !(e->persist_dir = mn_strdup(p->persist_dir))) {
             mn_free(e);
             return mn_errf(eb, MN_ENOMEM, "engine: out of memory");

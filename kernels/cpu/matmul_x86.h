@@ -177,47 +177,59 @@ static void x86_rows_legacy(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
 #define MN__Q8_CT 4
 #endif
 
-static void x86_q8_repack(const mn_matmul_desc *d, int64_t n, int R, int64_t nb, int8_t *wp, float *dwT) {
-    const mn_block_q8_0 *rows[8];
-    _Pragma("GCC unroll 8") for (int r = 0; r < 8; r++) /* a short group repeats its last row: those lanes are never stored */
-        rows[r] = (const mn_block_q8_0 *)((const char *)d->w + (n + (r < R ? r : R - 1)) * d->w_row_bytes);
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i v[8], t[8], u[8];
-        _Pragma("GCC unroll 8") for (int r = 0; r < 8; r++) {
-            v[r] = _mm256_loadu_si256((const __m256i *)rows[r][b].qs);
-            dwT[b * 8 + r] = x86_h2f(rows[r][b].d);
-            /* the same bytes of the next group's rows: 8 strided streams are more than the
-             * hardware prefetchers follow, and DRAM sat idle at T = 1 without this */
-            //PF
-        }
-        _Pragma("GCC unroll 8") for (int r = 0; r < 8; r += 2) { /* 8x8 transpose of 4-byte groups */
-            t[r] = _mm256_unpacklo_epi32(v[r], v[r + 1]);
-            t[r + 1] = _mm256_unpackhi_epi32(v[r], v[r + 1]);
-        }
-        _Pragma("GCC unroll 8") for (int h = 0; h < 8; h += 4) {
-            u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);
-            u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);
-            u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);
-            u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);
-        }
-        __m256i *o = (__m256i *)(wp + b * 256);
+/* Block b of 8 rows, interleaved: o[k] = bytes 4k..4k+3 of rows 0..7 (vnni: + 128); the
+ * rows' scales go to dw[0..7]. */
+static inline __attribute__((always_inline)) void x86_q8_gather8(const mn_block_q8_0 *const *rows, int64_t b,
+                                                                 __m256i *o, float *dw) {
+    __m256i v[8], t[8], u[8];
+    _Pragma("GCC unroll 8") for (int r = 0; r < 8; r++) {
+        v[r] = _mm256_loadu_si256((const __m256i *)rows[r][b].qs);
+        dw[r] = x86_h2f(rows[r][b].d);
+    }
+    _Pragma("GCC unroll 8") for (int r = 0; r < 8; r += 2) { /* 8x8 transpose of 4-byte groups */
+        t[r] = _mm256_unpacklo_epi32(v[r], v[r + 1]);
+        t[r + 1] = _mm256_unpackhi_epi32(v[r], v[r + 1]);
+    }
+    _Pragma("GCC unroll 8") for (int h = 0; h < 8; h += 4) {
+        u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);
+        u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);
+        u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);
+        u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);
+    }
+    _Pragma("GCC unroll 8") for (int k = 0; k < 4; k++) {
+        o[k] = _mm256_permute2x128_si256(u[k], u[k + 4], 0x20);
+        o[k + 4] = _mm256_permute2x128_si256(u[k], u[k + 4], 0x31);
 #if MN__Q8_VNNI
-        const __m256i off = _mm256_set1_epi8((char)0x80);
+        o[k] = _mm256_xor_si256(o[k], _mm256_set1_epi8((char)0x80));
+        o[k + 4] = _mm256_xor_si256(o[k + 4], _mm256_set1_epi8((char)0x80));
 #endif
-        _Pragma("GCC unroll 8") for (int k = 0; k < 4; k++) {
-            __m256i lo = _mm256_permute2x128_si256(u[k], u[k + 4], 0x20);
-            __m256i hi = _mm256_permute2x128_si256(u[k], u[k + 4], 0x31);
-#if MN__Q8_VNNI
-            lo = _mm256_xor_si256(lo, off);
-            hi = _mm256_xor_si256(hi, off);
-#endif
-            _mm256_store_si256(o + k, lo);
-            _mm256_store_si256(o + k + 4, hi);
-        }
     }
 }
 
-static inline __attribute__((always_inline)) void x86_q8_tile(const mn__mm_ctx *c, const int C, int64_t n, int R,
+/* Step b of nb of a group: prefetch the b-th 272 bytes (8 blocks' worth) of the next group,
+ * which lies right after this one: one sequential stream, the whole next group requested
+ * while this one is computed. 8 strided row streams left DRAM mostly idle otherwise. */
+static inline void x86_q8_prefetch(const char *next, int64_t b) {
+    const char *p = next + b * 8 * (int64_t)sizeof(mn_block_q8_0);
+    _Pragma("GCC unroll 8") for (int i = 0; i < 5; i++) _mm_prefetch(p + 64 * i, _MM_HINT_T0);
+}
+
+/* The whole group into the scratch, once for all T tokens (prefill). */
+static void x86_q8_repack(const mn_matmul_desc *d, const mn_block_q8_0 *const *rows, int64_t nb, int8_t *wp,
+                          float *dwT) {
+    const char *next = (const char *)rows[0] + 8 * d->w_row_bytes;
+    for (int64_t b = 0; b < nb; b++) {
+        x86_q8_prefetch(next, b);
+        x86_q8_gather8(rows, b, (__m256i *)(wp + b * 256), dwT + b * 8);
+    }
+}
+
+/* C tokens x the 8 rows of a group. direct (decode, T <= MN__Q8_CT): the weights are
+ * interleaved in registers block by block, with the loads prefetched along each row, since
+ * a separate repack pass leaves DRAM idle while computing; otherwise they come from the
+ * repacked scratch. Either way the same integers and the same float operations. */
+static inline __attribute__((always_inline)) void x86_q8_tile(const mn__mm_ctx *c, const int direct, const int C,
+                                                              const mn_block_q8_0 *const *rows, int64_t n, int R,
                                                               int64_t tok, const int8_t *wp, const float *dwT) {
     const mn_matmul_desc *d = c->d;
     const int64_t nb = c->xq.nb;
@@ -230,7 +242,18 @@ static inline __attribute__((always_inline)) void x86_q8_tile(const mn__mm_ctx *
         acc[j] = _mm256_setzero_ps();
     }
     for (int64_t b = 0; b < nb; b++) {
+        __m256i Wd[8];
+        float dwd[8];
         const __m256i *W = (const __m256i *)(wp + b * 256);
+        __m256 dwv;
+        if (direct) {
+            x86_q8_prefetch((const char *)rows[0] + 8 * d->w_row_bytes, b);
+            x86_q8_gather8(rows, b, Wd, dwd);
+            W = Wd;
+            dwv = _mm256_loadu_ps(dwd);
+        } else {
+            dwv = _mm256_loadu_ps(dwT + b * 8);
+        }
         __m256i p[MN__Q8_CT];
         _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
 #if MN__Q8_VNNI
@@ -240,7 +263,7 @@ static inline __attribute__((always_inline)) void x86_q8_tile(const mn__mm_ctx *
 #endif
         }
         _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) {
-            __m256i w = _mm256_load_si256(W + k);
+            __m256i w = direct ? W[k] : _mm256_load_si256(W + k);
 #if !MN__Q8_VNNI
             __m256i aw = _mm256_abs_epi8(w);
 #endif
@@ -255,7 +278,6 @@ static inline __attribute__((always_inline)) void x86_q8_tile(const mn__mm_ctx *
 #endif
             }
         }
-        __m256 dwv = _mm256_loadu_ps(dwT + b * 8);
         _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
             __m256 sc = _mm256_mul_ps(dwv, _mm256_broadcast_ss(&xd[j][b]));
             acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(sc, _mm256_cvtepi32_ps(p[j])));
@@ -264,31 +286,43 @@ static inline __attribute__((always_inline)) void x86_q8_tile(const mn__mm_ctx *
     _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
         float v[8];
         _mm256_storeu_ps(v, acc[j]);
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) mn__mm_store(d, tok + j, n + r, v[r]);
+        for (int r = 0; r < R; r++) mn__mm_store(d, tok + j, n + r, v[r]);
     }
 }
+
+#define MN__Q8_CASE(D_, C_) case C_: x86_q8_tile(c, D_, C_, rows, n, R, tok, wp, dwT); break;
+#if MN__Q8_CT > 4
+#define MN__Q8_CASES(D_) MN__Q8_CASE(D_, 1) MN__Q8_CASE(D_, 2) MN__Q8_CASE(D_, 3) MN__Q8_CASE(D_, 4) \
+    MN__Q8_CASE(D_, 5) MN__Q8_CASE(D_, 6) MN__Q8_CASE(D_, 7)
+#else
+#define MN__Q8_CASES(D_) MN__Q8_CASE(D_, 1) MN__Q8_CASE(D_, 2) MN__Q8_CASE(D_, 3)
+#endif
 
 static void x86_rows_q8(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
     const mn_matmul_desc *d = c->d;
     int64_t nb = c->xq.nb;
     int8_t *wp = (int8_t *)c->scr;
     float *dwT = (float *)(wp + nb * 256);
+    const int direct = d->T <= MN__Q8_CT;
     for (int64_t n = n0; n < n1; n += 8) {
         int R = n1 - n < 8 ? (int)(n1 - n) : 8;
-        x86_q8_repack(d, n, R, nb, wp, dwT);
+        const mn_block_q8_0 *rows[8];
+        for (int r = 0; r < 8; r++) /* a short group repeats its last row: those lanes are never stored */
+            rows[r] = (const mn_block_q8_0 *)((const char *)d->w + (n + (r < R ? r : R - 1)) * d->w_row_bytes);
+        if (!direct) x86_q8_repack(d, rows, nb, wp, dwT);
         for (int64_t tok = 0; tok < d->T; tok += MN__Q8_CT) {
             int C = d->T - tok < MN__Q8_CT ? (int)(d->T - tok) : MN__Q8_CT;
-            switch (C) { /* C a constant in each case: straight-line bodies, same per-element ops */
-            case 1: x86_q8_tile(c, 1, n, R, tok, wp, dwT); break;
-            case 2: x86_q8_tile(c, 2, n, R, tok, wp, dwT); break;
-            case 3: x86_q8_tile(c, 3, n, R, tok, wp, dwT); break;
-#if MN__Q8_CT > 4
-            case 4: x86_q8_tile(c, 4, n, R, tok, wp, dwT); break;
-            case 5: x86_q8_tile(c, 5, n, R, tok, wp, dwT); break;
-            case 6: x86_q8_tile(c, 6, n, R, tok, wp, dwT); break;
-            case 7: x86_q8_tile(c, 7, n, R, tok, wp, dwT); break;
-#endif
-            default: x86_q8_tile(c, MN__Q8_CT, n, R, tok, wp, dwT); break;
+            /* C a constant in each case: straight-line bodies, same per-element operations */
+            if (direct) {
+                switch (C) {
+                MN__Q8_CASES(1)
+                default: x86_q8_tile(c, 1, MN__Q8_CT, rows, n, R, tok, wp, dwT); break;
+                }
+            } else {
+                switch (C) {
+                MN__Q8_CASES(0)
+                default: x86_q8_tile(c, 0, MN__Q8_CT, rows, n, R, tok, wp, dwT); break;
+                }
             }
         }
     }

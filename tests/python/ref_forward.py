@@ -22,10 +22,23 @@ Tensors are read with the `gguf` package's GGUFReader and dequantized with
 gguf.quants.dequantize (the package's own numpy implementation of each block format).
 Dequantized weights are cached per model path for the life of the process.
 
+Activation rounding (act_quant=True, optional): an engine that multiplies quantized
+weights with integer dot products first rounds the matmul INPUT to 8 bits per block.
+mneme's matmul contract (kernels/ops.h) specifies it: each row of x is cut into blocks of
+32 (weights Q4_0/Q4_1/Q8_0) or 256 (Q4_K/Q5_K/Q6_K); per block d = max|x| / 127 in
+float32, q = round-half-to-even(x / d) (all 0 when d == 0), and the dot sees q * d.
+Inputs of float-weight (F32/F16/BF16) matmuls are left alone. The rounding is applied
+per weight tensor, so a model mixing types gets each matmul's own block size. It is
+written here from that description; everything else stays textbook float math.
+
 API:
-    forward(model_path, tokens) -> np.ndarray [n_tokens, n_vocab] (float64)
-    greedy(model_path, tokens, n) -> list[int]   (argmax decoding with a KV cache)
-    greedy_with_logits(model_path, tokens, n) -> (ids, list of per-step logits)
+    forward(model_path, tokens, kv_f16=False, act_quant=False)
+        -> np.ndarray [n_tokens, n_vocab] (float64)
+    greedy(model_path, tokens, n, kv_f16=False, act_quant=False) -> list[int]
+        (argmax decoding with a KV cache)
+    greedy_with_logits(model_path, tokens, n, kv_f16=False, act_quant=False)
+        -> (ids, list of per-step logits)
+    round_activations(x, block) -> x with the block-wise 8-bit rounding applied
     load(model_path) -> Model   (hyper-parameters + dequantized weights)
     tokenizer(model_path) -> tokenizers.Tokenizer built from the GGUF vocab/merges
 """
@@ -51,6 +64,14 @@ from gguf.quants import dequantize  # noqa: E402
 # relative, is far below every tolerance the tests use for such models).
 F64_MAX_PARAMS = 20_000_000
 
+# Activation block length per weight type for act_quant (from the matmul contract);
+# 0 = float weight, the input is used as is. Types missing here have no contract: asking
+# for act_quant with them is an error rather than a guess.
+_QT = gguf.GGMLQuantizationType
+ACT_BLOCK = {_QT.F32: 0, _QT.F16: 0, _QT.BF16: 0,
+             _QT.Q4_0: 32, _QT.Q4_1: 32, _QT.Q8_0: 32,
+             _QT.Q4_K: 256, _QT.Q5_K: 256, _QT.Q6_K: 256}
+
 
 @dataclass
 class Layer:
@@ -66,6 +87,8 @@ class Layer:
     w_gate: np.ndarray      # [n_ff, n_embd]
     w_up: np.ndarray
     w_down: np.ndarray      # [n_embd, n_ff]
+    # weight name ("wq", "wk", ...) -> GGML type, used by act_quant to pick the block
+    wtype: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -92,6 +115,7 @@ class Model:
     tied: bool
     freq_factors: np.ndarray | None
     layers: list = field(default_factory=list)
+    output_type: object = None   # GGML type of output.weight (token_embd when tied)
 
 
 _CACHE: dict[str, Model] = {}
@@ -146,6 +170,7 @@ def load(model_path: str) -> Model:
     tok_embd = _tensor(tensors, "token_embd.weight", dtype)
     tied = "output.weight" not in tensors
     output = tok_embd if tied else _tensor(tensors, "output.weight", dtype)
+    out_name = "token_embd.weight" if tied else "output.weight"
     ff = None
     if "rope_freqs.weight" in tensors:
         ff = _tensor(tensors, "rope_freqs.weight", np.float64)
@@ -159,7 +184,7 @@ def load(model_path: str) -> Model:
         rope_base=float(kv("rope.freq_base", 10000.0)), rope_neox=(arch == "qwen2"),
         freq_scale=freq_scale, eps=float(kv("attention.layer_norm_rms_epsilon", 1e-5)),
         dtype=dtype, tok_embd=tok_embd, out_norm=_tensor(tensors, "output_norm.weight", dtype),
-        output=output, tied=tied, freq_factors=ff)
+        output=output, tied=tied, freq_factors=ff, output_type=tensors[out_name].tensor_type)
 
     def opt(name):
         return _tensor(tensors, name, dtype) if name in tensors else None
@@ -176,7 +201,11 @@ def load(model_path: str) -> Model:
             ffn_norm=_tensor(tensors, p + "ffn_norm.weight", dtype),
             w_gate=_tensor(tensors, p + "ffn_gate.weight", dtype),
             w_up=_tensor(tensors, p + "ffn_up.weight", dtype),
-            w_down=_tensor(tensors, p + "ffn_down.weight", dtype)))
+            w_down=_tensor(tensors, p + "ffn_down.weight", dtype),
+            wtype={k: tensors[p + n].tensor_type for k, n in (
+                ("wq", "attn_q.weight"), ("wk", "attn_k.weight"), ("wv", "attn_v.weight"),
+                ("wo", "attn_output.weight"), ("w_gate", "ffn_gate.weight"),
+                ("w_up", "ffn_up.weight"), ("w_down", "ffn_down.weight"))}))
         L = m.layers[-1]
         if L.wq.shape != (n_head * head_dim, n_embd) or L.wk.shape != (n_kv * head_dim, n_embd):
             raise ValueError(f"layer {i}: q/k shapes {L.wq.shape}/{L.wk.shape} do not match "
@@ -217,6 +246,35 @@ def rope(m: Model, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarra
     return out
 
 
+def round_activations(x: np.ndarray, block: int) -> np.ndarray:
+    """8-bit block rounding of the rows of x (see the module docstring), in float32:
+    d = f32(max|x|) / f32(127), q = rint(f32(x) / d) (half to even), result q * d in
+    x's dtype (exact in float64; one f32 rounding of q*d in float32)."""
+    if block == 0:
+        return x
+    xf = np.asarray(x, dtype=np.float32)
+    n = xf.shape[-1]
+    if n % block:
+        raise ValueError(f"row length {n} is not a multiple of the activation block {block}")
+    b = xf.reshape(xf.shape[:-1] + (n // block, block))
+    d = np.abs(b).max(axis=-1, keepdims=True) / np.float32(127)
+    assert d.dtype == np.float32
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(d > 0, np.rint(b / d), np.float32(0))
+    out = q.astype(x.dtype) * d.astype(x.dtype)
+    return out.reshape(x.shape)
+
+
+def _matmul(x: np.ndarray, w: np.ndarray, wtype, act_quant: bool) -> np.ndarray:
+    """x @ w.T, with x rounded to 8 bits per block first when act_quant and w is quantized."""
+    if act_quant:
+        if wtype not in ACT_BLOCK:
+            raise ValueError(f"act_quant: no activation rounding contract for weight type "
+                             f"{getattr(wtype, 'name', wtype)}")
+        x = round_activations(x, ACT_BLOCK[wtype])
+    return x @ w.T
+
+
 def _silu(x):
     return x / (1.0 + np.exp(-x))
 
@@ -231,7 +289,8 @@ class _State:
         self.n_past = 0
 
 
-def _step(m: Model, st: _State, tokens, all_logits: bool = True) -> np.ndarray:
+def _step(m: Model, st: _State, tokens, all_logits: bool = True,
+          act_quant: bool = False) -> np.ndarray:
     """Run `tokens` after the st.n_past cached ones; return logits (all rows or last)."""
     tokens = np.asarray(tokens, dtype=np.int64)
     n = len(tokens)
@@ -252,10 +311,13 @@ def _step(m: Model, st: _State, tokens, all_logits: bool = True) -> np.ndarray:
 
     x = m.tok_embd[tokens].astype(m.dtype)
     for li, L in enumerate(m.layers):
+        def mm(a, name):
+            return _matmul(a, getattr(L, name), L.wtype.get(name), act_quant)
+
         h = rms_norm(x, L.attn_norm, m.eps)
-        q = h @ L.wq.T
-        k = h @ L.wk.T
-        v = h @ L.wv.T
+        q = mm(h, "wq")
+        k = mm(h, "wk")
+        v = mm(h, "wv")
         if L.bq is not None:
             q = q + L.bq
         if L.bk is not None:
@@ -278,45 +340,50 @@ def _step(m: Model, st: _State, tokens, all_logits: bool = True) -> np.ndarray:
         p = np.exp(scores)
         p /= p.sum(axis=-1, keepdims=True)
         att = np.einsum("kgpt,tkd->pkgd", p, V).reshape(n, nh * hd)
-        x = x + att @ L.wo.T
+        x = x + mm(att, "wo")
         h = rms_norm(x, L.ffn_norm, m.eps)
-        x = x + (_silu(h @ L.w_gate.T) * (h @ L.w_up.T)) @ L.w_down.T
+        x = x + mm(_silu(mm(h, "w_gate")) * mm(h, "w_up"), "w_down")
     st.n_past = n_tot
     if not all_logits:
         x = x[-1:]
     h = rms_norm(x, m.out_norm, m.eps)
-    return (h @ m.output.T).astype(np.float64)
+    return _matmul(h, m.output, m.output_type, act_quant).astype(np.float64)
 
 
-def forward(model_path: str, tokens, kv_f16: bool = False) -> np.ndarray:
+def forward(model_path: str, tokens, kv_f16: bool = False, act_quant: bool = False) -> np.ndarray:
     """Logits for every position of `tokens` (no BOS added): [n_tokens, n_vocab] float64.
 
     kv_f16: round K (after RoPE) and V to IEEE half before attention, as an engine whose
-    KV cache is stored in f16 does; lets float-weight tests use a much tighter bound."""
+    KV cache is stored in f16 does; lets float-weight tests use a much tighter bound.
+    act_quant: round every quantized-weight matmul's input to 8 bits per block, as an
+    engine with integer dot products does (see the module docstring)."""
     m = load(model_path)
-    return _step(m, _State(m, kv_f16), tokens)
+    return _step(m, _State(m, kv_f16), tokens, act_quant=act_quant)
 
 
-def greedy_with_logits(model_path: str, tokens, n: int):
+def greedy_with_logits(model_path: str, tokens, n: int, kv_f16: bool = False,
+                       act_quant: bool = False):
     """Greedy (argmax, lowest id on ties) continuation of `tokens` for n steps.
 
-    Returns (ids, logits) where logits[j] is the distribution that chose ids[j]."""
+    Returns (ids, logits) where logits[j] is the distribution that chose ids[j].
+    kv_f16 and act_quant as for forward()."""
     m = load(model_path)
-    st = _State(m)
-    lg = _step(m, st, tokens, all_logits=False)[-1]
+    st = _State(m, kv_f16)
+    lg = _step(m, st, tokens, all_logits=False, act_quant=act_quant)[-1]
     ids, dists = [], []
     for j in range(n):
         t = int(np.argmax(lg))
         ids.append(t)
         dists.append(lg)
         if j + 1 < n:
-            lg = _step(m, st, [t], all_logits=False)[-1]
+            lg = _step(m, st, [t], all_logits=False, act_quant=act_quant)[-1]
     return ids, dists
 
 
-def greedy(model_path: str, tokens, n: int) -> list[int]:
+def greedy(model_path: str, tokens, n: int, kv_f16: bool = False,
+           act_quant: bool = False) -> list[int]:
     """n greedily generated token ids after `tokens`."""
-    return greedy_with_logits(model_path, tokens, n)[0]
+    return greedy_with_logits(model_path, tokens, n, kv_f16, act_quant)[0]
 
 
 def tokenizer(model_path: str):

@@ -698,11 +698,70 @@ static void test_harness_catches_errors(void **state) {
     teardown(&cx);
 }
 
+/* Prefill shape: many consecutive tokens of one sequence (the CPU kernel tiles them and
+ * shares each converted K/V chunk). Every token must match the reference within the
+ * ops.h tolerance and be bit-identical to the same token computed alone with 1 thread,
+ * which is what prefill-equals-decode needs. Covers head_dim with a tail (40) and
+ * positions that start and end inside chunks. */
+static void test_attention_prefill_tiles(void **state) {
+    (void)state;
+    static const tcase cases[] = {AT(45, 70, 9, 3, 64, 16, 901), AT(21, 50, 6, 2, 40, 16, 902),
+                                  AT(13, 40, 8, 1, 128, 32, 903)};
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        ctx cx;
+        setup(&cx, &cases[ci]);
+        mn_attention_desc *d = &cx.d.at;
+        int32_t seq[64], pos[64];
+        int32_t L = (int32_t)cases[ci].D; /* sequence 0 holds L positions */
+        for (int64_t t = 0; t < d->T; t++) {
+            seq[t] = 0;
+            pos[t] = L - (int32_t)d->T + (int32_t)t;
+        }
+        pos[3] = 0; /* one out-of-order token with a single position */
+        d->seq = seq;
+        d->pos = pos;
+        int64_t hn = (int64_t)d->n_head * d->head_dim;
+        float *ref = mn_malloc((size_t)(d->T * d->out_stride) * sizeof(float));
+        mn_attention_desc rd = *d;
+        rd.out = ref;
+        mn_ref_attention(&rd);
+        for (int lv = 0; lv < 4; lv++) {
+            if (!mn_cpu_set_simd(simd_levels[lv])) continue;
+            reset_buf(&cx);
+            run_cpu_threads(&cx, 2);
+            double max_err, max_ratio;
+            int64_t bad = check_close(d->out, ref, d->T, hn, d->out_stride, cx.atol, 0.0, NULL, &max_err, &max_ratio);
+            int n_diff = 0;
+            for (int64_t t = 0; t < d->T; t++) {
+                mn_attention_desc one = *d;
+                float alone[8 * 128];
+                one.T = 1;
+                one.q = d->q + t * d->q_stride;
+                one.seq = seq + t;
+                one.pos = pos + t;
+                one.out = alone;
+                mn_par par = {.ith = 0, .nth = 1};
+                mn_cpu_attention(&one, NULL, &par);
+                n_diff += memcmp(alone, d->out + t * d->out_stride, (size_t)hn * sizeof(float)) != 0;
+            }
+            printf("attention prefill tiles [%s] T=%d hd=%d: %d bad vs ref (max err %.3g), %d tokens differ alone\n",
+                   simd_levels[lv], (int)d->T, d->head_dim, (int)bad, max_err, n_diff);
+            assert_int_equal(bad, 0);
+            assert_int_equal(n_diff, 0);
+        }
+        mn_free(ref);
+        teardown(&cx);
+    }
+    for (int lv = 3; lv >= 0; lv--)
+        if (mn_cpu_set_simd(simd_levels[lv])) break;
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_harness_catches_errors),
         cmocka_unit_test(test_ops_table),
         cmocka_unit_test(test_attention_batch_invariance),
+        cmocka_unit_test(test_attention_prefill_tiles),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
