@@ -36,6 +36,15 @@ if [[ -n "${MNEME_GPU_NO_CMOCKA:-}" ]] || ! ldconfig -p 2>/dev/null | grep -q li
   EXTRA+=(-DCMOCKA_LIB="$BUILD/no-cmocka-here")
 fi
 mkdir -p "$BUILD"
+# lz4 and xxhash headers: the GPU machine has no -dev packages, so .deb files downloaded
+# on a build machine travel in .gpu-debs/ (tests/gpu/README.md) and are unpacked here.
+if [[ ! -f /usr/include/lz4.h || ! -f /usr/include/xxhash.h ]] && compgen -G "$SRC/.gpu-debs/*.deb" >/dev/null; then
+  for d in "$SRC"/.gpu-debs/*.deb; do dpkg -x "$d" "$BUILD/deps"; done
+  # the -dev symlinks point at the runtime sonames, which the runtime debs provide
+  EXTRA+=(-DCMAKE_PREFIX_PATH="$BUILD/deps/usr")
+  export LIBRARY_PATH="$BUILD/deps/usr/lib/x86_64-linux-gnu${LIBRARY_PATH:+:$LIBRARY_PATH}"
+  export LD_LIBRARY_PATH="$BUILD/deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 t0=$(date +%s)
 cmake -S "$SRC" -B "$BUILD" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DMNEME_CUDA=ON \
   -DMNEME_CUDA_ARCHS="$ARCHS" -DCMAKE_CUDA_COMPILER="$NVCC" ${EXTRA[@]+"${EXTRA[@]}"} >"$BUILD/configure.log" 2>&1 ||
