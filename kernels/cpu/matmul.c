@@ -165,17 +165,21 @@ void mn_cpu_matmul(const mn_matmul_desc *d, void *work, const mn_par *par) {
             int64_t t = i / nb, b = i % nb;
             const float *x = d->x + t * d->x_stride + b * be;
             int8_t *q = qs + i * be;
-            xd[i] = lvl >= MN__SIMD_AVX2 ? mn__quant_group_avx2(x, be, q) : quant_group_scalar(x, be, q);
-            if (xs) {
-                int sum = 0;
+            int sum = 0;
+            if (lvl >= MN__SIMD_AVX2) {
+                xd[i] = mn__quant_group_avx2(x, be, q, xs ? &sum : NULL);
+            } else {
+                xd[i] = quant_group_scalar(x, be, q);
                 for (int j = 0; j < be; j++) sum += q[j];
+            }
+            if (xs) {
                 xs[i] = xd[i] * (float)sum;
                 xc[i] = -128 * sum;
             } else {
                 for (int g = 0; g < 16; g++) {
-                    int sum = 0;
-                    for (int j = 0; j < 16; j++) sum += q[16 * g + j];
-                    bsums[i * 16 + g] = (int16_t)sum;
+                    int gs = 0;
+                    for (int j = 0; j < 16; j++) gs += q[16 * g + j];
+                    bsums[i * 16 + g] = (int16_t)gs;
                 }
             }
         }

@@ -211,7 +211,8 @@ static inline __attribute__((always_inline)) void x86_q8_gather8(const mn_block_
  * while this one is computed. 8 strided row streams left DRAM mostly idle otherwise. */
 static inline void x86_q8_prefetch(const char *next, int64_t b) {
     const char *p = next + b * 8 * (int64_t)sizeof(mn_block_q8_0);
-    _Pragma("GCC unroll 8") for (int i = 0; i < 5; i++) _mm_prefetch(p + 64 * i, _MM_HINT_T0);
+    /* asm: gcc dropped the builtin from the inlined decode tiles */
+    _Pragma("GCC unroll 8") for (int i = 0; i < 5; i++) __asm__ volatile("prefetcht0 %0" : : "m"(*(p + 64 * i)));
 }
 
 /* The whole group into the scratch, once for all T tokens (prefill). */
@@ -290,6 +291,90 @@ static inline __attribute__((always_inline)) void x86_q8_tile(const mn__mm_ctx *
     }
 }
 
+#if MN__Q8_VNNI
+/* vnni prefill: 16 rows per 512-bit vector (two gathered 8-row halves per block, 512
+ * bytes). Lane r still runs exactly lane r's operations of the 8-row tile, so the bits
+ * are those of the decode tiles; a 4-byte activation broadcast now feeds 16 rows. */
+static void x86_q8_repack16(const mn_matmul_desc *d, const mn_block_q8_0 *const *rows, int64_t nb, int8_t *wp,
+                            float *dwT) {
+    const char *next = (const char *)rows[0] + 16 * d->w_row_bytes;
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i lo[8], hi[8];
+        x86_q8_prefetch(next, 2 * b);
+        x86_q8_prefetch(next, 2 * b + 1);
+        x86_q8_gather8(rows, b, lo, dwT + b * 16);
+        x86_q8_gather8(rows + 8, b, hi, dwT + b * 16 + 8);
+        __m512i *o = (__m512i *)(wp + b * 512);
+        _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++)
+            _mm512_store_si512(o + k, _mm512_inserti64x4(_mm512_castsi256_si512(lo[k]), hi[k], 1));
+    }
+}
+
+static inline __attribute__((always_inline)) void x86_q8_tile16(const mn__mm_ctx *c, const int C, int64_t n, int R,
+                                                                int64_t tok, const int8_t *wp, const float *dwT) {
+    const mn_matmul_desc *d = c->d;
+    const int64_t nb = c->xq.nb;
+    const int8_t *xq[MN__Q8_CT];
+    const float *xd[MN__Q8_CT];
+    __m512 acc[MN__Q8_CT];
+    _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
+        xq[j] = c->xq.qs + (tok + j) * nb * MN_QK;
+        xd[j] = c->xq.d + (tok + j) * nb;
+        acc[j] = _mm512_setzero_ps();
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        const __m512i *W = (const __m512i *)(wp + b * 512);
+        __m512i p[MN__Q8_CT];
+        _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) p[j] = _mm512_set1_epi32(c->xq.xc[(tok + j) * nb + b]);
+        _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) {
+            __m512i w = _mm512_load_si512(W + k);
+            _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
+                int32_t x4;
+                memcpy(&x4, xq[j] + b * MN_QK + 4 * k, 4);
+                p[j] = _mm512_dpbusd_epi32(p[j], w, _mm512_set1_epi32(x4));
+            }
+        }
+        __m512 dwv = _mm512_loadu_ps(dwT + b * 16);
+        _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
+            __m512 sc = _mm512_mul_ps(dwv, _mm512_set1_ps(xd[j][b]));
+            acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(sc, _mm512_cvtepi32_ps(p[j])));
+        }
+    }
+    _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
+        float v[16];
+        _mm512_storeu_ps(v, acc[j]);
+        for (int r = 0; r < R; r++) mn__mm_store(d, tok + j, n + r, v[r]);
+    }
+}
+
+static void x86_rows_q8_16(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
+    const mn_matmul_desc *d = c->d;
+    int64_t nb = c->xq.nb;
+    int8_t *wp = (int8_t *)c->scr;
+    float *dwT = (float *)(wp + nb * 512);
+    for (int64_t n = n0; n < n1; n += 16) {
+        int R = n1 - n < 16 ? (int)(n1 - n) : 16;
+        const mn_block_q8_0 *rows[16];
+        for (int r = 0; r < 16; r++) /* a short group repeats its last row: those lanes are never stored */
+            rows[r] = (const mn_block_q8_0 *)((const char *)d->w + (n + (r < R ? r : R - 1)) * d->w_row_bytes);
+        x86_q8_repack16(d, rows, nb, wp, dwT);
+        for (int64_t tok = 0; tok < d->T; tok += MN__Q8_CT) {
+            int C = d->T - tok < MN__Q8_CT ? (int)(d->T - tok) : MN__Q8_CT;
+            switch (C) { /* C a constant in each case: straight-line bodies */
+            case 1: x86_q8_tile16(c, 1, n, R, tok, wp, dwT); break;
+            case 2: x86_q8_tile16(c, 2, n, R, tok, wp, dwT); break;
+            case 3: x86_q8_tile16(c, 3, n, R, tok, wp, dwT); break;
+            case 4: x86_q8_tile16(c, 4, n, R, tok, wp, dwT); break;
+            case 5: x86_q8_tile16(c, 5, n, R, tok, wp, dwT); break;
+            case 6: x86_q8_tile16(c, 6, n, R, tok, wp, dwT); break;
+            case 7: x86_q8_tile16(c, 7, n, R, tok, wp, dwT); break;
+            default: x86_q8_tile16(c, MN__Q8_CT, n, R, tok, wp, dwT); break;
+            }
+        }
+    }
+}
+#endif
+
 #define MN__Q8_CASE(D_, C_) case C_: x86_q8_tile(c, D_, C_, rows, n, R, tok, wp, dwT); break;
 #if MN__Q8_CT > 4
 #define MN__Q8_CASES(D_) MN__Q8_CASE(D_, 1) MN__Q8_CASE(D_, 2) MN__Q8_CASE(D_, 3) MN__Q8_CASE(D_, 4) \
@@ -304,6 +389,12 @@ static void x86_rows_q8(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
     int8_t *wp = (int8_t *)c->scr;
     float *dwT = (float *)(wp + nb * 256);
     const int direct = d->T <= MN__Q8_CT;
+#if MN__Q8_VNNI
+    if (0 && !direct) {
+        x86_rows_q8_16(c, n0, n1);
+        return;
+    }
+#endif
     for (int64_t n = n0; n < n1; n += 8) {
         int R = n1 - n < 8 ? (int)(n1 - n) : 8;
         const mn_block_q8_0 *rows[8];

@@ -2,8 +2,9 @@
  * attention, silu_mul and add (matmul lives in matmul*.c).
  *
  * Each mn_cpu_<op> is called by every thread of the pool with its own par->ith. The work
- * is split with mn_par_range over independent units (rows, tokens, or (token, heads of
- * one KV group) for attention) and never inside a reduction, so an output element's
+ * is split over independent units (rows or tokens with mn_par_range; for attention
+ * (tile of tokens of one sequence, heads of one KV group) round-robin) and never inside
+ * a reduction, so an output element's
  * value depends neither on the thread count nor on the other tokens of the batch.
  * The per-unit work is done by the scalar functions below or, by mn__cpu_simd(), by
  * their AVX2 / AVX-512 twins in ops_cpu_avx2.c / ops_cpu_avx512.c.
@@ -147,7 +148,7 @@ void mn_cpu_kv_store(const mn_kv_store_desc *d, void *work, const mn_par *par) {
 
 /* ---- attention ----------------------------------------------------------------------- */
 
-/* Scalar twin of mn__attn_heads_avx2: online softmax over chunks of MN__ATTN_CHUNK
+/* Scalar attention (one token at a time): online softmax over chunks of MN__ATTN_CHUNK
  * positions for heads h0..h0+nh-1 of one KV group of token t. */
 static void attn_heads_scalar(const mn_attention_desc *d, int64_t t, int32_t h0, int32_t nh) {
     const mn_kv_view *kv = &d->kv;
@@ -202,16 +203,12 @@ static void attn_heads_scalar(const mn_attention_desc *d, int64_t t, int32_t h0,
 
 /* Heads h0..h0+nh-1 of one KV group for tokens t0..t0+nt-1 of one sequence. */
 static void attn_unit(mn__simd simd, const mn_attention_desc *d, int64_t t0, int32_t nt, int32_t h0, int32_t nh) {
-    if (simd >= MN__SIMD_AVX512) {
+    if (simd >= MN__SIMD_AVX512)
         mn__attn_tile_avx512(d, t0, nt, h0, nh);
-        return;
-    }
-    for (int64_t t = t0; t < t0 + nt; t++) {
-        if (simd >= MN__SIMD_AVX2)
-            mn__attn_heads_avx2(d, t, h0, nh);
-        else
-            attn_heads_scalar(d, t, h0, nh);
-    }
+    else if (simd >= MN__SIMD_AVX2)
+        mn__attn_tile_avx2(d, t0, nt, h0, nh);
+    else
+        for (int64_t t = t0; t < t0 + nt; t++) attn_heads_scalar(d, t, h0, nh);
 }
 
 void mn_cpu_attention(const mn_attention_desc *d, void *work, const mn_par *par) {

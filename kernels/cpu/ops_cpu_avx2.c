@@ -107,96 +107,145 @@ static inline __m256 load_h8(const uint16_t *p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)p));
 }
 
-/* Online softmax over chunks of MN__ATTN_CHUNK positions. Per head j the sequence is:
- * scores of the chunk (8-lane FMA over head_dim, fixed hsum, scalar tail), chunk max,
- * weights = exp8(score - max), l = l*alpha + sum, acc = acc*alpha + sum_p w_p V_p
- * (positions ascending). Nothing in it depends on nh or on other heads. */
-static inline __attribute__((always_inline)) void attn_heads(const mn_attention_desc *d, int64_t t,
-                                                              int32_t h0, const int32_t nh, const int32_t nvc) {
+/* Sum of the 8 lanes of each of s[0..7], returned as lane p = sum of s[p]: a fixed
+ * transpose-and-add tree (pairs of vectors, then 64-bit pairs, then the two halves), 3
+ * instructions per result instead of a horizontal sum each. The order in which one
+ * result's lanes are added depends only on the lane index. */
+static inline __m256 reduce8x8(const __m256 s[8]) {
+    __m256 c[4], e[2];
+    for (int k = 0; k < 4; k++)
+        c[k] = _mm256_add_ps(_mm256_unpacklo_ps(s[2 * k], s[2 * k + 1]), _mm256_unpackhi_ps(s[2 * k], s[2 * k + 1]));
+    for (int k = 0; k < 2; k++) {
+        __m256d a = _mm256_castps_pd(c[2 * k]), b = _mm256_castps_pd(c[2 * k + 1]);
+        e[k] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+    }
+    return _mm256_add_ps(_mm256_permute2f128_ps(e[0], e[1], 0x20), _mm256_permute2f128_ps(e[0], e[1], 0x31));
+}
+
+/* Online softmax over chunks of MN__ATTN_CHUNK positions for tokens t0 .. t0+nt-1 (one
+ * sequence) and heads h0 .. h0+nh-1 (one KV group). Each K/V chunk is converted to f32
+ * (rows zero-padded to a multiple of 8) once and shared by every token and head of the
+ * tile. Per (token, head) the float sequence is fixed: score of position p = scale *
+ * tree-sum (reduce8x8) of the 8-lane FMA chain over head_dim; positions past the
+ * token's own are -inf; chunk max, w = exp8(score - max), l = l*alpha + sum,
+ * acc = acc*alpha + sum_p w_p V_p (p ascending). None of it depends on nt, nh or the
+ * other tokens, so a token alone (decode) gets the same bits as inside a prefill tile. */
+static inline __attribute__((always_inline)) void attn_tile(const mn_attention_desc *d, int64_t t0, int32_t nt,
+                                                             int32_t h0, const int32_t nh, const int32_t nvc) {
     const mn_kv_view *kv = &d->kv;
-    const int32_t hd = d->head_dim, nv = nvc ? nvc : hd / 8, g = h0 / (d->n_head / d->n_kv_head);
-    const int32_t s = d->seq[t], n_pos = d->pos[t] + 1;
-    float acc[MN__ATTN_MAX_HEADS][MN__ATTN_MAX_HD] __attribute__((aligned(32)));
+    const int32_t hd = d->head_dim, nv = nvc ? nvc : (hd + 7) / 8, g = h0 / (d->n_head / d->n_kv_head);
+    const int32_t ld = nv * 8, s = d->seq[t0];
+    float kf[MN__ATTN_CHUNK * MN__ATTN_MAX_HD] __attribute__((aligned(32)));
+    float vf[MN__ATTN_CHUNK * MN__ATTN_MAX_HD] __attribute__((aligned(32)));
+    float acc[MN__ATTN_TILE * MN__ATTN_MAX_HEADS * MN__ATTN_MAX_HD] __attribute__((aligned(32)));
+    float qb[MN__ATTN_MAX_HD] __attribute__((aligned(32)));
     float sc[MN__ATTN_MAX_HEADS][MN__ATTN_CHUNK] __attribute__((aligned(32)));
-    float m[MN__ATTN_MAX_HEADS], l[MN__ATTN_MAX_HEADS], alpha[MN__ATTN_MAX_HEADS];
-    const float *q[MN__ATTN_MAX_HEADS];
+    float m[MN__ATTN_TILE][MN__ATTN_MAX_HEADS], l[MN__ATTN_TILE][MN__ATTN_MAX_HEADS], alpha[MN__ATTN_MAX_HEADS];
+    int32_t npos[MN__ATTN_TILE], max_pos = 0;
     const uint16_t *kp[MN__ATTN_CHUNK], *vp[MN__ATTN_CHUNK];
-    for (int32_t j = 0; j < nh; j++) {
-        q[j] = d->q + t * d->q_stride + (int64_t)(h0 + j) * hd;
-        m[j] = -INFINITY;
-        l[j] = 0.0f;
-        for (int32_t i = 0; i < hd; i++) acc[j][i] = 0.0f;
-    }
-    for (int32_t c0 = 0; c0 < n_pos; c0 += MN__ATTN_CHUNK) {
-        int32_t n = n_pos - c0 < MN__ATTN_CHUNK ? n_pos - c0 : MN__ATTN_CHUNK;
-        mn__kv_chunk_rows(kv, s, c0, n, g, kp, vp);
-        /* scores: each K row converted once per 8 dims, used by all nh heads */
-        for (int32_t p = 0; p < n; p++) {
-            __m256 sa[MN__ATTN_MAX_HEADS];
-            for (int32_t j = 0; j < nh; j++) sa[j] = _mm256_setzero_ps();
-            for (int32_t v = 0; v < nv; v++) {
-                __m256 kf = load_h8(kp[p] + 8 * v);
-                for (int32_t j = 0; j < nh; j++) sa[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q[j] + 8 * v), kf, sa[j]);
-            }
-            for (int32_t j = 0; j < nh; j++) {
-                float dot = hsum8(sa[j]);
-                for (int32_t i = nv * 8; i < hd; i++) dot += q[j][i] * mn_fp16_to_fp32(kp[p][i]);
-                sc[j][p] = dot * d->scale;
-            }
-        }
-        /* softmax step; padding past n is -inf so it weighs exactly 0 */
+    const __m256 ninf = _mm256_set1_ps(-INFINITY), vscale = _mm256_set1_ps(d->scale);
+    const int32_t nfull = hd / 8;
+    for (int32_t i = 0; i < nt; i++) {
+        npos[i] = d->pos[t0 + i] + 1;
+        max_pos = npos[i] > max_pos ? npos[i] : max_pos;
         for (int32_t j = 0; j < nh; j++) {
-            for (int32_t p = n; p < MN__ATTN_CHUNK; p++) sc[j][p] = -INFINITY;
-            __m256 vm = _mm256_set1_ps(m[j]);
-            for (int32_t p = 0; p < MN__ATTN_CHUNK; p += 8) vm = _mm256_max_ps(vm, _mm256_load_ps(&sc[j][p]));
-            float cm = hmax8(vm);
-            vm = _mm256_set1_ps(cm);
-            __m256 vs = _mm256_setzero_ps();
-            for (int32_t p = 0; p < MN__ATTN_CHUNK; p += 8) {
-                __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(&sc[j][p]), vm));
-                _mm256_store_ps(&sc[j][p], e);
-                vs = _mm256_add_ps(vs, e);
-            }
-            alpha[j] = m[j] == -INFINITY ? 0.0f : expf(m[j] - cm);
-            l[j] = l[j] * alpha[j] + hsum8(vs);
-            m[j] = cm;
+            m[i][j] = -INFINITY;
+            l[i][j] = 0.0f;
+            for (int32_t x = 0; x < ld; x++) acc[(i * nh + j) * ld + x] = 0.0f;
         }
-        /* acc = acc*alpha + sum_p w_p V_p: each V row converted once per 8 dims */
-        for (int32_t v = 0; v < nv; v++) {
-            __m256 a[MN__ATTN_MAX_HEADS];
-            for (int32_t j = 0; j < nh; j++) a[j] = _mm256_mul_ps(_mm256_load_ps(&acc[j][8 * v]), _mm256_set1_ps(alpha[j]));
-            for (int32_t p = 0; p < n; p++) {
-                __m256 vf = load_h8(vp[p] + 8 * v);
-                for (int32_t j = 0; j < nh; j++) a[j] = _mm256_fmadd_ps(_mm256_set1_ps(sc[j][p]), vf, a[j]);
+    }
+    for (int32_t x = hd; x < ld; x++) qb[x] = 0.0f;
+    for (int32_t c0 = 0; c0 < max_pos; c0 += MN__ATTN_CHUNK) {
+        int32_t nc = max_pos - c0 < MN__ATTN_CHUNK ? max_pos - c0 : MN__ATTN_CHUNK;
+        mn__kv_chunk_rows(kv, s, c0, nc, g, kp, vp);
+        for (int32_t p = 0; p < nc; p++) {
+            for (int32_t v = 0; v < nfull; v++) {
+                _mm256_store_ps(kf + p * ld + 8 * v, load_h8(kp[p] + 8 * v));
+                _mm256_store_ps(vf + p * ld + 8 * v, load_h8(vp[p] + 8 * v));
             }
-            for (int32_t j = 0; j < nh; j++) _mm256_store_ps(&acc[j][8 * v], a[j]);
+            for (int32_t x = nfull * 8; x < ld; x++) {
+                kf[p * ld + x] = x < hd ? mn_fp16_to_fp32(kp[p][x]) : 0.0f;
+                vf[p * ld + x] = x < hd ? mn_fp16_to_fp32(vp[p][x]) : 0.0f;
+            }
         }
-        for (int32_t i = nv * 8; i < hd; i++) {
+        /* rows up to the next multiple of 8 are scored (then masked): keep them finite */
+        for (int32_t p = nc; p < ((nc + 7) & ~7); p++)
+            for (int32_t v = 0; v < nv; v++) _mm256_store_ps(kf + p * ld + 8 * v, _mm256_setzero_ps());
+        for (int32_t i = 0; i < nt; i++) {
+            int32_t n = npos[i] - c0;
+            if (n <= 0) continue;
+            if (n > MN__ATTN_CHUNK) n = MN__ATTN_CHUNK;
+            const float *q = d->q + (t0 + i) * d->q_stride + (int64_t)h0 * hd;
+            float *ac = acc + (int64_t)i * nh * ld;
             for (int32_t j = 0; j < nh; j++) {
-                float a = acc[j][i] * alpha[j];
-                for (int32_t p = 0; p < n; p++) a += sc[j][p] * mn_fp16_to_fp32(vp[p][i]);
-                acc[j][i] = a;
+                for (int32_t x = 0; x < hd; x++) qb[x] = q[j * hd + x];
+                __m256 qv[MN__ATTN_MAX_HD / 8];
+                for (int32_t v = 0; v < nv; v++) qv[v] = _mm256_load_ps(qb + 8 * v);
+                for (int32_t p0 = 0; p0 < MN__ATTN_CHUNK; p0 += 8) {
+                    if (p0 >= n) {
+                        _mm256_store_ps(&sc[j][p0], ninf);
+                        continue;
+                    }
+                    __m256 sa[8];
+                    for (int32_t pp = 0; pp < 8; pp++) {
+                        const float *kr = kf + (p0 + pp) * ld;
+                        __m256 a = _mm256_mul_ps(qv[0], _mm256_load_ps(kr));
+                        for (int32_t v = 1; v < nv; v++) a = _mm256_fmadd_ps(qv[v], _mm256_load_ps(kr + 8 * v), a);
+                        sa[pp] = a;
+                    }
+                    __m256 r = _mm256_mul_ps(reduce8x8(sa), vscale);
+                    /* lanes at or past n (position p0 + lane) are masked to -inf */
+                    __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+                    __m256 keep = _mm256_cmp_ps(lane, _mm256_set1_ps((float)(n - p0)), _CMP_LT_OQ);
+                    _mm256_store_ps(&sc[j][p0], _mm256_blendv_ps(ninf, r, keep));
+                }
+                __m256 vm = _mm256_set1_ps(m[i][j]);
+                for (int32_t p = 0; p < MN__ATTN_CHUNK; p += 8) vm = _mm256_max_ps(vm, _mm256_load_ps(&sc[j][p]));
+                float cm = hmax8(vm);
+                vm = _mm256_set1_ps(cm);
+                __m256 vs = _mm256_setzero_ps();
+                for (int32_t p = 0; p < MN__ATTN_CHUNK; p += 8) {
+                    __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(&sc[j][p]), vm));
+                    _mm256_store_ps(&sc[j][p], e);
+                    vs = _mm256_add_ps(vs, e);
+                }
+                alpha[j] = m[i][j] == -INFINITY ? 0.0f : expf(m[i][j] - cm);
+                l[i][j] = l[i][j] * alpha[j] + hsum8(vs);
+                m[i][j] = cm;
+            }
+            for (int32_t v = 0; v < nv; v++) {
+                __m256 a[MN__ATTN_MAX_HEADS];
+                for (int32_t j = 0; j < nh; j++)
+                    a[j] = _mm256_mul_ps(_mm256_load_ps(ac + j * ld + 8 * v), _mm256_set1_ps(alpha[j]));
+                for (int32_t p = 0; p < n; p++) {
+                    __m256 vv = _mm256_load_ps(vf + p * ld + 8 * v);
+                    for (int32_t j = 0; j < nh; j++) a[j] = _mm256_fmadd_ps(_mm256_set1_ps(sc[j][p]), vv, a[j]);
+                }
+                for (int32_t j = 0; j < nh; j++) _mm256_store_ps(ac + j * ld + 8 * v, a[j]);
             }
         }
     }
-    for (int32_t j = 0; j < nh; j++) {
-        float *o = d->out + t * d->out_stride + (int64_t)(h0 + j) * hd;
-        float inv = 1.0f / l[j];
-        for (int32_t i = 0; i < hd; i++) o[i] = acc[j][i] * inv;
+    for (int32_t i = 0; i < nt; i++) {
+        for (int32_t j = 0; j < nh; j++) {
+            float *o = d->out + (t0 + i) * d->out_stride + (int64_t)(h0 + j) * hd;
+            const float *ac = acc + (int64_t)(i * nh + j) * ld;
+            float inv = 1.0f / l[i][j];
+            for (int32_t x = 0; x < hd; x++) o[x] = ac[x] * inv;
+        }
     }
 }
 
 /* One instance per group size (and for head_dim 64 and 128 per vector count), so the
  * per-head accumulators live in registers and the loops unroll; every instance does the
  * same float operations per head, so the choice cannot change a result. */
-#define ATTN_CASE(NH)                                                   \
-    case NH:                                                            \
-        if (d->head_dim == 64) attn_heads(d, t, h0, NH, 64 / 8);         \
-        else if (d->head_dim == 128) attn_heads(d, t, h0, NH, 128 / 8);  \
-        else attn_heads(d, t, h0, NH, 0);                               \
+#define ATTN_CASE(NH)                                                       \
+    case NH:                                                                \
+        if (d->head_dim == 64) attn_tile(d, t0, nt, h0, NH, 64 / 8);         \
+        else if (d->head_dim == 128) attn_tile(d, t0, nt, h0, NH, 128 / 8);  \
+        else attn_tile(d, t0, nt, h0, NH, 0);                               \
         break;
 
-void mn__attn_heads_avx2(const mn_attention_desc *d, int64_t t, int32_t h0, int32_t nh) {
+void mn__attn_tile_avx2(const mn_attention_desc *d, int64_t t0, int32_t nt, int32_t h0, int32_t nh) {
     switch (nh) {
     ATTN_CASE(1)
     ATTN_CASE(2)
@@ -205,6 +254,6 @@ void mn__attn_heads_avx2(const mn_attention_desc *d, int64_t t, int32_t h0, int3
     ATTN_CASE(5)
     ATTN_CASE(6)
     ATTN_CASE(7)
-    default: attn_heads(d, t, h0, 8, d->head_dim == 64 ? 64 / 8 : d->head_dim == 128 ? 128 / 8 : 0); break;
+    default: attn_tile(d, t0, nt, h0, 8, d->head_dim == 64 ? 64 / 8 : d->head_dim == 128 ? 128 / 8 : 0); break;
     }
 }

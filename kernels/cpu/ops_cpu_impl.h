@@ -2,7 +2,8 @@
  * functions of the elementwise, normalisation and attention ops, one set per SIMD level.
  *
  * ops_cpu.c owns the public mn_cpu_<op> entry points: it splits the work over threads
- * (by rows or by (token, head-group) units, never inside a reduction) and calls one of
+ * (by rows, or by (tile of tokens of one sequence, head-group) units for attention,
+ * never inside a reduction) and calls one of
  * these for each unit according to mn__cpu_simd(). The _avx2 variants live in
  * ops_cpu_avx2.c (AVX2+FMA+F16C), the _avx512 ones in ops_cpu_avx512.c.
  * Each function's float operation sequence for one row / one head depends only on that
@@ -20,7 +21,7 @@
  * whatever the batch, so every head sees the same float sequence. */
 #define MN__ATTN_CHUNK 32
 #define MN__ATTN_MAX_HD 256
-/* Tokens of one sequence whose attention shares each converted K/V chunk (AVX-512). */
+/* Tokens of one sequence whose attention shares each converted K/V chunk (SIMD paths). */
 #define MN__ATTN_TILE 8
 
 /* y[0:D] = x / sqrt(mean(x^2) + eps) * w; y may equal x. */
@@ -36,10 +37,9 @@ void mn__f32_to_f16_row_avx2(const float *x, uint16_t *y, int64_t n);
 /* f16 -> f32 (exact). */
 void mn__f16_to_f32_row_avx2(const uint16_t *x, float *y, int64_t n);
 
-/* Attention for token t, heads h0 .. h0+nh-1 (nh <= MN__ATTN_MAX_HEADS, all in one KV group). */
-void mn__attn_heads_avx2(const mn_attention_desc *d, int64_t t, int32_t h0, int32_t nh);
 /* Attention for tokens t0 .. t0+nt-1 (nt <= MN__ATTN_TILE, all of one sequence), heads
  * h0 .. h0+nh-1 of one KV group; each token's result is independent of the others. */
+void mn__attn_tile_avx2(const mn_attention_desc *d, int64_t t0, int32_t nt, int32_t h0, int32_t nh);
 void mn__attn_tile_avx512(const mn_attention_desc *d, int64_t t0, int32_t nt, int32_t h0, int32_t nh);
 
 /* Cache row pointers of positions p0 .. p0+n-1 of sequence s, KV head g: walks the block

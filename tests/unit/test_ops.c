@@ -701,12 +701,12 @@ static void test_harness_catches_errors(void **state) {
 /* Prefill shape: many consecutive tokens of one sequence (the CPU kernel tiles them and
  * shares each converted K/V chunk). Every token must match the reference within the
  * ops.h tolerance and be bit-identical to the same token computed alone with 1 thread,
- * which is what prefill-equals-decode needs. Covers head_dim with a tail (40) and
+ * which is what prefill-equals-decode needs. Covers head_dims with a 16-lane tail (40) and an 8-lane tail (36), and
  * positions that start and end inside chunks. */
 static void test_attention_prefill_tiles(void **state) {
     (void)state;
     static const tcase cases[] = {AT(45, 70, 9, 3, 64, 16, 901), AT(21, 50, 6, 2, 40, 16, 902),
-                                  AT(13, 40, 8, 1, 128, 32, 903)};
+                                  AT(13, 40, 8, 1, 128, 32, 903), AT(11, 37, 4, 2, 36, 16, 904)};
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
         ctx cx;
         setup(&cx, &cases[ci]);
