@@ -30,9 +30,6 @@ typedef enum mn_err {
 #undef MN__ERR_ENUM
 } mn_err;
 
-/* Transitional alias while in-flight code moves to MN_OK; removed once unused. */
-#define MN_EOK MN_OK
-
 /* A caller-owned message buffer. Functions write one line without a trailing newline. */
 typedef struct mn_errbuf {
     char msg[512];

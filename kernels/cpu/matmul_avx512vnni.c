@@ -3,6 +3,8 @@
  * vectors, 2 rows x 4 tokens register tiles (4x4 measured slower on Zen 4). 256-bit rather
  * than 512-bit vectors keep one 32-element block per vector, so the per-element sequence
  * is the same as at the avx2 level and the two levels agree bit for bit.
+ * Q8_0 has its own kernels (matmul_x86.h): 8 rows per 256-bit vector for decode, 16 rows per
+ * 512-bit vector for prefill, one lane per row, so both give the reference's bits.
  */
 #include <immintrin.h>
 #include <string.h>

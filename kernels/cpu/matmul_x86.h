@@ -4,11 +4,15 @@
  * The includer defines, before including this file:
  *   MN__DOT(u, s)   __m256i of 8 int32: lane i = sum of u8*s8 products of bytes 4i..4i+3
  *   MN__RT, MN__CT  row and token tile limits (MN__RT <= MN__MM_RMAX, both <= 4)
+ *   MN__Q8_VNNI     1: Q8_0 uses vpdpbusd (256- and 512-bit); 0: maddubs with the sign trick
+ *   MN__Q8_CT       Q8_0 token tile (<= 8); also the largest T that takes the decode tiles
  *   MN__ROWS_FN     the name of the entry point (declared in matmul_impl.h)
  * Both integer dots give the same exact sums, so both levels produce the same bits.
  *
  * Per-element sequences (fixed whatever the tile; that is the batch invariance):
- *   Q8_0/Q4_0/Q4_1: acc(8 lanes) = fma(dw*dx, cvt(int dot of the block), acc) per block,
+ *   Q8_0: the reference's: exact int dot per block, acc = acc + (dw*dx)*(float)isum in
+ *     block order (one lane per weight row; see the Q8_0 section), so it equals the ref.
+ *   Q4_0/Q4_1: acc(8 lanes) = fma(dw*dx, cvt(int dot of the block), acc) per block,
  *     then hsum8(acc); Q4_1 adds its min term sum_b m_b*s_b (8-lane fma + hsum8 +
  *     scalar tail, in block order).
  *   K-quants: per super-block an exact int32 sum, then the scalar formula of the reference
@@ -153,10 +157,8 @@ static void x86_rows_legacy(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
             int C = d->T - tok < MN__CT ? (int)(d->T - tok) : MN__CT;
             if (d->w_type == MN_Q4_1) {
                 MN__TILE_SWITCH(MN_Q4_1)
-            } else if (d->w_type == MN_Q4_0) {
+            } else { /* Q4_0 (Q8_0 has its own kernels below) */
                 MN__TILE_SWITCH(MN_Q4_0)
-            } else {
-                MN__TILE_SWITCH(MN_Q8_0)
             }
         }
     }
@@ -177,14 +179,17 @@ static void x86_rows_legacy(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
 #define MN__Q8_CT 4
 #endif
 
-/* Block b of 8 rows, interleaved: o[k] = bytes 4k..4k+3 of rows 0..7 (vnni: + 128); the
- * rows' scales go to dw[0..7]. */
-static inline __attribute__((always_inline)) void x86_q8_gather8(const mn_block_q8_0 *const *rows, int64_t b,
-                                                                 __m256i *o, float *dw) {
+/* Block b of 8 rows, interleaved: o[k] = bytes 4k..4k+3 of rows 0..7 (vnni: + 128);
+ * returns the rows' scales (built in a register: 8 scalar stores read back as one vector
+ * stall store forwarding). */
+static inline __attribute__((always_inline)) __m256 x86_q8_gather8(const mn_block_q8_0 *const *rows, int64_t b,
+                                                                   __m256i *o) {
     __m256i v[8], t[8], u[8];
-    _Pragma("GCC unroll 8") for (int r = 0; r < 8; r++) {
-        v[r] = _mm256_loadu_si256((const __m256i *)rows[r][b].qs);
-        dw[r] = x86_h2f(rows[r][b].d);
+    __m128i h0 = _mm_setzero_si128(), h1 = _mm_setzero_si128();
+    _Pragma("GCC unroll 8") for (int r = 0; r < 8; r++) v[r] = _mm256_loadu_si256((const __m256i *)rows[r][b].qs);
+    _Pragma("GCC unroll 8") for (int r = 0; r < 4; r++) {
+        h0 = _mm_insert_epi16(h0, rows[r][b].d, r);
+        h1 = _mm_insert_epi16(h1, rows[r + 4][b].d, r);
     }
     _Pragma("GCC unroll 8") for (int r = 0; r < 8; r += 2) { /* 8x8 transpose of 4-byte groups */
         t[r] = _mm256_unpacklo_epi32(v[r], v[r + 1]);
@@ -204,6 +209,7 @@ static inline __attribute__((always_inline)) void x86_q8_gather8(const mn_block_
         o[k + 4] = _mm256_xor_si256(o[k + 4], _mm256_set1_epi8((char)0x80));
 #endif
     }
+    return _mm256_cvtph_ps(_mm_unpacklo_epi64(h0, h1));
 }
 
 /* Step b of nb of a group: prefetch the b-th 272 bytes (8 blocks' worth) of the next group,
@@ -221,7 +227,7 @@ static void x86_q8_repack(const mn_matmul_desc *d, const mn_block_q8_0 *const *r
     const char *next = (const char *)rows[0] + 8 * d->w_row_bytes;
     for (int64_t b = 0; b < nb; b++) {
         x86_q8_prefetch(next, b);
-        x86_q8_gather8(rows, b, (__m256i *)(wp + b * 256), dwT + b * 8);
+        _mm256_storeu_ps(dwT + b * 8, x86_q8_gather8(rows, b, (__m256i *)(wp + b * 256)));
     }
 }
 
@@ -244,14 +250,12 @@ static inline __attribute__((always_inline)) void x86_q8_tile(const mn__mm_ctx *
     }
     for (int64_t b = 0; b < nb; b++) {
         __m256i Wd[8];
-        float dwd[8];
         const __m256i *W = (const __m256i *)(wp + b * 256);
         __m256 dwv;
         if (direct) {
             x86_q8_prefetch((const char *)rows[0] + 8 * d->w_row_bytes, b);
-            x86_q8_gather8(rows, b, Wd, dwd);
+            dwv = x86_q8_gather8(rows, b, Wd);
             W = Wd;
-            dwv = _mm256_loadu_ps(dwd);
         } else {
             dwv = _mm256_loadu_ps(dwT + b * 8);
         }
@@ -302,8 +306,8 @@ static void x86_q8_repack16(const mn_matmul_desc *d, const mn_block_q8_0 *const 
         __m256i lo[8], hi[8];
         x86_q8_prefetch(next, 2 * b);
         x86_q8_prefetch(next, 2 * b + 1);
-        x86_q8_gather8(rows, b, lo, dwT + b * 16);
-        x86_q8_gather8(rows + 8, b, hi, dwT + b * 16 + 8);
+        _mm256_storeu_ps(dwT + b * 16, x86_q8_gather8(rows, b, lo));
+        _mm256_storeu_ps(dwT + b * 16 + 8, x86_q8_gather8(rows + 8, b, hi));
         __m512i *o = (__m512i *)(wp + b * 512);
         _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++)
             _mm512_store_si512(o + k, _mm512_inserti64x4(_mm512_castsi256_si512(lo[k]), hi[k], 1));
@@ -389,8 +393,10 @@ static void x86_rows_q8(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
     int8_t *wp = (int8_t *)c->scr;
     float *dwT = (float *)(wp + nb * 256);
     const int direct = d->T <= MN__Q8_CT;
+    if (direct) /* the first group: the later ones are prefetched one group ahead */
+        for (int64_t b = 0; b < nb; b++) x86_q8_prefetch((const char *)d->w + n0 * d->w_row_bytes, b);
 #if MN__Q8_VNNI
-    if (0 && !direct) {
+    if (!direct) {
         x86_rows_q8_16(c, n0, n1);
         return;
     }
