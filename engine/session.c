@@ -226,6 +226,7 @@ void mn_engine_free(mn_engine *e) {
     mn_kv_pool_free(e->kv);
     mn_free(e->b_tok); mn_free(e->b_seq); mn_free(e->b_pos); mn_free(e->b_rows);
     mn_free(e->b_sess); mn_free(e->b_seqs); mn_free(e->b_logits); mn_free(e->sample_scratch);
+    mn_free(e->b_notify);
     mn_free(e->persist_dir);
     mn_free(e);
 }
@@ -315,7 +316,35 @@ static void session_free(mn_engine *e, mn_session *s) {
     mn_free(s);
 }
 
+/* Detach and fire s's end-of-work callbacks (computed first: it gets s, which the done
+ * callback may delete). failed: err/msg describe why. */
+static void fire_callbacks(mn_session *s, bool computed, bool gen_done, mn_err err, const char *msg) {
+    mn_computed_cb ccb = NULL;
+    void *cud = NULL;
+    gen_state *g = NULL;
+    if (computed && s->computed_cb) {
+        ccb = s->computed_cb;
+        cud = s->computed_ud;
+        s->computed_cb = NULL;
+        s->computed_ud = NULL;
+    }
+    if (gen_done && s->gen && s->gen->done) {
+        g = s->gen;
+        s->gen = NULL;
+    }
+    if (ccb) ccb(cud, s, err, msg);
+    if (g) {
+        mn_gen_result res = {g->n_generated, err == MN_OK || err == MN_ECANCELLED ? g->finish : MN_FINISH_NONE};
+        if (err == MN_ECANCELLED && res.finish == MN_FINISH_NONE) res.finish = MN_FINISH_CANCELLED;
+        g->done(g->ud, &res, err == MN_ECANCELLED ? MN_OK : err, msg);
+        mn_sampler_free(g->sampler);
+        mn_stop_free(g->stop);
+        mn_free(g);
+    }
+}
+
 void mn_session_delete(mn_engine *e, mn_session *s) {
+    fire_callbacks(s, true, true, MN_ECANCELLED, "session deleted");
     for (int32_t i = 0; i < e->n_sessions; i++)
         if (e->sessions[i] == s) {
             e->sessions[i] = e->sessions[--e->n_sessions];
@@ -387,46 +416,27 @@ static mn_err gen_advance(mn_engine *e, mn_session *s, mn_errbuf *eb) {
     return MN_OK;
 }
 
-mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb) {
-    *did_work = false;
+/* Plan one batch and run it. ns counts the sessions taken so far, also on failure, so the
+ * caller knows which sessions the failure hit (e->b_sess[0..*ns)). */
+static mn_err step_compute(mn_engine *e, int32_t *ns_out, bool *did_work, mn_errbuf *eb) {
     mn_err err = MN_OK;
-    /* generating sessions with nothing pending sample first (their logits are ready) */
-    for (int32_t i = 0; i < e->n_sessions; i++) {
-        mn_session *s = e->sessions[i];
-        if (s->gen && s->gen->finish == MN_FINISH_NONE && !wants_compute(s) && s->logits_valid) {
-            if ((err = gen_advance(e, s, eb)) != MN_OK) return err;
-            *did_work = true;
-        }
-    }
-    for (int32_t i = 0; i < e->n_sessions; i++)
-        if (wants_compute(e->sessions[i]) && (err = attach_cached(e, e->sessions[i], eb)) != MN_OK) return err;
-    /* blocks this step may need (new positions, plus one copy-on-write each): swap idle
-     * sessions out now rather than fail in the middle of the batch */
-    int32_t need = 0;
-    for (int32_t i = 0; i < e->n_sessions; i++) {
-        mn_session *s = e->sessions[i];
-        if (wants_compute(s)) need += (s->n_tokens + e->bs - 1) / e->bs - s->seq.n_blocks + 1;
-    }
-    if (need > e->kv->n_free) {
-        mn_errbuf ignore;
-        mn__tier_make_room(e, need, NULL, &ignore); /* best effort: the forward reports a real shortage */
-    }
-
     /* plan: one token for each session with exactly one pending (decode), then chunks */
     int32_t n = 0, ns = 0;
+    *ns_out = 0;
     for (int pass = 0; pass < 2; pass++) {
         for (int32_t i = 0; i < e->n_sessions && n < e->max_batch; i++) {
             mn_session *s = e->sessions[i];
             int32_t pending = s->n_tokens - s->n_computed;
             if (pending <= 0 || (pass == 0) != (pending == 1)) continue;
             int32_t take = pending < e->max_batch - n ? pending : e->max_batch - n;
+            e->b_sess[ns] = s;
+            *ns_out = ns + 1;
             if ((err = mn_kv_seq_make_writable(e->kv, &s->seq, s->n_computed, eb)) != MN_OK) {
                 mn__prefix_evict_unused(e);
                 if ((err = mn_kv_seq_make_writable(e->kv, &s->seq, s->n_computed, eb)) != MN_OK) return err;
             }
             s->seq.n_tokens = s->n_computed;
             e->b_seqs[ns] = &s->seq;
-            e->b_sess[ns] = s;
             for (int32_t k = 0; k < take; k++) {
                 e->b_tok[n + k] = s->tokens[s->n_computed + k];
                 e->b_seq[n + k] = ns;
@@ -468,6 +478,89 @@ mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb) {
     return MN_OK;
 }
 
+/* A step failed for s: drop its pending tokens (and any KV written for them). */
+static void fail_session(mn_engine *e, mn_session *s) {
+    mn_kv_seq_truncate(e->kv, &s->seq, s->n_computed);
+    s->n_tokens = s->n_computed;
+    if (s->n_hashed * e->bs > s->n_computed) s->n_hashed = s->n_computed / e->bs;
+    s->logits_valid = false;
+    s->failed = true;
+}
+
+/* End of a step: fire the callbacks of sessions whose work completed or failed. Collected
+ * first, since a callback may delete its session (and so reorder e->sessions). */
+static void step_notify(mn_engine *e, mn_err err, const char *msg) {
+    int32_t n = 0;
+    for (int32_t i = 0; i < e->n_sessions; i++) {
+        mn_session *s = e->sessions[i];
+        bool gen_over = s->gen && s->gen->done && s->gen->finish != MN_FINISH_NONE && !wants_compute(s);
+        if (s->failed || gen_over || (s->computed_cb && !wants_compute(s))) e->b_notify[n++] = s;
+    }
+    for (int32_t i = 0; i < n; i++) {
+        mn_session *s = e->b_notify[i];
+        bool failed = s->failed;
+        bool gen_over = failed || (s->gen && s->gen->finish != MN_FINISH_NONE && !wants_compute(s));
+        s->failed = false;
+        fire_callbacks(s, failed || !wants_compute(s), gen_over, failed ? err : MN_OK, failed ? msg : NULL);
+    }
+}
+
+mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb) {
+    *did_work = false;
+    mn_err err = MN_OK;
+    if (e->n_sessions > e->cap_notify) { /* room to collect every session's callbacks */
+        mn_session **nb = mn_realloc(e->b_notify, (size_t)e->cap_sessions * sizeof *nb);
+        if (!nb) return mn_errf(eb, MN_ENOMEM, "out of memory");
+        e->b_notify = nb;
+        e->cap_notify = e->cap_sessions;
+    }
+    /* generating sessions with nothing pending sample first (their logits are ready) */
+    for (int32_t i = 0; i < e->n_sessions && err == MN_OK; i++) {
+        mn_session *s = e->sessions[i];
+        if (s->gen && s->gen->finish == MN_FINISH_NONE && !wants_compute(s) && s->logits_valid) {
+            *did_work = true;
+            if ((err = gen_advance(e, s, eb)) != MN_OK) fail_session(e, s);
+        }
+    }
+    for (int32_t i = 0; i < e->n_sessions && err == MN_OK; i++)
+        if (wants_compute(e->sessions[i]) && (err = attach_cached(e, e->sessions[i], eb)) != MN_OK)
+            fail_session(e, e->sessions[i]);
+    if (err == MN_OK) {
+        /* blocks this step may need (new positions, plus one copy-on-write each): swap idle
+         * sessions out now rather than fail in the middle of the batch */
+        int32_t need = 0;
+        for (int32_t i = 0; i < e->n_sessions; i++) {
+            mn_session *s = e->sessions[i];
+            if (wants_compute(s)) need += (s->n_tokens + e->bs - 1) / e->bs - s->seq.n_blocks + 1;
+        }
+        if (need > e->kv->n_free) {
+            mn_errbuf ignore;
+            mn__tier_make_room(e, need, NULL, &ignore); /* best effort: the forward reports a real shortage */
+        }
+        int32_t ns = 0;
+        err = step_compute(e, &ns, did_work, eb);
+        if (err != MN_OK)
+            for (int32_t k = 0; k < ns; k++) fail_session(e, e->b_sess[k]);
+    }
+    step_notify(e, err, err != MN_OK && eb ? eb->msg : "engine step failed");
+    return err;
+}
+
+bool mn_session_busy(const mn_session *s) { return wants_compute(s) || s->gen != NULL; }
+
+bool mn_engine_has_work(const mn_engine *e) {
+    for (int32_t i = 0; i < e->n_sessions; i++)
+        if (mn_session_busy(e->sessions[i])) return true;
+    return false;
+}
+
+void mn_session_on_computed(mn_engine *e, mn_session *s, mn_computed_cb cb, void *ud) {
+    (void)e;
+    s->computed_cb = cb;
+    s->computed_ud = ud;
+    if (cb && !wants_compute(s)) fire_callbacks(s, true, false, MN_OK, NULL);
+}
+
 /* Run steps until s has nothing pending (and, if generating, until it finished). */
 mn_err mn__session_run_until_done(mn_engine *e, mn_session *s, mn_errbuf *eb) {
     for (;;) {
@@ -482,12 +575,10 @@ mn_err mn__session_run_until_done(mn_engine *e, mn_session *s, mn_errbuf *eb) {
 
 /* ---- the session API ------------------------------------------------------------------------ */
 
-mn_err mn_session_append_tokens(mn_engine *e, mn_session *s, const int32_t *tokens, int32_t n, mn_role role,
+mn_err mn_session_submit_tokens(mn_engine *e, mn_session *s, const int32_t *tokens, int32_t n, mn_role role,
                                 mn_errbuf *eb) {
     if (s->gen) return mn_errf(eb, MN_EBUSY, "session %s is generating", s->id);
     if ((unsigned)role > MN_ROLE_THOUGHT) return mn_errf(eb, MN_EINVALID, "role %d unknown", (int)role);
-    mn_err rerr = mn__tier_ensure_resident(e, s, eb);
-    if (rerr != MN_OK) return rerr;
     if (n < 0) return mn_errf(eb, MN_EINVALID, "token count %d is negative", n);
     for (int32_t i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= e->m->cfg.n_vocab)
@@ -495,12 +586,20 @@ mn_err mn_session_append_tokens(mn_engine *e, mn_session *s, const int32_t *toke
     if ((int64_t)s->n_tokens + n > e->m->cfg.n_ctx)
         return mn_errf(eb, MN_ELIMIT, "session %s: %d + %d tokens exceed the context length %d", s->id, s->n_tokens, n,
                        e->m->cfg.n_ctx);
+    mn_err err = mn__tier_ensure_resident(e, s, eb);
+    if (err != MN_OK) return err;
+    return mn__session_add_tokens(s, tokens, n, role, eb);
+}
+
+mn_err mn_session_append_tokens(mn_engine *e, mn_session *s, const int32_t *tokens, int32_t n, mn_role role,
+                                mn_errbuf *eb) {
     int32_t before = s->n_tokens;
-    mn_err err = mn__session_add_tokens(s, tokens, n, role, eb);
-    if (err == MN_OK) err = mn__session_run_until_done(e, s, eb);
+    mn_err err = mn_session_submit_tokens(e, s, tokens, n, role, eb);
+    if (err != MN_OK) return err;
+    err = mn__session_run_until_done(e, s, eb);
     if (err != MN_OK) { /* nothing half-appended: drop the new tokens and any KV made for them */
         mn_kv_seq_truncate(e->kv, &s->seq, before < s->n_computed ? before : s->n_computed);
-        s->n_tokens = before;
+        if (s->n_tokens > before) s->n_tokens = before;
         if (s->n_computed > before) s->n_computed = before;
         if (s->n_hashed * e->bs > s->n_computed) s->n_hashed = s->n_computed / e->bs;
         s->logits_valid = false;
@@ -557,20 +656,40 @@ static mn_err frame_message(mn_engine *e, mn_session *s, mn_role role, const cha
     return MN_OK;
 }
 
-mn_err mn_session_append_text(mn_engine *e, mn_session *s, mn_role role, const char *text, size_t len, mn_errbuf *eb) {
-    int32_t *toks = NULL;
+/* Text as the tokens a message of this role appends. */
+static mn_err text_tokens(mn_engine *e, mn_session *s, mn_role role, const char *text, size_t len, int32_t **toks,
+                          int32_t *n_out, mn_errbuf *eb) {
     int64_t n = 0;
     mn_err err;
+    *toks = NULL;
     if (role == MN_ROLE_NONE || role == MN_ROLE_THOUGHT)
-        err = mn_tokenize(e->m->tok, text, len, s->n_tokens == 0 ? MN_TOK_ADD_BOS : 0, &toks, &n, eb);
+        err = mn_tokenize(e->m->tok, text, len, s->n_tokens == 0 ? MN_TOK_ADD_BOS : 0, toks, &n, eb);
     else if ((unsigned)role > MN_ROLE_THOUGHT)
         return mn_errf(eb, MN_EINVALID, "role %d unknown", (int)role);
     else
-        err = frame_message(e, s, role, text, len, &toks, &n, eb);
-    if (err == MN_OK) {
-        if (n > INT32_MAX) err = mn_errf(eb, MN_ELIMIT, "text of %zu bytes is too long", len);
-        else err = mn_session_append_tokens(e, s, toks, (int32_t)n, role, eb);
+        err = frame_message(e, s, role, text, len, toks, &n, eb);
+    if (err == MN_OK && n > INT32_MAX) err = mn_errf(eb, MN_ELIMIT, "text of %zu bytes is too long", len);
+    if (err != MN_OK) {
+        mn_free(*toks);
+        *toks = NULL;
     }
+    *n_out = (int32_t)n;
+    return err;
+}
+
+mn_err mn_session_append_text(mn_engine *e, mn_session *s, mn_role role, const char *text, size_t len, mn_errbuf *eb) {
+    int32_t *toks, n;
+    mn_err err = text_tokens(e, s, role, text, len, &toks, &n, eb);
+    if (err == MN_OK) err = mn_session_append_tokens(e, s, toks, n, role, eb);
+    mn_free(toks);
+    return err;
+}
+
+mn_err mn_session_submit_text(mn_engine *e, mn_session *s, mn_role role, const char *text, size_t len,
+                              mn_errbuf *eb) {
+    int32_t *toks, n;
+    mn_err err = text_tokens(e, s, role, text, len, &toks, &n, eb);
+    if (err == MN_OK) err = mn_session_submit_tokens(e, s, toks, n, role, eb);
     mn_free(toks);
     return err;
 }
@@ -609,50 +728,82 @@ static mn_err assistant_header(mn_engine *e, int32_t **out, int64_t *n, mn_errbu
     return err;
 }
 
-mn_err mn_session_generate(mn_engine *e, mn_session *s, const mn_gen_params *p, mn_token_cb cb, void *ud,
-                           mn_gen_result *res, mn_errbuf *eb) {
+/* Validate, open the assistant turn if asked, and attach a generation state to s. */
+static mn_err gen_begin(mn_engine *e, mn_session *s, const mn_gen_params *p, mn_token_cb cb, mn_gen_done_cb done,
+                        void *ud, mn_errbuf *eb) {
     if (s->gen) return mn_errf(eb, MN_EBUSY, "session %s is already generating", s->id);
     if (p->max_tokens < 1) return mn_errf(eb, MN_ERANGE, "max_tokens must be >= 1, got %d", p->max_tokens);
-    if (s->n_tokens + p->max_tokens > e->m->cfg.n_ctx)
-        return mn_errf(eb, MN_ELIMIT, "session %s: %d tokens + max_tokens %d exceed the context length %d", s->id,
-                       s->n_tokens, p->max_tokens, e->m->cfg.n_ctx);
     mn_err err = mn_sampling_validate(&p->sampling, e->m->cfg.n_vocab, eb);
     if (err == MN_OK) err = mn__tier_ensure_resident(e, s, eb);
     if (err != MN_OK) return err;
-    if (p->assistant_prefix) {
-        int32_t *h = NULL;
-        int64_t nh = 0;
-        err = assistant_header(e, &h, &nh, eb);
-        if (err == MN_OK) err = mn_session_append_tokens(e, s, h, (int32_t)nh, MN_ROLE_ASSISTANT, eb);
+    int32_t *h = NULL;
+    int64_t nh = 0;
+    if (p->assistant_prefix && (err = assistant_header(e, &h, &nh, eb)) != MN_OK) return err;
+    if (s->n_tokens + nh + p->max_tokens > e->m->cfg.n_ctx) {
         mn_free(h);
-        if (err != MN_OK) return err;
+        return mn_errf(eb, MN_ELIMIT, "session %s: %d tokens + max_tokens %d exceed the context length %d", s->id,
+                       (int32_t)(s->n_tokens + nh), p->max_tokens, e->m->cfg.n_ctx);
     }
-    if (s->n_tokens == 0) return mn_errf(eb, MN_EINVALID, "session %s is empty: append a prompt first", s->id);
+    if (s->n_tokens + nh == 0) return mn_errf(eb, MN_EINVALID, "session %s is empty: append a prompt first", s->id);
     gen_state *g = mn_calloc(1, sizeof *g);
-    if (!g) return mn_errf(eb, MN_ENOMEM, "out of memory");
+    if (!g) {
+        mn_free(h);
+        return mn_errf(eb, MN_ENOMEM, "out of memory");
+    }
     g->p = *p;
+    g->p.stops = NULL; /* copied into g->stop; the caller's array may go away */
+    g->p.n_stops = 0;
+    g->p.sampling.bias = NULL; /* copied by the sampler */
+    g->p.sampling.n_bias = 0;
     g->cb = cb;
+    g->done = done;
     g->ud = ud;
-    s->gen = g;
     err = mn_sampler_new(&p->sampling, e->m->cfg.n_vocab, &g->sampler, eb);
     if (err == MN_OK) err = mn_stop_new((const char *const *)p->stops, p->n_stops, &g->stop, eb);
-    if (err == MN_OK) {
-        for (int32_t i = 0; i < s->n_tokens; i++) mn_sampler_accept(g->sampler, s->tokens[i]);
-        mn_detok_reset(&g->detok);
-        /* history computed but logits lost (e.g. after a rewind): recompute the last token */
-        if (!wants_compute(s) && !s->logits_valid) {
-            mn_kv_seq_truncate(e->kv, &s->seq, s->n_tokens - 1);
-            s->n_computed = s->n_tokens - 1;
-            if (s->n_hashed * e->bs > s->n_computed) s->n_hashed = s->n_computed / e->bs;
-        }
-        err = mn__session_run_until_done(e, s, eb);
+    if (err == MN_OK && nh) err = mn_session_submit_tokens(e, s, h, (int32_t)nh, MN_ROLE_ASSISTANT, eb);
+    mn_free(h);
+    if (err != MN_OK) {
+        mn_sampler_free(g->sampler);
+        mn_stop_free(g->stop);
+        mn_free(g);
+        return err;
     }
+    for (int32_t i = 0; i < s->n_tokens; i++) mn_sampler_accept(g->sampler, s->tokens[i]);
+    mn_detok_reset(&g->detok);
+    /* history computed but logits lost (e.g. after a rewind): recompute the last token */
+    if (!wants_compute(s) && !s->logits_valid) {
+        mn_kv_seq_truncate(e->kv, &s->seq, s->n_tokens - 1);
+        s->n_computed = s->n_tokens - 1;
+        if (s->n_hashed * e->bs > s->n_computed) s->n_hashed = s->n_computed / e->bs;
+    }
+    s->gen = g;
+    return MN_OK;
+}
+
+mn_err mn_session_generate(mn_engine *e, mn_session *s, const mn_gen_params *p, mn_token_cb cb, void *ud,
+                           mn_gen_result *res, mn_errbuf *eb) {
+    mn_err err = gen_begin(e, s, p, cb, NULL, ud, eb);
+    if (err != MN_OK) return err;
+    err = mn__session_run_until_done(e, s, eb);
     if (res) {
-        res->n_generated = g->n_generated;
-        res->finish = err == MN_OK ? g->finish : MN_FINISH_NONE;
+        res->n_generated = s->gen->n_generated;
+        res->finish = err == MN_OK ? s->gen->finish : MN_FINISH_NONE;
     }
     gen_end(s);
     return err;
+}
+
+mn_err mn_session_generate_start(mn_engine *e, mn_session *s, const mn_gen_params *p, mn_token_cb cb,
+                                 mn_gen_done_cb done, void *ud, mn_errbuf *eb) {
+    if (!done) return mn_errf(eb, MN_EINVALID, "generate_start needs a done callback");
+    return gen_begin(e, s, p, cb, done, ud, eb);
+}
+
+void mn_session_generate_cancel(mn_engine *e, mn_session *s) {
+    (void)e;
+    if (!s->gen) return;
+    if (s->gen->finish == MN_FINISH_NONE) s->gen->finish = MN_FINISH_CANCELLED;
+    fire_callbacks(s, false, true, MN_OK, NULL);
 }
 
 mn_err mn_session_fork(mn_engine *e, mn_session *s, mn_session **out, mn_errbuf *eb) {

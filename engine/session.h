@@ -155,6 +155,43 @@ mn_err mn_session_demote(mn_engine *e, mn_session *s, int tier, mn_errbuf *eb);
  *  (T3 when there is a persist directory); now is mn-style monotonic seconds. */
 mn_err mn_engine_demote_idle(mn_engine *e, double idle_seconds, double now, mn_errbuf *eb);
 
+/* ---- non-blocking use (a server's engine thread) ----
+ * The blocking calls above are these plus engine steps until their session is done. A
+ * server submits work and runs mn_engine_step while mn_engine_has_work(); every session
+ * with work progresses in the same steps (continuous batching: one decode token per
+ * generating session first, then prefill chunks under max_batch_tokens). Everything runs
+ * on the one thread that drives the engine, callbacks included. Done and computed
+ * callbacks run at the end of a step and may submit to, cancel or delete their own session
+ * (no other); a token callback calls nothing in the engine (it returns false to stop). */
+/** Queue tokens (validated as in mn_session_append_tokens) without computing them. */
+mn_err mn_session_submit_tokens(mn_engine *e, mn_session *s, const int32_t *tokens, int32_t n, mn_role role,
+                                mn_errbuf *eb);
+/** Queue text framed as in mn_session_append_text. */
+mn_err mn_session_submit_text(mn_engine *e, mn_session *s, mn_role role, const char *text, size_t len,
+                              mn_errbuf *eb);
+/** Called exactly once when a started generation ends: from mn_engine_step (finish set;
+ *  err != MN_OK with msg when the step failed for this session: its pending tokens were
+ *  dropped), from mn_session_generate_cancel or from mn_session_delete (CANCELLED). */
+typedef void (*mn_gen_done_cb)(void *ud, const mn_gen_result *res, mn_err err, const char *msg);
+/** Start generating and return at once (validated as in mn_session_generate; p->stops are
+ *  copied). cb gets each token from inside mn_engine_step, then done once. */
+mn_err mn_session_generate_start(mn_engine *e, mn_session *s, const mn_gen_params *p, mn_token_cb cb,
+                                 mn_gen_done_cb done, void *ud, mn_errbuf *eb);
+/** End s's generation now: done(CANCELLED) is called before this returns; the tokens
+ *  generated so far stay in the session. No-op when s is not generating. */
+void mn_session_generate_cancel(mn_engine *e, mn_session *s);
+/** Called when s's pending tokens are all computed (err MN_OK), or when a step failed for
+ *  s (err and msg set; its pending tokens were dropped, and a generation ends too). */
+typedef void (*mn_computed_cb)(void *ud, mn_session *s, mn_err err, const char *msg);
+/** Register cb for s (one at a time; NULL clears); it fires once, at the end of the step
+ *  that completed or failed s's pending tokens (at once if none are pending), then clears.
+ *  mn_session_delete fires it with MN_ECANCELLED. */
+void mn_session_on_computed(mn_engine *e, mn_session *s, mn_computed_cb cb, void *ud);
+/** s is generating or has tokens not yet computed. */
+bool mn_session_busy(const mn_session *s);
+/** Some session is busy: mn_engine_step has work to do. */
+bool mn_engine_has_work(const mn_engine *e);
+
 /** Run one engine step. *did_work is false when no session had anything to do. */
 mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb);
 

@@ -21,6 +21,7 @@ typedef struct gen_state {
     mn_stop *stop;
     mn_detok detok;
     mn_token_cb cb;
+    mn_gen_done_cb done;   /* non-NULL: started with mn_session_generate_start */
     void *ud;
     int32_t n_generated;
     mn_finish finish;
@@ -39,6 +40,9 @@ struct mn_session {
     bool logits_valid;
     double last_use;
     gen_state *gen;        /* non-NULL while generating */
+    mn_computed_cb computed_cb;  /* mn_session_on_computed */
+    void *computed_ud;
+    bool failed;           /* the last step failed for it: report at the end of the step */
     /* tiering: where the KV of [0, n_computed) lives when it is not in the pool (T0) */
     int tier;              /* 0 resident; 1 host image; 2 compressed host bytes; 3 file */
     uint16_t *host_kv;     /* T1: block-major image (session_file.h layout) */
@@ -64,6 +68,8 @@ struct mn_engine {
     mn_session **b_sess;
     mn_kv_seq **b_seqs;
     float *b_logits, *sample_scratch;
+    mn_session **b_notify;  /* end-of-step callback list */
+    int32_t cap_notify;
     /* tiers */
     int64_t tier_budget[4], tier_used[4];   /* [1] T1, [2] T2 bytes (0 = unlimited) */
     char *persist_dir;                      /* T3; NULL: no disk tier */
