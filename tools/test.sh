@@ -18,13 +18,13 @@ python3 -m pytest -q tests/python
 
 echo "== unit tests under ASan + UBSan"
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCMAKE_C_FLAGS_DEBUG="-O1 -g" -DMNEME_SANITIZE=ON -DMNEME_CUDA=OFF >/dev/null
-ninja -C build-asan >/dev/null
+ninja -C build-asan >build-asan.log 2>&1 || { tail -60 build-asan.log; echo "ASan build failed"; exit 1; }
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   MNEME_BUILD_DIR="$root/build-asan" ctest --test-dir build-asan --output-on-failure -j2 -L cpu
 
 echo "== fuzz smoke: the GGUF reader under libFuzzer for ${MNEME_FUZZ_SECONDS:-20} s"
 cmake -S . -B build-fuzz -G Ninja -DMNEME_FUZZ=ON -DCMAKE_C_COMPILER=clang -DMNEME_CUDA=OFF >/dev/null
-ninja -C build-fuzz fuzz_gguf >/dev/null
+ninja -C build-fuzz fuzz_gguf >build-fuzz.log 2>&1 || { tail -60 build-fuzz.log; echo "fuzz build failed"; exit 1; }
 corpus=$(mktemp -d)
 for t in F32 F16 Q8_0 Q4_0 Q4_1; do
   python3 tools/gen_gguf.py "$corpus/s_$t.gguf" --type "$t" --n-layer 1 --n-embd 64 --n-head 2 \
@@ -41,7 +41,7 @@ if [ $rc -ne 0 ]; then tail -40 "$corpus/log"; echo "fuzz_gguf failed (exit $rc)
 rm -rf "$corpus"
 
 echo "== fuzz smoke: the session file reader for ${MNEME_FUZZ_SECONDS:-20} s"
-ninja -C build-fuzz fuzz_session_file >/dev/null
+ninja -C build-fuzz fuzz_session_file >build-fuzz.log 2>&1 || { tail -60 build-fuzz.log; echo "fuzz build failed"; exit 1; }
 corpus=$(mktemp -d)
 MNEME_SESSION_SEED_DIR="$corpus" build/test_session_file >/dev/null
 rc=0

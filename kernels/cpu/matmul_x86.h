@@ -185,12 +185,10 @@ static void x86_rows_legacy(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
 static inline __attribute__((always_inline)) __m256 x86_q8_gather8(const mn_block_q8_0 *const *rows, int64_t b,
                                                                    __m256i *o) {
     __m256i v[8], t[8], u[8];
-    __m128i h0 = _mm_setzero_si128(), h1 = _mm_setzero_si128();
     _Pragma("GCC unroll 8") for (int r = 0; r < 8; r++) v[r] = _mm256_loadu_si256((const __m256i *)rows[r][b].qs);
-    _Pragma("GCC unroll 8") for (int r = 0; r < 4; r++) {
-        h0 = _mm_insert_epi16(h0, rows[r][b].d, r);
-        h1 = _mm_insert_epi16(h1, rows[r + 4][b].d, r);
-    }
+    /* lane indices of _mm_insert_epi16 must be literals (a loop index is not one at -O1) */
+    __m128i h = _mm_setr_epi16((short)rows[0][b].d, (short)rows[1][b].d, (short)rows[2][b].d, (short)rows[3][b].d,
+                               (short)rows[4][b].d, (short)rows[5][b].d, (short)rows[6][b].d, (short)rows[7][b].d);
     _Pragma("GCC unroll 8") for (int r = 0; r < 8; r += 2) { /* 8x8 transpose of 4-byte groups */
         t[r] = _mm256_unpacklo_epi32(v[r], v[r + 1]);
         t[r + 1] = _mm256_unpackhi_epi32(v[r], v[r + 1]);
@@ -209,7 +207,7 @@ static inline __attribute__((always_inline)) __m256 x86_q8_gather8(const mn_bloc
         o[k + 4] = _mm256_xor_si256(o[k + 4], _mm256_set1_epi8((char)0x80));
 #endif
     }
-    return _mm256_cvtph_ps(_mm_unpacklo_epi64(h0, h1));
+    return _mm256_cvtph_ps(h);
 }
 
 /* Step b of nb of a group: prefetch the b-th 272 bytes (8 blocks' worth) of the next group,
