@@ -1,0 +1,442 @@
+"""tests/python/test_http_transport.py — the HTTP/1.1 transport (server/http.c) over raw
+sockets, against tests/tools/http_echo (built into $MNEME_BUILD_DIR, default build/).
+
+Each test starts its own http_echo on a free loopback port with the limits it needs,
+speaks HTTP by hand (so malformed and pipelined input is possible), and at the end sends
+SIGTERM and requires a clean exit (every handle closed, exit status 0).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def echo(build_dir: Path):
+    """echo(**flags) -> (port, Popen); flags map to http_echo options (idle_ms -> --idle-ms)."""
+    exe = build_dir / "http_echo"
+    if not exe.is_file():
+        pytest.fail(f"http_echo not found at {exe}: build it (ninja -C {build_dir} http_echo)", pytrace=False)
+    procs = []
+
+    def start(**flags):
+        args = [str(exe)]
+        for k, v in flags.items():
+            args += ["--" + k.replace("_", "-"), str(v)]
+        p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(p)
+        line = p.stdout.readline()
+        assert line.startswith("port "), f"http_echo did not start: {line!r} {p.stderr.read()}"
+        return int(line.split()[1]), p
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                rc = p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                pytest.fail("http_echo did not exit within 10 s of SIGTERM")
+            err = p.stderr.read()
+            assert rc == 0, f"http_echo exit status {rc}; stderr:\n{err}"
+
+
+class Conn:
+    """A raw client connection with a byte buffer and a small HTTP/1.1 response reader."""
+
+    def __init__(self, port: int, timeout: float = 5.0):
+        self.s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buf = b""
+
+    def send(self, data: bytes | str):
+        self.s.sendall(data.encode() if isinstance(data, str) else data)
+
+    def _fill(self) -> bool:
+        d = self.s.recv(65536)
+        if not d:
+            return False
+        self.buf += d
+        return True
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            if not self._fill():
+                raise EOFError(f"connection closed; buffered {self.buf!r}")
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def _take(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if not self._fill():
+                raise EOFError(f"connection closed after {len(self.buf)} of {n} bytes")
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def response(self, head: bool = False):
+        """-> (status, headers dict with lower-case names, body bytes)."""
+        status_line = self._line().decode()
+        parts = status_line.split(" ", 2)
+        assert parts[0] in ("HTTP/1.1", "HTTP/1.0"), status_line
+        status = int(parts[1])
+        headers = {}
+        while True:
+            line = self._line().decode()
+            if not line:
+                break
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+        if head or status in (100, 204, 304):
+            return status, headers, b""
+        if "content-length" in headers:
+            return status, headers, self._take(int(headers["content-length"]))
+        if headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                size = int(self._line().split(b";")[0], 16)
+                if size == 0:
+                    assert self._line() == b""
+                    return status, headers, body
+                body += self._take(size)
+                assert self._take(2) == b"\r\n"
+        while self._fill():
+            pass
+        body, self.buf = self.buf, b""
+        return status, headers, body
+
+    def closed(self, timeout: float = 3.0) -> bool:
+        """True when the server closes (EOF or reset) within timeout with nothing more sent."""
+        self.s.settimeout(timeout)
+        try:
+            d = self.s.recv(65536)
+        except socket.timeout:
+            return False
+        except ConnectionResetError:
+            return True
+        self.buf += d
+        return d == b""
+
+    def close(self):
+        self.s.close()
+
+
+def get(path: str, extra: str = "") -> str:
+    return f"GET {path} HTTP/1.1\r\nHost: t\r\n{extra}\r\n"
+
+
+def error_of(body: bytes) -> str:
+    e = json.loads(body)["error"]
+    assert e["type"] == "invalid_request_error" and e["param"] is None and e["code"] is None, e
+    return e["message"]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def test_keep_alive_several_requests(echo):
+    port, _ = echo()
+    c = Conn(port)
+    for i in range(5):
+        c.send(get(f"/r{i}?i={i}", "X-Test: v%d\r\n" % i))
+        st, h, body = c.response()
+        assert st == 200 and h["connection"] == "keep-alive"
+        j = json.loads(body)
+        assert j["method"] == "GET" and j["path"] == f"/r{i}" and j["query"] == f"i={i}"
+        assert ["x-test", f"v{i}"] in j["headers"] and ["host", "t"] in j["headers"]
+    c.close()
+
+
+def test_pipelined_responses_in_request_order(echo):
+    port, _ = echo()
+    c = Conn(port)
+    t0 = time.monotonic()
+    c.send(get("/slow?ms=300") + get("/second") + get("/third"))
+    st, _, b1 = c.response()
+    assert st == 200 and json.loads(b1) == {"slow": 300}
+    assert time.monotonic() - t0 >= 0.28
+    assert json.loads(c.response()[2])["path"] == "/second"
+    assert json.loads(c.response()[2])["path"] == "/third"
+    # the connection is still usable afterwards
+    c.send(get("/fourth"))
+    assert json.loads(c.response()[2])["path"] == "/fourth"
+
+
+def test_many_pipelined_requests_beyond_inflight_limit(echo):
+    port, _ = echo()
+    c = Conn(port)
+    c.send("".join(get(f"/p{i}") for i in range(50)))
+    for i in range(50):
+        assert json.loads(c.response()[2])["path"] == f"/p{i}"
+
+
+def test_content_length_body(echo):
+    port, _ = echo()
+    c = Conn(port)
+    body = "x" * 5000 + "end"
+    c.send(f"POST /cl HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n\r\n")
+    time.sleep(0.05)  # the body arrives in a later read
+    c.send(body)
+    j = json.loads(c.response()[2])
+    assert j["method"] == "POST" and j["body"] == body and j["body_len"] == len(body)
+
+
+def test_chunked_body(echo):
+    port, _ = echo()
+    c = Conn(port)
+    c.send("POST /ch HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+           "5\r\nhello\r\n")
+    time.sleep(0.05)
+    c.send("1;ext=1\r\n \r\nb\r\nchunked wor\r\n2\r\nld\r\n0\r\n\r\n")
+    j = json.loads(c.response()[2])
+    assert j["body"] == "hello chunked world" and j["body_len"] == 19
+    c.send(get("/after"))  # keep-alive after a chunked body
+    assert json.loads(c.response()[2])["path"] == "/after"
+
+
+def test_header_too_large_431(echo):
+    port, _ = echo(max_header=1024)
+    c = Conn(port)
+    c.send(get("/", "X-Big: " + "a" * 2000 + "\r\n"))
+    st, h, body = c.response()
+    assert st == 431 and h["connection"] == "close"
+    assert "1024 bytes" in error_of(body)
+    assert c.closed()
+
+
+def test_body_too_large_413_content_length(echo):
+    port, _ = echo(max_body=1000)
+    c = Conn(port)
+    c.send("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n")
+    st, _, body = c.response()  # answered before the body is sent
+    assert st == 413
+    msg = error_of(body)
+    assert "5000" in msg and "1000" in msg
+    assert c.closed()
+
+
+def test_body_too_large_413_chunked(echo):
+    port, _ = echo(max_body=1000)
+    c = Conn(port)
+    c.send("POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + "200\r\n" + "z" * 512 + "\r\n"
+           + "200\r\n" + "z" * 512 + "\r\n")
+    st, _, body = c.response()
+    assert st == 413 and "1000 bytes" in error_of(body)
+
+
+@pytest.mark.parametrize("raw, words", [
+    ("GET /x HTTP/1.1 junk\r\nHost: t\r\n\r\n", ["HPE_INVALID_VERSION", "byte 15 of the request"]),
+    ("GET / HTTP/1.1\r\nX@Y: t\r\n\r\n", ["invalid header token", "byte 17 of the request"]),
+    ("GET / HTTP/1.1\r\nHost: a\x01b\r\n\r\n", ["invalid header value char", "byte 23 of the request"]),
+    ("POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+     ["HPE_INVALID_CHUNK_SIZE", "byte 56 of the request"]),
+    ("GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", ["content-length"]),
+])
+def test_malformed_request_400_names_problem(echo, raw, words):
+    port, _ = echo()
+    c = Conn(port)
+    c.send(raw)
+    st, h, body = c.response()
+    assert st == 400 and h["connection"] == "close"
+    msg = error_of(body)
+    assert msg.startswith("malformed HTTP request")
+    for w in words:
+        assert w.lower() in msg.lower(), msg
+    assert c.closed()
+
+
+def test_malformed_second_request_offset_relative_to_it(echo):
+    port, _ = echo()
+    c = Conn(port)
+    c.send(get("/ok") + "GET / HTTP/1.1\r\nX@Y: t\r\n\r\n")
+    assert c.response()[0] == 200  # the good one is answered first
+    st, _, body = c.response()
+    assert st == 400 and "byte 17 of the request" in error_of(body)
+
+
+def test_idle_timeout_closes(echo):
+    port, _ = echo(idle_ms=300)
+    c = Conn(port)
+    c.send(get("/a"))
+    assert c.response()[0] == 200
+    t0 = time.monotonic()
+    assert c.closed(timeout=3)
+    assert 0.2 <= time.monotonic() - t0 < 2.0
+
+
+def test_slow_client_cut_off_408(echo):
+    port, _ = echo(request_ms=400, idle_ms=5000)
+    c = Conn(port)
+    t0 = time.monotonic()
+    c.send("GET /slowloris HTTP/1.1\r\nHost: t\r\n")
+    for _ in range(2):  # keeps trickling headers, but never finishes in time
+        time.sleep(0.1)
+        c.send("X-A: b\r\n")
+    st, _, body = c.response()
+    assert st == 408 and "400 ms" in error_of(body)
+    assert 0.35 <= time.monotonic() - t0 < 2.0
+    assert c.closed()
+
+
+def test_http10_close_and_keep_alive(echo):
+    port, _ = echo()
+    c = Conn(port)
+    c.send("GET /old HTTP/1.0\r\n\r\n")
+    st, h, body = c.response()
+    assert st == 200 and h["connection"] == "close" and json.loads(body)["path"] == "/old"
+    assert c.closed()
+    c = Conn(port)
+    c.send("GET /ka HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    st, h, _ = c.response()
+    assert st == 200 and h["connection"] == "keep-alive"
+    c.send("GET /ka2 HTTP/1.0\r\n\r\n")
+    assert json.loads(c.response()[2])["path"] == "/ka2"
+    assert c.closed()
+    # a streamed answer to HTTP/1.0 has no chunked framing: it ends with the connection
+    c = Conn(port)
+    c.send("GET /stream?n=3&ms=1 HTTP/1.0\r\n\r\n")
+    st, h, body = c.response()
+    assert st == 200 and "transfer-encoding" not in h and body == b"chunk\n" * 3
+
+
+def test_connection_close_header(echo):
+    port, _ = echo()
+    c = Conn(port)
+    c.send(get("/bye", "Connection: close\r\n") + get("/never"))
+    st, h, body = c.response()
+    assert st == 200 and h["connection"] == "close" and json.loads(body)["path"] == "/bye"
+    assert c.closed()
+    assert c.buf == b""  # the request after it was not answered
+
+
+def test_expect_100_continue(echo):
+    port, _ = echo()
+    c = Conn(port)
+    c.send("POST /e HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+    st, _, _ = c.response()
+    assert st == 100
+    c.send("data")
+    st, _, body = c.response()
+    assert st == 200 and json.loads(body)["body"] == "data"
+
+
+def test_expect_100_continue_refused_when_too_large(echo):
+    port, _ = echo(max_body=10)
+    c = Conn(port)
+    c.send("POST /e HTTP/1.1\r\nHost: t\r\nContent-Length: 400\r\nExpect: 100-continue\r\n\r\n")
+    st, _, body = c.response()
+    assert st == 413 and "400" in error_of(body)
+
+
+def test_streaming_chunks(echo):
+    port, _ = echo()
+    c = Conn(port)
+    t0 = time.monotonic()
+    c.send(get("/stream?n=5&ms=20"))
+    st, h, body = c.response()
+    assert st == 200 and h["transfer-encoding"] == "chunked" and body == b"chunk\n" * 5
+    assert time.monotonic() - t0 >= 0.08
+    c.send(get("/next"))
+    assert json.loads(c.response()[2])["path"] == "/next"
+
+
+def test_head_has_no_body(echo):
+    port, _ = echo()
+    c = Conn(port)
+    c.send("HEAD /h HTTP/1.1\r\nHost: t\r\n\r\n" + get("/g"))
+    st, h, _ = c.response(head=True)
+    assert st == 200 and int(h["content-length"]) > 0
+    assert json.loads(c.response()[2])["path"] == "/g"
+
+
+def test_max_connections_503(echo):
+    port, _ = echo(max_conns=2)
+    a, b = Conn(port), Conn(port)
+    a.send(get("/a"))
+    b.send(get("/b"))
+    assert a.response()[0] == 200 and b.response()[0] == 200
+    c = Conn(port)
+    c.send(get("/c"))
+    st, h, body = c.response()
+    assert st == 503 and h["retry-after"] == "1" and "limit 2" in error_of(body)
+    assert c.closed()
+    a.close()
+    time.sleep(0.1)
+    d = Conn(port)  # a slot is free again
+    d.send(get("/d"))
+    assert d.response()[0] == 200
+
+
+def test_thousand_concurrent_keep_alive_connections(echo):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    port, _ = echo()
+    conns = [Conn(port, timeout=10) for _ in range(1000)]
+    for i, c in enumerate(conns):
+        c.send(get(f"/c{i}"))
+    for i, c in enumerate(conns):
+        st, h, body = c.response()
+        assert st == 200 and json.loads(body)["path"] == f"/c{i}"
+    # all still open and usable: a second round on the same sockets
+    for i, c in enumerate(conns):
+        c.send(get(f"/d{i}"))
+    for i, c in enumerate(conns):
+        assert json.loads(c.response()[2])["path"] == f"/d{i}"
+    for c in conns:
+        c.close()
+
+
+def test_non_reading_client_stream_rss_bounded(echo):
+    port, p = echo(max_pending=256 * 1024)
+    c = Conn(port)
+    c.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    # 100000 chunks of 64 KiB would be 6.4 GB if the server buffered them all
+    c.send(get("/stream?n=100000&ms=1&size=65536"))
+    time.sleep(0.3)
+    base = rss_kib(p.pid)
+    time.sleep(1.2)
+    grown = rss_kib(p.pid) - base
+    assert grown < 16 * 1024, f"server RSS grew by {grown} KiB while the client did not read"
+    # the client reads a little: the stream is alive and well-formed
+    st, h, _ = c.response(head=True)
+    assert st == 200 and h["transfer-encoding"] == "chunked"
+    size = int(c._line(), 16)
+    assert size == 65536 and c._take(size) == b"a" * 65536
+
+
+def test_non_reading_client_pipelining_rss_bounded(echo):
+    # many requests with large echoed bodies, never reading the answers: the server must
+    # stop reading the socket instead of buffering every answer
+    port, p = echo(max_pending=256 * 1024)
+    c = Conn(port, timeout=0.5)
+    c.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    body = "b" * (256 * 1024)
+    req = (f"POST /big HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode()
+    base = rss_kib(p.pid)
+    sent = 0
+    try:
+        for _ in range(400):  # 100 MiB of requests if the server kept accepting them
+            c.s.sendall(req)
+            sent += 1
+    except socket.timeout:
+        pass
+    grown = rss_kib(p.pid) - base
+    assert sent < 400, "server kept reading although its answers were not read"
+    assert grown < 32 * 1024, f"server RSS grew by {grown} KiB"
+    c.close()
