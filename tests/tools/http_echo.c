@@ -10,6 +10,7 @@
  *                            tick every M ms (16 per tick when M <= 1); nothing is written
  *                            while mn_http_res_pending exceeds --max-pending
  *   /slow?ms=M               answers {"slow":M} after M ms (uv timer)
+ *   /stats                   {"connections": open connections, "aborts": abort callbacks so far}
  *   anything else            echoes {"method","path","query","headers":[[n,v]...],"body"}
  */
 #include <stdio.h>
@@ -26,6 +27,7 @@ typedef struct echo_app {
     mn_http_server *srv;
     mn_http_limits lim;
     uv_signal_t sigterm, sigint;
+    long n_aborts;           /* abort callbacks seen (reported by /stats) */
 } echo_app;
 
 /* value of key in a query string ("a=1&b=2"), or def */
@@ -63,7 +65,11 @@ static void stream_job_end(stream_job *j) {
     uv_close((uv_handle_t *)&j->timer, stream_job_closed);
 }
 
-static void stream_abort(void *ud) { stream_job_end(ud); }
+static void stream_abort(void *ud) {
+    stream_job *j = ud;
+    j->app->n_aborts++;
+    stream_job_end(j);
+}
 
 static void stream_tick(uv_timer_t *t) {
     stream_job *j = t->data;
@@ -101,6 +107,7 @@ static void route_stream(echo_app *app, const mn_http_req *req, mn_http_res *res
 /* ---- /slow ---- */
 
 typedef struct slow_job {
+    echo_app *app;
     mn_http_res *res;
     uv_timer_t timer;
     long ms;
@@ -117,10 +124,15 @@ static void slow_finish(slow_job *j, bool aborted) {
 }
 
 static void slow_tick(uv_timer_t *t) { slow_finish(t->data, false); }
-static void slow_abort(void *ud) { slow_finish(ud, true); }
+static void slow_abort(void *ud) {
+    slow_job *j = ud;
+    j->app->n_aborts++;
+    slow_finish(j, true);
+}
 
 static void route_slow(echo_app *app, const mn_http_req *req, mn_http_res *res) {
     slow_job *j = mn_calloc(1, sizeof *j);
+    j->app = app;
     j->res = res;
     j->ms = query_num(req->query, "ms", 100);
     uv_timer_init(app->loop, &j->timer);
@@ -149,6 +161,12 @@ static void handler(void *ud, const mn_http_req *req, mn_http_res *res) {
     echo_app *app = ud;
     if (strcmp(req->path, "/stream") == 0) route_stream(app, req, res);
     else if (strcmp(req->path, "/slow") == 0) route_slow(app, req, res);
+    else if (strcmp(req->path, "/stats") == 0) {
+        char b[96];
+        int n = snprintf(b, sizeof b, "{\"connections\":%d,\"aborts\":%ld}", mn_http_server_n_connections(app->srv),
+                         app->n_aborts);
+        mn_http_respond(res, 200, "application/json", b, (size_t)n, NULL, 0);
+    }
     else route_echo(req, res);
 }
 
