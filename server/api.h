@@ -1,0 +1,110 @@
+/* server/api.h — what the HTTP handlers of `mneme serve` share: the server context, the
+ * generation stream used by the OpenAI routes and the session generate route, the
+ * session registry (engine thread), and metrics.
+ *
+ * Threads: handlers (api_*_handle) run on the loop thread; they parse and validate the
+ * request there, then hand the engine work as jobs (server/engine_thread.h). Functions
+ * marked "engine thread" run only inside jobs or engine callbacks.
+ */
+#ifndef MN_API_H
+#define MN_API_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "engine/model.h"
+#include "engine/session.h"
+#include "server/engine_thread.h"
+#include "server/http.h"
+#include "server/json_util.h"
+
+#define API_OWNER_LEN 33   /* 32 hex digits of XXH3-128 of the API key ("" without keys) */
+#define API_HIST_N 14
+
+/* Latency histogram (seconds), Prometheus style (cumulative when printed). */
+typedef struct api_hist {
+    int64_t count[API_HIST_N + 1];   /* last: +Inf */
+    double sum;
+    int64_t n;
+} api_hist;
+
+typedef struct api_metrics {            /* loop thread only */
+    int64_t prompt_tokens, generated_tokens;
+    int64_t streams_active, streams_cancelled, streams_stalled;
+    api_hist ttft, itl, e2e;
+    struct { char route[40]; int status; int64_t n; } req[128];
+    int n_req;
+} api_metrics;
+
+typedef struct api_registry api_registry;   /* engine thread only */
+
+typedef struct mn_serve {
+    uv_loop_t *loop;
+    mn_http_server *http;
+    mn_et *et;
+    const mn_model *model;       /* immutable after load: the loop thread may read names only */
+    char model_name[128];
+    int64_t created;             /* unix seconds at start */
+    char (*keys)[API_OWNER_LEN]; /* hashes of the API keys; NULL: no auth */
+    int n_keys;
+    const char *persist_dir;
+    size_t max_pending_write;    /* a stream with more unsent bytes is stalled */
+    int32_t n_ctx;
+    bool draining;               /* shutting down: new generations get 503 */
+    int64_t streams_active;      /* loop thread */
+    api_metrics metrics;
+    api_registry *reg;           /* engine thread */
+    uint64_t next_id;
+} mn_serve;
+
+/** Observe one value into a histogram (loop thread). */
+void api_hist_add(api_hist *h, double v);
+/** Record one answered request for /metrics. */
+void api_metrics_request(mn_serve *srv, const char *route, int status);
+/** A fresh "prefix-<hex>" id for responses. */
+void api_new_id(mn_serve *srv, const char *prefix, char *out, size_t cap);
+
+/* ---- OpenAI routes (server/api_openai.c) ---- */
+void api_models(mn_serve *srv, const mn_http_req *req, mn_http_res *res);
+void api_completions(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const char *owner, bool chat);
+
+/* ---- generation streams, shared with the session API ---- */
+typedef enum api_gen_kind { API_GEN_COMPLETION, API_GEN_CHAT, API_GEN_SESSION } api_gen_kind;
+
+typedef struct api_gen_opts {
+    mn_gen_params gp;        /* gp.stops point into stops_json */
+    const char *stops_buf[16];
+    bool stream, include_usage;
+    bool logprobs;           /* report logprobs */
+    int32_t top_logprobs;    /* alternatives per token */
+} api_gen_opts;
+
+/** Parse the sampling and length fields shared by all generate requests
+ *  (max_tokens / max_completion_tokens, temperature, top_p, top_k, min_p, seed, stop,
+ *  penalties, logprobs, stream, stream_options). stops point into body. */
+bool api_gen_parse(mn_serve *srv, json_t *body, api_gen_kind kind, api_gen_opts *o, api_err *err);
+/** Start a generation on session_id (API_GEN_SESSION: a registered session owned by owner)
+ *  or on a temporary session built from body (prompt or messages). Takes a reference to
+ *  body. Answers res when done (or streams into it). */
+void api_gen_run(mn_serve *srv, api_gen_kind kind, json_t *body, const api_gen_opts *o, const char *session_id,
+                 const char *owner, mn_http_res *res);
+
+/* ---- session API (server/api_sessions.c) ---- */
+/** Route /v1/sessions...; path is after "/v1/sessions". */
+void api_sessions(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const char *owner, const char *rest);
+/** Engine thread: the session registered under id for owner, or NULL (unknown or not the
+ *  owner's: both are 404 to the caller). */
+mn_session *api_registry_find(mn_serve *srv, const char *id, const char *owner);
+/** Engine thread: persist every registered session to srv->persist_dir with a map of ids
+ *  and owners; returns the number saved, -1 on a failure (printed). */
+int api_sessions_save_all(mn_serve *srv);
+/** Engine thread: load the sessions a previous run saved (before serving). */
+int api_sessions_load_all(mn_serve *srv);
+/** Engine thread: free the registry (sessions stay with the engine). */
+void api_registry_free(mn_serve *srv);
+/** Run fn on the engine thread and wait for it (startup/shutdown only: blocks the caller). */
+void api_run_sync(mn_serve *srv, void (*fn)(void *ud), void *ud);
+
+#endif

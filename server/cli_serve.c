@@ -1,0 +1,508 @@
+/* server/cli_serve.c — `mneme serve`: load the model, start the engine thread and the HTTP
+ * transport, route requests, answer /health and /metrics, and shut down cleanly.
+ *
+ * Threads: main runs the libuv loop (sockets, parsing, JSON, routing); the engine thread
+ * (server/engine_thread.c) runs jobs and engine steps. Shutdown on SIGINT/SIGTERM: stop
+ * accepting, let streams finish until --drain-timeout, then close every connection (their
+ * generations are cancelled), save every session to --persist-dir, and exit 0.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <xxhash.h>
+
+#include "engine/alloc.h"
+#include "server/api.h"
+#include "server/cli.h"
+
+typedef struct serve_state {
+    mn_serve srv;
+    uv_signal_t sigint, sigterm;
+    uv_timer_t timer;
+    double drain_deadline, cancel_deadline;
+    double drain_timeout;
+    bool shutting_down, http_closed, saved;
+    int exit_code;
+} serve_state;
+
+static double mono(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* ---- metrics and ids ------------------------------------------------------------------------------ */
+
+static const double hist_bounds[API_HIST_N] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120};
+
+void api_hist_add(api_hist *h, double v) {
+    int b = 0;
+    while (b < API_HIST_N && v > hist_bounds[b]) b++;
+    h->count[b]++;
+    h->sum += v;
+    h->n++;
+}
+
+void api_metrics_request(mn_serve *srv, const char *route, int status) {
+    api_metrics *m = &srv->metrics;
+    for (int i = 0; i < m->n_req; i++)
+        if (m->req[i].status == status && !strcmp(m->req[i].route, route)) {
+            m->req[i].n++;
+            return;
+        }
+    if (m->n_req == (int)(sizeof m->req / sizeof m->req[0])) return;
+    snprintf(m->req[m->n_req].route, sizeof m->req[0].route, "%s", route);
+    m->req[m->n_req].status = status;
+    m->req[m->n_req++].n = 1;
+}
+
+void api_new_id(mn_serve *srv, const char *prefix, char *out, size_t cap) {
+    uint64_t x = ++srv->next_id * 0x9E3779B97F4A7C15ull ^ (uint64_t)uv_hrtime();
+    x ^= x >> 31;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 29;
+    snprintf(out, cap, "%s%016llx", prefix, (unsigned long long)x);
+}
+
+typedef struct sbuf {
+    char *p;
+    size_t n, cap;
+} sbuf;
+
+static void sb_printf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void sb_printf(sbuf *b, const char *fmt, ...) {
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int k = vsnprintf(b->p ? b->p + b->n : NULL, b->p ? b->cap - b->n : 0, fmt, ap);
+        va_end(ap);
+        if (k < 0) return;
+        if (b->p && b->n + (size_t)k < b->cap) {
+            b->n += (size_t)k;
+            return;
+        }
+        size_t cap = b->cap ? b->cap * 2 : 8192;
+        while (cap < b->n + (size_t)k + 1) cap *= 2;
+        char *p = mn_realloc(b->p, cap);
+        if (!p) return;
+        b->p = p;
+        b->cap = cap;
+    }
+}
+
+static void hist_print(sbuf *b, const char *name, const char *help, const api_hist *h) {
+    sb_printf(b, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    int64_t cum = 0;
+    for (int i = 0; i < API_HIST_N; i++) {
+        cum += h->count[i];
+        sb_printf(b, "%s_bucket{le=\"%g\"} %lld\n", name, hist_bounds[i], (long long)cum);
+    }
+    cum += h->count[API_HIST_N];
+    sb_printf(b, "%s_bucket{le=\"+Inf\"} %lld\n%s_sum %.6f\n%s_count %lld\n", name, (long long)cum, name, h->sum, name,
+              (long long)h->n);
+}
+
+static void respond_metrics(mn_serve *srv, mn_http_res *res) {
+    api_metrics *m = &srv->metrics;
+    mn_et_stats st;
+    mn_et_stats_get(srv->et, &st);
+    sbuf b = {0};
+    sb_printf(&b, "# HELP mneme_requests_total HTTP requests answered, by route and status.\n# TYPE mneme_requests_total counter\n");
+    for (int i = 0; i < m->n_req; i++)
+        sb_printf(&b, "mneme_requests_total{route=\"%s\",status=\"%d\"} %lld\n", m->req[i].route, m->req[i].status,
+                  (long long)m->req[i].n);
+    sb_printf(&b, "# HELP mneme_prompt_tokens_total Prompt tokens of finished generations.\n# TYPE mneme_prompt_tokens_total counter\n"
+                  "mneme_prompt_tokens_total %lld\n", (long long)m->prompt_tokens);
+    sb_printf(&b, "# HELP mneme_generated_tokens_total Tokens generated and delivered.\n# TYPE mneme_generated_tokens_total counter\n"
+                  "mneme_generated_tokens_total %lld\n", (long long)m->generated_tokens);
+    sb_printf(&b, "# HELP mneme_streams_active Generations in progress.\n# TYPE mneme_streams_active gauge\nmneme_streams_active %lld\n",
+              (long long)srv->streams_active);
+    sb_printf(&b, "# HELP mneme_streams_cancelled_total Generations ended by a client disconnect.\n# TYPE mneme_streams_cancelled_total counter\n"
+                  "mneme_streams_cancelled_total %lld\n", (long long)m->streams_cancelled);
+    sb_printf(&b, "# HELP mneme_streams_stalled_total Streams ended because the client stopped reading.\n# TYPE mneme_streams_stalled_total counter\n"
+                  "mneme_streams_stalled_total %lld\n", (long long)m->streams_stalled);
+    hist_print(&b, "mneme_time_to_first_token_seconds", "Time from request to the first generated token.", &m->ttft);
+    hist_print(&b, "mneme_inter_token_latency_seconds", "Time between consecutive generated tokens of a stream.", &m->itl);
+    hist_print(&b, "mneme_request_duration_seconds", "Time from request to the end of a generation.", &m->e2e);
+    sb_printf(&b, "# HELP mneme_batch_tokens Tokens per engine step.\n# TYPE mneme_batch_tokens histogram\n");
+    int64_t cum = 0;
+    for (int i = 0; i < 11; i++) {
+        cum += st.batch_hist[i];
+        sb_printf(&b, "mneme_batch_tokens_bucket{le=\"%d\"} %lld\n", 1 << i, (long long)cum);
+    }
+    cum += st.batch_hist[11];
+    sb_printf(&b, "mneme_batch_tokens_bucket{le=\"+Inf\"} %lld\nmneme_batch_tokens_sum %lld\nmneme_batch_tokens_count %lld\n",
+              (long long)cum, (long long)st.batch_tokens_sum, (long long)st.steps);
+    sb_printf(&b, "# HELP mneme_queue_depth Jobs waiting for the engine thread.\n# TYPE mneme_queue_depth gauge\nmneme_queue_depth %d\n",
+              st.jobs_queued);
+    sb_printf(&b, "# HELP mneme_engine_busy_seconds_total Time spent in engine steps.\n# TYPE mneme_engine_busy_seconds_total counter\n"
+                  "mneme_engine_busy_seconds_total %.6f\n", st.busy_seconds);
+    const mn_engine_stats *es = &st.engine;
+    sb_printf(&b, "# HELP mneme_sessions Sessions held by the engine (incl. temporary ones of running requests).\n# TYPE mneme_sessions gauge\n"
+                  "mneme_sessions %d\n", es->n_sessions);
+    sb_printf(&b, "# HELP mneme_tier_sessions Sessions whose KV is in each tier.\n# TYPE mneme_tier_sessions gauge\n");
+    for (int t = 0; t < 4; t++) sb_printf(&b, "mneme_tier_sessions{tier=\"T%d\"} %d\n", t, es->tier_sessions[t]);
+    sb_printf(&b, "# HELP mneme_tier_bytes Bytes of KV held in each tier.\n# TYPE mneme_tier_bytes gauge\n");
+    int64_t t0 = (int64_t)(es->blocks_total - es->blocks_free) * es->bytes_per_token;
+    (void)t0;
+    for (int t = 0; t < 4; t++) sb_printf(&b, "mneme_tier_bytes{tier=\"T%d\"} %lld\n", t, (long long)es->tier_bytes[t]);
+    sb_printf(&b, "# HELP mneme_swap_out_bytes_total Bytes moved down to each tier.\n# TYPE mneme_swap_out_bytes_total counter\n");
+    for (int t = 0; t < 4; t++) sb_printf(&b, "mneme_swap_out_bytes_total{tier=\"T%d\"} %lld\n", t, (long long)es->swapped_out[t]);
+    sb_printf(&b, "# HELP mneme_swap_in_bytes_total Bytes moved up from each tier.\n# TYPE mneme_swap_in_bytes_total counter\n");
+    for (int t = 0; t < 4; t++) sb_printf(&b, "mneme_swap_in_bytes_total{tier=\"T%d\"} %lld\n", t, (long long)es->swapped_in[t]);
+    sb_printf(&b, "# HELP mneme_kv_blocks KV blocks of the pool.\n# TYPE mneme_kv_blocks gauge\nmneme_kv_blocks{state=\"total\"} %d\n"
+                  "mneme_kv_blocks{state=\"free\"} %d\n", es->blocks_total, es->blocks_free);
+    sb_printf(&b, "# HELP mneme_prefix_hit_tokens_total Tokens attached from the prefix cache.\n# TYPE mneme_prefix_hit_tokens_total counter\n"
+                  "mneme_prefix_hit_tokens_total %lld\n", (long long)es->prefix_hit_tokens);
+    sb_printf(&b, "# HELP mneme_computed_tokens_total Tokens run through the model.\n# TYPE mneme_computed_tokens_total counter\n"
+                  "mneme_computed_tokens_total %lld\n", (long long)es->computed_tokens);
+    sb_printf(&b, "# HELP mneme_http_connections Open client connections.\n# TYPE mneme_http_connections gauge\nmneme_http_connections %d\n",
+              mn_http_server_n_connections(srv->http));
+    api_metrics_request(srv, "/metrics", 200);
+    mn_http_respond(res, 200, "text/plain; version=0.0.4", b.p ? b.p : "", b.n, NULL, 0);
+    mn_free(b.p);
+}
+
+/* ---- routing --------------------------------------------------------------------------------------- */
+
+static void owner_of_key(const char *key, size_t n, char out[API_OWNER_LEN]) {
+    XXH128_hash_t h = XXH3_128bits(key, n);
+    snprintf(out, API_OWNER_LEN, "%016llx%016llx", (unsigned long long)h.high64, (unsigned long long)h.low64);
+}
+
+static void route_error(mn_serve *srv, mn_http_res *res, const char *route, int status, const char *type, const char *fmt,
+                        const char *a, const char *b) {
+    api_err e;
+    api_errf(&e, status, type, NULL, fmt, a, b);
+    api_err_respond(res, &e);
+    api_metrics_request(srv, route, status);
+}
+
+static void method_not_allowed(mn_serve *srv, mn_http_res *res, const char *route, const char *allow) {
+    api_err e;
+    api_errf(&e, 405, "invalid_request_error", NULL, "method not allowed on %s (allowed: %s)", route, allow);
+    size_t len = 0;
+    char *body = api_err_body(&e, &len);
+    mn_http_header h[] = {{"Allow", allow}};
+    mn_http_respond(res, 405, "application/json", body ? body : "{}", body ? len : 2, h, 1);
+    mn_free(body);
+    api_metrics_request(srv, route, 405);
+}
+
+static void handle(void *ud, const mn_http_req *req, mn_http_res *res) {
+    mn_serve *srv = ud;
+    const char *p = req->path, *m = req->method;
+    bool get = !strcmp(m, "GET"), post = !strcmp(m, "POST");
+    if (!strcmp(p, "/health")) {
+        if (!get) { method_not_allowed(srv, res, "/health", "GET"); return; }
+        mn_et_stats st;
+        mn_et_stats_get(srv->et, &st);
+        api_metrics_request(srv, "/health", 200);
+        api_respond_json(res, 200, json_pack("{s:s, s:s, s:i, s:I}", "status", srv->draining ? "draining" : "ok", "model",
+                                             srv->model_name, "sessions", st.engine.n_sessions, "streams",
+                                             (json_int_t)srv->streams_active));
+        return;
+    }
+    if (!strcmp(p, "/metrics")) {
+        if (!get) { method_not_allowed(srv, res, "/metrics", "GET"); return; }
+        respond_metrics(srv, res);
+        return;
+    }
+    if (strncmp(p, "/v1/", 4) != 0) {
+        route_error(srv, res, "other", 404, "not_found_error", "unknown route %s %s", m, p);
+        return;
+    }
+    /* everything under /v1 needs a key when keys are configured */
+    char owner[API_OWNER_LEN] = "";
+    if (srv->keys) {
+        const char *auth = mn_http_req_header(req, "authorization");
+        bool ok = false;
+        if (auth && !strncasecmp(auth, "Bearer ", 7)) {
+            const char *k = auth + 7;
+            while (*k == ' ') k++;
+            size_t n = strlen(k);
+            while (n && (k[n - 1] == ' ' || k[n - 1] == '\t')) n--;
+            owner_of_key(k, n, owner);
+            for (int i = 0; i < srv->n_keys && !ok; i++) ok = !strcmp(srv->keys[i], owner);
+        }
+        if (!ok) {
+            api_err e;
+            api_errf(&e, 401, "authentication_error", NULL,
+                     auth ? "invalid API key" : "missing API key: send 'Authorization: Bearer <key>'");
+            snprintf(e.code, sizeof e.code, "invalid_api_key");
+            api_err_respond(res, &e);
+            api_metrics_request(srv, "unauthorized", 401);
+            return;
+        }
+    }
+    if (!strcmp(p, "/v1/models") || !strncmp(p, "/v1/models/", 11)) {
+        if (!get) { method_not_allowed(srv, res, "/v1/models", "GET"); return; }
+        api_metrics_request(srv, "/v1/models", 200);
+        api_models(srv, req, res);
+        return;
+    }
+    if (!strcmp(p, "/v1/completions") || !strcmp(p, "/v1/chat/completions")) {
+        bool chat = p[4] == 'c' && p[5] == 'h';
+        if (!post) { method_not_allowed(srv, res, p, "POST"); return; }
+        api_completions(srv, req, res, owner, chat);
+        return;
+    }
+    if (!strncmp(p, "/v1/sessions", 12) && (p[12] == 0 || p[12] == '/')) {
+        api_sessions(srv, req, res, owner, p + 12);
+        return;
+    }
+    route_error(srv, res, "other", 404, "not_found_error", "unknown route %s %s", m, p);
+}
+
+/* ---- startup and shutdown -------------------------------------------------------------------------- */
+
+typedef struct sync_call {
+    void (*fn)(void *ud);
+    void *ud;
+    uv_sem_t done;
+    mn_et_item job;
+} sync_call;
+
+static void sync_job(void *ud) {
+    sync_call *c = ud;
+    c->fn(c->ud);
+    uv_sem_post(&c->done);
+}
+
+void api_run_sync(mn_serve *srv, void (*fn)(void *ud), void *ud) {
+    sync_call c = {.fn = fn, .ud = ud};
+    uv_sem_init(&c.done, 0);
+    c.job = (mn_et_item){NULL, sync_job, &c};
+    mn_et_post_job(srv->et, &c.job);
+    uv_sem_wait(&c.done);
+    uv_sem_destroy(&c.done);
+}
+
+static void load_job(void *ud) {
+    mn_serve *srv = ud;
+    int n = api_sessions_load_all(srv);
+    if (n > 0) fprintf(stderr, "mneme serve: %d sessions loaded from %s\n", n, srv->persist_dir);
+}
+
+static void save_job(void *ud) {
+    serve_state *ss = ud;
+    int n = api_sessions_save_all(&ss->srv);
+    if (n < 0) ss->exit_code = 1;
+    else if (ss->srv.persist_dir) fprintf(stderr, "mneme serve: %d sessions saved to %s\n", n, ss->srv.persist_dir);
+}
+
+static void free_registry_job(void *ud) { api_registry_free(ud); }
+
+static void on_http_closed(void *ud) {
+    serve_state *ss = ud;
+    ss->http_closed = true;
+}
+
+static void close_handles(serve_state *ss) {
+    uv_close((uv_handle_t *)&ss->sigint, NULL);
+    uv_close((uv_handle_t *)&ss->sigterm, NULL);
+    uv_close((uv_handle_t *)&ss->timer, NULL);
+}
+
+/* Shutdown steps, polled: drain -> (deadline) close connections -> save -> stop. */
+static void on_shutdown_tick(uv_timer_t *t) {
+    serve_state *ss = t->data;
+    mn_serve *srv = &ss->srv;
+    double now = mono();
+    if (srv->streams_active > 0 && now < ss->drain_deadline) return;
+    if (srv->streams_active > 0 && !ss->http_closed && ss->cancel_deadline == 0) {
+        fprintf(stderr, "mneme serve: drain deadline passed, closing %lld streams\n", (long long)srv->streams_active);
+        ss->cancel_deadline = now + 5;
+        mn_http_server_close(srv->http, on_http_closed, ss);
+        return;
+    }
+    if (srv->streams_active > 0 && now < ss->cancel_deadline) return;
+    if (!ss->saved) {
+        ss->saved = true;
+        api_run_sync(srv, save_job, ss);
+        if (!ss->http_closed && ss->cancel_deadline == 0) {
+            ss->cancel_deadline = now + 5;
+            mn_http_server_close(srv->http, on_http_closed, ss);
+        }
+    }
+    if (!ss->http_closed) return;
+    uv_timer_stop(t);
+    api_run_sync(srv, free_registry_job, srv);
+    mn_et_stop(srv->et);
+    close_handles(ss);
+}
+
+static void on_signal(uv_signal_t *h, int signum) {
+    serve_state *ss = h->data;
+    if (ss->shutting_down) return;
+    ss->shutting_down = true;
+    fprintf(stderr, "mneme serve: %s: shutting down (draining %lld streams, up to %.0f s)\n",
+            signum == SIGINT ? "SIGINT" : "SIGTERM", (long long)ss->srv.streams_active, ss->drain_timeout);
+    ss->srv.draining = true;
+    mn_http_server_stop_accepting(ss->srv.http);
+    ss->drain_deadline = mono() + ss->drain_timeout;
+    uv_timer_start(&ss->timer, on_shutdown_tick, 0, 20);
+}
+
+static int load_keys(const char *path, mn_serve *srv) {
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        fprintf(stderr, "mneme serve: --api-key-file %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    char line[1024];
+    int n = 0, cap = 0;
+    while (fgets(line, sizeof line, f)) {
+        size_t len = strlen(line);
+        while (len && (line[len - 1] == '\n' || line[len - 1] == '\r' || line[len - 1] == ' ' || line[len - 1] == '\t')) len--;
+        size_t s = 0;
+        while (s < len && (line[s] == ' ' || line[s] == '\t')) s++;
+        if (s == len || line[s] == '#') continue;
+        if (n == cap) {
+            cap = cap ? cap * 2 : 8;
+            char (*k)[API_OWNER_LEN] = mn_realloc(srv->keys, (size_t)cap * API_OWNER_LEN);
+            if (!k) { fclose(f); return -1; }
+            srv->keys = k;
+        }
+        owner_of_key(line + s, len - s, srv->keys[n++]);
+    }
+    fclose(f);
+    if (n == 0) {
+        fprintf(stderr, "mneme serve: --api-key-file %s holds no keys\n", path);
+        return -1;
+    }
+    srv->n_keys = n;
+    return 0;
+}
+
+static void serve_usage(void) {
+    fprintf(stderr,
+            "usage: mneme serve [-m FILE] [options]\n"
+            "  --host ADDR              bind address (default 127.0.0.1)\n"
+            "  --port N                 port (default 8080; 0 picks a free one)\n"
+            "  --api-key-file F         one API key per line; requests need 'Authorization: Bearer KEY'\n"
+            "  --persist-dir D          sessions are saved here on shutdown and loaded on start (also tier T3)\n"
+            "  --max-batch-tokens N     tokens per engine step (default 512)\n"
+            "  --kv-blocks N            KV pool size in blocks of 16 tokens (default: 4 full contexts)\n"
+            "  --t1-budget BYTES --t2-budget BYTES   host tier budgets (0: unlimited)\n"
+            "  --max-body BYTES         request body limit (default 8 MiB)\n"
+            "  --max-connections N      (default 4096)\n"
+            "  --drain-timeout S        seconds streams may run on after SIGTERM (default 10)\n"
+            "  -t THREADS  -c CTX  --device cpu|cuda|auto\n");
+}
+
+static bool is_serve_value_flag(const char *a) {
+    static const char *const flags[] = {"--host", "--port", "--api-key-file", "--persist-dir", "--max-batch-tokens",
+                                        "--kv-blocks", "--t1-budget", "--t2-budget", "--max-body", "--max-connections",
+                                        "--drain-timeout"};
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
+        if (!strcmp(a, flags[i])) return true;
+    return false;
+}
+
+static void model_stem(const char *path, char *out, size_t cap) {
+    const char *b = strrchr(path, '/');
+    b = b ? b + 1 : path;
+    size_t n = strlen(b);
+    if (n > 5 && !strcmp(b + n - 5, ".gguf")) n -= 5;
+    if (n >= cap) n = cap - 1;
+    memcpy(out, b, n);
+    out[n] = 0;
+}
+
+int cmd_serve(int argc, char **argv) {
+    cli_model_opts mo = {0};
+    const char *host = "127.0.0.1", *key_file = NULL, *persist = NULL;
+    long port = 8080, max_batch = 0, kv_blocks = 0, max_conn = 0, t1 = 0, t2 = 0, max_body = 0;
+    double drain = 10;
+    for (int i = 1; i < argc; i++) {
+        int r = cli_model_opt(argc, argv, &i, &mo);
+        if (r < 0) return 2;
+        if (r) continue;
+        const char *a = argv[i], *v;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { serve_usage(); return 0; }
+        if (!is_serve_value_flag(a)) { fprintf(stderr, "mneme serve: unknown option '%s'\n", a); serve_usage(); return 2; }
+        if (cli_value(argc, argv, &i, &v)) return 2;
+        if (!strcmp(a, "--host")) host = v;
+        else if (!strcmp(a, "--port")) { if (cli_int(a, v, 0, 65535, &port)) return 2; }
+        else if (!strcmp(a, "--api-key-file")) key_file = v;
+        else if (!strcmp(a, "--persist-dir")) persist = v;
+        else if (!strcmp(a, "--max-batch-tokens")) { if (cli_int(a, v, 1, 1 << 16, &max_batch)) return 2; }
+        else if (!strcmp(a, "--kv-blocks")) { if (cli_int(a, v, 1, 1 << 24, &kv_blocks)) return 2; }
+        else if (!strcmp(a, "--t1-budget")) { if (cli_int(a, v, 0, 0x7fffffffffffffffL, &t1)) return 2; }
+        else if (!strcmp(a, "--t2-budget")) { if (cli_int(a, v, 0, 0x7fffffffffffffffL, &t2)) return 2; }
+        else if (!strcmp(a, "--max-body")) { if (cli_int(a, v, 1024, 1L << 32, &max_body)) return 2; }
+        else if (!strcmp(a, "--max-connections")) { if (cli_int(a, v, 1, 1 << 20, &max_conn)) return 2; }
+        else if (!strcmp(a, "--drain-timeout")) { if (cli_float(a, v, 0, 3600, &drain)) return 2; }
+    }
+    json_set_alloc_funcs(mn_malloc, mn_free);
+
+    static serve_state ss;   /* signal and timer handles point into it until the loop ends */
+    memset(&ss, 0, sizeof ss);
+    mn_serve *srv = &ss.srv;
+    ss.drain_timeout = drain;
+    srv->created = (int64_t)time(NULL);
+    srv->persist_dir = persist;
+    if (key_file && load_keys(key_file, srv)) return 2;
+
+    mn_backend *be;
+    mn_model *m;
+    if (cli_load(&mo, &be, &m)) { mn_free(srv->keys); return 1; }
+    srv->model = m;
+    srv->n_ctx = m->cfg.n_ctx;
+    model_stem(mo.model ? mo.model : cli_default_model(), srv->model_name, sizeof srv->model_name);
+
+    mn_errbuf eb = {{0}};
+    mn_engine_params ep = {.max_batch_tokens = (int32_t)max_batch, .n_blocks = (int32_t)kv_blocks, .t1_budget = t1,
+                           .t2_budget = t2, .persist_dir = persist};
+    mn_engine *e = NULL;
+    if (mn_engine_new(m, &ep, &e, &eb) != MN_OK) {
+        fprintf(stderr, "mneme serve: %s\n", eb.msg);
+        cli_unload(be, m);
+        mn_free(srv->keys);
+        return 1;
+    }
+    uv_loop_t *loop = uv_default_loop();
+    srv->loop = loop;
+    int rc = 0;
+    if (mn_et_start(loop, e, &srv->et, &eb) != MN_OK) {
+        fprintf(stderr, "mneme serve: %s\n", eb.msg);
+        rc = 1;
+    }
+    if (!rc) api_run_sync(srv, load_job, srv);
+    mn_http_limits lim = mn_http_limits_default();
+    if (max_body) lim.max_body_bytes = (size_t)max_body;
+    if (max_conn) lim.max_connections = (int)max_conn;
+    srv->max_pending_write = lim.max_pending_write;
+    if (!rc && mn_http_server_new(loop, host, (int)port, &lim, handle, srv, &srv->http, &eb) != MN_OK) {
+        fprintf(stderr, "mneme serve: %s\n", eb.msg);
+        rc = 1;
+        api_run_sync(srv, free_registry_job, srv);
+        mn_et_stop(srv->et);
+    }
+    if (!rc) {
+        uv_signal_init(loop, &ss.sigint);
+        uv_signal_init(loop, &ss.sigterm);
+        uv_timer_init(loop, &ss.timer);
+        ss.sigint.data = ss.sigterm.data = ss.timer.data = &ss;
+        uv_signal_start(&ss.sigint, on_signal, SIGINT);
+        uv_signal_start(&ss.sigterm, on_signal, SIGTERM);
+        fprintf(stderr, "mneme serve: listening on http://%s:%d (model %s, %s backend, %d threads, context %d)\n", host,
+                mn_http_server_port(srv->http), srv->model_name, mn_backend_name(be), be->n_threads, srv->n_ctx);
+        fflush(stderr);
+        uv_run(loop, UV_RUN_DEFAULT);
+        rc = ss.exit_code;
+    }
+    uv_run(loop, UV_RUN_DEFAULT);   /* close callbacks */
+    if (srv->http) mn_http_server_free(srv->http);
+    mn_et_free(srv->et);
+    uv_loop_close(loop);
+    mn_engine_free(e);
+    cli_unload(be, m);
+    mn_free(srv->keys);
+    if (!rc) fprintf(stderr, "mneme serve: stopped\n");
+    return rc;
+}
