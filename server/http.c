@@ -78,7 +78,7 @@ struct mn_http__conn {
     bool lingering;          /* write side shut down, discarding input */
     bool shutdown_sent;
     bool in_msg;             /* a request started and is not complete yet */
-    enum { T_NONE, T_IDLE, T_REQUEST, T_LINGER } tmode;
+    enum { T_NONE, T_IDLE, T_REQUEST, T_STALL, T_LINGER } tmode;
     uint64_t req_deadline;   /* loop time by which the started request must be whole */
     int err_status;          /* status for a limit our callbacks detected (413 / 431), 0 = none */
     char err_msg[256];
@@ -240,6 +240,7 @@ static void on_write(uv_write_t *req, int status) {
         conn_close(c);
         return;
     }
+    if (c->tmode == T_STALL) c->tmode = T_NONE; /* progress: restart the stall clock */
     conn_update(c);
 }
 
@@ -290,6 +291,7 @@ static void conn_sendv(mn_http__conn *c, uv_buf_t *bufs, int n) {
         return;
     }
     c->pending += rem;
+    conn_update(c); /* maybe stop reading; start the stall clock */
 }
 
 /* Bytes of one response: straight to the socket at the queue's head, else kept in res. */
@@ -362,10 +364,11 @@ static void conn_close(mn_http__conn *c) {
 
 static void on_timer(uv_timer_t *t) {
     mn_http__conn *c = t->data;
+    int mode = c->tmode;
     c->tmode = T_NONE;
     if (c->closing) return;
-    if (c->lingering || (!c->in_msg && c->n_res == 0)) {
-        conn_close(c); /* idle keep-alive connection, or linger over */
+    if (c->lingering || mode == T_STALL || (!c->in_msg && c->n_res == 0)) {
+        conn_close(c); /* idle keep-alive connection, a client that stopped reading, or linger over */
         return;
     }
     if (c->in_msg && !c->no_more) {
@@ -462,6 +465,12 @@ static void conn_update(mn_http__conn *c) {
     } else if (c->n_res == 0 && c->in.len == 0 && !c->no_more) {
         if (c->tmode != T_IDLE) {
             c->tmode = T_IDLE;
+            uv_timer_start(&c->timer, on_timer, (uint64_t)s->lim.idle_timeout_ms, 0);
+        }
+    } else if (c->pending > 0) {
+        /* answers queued and none of them written for idle_timeout: the client stopped reading */
+        if (c->tmode != T_STALL) {
+            c->tmode = T_STALL;
             uv_timer_start(&c->timer, on_timer, (uint64_t)s->lim.idle_timeout_ms, 0);
         }
     } else if (c->tmode != T_NONE) {

@@ -489,3 +489,17 @@ def test_sigterm_with_requests_in_flight_exits_cleanly(echo):
     assert time.monotonic() - t0 < 2
     for c in conns:
         assert c.closed(drain=True)
+
+
+def test_client_that_stops_reading_is_closed_after_idle_timeout(echo):
+    port, _ = echo(idle_ms=500, max_pending=64 * 1024)
+    c = Conn(port)
+    c.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+    c.send(get("/stream?n=100000&ms=1&size=16384"))
+    time.sleep(0.3)
+    assert stats(port)["aborts"] == 0
+    deadline = time.monotonic() + 4
+    while stats(port)["aborts"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stats(port) == {"connections": 1, "aborts": 1}
+    assert c.closed(drain=True)
