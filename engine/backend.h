@@ -27,7 +27,7 @@
 
 typedef enum mn_op_kind {
     MN_OP_GET_ROWS, MN_OP_RMSNORM, MN_OP_MATMUL, MN_OP_ROPE,
-    MN_OP_KV_STORE, MN_OP_ATTENTION, MN_OP_SILU_MUL, MN_OP_ADD,
+    MN_OP_KV_STORE, MN_OP_ATTENTION, MN_OP_SILU_MUL, MN_OP_ADD, MN_OP_LORA,
     MN_OP_COUNT
 } mn_op_kind;
 
@@ -43,6 +43,7 @@ typedef struct mn_op {
         mn_attention_desc attention;
         mn_silu_mul_desc silu_mul;
         mn_add_desc add;
+        mn_lora_desc lora;
     } u;
 } mn_op;
 

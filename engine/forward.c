@@ -1,10 +1,17 @@
 /* engine/forward.c — plan and run one batch through the model. */
 #include "engine/forward.h"
 
+#include <assert.h>
 #include <math.h>
 #include <string.h>
 
 #include "engine/alloc.h"
+
+/* one adapter used by the batch: its rows are lora_rows[start .. start + n) */
+typedef struct lora_use {
+    const mn_lora *l;
+    int32_t start, n;
+} lora_use;
 
 struct mn_forward {
     const mn_model *m;
@@ -17,6 +24,14 @@ struct mn_forward {
     int32_t *host_meta;  /* staging for meta */
     mn_op *ops;
     int cap_ops;
+    /* LoRA plan of the current batch, host memory (the CPU backend reads it in place):
+     * adapted rows grouped by adapter, the used adapters' ranges, one segment per
+     * (layer, linear group, adapter) */
+    int32_t *lora_rows, cap_lora_rows;
+    lora_use *lora_act;
+    int32_t cap_lora_act;
+    mn_lora_seg *lora_segs;
+    int32_t cap_lora_segs;
 };
 
 /* activation row widths, in floats */
@@ -46,6 +61,9 @@ void mn_forward_free(mn_forward *f) {
     mn_buffer_free(f->logits);
     mn_free(f->host_meta);
     mn_free(f->ops);
+    mn_free(f->lora_rows);
+    mn_free(f->lora_act);
+    mn_free(f->lora_segs);
     mn_free(f);
 }
 
@@ -87,7 +105,7 @@ static mn_err ensure_capacity(mn_forward *f, int32_t T, int32_t n_out, int32_t n
         f->meta = nb;
         f->host_meta = hm;
     }
-    int need_ops = 1 + c->n_layer * 14 + n_out + 1;
+    int need_ops = 1 + c->n_layer * (14 + 4) + n_out + 1;   /* + up to 4 lora ops per layer */
     if (need_ops > f->cap_ops) {
         mn_op *no = mn_realloc(f->ops, (size_t)need_ops * sizeof(mn_op));
         if (!no) return mn_errf(eb, MN_ENOMEM, "forward: out of memory");
@@ -97,7 +115,8 @@ static mn_err ensure_capacity(mn_forward *f, int32_t T, int32_t n_out, int32_t n
     return MN_OK;
 }
 
-static mn_err validate(const mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b, mn_errbuf *eb) {
+static mn_err validate(const mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b, const mn_batch_lora *lb,
+                       mn_errbuf *eb) {
     const mn_model_config *c = &f->m->cfg;
     if (b->n_tokens < 1) return mn_errf(eb, MN_EINVALID, "batch: n_tokens must be >= 1, got %d", b->n_tokens);
     if (n_seqs < 1) return mn_errf(eb, MN_EINVALID, "batch: no sequences");
@@ -114,6 +133,18 @@ static mn_err validate(const mn_forward *f, mn_kv_seq *const *seqs, int32_t n_se
         else if (p > end[s]) e = mn_errf(eb, MN_EINVALID, "batch row %d: position %d leaves a gap (sequence %d has %d positions)", i, p, s, end[s]);
         else if (p == end[s]) end[s]++;
     }
+    for (int32_t i = 0; lb && lb->adapter && i < b->n_tokens && e == MN_OK; i++) {
+        int32_t a = lb->adapter[i];
+        if (a < -1 || a >= lb->n_adapters)
+            e = mn_errf(eb, MN_ERANGE, "batch row %d: adapter %d not in [-1, %d)", i, a, lb->n_adapters);
+        else if (a >= 0 && !lb->adapters[a])
+            e = mn_errf(eb, MN_EINVALID, "batch row %d: adapter %d is not loaded", i, a);
+        else if (a >= 0 && (e = mn_lora_check_model(lb->adapters[a], f->m, eb)) != MN_OK && eb) {
+            char why[sizeof eb->msg];
+            memcpy(why, eb->msg, sizeof why);
+            mn_errf(eb, e, "batch row %d: adapter %d: %.400s", i, a, why);
+        }
+    }
     for (int32_t i = 0; i < b->n_out && e == MN_OK; i++)
         if (b->out_rows[i] < 0 || b->out_rows[i] >= b->n_tokens)
             e = mn_errf(eb, MN_ERANGE, "batch: out_rows[%d] = %d not in [0, %d)", i, b->out_rows[i], b->n_tokens);
@@ -127,10 +158,101 @@ static mn_matmul_desc mm(const mn_weight *w, const float *x, int64_t xs, float *
     return d;
 }
 
+/* Group the adapted rows by adapter (batch order within one adapter), so each linear gets
+ * one lora op whose segments are the used adapters. Sets *n_act (0: no lora ops). */
+static mn_err plan_lora(mn_forward *f, const mn_batch *b, const mn_batch_lora *lb, int32_t *n_act, mn_errbuf *eb) {
+    *n_act = 0;
+    if (!lb || !lb->adapter || lb->n_adapters <= 0) return MN_OK;
+    const int32_t T = b->n_tokens, nA = lb->n_adapters;
+    if (T > f->cap_lora_rows) {
+        int32_t *nr = mn_realloc(f->lora_rows, (size_t)T * sizeof *nr);
+        if (!nr) return mn_errf(eb, MN_ENOMEM, "forward: out of memory");
+        f->lora_rows = nr;
+        f->cap_lora_rows = T;
+    }
+    if (nA > f->cap_lora_act) {
+        lora_use *na = mn_realloc(f->lora_act, (size_t)nA * sizeof *na);
+        if (!na) return mn_errf(eb, MN_ENOMEM, "forward: out of memory");
+        f->lora_act = na;
+        f->cap_lora_act = nA;
+    }
+    /* counting sort: lora_act[a].n counts, then prefix sums give starts */
+    lora_use *use = f->lora_act;
+    for (int32_t a = 0; a < nA; a++) use[a] = (lora_use){lb->adapters[a], 0, 0};
+    for (int32_t i = 0; i < T; i++)
+        if (lb->adapter[i] >= 0) use[lb->adapter[i]].n++;
+    int32_t at = 0;
+    for (int32_t a = 0; a < nA; a++) {
+        use[a].start = at;
+        at += use[a].n;
+        use[a].n = 0;
+    }
+    for (int32_t i = 0; i < T; i++)
+        if (lb->adapter[i] >= 0) f->lora_rows[use[lb->adapter[i]].start + use[lb->adapter[i]].n++] = i;
+    /* keep only the used adapters, in index order */
+    int32_t k = 0;
+    for (int32_t a = 0; a < nA; a++)
+        if (use[a].n) use[k++] = use[a];
+    int32_t need = f->m->cfg.n_layer * 4 * k;
+    if (need > f->cap_lora_segs) {
+        mn_lora_seg *ns = mn_realloc(f->lora_segs, (size_t)need * sizeof *ns);
+        if (!ns) return mn_errf(eb, MN_ENOMEM, "forward: out of memory");
+        f->lora_segs = ns;
+        f->cap_lora_segs = need;
+    }
+    *n_act = k;
+    return MN_OK;
+}
+
+/* The linears that share an input, in the order their A's are stored (engine/lora.h). */
+static const int lora_groups[4][MN_LORA_MAX_OUT] = {
+    {MN_LORA_Q, MN_LORA_K, MN_LORA_V}, {MN_LORA_O, -1, -1}, {MN_LORA_GATE, MN_LORA_UP, -1}, {MN_LORA_DOWN, -1, -1}};
+
+/* Append the lora op of group g of layer l to ops (if any used adapter adapts it). x, y and
+ * N describe the group's input and outputs; segments go to f->lora_segs[*n_segs ..). */
+static int emit_lora(mn_forward *f, int32_t n_act, int32_t l, int g, const float *x, int64_t K, int64_t xs,
+                     float *const y[MN_LORA_MAX_OUT], const int64_t N[MN_LORA_MAX_OUT], mn_op *op, int32_t *n_segs) {
+    mn_lora_seg *segs = f->lora_segs + *n_segs;
+    int32_t ns = 0;
+    int n_out = 0;
+    while (n_out < MN_LORA_MAX_OUT && lora_groups[g][n_out] >= 0) n_out++;
+    for (int32_t u = 0; u < n_act; u++) {
+        const lora_use *use = &f->lora_act[u];
+        mn_lora_seg s = {.start = use->start, .n_rows = use->n};
+        for (int o = 0; o < n_out; o++) {
+            const mn_lora_mat *mt = &use->l->layers[l].t[lora_groups[g][o]];
+            if (!mt->r) continue;
+            if (!s.a) s.a = mt->a;
+            assert(mt->a == s.a + (int64_t)s.r * K);   /* A's of a group are adjacent rows */
+            s.b[o] = mt->b;
+            s.r_off[o] = s.r;
+            s.r_out[o] = mt->r;
+            s.scale[o] = mt->scale;
+            s.r += mt->r;
+        }
+        if (s.r) segs[ns++] = s;
+    }
+    if (!ns) return 0;
+    mn_lora_desc d = {.K = K, .x = x, .x_stride = xs, .n_out = n_out, .n_seg = ns, .seg = segs, .rows = f->lora_rows};
+    for (int o = 0; o < n_out; o++) {
+        d.N[o] = N[o];
+        d.y[o] = y[o];
+        d.y_stride[o] = N[o];
+    }
+    *op = (mn_op){MN_OP_LORA, .u.lora = d};
+    *n_segs += ns;
+    return 1;
+}
+
 mn_err mn_forward_run(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b, float *logits, mn_errbuf *eb) {
+    return mn_forward_run_lora(f, seqs, n_seqs, b, NULL, logits, eb);
+}
+
+mn_err mn_forward_run_lora(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b,
+                           const mn_batch_lora *lb, float *logits, mn_errbuf *eb) {
     const mn_model *m = f->m;
     const mn_model_config *c = &m->cfg;
-    mn_err e = validate(f, seqs, n_seqs, b, eb);
+    mn_err e = validate(f, seqs, n_seqs, b, lb, eb);
     if (e != MN_OK) return e;
     const int32_t T = b->n_tokens;
 
@@ -146,6 +268,8 @@ mn_err mn_forward_run(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, con
         total_blocks += seqs[s]->n_blocks;
     }
     if (e == MN_OK) e = ensure_capacity(f, T, b->n_out, n_seqs, total_blocks, eb);
+    int32_t n_act = 0, n_segs = 0;
+    if (e == MN_OK) e = plan_lora(f, b, lb, &n_act, eb);
     if (e != MN_OK) { mn_free(new_len); return e; }
 
     /* metadata: tokens | seq | pos | indptr | indices, staged on the host and copied over */
@@ -184,16 +308,20 @@ mn_err mn_forward_run(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, con
         ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->wq, xn, E, q, Q, T, L->bq, 0)};
         ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->wk, xn, E, k, KV, T, L->bk, 0)};
         ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->wv, xn, E, v, KV, T, L->bv, 0)};
+        if (n_act) n += emit_lora(f, n_act, l, 0, xn, E, E, (float *const[]){q, k, v}, (const int64_t[]){Q, KV, KV}, &ops[n], &n_segs);
         ops[n++] = (mn_op){MN_OP_ROPE, .u.rope = {T, c->n_head, c->head_dim, c->n_rot, c->rope_mode, q, Q, d_pos, m->inv_freq, 1.0f}};
         ops[n++] = (mn_op){MN_OP_ROPE, .u.rope = {T, c->n_kv_head, c->head_dim, c->n_rot, c->rope_mode, k, KV, d_pos, m->inv_freq, 1.0f}};
         ops[n++] = (mn_op){MN_OP_KV_STORE, .u.kv_store = {T, k, KV, v, KV, d_seq, d_pos, kv}};
         ops[n++] = (mn_op){MN_OP_ATTENTION, .u.attention = {T, c->n_head, c->n_kv_head, c->head_dim, q, Q, d_seq, d_pos, kv, scale, att, Q}};
         ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->wo, att, Q, x, E, T, NULL, 1)};
+        if (n_act) n += emit_lora(f, n_act, l, 1, att, Q, Q, (float *const[]){x, NULL, NULL}, (const int64_t[]){E, 0, 0}, &ops[n], &n_segs);
         ops[n++] = (mn_op){MN_OP_RMSNORM, .u.rmsnorm = {T, E, x, E, L->ffn_norm, c->rms_eps, xn, E}};
         ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->w_gate, xn, E, gate, F, T, NULL, 0)};
         ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->w_up, xn, E, up, F, T, NULL, 0)};
+        if (n_act) n += emit_lora(f, n_act, l, 2, xn, E, E, (float *const[]){gate, up, NULL}, (const int64_t[]){F, F, 0}, &ops[n], &n_segs);
         ops[n++] = (mn_op){MN_OP_SILU_MUL, .u.silu_mul = {T, F, gate, F, up, F, gate, F}};
         ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->w_down, gate, F, x, E, T, NULL, 1)};
+        if (n_act) n += emit_lora(f, n_act, l, 3, gate, F, F, (float *const[]){x, NULL, NULL}, (const int64_t[]){E, 0, 0}, &ops[n], &n_segs);
     }
     for (int32_t i = 0; i < b->n_out; i++)
         ops[n++] = (mn_op){MN_OP_RMSNORM, .u.rmsnorm = {1, E, x + (int64_t)b->out_rows[i] * E, E, m->output_norm, c->rms_eps, xo + (int64_t)i * E, E}};

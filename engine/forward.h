@@ -16,6 +16,7 @@
 
 #include "engine/err.h"
 #include "engine/kv.h"
+#include "engine/lora.h"
 #include "engine/model.h"
 
 typedef struct mn_batch {
@@ -27,6 +28,17 @@ typedef struct mn_batch {
     const int32_t *out_rows;  /* [n_out] batch rows whose logits are returned, in this order */
 } mn_batch;
 
+/* The adapters of a batch (optional): token i uses adapters[adapter[i]], or none when
+ * adapter[i] == -1. After each adapted linear the forward adds s * (x A^T) B^T per adapter
+ * over that adapter's tokens (one MN_OP_LORA per layer and linear group: qkv, o, gate/up,
+ * down). A separate struct (not more mn_batch fields) so every positional mn_batch
+ * initializer stays complete. */
+typedef struct mn_batch_lora {
+    const int32_t *adapter;            /* [n_tokens] index into adapters, -1 none; NULL = none */
+    const mn_lora *const *adapters;    /* [n_adapters], entries may be NULL if unused */
+    int32_t n_adapters;
+} mn_batch_lora;
+
 typedef struct mn_forward mn_forward;
 
 mn_err mn_forward_new(const mn_model *m, mn_kv_pool *kv, mn_forward **out, mn_errbuf *eb);
@@ -35,9 +47,14 @@ void mn_forward_free(mn_forward *f);
 /** Run one batch. Host arrays in; logits[n_out][n_vocab] (host) out. Blocks are reserved in
  *  each sequence for its positions, and seq->n_tokens grows to cover them. A token's
  *  position may not be past the end of its sequence (counting tokens earlier in the batch):
- *  that and every other bad field (token id, seq index, out row, context length) is
- *  MN_EINVALID/MN_ERANGE naming the batch row, with nothing computed. */
+ *  that and every other bad field (token id, seq index, out row, context length, adapter
+ *  index, an adapter loaded for another model) is MN_EINVALID/MN_ERANGE/MN_EMISMATCH naming
+ *  the batch row, with nothing computed. Adapters run on the CPU backend only for now
+ *  (the CUDA backend reports MN_OP_LORA unsupported). */
 mn_err mn_forward_run(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b, float *logits,
                       mn_errbuf *eb);
+/** mn_forward_run with adapters (lora may be NULL: the same as mn_forward_run). */
+mn_err mn_forward_run_lora(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b,
+                           const mn_batch_lora *lora, float *logits, mn_errbuf *eb);
 
 #endif

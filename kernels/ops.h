@@ -161,6 +161,40 @@ typedef struct mn_add_desc {
     const float *x; int64_t x_stride;  /* [T, D] */
 } mn_add_desc;
 
+/* lora (batched LoRA apply, many adapters in one call): for each segment s and each of its
+ * rows t = rows[seg[s].start + i], i < seg[s].n_rows:
+ *   shrink  v[j] = sum_k x[t,k] * a[j,k]                     j < r   (v rounded to f32)
+ *   expand  y_o[t,n] += scale_o * sum_j v[r_off_o + j] * b_o[n,j]   j < r_out_o, every output o with b_o
+ * Up to MN_LORA_MAX_OUT outputs share x and one shrink: Q/K/V (or gate/up) of a layer pass
+ * their A's as one [r_q + r_k + r_v, K] matrix (rows adjacent in memory). Each segment has
+ * its own rank, so mixed ranks need no padding; rows in no segment (tokens without an
+ * adapter) are not touched and cost nothing. A row appears in at most one segment.
+ * Work (cpu): mn_cpu_lora_work_bytes() floats for v. The descriptor's seg and rows arrays
+ * are read on the host by the CPU backend (the CUDA backend does not run this op yet).
+ * Tolerance against ref (which accumulates in double):
+ *   |y - y_ref| <= 1e-4 * (|y_in| + |scale| * sum_j (sum_k |x_k a_jk|) |b_nj|). */
+#define MN_LORA_MAX_OUT 3
+typedef struct mn_lora_seg {
+    int32_t start, n_rows;                  /* rows[start .. start + n_rows) */
+    int32_t r;                              /* rows of a (shrink width) */
+    const float *a;                         /* [r, K] */
+    const float *b[MN_LORA_MAX_OUT];        /* [N_o, r_out_o], or NULL: output o not adapted */
+    int32_t r_off[MN_LORA_MAX_OUT], r_out[MN_LORA_MAX_OUT];
+    float scale[MN_LORA_MAX_OUT];
+} mn_lora_seg;
+
+typedef struct mn_lora_desc {
+    int64_t K;
+    const float *x; int64_t x_stride;                 /* [T, K] */
+    int32_t n_out;                                    /* 1 .. MN_LORA_MAX_OUT */
+    int64_t N[MN_LORA_MAX_OUT];
+    float *y[MN_LORA_MAX_OUT];                        /* [T, N_o] each */
+    int64_t y_stride[MN_LORA_MAX_OUT];
+    int32_t n_seg;
+    const mn_lora_seg *seg;                           /* [n_seg] */
+    const int32_t *rows;                              /* batch rows, grouped by segment */
+} mn_lora_desc;
+
 /* ---- dequantization (shared by get_rows, tests and the CUDA load path) --------------
  * y[0:n] = values of the n elements at src (n a multiple of the block size). */
 void mn_ref_dequant_row(mn_dtype type, const void *src, float *y, int64_t n);
@@ -177,6 +211,7 @@ void mn_ref_kv_store(const mn_kv_store_desc *d);
 void mn_ref_attention(const mn_attention_desc *d);
 void mn_ref_silu_mul(const mn_silu_mul_desc *d);
 void mn_ref_add(const mn_add_desc *d);
+void mn_ref_lora(const mn_lora_desc *d);
 
 /* ---- fast CPU implementations (kernels/cpu/) ------------------------------------------
  * Call mn_cpu_init() once (idempotent, thread-safe) before any of them: it picks the
@@ -196,5 +231,7 @@ void mn_cpu_kv_store(const mn_kv_store_desc *d, void *work, const mn_par *par);
 void mn_cpu_attention(const mn_attention_desc *d, void *work, const mn_par *par);
 void mn_cpu_silu_mul(const mn_silu_mul_desc *d, void *work, const mn_par *par);
 void mn_cpu_add(const mn_add_desc *d, void *work, const mn_par *par);
+size_t mn_cpu_lora_work_bytes(const mn_lora_desc *d);
+void mn_cpu_lora(const mn_lora_desc *d, void *work, const mn_par *par);
 
 #endif

@@ -32,8 +32,8 @@ per weight tensor, so a model mixing types gets each matmul's own block size. It
 written here from that description; everything else stays textbook float math.
 
 API:
-    forward(model_path, tokens, kv_f16=False, act_quant=False)
-        -> np.ndarray [n_tokens, n_vocab] (float64)
+    forward(model_path, tokens, kv_f16=False, act_quant=False, deltas=None)
+        -> np.ndarray [n_tokens, n_vocab] (float64); deltas merges extra weights (LoRA)
     greedy(model_path, tokens, n, kv_f16=False, act_quant=False) -> list[int]
         (argmax decoding with a KV cache)
     greedy_with_logits(model_path, tokens, n, kv_f16=False, act_quant=False)
@@ -302,8 +302,9 @@ class _State:
 
 
 def _step(m: Model, st: _State, tokens, all_logits: bool = True,
-          act_quant: bool = False, stats: dict | None = None) -> np.ndarray:
-    """Run `tokens` after the st.n_past cached ones; return logits (all rows or last)."""
+          act_quant: bool = False, stats: dict | None = None, deltas: dict | None = None) -> np.ndarray:
+    """Run `tokens` after the st.n_past cached ones; return logits (all rows or last).
+    deltas: {(layer, weight name): matrix} added to those weights (merged LoRA)."""
     tokens = np.asarray(tokens, dtype=np.int64)
     n = len(tokens)
     if n == 0:
@@ -324,7 +325,10 @@ def _step(m: Model, st: _State, tokens, all_logits: bool = True,
     x = m.tok_embd[tokens].astype(m.dtype)
     for li, L in enumerate(m.layers):
         def mm(a, name):
-            return _matmul(a, getattr(L, name), L.wtype.get(name), act_quant, stats)
+            w = getattr(L, name)
+            if deltas and (li, name) in deltas:
+                w = w + deltas[(li, name)].astype(w.dtype)
+            return _matmul(a, w, L.wtype.get(name), act_quant, stats)
 
         h = rms_norm(x, L.attn_norm, m.eps)
         q = mm(h, "wq")
@@ -363,16 +367,19 @@ def _step(m: Model, st: _State, tokens, all_logits: bool = True,
 
 
 def forward(model_path: str, tokens, kv_f16: bool = False, act_quant: bool = False,
-            stats: dict | None = None) -> np.ndarray:
+            stats: dict | None = None, deltas: dict | None = None) -> np.ndarray:
     """Logits for every position of `tokens` (no BOS added): [n_tokens, n_vocab] float64.
 
     kv_f16: round K (after RoPE) and V to IEEE half before attention, as an engine whose
     KV cache is stored in f16 does; lets float-weight tests use a much tighter bound.
     act_quant: round every quantized-weight matmul's input to 8 bits per block, as an
     engine with integer dot products does (see the module docstring).
-    stats: with act_quant, receives "min_margin" (see round_activations)."""
+    stats: with act_quant, receives "min_margin" (see round_activations).
+    deltas: merged weights, {(layer, name): [out, in] matrix} added to the layer's weight
+    `name` ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"), e.g. a LoRA's s * B @ A
+    (in the GGUF row order)."""
     m = load(model_path)
-    return _step(m, _State(m, kv_f16), tokens, act_quant=act_quant, stats=stats)
+    return _step(m, _State(m, kv_f16), tokens, act_quant=act_quant, stats=stats, deltas=deltas)
 
 
 def greedy_with_logits(model_path: str, tokens, n: int, kv_f16: bool = False,

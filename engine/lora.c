@@ -1,0 +1,420 @@
+/* engine/lora.c — load and validate PEFT LoRA adapters; the registry by name.
+ *
+ * Loading is two passes over the targets of every layer: the first resolves each
+ * module's rank and scale and checks both tensors' presence and shapes (nothing is
+ * allocated for the weights yet), the second converts them into one f32 arena laid out
+ * per layer as
+ *   A_q A_k A_v | A_gate A_up | A_o | A_down | B_q B_k B_v B_o B_gate B_up B_down
+ * so the A's of a group that shares its input are one [r_sum, in] matrix.
+ * Every tensor of the file must be used: one that names a layer the model lacks is a
+ * mismatch, any other is an unsupported module.
+ */
+#include "engine/lora.h"
+
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <xxhash.h>
+
+#include "engine/alloc.h"
+#include "engine/safetensors.h"
+
+static const char *const target_names[MN_LORA_N_TARGETS] = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                            "gate_proj", "up_proj", "down_proj"};
+
+const char *mn_lora_target_name(mn_lora_target t) { return (unsigned)t < MN_LORA_N_TARGETS ? target_names[t] : "?"; }
+
+static const char *block_of(int t) { return t <= MN_LORA_O ? "self_attn" : "mlp"; }
+
+/* in and out features of target t in a model of config c */
+static void target_dims(const mn_model_config *c, int t, int64_t *in, int64_t *out) {
+    int64_t E = c->n_embd, Q = (int64_t)c->n_head * c->head_dim, KV = (int64_t)c->n_kv_head * c->head_dim, F = c->n_ff;
+    switch (t) {
+    case MN_LORA_Q: *in = E; *out = Q; break;
+    case MN_LORA_K: case MN_LORA_V: *in = E; *out = KV; break;
+    case MN_LORA_O: *in = Q; *out = E; break;
+    case MN_LORA_GATE: case MN_LORA_UP: *in = E; *out = F; break;
+    default: *in = F; *out = E; break;
+    }
+}
+
+typedef struct cfg {
+    int32_t r;
+    double alpha;
+    bool rslora;
+    uint32_t targets;
+    json_t *rank_pattern, *alpha_pattern;   /* borrowed from root */
+    json_t *root;
+} cfg;
+
+/* key matches module name at a dot boundary: name == key or name ends with "." key */
+static bool suffix_match(const char *name, const char *key) {
+    size_t n = strlen(name), k = strlen(key);
+    if (k > n) return false;
+    if (strcmp(name + n - k, key) != 0) return false;
+    return k == n || name[n - k - 1] == '.';
+}
+
+/* The longest key of pattern (an object) matching module; NULL if none. */
+static json_t *pattern_lookup(json_t *pattern, const char *module) {
+    if (!pattern) return NULL;
+    const char *key, *best = NULL;
+    json_t *v, *bv = NULL;
+    json_object_foreach(pattern, key, v) {
+        if (suffix_match(module, key) && (!best || strlen(key) > strlen(best))) {
+            best = key;
+            bv = v;
+        }
+    }
+    return bv;
+}
+
+static mn_err read_config(const char *dir, cfg *c, mn_errbuf *eb) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    json_error_t je;
+    memset(c, 0, sizeof *c);
+    c->root = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+    if (!c->root) {
+        FILE *f = fopen(path, "rb");
+        if (!f) return mn_errf(eb, MN_ENOT_FOUND, "lora: %s: cannot open (not a PEFT adapter directory?)", path);
+        fclose(f);
+        return mn_errf(eb, MN_EFORMAT, "lora: %s: line %d column %d: %s", path, je.line, je.column, je.text);
+    }
+    json_t *root = c->root;
+    if (!json_is_object(root)) return mn_errf(eb, MN_EFORMAT, "lora: %s: not a JSON object", path);
+    json_t *v = json_object_get(root, "peft_type");
+    if (v && (!json_is_string(v) || strcmp(json_string_value(v), "LORA") != 0))
+        return mn_errf(eb, MN_EUNSUPPORTED, "lora: %s: peft_type must be \"LORA\"", path);
+    v = json_object_get(root, "r");
+    if (!json_is_integer(v)) return mn_errf(eb, MN_EFORMAT, "lora: %s: \"r\" missing or not an integer", path);
+    if (json_integer_value(v) < 1 || json_integer_value(v) > 65536)
+        return mn_errf(eb, MN_EINVALID, "lora: %s: r = %lld, must be in [1, 65536]", path, (long long)json_integer_value(v));
+    c->r = (int32_t)json_integer_value(v);
+    v = json_object_get(root, "lora_alpha");
+    if (v && !json_is_number(v)) return mn_errf(eb, MN_EFORMAT, "lora: %s: \"lora_alpha\" is not a number", path);
+    c->alpha = v ? json_number_value(v) : 8.0;   /* PEFT's default */
+    v = json_object_get(root, "use_rslora");
+    if (v && !json_is_boolean(v)) return mn_errf(eb, MN_EFORMAT, "lora: %s: \"use_rslora\" is not a boolean", path);
+    c->rslora = v && json_is_true(v);
+    static const char *const refused[] = {"use_dora", "fan_in_fan_out"};
+    for (size_t i = 0; i < 2; i++) {
+        v = json_object_get(root, refused[i]);
+        if (v && json_is_true(v)) return mn_errf(eb, MN_EUNSUPPORTED, "lora: %s: \"%s\": true is not supported", path, refused[i]);
+    }
+    v = json_object_get(root, "layers_to_transform");
+    if (v && !json_is_null(v)) return mn_errf(eb, MN_EUNSUPPORTED, "lora: %s: \"layers_to_transform\" is not supported", path);
+    v = json_object_get(root, "bias");
+    if (v && (!json_is_string(v) || strcmp(json_string_value(v), "none") != 0))
+        return mn_errf(eb, MN_EUNSUPPORTED, "lora: %s: \"bias\" must be \"none\"", path);
+    v = json_object_get(root, "target_modules");
+    if (json_is_string(v) && strcmp(json_string_value(v), "all-linear") == 0) {
+        c->targets = (1u << MN_LORA_N_TARGETS) - 1;
+    } else if (json_is_array(v) || json_is_string(v)) {
+        size_t n = json_is_array(v) ? json_array_size(v) : 1;
+        for (size_t i = 0; i < n; i++) {
+            json_t *s = json_is_array(v) ? json_array_get(v, i) : v;
+            if (!json_is_string(s)) return mn_errf(eb, MN_EFORMAT, "lora: %s: target_modules[%zu] is not a string", path, i);
+            int t = 0;
+            while (t < MN_LORA_N_TARGETS && strcmp(target_names[t], json_string_value(s)) != 0) t++;
+            if (t == MN_LORA_N_TARGETS)
+                return mn_errf(eb, MN_EUNSUPPORTED, "lora: %s: target_modules[%zu] = \"%s\" (supported: q_proj k_proj v_proj "
+                               "o_proj gate_proj up_proj down_proj)", path, i, json_string_value(s));
+            c->targets |= 1u << t;
+        }
+    } else {
+        return mn_errf(eb, MN_EFORMAT, "lora: %s: \"target_modules\" missing or not a list", path);
+    }
+    if (!c->targets) return mn_errf(eb, MN_EINVALID, "lora: %s: target_modules is empty", path);
+    static const char *const pats[] = {"rank_pattern", "alpha_pattern"};
+    for (int i = 0; i < 2; i++) {
+        v = json_object_get(root, pats[i]);
+        if (v && json_is_null(v)) v = NULL;
+        if (v && !json_is_object(v)) return mn_errf(eb, MN_EFORMAT, "lora: %s: \"%s\" is not an object", path, pats[i]);
+        const char *k;
+        json_t *x;
+        if (v) json_object_foreach(v, k, x) {
+            if (i == 0 ? !json_is_integer(x) : !json_is_number(x))
+                return mn_errf(eb, MN_EFORMAT, "lora: %s: %s[\"%s\"] is not %s", path, pats[i], k, i == 0 ? "an integer" : "a number");
+        }
+        if (i == 0) c->rank_pattern = v;
+        else c->alpha_pattern = v;
+    }
+    return MN_OK;
+}
+
+static void tensor_name(char *buf, size_t n, int layer, int t, char ab) {
+    snprintf(buf, n, "base_model.model.model.layers.%d.%s.%s.lora_%c.weight", layer, block_of(t), target_names[t], ab);
+}
+
+/* Check tensor name has 2 dims [rows, cols]. A wrong input/output width is a model mismatch
+ * (the adapter belongs to another model); a wrong rank is a malformed adapter. */
+static mn_err check_shape(const mn_st_tensor *x, const char *file, int64_t rows, int64_t cols, bool a, mn_errbuf *eb) {
+    if (x->n_dims != 2)
+        return mn_errf(eb, MN_EFORMAT, "lora: %s: tensor '%s' has %d dims, expected 2 ([%lld, %lld])", file, x->name, x->n_dims,
+                       (long long)rows, (long long)cols);
+    int64_t r_found = a ? x->shape[0] : x->shape[1], r_want = a ? rows : cols;
+    int64_t f_found = a ? x->shape[1] : x->shape[0], f_want = a ? cols : rows;
+    if (f_found != f_want)
+        return mn_errf(eb, MN_EMISMATCH, "lora: %s: tensor '%s' is [%lld, %lld], expected [%lld, %lld]: %s size %lld does not "
+                       "match the model's %lld (adapter made for another model?)", file, x->name, (long long)x->shape[0],
+                       (long long)x->shape[1], (long long)rows, (long long)cols, a ? "input" : "output", (long long)f_found,
+                       (long long)f_want);
+    if (r_found != r_want)
+        return mn_errf(eb, MN_EFORMAT, "lora: %s: tensor '%s' is [%lld, %lld], expected [%lld, %lld]: rank %lld, config says %lld",
+                       file, x->name, (long long)x->shape[0], (long long)x->shape[1], (long long)rows, (long long)cols,
+                       (long long)r_found, (long long)r_want);
+    return MN_OK;
+}
+
+/* The llama GGUF converter's permutation of Q/K rows (per head: [even, odd] halves
+ * interleaved), applied to B's rows: new row h*hd + 2i + j = old row h*hd + j*hd/2 + i. */
+static void permute_rows(float *b, int32_t n_head, int32_t hd, int32_t r, float *tmp) {
+    for (int32_t h = 0; h < n_head; h++) {
+        float *head = b + (int64_t)h * hd * r;
+        memcpy(tmp, head, (size_t)hd * r * sizeof(float));
+        for (int32_t i = 0; i < hd / 2; i++)
+            for (int32_t j = 0; j < 2; j++)
+                memcpy(head + (int64_t)(2 * i + j) * r, tmp + (int64_t)(j * (hd / 2) + i) * r, (size_t)r * sizeof(float));
+    }
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+mn_err mn_lora_load(const char *dir, const char *name, const mn_model *m, mn_lora **out, mn_errbuf *eb) {
+    *out = NULL;
+    double t0 = now_s();
+    const mn_model_config *mc = &m->cfg;
+    cfg c;
+    mn_safetensors *st = NULL;
+    mn_lora *l = NULL;
+    bool *used = NULL;
+    float *tmp = NULL;
+    char file[4096], tn[256], module[160];
+    mn_err e = read_config(dir, &c, eb);
+    if (e != MN_OK) goto fail;
+    snprintf(file, sizeof file, "%s/adapter_model.safetensors", dir);
+    if ((e = mn_st_open(file, &st, eb)) != MN_OK) {
+        if (e == MN_ENOT_FOUND) e = mn_errf(eb, MN_ENOT_FOUND, "lora: %s: cannot open (not a PEFT adapter directory?)", file);
+        goto fail;
+    }
+    l = mn_calloc(1, sizeof *l);
+    used = mn_calloc((size_t)st->n_tensors + 1, sizeof *used);
+    if (!l || !(l->layers = mn_calloc((size_t)mc->n_layer, sizeof *l->layers)) || !used) {
+        e = mn_errf(eb, MN_ENOMEM, "lora: out of memory");
+        goto fail;
+    }
+    snprintf(l->name, sizeof l->name, "%s", name ? name : dir);
+    l->n_layer = mc->n_layer;
+    l->n_embd = mc->n_embd;
+    l->n_q = mc->n_head * mc->head_dim;
+    l->n_kv = mc->n_kv_head * mc->head_dim;
+    l->n_ff = mc->n_ff;
+    l->targets = c.targets;
+
+    /* pass 1: ranks, scales, tensor presence and shapes; arena size */
+    uint64_t n_floats = 0;
+    for (int32_t li = 0; li < mc->n_layer; li++) {
+        for (int t = 0; t < MN_LORA_N_TARGETS; t++) {
+            if (!(c.targets & (1u << t))) continue;
+            snprintf(module, sizeof module, "model.layers.%d.%s.%s", li, block_of(t), target_names[t]);
+            json_t *rp = pattern_lookup(c.rank_pattern, module), *ap = pattern_lookup(c.alpha_pattern, module);
+            int64_t r = rp ? json_integer_value(rp) : c.r;
+            double alpha = ap ? json_number_value(ap) : c.alpha;
+            if (r < 1 || r > 65536) {
+                e = mn_errf(eb, MN_EINVALID, "lora: %s/adapter_config.json: rank of %s is %lld, must be in [1, 65536]", dir,
+                            module, (long long)r);
+                goto fail;
+            }
+            int64_t in, outf;
+            target_dims(mc, t, &in, &outf);
+            const mn_st_tensor *ta, *tb;
+            tensor_name(tn, sizeof tn, li, t, 'A');
+            if (!(ta = mn_st_find(st, tn))) {
+                e = mn_errf(eb, MN_EFORMAT, "lora: %s: missing tensor '%s' (%s is in target_modules)", file, tn, target_names[t]);
+                goto fail;
+            }
+            if ((e = check_shape(ta, file, r, in, true, eb)) != MN_OK) goto fail;
+            tensor_name(tn, sizeof tn, li, t, 'B');
+            if (!(tb = mn_st_find(st, tn))) {
+                e = mn_errf(eb, MN_EFORMAT, "lora: %s: missing tensor '%s' (%s is in target_modules)", file, tn, target_names[t]);
+                goto fail;
+            }
+            if ((e = check_shape(tb, file, outf, r, false, eb)) != MN_OK) goto fail;
+            used[ta - st->tensors] = used[tb - st->tensors] = true;
+            mn_lora_mat *mt = &l->layers[li].t[t];
+            mt->r = (int32_t)r;
+            mt->scale = (float)(c.rslora ? alpha / sqrt((double)r) : alpha / (double)r);
+            if (mt->r > l->r_max) l->r_max = mt->r;
+            n_floats += (uint64_t)r * (uint64_t)(in + outf);
+        }
+    }
+    for (int64_t i = 0; i < st->n_tensors; i++) {
+        if (used[i]) continue;
+        const char *nm = st->tensors[i].name;
+        int layer;
+        if (sscanf(nm, "base_model.model.model.layers.%d.", &layer) == 1 && (layer < 0 || layer >= mc->n_layer)) {
+            e = mn_errf(eb, MN_EMISMATCH, "lora: %s: tensor '%s' is for layer %d, the model has %d layers", file, nm, layer,
+                        mc->n_layer);
+        } else {
+            e = mn_errf(eb, MN_EUNSUPPORTED, "lora: %s: tensor '%s' (at offset %llu) is not a lora_A/lora_B of a module in "
+                        "target_modules", file, nm, (unsigned long long)st->tensors[i].offset);
+        }
+        goto fail;
+    }
+
+    /* pass 2: convert into the arena */
+    l->bytes = n_floats * sizeof(float);
+    int64_t max_out = l->n_q > l->n_kv ? l->n_q : l->n_kv;
+    if (!(l->arena = mn_malloc(l->bytes ? l->bytes : 4)) || !(tmp = mn_malloc((size_t)max_out * l->r_max * sizeof(float) + 4))) {
+        e = mn_errf(eb, MN_ENOMEM, "lora: out of memory (%llu bytes of weights)", (unsigned long long)l->bytes);
+        goto fail;
+    }
+    static const int a_order[MN_LORA_N_TARGETS] = {MN_LORA_Q, MN_LORA_K, MN_LORA_V, MN_LORA_GATE, MN_LORA_UP,
+                                                   MN_LORA_O, MN_LORA_DOWN};
+    float *p = l->arena;
+    for (int32_t li = 0; li < mc->n_layer; li++) {
+        for (int pass = 0; pass < 2; pass++) {
+            for (int k = 0; k < MN_LORA_N_TARGETS; k++) {
+                int t = pass == 0 ? a_order[k] : k;
+                mn_lora_mat *mt = &l->layers[li].t[t];
+                if (!mt->r) continue;
+                int64_t in, outf;
+                target_dims(mc, t, &in, &outf);
+                tensor_name(tn, sizeof tn, li, t, pass == 0 ? 'A' : 'B');
+                const mn_st_tensor *x = mn_st_find(st, tn);
+                int64_t n = pass == 0 ? (int64_t)mt->r * in : outf * mt->r;
+                mn_st_to_f32(x, 0, n, p);
+                if (pass == 0) {
+                    mt->a = p;
+                } else {
+                    mt->b = p;
+                    if (mc->rope_mode == MN_ROPE_NORM && (t == MN_LORA_Q || t == MN_LORA_K))
+                        permute_rows(p, t == MN_LORA_Q ? mc->n_head : mc->n_kv_head, mc->head_dim, mt->r, tmp);
+                }
+                p += n;
+            }
+        }
+    }
+
+    /* fingerprint: resolved ranks and scales, then every weight */
+    XXH3_state_t *hs = XXH3_createState();
+    if (!hs) {
+        e = mn_errf(eb, MN_ENOMEM, "lora: out of memory");
+        goto fail;
+    }
+    XXH3_128bits_reset(hs);
+    XXH3_128bits_update(hs, "mneme-lora-1", 12);
+    int32_t hdr[2] = {l->n_layer, (int32_t)l->targets};
+    XXH3_128bits_update(hs, hdr, sizeof hdr);
+    for (int32_t li = 0; li < l->n_layer; li++)
+        for (int t = 0; t < MN_LORA_N_TARGETS; t++) {
+            XXH3_128bits_update(hs, &l->layers[li].t[t].r, sizeof(int32_t));
+            XXH3_128bits_update(hs, &l->layers[li].t[t].scale, sizeof(float));
+        }
+    XXH3_128bits_update(hs, l->arena, (size_t)l->bytes);
+    XXH128_canonical_t canon;
+    XXH128_canonicalFromHash(&canon, XXH3_128bits_digest(hs));
+    XXH3_freeState(hs);
+    memcpy(l->fingerprint, canon.digest, 16);
+
+    mn_free(tmp);
+    mn_free(used);
+    mn_st_free(st);
+    json_decref(c.root);
+    l->load_seconds = now_s() - t0;
+    *out = l;
+    return MN_OK;
+fail:
+    mn_free(tmp);
+    mn_free(used);
+    mn_st_free(st);
+    json_decref(c.root);
+    mn_lora_free(l);
+    return e;
+}
+
+void mn_lora_free(mn_lora *l) {
+    if (!l) return;
+    mn_free(l->arena);
+    mn_free(l->layers);
+    mn_free(l);
+}
+
+mn_err mn_lora_check_model(const mn_lora *l, const mn_model *m, mn_errbuf *eb) {
+    const mn_model_config *c = &m->cfg;
+    if (l->n_layer != c->n_layer || l->n_embd != c->n_embd || l->n_q != c->n_head * c->head_dim ||
+        l->n_kv != c->n_kv_head * c->head_dim || l->n_ff != c->n_ff)
+        return mn_errf(eb, MN_EMISMATCH, "lora '%s': loaded for a model of %d layers, hidden %d, q %d, kv %d, ff %d; this model "
+                       "has %d, %d, %d, %d, %d", l->name, l->n_layer, l->n_embd, l->n_q, l->n_kv, l->n_ff, c->n_layer,
+                       c->n_embd, c->n_head * c->head_dim, c->n_kv_head * c->head_dim, c->n_ff);
+    return MN_OK;
+}
+
+/* ---- registry ---- */
+struct mn_lora_registry {
+    const mn_model *m;
+    mn_lora **slots;
+    int32_t n_slots;
+};
+
+mn_err mn_lora_registry_new(const mn_model *m, mn_lora_registry **out, mn_errbuf *eb) {
+    mn_lora_registry *r = mn_calloc(1, sizeof *r);
+    if (!r) return mn_errf(eb, MN_ENOMEM, "lora registry: out of memory");
+    r->m = m;
+    *out = r;
+    return MN_OK;
+}
+
+void mn_lora_registry_free(mn_lora_registry *r) {
+    if (!r) return;
+    for (int32_t i = 0; i < r->n_slots; i++) mn_lora_free(r->slots[i]);
+    mn_free(r->slots);
+    mn_free(r);
+}
+
+int32_t mn_lora_registry_find(const mn_lora_registry *r, const char *name) {
+    for (int32_t i = 0; i < r->n_slots; i++)
+        if (r->slots[i] && strcmp(r->slots[i]->name, name) == 0) return i;
+    return -1;
+}
+
+mn_err mn_lora_registry_load(mn_lora_registry *r, const char *name, const char *dir, int32_t *index, mn_errbuf *eb) {
+    if (!name || !name[0] || strlen(name) >= sizeof(((mn_lora *)0)->name))
+        return mn_errf(eb, MN_EINVALID, "lora registry: adapter name must be 1..127 bytes");
+    if (mn_lora_registry_find(r, name) >= 0) return mn_errf(eb, MN_EINVALID, "lora registry: '%s' is already loaded", name);
+    int32_t slot = 0;
+    while (slot < r->n_slots && r->slots[slot]) slot++;
+    if (slot == r->n_slots) {
+        mn_lora **ns = mn_realloc(r->slots, (size_t)(r->n_slots + 1) * sizeof *ns);
+        if (!ns) return mn_errf(eb, MN_ENOMEM, "lora registry: out of memory");
+        ns[r->n_slots] = NULL;
+        r->slots = ns;
+        r->n_slots++;
+    }
+    mn_lora *l;
+    mn_err e = mn_lora_load(dir, name, r->m, &l, eb);
+    if (e != MN_OK) return e;
+    r->slots[slot] = l;
+    if (index) *index = slot;
+    return MN_OK;
+}
+
+mn_err mn_lora_registry_unload(mn_lora_registry *r, const char *name, mn_errbuf *eb) {
+    int32_t i = mn_lora_registry_find(r, name);
+    if (i < 0) return mn_errf(eb, MN_ENOT_FOUND, "lora registry: no adapter '%s'", name);
+    mn_lora_free(r->slots[i]);
+    r->slots[i] = NULL;
+    return MN_OK;
+}
+
+const mn_lora *const *mn_lora_registry_table(const mn_lora_registry *r, int32_t *n) {
+    *n = r->n_slots;
+    return (const mn_lora *const *)r->slots;
+}

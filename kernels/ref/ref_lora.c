@@ -1,0 +1,38 @@
+/* kernels/ref/ref_lora.c — scalar reference of the batched LoRA apply (kernels/ops.h).
+ *
+ * Plain loops in contract order: per segment, per row, shrink into v (double sums,
+ * rounded to f32 as the contract says v is), then each output's expand in double.
+ * v lives on the stack: a shrink width is at most MN_REF_LORA_MAX_R.
+ */
+#include <assert.h>
+
+#include "kernels/ops.h"
+
+#define MN_REF_LORA_MAX_R 4096
+
+void mn_ref_lora(const mn_lora_desc *d) {
+    float v[MN_REF_LORA_MAX_R];
+    for (int32_t s = 0; s < d->n_seg; s++) {
+        const mn_lora_seg *g = &d->seg[s];
+        assert(g->r <= MN_REF_LORA_MAX_R);
+        for (int32_t i = 0; i < g->n_rows; i++) {
+            int64_t t = d->rows[g->start + i];
+            const float *x = d->x + t * d->x_stride;
+            for (int32_t j = 0; j < g->r; j++) {
+                double acc = 0.0;
+                for (int64_t k = 0; k < d->K; k++) acc += (double)x[k] * g->a[(int64_t)j * d->K + k];
+                v[j] = (float)acc;
+            }
+            for (int32_t o = 0; o < d->n_out; o++) {
+                if (!g->b[o]) continue;
+                float *y = d->y[o] + t * d->y_stride[o];
+                const float *vo = v + g->r_off[o];
+                for (int64_t n = 0; n < d->N[o]; n++) {
+                    double acc = 0.0;
+                    for (int32_t j = 0; j < g->r_out[o]; j++) acc += (double)vo[j] * g->b[o][n * g->r_out[o] + j];
+                    y[n] = (float)((double)y[n] + (double)g->scale[o] * acc);
+                }
+            }
+        }
+    }
+}
