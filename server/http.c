@@ -32,130 +32,14 @@
 #include <sys/resource.h>
 
 #include <jansson.h>
-#include <llhttp.h>
 
 #include "engine/alloc.h"
+#include "server/http_impl.h"
 
-#define MN_HTTP__MAX_INFLIGHT 4     /* outstanding requests per connection before reading stops */
-#define MN_HTTP__LINGER_MS 2000     /* discard input this long after the final answer */
-#define MN_HTTP__READ_BUF (64 * 1024)
-
-typedef struct mn_http__conn mn_http__conn;
-
-/* a growable byte buffer */
-typedef struct mn_http__buf {
-    char *p;
-    size_t len, cap;
-} mn_http__buf;
-
-struct mn_http_res {
-    mn_http__conn *c;        /* NULL once the connection is gone */
-    mn_http_res *next;       /* queue order = request order */
-    mn_http__buf out;        /* bytes waiting until this res reaches the queue's head */
-    bool done;               /* respond / stream_end called */
-    bool started;            /* status line queued */
-    bool chunked;            /* streamed with chunked framing (HTTP/1.1) */
-    bool keep_alive;         /* request allows another request after this one */
-    bool head;               /* HEAD request: no body bytes */
-    bool http10;             /* request was HTTP/1.0: no chunked framing */
-    bool aborted;
-    void (*abort_cb)(void *);
-    void *abort_ud;
-};
-
-struct mn_http__conn {
-    uv_tcp_t tcp;
-    uv_timer_t timer;
-    mn_http_server *s;
-    mn_http__conn *prev, *next;
-    llhttp_t parser;
-    int handles_open;
-    bool counted;            /* counts toward n_connections (not a 503 reject) */
-    bool closing;            /* uv_close issued */
-    bool reading;
-    bool in_parse;           /* inside process_input: do not re-enter llhttp */
-    bool no_more;            /* stop parsing: the last request ended the connection or failed */
-    bool lingering;          /* write side shut down, discarding input */
-    bool shutdown_sent;
-    bool in_msg;             /* a request started and is not complete yet */
-    enum { T_NONE, T_IDLE, T_REQUEST, T_STALL, T_LINGER } tmode;
-    uint64_t req_deadline;   /* loop time by which the started request must be whole */
-    int err_status;          /* status for a limit our callbacks detected (413 / 431), 0 = none */
-    char err_msg[256];
-    size_t pending;          /* bytes handed to uv_write and not yet written */
-    mn_http__buf in;         /* unparsed input kept while parsing is paused */
-    size_t fed;              /* bytes of this connection's input given to llhttp so far */
-    size_t msg_start;        /* value of fed at the first byte of the current request */
-    /* the request being parsed: strings NUL-terminated in arena, headers as offsets */
-    mn_http__buf arena;
-    size_t url_off;
-    size_t *hdr_off;         /* 2 per header: name, value */
-    int n_hdr, cap_hdr;
-    bool in_value;           /* the last header span was a value */
-    size_t header_bytes;
-    mn_http__buf body;
-    mn_http_res *qhead, *qtail;
-    int n_res;
-};
-
-struct mn_http_server {
-    uv_loop_t *loop;
-    uv_tcp_t listener;
-    mn_http_limits lim;
-    mn_http_handler handler;
-    void *ud;
-    int port;
-    int n_conns;             /* counted connections */
-    int n_handles;           /* listener + every conn handle not yet closed */
-    bool accepting, closing, listener_open;
-    mn_http__conn *conns;
-    void (*on_closed)(void *);
-    void *on_closed_ud;
-    llhttp_settings_t settings;
-    char readbuf[MN_HTTP__READ_BUF]; /* one read buffer: each read is consumed before the next */
-    bool readbuf_busy;
-};
-
-static void conn_close(mn_http__conn *c);
-static void conn_update(mn_http__conn *c);
 static void process_input(mn_http__conn *c);
 static void process_read(mn_http__conn *c, const char *data, size_t len);
 static void res_free(mn_http_res *r);
 static void conn_fail(mn_http__conn *c, int status, const char *msg);
-
-/* ---- small helpers ---- */
-
-static bool buf_reserve(mn_http__buf *b, size_t extra) {
-    if (b->len + extra + 1 <= b->cap) return true;
-    size_t cap = b->cap ? b->cap : 256;
-    while (cap < b->len + extra + 1) cap *= 2;
-    char *p = mn_realloc(b->p, cap);
-    if (!p) return false;
-    b->p = p;
-    b->cap = cap;
-    return true;
-}
-
-static bool buf_append(mn_http__buf *b, const char *data, size_t n) {
-    if (!buf_reserve(b, n)) return false;
-    if (n) memcpy(b->p + b->len, data, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-    return true;
-}
-
-static void buf_release(mn_http__buf *b) {
-    mn_free(b->p);
-    b->p = NULL;
-    b->len = b->cap = 0;
-}
-
-/* Keep a small buffer between requests; give back a large one. */
-static void buf_reset(mn_http__buf *b) {
-    if (b->cap > 64 * 1024) buf_release(b);
-    b->len = 0;
-    if (b->p) b->p[0] = '\0';
-}
 
 static const char *status_reason(int status) {
     switch (status) {
@@ -237,11 +121,11 @@ static void on_write(uv_write_t *req, int status) {
     c->pending -= w->len;
     mn_free(w);
     if (status < 0) {
-        conn_close(c);
+        mn_http__conn_close(c);
         return;
     }
     if (c->tmode == T_STALL) c->tmode = T_NONE; /* progress: restart the stall clock */
-    conn_update(c);
+    mn_http__conn_update(c);
 }
 
 /* Write bufs in order after everything queued before. Tries the socket directly when
@@ -255,7 +139,7 @@ static void conn_sendv(mn_http__conn *c, uv_buf_t *bufs, int n) {
     if (c->pending == 0) {
         int w = uv_try_write((uv_stream_t *)&c->tcp, bufs, (unsigned)n);
         if (w < 0 && w != UV_EAGAIN) {
-            conn_close(c);
+            mn_http__conn_close(c);
             return;
         }
         if (w > 0) skip = (size_t)w;
@@ -264,7 +148,7 @@ static void conn_sendv(mn_http__conn *c, uv_buf_t *bufs, int n) {
     size_t rem = total - skip;
     mn_http__wreq *wr = mn_malloc(sizeof *wr + rem);
     if (!wr) {
-        conn_close(c);
+        mn_http__conn_close(c);
         return;
     }
     wr->c = c;
@@ -287,15 +171,15 @@ static void conn_sendv(mn_http__conn *c, uv_buf_t *bufs, int n) {
     int rc = uv_write(&wr->req, (uv_stream_t *)&c->tcp, &b, 1, on_write);
     if (rc < 0) {
         mn_free(wr);
-        conn_close(c);
+        mn_http__conn_close(c);
         return;
     }
     c->pending += rem;
-    conn_update(c); /* maybe stop reading; start the stall clock */
+    mn_http__conn_update(c); /* maybe stop reading; start the stall clock */
 }
 
 /* Bytes of one response: straight to the socket at the queue's head, else kept in res. */
-static bool res_emitv(mn_http_res *r, uv_buf_t *bufs, int n) {
+bool mn_http__res_emitv(mn_http_res *r, uv_buf_t *bufs, int n) {
     mn_http__conn *c = r->c;
     if (!c || c->closing) return false;
     if (c->qhead == r) {
@@ -303,8 +187,8 @@ static bool res_emitv(mn_http_res *r, uv_buf_t *bufs, int n) {
         return !c->closing;
     }
     for (int i = 0; i < n; i++)
-        if (!buf_append(&r->out, bufs[i].base, bufs[i].len)) {
-            conn_close(c);
+        if (!mn_http__buf_append(&r->out, bufs[i].base, bufs[i].len)) {
+            mn_http__conn_close(c);
             return false;
         }
     return true;
@@ -317,9 +201,9 @@ static void on_close_handle(uv_handle_t *h) {
     mn_http_server *s = c->s;
     s->n_handles--;
     if (--c->handles_open > 0) return;
-    buf_release(&c->in);
-    buf_release(&c->arena);
-    buf_release(&c->body);
+    mn_http__buf_release(&c->in);
+    mn_http__buf_release(&c->arena);
+    mn_http__buf_release(&c->body);
     mn_free(c->hdr_off);
     mn_free(c);
     if (s->closing && s->n_handles == 0 && s->on_closed) s->on_closed(s->on_closed_ud);
@@ -345,7 +229,7 @@ static void conn_abort_queue(mn_http__conn *c) {
     }
 }
 
-static void conn_close(mn_http__conn *c) {
+void mn_http__conn_close(mn_http__conn *c) {
     if (c->closing) return;
     c->closing = true;
     mn_http_server *s = c->s;
@@ -368,7 +252,7 @@ static void on_timer(uv_timer_t *t) {
     c->tmode = T_NONE;
     if (c->closing) return;
     if (c->lingering || mode == T_STALL || (!c->in_msg && c->n_res == 0)) {
-        conn_close(c); /* idle keep-alive connection, a client that stopped reading, or linger over */
+        mn_http__conn_close(c); /* idle keep-alive connection, a client that stopped reading, or linger over */
         return;
     }
     if (c->in_msg && !c->no_more) {
@@ -384,28 +268,28 @@ static void on_shutdown(uv_shutdown_t *req, int status) {
     mn_free(req);
     if (c->closing) return;
     if (status < 0) {
-        conn_close(c);
+        mn_http__conn_close(c);
         return;
     }
     /* answer delivered to the kernel: discard what the client still sends for a while */
     c->lingering = true;
     c->tmode = T_LINGER;
     uv_timer_start(&c->timer, on_timer, MN_HTTP__LINGER_MS, 0);
-    conn_update(c);
+    mn_http__conn_update(c);
 }
 
 static void conn_begin_shutdown(mn_http__conn *c) {
     if (c->shutdown_sent || c->closing) return;
     uv_shutdown_t *req = mn_malloc(sizeof *req);
     if (!req) {
-        conn_close(c);
+        mn_http__conn_close(c);
         return;
     }
     req->data = c;
     c->shutdown_sent = true;
     if (uv_shutdown(req, (uv_stream_t *)&c->tcp, on_shutdown) < 0) {
         mn_free(req);
-        conn_close(c);
+        mn_http__conn_close(c);
     }
 }
 
@@ -426,7 +310,7 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
     if (buf->base == s->readbuf) s->readbuf_busy = false;
     if (nread == 0 || c->closing) return;
     if (nread < 0) {
-        conn_close(c); /* EOF or error: the client is gone; unfinished answers are aborted */
+        mn_http__conn_close(c); /* EOF or error: the client is gone; unfinished answers are aborted */
         return;
     }
     if (c->lingering || c->no_more) return; /* discard */
@@ -436,7 +320,7 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
 /* Read when we can take input: not while a final answer is pending, not beyond the
  * pipelining limit, not while the client lets written bytes pile up. Then set the timer:
  * request deadline while a request is arriving, idle timeout while nothing is going on. */
-static void conn_update(mn_http__conn *c) {
+void mn_http__conn_update(mn_http__conn *c) {
     if (c->closing) return;
     mn_http_server *s = c->s;
     if (c->no_more && !c->shutdown_sent && c->n_res == 0 && c->pending == 0) conn_begin_shutdown(c);
@@ -447,7 +331,7 @@ static void conn_update(mn_http__conn *c) {
     else want = c->n_res < MN_HTTP__MAX_INFLIGHT && c->pending <= s->lim.max_pending_write && c->in.len == 0;
     if (want && !c->reading) {
         if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) < 0) {
-            conn_close(c);
+            mn_http__conn_close(c);
             return;
         }
         c->reading = true;
@@ -482,7 +366,7 @@ static void conn_update(mn_http__conn *c) {
 /* ---- responses ---- */
 
 static void res_free(mn_http_res *r) {
-    buf_release(&r->out);
+    mn_http__buf_release(&r->out);
     mn_free(r);
 }
 
@@ -529,15 +413,15 @@ static void conn_advance(mn_http__conn *c) {
         if (h && h->out.len) {
             uv_buf_t b = uv_buf_init(h->out.p, (unsigned)h->out.len);
             conn_sendv(c, &b, 1);
-            buf_release(&h->out);
+            mn_http__buf_release(&h->out);
         }
     }
     if (c->closing) return;
     if (!c->in_parse && c->in.len && !c->no_more) process_input(c);
-    else conn_update(c);
+    else mn_http__conn_update(c);
 }
 
-static void res_finish(mn_http_res *r) {
+void mn_http__res_finish(mn_http_res *r) {
     r->done = true;
     mn_http__conn *c = r->c;
     if (!c) {
@@ -552,27 +436,27 @@ static void res_write_head(mn_http_res *r, int status, const char *content_type,
     mn_http__buf h = {0};
     char line[256];
     snprintf(line, sizeof line, "HTTP/1.1 %d %s\r\n", status, status_reason(status));
-    bool ok = buf_append(&h, line, strlen(line));
+    bool ok = mn_http__buf_append(&h, line, strlen(line));
     if (content_type) {
-        ok = ok && buf_append(&h, "Content-Type: ", 14) && buf_append(&h, content_type, strlen(content_type)) &&
-             buf_append(&h, "\r\n", 2);
+        ok = ok && mn_http__buf_append(&h, "Content-Type: ", 14) && mn_http__buf_append(&h, content_type, strlen(content_type)) &&
+             mn_http__buf_append(&h, "\r\n", 2);
     }
-    if (length_or_te) ok = ok && buf_append(&h, length_or_te, strlen(length_or_te));
-    ok = ok && (r->keep_alive ? buf_append(&h, "Connection: keep-alive\r\n", 24)
-                              : buf_append(&h, "Connection: close\r\n", 19));
+    if (length_or_te) ok = ok && mn_http__buf_append(&h, length_or_te, strlen(length_or_te));
+    ok = ok && (r->keep_alive ? mn_http__buf_append(&h, "Connection: keep-alive\r\n", 24)
+                              : mn_http__buf_append(&h, "Connection: close\r\n", 19));
     for (int i = 0; i < n_extra && ok; i++) {
-        ok = buf_append(&h, extra[i].name, strlen(extra[i].name)) && buf_append(&h, ": ", 2) &&
-             buf_append(&h, extra[i].value, strlen(extra[i].value)) && buf_append(&h, "\r\n", 2);
+        ok = mn_http__buf_append(&h, extra[i].name, strlen(extra[i].name)) && mn_http__buf_append(&h, ": ", 2) &&
+             mn_http__buf_append(&h, extra[i].value, strlen(extra[i].value)) && mn_http__buf_append(&h, "\r\n", 2);
     }
-    ok = ok && buf_append(&h, "\r\n", 2);
+    ok = ok && mn_http__buf_append(&h, "\r\n", 2);
     if (!ok) {
-        buf_release(&h);
-        if (r->c) conn_close(r->c);
+        mn_http__buf_release(&h);
+        if (r->c) mn_http__conn_close(r->c);
         return;
     }
     uv_buf_t b = uv_buf_init(h.p, (unsigned)h.len);
-    res_emitv(r, &b, 1);
-    buf_release(&h);
+    mn_http__res_emitv(r, &b, 1);
+    mn_http__buf_release(&h);
 }
 
 void mn_http_respond(mn_http_res *res, int status, const char *content_type, const char *body, size_t len,
@@ -585,10 +469,10 @@ void mn_http_respond(mn_http_res *res, int status, const char *content_type, con
         res_write_head(res, status, content_type, extra, n_extra, cl);
         if (len && !res->head && res->c) {
             uv_buf_t b = uv_buf_init((char *)body, (unsigned)len);
-            res_emitv(res, &b, 1);
+            mn_http__res_emitv(res, &b, 1);
         }
     }
-    res_finish(res);
+    mn_http__res_finish(res);
 }
 
 void mn_http_stream_begin(mn_http_res *res, int status, const char *content_type, const mn_http_header *extra,
@@ -607,22 +491,22 @@ bool mn_http_stream_write(mn_http_res *res, const char *data, size_t len) {
     if (len == 0 || res->head) return true;
     if (!res->chunked) {
         uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
-        return res_emitv(res, &b, 1);
+        return mn_http__res_emitv(res, &b, 1);
     }
     char hdr[32];
     int hl = snprintf(hdr, sizeof hdr, "%zx\r\n", len);
     uv_buf_t b[3] = {uv_buf_init(hdr, (unsigned)hl), uv_buf_init((char *)data, (unsigned)len),
                      uv_buf_init("\r\n", 2)};
-    return res_emitv(res, b, 3);
+    return mn_http__res_emitv(res, b, 3);
 }
 
 void mn_http_stream_end(mn_http_res *res) {
     if (res->done) return;
     if (res->c && res->started && res->chunked && !res->head) {
         uv_buf_t b = uv_buf_init("0\r\n\r\n", 5);
-        res_emitv(res, &b, 1);
+        mn_http__res_emitv(res, &b, 1);
     }
-    res_finish(res);
+    mn_http__res_finish(res);
 }
 
 size_t mn_http_res_pending(const mn_http_res *res) {
@@ -642,20 +526,20 @@ static void conn_fail(mn_http__conn *c, int status, const char *msg) {
     c->in_msg = false;
     mn_http_res *r = res_new(c);
     if (!r) {
-        conn_close(c);
+        mn_http__conn_close(c);
         return;
     }
     r->keep_alive = false;
     char *body = error_json(msg, "invalid_request_error");
     if (!body) {
-        conn_close(c);
+        mn_http__conn_close(c);
         return;
     }
     mn_http_header retry = {"Retry-After", "1"};
     mn_http_respond(r, status, "application/json", body, strlen(body), status == 503 ? &retry : NULL,
                     status == 503 ? 1 : 0);
     free(body); /* json_dumps uses malloc */
-    if (!c->closing) conn_update(c);
+    if (!c->closing) mn_http__conn_update(c);
 }
 
 /* ---- parsing ---- */
@@ -677,13 +561,13 @@ static int on_message_begin(llhttp_t *p) {
     mn_http__conn *c = pconn(p);
     c->in_msg = true;
     c->req_deadline = uv_now(c->s->loop) + (uint64_t)c->s->lim.request_timeout_ms;
-    buf_reset(&c->arena);
-    buf_reset(&c->body);
+    mn_http__buf_reset(&c->arena);
+    mn_http__buf_reset(&c->body);
     c->n_hdr = 0;
     c->in_value = false;
     c->header_bytes = 0;
     c->url_off = 0;
-    if (!buf_reserve(&c->arena, 0)) return -1;
+    if (!mn_http__buf_reserve(&c->arena, 0)) return -1;
     c->arena.p[0] = '\0';
     return 0;
 }
@@ -691,12 +575,12 @@ static int on_message_begin(llhttp_t *p) {
 static int on_url(llhttp_t *p, const char *at, size_t n) {
     mn_http__conn *c = pconn(p);
     if (limit_headers(c, n)) return -1;
-    return buf_append(&c->arena, at, n) ? 0 : -1;
+    return mn_http__buf_append(&c->arena, at, n) ? 0 : -1;
 }
 
 static int on_url_complete(llhttp_t *p) {
     mn_http__conn *c = pconn(p);
-    return buf_append(&c->arena, "", 1) ? 0 : -1; /* keep the NUL inside len */
+    return mn_http__buf_append(&c->arena, "", 1) ? 0 : -1; /* keep the NUL inside len */
 }
 
 static int on_header_field(llhttp_t *p, const char *at, size_t n) {
@@ -716,7 +600,7 @@ static int on_header_field(llhttp_t *p, const char *at, size_t n) {
         c->n_hdr++;
         c->in_value = false;
     }
-    return buf_append(&c->arena, at, n) ? 0 : -1;
+    return mn_http__buf_append(&c->arena, at, n) ? 0 : -1;
 }
 
 static int on_header_field_complete(llhttp_t *p) {
@@ -724,7 +608,7 @@ static int on_header_field_complete(llhttp_t *p) {
     if (c->n_hdr == 0) return 0;
     for (size_t i = c->hdr_off[2 * (c->n_hdr - 1)]; i < c->arena.len; i++)
         if (c->arena.p[i] >= 'A' && c->arena.p[i] <= 'Z') c->arena.p[i] = (char)(c->arena.p[i] - 'A' + 'a');
-    if (!buf_append(&c->arena, "", 1)) return -1;
+    if (!mn_http__buf_append(&c->arena, "", 1)) return -1;
     c->hdr_off[2 * (c->n_hdr - 1) + 1] = c->arena.len; /* value starts here (maybe empty) */
     c->in_value = true;
     return 0;
@@ -733,12 +617,12 @@ static int on_header_field_complete(llhttp_t *p) {
 static int on_header_value(llhttp_t *p, const char *at, size_t n) {
     mn_http__conn *c = pconn(p);
     if (limit_headers(c, n)) return -1;
-    return buf_append(&c->arena, at, n) ? 0 : -1;
+    return mn_http__buf_append(&c->arena, at, n) ? 0 : -1;
 }
 
 static int on_header_value_complete(llhttp_t *p) {
     mn_http__conn *c = pconn(p);
-    return buf_append(&c->arena, "", 1) ? 0 : -1;
+    return mn_http__buf_append(&c->arena, "", 1) ? 0 : -1;
 }
 
 static const char *find_header(mn_http__conn *c, const char *lower) {
@@ -783,7 +667,7 @@ static int on_body(llhttp_t *p, const char *at, size_t n) {
                  c->s->lim.max_body_bytes);
         return -1;
     }
-    return buf_append(&c->body, at, n) ? 0 : -1;
+    return mn_http__buf_append(&c->body, at, n) ? 0 : -1;
 }
 
 static int on_message_complete(llhttp_t *p) {
@@ -877,7 +761,7 @@ static void parse_after(mn_http__conn *c) {
     c->in_parse = false;
     if (c->closing) return;
     if (c->qhead && c->qhead->done) conn_advance(c);
-    else conn_update(c);
+    else mn_http__conn_update(c);
 }
 
 /* Parse what parsing left in c->in earlier (the socket is not read while it is there). */
@@ -887,7 +771,7 @@ static void process_input(mn_http__conn *c) {
     size_t used = parse_run(c, c->in.p, c->in.len);
     if (!c->closing) {
         if (used >= c->in.len) {
-            buf_release(&c->in);
+            mn_http__buf_release(&c->in);
         } else if (used > 0) {
             memmove(c->in.p, c->in.p + used, c->in.len - used);
             c->in.len -= used;
@@ -899,13 +783,13 @@ static void process_input(mn_http__conn *c) {
 /* Parse straight from the read buffer; keep only what could not be parsed yet. */
 static void process_read(mn_http__conn *c, const char *data, size_t len) {
     if (c->in.len || c->in_parse) {
-        if (!buf_append(&c->in, data, len)) conn_close(c);
+        if (!mn_http__buf_append(&c->in, data, len)) mn_http__conn_close(c);
         else process_input(c);
         return;
     }
     c->in_parse = true;
     size_t used = parse_run(c, data, len);
-    if (!c->closing && used < len && !buf_append(&c->in, data + used, len - used)) conn_close(c);
+    if (!c->closing && used < len && !mn_http__buf_append(&c->in, data + used, len - used)) mn_http__conn_close(c);
     parse_after(c);
 }
 
@@ -927,7 +811,7 @@ static void on_connection(uv_stream_t *ls, int status) {
     if (s->conns) s->conns->prev = c;
     s->conns = c;
     if (uv_accept(ls, (uv_stream_t *)&c->tcp) < 0) {
-        conn_close(c);
+        mn_http__conn_close(c);
         return;
     }
     uv_tcp_nodelay(&c->tcp, 1);
@@ -941,7 +825,7 @@ static void on_connection(uv_stream_t *ls, int status) {
     }
     c->counted = true;
     s->n_conns++;
-    conn_update(c);
+    mn_http__conn_update(c);
 }
 
 static void on_listener_closed(uv_handle_t *h) {
@@ -1032,7 +916,7 @@ void mn_http_server_close(mn_http_server *s, void (*on_closed)(void *ud), void *
         s->listener_open = false;
         uv_close((uv_handle_t *)&s->listener, on_listener_closed);
     }
-    while (s->conns) conn_close(s->conns);
+    while (s->conns) mn_http__conn_close(s->conns);
     if (s->n_handles == 0 && on_closed) on_closed(ud);
 }
 
