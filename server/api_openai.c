@@ -418,8 +418,14 @@ static void gen_start_job(void *ud) {
     return;
 fail:
     api_err_from_mn(&ae, err, eb.msg, g->kind == API_GEN_CHAT ? "messages" : g->kind == API_GEN_COMPLETION ? "prompt" : NULL);
-    if (err == MN_ELIMIT || err == MN_ERANGE) {
-        if (strstr(ae.message, "max_tokens")) snprintf(ae.param, sizeof ae.param, "max_tokens");
+    if ((err == MN_ELIMIT || err == MN_ERANGE) && strstr(ae.message, "max_tokens")) {
+        snprintf(ae.param, sizeof ae.param, "max_tokens");
+        if (g->temp && g->s && strstr(ae.message, "context length")) { /* the temporary session's id means nothing to the client */
+            int32_t n_tok = 0;
+            mn_session_tokens(g->s, NULL, &n_tok);
+            snprintf(ae.message, sizeof ae.message, "the prompt (%d tokens) + max_tokens %d exceed the context length %d",
+                     n_tok, g->o.gp.max_tokens, srv->n_ctx);
+        }
     }
     start_failed(g, &ae);
 }
