@@ -251,7 +251,7 @@ static void on_timer(uv_timer_t *t) {
     int mode = c->tmode;
     c->tmode = T_NONE;
     if (c->closing) return;
-    if (c->lingering || mode == T_STALL || (!c->in_msg && c->n_res == 0)) {
+    if (c->lingering || mode == T_STALL || mode == T_WSCLOSE || (!c->in_msg && c->n_res == 0)) {
         mn_http__conn_close(c); /* idle keep-alive connection, a client that stopped reading, or linger over */
         return;
     }
@@ -313,7 +313,13 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
         mn_http__conn_close(c); /* EOF or error: the client is gone; unfinished answers are aborted */
         return;
     }
-    if (c->lingering || c->no_more) return; /* discard */
+    if (c->lingering) return; /* discard */
+    if (c->ws) {
+        if (!mn_http__buf_append(&c->in, buf->base, (size_t)nread)) mn_http__conn_close(c);
+        else mn_http__ws_feed(c);
+        return;
+    }
+    if (c->no_more) return; /* after the last request: discard */
     process_read(c, buf->base, (size_t)nread);
 }
 
@@ -326,7 +332,8 @@ void mn_http__conn_update(mn_http__conn *c) {
     if (c->no_more && !c->shutdown_sent && c->n_res == 0 && c->pending == 0) conn_begin_shutdown(c);
     if (c->closing) return;
     bool want;
-    if (c->lingering) want = true;
+    if (c->ws) want = c->pending <= s->lim.max_pending_write && !c->ws->finished;
+    else if (c->lingering) want = true;
     else if (c->no_more || c->shutdown_sent) want = false;
     else want = c->n_res < MN_HTTP__MAX_INFLIGHT && c->pending <= s->lim.max_pending_write && c->in.len == 0;
     if (want && !c->reading) {
@@ -340,7 +347,12 @@ void mn_http__conn_update(mn_http__conn *c) {
         c->reading = false;
     }
     if (c->lingering) return; /* linger timer already runs */
-    if (c->in_msg && !c->no_more) {
+    if (c->ws && c->ws->close_sent) {
+        if (c->tmode != T_WSCLOSE) { /* the client has this long to answer our close frame */
+            c->tmode = T_WSCLOSE;
+            uv_timer_start(&c->timer, on_timer, MN_HTTP__LINGER_MS, 0);
+        }
+    } else if (c->in_msg && !c->no_more) {
         if (c->tmode != T_REQUEST) { /* the deadline counts from the request's first byte */
             uint64_t now = uv_now(s->loop);
             c->tmode = T_REQUEST;
@@ -431,24 +443,20 @@ void mn_http__res_finish(mn_http_res *r) {
     if (c->qhead == r) conn_advance(c);
 }
 
+static bool put(mn_http__buf *b, const char *str) { return mn_http__buf_append(b, str, strlen(str)); }
+
 static void res_write_head(mn_http_res *r, int status, const char *content_type, const mn_http_header *extra,
                            int n_extra, const char *length_or_te) {
     mn_http__buf h = {0};
     char line[256];
     snprintf(line, sizeof line, "HTTP/1.1 %d %s\r\n", status, status_reason(status));
-    bool ok = mn_http__buf_append(&h, line, strlen(line));
-    if (content_type) {
-        ok = ok && mn_http__buf_append(&h, "Content-Type: ", 14) && mn_http__buf_append(&h, content_type, strlen(content_type)) &&
-             mn_http__buf_append(&h, "\r\n", 2);
-    }
-    if (length_or_te) ok = ok && mn_http__buf_append(&h, length_or_te, strlen(length_or_te));
-    ok = ok && (r->keep_alive ? mn_http__buf_append(&h, "Connection: keep-alive\r\n", 24)
-                              : mn_http__buf_append(&h, "Connection: close\r\n", 19));
-    for (int i = 0; i < n_extra && ok; i++) {
-        ok = mn_http__buf_append(&h, extra[i].name, strlen(extra[i].name)) && mn_http__buf_append(&h, ": ", 2) &&
-             mn_http__buf_append(&h, extra[i].value, strlen(extra[i].value)) && mn_http__buf_append(&h, "\r\n", 2);
-    }
-    ok = ok && mn_http__buf_append(&h, "\r\n", 2);
+    bool ok = put(&h, line);
+    if (content_type) ok = ok && put(&h, "Content-Type: ") && put(&h, content_type) && put(&h, "\r\n");
+    if (length_or_te) ok = ok && put(&h, length_or_te);
+    ok = ok && put(&h, r->keep_alive ? "Connection: keep-alive\r\n" : "Connection: close\r\n");
+    for (int i = 0; i < n_extra && ok; i++)
+        ok = put(&h, extra[i].name) && put(&h, ": ") && put(&h, extra[i].value) && put(&h, "\r\n");
+    ok = ok && put(&h, "\r\n");
     if (!ok) {
         mn_http__buf_release(&h);
         if (r->c) mn_http__conn_close(r->c);
@@ -707,6 +715,8 @@ static int on_message_complete(llhttp_t *p) {
         .body = c->body.p ? c->body.p : "",
         .body_len = c->body.len,
     };
+    if (mn_http_ws_is_upgrade(&req)) /* remembered for mn_http_ws_accept */
+        snprintf(r->ws_key, sizeof r->ws_key, "%s", mn_http_req_header(&req, "sec-websocket-key"));
     s->handler(s->ud, &req, r);
     if (hdrs != hstack) mn_free(hdrs);
     return HPE_PAUSED; /* always stop here: process_input learns where the next request starts */

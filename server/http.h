@@ -86,4 +86,34 @@ size_t mn_http_res_pending(const mn_http_res *res);
  *  it, stream writes return false; the owner must still end res. */
 void mn_http_res_on_abort(mn_http_res *res, void (*cb)(void *ud), void *ud);
 
+/* ---- WebSocket (RFC 6455) ---- */
+typedef struct mn_http_ws mn_http_ws;
+
+/** Events of one WebSocket. data is valid only during the call (text is UTF-8, checked).
+ *  on_close runs exactly once, when the socket ends for any reason (close handshake,
+ *  protocol error, client gone, server closing); ws must not be used after it returns.
+ *  code: the peer's close code, 1005 when it sent none, 1006 when the connection was
+ *  lost without a close frame, or the code we closed with after a protocol error. */
+typedef struct mn_http_ws_callbacks {
+    void (*on_text)(void *ud, mn_http_ws *ws, const char *data, size_t len);
+    void (*on_binary)(void *ud, mn_http_ws *ws, const char *data, size_t len);
+    void (*on_close)(void *ud, mn_http_ws *ws, int code, const char *reason);
+} mn_http_ws_callbacks;
+
+/** Whether req asks for a WebSocket (GET, Upgrade: websocket, Sec-WebSocket-Key, version 13). */
+bool mn_http_ws_is_upgrade(const mn_http_req *req);
+/** Complete res with 101 Switching Protocols and turn the connection into a WebSocket.
+ *  Returns NULL, having answered 400 (or nothing, when the client is gone), when the
+ *  request was not a valid upgrade. cb is copied. The transport owns the ws; it is freed
+ *  after on_close. Incoming messages larger than limits.max_body_bytes close it with 1009. */
+mn_http_ws *mn_http_ws_accept(mn_http_res *res, const mn_http_ws_callbacks *cb, void *ud);
+/** Queue one text / binary message (one frame). false when the socket is closing or gone. */
+bool mn_http_ws_send_text(mn_http_ws *ws, const char *data, size_t len);
+bool mn_http_ws_send_binary(mn_http_ws *ws, const char *data, size_t len);
+/** Bytes queued to this client (as mn_http_res_pending). */
+size_t mn_http_ws_pending(const mn_http_ws *ws);
+/** Start the close handshake (code e.g. 1000, reason may be NULL); on_close follows when
+ *  the client answers or after a short grace period. */
+void mn_http_ws_close(mn_http_ws *ws, int code, const char *reason);
+
 #endif

@@ -36,6 +36,7 @@ struct mn_http_res {
     bool head;               /* HEAD request: no body bytes */
     bool http10;             /* request was HTTP/1.0: no chunked framing */
     bool aborted;
+    char ws_key[32];         /* Sec-WebSocket-Key of a valid upgrade request, else "" */
     void (*abort_cb)(void *);
     void *abort_ud;
 };
@@ -55,7 +56,8 @@ struct mn_http__conn {
     bool lingering;          /* write side shut down, discarding input */
     bool shutdown_sent;
     bool in_msg;             /* a request started and is not complete yet */
-    enum { T_NONE, T_IDLE, T_REQUEST, T_STALL, T_LINGER } tmode;
+    enum { T_NONE, T_IDLE, T_REQUEST, T_STALL, T_WSCLOSE, T_LINGER } tmode;
+    mn_http_ws *ws;          /* set once the connection is a WebSocket */
     uint64_t req_deadline;   /* loop time by which the started request must be whole */
     int err_status;          /* status for a limit our callbacks detected (413 / 431), 0 = none */
     char err_msg[256];
@@ -126,6 +128,22 @@ static inline void mn_http__buf_reset(mn_http__buf *b) {
     b->len = 0;
     if (b->p) b->p[0] = '\0';
 }
+
+/* A WebSocket lives on top of the upgrade request's res: the 101 and every frame go out
+ * through it (so they follow earlier pipelined answers), and it stays unfinished until
+ * the socket closes. */
+struct mn_http_ws {
+    mn_http_res *res;        /* NULL once finished */
+    mn_http__conn *c;        /* NULL once the connection is gone */
+    mn_http_ws_callbacks cb;
+    void *ud;
+    mn_http__buf msg;        /* the message being reassembled from fragments */
+    int msg_op;              /* its opcode (1 text, 2 binary), 0 between messages */
+    size_t max_msg;
+    bool close_sent;         /* our close frame is queued: send nothing more */
+    bool finished;           /* on_close ran */
+    bool busy;               /* inside mn_http__ws_feed: free at its end */
+};
 
 /* ---- shared between http.c and http_ws.c ---- */
 

@@ -457,6 +457,10 @@ def stats(port: int) -> dict:
     return json.loads(body)
 
 
+def sub(d: dict, *keys):
+    return tuple(d[k] for k in keys)
+
+
 def test_client_disconnect_aborts_stream_and_slow(echo):
     port, _ = echo()
     a = Conn(port)
@@ -467,13 +471,13 @@ def test_client_disconnect_aborts_stream_and_slow(echo):
     b = Conn(port)
     b.send(get("/slow?ms=5000"))
     time.sleep(0.1)
-    assert stats(port) == {"connections": 3, "aborts": 0}
+    assert sub(stats(port), "connections", "aborts") == (3, 0)
     a.close()
     b.close()
     deadline = time.monotonic() + 3
     while stats(port)["aborts"] < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert stats(port) == {"connections": 1, "aborts": 2}
+    assert sub(stats(port), "connections", "aborts") == (1, 2)
 
 
 def test_sigterm_with_requests_in_flight_exits_cleanly(echo):
@@ -482,6 +486,7 @@ def test_sigterm_with_requests_in_flight_exits_cleanly(echo):
     conns[0].send(get("/slow?ms=10000"))
     conns[1].send(get("/stream?n=100000&ms=5"))
     conns[2].send("GET /partial HTTP/1.1\r\nHost")
+    conns.append(ws_connect(port))  # an open WebSocket too
     time.sleep(0.2)
     t0 = time.monotonic()
     p.send_signal(signal.SIGTERM)
@@ -501,5 +506,128 @@ def test_client_that_stops_reading_is_closed_after_idle_timeout(echo):
     deadline = time.monotonic() + 4
     while stats(port)["aborts"] < 1 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert stats(port) == {"connections": 1, "aborts": 1}
+    assert sub(stats(port), "connections", "aborts") == (1, 1)
     assert c.closed(drain=True)
+
+
+# ---- WebSocket ----------------------------------------------------------------------------
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def ws_connect(port: int, prefix: str = "") -> Conn:
+    import base64
+    import hashlib
+    key = base64.b64encode(os.urandom(16)).decode()
+    c = Conn(port)
+    c.send(prefix + f"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n"
+           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    if prefix:
+        assert c.response()[0] == 200
+    st, h, _ = c.response(head=True)
+    assert st == 101 and h["upgrade"].lower() == "websocket" and h["connection"].lower() == "upgrade"
+    want = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+    assert h["sec-websocket-accept"] == want
+    return c
+
+
+def ws_frame(op: int, payload: bytes, fin: bool = True, mask: bool = True, rsv: int = 0) -> bytes:
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | rsv | op])
+    m = 0x80 if mask else 0
+    if n < 126:
+        head += bytes([m | n])
+    elif n < 65536:
+        head += bytes([m | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([m | 127]) + n.to_bytes(8, "big")
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i & 3] for i, b in enumerate(payload))
+
+
+def ws_recv(c: Conn):
+    """-> (fin, opcode, payload); server frames must be unmasked."""
+    b0, b1 = c._take(2)
+    assert not b1 & 0x80, "server frames must not be masked"
+    n = b1 & 0x7F
+    if n == 126:
+        n = int.from_bytes(c._take(2), "big")
+    elif n == 127:
+        n = int.from_bytes(c._take(8), "big")
+    return bool(b0 & 0x80), b0 & 0x0F, c._take(n)
+
+
+def ws_close_code(payload: bytes) -> int:
+    return int.from_bytes(payload[:2], "big")
+
+
+def test_ws_echo_fragments_ping_and_close_handshake(echo):
+    port, _ = echo()
+    c = ws_connect(port)
+    c.send(ws_frame(1, "héllo".encode()))
+    assert ws_recv(c) == (True, 1, "héllo".encode())
+    c.send(ws_frame(2, bytes(range(256)) * 300))  # 64-bit length form
+    assert ws_recv(c) == (True, 2, bytes(range(256)) * 300)
+    # a fragmented text message with a ping between its fragments
+    c.send(ws_frame(1, b"frag", fin=False) + ws_frame(9, b"p1") + ws_frame(0, b"men", fin=False)
+           + ws_frame(0, b"ted", fin=True))
+    assert ws_recv(c) == (True, 10, b"p1")
+    assert ws_recv(c) == (True, 1, b"fragmented")
+    c.send(ws_frame(1, b"big:70000"))
+    assert ws_recv(c) == (True, 1, b"w" * 70000)
+    c.send(ws_frame(8, (1000).to_bytes(2, "big") + b"done"))
+    fin, op, payload = ws_recv(c)
+    assert op == 8 and ws_close_code(payload) == 1000
+    assert c.closed()
+    assert sub(stats(port), "ws_closes", "ws_last_code") == (1, 1000)
+
+
+def test_ws_server_initiated_close(echo):
+    port, _ = echo()
+    c = ws_connect(port)
+    c.send(ws_frame(1, b"close"))
+    fin, op, payload = ws_recv(c)
+    assert op == 8 and ws_close_code(payload) == 1000 and payload[2:] == b"bye"
+    c.send(ws_frame(8, (1000).to_bytes(2, "big")))
+    assert c.closed()
+    assert sub(stats(port), "ws_closes", "ws_last_code") == (1, 1000)
+
+
+@pytest.mark.parametrize("frame, code", [
+    (ws_frame(1, b"x", mask=False), 1002),                       # unmasked client frame
+    (ws_frame(1, b"x", rsv=0x40), 1002),                         # reserved bit without extension
+    (ws_frame(0, b"x"), 1002),                                   # continuation without a message
+    (ws_frame(9, b"x", fin=False), 1002),                        # fragmented control frame
+    (ws_frame(1, b"\xc3\x28"), 1007),                            # invalid UTF-8
+    (ws_frame(2, b"z" * 3000), 1009),                            # over max_body (2000)
+])
+def test_ws_protocol_errors_close_with_code(echo, frame, code):
+    port, _ = echo(max_body=2000)
+    c = ws_connect(port)
+    c.send(frame)
+    fin, op, payload = ws_recv(c)
+    assert op == 8 and ws_close_code(payload) == code, payload
+    assert c.closed()
+    assert sub(stats(port), "ws_closes", "ws_last_code") == (1, code)
+
+
+def test_ws_upgrade_after_pipelined_request_and_disconnect(echo):
+    port, _ = echo()
+    c = ws_connect(port, prefix=get("/before"))  # 101 comes after the earlier answer
+    c.send(ws_frame(1, b"hi"))
+    assert ws_recv(c) == (True, 1, b"hi")
+    c.close()  # no close frame: on_close gets 1006
+    deadline = time.monotonic() + 3
+    while stats(port)["ws_closes"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sub(stats(port), "ws_closes", "ws_last_code") == (1, 1006)
+
+
+def test_ws_accept_on_plain_request_is_400(echo):
+    port, _ = echo()
+    c = Conn(port)
+    c.send(get("/ws"))
+    st, _, body = c.response()
+    assert st == 400 and "not a WebSocket upgrade" in error_of(body)

@@ -10,7 +10,9 @@
  *                            tick every M ms (16 per tick when M <= 1); nothing is written
  *                            while mn_http_res_pending exceeds --max-pending
  *   /slow?ms=M               answers {"slow":M} after M ms (uv timer)
- *   /stats                   {"connections": open connections, "aborts": abort callbacks so far}
+ *   /ws                      WebSocket: echoes text and binary; "close" makes the server close
+ *                            (1000 "bye"); "big:N" answers N bytes of text
+ *   /stats                   {"connections", "aborts", "ws_closes", "ws_last_code"}
  *   anything else            echoes {"method","path","query","headers":[[n,v]...],"body"}
  */
 #include <stdio.h>
@@ -28,6 +30,8 @@ typedef struct echo_app {
     mn_http_limits lim;
     uv_signal_t sigterm, sigint;
     long n_aborts;           /* abort callbacks seen (reported by /stats) */
+    long ws_closes;          /* WebSocket on_close calls, and the last code */
+    int ws_last_code;
 } echo_app;
 
 /* value of key in a query string ("a=1&b=2"), or def */
@@ -141,6 +145,35 @@ static void route_slow(echo_app *app, const mn_http_req *req, mn_http_res *res) 
     uv_timer_start(&j->timer, slow_tick, (uint64_t)j->ms, 0);
 }
 
+/* ---- /ws ---- */
+
+static void ws_text(void *ud, mn_http_ws *ws, const char *data, size_t len) {
+    if (len == 5 && memcmp(data, "close", 5) == 0) {
+        mn_http_ws_close(ws, 1000, "bye");
+    } else if (len > 4 && memcmp(data, "big:", 4) == 0) {
+        size_t n = strtoul(data + 4, NULL, 10);
+        char *b = mn_malloc(n + 1);
+        memset(b, 'w', n);
+        mn_http_ws_send_text(ws, b, n);
+        mn_free(b);
+    } else {
+        mn_http_ws_send_text(ws, data, len);
+    }
+}
+
+static void ws_binary(void *ud, mn_http_ws *ws, const char *data, size_t len) { mn_http_ws_send_binary(ws, data, len); }
+
+static void ws_closed(void *ud, mn_http_ws *ws, int code, const char *reason) {
+    echo_app *app = ud;
+    app->ws_closes++;
+    app->ws_last_code = code;
+}
+
+static void route_ws(echo_app *app, const mn_http_req *req, mn_http_res *res) {
+    static const mn_http_ws_callbacks cb = {ws_text, ws_binary, ws_closed};
+    mn_http_ws_accept(res, &cb, app); /* answers 400 itself when req is no upgrade */
+}
+
 /* ---- echo ---- */
 
 static void route_echo(const mn_http_req *req, mn_http_res *res) {
@@ -161,10 +194,11 @@ static void handler(void *ud, const mn_http_req *req, mn_http_res *res) {
     echo_app *app = ud;
     if (strcmp(req->path, "/stream") == 0) route_stream(app, req, res);
     else if (strcmp(req->path, "/slow") == 0) route_slow(app, req, res);
+    else if (strcmp(req->path, "/ws") == 0) route_ws(app, req, res);
     else if (strcmp(req->path, "/stats") == 0) {
-        char b[96];
-        int n = snprintf(b, sizeof b, "{\"connections\":%d,\"aborts\":%ld}", mn_http_server_n_connections(app->srv),
-                         app->n_aborts);
+        char b[160];
+        int n = snprintf(b, sizeof b, "{\"connections\":%d,\"aborts\":%ld,\"ws_closes\":%ld,\"ws_last_code\":%d}",
+                         mn_http_server_n_connections(app->srv), app->n_aborts, app->ws_closes, app->ws_last_code);
         mn_http_respond(res, 200, "application/json", b, (size_t)n, NULL, 0);
     }
     else route_echo(req, res);
