@@ -214,6 +214,13 @@ static void session_free(mn_engine *e, mn_session *s);
 
 void mn_engine_free(mn_engine *e) {
     if (!e) return;
+    for (int32_t i = 0; i < e->n_sessions; i++) { /* T3 files outlive the engine (adopt_persisted) */
+        mn_session *s = e->sessions[i];
+        if (s->tier == 3 && s->file) {
+            mn_free(s->file);
+            s->file = NULL;
+        }
+    }
     while (e->n_sessions) mn_session_delete(e, e->sessions[e->n_sessions - 1]);
     mn_free(e->sessions);
     for (int32_t i = 0; i < e->prefix_cap; i++)
@@ -455,7 +462,7 @@ static mn_err step_compute(mn_engine *e, int32_t *ns_out, bool *did_work, mn_err
         bool last_of_session = r + 1 == n || e->b_seq[r + 1] != e->b_seq[r];
         if (last_of_session && e->b_pos[r] + 1 == s->n_tokens) e->b_rows[n_out++] = r;
     }
-    mn_batch b = {n, e->b_tok, e->b_seq, e->b_pos, n_out, e->b_rows};
+    mn_batch b = {.n_tokens = n, .tokens = e->b_tok, .seq = e->b_seq, .pos = e->b_pos, .n_out = n_out, .out_rows = e->b_rows};
     err = mn_forward_run(e->f, e->b_seqs, ns, &b, e->b_logits, eb);
     if (err == MN_ELIMIT) { /* pool full: give back cached blocks nobody uses, then retry */
         mn__prefix_evict_unused(e);

@@ -192,6 +192,14 @@ bool mn_session_busy(const mn_session *s);
 /** Some session is busy: mn_engine_step has work to do. */
 bool mn_engine_has_work(const mn_engine *e);
 
+/** Sessions persisted by an earlier engine on the same persist directory (T3 files: a
+ *  session demoted to tier 3 keeps its file when its engine is freed) join this engine
+ *  under their own ids, in T3: validated now (model fingerprint, checksums, geometry),
+ *  restored on first use. A file that fails validation is refused and left in place:
+ *  *n_refused counts them and eb holds the last reason. MN_OK unless out of memory or the
+ *  directory cannot be read. */
+mn_err mn_engine_adopt_persisted(mn_engine *e, int32_t *n_adopted, int32_t *n_refused, mn_errbuf *eb);
+
 /** Run one engine step. *did_work is false when no session had anything to do. */
 mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb);
 

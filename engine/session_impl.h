@@ -84,6 +84,7 @@ mn_err mn__session_run_until_done(mn_engine *e, mn_session *s, mn_errbuf *eb);
 /* session_io.c: move a session's KV between the pool and a block-major host image */
 mn_err mn__session_gather_kv(mn_engine *e, const mn_session *s, uint16_t **kv_out, int32_t *n_blocks, mn_errbuf *eb);
 mn_err mn__session_scatter_kv(mn_engine *e, mn_session *s, const uint16_t *kv, int32_t n_tokens, mn_errbuf *eb);
+mn_err mn__session_check_image(const mn_engine *e, const mn_session_loaded *ld, mn_errbuf *eb);
 void mn__session_fill_image(const mn_engine *e, const mn_session *s, const uint16_t *kv, int32_t n_blocks,
                             mn_session_image *img);
 /* tier.c */

@@ -104,10 +104,10 @@ mn_err mn_session_export(mn_engine *e, mn_session *s, uint8_t **out, size_t *len
     return err;
 }
 
-/* Turn a validated image into a session of e. */
-static mn_err restore(mn_engine *e, mn_session_loaded *ld, mn_session **out, mn_errbuf *eb) {
+/* Checks beyond the file's own: the adapter, this engine's KV geometry and vocabulary. */
+mn_err mn__session_check_image(const mn_engine *e, const mn_session_loaded *ld, mn_errbuf *eb) {
     const mn_session_image *img = &ld->img;
-    mn_kv_pool *p = e->kv;
+    const mn_kv_pool *p = e->kv;
     static const uint8_t no_adapter[16] = {0};
     mn_err err = mn_session_check_adapter(ld, no_adapter, eb);
     if (err != MN_OK) return err;
@@ -121,6 +121,15 @@ static mn_err restore(mn_engine *e, mn_session_loaded *ld, mn_session **out, mn_
     for (int32_t i = 0; i < img->n_tokens; i++)
         if (img->tokens[i] >= e->m->cfg.n_vocab)
             return mn_errf(eb, MN_EFORMAT, "session token %d is %d, not in [0, %d)", i, img->tokens[i], e->m->cfg.n_vocab);
+    return MN_OK;
+}
+
+/* Turn a validated image into a session of e. */
+static mn_err restore(mn_engine *e, mn_session_loaded *ld, mn_session **out, mn_errbuf *eb) {
+    const mn_session_image *img = &ld->img;
+    mn_kv_pool *p = e->kv;
+    mn_err err = mn__session_check_image(e, ld, eb);
+    if (err != MN_OK) return err;
     mn_session *s;
     if ((err = mn__session_new(e, &s, eb)) != MN_OK) return err;
     err = mn__session_add_tokens(s, img->tokens, img->n_tokens, MN_ROLE_NONE, eb);

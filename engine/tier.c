@@ -9,8 +9,10 @@
  * generating) when the pool needs blocks, and cascades down when a host tier passes its
  * budget. Promotion happens on access (append, generate, fork, rewind, save) and brings
  * the exact KV bits back, so a promoted session continues bit-identically. */
+#include <dirent.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "engine/alloc.h"
@@ -209,3 +211,67 @@ mn_err mn_engine_demote_idle(mn_engine *e, double idle_seconds, double now, mn_e
 }
 
 const char *mn__tier_name(int t) { return (unsigned)t < 4 ? tier_names[t] : "?"; }
+
+/* A persisted session's file name: 32 lower-case hex digits (its id) + ".mns". */
+static bool persisted_name(const char *name) {
+    if (strlen(name) != 36 || strcmp(name + 32, ".mns") != 0) return false;
+    for (int i = 0; i < 32; i++)
+        if (!((name[i] >= '0' && name[i] <= '9') || (name[i] >= 'a' && name[i] <= 'f'))) return false;
+    return true;
+}
+
+mn_err mn_engine_adopt_persisted(mn_engine *e, int32_t *n_adopted, int32_t *n_refused, mn_errbuf *eb) {
+    *n_adopted = *n_refused = 0;
+    if (!e->persist_dir) return mn_errf(eb, MN_EUNSUPPORTED, "no persist directory to adopt sessions from");
+    DIR *d = opendir(e->persist_dir);
+    if (!d) return mn_errf(eb, MN_EIO, "persist directory %s: cannot open", e->persist_dir);
+    mn_err err = MN_OK;
+    struct dirent *de;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    while (err != MN_ENOMEM && (de = readdir(d)) != NULL) {
+        if (!persisted_name(de->d_name)) continue;
+        char id[33];
+        memcpy(id, de->d_name, 32);
+        id[32] = 0;
+        if (mn_session_find(e, id)) continue; /* already ours (e.g. demoted by this engine) */
+        size_t n = strlen(e->persist_dir) + 48;
+        char *path = mn_malloc(n);
+        if (!path) { err = mn_errf(eb, MN_ENOMEM, "out of memory"); break; }
+        snprintf(path, n, "%s/%s", e->persist_dir, de->d_name);
+        /* read whole: the file is validated now (checksums, model, geometry) so a session
+         * that is listed can be restored; its KV is read again on first use */
+        mn_session_loaded *ld = NULL;
+        mn_errbuf feb;
+        mn_err ferr = mn_session_read_file(path, e->m->fingerprint, &ld, &feb);
+        if (ferr == MN_OK) ferr = mn__session_check_image(e, ld, &feb);
+        mn_session *s = NULL;
+        if (ferr == MN_OK) ferr = mn__session_new(e, &s, &feb);
+        if (ferr == MN_OK) {
+            memcpy(s->id, id, 33);
+            ferr = mn__session_add_tokens(s, ld->img.tokens, ld->img.n_tokens, MN_ROLE_NONE, &feb);
+            if (ferr == MN_OK && ld->img.n_tokens) memcpy(s->roles, ld->img.roles, (size_t)ld->img.n_tokens);
+            if (ferr != MN_OK) {
+                mn_session_delete(e, s); /* s->file not set yet: the file stays */
+                s = NULL;
+            }
+        }
+        if (ferr == MN_OK) {
+            s->n_computed = ld->img.n_tokens;
+            s->logits_valid = false; /* the next generate recomputes the last token */
+            s->tier = 3;
+            s->file = path;
+            s->host_blocks = ld->img.n_blocks;
+            s->last_use = (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+            (*n_adopted)++;
+        } else {
+            mn_free(path);
+            (*n_refused)++;
+            if (ferr == MN_ENOMEM) err = MN_ENOMEM;
+            mn_errf(eb, ferr, "%s: %s", de->d_name, feb.msg); /* the last refusal, for the caller's log */
+        }
+        mn_session_loaded_free(ld);
+    }
+    closedir(d);
+    return err;
+}

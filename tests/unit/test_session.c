@@ -426,6 +426,74 @@ static void test_tier_round_trips(void **state) {
     assert_int_equal(rmdir(dir), 0); /* no session file left behind */
 }
 
+/* T0 -> T3 -> engine freed -> a new engine on the same directory adopts the session
+ * under its id and it continues bit-identically; a damaged file is refused, left alone,
+ * and disturbs nothing. */
+static void test_restart_adopts_persisted(void **state) {
+    char dir[] = "/tmp/mneme-test-restart-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    mn_engine *e = engine_tiers(256, 0, 0, dir), *ref = engine(256);
+    mn_errbuf eb;
+    mn_session *s, *keep;
+    assert_int_equal(mn_session_create(e, NULL, &s, &eb), MN_OK);
+    append(e, s, MN_ROLE_USER, "Remember this across a restart: the password is swordfish.");
+    assert_int_equal(mn_session_create(e, NULL, &keep, &eb), MN_OK);
+    append(e, keep, MN_ROLE_USER, "A second persisted session.");
+    char id[33], id2[33];
+    snprintf(id, sizeof id, "%s", mn_session_id(s));
+    snprintf(id2, sizeof id2, "%s", mn_session_id(keep));
+    int32_t n0;
+    const int32_t *t0 = mn_session_tokens(s, NULL, &n0);
+    int32_t *before = malloc((size_t)n0 * sizeof *before);
+    memcpy(before, t0, (size_t)n0 * sizeof *before);
+    assert_int_equal(mn_session_demote(e, s, 3, &eb), MN_OK);
+    assert_int_equal(mn_session_demote(e, keep, 3, &eb), MN_OK);
+    mn_engine_free(e);
+    /* a damaged file with a valid name, and a file with another name */
+    char bad[256], other[256];
+    snprintf(bad, sizeof bad, "%s/%032x.mns", dir, 7);
+    snprintf(other, sizeof other, "%s/notes.txt", dir);
+    FILE *f = fopen(bad, "wb");
+    fputs("MNSESS but not really a session file", f);
+    fclose(f);
+    f = fopen(other, "wb");
+    fputs("x", f);
+    fclose(f);
+
+    mn_engine *e2 = engine_tiers(256, 0, 0, dir);
+    int32_t adopted, refused;
+    assert_int_equal(mn_engine_adopt_persisted(e2, &adopted, &refused, &eb), MN_OK);
+    assert_int_equal(adopted, 2);
+    assert_int_equal(refused, 1);
+    assert_non_null(strstr(eb.msg, "00000000000000000000000000000007.mns"));
+    assert_int_equal(access(bad, R_OK), 0); /* refused files stay for a person to look at */
+    mn_session *r = mn_session_find(e2, id);
+    assert_non_null(r);
+    assert_non_null(mn_session_find(e2, id2));
+    mn_session_info info;
+    mn_session_info_get(e2, r, &info);
+    assert_string_equal(info.tier, "T3");
+    int32_t n1;
+    const int32_t *t1 = mn_session_tokens(r, NULL, &n1);
+    assert_int_equal(n1, n0);
+    assert_memory_equal(t1, before, (size_t)n0 * sizeof *before);
+    /* adopting again finds nothing new */
+    assert_int_equal(mn_engine_adopt_persisted(e2, &adopted, &refused, &eb), MN_OK);
+    assert_int_equal(adopted, 0);
+    append(e2, r, MN_ROLE_USER, "What is the password?"); /* restores from the file */
+    mn_session_info_get(e2, r, &info);
+    assert_string_equal(info.tier, "T0");
+    assert_logits_equal(ref, r, "a session adopted after a restart");
+    mn_session_delete(e2, r);
+    mn_session_delete(e2, mn_session_find(e2, id2));
+    mn_engine_free(e2);
+    mn_engine_free(ref);
+    free(before);
+    unlink(bad);
+    unlink(other);
+    assert_int_equal(rmdir(dir), 0); /* deleted sessions took their files with them */
+}
+
 /* Room in T0 for 4 sessions, 64 sessions taking turns; tiny host budgets force the
  * cascade T1 -> T2 -> T3. Every checked session still equals a fresh one. */
 static void test_tier_budgets(void **state) {
@@ -485,6 +553,7 @@ int main(void) {
         cmocka_unit_test(test_save_load),
         cmocka_unit_test(test_tier_round_trips),
         cmocka_unit_test(test_tier_budgets),
+        cmocka_unit_test(test_restart_adopts_persisted),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
