@@ -17,7 +17,7 @@ echo "== reference tests (pytest)"
 python3 -m pytest -q tests/python
 
 echo "== unit tests under ASan + UBSan"
-cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCMAKE_C_FLAGS_DEBUG="-O1 -g" -DMNEME_SANITIZE=ON -DMNEME_CUDA=OFF >/dev/null
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCMAKE_C_FLAGS_DEBUG="-O2 -g" -DMNEME_SANITIZE=ON -DMNEME_CUDA=OFF >/dev/null
 ninja -C build-asan >build-asan.log 2>&1 || { tail -60 build-asan.log; echo "ASan build failed"; exit 1; }
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   MNEME_BUILD_DIR="$root/build-asan" ctest --test-dir build-asan --output-on-failure -j2 -L cpu
