@@ -56,6 +56,9 @@ typedef struct mn_serve {
     int64_t streams_active;      /* loop thread */
     api_metrics metrics;
     api_registry *reg;           /* engine thread */
+    char (*saved_engine_ids)[33];  /* engine ids of the sessions saved at shutdown: their T3 files
+                                    * (kept by mn_engine_free) are removed afterwards */
+    int n_saved_engine_ids;
     uint64_t next_id;
 } mn_serve;
 

@@ -137,7 +137,8 @@ bool api_gen_parse(mn_serve *srv, json_t *body, api_gen_kind kind, api_gen_opts 
     sp->frequency_penalty = (float)fp;
     sp->presence_penalty = (float)pp;
     sp->repeat_penalty = (float)rp;
-    if (seed != -1 || json_object_get(body, "seed")) sp->seed = (uint64_t)seed;
+    json_t *seed_v = json_object_get(body, "seed");
+    if (seed_v && !json_is_null(seed_v)) sp->seed = (uint64_t)seed;
     o->gp.max_tokens = (int32_t)max_tokens;   /* 0: the default, settled once the prompt length is known */
 
     json_t *so = json_object_get(body, "stream_options");

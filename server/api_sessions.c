@@ -485,6 +485,9 @@ int api_sessions_save_all(mn_serve *srv) {
     mn_engine *e = mn_et_engine(srv->et);
     json_t *list = json_array();
     int saved = 0, failed = 0;
+    mn_free(srv->saved_engine_ids);
+    srv->n_saved_engine_ids = 0;
+    srv->saved_engine_ids = srv->reg && srv->reg->n ? mn_malloc((size_t)srv->reg->n * sizeof *srv->saved_engine_ids) : NULL;
     for (int32_t i = 0; srv->reg && i < srv->reg->n; i++) {
         reg_entry *re = &srv->reg->v[i];
         char path[4200];
@@ -497,6 +500,8 @@ int api_sessions_save_all(mn_serve *srv) {
             failed++;
             continue;
         }
+        if (srv->saved_engine_ids)
+            snprintf(srv->saved_engine_ids[srv->n_saved_engine_ids++], 33, "%s", mn_session_id(re->s));
         json_array_append_new(list, json_pack("{s:s, s:s, s:I, s:s}", "id", re->id, "owner", re->owner, "created",
                                               (json_int_t)re->created, "file", strrchr(path, '/') + 1));
         saved++;

@@ -8,10 +8,12 @@
  */
 #include <errno.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 #include "engine/alloc.h"
@@ -22,6 +24,10 @@ typedef struct serve_state {
     mn_serve srv;
     uv_signal_t sigint, sigterm;
     uv_timer_t timer;
+    uv_timer_t idle_timer;          /* posts idle_job: demote sessions idle for idle_seconds */
+    mn_et_item idle_item;
+    atomic_bool idle_queued;
+    double idle_seconds;
     double drain_deadline, cancel_deadline;
     double drain_timeout;
     bool shutting_down, http_closed, saved;
@@ -296,6 +302,20 @@ static void save_job(void *ud) {
 
 static void free_registry_job(void *ud) { api_registry_free(ud); }
 
+static void idle_job(void *ud) {
+    serve_state *ss = ud;
+    mn_errbuf eb = {{0}};
+    if (mn_engine_demote_idle(mn_et_engine(ss->srv.et), ss->idle_seconds, mono(), &eb) != MN_OK)
+        fprintf(stderr, "mneme serve: idle demotion: %s\n", eb.msg);
+    atomic_store(&ss->idle_queued, false);
+}
+
+static void on_idle_tick(uv_timer_t *t) {
+    serve_state *ss = t->data;
+    if (ss->shutting_down || atomic_exchange(&ss->idle_queued, true)) return;
+    mn_et_post_job(ss->srv.et, &ss->idle_item);
+}
+
 static void on_http_closed(void *ud) {
     serve_state *ss = ud;
     ss->http_closed = true;
@@ -305,6 +325,7 @@ static void close_handles(serve_state *ss) {
     uv_close((uv_handle_t *)&ss->sigint, NULL);
     uv_close((uv_handle_t *)&ss->sigterm, NULL);
     uv_close((uv_handle_t *)&ss->timer, NULL);
+    uv_close((uv_handle_t *)&ss->idle_timer, NULL);
 }
 
 /* Shutdown steps, polled: drain -> (deadline) close connections -> save -> stop. */
@@ -339,6 +360,7 @@ static void on_signal(uv_signal_t *h, int signum) {
     serve_state *ss = h->data;
     if (ss->shutting_down) return;
     ss->shutting_down = true;
+    uv_timer_stop(&ss->idle_timer);
     fprintf(stderr, "mneme serve: %s: shutting down (draining %lld streams, up to %.0f s)\n",
             signum == SIGINT ? "SIGINT" : "SIGTERM", (long long)ss->srv.streams_active, ss->drain_timeout);
     ss->srv.draining = true;
@@ -391,13 +413,15 @@ static void serve_usage(void) {
             "  --max-body BYTES         request body limit (default 8 MiB)\n"
             "  --max-connections N      (default 4096)\n"
             "  --drain-timeout S        seconds streams may run on after SIGTERM (default 10)\n"
+            "  --idle-demote S          move a session's KV down a tier after S idle seconds (T1), 2S (T2),\n"
+            "                           4S (T3 with --persist-dir); 0: only under memory pressure (default 60)\n"
             "  -t THREADS  -c CTX  --device cpu|cuda|auto\n");
 }
 
 static bool is_serve_value_flag(const char *a) {
     static const char *const flags[] = {"--host", "--port", "--api-key-file", "--persist-dir", "--max-batch-tokens",
                                         "--kv-blocks", "--t1-budget", "--t2-budget", "--max-body", "--max-connections",
-                                        "--drain-timeout"};
+                                        "--drain-timeout", "--idle-demote"};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         if (!strcmp(a, flags[i])) return true;
     return false;
@@ -417,7 +441,7 @@ int cmd_serve(int argc, char **argv) {
     cli_model_opts mo = {0};
     const char *host = "127.0.0.1", *key_file = NULL, *persist = NULL;
     long port = 8080, max_batch = 0, kv_blocks = 0, max_conn = 0, t1 = 0, t2 = 0, max_body = 0;
-    double drain = 10;
+    double drain = 10, idle = 60;
     for (int i = 1; i < argc; i++) {
         int r = cli_model_opt(argc, argv, &i, &mo);
         if (r < 0) return 2;
@@ -437,6 +461,7 @@ int cmd_serve(int argc, char **argv) {
         else if (!strcmp(a, "--max-body")) { if (cli_int(a, v, 1024, 1L << 32, &max_body)) return 2; }
         else if (!strcmp(a, "--max-connections")) { if (cli_int(a, v, 1, 1 << 20, &max_conn)) return 2; }
         else if (!strcmp(a, "--drain-timeout")) { if (cli_float(a, v, 0, 3600, &drain)) return 2; }
+        else if (!strcmp(a, "--idle-demote")) { if (cli_float(a, v, 0, 1e6, &idle)) return 2; }
     }
     json_set_alloc_funcs(mn_malloc, mn_free);
 
@@ -444,6 +469,7 @@ int cmd_serve(int argc, char **argv) {
     memset(&ss, 0, sizeof ss);
     mn_serve *srv = &ss.srv;
     ss.drain_timeout = drain;
+    ss.idle_seconds = idle;
     srv->created = (int64_t)time(NULL);
     srv->persist_dir = persist;
     if (key_file && load_keys(key_file, srv)) return 2;
@@ -487,7 +513,13 @@ int cmd_serve(int argc, char **argv) {
         uv_signal_init(loop, &ss.sigint);
         uv_signal_init(loop, &ss.sigterm);
         uv_timer_init(loop, &ss.timer);
-        ss.sigint.data = ss.sigterm.data = ss.timer.data = &ss;
+        uv_timer_init(loop, &ss.idle_timer);
+        ss.sigint.data = ss.sigterm.data = ss.timer.data = ss.idle_timer.data = &ss;
+        ss.idle_item = (mn_et_item){NULL, idle_job, &ss};
+        if (idle > 0) {
+            uint64_t every = (uint64_t)(idle * 1000 / 4);
+            uv_timer_start(&ss.idle_timer, on_idle_tick, every ? every : 1, every ? every : 1);
+        }
         uv_signal_start(&ss.sigint, on_signal, SIGINT);
         uv_signal_start(&ss.sigterm, on_signal, SIGTERM);
         fprintf(stderr, "mneme serve: listening on http://%s:%d (model %s, %s backend, %d threads, context %d)\n", host,
@@ -501,6 +533,12 @@ int cmd_serve(int argc, char **argv) {
     mn_et_free(srv->et);
     uv_loop_close(loop);
     mn_engine_free(e);
+    for (int i = 0; persist && i < srv->n_saved_engine_ids; i++) { /* saved: their T3 copies are redundant */
+        char path[4200];
+        snprintf(path, sizeof path, "%s/%s.mns", persist, srv->saved_engine_ids[i]);
+        unlink(path);
+    }
+    mn_free(srv->saved_engine_ids);
     cli_unload(be, m);
     mn_free(srv->keys);
     if (!rc) fprintf(stderr, "mneme serve: stopped\n");

@@ -212,3 +212,82 @@ def test_sessions_survive_restart(mneme_bin, model_path, tmp_path):
         assert [t["token"] for t in toks] == [t["token"] for t in ref]
     finally:
         srv2.close()
+
+
+def start_stream(srv, sid, headers, max_tokens):
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    body = json.dumps({"max_tokens": max_tokens, "temperature": 0})
+    h = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    s.sendall(f"POST {S}/{sid}/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{h}"
+              f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    buf = b""
+    while b'"token"' not in buf:
+        d = s.recv(4096)
+        assert d, "stream ended before its first token"
+        buf += d
+    return s, buf
+
+
+def read_all(s, buf):
+    while True:
+        try:
+            d = s.recv(65536)
+        except OSError:
+            break
+        if not d:
+            break
+        buf += d
+    s.close()
+    return buf
+
+
+def test_sigterm_lets_streams_finish(mneme_bin, model_path, tmp_path):
+    srv = Server(mneme_bin, model_path, "--persist-dir", str(tmp_path))
+    sid = srv.json("POST", S, {})["id"]
+    srv.json("POST", f"{S}/{sid}/messages", {"role": "user", "content": "Tell me about the moon."})
+    s, buf = start_stream(srv, sid, None, 24)
+    rc = srv.stop()
+    buf = read_all(s, buf)
+    assert rc == 0, srv.stderr()
+    assert buf.count(b'"token"') == 24 and b"data: [DONE]" in buf
+    assert "1 sessions saved" in srv.stderr()
+
+
+def test_drain_deadline_then_restart_keeps_delivered(mneme_bin, model_path, tmp_path):
+    srv = Server(mneme_bin, model_path, "--persist-dir", str(tmp_path), "--drain-timeout", "0.3")
+    sid = srv.json("POST", S, {})["id"]
+    m = srv.json("POST", f"{S}/{sid}/messages", {"role": "user", "content": "Write a very long essay about rivers."})
+    s, buf = start_stream(srv, sid, None, 2000)
+    t0 = time.time()
+    rc = srv.stop()
+    buf = read_all(s, buf)
+    assert rc == 0, srv.stderr()
+    assert time.time() - t0 < 8
+    assert b"data: [DONE]" not in buf   # cut at the deadline
+    sent = buf.count(b'"token"')
+    srv2 = Server(mneme_bin, model_path, "--persist-dir", str(tmp_path))
+    try:
+        info = srv2.json("GET", f"{S}/{sid}")
+        kept = info["n_tokens"] - (m["n_tokens"] + 3)
+        assert sent <= kept < 2000, (sent, kept)
+    finally:
+        srv2.close()
+
+
+def test_idle_sessions_move_down_tiers(mneme_bin, model_path, tmp_path):
+    srv = Server(mneme_bin, model_path, "--persist-dir", str(tmp_path), "--idle-demote", "0.1")
+    try:
+        sid = srv.json("POST", S, {"system": "You are helpful."})["id"]
+        srv.json("POST", f"{S}/{sid}/messages", {"role": "user", "content": "Hello!"})
+        ref_sid = srv.json("POST", f"{S}/{sid}/fork", {})["id"]   # computed first: fork waits for nothing
+        end = time.time() + 10
+        while time.time() < end and srv.json("GET", f"{S}/{sid}")["tier"] != "T3":
+            time.sleep(0.1)
+        assert srv.json("GET", f"{S}/{sid}")["tier"] == "T3"
+        _, data, _ = srv.request("GET", "/metrics")
+        assert b'mneme_tier_sessions{tier="T3"}' in data
+        toks, _ = generate(srv, sid, max_tokens=4)   # promoted back on use
+        ref, _ = generate(srv, ref_sid, max_tokens=4)
+        assert [t["token"] for t in toks] == [t["token"] for t in ref]
+    finally:
+        srv.close()
