@@ -251,6 +251,16 @@ static void on_timer(uv_timer_t *t) {
     int mode = c->tmode;
     c->tmode = T_NONE;
     if (c->closing) return;
+    if (mode == T_STALL) {
+        /* libuv's queue shrinks with partial writes too: any progress re-arms the clock */
+        size_t q = uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp);
+        if (q < c->stall_mark) {
+            c->stall_mark = q;
+            c->tmode = T_STALL;
+            uv_timer_start(&c->timer, on_timer, (uint64_t)c->s->lim.idle_timeout_ms, 0);
+            return;
+        }
+    }
     if (c->lingering || mode == T_STALL || mode == T_WSCLOSE || (!c->in_msg && c->n_res == 0)) {
         mn_http__conn_close(c); /* idle keep-alive connection, a client that stopped reading, or linger over */
         return;
@@ -358,15 +368,17 @@ void mn_http__conn_update(mn_http__conn *c) {
             c->tmode = T_REQUEST;
             uv_timer_start(&c->timer, on_timer, c->req_deadline > now ? c->req_deadline - now : 0, 0);
         }
-    } else if (c->n_res == 0 && c->in.len == 0 && !c->no_more) {
+    } else if (c->n_res == 0 && c->in.len == 0 && !c->no_more && c->pending == 0) {
         if (c->tmode != T_IDLE) {
             c->tmode = T_IDLE;
             uv_timer_start(&c->timer, on_timer, (uint64_t)s->lim.idle_timeout_ms, 0);
         }
     } else if (c->pending > 0) {
-        /* answers queued and none of them written for idle_timeout: the client stopped reading */
+        /* answers queued and none of them written for idle_timeout: the client stopped reading
+         * (on_write restarts this clock whenever bytes go out) */
         if (c->tmode != T_STALL) {
             c->tmode = T_STALL;
+            c->stall_mark = uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp);
             uv_timer_start(&c->timer, on_timer, (uint64_t)s->lim.idle_timeout_ms, 0);
         }
     } else if (c->tmode != T_NONE) {
@@ -554,6 +566,13 @@ static void conn_fail(mn_http__conn *c, int status, const char *msg) {
 
 static mn_http__conn *pconn(llhttp_t *p) { return p->data; }
 
+/* An allocation failed inside a parser callback: answer 500 and close. */
+static int cb_oom(mn_http__conn *c) {
+    c->err_status = 500;
+    snprintf(c->err_msg, sizeof c->err_msg, "out of memory while reading the request");
+    return -1;
+}
+
 static int limit_headers(mn_http__conn *c, size_t n) {
     c->header_bytes += n;
     if (c->header_bytes > c->s->lim.max_header_bytes) {
@@ -575,7 +594,7 @@ static int on_message_begin(llhttp_t *p) {
     c->in_value = false;
     c->header_bytes = 0;
     c->url_off = 0;
-    if (!mn_http__buf_reserve(&c->arena, 0)) return -1;
+    if (!mn_http__buf_reserve(&c->arena, 0)) return cb_oom(c);
     c->arena.p[0] = '\0';
     return 0;
 }
@@ -583,12 +602,12 @@ static int on_message_begin(llhttp_t *p) {
 static int on_url(llhttp_t *p, const char *at, size_t n) {
     mn_http__conn *c = pconn(p);
     if (limit_headers(c, n)) return -1;
-    return mn_http__buf_append(&c->arena, at, n) ? 0 : -1;
+    return mn_http__buf_append(&c->arena, at, n) ? 0 : cb_oom(c);
 }
 
 static int on_url_complete(llhttp_t *p) {
     mn_http__conn *c = pconn(p);
-    return mn_http__buf_append(&c->arena, "", 1) ? 0 : -1; /* keep the NUL inside len */
+    return mn_http__buf_append(&c->arena, "", 1) ? 0 : cb_oom(c); /* keep the NUL inside len */
 }
 
 static int on_header_field(llhttp_t *p, const char *at, size_t n) {
@@ -599,7 +618,7 @@ static int on_header_field(llhttp_t *p, const char *at, size_t n) {
         if (c->n_hdr == c->cap_hdr) {
             int cap = c->cap_hdr ? c->cap_hdr * 2 : 16;
             size_t *h = mn_realloc(c->hdr_off, sizeof *h * 2 * (size_t)cap);
-            if (!h) return -1;
+            if (!h) return cb_oom(c);
             c->hdr_off = h;
             c->cap_hdr = cap;
         }
@@ -608,7 +627,7 @@ static int on_header_field(llhttp_t *p, const char *at, size_t n) {
         c->n_hdr++;
         c->in_value = false;
     }
-    return mn_http__buf_append(&c->arena, at, n) ? 0 : -1;
+    return mn_http__buf_append(&c->arena, at, n) ? 0 : cb_oom(c);
 }
 
 static int on_header_field_complete(llhttp_t *p) {
@@ -616,7 +635,7 @@ static int on_header_field_complete(llhttp_t *p) {
     if (c->n_hdr == 0) return 0;
     for (size_t i = c->hdr_off[2 * (c->n_hdr - 1)]; i < c->arena.len; i++)
         if (c->arena.p[i] >= 'A' && c->arena.p[i] <= 'Z') c->arena.p[i] = (char)(c->arena.p[i] - 'A' + 'a');
-    if (!mn_http__buf_append(&c->arena, "", 1)) return -1;
+    if (!mn_http__buf_append(&c->arena, "", 1)) return cb_oom(c);
     c->hdr_off[2 * (c->n_hdr - 1) + 1] = c->arena.len; /* value starts here (maybe empty) */
     c->in_value = true;
     return 0;
@@ -625,12 +644,12 @@ static int on_header_field_complete(llhttp_t *p) {
 static int on_header_value(llhttp_t *p, const char *at, size_t n) {
     mn_http__conn *c = pconn(p);
     if (limit_headers(c, n)) return -1;
-    return mn_http__buf_append(&c->arena, at, n) ? 0 : -1;
+    return mn_http__buf_append(&c->arena, at, n) ? 0 : cb_oom(c);
 }
 
 static int on_header_value_complete(llhttp_t *p) {
     mn_http__conn *c = pconn(p);
-    return mn_http__buf_append(&c->arena, "", 1) ? 0 : -1;
+    return mn_http__buf_append(&c->arena, "", 1) ? 0 : cb_oom(c);
 }
 
 static const char *find_header(mn_http__conn *c, const char *lower) {
@@ -675,15 +694,21 @@ static int on_body(llhttp_t *p, const char *at, size_t n) {
                  c->s->lim.max_body_bytes);
         return -1;
     }
-    return mn_http__buf_append(&c->body, at, n) ? 0 : -1;
+    return mn_http__buf_append(&c->body, at, n) ? 0 : cb_oom(c);
 }
 
 static int on_message_complete(llhttp_t *p) {
     mn_http__conn *c = pconn(p);
     mn_http_server *s = c->s;
     c->in_msg = false;
+    mn_http_header hstack[32];
+    mn_http_header *hdrs = c->n_hdr <= 32 ? hstack : mn_malloc(sizeof *hdrs * (size_t)c->n_hdr);
+    if (!hdrs) return cb_oom(c);
     mn_http_res *r = res_new(c);
-    if (!r) return -1;
+    if (!r) {
+        if (hdrs != hstack) mn_free(hdrs);
+        return cb_oom(c);
+    }
     r->keep_alive = llhttp_should_keep_alive(p) && !p->upgrade;
     r->head = p->method == HTTP_HEAD;
     r->http10 = p->http_major == 1 && p->http_minor == 0;
@@ -699,9 +724,6 @@ static int on_message_complete(llhttp_t *p) {
     }
     char *hash = strchr(query, '#');
     if (hash) *hash = '\0';
-    mn_http_header hstack[32];
-    mn_http_header *hdrs = c->n_hdr <= 32 ? hstack : mn_malloc(sizeof *hdrs * (size_t)c->n_hdr);
-    if (!hdrs) return -1;
     for (int i = 0; i < c->n_hdr; i++) {
         hdrs[i].name = c->arena.p + c->hdr_off[2 * i];
         hdrs[i].value = c->arena.p + c->hdr_off[2 * i + 1];

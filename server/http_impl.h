@@ -58,6 +58,7 @@ struct mn_http__conn {
     bool in_msg;             /* a request started and is not complete yet */
     enum { T_NONE, T_IDLE, T_REQUEST, T_STALL, T_WSCLOSE, T_LINGER } tmode;
     mn_http_ws *ws;          /* set once the connection is a WebSocket */
+    size_t stall_mark;       /* libuv write queue size when the stall clock started */
     uint64_t req_deadline;   /* loop time by which the started request must be whole */
     int err_status;          /* status for a limit our callbacks detected (413 / 431), 0 = none */
     char err_msg[256];

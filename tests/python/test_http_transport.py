@@ -631,3 +631,44 @@ def test_ws_accept_on_plain_request_is_400(echo):
     c.send(get("/ws"))
     st, _, body = c.response()
     assert st == 400 and "not a WebSocket upgrade" in error_of(body)
+
+
+def test_requests_split_into_single_bytes(echo):
+    port, _ = echo()
+    c = Conn(port)
+    c.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    raw = ("POST /one HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+           + get("/two", "X-Long-Header-Name: some value\r\n"))
+    for ch in raw.encode():
+        c.send(bytes([ch]))
+        time.sleep(0.001)
+    j1, j2 = json.loads(c.response()[2]), json.loads(c.response()[2])
+    assert j1["path"] == "/one" and j1["body"] == "abc"
+    assert j2["path"] == "/two" and ["x-long-header-name", "some value"] in j2["headers"]
+
+
+def test_many_headers_in_order(echo):
+    port, _ = echo()
+    c = Conn(port)
+    c.send(get("/h", "".join(f"X-H{i}: v{i}\r\n" for i in range(100))))
+    hs = json.loads(c.response()[2])["headers"]
+    assert hs == [["host", "t"]] + [[f"x-h{i}", f"v{i}"] for i in range(100)]
+
+
+def test_slow_but_steady_reader_is_not_cut_off(echo):
+    # idle_timeout also bounds a client that stopped reading, but one that reads slowly
+    # for longer than idle_timeout still gets the whole answer
+    port, _ = echo(idle_ms=300)
+    c = Conn(port)
+    c.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    n = 2 << 20
+    c.send(f"POST /big HTTP/1.1\r\nHost: t\r\nContent-Length: {n}\r\n\r\n" + "q" * n)
+    got = b""
+    t0 = time.monotonic()
+    while f'"body_len":{n}}}'.encode() not in got[-64:]:
+        d = c.s.recv(32 * 1024)
+        assert d, f"closed after {len(got)} bytes"
+        got += d
+        time.sleep(0.01)
+    assert time.monotonic() - t0 > 0.4  # longer than idle_ms
+    assert got.startswith(b"HTTP/1.1 200 OK\r\n")
