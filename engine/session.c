@@ -124,7 +124,7 @@ static mn_err register_blocks(mn_engine *e, mn_session *s, mn_errbuf *eb) {
             s->cap_hashed = nc;
         }
         const int32_t *toks = s->tokens + (int64_t)b * e->bs;
-        uint64_t h = block_hash(b ? s->block_hash[b - 1] : 0, toks, e->bs);
+        uint64_t h = block_hash(b ? s->block_hash[b - 1] : s->hash_seed, toks, e->bs);
         s->block_hash[b] = h;
         s->n_hashed++;
         if (prefix_find(e, h, toks) < 0) {
@@ -142,7 +142,7 @@ static mn_err attach_cached(mn_engine *e, mn_session *s, mn_errbuf *eb) {
            s->seq.n_blocks == s->n_computed / e->bs && s->n_computed + e->bs < s->n_tokens) {
         int32_t b = s->n_computed / e->bs;
         const int32_t *toks = s->tokens + s->n_computed;
-        uint64_t h = block_hash(b ? s->block_hash[b - 1] : 0, toks, e->bs);
+        uint64_t h = block_hash(b ? s->block_hash[b - 1] : s->hash_seed, toks, e->bs);
         int32_t slot = prefix_find(e, h, toks);
         if (slot < 0) break;
         if (b >= s->cap_hashed) {
@@ -179,6 +179,7 @@ mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn
     if (p) {
         e->tier_budget[1] = p->t1_budget;
         e->tier_budget[2] = p->t2_budget;
+        e->adapters = p->adapters;
         if (p->persist_dir && access(p->persist_dir, W_OK | X_OK) != 0) {
             mn_free(e);
             return mn_errf(eb, MN_EINVALID, "persist directory '%s' is not a writable directory", p->persist_dir);
@@ -199,7 +200,8 @@ mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn
         e->b_seqs = mn_malloc((size_t)mb * sizeof(mn_kv_seq *));
         e->b_logits = mn_malloc((size_t)mb * c->n_vocab * sizeof(float));
         e->sample_scratch = mn_malloc((size_t)c->n_vocab * sizeof(float));
-        if (!e->b_tok || !e->b_seq || !e->b_pos || !e->b_rows || !e->b_sess || !e->b_seqs || !e->b_logits || !e->sample_scratch)
+        e->b_adapter = mn_malloc((size_t)mb * 4);
+        if (!e->b_adapter || !e->b_tok || !e->b_seq || !e->b_pos || !e->b_rows || !e->b_sess || !e->b_seqs || !e->b_logits || !e->sample_scratch)
             err = mn_errf(eb, MN_ENOMEM, "engine: out of memory");
     }
     if (err != MN_OK) {
@@ -234,6 +236,7 @@ void mn_engine_free(mn_engine *e) {
     mn_free(e->b_tok); mn_free(e->b_seq); mn_free(e->b_pos); mn_free(e->b_rows);
     mn_free(e->b_sess); mn_free(e->b_seqs); mn_free(e->b_logits); mn_free(e->sample_scratch);
     mn_free(e->b_notify);
+    mn_free(e->b_adapter);
     mn_free(e->persist_dir);
     mn_free(e);
 }
@@ -368,6 +371,74 @@ mn_session *mn_session_find(mn_engine *e, const char *id_hex) {
 
 const char *mn_session_id(const mn_session *s) { return s->id; }
 
+/* ---- adapters ---------------------------------------------------------------------------- */
+
+void mn__session_bind_adapter(mn_session *s, const mn_lora *lora) {
+    s->lora = lora;
+    if (!lora) {
+        memset(s->adapter_fp, 0, 16);
+        s->lora_name[0] = 0;
+        s->hash_seed = 0;
+        return;
+    }
+    memcpy(s->adapter_fp, lora->fingerprint, 16);
+    snprintf(s->lora_name, sizeof s->lora_name, "%s", lora->name);
+    uint64_t a, b;
+    memcpy(&a, lora->fingerprint, 8);
+    memcpy(&b, lora->fingerprint + 8, 8);
+    s->hash_seed = mix64(a ^ mix64(b)) | 1; /* never 0: 0 is "no adapter" */
+}
+
+const mn_lora *mn__engine_find_adapter(const mn_engine *e, const uint8_t fp[16]) {
+    if (!e->adapters) return NULL;
+    int32_t n;
+    const mn_lora *const *t = mn_lora_registry_table(e->adapters, &n);
+    for (int32_t i = 0; i < n; i++)
+        if (t[i] && memcmp(t[i]->fingerprint, fp, 16) == 0) return t[i];
+    return NULL;
+}
+
+mn_err mn_session_set_adapter(mn_engine *e, mn_session *s, const char *name, mn_errbuf *eb) {
+    if (s->n_tokens || s->gen) return mn_errf(eb, MN_EBUSY, "session %s already has tokens: an adapter is chosen when it is empty", s->id);
+    if (!name) {
+        mn__session_bind_adapter(s, NULL);
+        return MN_OK;
+    }
+    int32_t i = e->adapters ? mn_lora_registry_find(e->adapters, name) : -1;
+    if (i < 0) return mn_errf(eb, MN_ENOT_FOUND, "adapter '%s' is not loaded", name);
+    int32_t n;
+    const mn_lora *const *t = mn_lora_registry_table(e->adapters, &n);
+    mn_err err = mn_lora_check_model(t[i], e->m, eb);
+    if (err != MN_OK) return err;
+    mn__session_bind_adapter(s, t[i]);
+    return MN_OK;
+}
+
+const char *mn_session_adapter(const mn_session *s) { return s->lora ? s->lora_name : NULL; }
+
+int32_t mn_engine_adapter_users(const mn_engine *e, const char *name) {
+    int32_t n = 0;
+    for (int32_t i = 0; i < e->n_sessions; i++)
+        if (e->sessions[i]->lora && strcmp(e->sessions[i]->lora_name, name) == 0) n++;
+    return n;
+}
+
+/* Index of s's adapter in the registry table, -1 for none; MN_EMISMATCH when it was
+ * unloaded (or replaced by other weights) since s was bound. Found by pointer and
+ * fingerprint, never by dereferencing s->lora (it may be gone). */
+static mn_err adapter_index(const mn_engine *e, const mn_session *s, int32_t *out, mn_errbuf *eb) {
+    *out = -1;
+    if (!s->lora) return MN_OK;
+    int32_t n = 0;
+    const mn_lora *const *t = e->adapters ? mn_lora_registry_table(e->adapters, &n) : NULL;
+    for (int32_t i = 0; i < n; i++)
+        if (t[i] == s->lora && memcmp(t[i]->fingerprint, s->adapter_fp, 16) == 0) {
+            *out = i;
+            return MN_OK;
+        }
+    return mn_errf(eb, MN_EMISMATCH, "session %s: its adapter '%s' is no longer loaded", s->id, s->lora_name);
+}
+
 const int32_t *mn_session_tokens(const mn_session *s, const uint8_t **roles, int32_t *n) {
     if (roles) *roles = s->roles;
     *n = s->n_tokens;
@@ -429,6 +500,7 @@ static mn_err step_compute(mn_engine *e, int32_t *ns_out, bool *did_work, mn_err
     mn_err err = MN_OK;
     /* plan: one token for each session with exactly one pending (decode), then chunks */
     int32_t n = 0, ns = 0;
+    bool any_adapter = false;
     *ns_out = 0;
     for (int pass = 0; pass < 2; pass++) {
         for (int32_t i = 0; i < e->n_sessions && n < e->max_batch; i++) {
@@ -438,6 +510,10 @@ static mn_err step_compute(mn_engine *e, int32_t *ns_out, bool *did_work, mn_err
             int32_t take = pending < e->max_batch - n ? pending : e->max_batch - n;
             e->b_sess[ns] = s;
             *ns_out = ns + 1;
+            int32_t ai;
+            if ((err = adapter_index(e, s, &ai, eb)) != MN_OK) return err;
+            if (ai >= 0) any_adapter = true;
+            for (int32_t k = 0; k < take; k++) e->b_adapter[n + k] = ai;
             if ((err = mn_kv_seq_make_writable(e->kv, &s->seq, s->n_computed, eb)) != MN_OK) {
                 mn__prefix_evict_unused(e);
                 if ((err = mn_kv_seq_make_writable(e->kv, &s->seq, s->n_computed, eb)) != MN_OK) return err;
@@ -463,10 +539,16 @@ static mn_err step_compute(mn_engine *e, int32_t *ns_out, bool *did_work, mn_err
         if (last_of_session && e->b_pos[r] + 1 == s->n_tokens) e->b_rows[n_out++] = r;
     }
     mn_batch b = {.n_tokens = n, .tokens = e->b_tok, .seq = e->b_seq, .pos = e->b_pos, .n_out = n_out, .out_rows = e->b_rows};
-    err = mn_forward_run(e->f, e->b_seqs, ns, &b, e->b_logits, eb);
+    mn_batch_lora lora = {0}, *lp = NULL;
+    if (any_adapter) {
+        lora.adapter = e->b_adapter;
+        lora.adapters = mn_lora_registry_table(e->adapters, &lora.n_adapters);
+        lp = &lora;
+    }
+    err = mn_forward_run_lora(e->f, e->b_seqs, ns, &b, lp, e->b_logits, eb);
     if (err == MN_ELIMIT) { /* pool full: give back cached blocks nobody uses, then retry */
         mn__prefix_evict_unused(e);
-        err = mn_forward_run(e->f, e->b_seqs, ns, &b, e->b_logits, eb);
+        err = mn_forward_run_lora(e->f, e->b_seqs, ns, &b, lp, e->b_logits, eb);
     }
     if (err != MN_OK) return err;
     e->computed_tokens += n;
@@ -486,7 +568,9 @@ static mn_err step_compute(mn_engine *e, int32_t *ns_out, bool *did_work, mn_err
 }
 
 /* A step failed for s: drop its pending tokens (and any KV written for them). */
-static void fail_session(mn_engine *e, mn_session *s) {
+static void fail_session(mn_engine *e, mn_session *s, mn_err err, const char *msg) {
+    s->fail_err = err;
+    snprintf(s->fail_msg, sizeof s->fail_msg, "%s", msg ? msg : mn_err_name(err));
     mn_kv_seq_truncate(e->kv, &s->seq, s->n_computed);
     s->n_tokens = s->n_computed;
     if (s->n_hashed * e->bs > s->n_computed) s->n_hashed = s->n_computed / e->bs;
@@ -496,7 +580,7 @@ static void fail_session(mn_engine *e, mn_session *s) {
 
 /* End of a step: fire the callbacks of sessions whose work completed or failed. Collected
  * first, since a callback may delete its session (and so reorder e->sessions). */
-static void step_notify(mn_engine *e, mn_err err, const char *msg) {
+static void step_notify(mn_engine *e) {
     int32_t n = 0;
     for (int32_t i = 0; i < e->n_sessions; i++) {
         mn_session *s = e->sessions[i];
@@ -508,7 +592,7 @@ static void step_notify(mn_engine *e, mn_err err, const char *msg) {
         bool failed = s->failed;
         bool gen_over = failed || (s->gen && s->gen->finish != MN_FINISH_NONE && !wants_compute(s));
         s->failed = false;
-        fire_callbacks(s, failed || !wants_compute(s), gen_over, failed ? err : MN_OK, failed ? msg : NULL);
+        fire_callbacks(s, failed || !wants_compute(s), gen_over, failed ? s->fail_err : MN_OK, failed ? s->fail_msg : NULL);
     }
 }
 
@@ -526,12 +610,20 @@ mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb) {
         mn_session *s = e->sessions[i];
         if (s->gen && s->gen->finish == MN_FINISH_NONE && !wants_compute(s) && s->logits_valid) {
             *did_work = true;
-            if ((err = gen_advance(e, s, eb)) != MN_OK) fail_session(e, s);
+            if ((err = gen_advance(e, s, eb)) != MN_OK) fail_session(e, s, err, eb ? eb->msg : NULL);
         }
     }
     for (int32_t i = 0; i < e->n_sessions && err == MN_OK; i++)
         if (wants_compute(e->sessions[i]) && (err = attach_cached(e, e->sessions[i], eb)) != MN_OK)
-            fail_session(e, e->sessions[i]);
+            fail_session(e, e->sessions[i], err, eb ? eb->msg : NULL);
+    /* a session whose adapter was unloaded fails alone, before it can fail a batch */
+    for (int32_t i = 0; i < e->n_sessions && err == MN_OK; i++) {
+        mn_session *s = e->sessions[i];
+        int32_t ai;
+        mn_errbuf aeb;
+        mn_err aerr;
+        if (wants_compute(s) && (aerr = adapter_index(e, s, &ai, &aeb)) != MN_OK) fail_session(e, s, aerr, aeb.msg);
+    }
     if (err == MN_OK) {
         /* blocks this step may need (new positions, plus one copy-on-write each): swap idle
          * sessions out now rather than fail in the middle of the batch */
@@ -547,9 +639,9 @@ mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb) {
         int32_t ns = 0;
         err = step_compute(e, &ns, did_work, eb);
         if (err != MN_OK)
-            for (int32_t k = 0; k < ns; k++) fail_session(e, e->b_sess[k]);
+            for (int32_t k = 0; k < ns; k++) fail_session(e, e->b_sess[k], err, eb ? eb->msg : NULL);
     }
-    step_notify(e, err, err != MN_OK && eb ? eb->msg : "engine step failed");
+    step_notify(e);
     return err;
 }
 
@@ -820,6 +912,10 @@ mn_err mn_session_fork(mn_engine *e, mn_session *s, mn_session **out, mn_errbuf 
     mn_session *c;
     err = mn__session_new(e, &c, eb);
     if (err != MN_OK) return err;
+    c->lora = s->lora;
+    memcpy(c->lora_name, s->lora_name, sizeof c->lora_name);
+    memcpy(c->adapter_fp, s->adapter_fp, 16);
+    c->hash_seed = s->hash_seed;
     err = mn__session_add_tokens(c, s->tokens, s->n_tokens, MN_ROLE_NONE, eb);
     if (err == MN_OK) memcpy(c->roles, s->roles, (size_t)s->n_tokens);
     if (err == MN_OK) err = mn_kv_seq_clone(e->kv, &s->seq, &c->seq, eb);

@@ -27,6 +27,7 @@
 #include <stdint.h>
 
 #include "engine/err.h"
+#include "engine/lora.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
 
@@ -49,6 +50,7 @@ typedef struct mn_engine_params {
     int64_t t1_budget;         /* bytes of host KV images (T1); 0 = unlimited */
     int64_t t2_budget;         /* bytes of compressed host KV (T2); 0 = unlimited */
     const char *persist_dir;   /* T3 directory (copied); NULL = no disk tier */
+    mn_lora_registry *adapters; /* LoRA adapters sessions may use (borrowed); NULL = none */
 } mn_engine_params;
 
 typedef struct mn_engine mn_engine;
@@ -76,6 +78,16 @@ void mn_engine_stats_get(const mn_engine *e, mn_engine_stats *st);
 mn_err mn_session_create(mn_engine *e, const char *system_prompt, mn_session **out, mn_errbuf *eb);
 /** Delete a session and drop its block references. */
 void mn_session_delete(mn_engine *e, mn_session *s);
+/** Bind an empty session to the adapter loaded under name in the engine's registry (NULL:
+ *  no adapter). Its KV is made with that adapter and shared only with sessions of the same
+ *  adapter content; saved files carry the adapter's fingerprint. MN_EBUSY if s has tokens,
+ *  MN_ENOT_FOUND if no such adapter is loaded. */
+mn_err mn_session_set_adapter(mn_engine *e, mn_session *s, const char *name, mn_errbuf *eb);
+/** Name of s's adapter, NULL for none. */
+const char *mn_session_adapter(const mn_session *s);
+/** Sessions bound to the adapter loaded under name (an unload while > 0 strands them:
+ *  their next step fails with MN_EMISMATCH). */
+int32_t mn_engine_adapter_users(const mn_engine *e, const char *name);
 /** Find a session by its 32-hex-digit id; NULL if unknown. */
 mn_session *mn_session_find(mn_engine *e, const char *id_hex);
 const char *mn_session_id(const mn_session *s);   /* 32 hex digits */

@@ -40,9 +40,15 @@ struct mn_session {
     bool logits_valid;
     double last_use;
     gen_state *gen;        /* non-NULL while generating */
+    const mn_lora *lora;   /* adapter (registry-owned; re-found by fingerprint each step) */
+    char lora_name[128];
+    uint8_t adapter_fp[16];  /* all zero: no adapter */
+    uint64_t hash_seed;    /* prefix-cache chain start: 0, or derived from adapter_fp */
     mn_computed_cb computed_cb;  /* mn_session_on_computed */
     void *computed_ud;
     bool failed;           /* the last step failed for it: report at the end of the step */
+    mn_err fail_err;
+    char fail_msg[512];
     /* tiering: where the KV of [0, n_computed) lives when it is not in the pool (T0) */
     int tier;              /* 0 resident; 1 host image; 2 compressed host bytes; 3 file */
     uint16_t *host_kv;     /* T1: block-major image (session_file.h layout) */
@@ -69,6 +75,8 @@ struct mn_engine {
     mn_kv_seq **b_seqs;
     float *b_logits, *sample_scratch;
     mn_session **b_notify;  /* end-of-step callback list */
+    int32_t *b_adapter;     /* [max_batch] adapter table index per token, -1 none */
+    mn_lora_registry *adapters;
     int32_t cap_notify;
     /* tiers */
     int64_t tier_budget[4], tier_used[4];   /* [1] T1, [2] T2 bytes (0 = unlimited) */
@@ -84,7 +92,12 @@ mn_err mn__session_run_until_done(mn_engine *e, mn_session *s, mn_errbuf *eb);
 /* session_io.c: move a session's KV between the pool and a block-major host image */
 mn_err mn__session_gather_kv(mn_engine *e, const mn_session *s, uint16_t **kv_out, int32_t *n_blocks, mn_errbuf *eb);
 mn_err mn__session_scatter_kv(mn_engine *e, mn_session *s, const uint16_t *kv, int32_t n_tokens, mn_errbuf *eb);
-mn_err mn__session_check_image(const mn_engine *e, const mn_session_loaded *ld, mn_errbuf *eb);
+/* checks an image against e; *lora gets the loaded adapter it was made with (NULL: none) */
+mn_err mn__session_check_image(const mn_engine *e, const mn_session_loaded *ld, const mn_lora **lora, mn_errbuf *eb);
+/* binds s (empty or being restored) to lora (may be NULL) */
+void mn__session_bind_adapter(mn_session *s, const mn_lora *lora);
+/* the adapter of the registry with this fingerprint, NULL if none is loaded */
+const mn_lora *mn__engine_find_adapter(const mn_engine *e, const uint8_t fp[16]);
 void mn__session_fill_image(const mn_engine *e, const mn_session *s, const uint16_t *kv, int32_t n_blocks,
                             mn_session_image *img);
 /* tier.c */

@@ -4,6 +4,7 @@
  * (one block of every layer per chunk); the pool stores it layer-major. Saving gathers
  * a session's blocks into a host image with backend copies (D2H), loading scatters them
  * into freshly reserved blocks (H2D). */
+#include <stdio.h>
 #include <string.h>
 
 #include "engine/alloc.h"
@@ -43,6 +44,7 @@ void mn__session_fill_image(const mn_engine *e, const mn_session *s, const uint1
     const mn_kv_pool *p = e->kv;
     memset(img, 0, sizeof *img);
     memcpy(img->model_fp, e->m->fingerprint, 16);
+    memcpy(img->adapter_fp, s->adapter_fp, 16);
     img->n_layer = p->n_layer;
     img->n_kv_head = p->n_kv_head;
     img->head_dim = p->head_dim;
@@ -105,12 +107,20 @@ mn_err mn_session_export(mn_engine *e, mn_session *s, uint8_t **out, size_t *len
 }
 
 /* Checks beyond the file's own: the adapter, this engine's KV geometry and vocabulary. */
-mn_err mn__session_check_image(const mn_engine *e, const mn_session_loaded *ld, mn_errbuf *eb) {
+mn_err mn__session_check_image(const mn_engine *e, const mn_session_loaded *ld, const mn_lora **lora, mn_errbuf *eb) {
     const mn_session_image *img = &ld->img;
     const mn_kv_pool *p = e->kv;
     static const uint8_t no_adapter[16] = {0};
-    mn_err err = mn_session_check_adapter(ld, no_adapter, eb);
-    if (err != MN_OK) return err;
+    *lora = NULL;
+    if (memcmp(img->adapter_fp, no_adapter, 16) != 0) {
+        /* KV made under an adapter is only valid under that exact content (not a name) */
+        if (!(*lora = mn__engine_find_adapter(e, img->adapter_fp))) {
+            char hex[33];
+            for (int i = 0; i < 16; i++) snprintf(hex + 2 * i, 3, "%02x", img->adapter_fp[i]);
+            return mn_errf(eb, MN_EMISMATCH, "session was made under an adapter (fingerprint %s) that is not loaded "
+                           "(an adapter reloaded with other weights has another fingerprint)", hex);
+        }
+    }
     if (img->n_layer != p->n_layer || img->n_kv_head != p->n_kv_head || img->head_dim != p->head_dim ||
         img->block_size != p->block_size)
         return mn_errf(eb, MN_EMISMATCH, "session KV geometry (layers %d, kv heads %d, head dim %d, block %d) does not match "
@@ -128,10 +138,12 @@ mn_err mn__session_check_image(const mn_engine *e, const mn_session_loaded *ld, 
 static mn_err restore(mn_engine *e, mn_session_loaded *ld, mn_session **out, mn_errbuf *eb) {
     const mn_session_image *img = &ld->img;
     mn_kv_pool *p = e->kv;
-    mn_err err = mn__session_check_image(e, ld, eb);
+    const mn_lora *lora;
+    mn_err err = mn__session_check_image(e, ld, &lora, eb);
     if (err != MN_OK) return err;
     mn_session *s;
     if ((err = mn__session_new(e, &s, eb)) != MN_OK) return err;
+    mn__session_bind_adapter(s, lora);
     err = mn__session_add_tokens(s, img->tokens, img->n_tokens, MN_ROLE_NONE, eb);
     if (err == MN_OK && img->n_tokens) memcpy(s->roles, img->roles, (size_t)img->n_tokens);
     if (err == MN_OK) err = mn__tier_make_room(e, (img->n_tokens + p->block_size - 1) / p->block_size, s, eb);

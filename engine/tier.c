@@ -244,11 +244,13 @@ mn_err mn_engine_adopt_persisted(mn_engine *e, int32_t *n_adopted, int32_t *n_re
         mn_session_loaded *ld = NULL;
         mn_errbuf feb;
         mn_err ferr = mn_session_read_file(path, e->m->fingerprint, &ld, &feb);
-        if (ferr == MN_OK) ferr = mn__session_check_image(e, ld, &feb);
+        const mn_lora *lora = NULL;
+        if (ferr == MN_OK) ferr = mn__session_check_image(e, ld, &lora, &feb);
         mn_session *s = NULL;
         if (ferr == MN_OK) ferr = mn__session_new(e, &s, &feb);
         if (ferr == MN_OK) {
             memcpy(s->id, id, 33);
+            mn__session_bind_adapter(s, lora);
             ferr = mn__session_add_tokens(s, ld->img.tokens, ld->img.n_tokens, MN_ROLE_NONE, &feb);
             if (ferr == MN_OK && ld->img.n_tokens) memcpy(s->roles, ld->img.roles, (size_t)ld->img.n_tokens);
             if (ferr != MN_OK) {
