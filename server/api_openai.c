@@ -352,7 +352,15 @@ static void on_done(void *ud, const mn_gen_result *res, mn_err err, const char *
     uv_mutex_lock(&g->mu);
     g->finish = res ? res->finish : MN_FINISH_NONE;
     g->n_generated = res ? res->n_generated : 0;
-    if (err != MN_OK) api_err_from_mn(&g->err, err, msg, NULL);
+    if (err != MN_OK) {
+        api_err_from_mn(&g->err, err, msg, NULL);
+        if (err == MN_ELIMIT || err == MN_ENOMEM) { /* a step could not get KV memory: over capacity, not the client's fault */
+            g->err.status = 503;
+            g->err.type = "server_error";
+            g->err.retry_after = 1;
+            snprintf(g->err.code, sizeof g->err.code, "over_capacity");
+        }
+    }
     finish_locked_post(g);
     g->s_done = true;
     mn_et_defer(g->srv->et, &g->fin);
@@ -694,6 +702,15 @@ static void gen_on_event(void *ud) {
             g->aborted = true;
             post_cancel(g);
         }
+        if (!g->aborted && finished && err.status && g->o.stream) { /* failed mid-stream: say so before [DONE] */
+            size_t len = 0;
+            char *body = api_err_body(&err, &len);
+            if (body) {
+                json_t *j = json_loadb(body, len, 0, NULL);
+                if (j) sse_send(g, j);
+                mn_free(body);
+            }
+        }
         if (!g->aborted && finished) {
             srv->metrics.prompt_tokens += n_prompt;
             api_hist_add(&srv->metrics.e2e, mono() - g->t0);
@@ -750,6 +767,15 @@ void api_gen_run(mn_serve *srv, api_gen_kind kind, json_t *body, const api_gen_o
     if (!ok) {
         api_err_respond(res, &err);
         api_metrics_request(srv, kind == API_GEN_CHAT ? "/v1/chat/completions" : "/v1/completions", err.status);
+        g->refs = 1;
+        gen_unref(g);
+        return;
+    }
+    if (srv->max_streams > 0 && srv->streams_active >= srv->max_streams) {
+        api_errf(&err, 429, "rate_limit_error", NULL, "too many generations in progress (limit %d); retry later", srv->max_streams);
+        err.retry_after = 1;
+        api_err_respond(res, &err);
+        api_metrics_request(srv, kind == API_GEN_SESSION ? "/v1/sessions/{id}/generate" : kind == API_GEN_CHAT ? "/v1/chat/completions" : "/v1/completions", 429);
         g->refs = 1;
         gen_unref(g);
         return;

@@ -412,6 +412,7 @@ static void serve_usage(void) {
             "  --t1-budget BYTES --t2-budget BYTES   host tier budgets (0: unlimited)\n"
             "  --max-body BYTES         request body limit (default 8 MiB)\n"
             "  --max-connections N      (default 4096)\n"
+            "  --max-streams N          generations in progress at once; beyond: 429 (default 256, 0: no limit)\n"
             "  --drain-timeout S        seconds streams may run on after SIGTERM (default 10)\n"
             "  --idle-demote S          move a session's KV down a tier after S idle seconds (T1), 2S (T2),\n"
             "                           4S (T3 with --persist-dir); 0: only under memory pressure (default 60)\n"
@@ -421,7 +422,7 @@ static void serve_usage(void) {
 static bool is_serve_value_flag(const char *a) {
     static const char *const flags[] = {"--host", "--port", "--api-key-file", "--persist-dir", "--max-batch-tokens",
                                         "--kv-blocks", "--t1-budget", "--t2-budget", "--max-body", "--max-connections",
-                                        "--drain-timeout", "--idle-demote"};
+                                        "--drain-timeout", "--idle-demote", "--max-streams"};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         if (!strcmp(a, flags[i])) return true;
     return false;
@@ -440,6 +441,7 @@ static void model_stem(const char *path, char *out, size_t cap) {
 int cmd_serve(int argc, char **argv) {
     cli_model_opts mo = {0};
     const char *host = "127.0.0.1", *key_file = NULL, *persist = NULL;
+    long max_streams = 256;
     long port = 8080, max_batch = 0, kv_blocks = 0, max_conn = 0, t1 = 0, t2 = 0, max_body = 0;
     double drain = 10, idle = 60;
     for (int i = 1; i < argc; i++) {
@@ -462,6 +464,7 @@ int cmd_serve(int argc, char **argv) {
         else if (!strcmp(a, "--max-connections")) { if (cli_int(a, v, 1, 1 << 20, &max_conn)) return 2; }
         else if (!strcmp(a, "--drain-timeout")) { if (cli_float(a, v, 0, 3600, &drain)) return 2; }
         else if (!strcmp(a, "--idle-demote")) { if (cli_float(a, v, 0, 1e6, &idle)) return 2; }
+        else if (!strcmp(a, "--max-streams")) { if (cli_int(a, v, 0, 1 << 20, &max_streams)) return 2; }
     }
     json_set_alloc_funcs(mn_malloc, mn_free);
 
@@ -470,6 +473,7 @@ int cmd_serve(int argc, char **argv) {
     mn_serve *srv = &ss.srv;
     ss.drain_timeout = drain;
     ss.idle_seconds = idle;
+    srv->max_streams = (int)max_streams;
     srv->created = (int64_t)time(NULL);
     srv->persist_dir = persist;
     if (key_file && load_keys(key_file, srv)) return 2;

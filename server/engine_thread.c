@@ -111,6 +111,7 @@ static void engine_main(void *arg) {
         /* A step that fails without ending the generations that caused it would spin:
          * back off a little (the error is per-session in the engine; this is a last guard). */
         if (err != MN_OK) uv_sleep(10);
+        else if (!did && busy > 0) uv_sleep(1);   /* work reported but none possible this step: do not spin */
     }
     run_deferred(et);
 }

@@ -13,6 +13,7 @@ bool api_errf(api_err *err, int status, const char *type, const char *param, con
     err->type = type ? type : "invalid_request_error";
     snprintf(err->param, sizeof err->param, "%s", param ? param : "");
     err->code[0] = 0;
+    err->retry_after = 0;
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(err->message, sizeof err->message, fmt, ap);
@@ -34,6 +35,7 @@ bool api_err_from_mn(api_err *err, mn_err code, const char *msg, const char *par
     }
     api_errf(err, status, type, param, "%s", msg && *msg ? msg : mn_strerror(code));
     if (code == MN_ELIMIT && strstr(err->message, "context length")) snprintf(err->code, sizeof err->code, "context_length_exceeded");
+    if (code == MN_ENOMEM) err->retry_after = 1;
     return false;
 }
 
@@ -59,7 +61,10 @@ void api_err_respond(mn_http_res *res, const api_err *err) {
         mn_http_respond(res, 503, "application/json", oom, sizeof oom - 1, NULL, 0);
         return;
     }
-    mn_http_respond(res, err->status ? err->status : 500, "application/json", body, len, NULL, 0);
+    char ra[16];
+    snprintf(ra, sizeof ra, "%d", err->retry_after);
+    mn_http_header h[] = {{"Retry-After", ra}};
+    mn_http_respond(res, err->status ? err->status : 500, "application/json", body, len, h, err->retry_after > 0 ? 1 : 0);
     mn_free(body);
 }
 

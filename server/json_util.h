@@ -23,6 +23,7 @@ typedef struct api_err {
     char param[64];        /* the field at fault, "" for none */
     char code[48];         /* OpenAI code ("context_length_exceeded"), "" for none */
     char message[512];
+    int retry_after;       /* seconds for a Retry-After header (429/503), 0: none */
 } api_err;
 
 /** Fill err (status, type, param may be NULL) and return false, for `return api_errf(...)`. */

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import pytest
 
@@ -102,7 +103,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def server(mneme_bin, model_path):
-    s = Server(mneme_bin, model_path, "--max-body", "65536")
+    s = Server(mneme_bin, model_path, "--max-body", "65536", "--max-streams", "1")
     yield s
     s.close()
 
@@ -143,6 +144,22 @@ def test_malformed_http(server):
         data += d
     s.close()
     assert data.startswith(b"HTTP/1.1 400")
+
+
+def test_over_capacity_429(server):
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    body = json.dumps(comp(prompt="Once upon a time", max_tokens=500, stream=True, temperature=0))
+    s.sendall(f"POST {C} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    assert s.recv(100).startswith(b"HTTP/1.1 200")
+    got, data, headers = server.request("POST", CH, chat())
+    assert got == 429 and headers.get("retry-after") == "1"
+    assert "too many generations" in json.loads(data)["error"]["message"]
+    s.close()
+    end = time.time() + 10
+    while json.loads(server.request("GET", "/health")[1])["streams"] and time.time() < end:
+        time.sleep(0.05)
+    assert json.loads(server.request("GET", "/health")[1])["streams"] == 0
 
 
 def test_still_serving(server):
