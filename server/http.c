@@ -827,11 +827,44 @@ static void process_read(mn_http__conn *c, const char *data, size_t len) {
 
 /* ---- server ---- */
 
+static void on_connection(uv_stream_t *ls, int status);
+
+static void on_spare_closed(uv_handle_t *h) {
+    mn_http_server *s = h->data;
+    s->n_handles--;
+    s->spare_busy = false;
+    if (s->closing) {
+        if (s->n_handles == 0 && s->on_closed) s->on_closed(s->on_closed_ud);
+    } else if (s->accept_stalled) { /* a connection still waits in the listener: try again */
+        s->accept_stalled = false;
+        on_connection((uv_stream_t *)&s->listener, 0);
+    }
+}
+
+/* No memory for a connection: accept it into the server's spare handle and close it at
+ * once. libuv stops polling the listener until a pending connection is accepted, so
+ * leaving it there would stall every later client too. */
+static void reject_without_memory(mn_http_server *s) {
+    if (s->spare_busy) {
+        s->accept_stalled = true;
+        return;
+    }
+    s->spare_busy = true;
+    s->n_handles++;
+    uv_tcp_init(s->loop, &s->spare);
+    s->spare.data = s;
+    uv_accept((uv_stream_t *)&s->listener, (uv_stream_t *)&s->spare);
+    uv_close((uv_handle_t *)&s->spare, on_spare_closed);
+}
+
 static void on_connection(uv_stream_t *ls, int status) {
     mn_http_server *s = ls->data;
     if (status < 0 || s->closing) return;
     mn_http__conn *c = mn_calloc(1, sizeof *c);
-    if (!c) return;
+    if (!c) {
+        reject_without_memory(s);
+        return;
+    }
     c->s = s;
     uv_tcp_init(s->loop, &c->tcp);
     uv_timer_init(s->loop, &c->timer);

@@ -88,6 +88,8 @@ struct mn_http_server {
     int n_conns;             /* counted connections */
     int n_handles;           /* listener + every conn handle not yet closed */
     bool accepting, closing, listener_open;
+    uv_tcp_t spare;          /* accepts and drops a connection when there is no memory for it */
+    bool spare_busy, accept_stalled;
     mn_http__conn *conns;
     void (*on_closed)(void *);
     void *on_closed_ud;
