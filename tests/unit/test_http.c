@@ -1,8 +1,8 @@
 /* tests/unit/test_http.c — the HTTP transport in-process: server and a libuv client on one
- * loop. Checks a pipelined exchange byte for byte, then repeats it with the N-th mneme
- * allocation failing for every N until it succeeds: no crash, no leak (mn_alloc_live back
- * to where it was), every libuv handle closed. The raw-socket behaviour tests live in
- * tests/python/test_http_transport.py.
+ * loop. Checks a pipelined exchange and a WebSocket exchange byte for byte, then repeats
+ * each with the N-th mneme allocation failing for every N until it succeeds: no crash, no
+ * hang, no leak (mn_alloc_live back to where it was), every libuv handle closed. The
+ * raw-socket behaviour tests live in tests/python/test_http_transport.py.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -22,7 +22,18 @@ static const char REQS[] = "GET /a?x=1 HTTP/1.1\r\nHost: t\r\nX-Key: V\r\n\r\n"
                            "3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
                            "GET /c HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
 
+/* the WebSocket exchange: upgrade, wait for 101, one masked text frame "hi!", then close 1000 */
+static const char WS_REQ[] = "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+/* masked with key 01 02 03 04: text "hi!" and close 1000 */
+static const unsigned char WS_FRAMES[] = {0x81, 0x83, 1, 2, 3, 4, 'h' ^ 1, 'i' ^ 2, '!' ^ 3,
+                                          0x88, 0x82, 1, 2, 3, 4, 0x03 ^ 1, 0xE8 ^ 2};
+
 typedef struct run {
+    bool ws;                   /* run the WebSocket exchange instead of REQS */
+    bool ws_sent_frames;
+    uv_write_t wr2;
+    int ws_closes, ws_code;
     uv_loop_t loop;
     mn_http_server *srv;
     uv_tcp_t cli;
@@ -42,6 +53,19 @@ static void handler(void *ud, const mn_http_req *req, mn_http_res *res) {
     mn_http_respond(res, 200, "text/plain", b, (size_t)n, NULL, 0);
 }
 
+static void ws_text(void *ud, mn_http_ws *ws, const char *data, size_t len) { mn_http_ws_send_text(ws, data, len); }
+
+static void ws_closed(void *ud, mn_http_ws *ws, int code, const char *reason) {
+    run *r = ud;
+    r->ws_closes++;
+    r->ws_code = code;
+}
+
+static void ws_handler(void *ud, const mn_http_req *req, mn_http_res *res) {
+    static const mn_http_ws_callbacks cb = {ws_text, NULL, ws_closed};
+    mn_http_ws_accept(res, &cb, ud);
+}
+
 static void on_server_closed(void *ud) {
     run *r = ud;
     r->server_closed = true;
@@ -58,6 +82,8 @@ static void cli_alloc(uv_handle_t *h, size_t sug, uv_buf_t *b) {
     b->len = 4096;
 }
 
+static void cli_frames_written(uv_write_t *w, int status) {}
+
 static void cli_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b) {
     run *r = s->data;
     if (n > 0) {
@@ -67,6 +93,12 @@ static void cli_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b) {
         r->got[r->got_len] = '\0';
     }
     free(b->base);
+    if (r->ws && !r->ws_sent_frames && r->got && strstr(r->got, "\r\n\r\n")) {
+        r->ws_sent_frames = true; /* the 101 is here: now frames may follow */
+        uv_buf_t f = uv_buf_init((char *)WS_FRAMES, sizeof WS_FRAMES);
+        r->wr2.data = r;
+        uv_write(&r->wr2, s, &f, 1, cli_frames_written);
+    }
     if (n < 0) uv_close((uv_handle_t *)s, cli_closed);
 }
 
@@ -82,7 +114,7 @@ static void cli_connected(uv_connect_t *c, int status) {
         uv_close((uv_handle_t *)&r->cli, cli_closed);
         return;
     }
-    uv_buf_t b = uv_buf_init((char *)REQS, sizeof REQS - 1);
+    uv_buf_t b = r->ws ? uv_buf_init((char *)WS_REQ, sizeof WS_REQ - 1) : uv_buf_init((char *)REQS, sizeof REQS - 1);
     r->wr.data = r;
     uv_write(&r->wr, (uv_stream_t *)&r->cli, &b, 1, cli_written);
 }
@@ -94,12 +126,13 @@ static void on_guard(uv_timer_t *t) {
 }
 
 /* One exchange. Returns false when the server could not even start (allocation failure). */
-static bool run_once(run *r) {
+static bool run_once(run *r, bool ws) {
     memset(r, 0, sizeof *r);
+    r->ws = ws;
     assert_int_equal(uv_loop_init(&r->loop), 0);
     mn_errbuf eb;
     mn_http_limits lim = mn_http_limits_default();
-    if (mn_http_server_new(&r->loop, "127.0.0.1", 0, &lim, handler, r, &r->srv, &eb) != MN_OK) {
+    if (mn_http_server_new(&r->loop, "127.0.0.1", 0, &lim, ws ? ws_handler : handler, r, &r->srv, &eb) != MN_OK) {
         assert_int_equal(uv_run(&r->loop, UV_RUN_DEFAULT), 0);
         assert_int_equal(uv_loop_close(&r->loop), 0);
         return false;
@@ -123,7 +156,7 @@ static bool run_once(run *r) {
 static void test_pipelined_exchange(void **state) {
     long base = mn_alloc_live();
     run r;
-    assert_true(run_once(&r));
+    assert_true(run_once(&r, false));
     assert_false(r.timed_out);
     const char *want[] = {"GET /a x=1 V ", "POST /b  - abcde", "GET /c  - "};
     const char *p = r.got;
@@ -149,7 +182,7 @@ static void test_allocation_failures(void **state) {
     for (n = 0; n < 400; n++) {
         run r;
         mn_alloc_fail_after(n);
-        bool started = run_once(&r);
+        bool started = run_once(&r, false);
         mn_alloc_fail_after(-1);
         assert_false(r.timed_out);
         bool complete = started && r.got && strstr(r.got, "GET /c  - ");
@@ -158,6 +191,44 @@ static void test_allocation_failures(void **state) {
         if (complete) break;
     }
     assert_true(n > 3 && n < 400); /* some failures were injected, and the run eventually succeeded */
+}
+
+static const char WS_ANSWER[] = "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+                                "\x81\x03hi!\x88\x02\x03\xe8"; /* RFC 6455's sample key */
+
+static void test_ws_exchange(void **state) {
+    long base = mn_alloc_live();
+    run r;
+    assert_true(run_once(&r, true));
+    assert_false(r.timed_out);
+    assert_non_null(r.got);
+    assert_non_null(strstr(r.got, "HTTP/1.1 101 Switching Protocols\r\n"));
+    const char *acc = strstr(r.got, "Sec-WebSocket-Accept: ");
+    assert_non_null(acc);
+    assert_int_equal(r.got_len - (size_t)(acc - r.got), sizeof WS_ANSWER - 1);
+    assert_memory_equal(acc, WS_ANSWER, sizeof WS_ANSWER - 1);
+    assert_int_equal(r.ws_closes, 1);
+    assert_int_equal(r.ws_code, 1000);
+    free(r.got);
+    assert_int_equal(mn_alloc_live(), base);
+}
+
+static void test_ws_allocation_failures(void **state) {
+    long base = mn_alloc_live();
+    int n;
+    for (n = 0; n < 400; n++) {
+        run r;
+        mn_alloc_fail_after(n);
+        bool started = run_once(&r, true);
+        mn_alloc_fail_after(-1);
+        assert_false(r.timed_out);
+        assert_true(r.ws_closes <= 1); /* on_close at most once, whatever failed */
+        bool complete = started && r.got_len > 4 && memcmp(r.got + r.got_len - 4, "\x88\x02\x03\xe8", 4) == 0;
+        free(r.got);
+        assert_int_equal(mn_alloc_live(), base);
+        if (complete) break;
+    }
+    assert_true(n > 3 && n < 400);
 }
 
 static void test_server_new_errors(void **state) {
@@ -197,6 +268,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pipelined_exchange),
         cmocka_unit_test(test_allocation_failures),
+        cmocka_unit_test(test_ws_exchange),
+        cmocka_unit_test(test_ws_allocation_failures),
         cmocka_unit_test(test_server_new_errors),
         cmocka_unit_test(test_limits_default),
     };
