@@ -709,10 +709,8 @@ static int on_message_complete(llhttp_t *p) {
         if (hdrs != hstack) mn_free(hdrs);
         return cb_oom(c);
     }
-    r->keep_alive = llhttp_should_keep_alive(p) && !p->upgrade;
     r->head = p->method == HTTP_HEAD;
     r->http10 = p->http_major == 1 && p->http_minor == 0;
-    if (!r->keep_alive) c->no_more = true;
 
     /* split target into path and query inside the arena (the URL is its first string) */
     char *url = c->arena.p + c->url_off;
@@ -737,8 +735,14 @@ static int on_message_complete(llhttp_t *p) {
         .body = c->body.p ? c->body.p : "",
         .body_len = c->body.len,
     };
-    if (mn_http_ws_is_upgrade(&req)) /* remembered for mn_http_ws_accept */
+    bool ws = mn_http_ws_is_upgrade(&req);
+    if (ws) /* remembered for mn_http_ws_accept */
         snprintf(r->ws_key, sizeof r->ws_key, "%s", mn_http_req_header(&req, "sec-websocket-key"));
+    /* A WebSocket upgrade or CONNECT is the connection's last HTTP request. Any other
+     * Upgrade (h2c, ...) is ignored, as RFC 9110 allows: the connection stays HTTP/1.1. */
+    c->skip_upgrade = p->upgrade && !ws && p->method != HTTP_CONNECT;
+    r->keep_alive = llhttp_should_keep_alive(p) && (!p->upgrade || c->skip_upgrade);
+    if (!r->keep_alive) c->no_more = true;
     s->handler(s->ud, &req, r);
     if (hdrs != hstack) mn_free(hdrs);
     return HPE_PAUSED; /* always stop here: process_input learns where the next request starts */
@@ -767,9 +771,17 @@ static size_t parse_run(mn_http__conn *c, const char *data, size_t len) {
             llhttp_resume(&c->parser);
             continue;
         }
-        if (e == HPE_PAUSED_UPGRADE) { /* no protocol upgrades: that request was the last */
-            c->no_more = true;
-            break;
+        if (e == HPE_PAUSED_UPGRADE) {
+            if (!c->skip_upgrade) { /* the request was the last one in HTTP */
+                c->no_more = true;
+                break;
+            }
+            size_t used = (size_t)(llhttp_get_error_pos(&c->parser) - p);
+            c->fed += used;
+            off += used;
+            c->msg_start = c->fed;
+            llhttp_resume_after_upgrade(&c->parser);
+            continue;
         }
         /* a malformed request, or a limit one of our callbacks enforced */
         if (c->err_status) {

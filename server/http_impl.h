@@ -56,6 +56,7 @@ struct mn_http__conn {
     bool lingering;          /* write side shut down, discarding input */
     bool shutdown_sent;
     bool in_msg;             /* a request started and is not complete yet */
+    bool skip_upgrade;       /* the last request asked for an Upgrade we ignore (h2c, ...) */
     enum { T_NONE, T_IDLE, T_REQUEST, T_STALL, T_WSCLOSE, T_LINGER } tmode;
     mn_http_ws *ws;          /* set once the connection is a WebSocket */
     size_t stall_mark;       /* libuv write queue size when the stall clock started */

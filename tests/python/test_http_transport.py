@@ -672,3 +672,19 @@ def test_slow_but_steady_reader_is_not_cut_off(echo):
         time.sleep(0.01)
     assert time.monotonic() - t0 > 0.4  # longer than idle_ms
     assert got.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_non_websocket_upgrade_is_ignored(echo):
+    # h2c (curl --http2 on http://) and other upgrades: answered as plain HTTP/1.1, kept alive
+    port, _ = echo()
+    c = Conn(port)
+    c.send(get("/up", "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAA\r\n")
+           + get("/next"))
+    st, h, body = c.response()
+    assert st == 200 and h["connection"] == "keep-alive" and json.loads(body)["path"] == "/up"
+    assert json.loads(c.response()[2])["path"] == "/next"
+    c.send("POST /up2 HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: foo\r\nContent-Length: 3\r\n\r\nabc"
+           + get("/next2"))
+    j = json.loads(c.response()[2])
+    assert j["path"] == "/up2" and j["body"] == "abc"
+    assert json.loads(c.response()[2])["path"] == "/next2"
