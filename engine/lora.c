@@ -271,8 +271,10 @@ mn_err mn_lora_load(const char *dir, const char *name, const mn_model *m, mn_lor
 
     /* pass 2: convert into the arena */
     l->bytes = n_floats * sizeof(float);
-    int64_t max_out = l->n_q > l->n_kv ? l->n_q : l->n_kv;
-    if (!(l->arena = mn_malloc(l->bytes ? l->bytes : 4)) || !(tmp = mn_malloc((size_t)max_out * l->r_max * sizeof(float) + 4))) {
+    int64_t max_out = l->n_q > l->n_embd ? l->n_q : l->n_embd;
+    if (l->n_ff > max_out) max_out = l->n_ff;
+    /* tmp: B as stored [out, r], then scratch for the row permutation */
+    if (!(l->arena = mn_malloc(l->bytes ? l->bytes : 4)) || !(tmp = mn_malloc(2 * (size_t)max_out * l->r_max * sizeof(float) + 4))) {
         e = mn_errf(eb, MN_ENOMEM, "lora: out of memory (%llu bytes of weights)", (unsigned long long)l->bytes);
         goto fail;
     }
@@ -290,13 +292,16 @@ mn_err mn_lora_load(const char *dir, const char *name, const mn_model *m, mn_lor
                 tensor_name(tn, sizeof tn, li, t, pass == 0 ? 'A' : 'B');
                 const mn_st_tensor *x = mn_st_find(st, tn);
                 int64_t n = pass == 0 ? (int64_t)mt->r * in : outf * mt->r;
-                mn_st_to_f32(x, 0, n, p);
                 if (pass == 0) {
+                    mn_st_to_f32(x, 0, n, p);
                     mt->a = p;
                 } else {
-                    mt->b = p;
+                    mn_st_to_f32(x, 0, n, tmp);
                     if (mc->rope_mode == MN_ROPE_NORM && (t == MN_LORA_Q || t == MN_LORA_K))
-                        permute_rows(p, t == MN_LORA_Q ? mc->n_head : mc->n_kv_head, mc->head_dim, mt->r, tmp);
+                        permute_rows(tmp, t == MN_LORA_Q ? mc->n_head : mc->n_kv_head, mc->head_dim, mt->r, tmp + n);
+                    for (int64_t row = 0; row < outf; row++)   /* store B^T: [r, out] */
+                        for (int32_t j = 0; j < mt->r; j++) p[(int64_t)j * outf + row] = tmp[row * mt->r + j];
+                    mt->b = p;
                 }
                 p += n;
             }

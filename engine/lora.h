@@ -42,7 +42,7 @@ typedef struct mn_lora_mat {
     int32_t r;
     float scale;
     const float *a;        /* [r, in] f32 */
-    const float *b;        /* [out, r] f32 */
+    const float *b;        /* [r, out] f32: B transposed (the expand streams rows of it) */
 } mn_lora_mat;
 
 /* Per layer. a of q, k and v are adjacent rows of one array ([r_q + r_k + r_v, n_embd]),

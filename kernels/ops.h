@@ -164,7 +164,8 @@ typedef struct mn_add_desc {
 /* lora (batched LoRA apply, many adapters in one call): for each segment s and each of its
  * rows t = rows[seg[s].start + i], i < seg[s].n_rows:
  *   shrink  v[j] = sum_k x[t,k] * a[j,k]                     j < r   (v rounded to f32)
- *   expand  y_o[t,n] += scale_o * sum_j v[r_off_o + j] * b_o[n,j]   j < r_out_o, every output o with b_o
+ *   expand  y_o[t,n] += scale_o * sum_j v[r_off_o + j] * b_o[j,n]   j < r_out_o, every output o with b_o
+ * (b_o is B transposed, [r_out, N]: the expand streams its rows).
  * Up to MN_LORA_MAX_OUT outputs share x and one shrink: Q/K/V (or gate/up) of a layer pass
  * their A's as one [r_q + r_k + r_v, K] matrix (rows adjacent in memory). Each segment has
  * its own rank, so mixed ranks need no padding; rows in no segment (tokens without an
@@ -178,7 +179,7 @@ typedef struct mn_lora_seg {
     int32_t start, n_rows;                  /* rows[start .. start + n_rows) */
     int32_t r;                              /* rows of a (shrink width) */
     const float *a;                         /* [r, K] */
-    const float *b[MN_LORA_MAX_OUT];        /* [N_o, r_out_o], or NULL: output o not adapted */
+    const float *b[MN_LORA_MAX_OUT];        /* [r_out_o, N_o] (B^T), or NULL: output o not adapted */
     int32_t r_off[MN_LORA_MAX_OUT], r_out[MN_LORA_MAX_OUT];
     float scale[MN_LORA_MAX_OUT];
 } mn_lora_seg;

@@ -29,7 +29,7 @@ void mn_ref_lora(const mn_lora_desc *d) {
                 const float *vo = v + g->r_off[o];
                 for (int64_t n = 0; n < d->N[o]; n++) {
                     double acc = 0.0;
-                    for (int32_t j = 0; j < g->r_out[o]; j++) acc += (double)vo[j] * g->b[o][n * g->r_out[o] + j];
+                    for (int32_t j = 0; j < g->r_out[o]; j++) acc += (double)vo[j] * g->b[o][j * d->N[o] + n];
                     y[n] = (float)((double)y[n] + (double)g->scale[o] * acc);
                 }
             }

@@ -1,0 +1,190 @@
+/* bench/bench_lora.c — decode throughput with many LoRA adapters in one batch.
+ *
+ * 32 sequences (a 16-token prompt each, not timed) decode STEPS tokens; each step is one
+ * batch of one token per sequence. Sequence i uses adapter i % A for A in 0 (no adapter),
+ * 1, 4, 16, 32 distinct adapters (rank 16, all seven targets). Reported per A:
+ *   mixed     tokens/s with every adapter in the same batch, and its ratio to A = 0;
+ *   separate  tokens/s when each adapter's sequences run as their own batch (what a
+ *             server without multi-adapter batching does), and mixed / separate.
+ * Throughput is given per wall second and per CPU second of the process (the second is
+ * the one to trust on a shared machine: other processes steal wall time, not CPU time;
+ * with one thread, the default, no barrier spins inflate it). Best of ROUNDS rounds, the
+ * configurations interleaved within each round.
+ * Also the adapter load time from disk (safetensors -> f32 host copy, median of 5).
+ * Host -> device paging is not measured: adapters are host copies until the device pool
+ * exists (engine/lora.h).
+ * The adapter is written once by tools/gen_lora.py (F16, rank 16) into DIR (default
+ * /tmp/mneme_bench_lora) and loaded under 32 names: 32 separate copies in memory, so the
+ * kernels touch 32 adapters' weights exactly as with 32 different files.
+ *   usage: bench_lora [-m MODEL] [-t THREADS (1)] [-s STEPS (8)] [-r ROUNDS (2)] [-d DIR]
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "engine/alloc.h"
+#include "engine/forward.h"
+#include "engine/kv.h"
+#include "engine/lora.h"
+#include "engine/model.h"
+
+#define N_SEQ 32
+#define PROMPT 16
+
+static double clock_s(clockid_t id) {
+    struct timespec ts;
+    clock_gettime(id, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+static double now_s(void) { return clock_s(CLOCK_MONOTONIC); }
+static double cpu_s(void) { return clock_s(CLOCK_PROCESS_CPUTIME_ID); }
+
+typedef struct rate { double wall, cpu; } rate;   /* tokens per wall / CPU second */
+
+static void die(const char *what, const mn_errbuf *eb) {
+    fprintf(stderr, "bench_lora: %s: %s\n", what, eb->msg);
+    exit(1);
+}
+
+typedef struct ctx {
+    mn_model *m;
+    mn_kv_pool *kv;
+    mn_forward *f;
+    const mn_lora *table[N_SEQ];
+    float *logits;
+} ctx;
+
+/* Fresh sequences, prompts prefilled (sequence i with adapter ad[i]); then steps decode
+ * batches, each split into groups of sequences run as separate batches (group g holds the
+ * sequences with i % n_groups == g). Returns decode tokens/s. */
+static rate run(ctx *c, const int32_t *ad, int n_groups, int steps) {
+    mn_errbuf eb = {{0}};
+    mn_kv_seq seqs[N_SEQ] = {{0}};
+    mn_kv_seq *sp[N_SEQ];
+    int32_t tok[N_SEQ * PROMPT], sq[N_SEQ * PROMPT], pos[N_SEQ * PROMPT], adr[N_SEQ * PROMPT], rows[N_SEQ];
+    for (int s = 0; s < N_SEQ; s++) sp[s] = &seqs[s];
+    int32_t n = 0;
+    for (int s = 0; s < N_SEQ; s++)
+        for (int p = 0; p < PROMPT; p++) {
+            tok[n] = (s * 7919 + p * 104729) % c->m->cfg.n_vocab, sq[n] = s, pos[n] = p, adr[n] = ad[s];
+            if (p == PROMPT - 1) rows[s] = n;
+            n++;
+        }
+    mn_batch_lora lb = {.adapter = adr, .adapters = c->table, .n_adapters = N_SEQ};
+    mn_batch b = {.n_tokens = n, .tokens = tok, .seq = sq, .pos = pos, .n_out = N_SEQ, .out_rows = rows};
+    if (mn_forward_run_lora(c->f, sp, N_SEQ, &b, &lb, c->logits, &eb) != MN_OK) die("prefill", &eb);
+    double t0 = now_s(), c0 = cpu_s();
+    for (int step = 0; step < steps; step++) {
+        for (int g = 0; g < n_groups; g++) {
+            int32_t k = 0;
+            for (int s = g; s < N_SEQ; s += n_groups) {
+                tok[k] = (s + step * 31) % c->m->cfg.n_vocab, sq[k] = s, pos[k] = PROMPT + step, adr[k] = ad[s], rows[k] = k;
+                k++;
+            }
+            mn_batch d = {.n_tokens = k, .tokens = tok, .seq = sq, .pos = pos, .n_out = k, .out_rows = rows};
+            if (mn_forward_run_lora(c->f, sp, N_SEQ, &d, &lb, c->logits, &eb) != MN_OK) die("decode", &eb);
+        }
+    }
+    double dt = now_s() - t0, dc = cpu_s() - c0;
+    for (int s = 0; s < N_SEQ; s++) mn_kv_seq_release(c->kv, &seqs[s]);
+    return (rate){(double)steps * N_SEQ / dt, (double)steps * N_SEQ / dc};
+}
+
+static int cmp_d(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+int main(int argc, char **argv) {
+    const char *model_path = NULL, *dir = "/tmp/mneme_bench_lora";
+    int threads = 1, steps = 8, rounds = 2;
+    for (int i = 1; i + 1 < argc; i++) {
+        if (!strcmp(argv[i], "-m")) model_path = argv[++i];
+        else if (!strcmp(argv[i], "-t")) threads = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "-s")) steps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "-d")) dir = argv[++i];
+        else if (!strcmp(argv[i], "-r")) rounds = atoi(argv[++i]);
+    }
+    static char def[4096], cmd[8192], cfgp[4200];
+    if (!model_path) {
+        snprintf(def, sizeof def, "%s/.cache/mneme/SmolLM2-135M-Instruct.Q4_1.gguf", getenv("HOME"));
+        model_path = getenv("MNEME_MODEL") ? getenv("MNEME_MODEL") : def;
+    }
+    snprintf(cfgp, sizeof cfgp, "%s/adapter_config.json", dir);
+    struct stat sb;
+    if (stat(cfgp, &sb) != 0) {
+        snprintf(cmd, sizeof cmd, "python3 tools/gen_lora.py '%s' --model '%s' --r 16 --dtype F16 --seed 1", dir, model_path);
+        fprintf(stderr, "bench_lora: writing the adapter: %s\n", cmd);
+        if (system(cmd) != 0) {
+            fprintf(stderr, "bench_lora: could not write the adapter (run from the repository root)\n");
+            return 1;
+        }
+    }
+    mn_errbuf eb = {{0}};
+    mn_backend *be;
+    mn_backend_params bp = {.device = "cpu", .n_threads = threads};
+    ctx c = {0};
+    if (mn_backend_cpu_new(&bp, &be, &eb) != MN_OK) die("backend", &eb);
+    if (mn_model_load(model_path, be, NULL, &c.m, &eb) != MN_OK) die(model_path, &eb);
+    const mn_model_config *mc = &c.m->cfg;
+    int32_t bs = 16, blocks = N_SEQ * ((PROMPT + steps + bs - 1) / bs + 1);
+    if (mn_kv_pool_new(be, mc->n_layer, mc->n_kv_head, mc->head_dim, bs, blocks, &c.kv, &eb) != MN_OK) die("kv", &eb);
+    if (mn_forward_new(c.m, c.kv, &c.f, &eb) != MN_OK) die("forward", &eb);
+    c.logits = mn_malloc((size_t)N_SEQ * mc->n_vocab * sizeof(float));
+
+    mn_lora_registry *reg;
+    if (mn_lora_registry_new(c.m, &reg, &eb) != MN_OK) die("registry", &eb);
+    double load[5], load_cpu[5];
+    for (int i = 0; i < N_SEQ; i++) {
+        char name[16];
+        snprintf(name, sizeof name, "ad%d", i);
+        double t0 = now_s(), c0 = cpu_s();
+        if (mn_lora_registry_load(reg, name, dir, NULL, &eb) != MN_OK) die(dir, &eb);
+        if (i < 5) load[i] = now_s() - t0, load_cpu[i] = cpu_s() - c0;
+    }
+    qsort(load, 5, sizeof load[0], cmp_d);
+    qsort(load_cpu, 5, sizeof load_cpu[0], cmp_d);
+    int32_t n_tab;
+    const mn_lora *const *tab = mn_lora_registry_table(reg, &n_tab);
+    for (int i = 0; i < N_SEQ; i++) c.table[i] = tab[i];
+    printf("model %s, %d threads, %d sequences x %d decode steps, rank %d adapters (%.1f MB f32 each)\n", c.m->name,
+           be->n_threads, N_SEQ, steps, tab[0]->r_max, tab[0]->bytes / 1e6);
+    printf("adapter load from disk (F16 safetensors -> f32): median %.1f ms wall, %.1f ms CPU (min %.1f / %.1f)\n",
+           load[2] * 1e3, load_cpu[2] * 1e3, load[0] * 1e3, load_cpu[0] * 1e3);
+
+    /* configs: 0 = no adapter; then A = 1, 4, 16, 32 mixed, and A = 4, 16, 32 separate */
+    const int counts[5] = {0, 1, 4, 16, 32};
+    rate best[5][2];
+    memset(best, 0, sizeof best);
+    int32_t ad[N_SEQ];
+    for (int s = 0; s < N_SEQ; s++) ad[s] = -1;
+    run(&c, ad, 1, 2); /* warm-up */
+    for (int round = 0; round < rounds; round++) {
+        for (int k = 0; k < 5; k++) {
+            int A = counts[k];
+            for (int s = 0; s < N_SEQ; s++) ad[s] = A ? s % A : -1;
+            for (int sep = 0; sep < (A > 1 ? 2 : 1); sep++) {
+                rate r = run(&c, ad, sep ? A : 1, steps);
+                if (r.wall > best[k][sep].wall) best[k][sep].wall = r.wall;
+                if (r.cpu > best[k][sep].cpu) best[k][sep].cpu = r.cpu;
+            }
+        }
+    }
+    printf("tokens/s per wall second | per CPU second; ratios from the CPU-second numbers\n");
+    printf("%-9s %17s %8s %19s %10s\n", "adapters", "mixed wall|cpu", "vs none", "separate wall|cpu", "mixed/sep");
+    for (int k = 0; k < 5; k++) {
+        int A = counts[k];
+        rate m = best[k][0], sp = A > 1 ? best[k][1] : m;
+        printf("%-9d %8.1f|%-8.1f %8.3f %9.1f|%-9.1f %10.2f\n", A, m.wall, m.cpu, m.cpu / best[0][0].cpu, sp.wall, sp.cpu,
+               m.cpu / sp.cpu);
+    }
+    mn_lora_registry_free(reg);
+    mn_free(c.logits);
+    mn_forward_free(c.f);
+    mn_kv_pool_free(c.kv);
+    mn_model_free(c.m);
+    mn_backend_free(be);
+    return 0;
+}

@@ -1,0 +1,79 @@
+/* kernels/cpu/lora_impl.h — the body of the CPU LoRA kernel, compiled twice: plain
+ * (kernels/cpu/lora.c) and with AVX2 enabled (kernels/cpu/lora_avx2.c). The loops are
+ * written with 8 explicit lanes and no fused multiply-add, so both compilations perform the
+ * same float operations in the same order: the same bits.
+ *
+ * lora_dot and lora_axpy (below) are the only SIMD parts; each compilation unit gives its own.
+ * Two phases separated by one barrier:
+ *   shrink: the (segment, row, j) dot products x_t . a_j, split evenly over the threads,
+ *           written to v in work (segment by segment, row-major [n_rows, r]);
+ *   expand: the output columns of all outputs, split over the threads; for a chunk of
+ *           columns and each adapted row, acc[n] = sum_j v_j * bt[j][n] in j order (rows of
+ *           bt are contiguous: pure vector multiply-adds, no reductions), then
+ *           y[n] += scale * acc[n].
+ * No element depends on the thread count or the other rows: batch invariant.
+ */
+#ifndef MN_CPU_LORA_IMPL_H
+#define MN_CPU_LORA_IMPL_H
+
+#include "kernels/ops.h"
+
+#define LORA_CHUNK 64
+
+/* The including file defines, before including this header:
+ *   float lora_dot(const float *a, const float *b, int64_t n)
+ *       8 lanes acc[l] += a[k+l]*b[k+l] over whole groups of 8, the tail element k added
+ *       to lane k % 8, then ((acc0+acc4)+(acc2+acc6)) + ((acc1+acc5)+(acc3+acc7));
+ *   void lora_axpy(float *acc, float v, const float *b, int64_t n)
+ *       acc[i] += v * b[i] (multiply, then add). */
+static inline void lora_body(const mn_lora_desc *d, void *work, const mn_par *par) {
+    float *v = work;
+    int64_t total = 0;
+    for (int32_t s = 0; s < d->n_seg; s++) total += (int64_t)d->seg[s].n_rows * d->seg[s].r;
+    int64_t lo, hi;
+    mn_par_range(par, total, &lo, &hi);
+    /* shrink: item i of a segment is (row i / r, j = i % r); base = the segment's first item */
+    int64_t base = 0;
+    for (int32_t s = 0; s < d->n_seg && base < hi; s++) {
+        const mn_lora_seg *g = &d->seg[s];
+        int64_t n = (int64_t)g->n_rows * g->r;
+        int64_t a = lo > base ? lo - base : 0, b = hi - base < n ? hi - base : n;
+        for (int64_t i = a; i < b; i++) {
+            int64_t row = i / g->r, j = i % g->r;
+            const float *x = d->x + (int64_t)d->rows[g->start + row] * d->x_stride;
+            v[base + i] = lora_dot(x, g->a + j * d->K, d->K);
+        }
+        base += n;
+    }
+    mn_par_barrier(par);
+    /* expand: columns of output 0, then output 1, ... */
+    int64_t cols = 0;
+    for (int32_t o = 0; o < d->n_out; o++) cols += d->N[o];
+    mn_par_range(par, cols, &lo, &hi);
+    int64_t c0 = 0;
+    for (int32_t o = 0; o < d->n_out && c0 < hi; o++) {
+        const int64_t N = d->N[o];
+        int64_t n0 = lo > c0 ? lo - c0 : 0, n1 = hi - c0 < N ? hi - c0 : N;
+        c0 += N;
+        for (int64_t cb = n0; cb < n1; cb += LORA_CHUNK) {
+            const int64_t cn = n1 - cb < LORA_CHUNK ? n1 - cb : LORA_CHUNK;
+            const float *vs = v;
+            for (int32_t s = 0; s < d->n_seg; s++) {
+                const mn_lora_seg *g = &d->seg[s];
+                const float *bt = g->b[o];
+                for (int32_t i = 0; bt && i < g->n_rows; i++) {
+                    const float *vr = vs + (int64_t)i * g->r + g->r_off[o];
+                    float acc[LORA_CHUNK];
+                    for (int64_t n = 0; n < cn; n++) acc[n] = 0.0f;
+                    for (int32_t j = 0; j < g->r_out[o]; j++) lora_axpy(acc, vr[j], bt + (int64_t)j * N + cb, cn);
+                    float *y = d->y[o] + (int64_t)d->rows[g->start + i] * d->y_stride[o] + cb;
+                    const float sc = g->scale[o];
+                    for (int64_t n = 0; n < cn; n++) y[n] += sc * acc[n];
+                }
+                vs += (int64_t)g->n_rows * g->r;
+            }
+        }
+    }
+}
+
+#endif
