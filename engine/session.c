@@ -719,11 +719,25 @@ static mn_err frame_message(mn_engine *e, mn_session *s, mn_role role, const cha
     static const char sentinel[] = "\x01mneme-content\x01";
     mn_chat_template t = m->chat;
     if (s->n_tokens > 0 || role == MN_ROLE_SYSTEM) t.default_system = NULL; /* only a first message gets it */
-    mn_chat_msg msg = {mn_role_name(role), sentinel};
-    char *r = NULL;
-    size_t rl = 0;
-    mn_err err = mn_chat_render(&t, &msg, 1, false, &r, &rl, eb);
-    if (err != MN_OK) return err;
+    /* A later message is framed as what the template adds after an earlier one: render
+     * [earlier, this] and [earlier] and keep the difference. So text a template emits once
+     * per conversation (Llama 3's <|begin_of_text|>) is not repeated, while text that
+     * merely looks like BOS (SmolLM2's BOS is ChatML's <|im_start|>) is kept. */
+    mn_chat_msg msgs[2] = {{"user", "x"}, {mn_role_name(role), sentinel}};
+    bool later = s->n_tokens > 0;
+    char *r = NULL, *r0 = NULL;
+    size_t rl = 0, rl0 = 0;
+    mn_err err = mn_chat_render(&t, later ? msgs : msgs + 1, later ? 2 : 1, false, &r, &rl, eb);
+    if (err == MN_OK && later) err = mn_chat_render(&t, msgs, 1, false, &r0, &rl0, eb);
+    if (err == MN_OK && later && (rl0 > rl || memcmp(r, r0, rl0) != 0))
+        err = mn_errf(eb, MN_EUNSUPPORTED, "chat template %s renders a conversation that does not extend its first "
+                      "message: cannot frame messages one at a time", mn_chat_kind_name(t.kind));
+    mn_free(r0);
+    if (err != MN_OK) { mn_free(r); return err; }
+    if (later) { /* keep only the part after the earlier message */
+        memmove(r, r + rl0, rl - rl0 + 1);
+        rl -= rl0;
+    }
     char *at = strstr(r, sentinel);
     if (!at) { mn_free(r); return mn_errf(eb, MN_EUNSUPPORTED, "chat template dropped the message content"); }
     const char *parts[3] = {r, text, at + sizeof sentinel - 1};
@@ -743,12 +757,6 @@ static mn_err frame_message(mn_engine *e, mn_session *s, mn_role role, const cha
         mn_free(t_ids);
     }
     mn_free(r);
-    /* a template that opens with BOS text renders it for every message: keep it only first */
-    int32_t bos = mn_tokenizer_bos(m->tok);
-    if (err == MN_OK && s->n_tokens > 0 && n_all > 0 && all[0] == bos && bos >= 0) {
-        memmove(all, all + 1, (size_t)(n_all - 1) * sizeof(int32_t));
-        n_all--;
-    }
     if (err != MN_OK) { mn_free(all); return err; }
     *out = all;
     *n_out = n_all;

@@ -15,6 +15,8 @@
 #include <unistd.h>
 
 #include "engine/alloc.h"
+#include "engine/chat.h"
+#include "engine/tokenizer.h"
 #include "engine/session.h"
 
 static mn_backend *be;
@@ -426,6 +428,33 @@ static void test_tier_round_trips(void **state) {
     assert_int_equal(rmdir(dir), 0); /* no session file left behind */
 }
 
+/* Messages appended one at a time are the tokens of the whole conversation rendered by
+ * the model's template: every message keeps its opening (SmolLM2's BOS is <|im_start|>,
+ * which a per-message rule once stripped from every later message). */
+static void test_framing_matches_template(void **state) {
+    mn_engine *e = engine(64);
+    mn_errbuf eb;
+    mn_session *s;
+    assert_int_equal(mn_session_create(e, "Be brief.", &s, &eb), MN_OK);
+    append(e, s, MN_ROLE_USER, "Hi");
+    append(e, s, MN_ROLE_ASSISTANT, "Hello! How can I help?");
+    append(e, s, MN_ROLE_USER, "Name a colour.");
+    mn_chat_msg msgs[4] = {{"system", "Be brief."}, {"user", "Hi"}, {"assistant", "Hello! How can I help?"},
+                           {"user", "Name a colour."}};
+    char *text;
+    size_t len;
+    assert_int_equal(mn_chat_render(&model->chat, msgs, 4, false, &text, &len, &eb), MN_OK);
+    int32_t *want;
+    int64_t n_want;
+    assert_int_equal(mn_tokenize(model->tok, text, len, MN_TOK_PARSE_SPECIAL, &want, &n_want, &eb), MN_OK);
+    int32_t n;
+    const int32_t *got = mn_session_tokens(s, NULL, &n);
+    if (n != n_want || memcmp(got, want, (size_t)n * sizeof *got) != 0) fail_msg("session tokens differ from the rendered conversation:\n%s", text);
+    mn_free(text);
+    mn_free(want);
+    mn_engine_free(e);
+}
+
 /* T0 -> T3 -> engine freed -> a new engine on the same directory adopts the session
  * under its id and it continues bit-identically; a damaged file is refused, left alone,
  * and disturbs nothing. */
@@ -554,6 +583,7 @@ int main(void) {
         cmocka_unit_test(test_tier_round_trips),
         cmocka_unit_test(test_tier_budgets),
         cmocka_unit_test(test_restart_adopts_persisted),
+        cmocka_unit_test(test_framing_matches_template),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
