@@ -1,6 +1,7 @@
-/* server/http_impl.h — internals shared by the HTTP transport's files (server/http.c:
- * connections, parsing, responses; server/http_ws.c: WebSocket). Not for applications:
- * they use server/http.h. Everything runs on the loop thread.
+/* server/http_impl.h — internals shared by the HTTP transport's files (http.c: server,
+ * connections, socket I/O, timers; http_req.c: parsing; http_res.c: responses; http_ws.c:
+ * WebSocket). Not for applications: they use server/http.h. Everything runs on the loop
+ * thread.
  */
 #ifndef MN_HTTP_IMPL_H
 #define MN_HTTP_IMPL_H
@@ -149,7 +150,9 @@ struct mn_http_ws {
     bool busy;               /* inside mn_http__ws_feed: free at its end */
 };
 
-/* ---- shared between http.c and http_ws.c ---- */
+/* ---- shared between the transport's files ---- */
+
+/* http.c */
 
 /** Close the connection now: every unfinished response gets its abort callback. */
 void mn_http__conn_close(mn_http__conn *c);
@@ -159,6 +162,26 @@ void mn_http__conn_update(mn_http__conn *c);
 bool mn_http__res_emitv(mn_http_res *r, uv_buf_t *bufs, int n);
 /** r ended: frees it (now or when it leaves the queue) and lets later responses go out. */
 void mn_http__res_finish(mn_http_res *r);
+/** Write bufs to the socket after everything queued before (copies what it cannot write now). */
+void mn_http__conn_sendv(mn_http__conn *c, uv_buf_t *bufs, int n);
+
+/* http_res.c */
+/** A new response at the end of c's queue. NULL when out of memory. */
+mn_http_res *mn_http__res_new(mn_http__conn *c);
+void mn_http__res_free(mn_http_res *r);
+/** Pop finished responses from the head, flush the next one's buffered bytes, parse more. */
+void mn_http__conn_advance(mn_http__conn *c);
+/** A transport error: answer status with msg (OpenAI error JSON) in order, then close. */
+void mn_http__conn_fail(mn_http__conn *c, int status, const char *msg);
+
+/* http_req.c */
+void mn_http__parser_settings(llhttp_settings_t *st);
+/** Parse what is waiting in c->in (kept there while parsing was paused). */
+void mn_http__process_input(mn_http__conn *c);
+/** Parse freshly read bytes; keep in c->in only what cannot be parsed yet. */
+void mn_http__process_read(mn_http__conn *c, const char *data, size_t len);
+
+/* http_ws.c */
 /** Consume WebSocket frames from c->in (c->ws set). */
 void mn_http__ws_feed(mn_http__conn *c);
 
