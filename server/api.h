@@ -95,6 +95,23 @@ bool api_gen_parse(mn_serve *srv, json_t *body, api_gen_kind kind, api_gen_opts 
 void api_gen_run(mn_serve *srv, api_gen_kind kind, json_t *body, const api_gen_opts *o, const char *session_id,
                  const char *owner, mn_http_res *res);
 
+/** Where a generation's output goes when it is not an HTTP response (a WebSocket). Both
+ *  run on the loop thread. on_token gets each token event ({"t": id, "x": text, ...});
+ *  false stops the generation as api_gen_interrupt does. on_end runs once, last: err is
+ *  NULL on success; after an interrupt fin is CANCELLED and n_gen the delivered count. */
+typedef struct api_gen api_gen;
+typedef struct api_gen_sink {
+    bool (*on_token)(void *ud, json_t *ev);
+    void (*on_end)(void *ud, const api_err *err, mn_finish fin, int32_t n_prompt, int32_t n_gen);
+    void *ud;
+} api_gen_sink;
+/** api_gen_run for a registered session, with output to sink. NULL with err filled when it
+ *  cannot start (then no callback runs); the handle is valid until on_end returns. */
+api_gen *api_gen_run_sink(mn_serve *srv, json_t *body, const api_gen_opts *o, const char *session_id, const char *owner,
+                          const api_gen_sink *sink, api_err *err);
+/** Stop g within one step; its session keeps only the tokens already delivered. */
+void api_gen_interrupt(api_gen *g);
+
 /* ---- session API (server/api_sessions.c) ---- */
 /** Route /v1/sessions...; path is after "/v1/sessions". */
 void api_sessions(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const char *owner, const char *rest);

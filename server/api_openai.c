@@ -45,7 +45,7 @@ typedef struct api_gen {
     /* engine thread */
     mn_session *s;
     bool temp, s_done;
-    int32_t start_len;
+    int32_t start_len, end_len;   /* session length after generate_start / when it ended */
     /* loop thread */
     mn_http_res *res;
     char id[48];
@@ -55,6 +55,8 @@ typedef struct api_gen {
     char *text;
     size_t text_len, text_cap;
     json_t *lp;              /* non-stream logprobs */
+    api_gen_sink sink;       /* output to a sink (WebSocket) instead of res */
+    bool has_sink;
 } api_gen;
 
 static double mono(void) {
@@ -363,6 +365,7 @@ static void on_done(void *ud, const mn_gen_result *res, mn_err err, const char *
     }
     finish_locked_post(g);
     g->s_done = true;
+    if (g->s) mn_session_tokens(g->s, NULL, &g->end_len);
     mn_et_defer(g->srv->et, &g->fin);
 }
 
@@ -439,20 +442,28 @@ fail:
     start_failed(g, &ae);
 }
 
+/* Stop g and keep only what the client received. The generation may have ended already
+ * (its token callback saw the cancel flag, or it finished while the cancel was queued): the
+ * undelivered tail is still rewound, unless something was appended since it ended. */
 static void gen_cancel_job(void *ud) {
     api_gen *g = ud;
     mn_engine *e = mn_et_engine(g->srv->et);
-    if (g->s && !g->s_done) {
-        mn_session_generate_cancel(e, g->s);
-        if (!g->temp) { /* keep only what the client received */
-            uv_mutex_lock(&g->mu);
-            int32_t keep = g->start_len + g->cancel_at;
-            uv_mutex_unlock(&g->mu);
-            int32_t n = 0;
-            mn_session_tokens(g->s, NULL, &n);
-            mn_errbuf eb;
-            if (keep < n) mn_session_rewind(e, g->s, keep, &eb);
-        }
+    if (g->temp) {
+        if (g->s && !g->s_done) mn_session_generate_cancel(e, g->s);
+        gen_unref(g);
+        return;
+    }
+    /* through the registry: the session may have been deleted meanwhile */
+    mn_session *s = g->start_len > 0 ? api_registry_find(g->srv, g->sid, g->owner) : NULL;
+    if (s && !g->s_done) mn_session_generate_cancel(e, s);
+    if (s && g->s_done) {
+        uv_mutex_lock(&g->mu);
+        int32_t keep = g->start_len + g->cancel_at;
+        uv_mutex_unlock(&g->mu);
+        int32_t n = 0;
+        mn_session_tokens(s, NULL, &n);
+        mn_errbuf eb;
+        if (n == g->end_len && keep < n) mn_session_rewind(e, s, keep, &eb);
     }
     gen_unref(g);
 }
@@ -645,6 +656,43 @@ static void end_aborted(api_gen *g) {
     g->res_done = true;
 }
 
+static void count_token(api_gen *g, json_t *ev) {
+    double ts = json_real_value(json_object_get(ev, "ts"));
+    if (g->delivered == 0) api_hist_add(&g->srv->metrics.ttft, ts - g->t0);
+    else api_hist_add(&g->srv->metrics.itl, ts - g->t_last);
+    g->t_last = ts;
+    g->delivered++;
+    g->srv->metrics.generated_tokens++;
+}
+
+static void gen_release_loop(api_gen *g) {
+    g->loop_released = true;
+    g->srv->streams_active--;
+    g->srv->metrics.streams_active = g->srv->streams_active;
+    gen_unref(g);
+}
+
+/* Sink output: tokens until an interrupt, then the end (takes evs). */
+static void gen_to_sink(api_gen *g, json_t *evs, bool finished, const api_err *err, mn_finish fin, int32_t n_prompt,
+                        int32_t n_gen) {
+    size_t i;
+    json_t *ev;
+    json_array_foreach(evs, i, ev) {
+        if (g->aborted) break;   /* interrupted: what was not delivered is rewound */
+        count_token(g, ev);
+        if (!g->sink.on_token(g->sink.ud, ev)) api_gen_interrupt(g);
+    }
+    json_decref(evs);
+    if (!finished || g->loop_released) return;
+    if (!err->status) {
+        g->srv->metrics.prompt_tokens += n_prompt;
+        api_hist_add(&g->srv->metrics.e2e, mono() - g->t0);
+    }
+    g->sink.on_end(g->sink.ud, err->status ? err : NULL, g->aborted ? MN_FINISH_CANCELLED : fin, n_prompt,
+                   g->aborted ? g->delivered : n_gen);
+    gen_release_loop(g);
+}
+
 static void gen_on_event(void *ud) {
     api_gen *g = ud;
     mn_serve *srv = g->srv;
@@ -657,6 +705,10 @@ static void gen_on_event(void *ud) {
     mn_finish fin = g->finish;
     int32_t n_prompt = g->n_prompt, n_gen = g->n_generated;
     uv_mutex_unlock(&g->mu);
+    if (g->has_sink) {
+        gen_to_sink(g, evs, finished, &err, fin, n_prompt, n_gen);
+        return;
+    }
 
     if (!g->res_done && !g->aborted && err.status && !g->begun && json_array_size(evs) == 0) {
         api_err_respond(g->res, &err);
@@ -678,12 +730,7 @@ static void gen_on_event(void *ud) {
         size_t i;
         json_t *ev;
         json_array_foreach(evs, i, ev) {
-            double ts = json_real_value(json_object_get(ev, "ts"));
-            if (g->delivered == 0) api_hist_add(&srv->metrics.ttft, ts - g->t0);
-            else api_hist_add(&srv->metrics.itl, ts - g->t_last);
-            g->t_last = ts;
-            g->delivered++;
-            srv->metrics.generated_tokens++;
+            count_token(g, ev);
             json_t *x = json_object_get(ev, "x");
             if (g->o.stream) {
                 if (!stream_token(g, ev)) { g->aborted = true; post_cancel(g); break; }
@@ -722,32 +769,29 @@ static void gen_on_event(void *ud) {
     }
     json_decref(evs);
     if (!g->res_done && g->aborted && finished) end_aborted(g);
-    if (g->res_done && finished && !g->loop_released) {
-        g->loop_released = true;
-        srv->streams_active--;
-        srv->metrics.streams_active = srv->streams_active;
-        gen_unref(g);
-    }
+    if (g->res_done && finished && !g->loop_released) gen_release_loop(g);
 }
 
 /* ---- entry points ------------------------------------------------------------------------------ */
 
-void api_gen_run(mn_serve *srv, api_gen_kind kind, json_t *body, const api_gen_opts *o, const char *session_id,
-                 const char *owner, mn_http_res *res) {
-    api_err err = {0};
+static const char *gen_route(api_gen_kind kind) {
+    return kind == API_GEN_SESSION ? "/v1/sessions/{id}/generate" : kind == API_GEN_CHAT ? "/v1/chat/completions" : "/v1/completions";
+}
+
+/* A new generation, validated and counted as active; NULL with err filled otherwise. */
+static api_gen *gen_create(mn_serve *srv, api_gen_kind kind, json_t *body, const api_gen_opts *o, const char *session_id,
+                           const char *owner, api_err *err) {
     api_gen *g = mn_calloc(1, sizeof *g);
     if (!g || uv_mutex_init(&g->mu) != 0 || !(g->events = json_array())) {
         if (g) { json_decref(g->events); mn_free(g); }
-        api_errf(&err, 503, "server_error", NULL, "out of memory");
-        api_err_respond(res, &err);
-        return;
+        api_errf(err, 503, "server_error", NULL, "out of memory");
+        return NULL;
     }
     g->srv = srv;
     g->kind = kind;
     g->o = *o;
     g->o.gp.stops = g->o.stops_buf;
     g->body = json_incref(body);
-    g->res = res;
     g->t0 = mono();
     g->refs = 2;   /* loop + engine */
     snprintf(g->sid, sizeof g->sid, "%s", session_id ? session_id : "");
@@ -758,32 +802,55 @@ void api_gen_run(mn_serve *srv, api_gen_kind kind, json_t *body, const api_gen_o
     g->ev = (mn_et_item){NULL, gen_on_event, g};
     g->fin = (mn_et_item){NULL, gen_fin, g};
     bool ok = true;
-    if (kind == API_GEN_COMPLETION) ok = parse_prompt(srv, body, &g->prompt, &err);
+    if (kind == API_GEN_COMPLETION) ok = parse_prompt(srv, body, &g->prompt, err);
     else if (kind == API_GEN_CHAT) {
-        ok = parse_messages(body, &g->prompt, &err);
+        ok = parse_messages(body, &g->prompt, err);
         if (ok && !srv->model->has_chat_template)
-            ok = api_errf(&err, 400, NULL, "messages", "the model has no chat template mneme recognises: use /v1/completions");
+            ok = api_errf(err, 400, NULL, "messages", "the model has no chat template mneme recognises: use /v1/completions");
+    }
+    if (ok && srv->max_streams > 0 && srv->streams_active >= srv->max_streams) {
+        api_errf(err, 429, "rate_limit_error", NULL, "too many generations in progress (limit %d); retry later", srv->max_streams);
+        err->retry_after = 1;
+        ok = false;
     }
     if (!ok) {
-        api_err_respond(res, &err);
-        api_metrics_request(srv, kind == API_GEN_CHAT ? "/v1/chat/completions" : "/v1/completions", err.status);
         g->refs = 1;
         gen_unref(g);
-        return;
-    }
-    if (srv->max_streams > 0 && srv->streams_active >= srv->max_streams) {
-        api_errf(&err, 429, "rate_limit_error", NULL, "too many generations in progress (limit %d); retry later", srv->max_streams);
-        err.retry_after = 1;
-        api_err_respond(res, &err);
-        api_metrics_request(srv, kind == API_GEN_SESSION ? "/v1/sessions/{id}/generate" : kind == API_GEN_CHAT ? "/v1/chat/completions" : "/v1/completions", 429);
-        g->refs = 1;
-        gen_unref(g);
-        return;
+        return NULL;
     }
     srv->streams_active++;
     srv->metrics.streams_active = srv->streams_active;
+    return g;
+}
+
+void api_gen_run(mn_serve *srv, api_gen_kind kind, json_t *body, const api_gen_opts *o, const char *session_id,
+                 const char *owner, mn_http_res *res) {
+    api_err err = {0};
+    api_gen *g = gen_create(srv, kind, body, o, session_id, owner, &err);
+    if (!g) {
+        api_err_respond(res, &err);
+        api_metrics_request(srv, gen_route(kind), err.status);
+        return;
+    }
+    g->res = res;
     mn_http_res_on_abort(res, on_abort, g);
     mn_et_post_job(srv->et, &g->job);
+}
+
+api_gen *api_gen_run_sink(mn_serve *srv, json_t *body, const api_gen_opts *o, const char *session_id, const char *owner,
+                          const api_gen_sink *sink, api_err *err) {
+    api_gen *g = gen_create(srv, API_GEN_SESSION, body, o, session_id, owner, err);
+    if (!g) return NULL;
+    g->sink = *sink;
+    g->has_sink = true;
+    mn_et_post_job(srv->et, &g->job);
+    return g;
+}
+
+void api_gen_interrupt(api_gen *g) {
+    if (g->aborted || g->loop_released) return;
+    g->aborted = true;
+    post_cancel(g);
 }
 
 void api_completions(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const char *owner, bool chat) {

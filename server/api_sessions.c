@@ -84,8 +84,10 @@ void api_registry_free(mn_serve *srv) {
 /* ---- rpc: one request run on the engine thread ----------------------------------------------- */
 
 typedef enum op {
-    OP_CREATE, OP_LIST, OP_GET, OP_DELETE, OP_MESSAGES, OP_FORK, OP_REWIND, OP_SAVE, OP_EXPORT, OP_IMPORT
+    OP_CREATE, OP_LIST, OP_GET, OP_DELETE, OP_MESSAGES, OP_FORK, OP_REWIND, OP_SAVE, OP_EXPORT, OP_IMPORT, OP_WS_OPEN
 } op;
+
+typedef struct ws_conn ws_conn;
 
 typedef struct rpc {
     mn_serve *srv;
@@ -100,6 +102,7 @@ typedef struct rpc {
     api_err err;
     uint8_t *blob;           /* import: the body; export: the bytes (mn_malloc) */
     size_t blob_len;
+    ws_conn *wc;             /* answer on this WebSocket instead of res */
 } rpc;
 
 static json_t *session_json(mn_serve *srv, reg_entry *re, bool full) {
@@ -191,6 +194,11 @@ static void rpc_job(void *ud) {
         r->status = 200;
         break;
     }
+    case OP_WS_OPEN:
+        if (!rpc_lookup(r, &re)) break;
+        r->out = session_json(srv, re, false);
+        r->status = 200;
+        break;
     case OP_GET:
         if (!rpc_lookup(r, &re)) break;
         r->out = session_json(srv, re, true);
@@ -267,9 +275,14 @@ static void rpc_job(void *ud) {
     mn_et_post_event(srv->et, &r->ev);
 }
 
+static void ws_rpc_done(rpc *r);
+static void ws_open(rpc *r);
+
 static void rpc_done(void *ud) {   /* loop thread */
     rpc *r = ud;
-    if (r->err.status) {
+    if (r->wc) ws_rpc_done(r);
+    else if (r->op == OP_WS_OPEN && !r->err.status) ws_open(r);
+    else if (r->err.status) {
         api_err_respond(r->res, &r->err);
         api_metrics_request(r->srv, r->route, r->err.status);
     } else if (r->op == OP_EXPORT) {
@@ -315,6 +328,162 @@ static void rpc_post_blob(mn_serve *srv, op o, const char *route, const char *id
 static void rpc_post(mn_serve *srv, op o, const char *route, const char *id, const char *owner, json_t *in,
                      mn_http_res *res) {
     rpc_post_blob(srv, o, route, id, owner, in, NULL, 0, res);
+}
+
+/* ---- WebSocket /v1/sessions/{id}/stream (loop thread) ---------------------------------------------
+ * Client frames (JSON text): {"type":"append", "role", "content" | "tokens"}, {"type":"generate",
+ * sampling fields...}, {"type":"interrupt"}. Server frames: {"type":"ready", session},
+ * {"type":"appended", session, "appended"}, {"type":"token", "token", "text"}, {"type":"done",
+ * "finish_reason", "usage"}, {"type":"error", "error": {...}}. An interrupt ends the generation
+ * within one step and rewinds the tokens that were not yet sent; closing the socket does the same. */
+
+struct ws_conn {
+    mn_serve *srv;
+    mn_http_ws *ws;          /* NULL once closed */
+    char sid[40], owner[API_OWNER_LEN];
+    int refs;                /* the socket, each pending rpc, the running generation */
+    api_gen *gen;
+};
+
+static void wc_unref(ws_conn *c) {
+    if (--c->refs == 0) mn_free(c);
+}
+
+static void ws_send(ws_conn *c, json_t *j) {   /* steals j */
+    char *s = c->ws && j ? json_dumps(j, JSON_COMPACT) : NULL;
+    if (s) mn_http_ws_send_text(c->ws, s, strlen(s));
+    mn_free(s);
+    json_decref(j);
+}
+
+static void ws_send_error(ws_conn *c, const api_err *e) {
+    size_t len = 0;
+    char *body = api_err_body(e, &len);
+    json_t *j = body ? json_loadb(body, len, 0, NULL) : NULL;
+    mn_free(body);
+    if (j) json_object_set_new(j, "type", json_string("error"));
+    ws_send(c, j);
+}
+
+static void ws_rpc_done(rpc *r) {
+    if (r->err.status) ws_send_error(r->wc, &r->err);
+    else {
+        json_object_set_new(r->out, "type", json_string("appended"));
+        ws_send(r->wc, r->out);
+        r->out = NULL;
+    }
+    api_metrics_request(r->srv, "/v1/sessions/{id}/stream", r->err.status ? r->err.status : 200);
+    wc_unref(r->wc);
+}
+
+static bool ws_on_token(void *ud, json_t *ev) {
+    ws_conn *c = ud;
+    if (!c->ws) return false;
+    json_t *j = json_pack("{s:s, s:O, s:O}", "type", "token", "token", json_object_get(ev, "t"), "text", json_object_get(ev, "x"));
+    if (j && json_object_get(ev, "lp")) json_object_set(j, "logprob", json_object_get(ev, "lp"));
+    ws_send(c, j);
+    return c->ws && mn_http_ws_pending(c->ws) <= c->srv->max_pending_write;   /* a stalled reader is interrupted */
+}
+
+static void ws_on_end(void *ud, const api_err *err, mn_finish fin, int32_t n_prompt, int32_t n_gen) {
+    ws_conn *c = ud;
+    c->gen = NULL;
+    if (err) ws_send_error(c, err);
+    else {
+        const char *fr = fin == MN_FINISH_LENGTH ? "length" : fin == MN_FINISH_CANCELLED ? "cancelled" : "stop";
+        ws_send(c, json_pack("{s:s, s:s, s:{s:i, s:i, s:i}}", "type", "done", "finish_reason", fr, "usage", "prompt_tokens",
+                             n_prompt, "completion_tokens", n_gen, "total_tokens", n_prompt + n_gen));
+    }
+    wc_unref(c);
+}
+
+static bool check_message(mn_serve *srv, json_t *in, api_err *err);
+
+static void ws_on_text(void *ud, mn_http_ws *ws, const char *data, size_t len) {
+    ws_conn *c = ud;
+    mn_serve *srv = c->srv;
+    api_err err = {0};
+    json_t *in = NULL;
+    const char *type = NULL;
+    if (!ju_parse_object(data, len, &in, &err) || !ju_req_string(in, "type", &type, NULL, &err)) {
+        ws_send_error(c, &err);
+        json_decref(in);
+        return;
+    }
+    if (!strcmp(type, "append")) {
+        if (!check_message(srv, in, &err)) ws_send_error(c, &err);
+        else {
+            rpc *r = mn_calloc(1, sizeof *r);
+            if (!r) {
+                api_errf(&err, 503, "server_error", NULL, "out of memory");
+                ws_send_error(c, &err);
+            } else {
+                *r = (rpc){.srv = srv, .op = OP_MESSAGES, .route = "/v1/sessions/{id}/stream", .in = json_incref(in), .wc = c};
+                snprintf(r->id, sizeof r->id, "%s", c->sid);
+                snprintf(r->owner, sizeof r->owner, "%s", c->owner);
+                r->job = (mn_et_item){NULL, rpc_job, r};
+                r->ev = (mn_et_item){NULL, rpc_done, r};
+                c->refs++;
+                mn_et_post_job(srv->et, &r->job);
+            }
+        }
+    } else if (!strcmp(type, "generate")) {
+        api_gen_opts o;
+        if (c->gen) api_errf(&err, 409, "conflict_error", NULL, "session %s is already generating: interrupt first", c->sid);
+        else if (srv->draining) api_errf(&err, 503, "server_error", NULL, "the server is shutting down");
+        else if (api_gen_parse(srv, in, API_GEN_SESSION, &o, &err)) {
+            api_gen_sink sink = {ws_on_token, ws_on_end, c};
+            c->gen = api_gen_run_sink(srv, in, &o, c->sid, c->owner, &sink, &err);
+            if (c->gen) c->refs++;
+        }
+        if (err.status) ws_send_error(c, &err);
+    } else if (!strcmp(type, "interrupt")) {
+        if (c->gen) api_gen_interrupt(c->gen);   /* the done frame (finish_reason "cancelled") answers it */
+        else {
+            api_errf(&err, 409, "conflict_error", NULL, "nothing to interrupt: no generation is running");
+            ws_send_error(c, &err);
+        }
+    } else {
+        api_errf(&err, 400, NULL, "type", "'type' must be append, generate or interrupt; got '%s'", type);
+        ws_send_error(c, &err);
+    }
+    json_decref(in);
+}
+
+static void ws_on_binary(void *ud, mn_http_ws *ws, const char *data, size_t len) {
+    api_err err;
+    api_errf(&err, 400, NULL, NULL, "binary frames are not supported: send JSON text frames");
+    ws_send_error(ud, &err);
+}
+
+static void ws_on_close(void *ud, mn_http_ws *ws, int code, const char *reason) {
+    ws_conn *c = ud;
+    c->ws = NULL;
+    if (c->gen) api_gen_interrupt(c->gen);
+    wc_unref(c);
+}
+
+static void ws_open(rpc *r) {
+    ws_conn *c = mn_calloc(1, sizeof *c);
+    if (!c) {
+        api_errf(&r->err, 503, "server_error", NULL, "out of memory");
+        api_err_respond(r->res, &r->err);
+        return;
+    }
+    c->srv = r->srv;
+    c->refs = 1;
+    snprintf(c->sid, sizeof c->sid, "%s", r->id);
+    snprintf(c->owner, sizeof c->owner, "%s", r->owner);
+    static const mn_http_ws_callbacks cb = {ws_on_text, ws_on_binary, ws_on_close};
+    c->ws = mn_http_ws_accept(r->res, &cb, c);
+    api_metrics_request(r->srv, r->route, c->ws ? 101 : 400);
+    if (!c->ws) {
+        mn_free(c);
+        return;
+    }
+    json_object_set_new(r->out, "type", json_string("ready"));
+    ws_send(c, r->out);
+    r->out = NULL;
 }
 
 /* ---- routing (loop thread) ----------------------------------------------------------------------- */
@@ -435,21 +604,20 @@ void api_sessions(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const
         else respond_405(srv, res, route, "GET, DELETE");
         return;
     }
-    static const struct { const char *name; op o; bool is_get; } acts[] = {
-        {"messages", OP_MESSAGES, false}, {"fork", OP_FORK, false}, {"rewind", OP_REWIND, false},
-        {"save", OP_SAVE, false}, {"export", OP_EXPORT, true}, {"generate", OP_GET, false}};
+    static const struct { const char *name; op o; bool is_get; const char *route; } acts[] = {
+        {"messages", OP_MESSAGES, false, "/v1/sessions/{id}/messages"}, {"fork", OP_FORK, false, "/v1/sessions/{id}/fork"},
+        {"rewind", OP_REWIND, false, "/v1/sessions/{id}/rewind"}, {"save", OP_SAVE, false, "/v1/sessions/{id}/save"},
+        {"export", OP_EXPORT, true, "/v1/sessions/{id}/export"}, {"generate", OP_GET, false, "/v1/sessions/{id}/generate"},
+        {"stream", OP_WS_OPEN, true, "/v1/sessions/{id}/stream"}};
     for (size_t i = 0; i < sizeof acts / sizeof acts[0]; i++) {
         if (strcmp(action, acts[i].name) != 0) continue;
-        const char *rroute = NULL;   /* a static string for metrics */
-        switch (i) {
-        case 0: rroute = "/v1/sessions/{id}/messages"; break;
-        case 1: rroute = "/v1/sessions/{id}/fork"; break;
-        case 2: rroute = "/v1/sessions/{id}/rewind"; break;
-        case 3: rroute = "/v1/sessions/{id}/save"; break;
-        case 4: rroute = "/v1/sessions/{id}/export"; break;
-        default: rroute = "/v1/sessions/{id}/generate"; break;
-        }
+        const char *rroute = acts[i].route;   /* a static string for metrics */
         if (acts[i].is_get ? !get : !post) { respond_405(srv, res, rroute, acts[i].is_get ? "GET" : "POST"); return; }
+        if (acts[i].o == OP_WS_OPEN && !mn_http_ws_is_upgrade(req)) {
+            api_errf(&err, 400, NULL, NULL, "%s is a WebSocket: send a valid Upgrade: websocket request", rroute);
+            fail(srv, res, rroute, &err, NULL);
+            return;
+        }
         if (acts[i].is_get) { rpc_post(srv, acts[i].o, rroute, sid, owner, NULL, res); return; }
         if (!body_object(req, &in, &err)) { fail(srv, res, rroute, &err, in); return; }
         if (!strcmp(action, "generate")) {

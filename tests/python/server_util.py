@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import re
+import socket
 import signal
 import subprocess
 import tempfile
@@ -107,3 +108,74 @@ def sse_events(data: bytes) -> list:
         payload = block[len("data: "):]
         out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out
+
+
+class WS:
+    """A minimal WebSocket client (RFC 6455): JSON text frames, masked as a client must."""
+
+    def __init__(self, port: int, path: str, headers=None, timeout: float = 30.0):
+        import base64
+        self.s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        h = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        self.s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{h}\r\n".encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            d = self.s.recv(4096)
+            if not d:
+                break
+            self.buf += d
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        self.status = int(head.split(b" ")[1]) if head else 0
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            d = self.s.recv(65536)
+            if not d:
+                raise EOFError("websocket closed")
+            self.buf += d
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def _frame(self, opcode: int, payload: bytes):
+        import struct
+        n = len(payload)
+        head = bytes([0x80 | opcode])
+        if n < 126:
+            head += bytes([0x80 | n])
+        elif n < 65536:
+            head += bytes([0x80 | 126]) + struct.pack(">H", n)
+        else:
+            head += bytes([0x80 | 127]) + struct.pack(">Q", n)
+        mask = os.urandom(4)
+        self.s.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    def send(self, obj):
+        self._frame(1, json.dumps(obj).encode())
+
+    def recv(self):
+        """The next JSON message; None when the server closed."""
+        import struct
+        while True:
+            b0, b1 = self._read(2)
+            n = b1 & 0x7F
+            if n == 126:
+                n = struct.unpack(">H", self._read(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", self._read(8))[0]
+            payload = self._read(n)
+            op = b0 & 0x0F
+            if op == 1:
+                return json.loads(payload)
+            if op == 8:
+                return None
+            if op == 9:
+                self._frame(10, payload)
+
+    def close(self):
+        try:
+            self._frame(8, b"\x03\xe8")
+        except OSError:
+            pass
+        self.s.close()
