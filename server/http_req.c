@@ -250,6 +250,7 @@ static size_t parse_run(mn_http__conn *c, const char *data, size_t len) {
         }
         break;
     }
+    if (c->ws && !c->closing) return off; /* accepted at once: what follows are its frames */
     return c->no_more || c->closing ? len : off;
 }
 
@@ -257,6 +258,11 @@ static size_t parse_run(mn_http__conn *c, const char *data, size_t len) {
 static void parse_after(mn_http__conn *c) {
     c->in_parse = false;
     if (c->closing) return;
+    if (c->ws) {
+        if (c->in.len) mn_http__ws_feed(c);
+        else mn_http__conn_update(c);
+        return;
+    }
     if (c->qhead && c->qhead->done) mn_http__conn_advance(c);
     else mn_http__conn_update(c);
 }

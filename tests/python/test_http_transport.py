@@ -734,3 +734,15 @@ def test_random_input_never_breaks_the_server(echo):
     c.send(get("/alive"))
     assert json.loads(c.response()[2])["path"] == "/alive"
 
+
+
+def test_ws_frames_in_the_same_packet_as_the_upgrade(echo):
+    port, _ = echo()
+    c = Conn(port)
+    c.send(b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+           + ws_frame(1, b"early") + ws_frame(1, b"bird"))
+    st, h, _ = c.response(head=True)
+    assert st == 101 and h["sec-websocket-accept"] == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    assert ws_recv(c) == (True, 1, b"early")
+    assert ws_recv(c) == (True, 1, b"bird")
