@@ -50,4 +50,19 @@ build-fuzz/fuzz_session_file -max_total_time="${MNEME_FUZZ_SECONDS:-20}" -rss_li
 grep -E "stat::number_of_executed_units|ERROR|SUMMARY" "$corpus/log" || true
 if [ $rc -ne 0 ]; then tail -40 "$corpus/log"; echo "fuzz_session_file failed (exit $rc)"; exit 1; fi
 rm -rf "$corpus"
+echo "== fuzz smoke: the safetensors reader for ${MNEME_FUZZ_SECONDS:-20} s"
+ninja -C build-fuzz fuzz_safetensors >/dev/null
+corpus=$(mktemp -d)
+for t in F32 F16 BF16; do
+  python3 tools/gen_lora.py "$corpus/d_$t" --n-layer 1 --n-embd 8 --n-head 2 --n-kv-head 1 --n-ff 16 --r 2 \
+    --targets q_proj,down_proj --dtype "$t" >/dev/null
+  mv "$corpus/d_$t/adapter_model.safetensors" "$corpus/s_$t.safetensors"
+  rm -rf "$corpus/d_$t"
+done
+rc=0
+build-fuzz/fuzz_safetensors -max_total_time="${MNEME_FUZZ_SECONDS:-20}" -rss_limit_mb=1024 -print_final_stats=1 \
+  "$corpus" >"$corpus/log" 2>&1 || rc=$?
+grep -E "stat::number_of_executed_units|ERROR|SUMMARY" "$corpus/log" || true
+if [ $rc -ne 0 ]; then tail -40 "$corpus/log"; echo "fuzz_safetensors failed (exit $rc)"; exit 1; fi
+rm -rf "$corpus"
 echo "all test stages passed"
