@@ -121,6 +121,18 @@ static void on_close_handle(uv_handle_t *h) {
     mn_http_server *s = c->s;
     s->n_handles--;
     if (--c->handles_open > 0) return;
+    /* abort callbacks run here, not inside mn_http__conn_close: that can happen in the
+     * middle of an owner's call on its res (a write failing), which must not see res freed */
+    mn_http_res *r = c->aborted;
+    c->aborted = NULL;
+    while (r) {
+        mn_http_res *next = r->next;
+        r->next = NULL;
+        r->abort_pending = false;
+        if (r->done) mn_http__res_free(r);
+        else if (r->abort_cb) r->abort_cb(r->abort_ud); /* may end (and free) r */
+        r = next;
+    }
     mn_http__buf_release(&c->in);
     mn_http__buf_release(&c->arena);
     mn_http__buf_release(&c->body);
@@ -129,8 +141,9 @@ static void on_close_handle(uv_handle_t *h) {
     if (s->closing && s->n_handles == 0 && s->on_closed) s->on_closed(s->on_closed_ud);
 }
 
-/* Detach every response: finished ones are freed, unfinished ones learn of the abort
- * and are freed when their owner ends them. */
+/* Detach every response: finished ones are freed, unfinished ones wait in c->aborted for
+ * their abort callbacks (run once the handles are closed) and are freed when their owner
+ * ends them. */
 static void conn_abort_queue(mn_http__conn *c) {
     mn_http_res *r = c->qhead;
     c->qhead = c->qtail = NULL;
@@ -143,7 +156,9 @@ static void conn_abort_queue(mn_http__conn *c) {
             mn_http__res_free(r);
         } else {
             r->aborted = true;
-            if (r->abort_cb) r->abort_cb(r->abort_ud); /* may end (and free) r */
+            r->abort_pending = true;
+            r->next = c->aborted;
+            c->aborted = r;
         }
         r = next;
     }

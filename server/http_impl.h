@@ -37,6 +37,7 @@ struct mn_http_res {
     bool head;               /* HEAD request: no body bytes */
     bool http10;             /* request was HTTP/1.0: no chunked framing */
     bool aborted;
+    bool abort_pending;      /* on its closed connection's aborted list, callback not run yet */
     char ws_key[32];         /* Sec-WebSocket-Key of a valid upgrade request, else "" */
     void (*abort_cb)(void *);
     void *abort_ud;
@@ -77,6 +78,7 @@ struct mn_http__conn {
     size_t header_bytes;
     mn_http__buf body;
     mn_http_res *qhead, *qtail;
+    mn_http_res *aborted;    /* detached unfinished responses whose abort callbacks are due */
     int n_res;
 };
 
@@ -147,7 +149,7 @@ struct mn_http_ws {
     size_t max_msg;
     bool close_sent;         /* our close frame is queued: send nothing more */
     bool finished;           /* on_close ran */
-    bool busy;               /* inside mn_http__ws_feed: free at its end */
+    int busy;                /* holds (feed loop, close paths): freed when the last one ends */
 };
 
 /* ---- shared between the transport's files ---- */

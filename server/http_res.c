@@ -134,7 +134,7 @@ void mn_http__res_finish(mn_http_res *r) {
     r->done = true;
     mn_http__conn *c = r->c;
     if (!c) {
-        mn_http__res_free(r);
+        if (!r->abort_pending) mn_http__res_free(r); /* else freed with the connection */
         return;
     }
     if (c->qhead == r) mn_http__conn_advance(c);

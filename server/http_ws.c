@@ -150,6 +150,14 @@ static void ws_finish(mn_http_ws *ws, int code, const char *reason) {
     if (!ws->busy) ws_free(ws);
 }
 
+/* Keep ws alive across a call that may close the connection (a failed write closes it at
+ * once, and on_close frees ws): hold before, release after. */
+static void ws_hold(mn_http_ws *ws) { ws->busy++; }
+
+static void ws_release(mn_http_ws *ws) {
+    if (--ws->busy == 0 && ws->finished) ws_free(ws);
+}
+
 static void ws_on_abort(void *ud) {
     mn_http_ws *ws = ud;
     if (ws->c) ws->c->ws = NULL;
@@ -179,6 +187,7 @@ static bool ws_send_frame(mn_http_ws *ws, int op, const char *data, size_t len) 
     return mn_http__res_emitv(ws->res, b, len ? 2 : 1);
 }
 
+/* Queue our close frame. ws may be finished (and, unless held, freed) when this returns. */
 static void ws_send_close(mn_http_ws *ws, int code, const char *reason) {
     char p[125];
     size_t n = 0;
@@ -192,13 +201,15 @@ static void ws_send_close(mn_http_ws *ws, int code, const char *reason) {
         n += rl;
     }
     ws_send_frame(ws, 8, p, n);
-    ws->close_sent = true;
+    ws->close_sent = true; /* callers hold ws */
 }
 
 /* a protocol violation: close frame with code, then end */
 static void ws_fail(mn_http_ws *ws, int code, const char *reason) {
+    ws_hold(ws);
     if (!ws->close_sent) ws_send_close(ws, code, reason);
     ws_finish(ws, code, reason);
+    ws_release(ws);
 }
 
 mn_http_ws *mn_http_ws_accept(mn_http_res *res, const mn_http_ws_callbacks *cb, void *ud) {
@@ -257,8 +268,10 @@ size_t mn_http_ws_pending(const mn_http_ws *ws) { return ws->res ? mn_http_res_p
 
 void mn_http_ws_close(mn_http_ws *ws, int code, const char *reason) {
     if (ws->finished || ws->close_sent || !ws->c) return;
+    ws_hold(ws);
     ws_send_close(ws, code, reason);
     if (ws->c && !ws->c->closing) mn_http__conn_update(ws->c); /* grace timer for the client's answer */
+    ws_release(ws);
 }
 
 /* ---- frames in ---- */
@@ -285,14 +298,16 @@ static void ws_on_close_frame(mn_http_ws *ws, const uint8_t *p, size_t n) {
         memcpy(reason, p + 2, n - 2);
         reason[n - 2] = '\0';
     }
+    ws_hold(ws);
     if (!ws->close_sent) ws_send_close(ws, code == 1005 ? 0 : code, NULL);
     ws_finish(ws, code, reason);
+    ws_release(ws);
 }
 
 void mn_http__ws_feed(mn_http__conn *c) {
     mn_http_ws *ws = c->ws;
-    if (!ws || ws->busy) return;
-    ws->busy = true;
+    if (!ws || ws->busy) return; /* not re-entered from a callback */
+    ws_hold(ws);
     size_t off = 0;
     char why[128];
     while (!ws->finished) {
@@ -387,7 +402,7 @@ void mn_http__ws_feed(mn_http__conn *c) {
         memmove(c->in.p, c->in.p + off, c->in.len - off);
         c->in.len -= off;
     }
-    ws->busy = false;
-    if (ws->finished) ws_free(ws);
-    else if (!c->closing) mn_http__conn_update(c);
+    bool done = ws->finished;
+    ws_release(ws);
+    if (!done && !c->closing) mn_http__conn_update(c);
 }

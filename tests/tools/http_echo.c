@@ -29,7 +29,7 @@ typedef struct echo_app {
     mn_http_server *srv;
     mn_http_limits lim;
     uv_signal_t sigterm, sigint;
-    long n_aborts;           /* abort callbacks seen (reported by /stats) */
+    long n_aborts;           /* responses cut short: abort callbacks and failed stream writes (/stats) */
     long ws_closes;          /* WebSocket on_close calls, and the last code */
     int ws_last_code;
 } echo_app;
@@ -81,6 +81,7 @@ static void stream_tick(uv_timer_t *t) {
     for (int i = 0; i < j->burst && j->left > 0; i++) {
         if (mn_http_res_pending(j->res) > j->app->lim.max_pending_write) return;
         if (!mn_http_stream_write(j->res, j->chunk, (size_t)j->size)) {
+            j->app->n_aborts++; /* the client is gone and we noticed first */
             stream_job_end(j);
             return;
         }
