@@ -254,6 +254,37 @@ static void test_server_new_errors(void **state) {
     assert_int_equal(uv_loop_close(&loop), 0);
 }
 
+static void refused_cb(uv_connect_t *c, int status) {
+    *(int *)c->data = status;
+    uv_close((uv_handle_t *)c->handle, NULL);
+}
+
+static void test_stop_accepting(void **state) {
+    uv_loop_t loop;
+    assert_int_equal(uv_loop_init(&loop), 0);
+    mn_http_server *s = NULL;
+    mn_errbuf eb;
+    assert_int_equal(mn_http_server_new(&loop, "127.0.0.1", 0, NULL, handler, NULL, &s, &eb), MN_OK);
+    assert_int_equal(mn_http_server_n_connections(s), 0);
+    int port = mn_http_server_port(s);
+    mn_http_server_stop_accepting(s);
+    uv_run(&loop, UV_RUN_NOWAIT); /* the listener closes */
+    uv_tcp_t cli;
+    uv_connect_t req;
+    int status = 1;
+    req.data = &status;
+    uv_tcp_init(&loop, &cli);
+    struct sockaddr_in a;
+    uv_ip4_addr("127.0.0.1", port, &a);
+    assert_int_equal(uv_tcp_connect(&req, &cli, (const struct sockaddr *)&a, refused_cb), 0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(status, UV_ECONNREFUSED);
+    mn_http_server_close(s, NULL, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    mn_http_server_free(s);
+    assert_int_equal(uv_loop_close(&loop), 0);
+}
+
 static void test_limits_default(void **state) {
     mn_http_limits l = mn_http_limits_default();
     assert_int_equal(l.max_header_bytes, 16 * 1024);
@@ -271,6 +302,7 @@ int main(void) {
         cmocka_unit_test(test_ws_exchange),
         cmocka_unit_test(test_ws_allocation_failures),
         cmocka_unit_test(test_server_new_errors),
+        cmocka_unit_test(test_stop_accepting),
         cmocka_unit_test(test_limits_default),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
