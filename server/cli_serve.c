@@ -413,6 +413,7 @@ static void serve_usage(void) {
             "  --max-body BYTES         request body limit (default 8 MiB)\n"
             "  --max-connections N      (default 4096)\n"
             "  --max-streams N          generations in progress at once; beyond: 429 (default 256, 0: no limit)\n"
+            "  --max-pending-write B    bytes queued to a client before its stream counts as stalled (default 1 MiB)\n"
             "  --drain-timeout S        seconds streams may run on after SIGTERM (default 10)\n"
             "  --idle-demote S          move a session's KV down a tier after S idle seconds (T1), 2S (T2),\n"
             "                           4S (T3 with --persist-dir); 0: only under memory pressure (default 60)\n"
@@ -422,7 +423,7 @@ static void serve_usage(void) {
 static bool is_serve_value_flag(const char *a) {
     static const char *const flags[] = {"--host", "--port", "--api-key-file", "--persist-dir", "--max-batch-tokens",
                                         "--kv-blocks", "--t1-budget", "--t2-budget", "--max-body", "--max-connections",
-                                        "--drain-timeout", "--idle-demote", "--max-streams"};
+                                        "--drain-timeout", "--idle-demote", "--max-streams", "--max-pending-write"};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         if (!strcmp(a, flags[i])) return true;
     return false;
@@ -441,7 +442,7 @@ static void model_stem(const char *path, char *out, size_t cap) {
 int cmd_serve(int argc, char **argv) {
     cli_model_opts mo = {0};
     const char *host = "127.0.0.1", *key_file = NULL, *persist = NULL;
-    long max_streams = 256;
+    long max_streams = 256, max_pending = 0;
     long port = 8080, max_batch = 0, kv_blocks = 0, max_conn = 0, t1 = 0, t2 = 0, max_body = 0;
     double drain = 10, idle = 60;
     for (int i = 1; i < argc; i++) {
@@ -465,6 +466,7 @@ int cmd_serve(int argc, char **argv) {
         else if (!strcmp(a, "--drain-timeout")) { if (cli_float(a, v, 0, 3600, &drain)) return 2; }
         else if (!strcmp(a, "--idle-demote")) { if (cli_float(a, v, 0, 1e6, &idle)) return 2; }
         else if (!strcmp(a, "--max-streams")) { if (cli_int(a, v, 0, 1 << 20, &max_streams)) return 2; }
+        else if (!strcmp(a, "--max-pending-write")) { if (cli_int(a, v, 1, 1L << 32, &max_pending)) return 2; }
     }
     json_set_alloc_funcs(mn_malloc, mn_free);
 
@@ -506,6 +508,7 @@ int cmd_serve(int argc, char **argv) {
     mn_http_limits lim = mn_http_limits_default();
     if (max_body) lim.max_body_bytes = (size_t)max_body;
     if (max_conn) lim.max_connections = (int)max_conn;
+    if (max_pending) lim.max_pending_write = (size_t)max_pending;
     srv->max_pending_write = lim.max_pending_write;
     if (!rc && mn_http_server_new(loop, host, (int)port, &lim, handle, srv, &srv->http, &eb) != MN_OK) {
         fprintf(stderr, "mneme serve: %s\n", eb.msg);
