@@ -169,10 +169,12 @@ void mn_http_respond(mn_http_res *res, int status, const char *content_type, con
     if (res->done || res->started) return; /* misuse: the handler answered twice */
     res->started = true;
     if (res->c) {
+        /* 204 and 304 never carry a body, nor here a Content-Length (RFC 9110 6.4.1, 8.6) */
+        bool no_body = status == 204 || status == 304;
         char cl[64];
         snprintf(cl, sizeof cl, "Content-Length: %zu\r\n", len);
-        res_write_head(res, status, content_type, extra, n_extra, cl);
-        if (len && !res->head && res->c) {
+        res_write_head(res, status, content_type, extra, n_extra, no_body ? NULL : cl);
+        if (len && !no_body && !res->head && res->c) {
             uv_buf_t b = uv_buf_init((char *)body, (unsigned)len);
             mn_http__res_emitv(res, &b, 1);
         }

@@ -746,3 +746,12 @@ def test_ws_frames_in_the_same_packet_as_the_upgrade(echo):
     assert st == 101 and h["sec-websocket-accept"] == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
     assert ws_recv(c) == (True, 1, b"early")
     assert ws_recv(c) == (True, 1, b"bird")
+
+
+def test_204_has_no_body_and_keeps_the_connection(echo):
+    port, _ = echo()
+    c = Conn(port)
+    c.send(get("/nocontent") + get("/after"))
+    st, h, _ = c.response()
+    assert st == 204 and "content-length" not in h
+    assert json.loads(c.response()[2])["path"] == "/after"  # no stray body bytes in between

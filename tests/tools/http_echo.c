@@ -12,6 +12,7 @@
  *   /slow?ms=M               answers {"slow":M} after M ms (uv timer)
  *   /ws                      WebSocket: echoes text and binary; "close" makes the server close
  *                            (1000 "bye"); "big:N" answers N bytes of text
+ *   /nocontent               204 (the body handed to mn_http_respond must not be sent)
  *   /stats                   {"connections", "aborts", "ws_closes", "ws_last_code"}
  *   anything else            echoes {"method","path","query","headers":[[n,v]...],"body"}
  */
@@ -196,6 +197,7 @@ static void handler(void *ud, const mn_http_req *req, mn_http_res *res) {
     if (strcmp(req->path, "/stream") == 0) route_stream(app, req, res);
     else if (strcmp(req->path, "/slow") == 0) route_slow(app, req, res);
     else if (strcmp(req->path, "/ws") == 0) route_ws(app, req, res);
+    else if (strcmp(req->path, "/nocontent") == 0) mn_http_respond(res, 204, NULL, "ignored", 7, NULL, 0);
     else if (strcmp(req->path, "/stats") == 0) {
         char b[160];
         int n = snprintf(b, sizeof b, "{\"connections\":%d,\"aborts\":%ld,\"ws_closes\":%ld,\"ws_last_code\":%d}",
