@@ -186,6 +186,14 @@ static void on_timer(uv_timer_t *t) {
     int mode = c->tmode;
     c->tmode = T_NONE;
     if (c->closing) return;
+    if (mode == T_WSIDLE && c->ws && !c->ws->ping_sent) {
+        /* a quiet WebSocket: ping; if nothing arrives for another idle_timeout, it is gone */
+        mn_http__ws_ping(c->ws);
+        if (c->closing) return;
+        c->tmode = T_WSIDLE;
+        uv_timer_start(&c->timer, on_timer, (uint64_t)c->s->lim.idle_timeout_ms, 0);
+        return;
+    }
     if (mode == T_STALL) {
         /* libuv's queue shrinks with partial writes too: any progress re-arms the clock */
         size_t q = uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp);
@@ -196,7 +204,7 @@ static void on_timer(uv_timer_t *t) {
             return;
         }
     }
-    if (c->lingering || mode == T_STALL || mode == T_WSCLOSE || (!c->in_msg && c->n_res == 0)) {
+    if (c->lingering || mode == T_STALL || mode == T_WSCLOSE || mode == T_WSIDLE || (!c->in_msg && c->n_res == 0)) {
         mn_http__conn_close(c); /* idle keep-alive connection, a client that stopped reading, or linger over */
         return;
     }
@@ -314,6 +322,11 @@ void mn_http__conn_update(mn_http__conn *c) {
         if (c->tmode != T_STALL) {
             c->tmode = T_STALL;
             c->stall_mark = uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp);
+            uv_timer_start(&c->timer, on_timer, (uint64_t)s->lim.idle_timeout_ms, 0);
+        }
+    } else if (c->ws) {
+        if (c->tmode != T_WSIDLE) {
+            c->tmode = T_WSIDLE;
             uv_timer_start(&c->timer, on_timer, (uint64_t)s->lim.idle_timeout_ms, 0);
         }
     } else if (c->tmode != T_NONE) {

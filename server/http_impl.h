@@ -59,7 +59,7 @@ struct mn_http__conn {
     bool shutdown_sent;
     bool in_msg;             /* a request started and is not complete yet */
     bool skip_upgrade;       /* the last request asked for an Upgrade we ignore (h2c, ...) */
-    enum { T_NONE, T_IDLE, T_REQUEST, T_STALL, T_WSCLOSE, T_LINGER } tmode;
+    enum { T_NONE, T_IDLE, T_REQUEST, T_STALL, T_WSIDLE, T_WSCLOSE, T_LINGER } tmode;
     mn_http_ws *ws;          /* set once the connection is a WebSocket */
     size_t stall_mark;       /* libuv write queue size when the stall clock started */
     uint64_t req_deadline;   /* loop time by which the started request must be whole */
@@ -148,6 +148,7 @@ struct mn_http_ws {
     int msg_op;              /* its opcode (1 text, 2 binary), 0 between messages */
     size_t max_msg;
     bool close_sent;         /* our close frame is queued: send nothing more */
+    bool ping_sent;          /* idle: we pinged and wait for any frame */
     bool finished;           /* on_close ran */
     int busy;                /* holds (feed loop, close paths): freed when the last one ends */
 };
@@ -186,5 +187,7 @@ void mn_http__process_read(mn_http__conn *c, const char *data, size_t len);
 /* http_ws.c */
 /** Consume WebSocket frames from c->in (c->ws set). */
 void mn_http__ws_feed(mn_http__conn *c);
+/** Send a keep-alive ping (the socket was quiet for idle_timeout). */
+void mn_http__ws_ping(mn_http_ws *ws);
 
 #endif

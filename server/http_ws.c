@@ -274,6 +274,11 @@ void mn_http_ws_close(mn_http_ws *ws, int code, const char *reason) {
     ws_release(ws);
 }
 
+void mn_http__ws_ping(mn_http_ws *ws) {
+    ws->ping_sent = true;
+    ws_send_frame(ws, 9, "mneme", 5);
+}
+
 /* ---- frames in ---- */
 
 /* A close frame from the client: answer it (unless we started), then end. */
@@ -394,6 +399,10 @@ void mn_http__ws_feed(mn_http__conn *c) {
         if (mop == 1 && ws->cb.on_text) ws->cb.on_text(ws->ud, ws, ws->msg.p, ws->msg.len);
         else if (mop == 2 && ws->cb.on_binary) ws->cb.on_binary(ws->ud, ws, ws->msg.p, ws->msg.len);
         mn_http__buf_reset(&ws->msg);
+    }
+    if (off > 0 && !ws->finished) { /* the client is alive: restart the quiet clock */
+        ws->ping_sent = false;
+        if (c->tmode == T_WSIDLE) c->tmode = T_NONE;
     }
     /* drop what was parsed (the connection's memory lives until its handles close) */
     if (off >= c->in.len) {

@@ -755,3 +755,16 @@ def test_204_has_no_body_and_keeps_the_connection(echo):
     st, h, _ = c.response()
     assert st == 204 and "content-length" not in h
     assert json.loads(c.response()[2])["path"] == "/after"  # no stray body bytes in between
+
+
+def test_ws_quiet_client_is_pinged_then_dropped(echo):
+    port, _ = echo(idle_ms=300)
+    c = ws_connect(port)
+    t0 = time.monotonic()
+    fin, op, payload = ws_recv(c)  # quiet for idle_ms: the server pings
+    assert op == 9 and 0.25 <= time.monotonic() - t0 < 2
+    c.send(ws_frame(10, payload))  # pong: alive
+    fin, op, _ = ws_recv(c)
+    assert op == 9  # quiet again: pinged again, and this time no answer
+    assert c.closed(timeout=3)
+    assert sub(stats(port), "ws_closes", "ws_last_code") == (1, 1006)
