@@ -105,7 +105,10 @@ bool mn_http_ws_is_upgrade(const mn_http_req *req);
 /** Complete res with 101 Switching Protocols and turn the connection into a WebSocket.
  *  Returns NULL, having answered 400 (or nothing, when the client is gone), when the
  *  request was not a valid upgrade. cb is copied. The transport owns the ws; it is freed
- *  after on_close. Incoming messages larger than limits.max_body_bytes close it with 1009. */
+ *  after on_close. Incoming messages larger than limits.max_body_bytes close it with 1009.
+ *  A socket that sends nothing for limits.idle_timeout_ms is pinged, and closed (on_close
+ *  1006) when nothing arrives for another idle_timeout_ms. May be called later than the
+ *  handler (after an engine round trip); the client waits for the 101 before sending. */
 mn_http_ws *mn_http_ws_accept(mn_http_res *res, const mn_http_ws_callbacks *cb, void *ud);
 /** Queue one text / binary message (one frame). false when the socket is closing or gone. */
 bool mn_http_ws_send_text(mn_http_ws *ws, const char *data, size_t len);
