@@ -315,7 +315,7 @@ void mn_http__ws_feed(mn_http__conn *c) {
     ws_hold(ws);
     size_t off = 0;
     char why[128];
-    while (!ws->finished) {
+    while (!ws->finished && !c->closing) {
         const uint8_t *p = (const uint8_t *)c->in.p + off;
         size_t n = c->in.len - off;
         if (n < 2) break;
