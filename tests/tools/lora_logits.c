@@ -80,6 +80,8 @@ int main(int argc, char **argv) {
         mn_err e = mn_lora_load(argv[3], "check", m, &l, &eb);
         if (e != MN_OK) {
             printf("error %s: %s\n", mn_err_name(e), eb.msg);
+            mn_model_free(m);
+            mn_backend_free(be);
             return 1;
         }
         printf("ok rank_max=%d bytes=%llu fingerprint=", l->r_max, (unsigned long long)l->bytes);
