@@ -32,24 +32,118 @@ struct mn_forward {
     int32_t cap_lora_act;
     mn_lora_seg *lora_segs;
     int32_t cap_lora_segs;
+    /* Tensor parallelism: this rank's share of the heads and of the ffn (the model's own
+     * sizes when tp == 1), its weight slices, and where the op list stops for an
+     * all-reduce of the partial sums of O and down (cuts[i]: ops before it run first). */
+    mn_comm *comm;
+    int32_t tp, rank;
+    int32_t n_head, n_kv_head, n_ff;
+    mn_layer *shard;     /* [n_layer] views into m->layers' weights; NULL when tp == 1 */
+    int *cuts;           /* [2 * n_layer] */
 };
 
-/* activation row widths, in floats */
-static int64_t act_floats_per_token(const mn_model_config *c) {
-    int64_t E = c->n_embd, Q = (int64_t)c->n_head * c->head_dim, KV = (int64_t)c->n_kv_head * c->head_dim;
-    return 2 * E + 2 * Q + 2 * KV + 2 * (int64_t)c->n_ff + E; /* x xn q att k v gate up xo */
+/* activation row widths, in floats (this rank's share of q, k, v, gate, up) */
+static int64_t act_floats_per_token(const mn_forward *f) {
+    const mn_model_config *c = &f->m->cfg;
+    int64_t E = c->n_embd, Q = (int64_t)f->n_head * c->head_dim, KV = (int64_t)f->n_kv_head * c->head_dim;
+    /* x xn q att k v gate up xo, and with tp > 1 the partial sum of O / down */
+    return 2 * E + 2 * Q + 2 * KV + 2 * (int64_t)f->n_ff + E + (f->tp > 1 ? E : 0);
+}
+
+/* Rows [n0, n1) of w (output features): a pointer into the same bytes. */
+static mn_weight rows_of(const mn_weight *w, int64_t n0, int64_t n1) {
+    mn_weight s = *w;
+    s.data = (const char *)w->data + n0 * w->row_bytes;
+    s.N = n1 - n0;
+    return s;
+}
+
+/* Columns [k0, k1) of w (input features), both on block boundaries: the same rows, each
+ * starting k0 elements in. The matmul contract addresses row n at w + n*w_row_bytes and
+ * reads K elements from there, so a narrower K under the full row stride is a valid
+ * operand: no repacking, the slice stays in the mmapped file (or the device copy). */
+static mn_weight cols_of(const mn_weight *w, int64_t k0, int64_t k1) {
+    mn_weight s = *w;
+    s.data = (const char *)w->data + k0 / mn_dtype_block_elems(w->type) * mn_dtype_block_bytes(w->type);
+    s.K = k1 - k0;
+    return s;
+}
+
+/* This rank's views of every layer: column-parallel q, k, v, gate, up (whole heads, a
+ * block-aligned range of ffn features), row-parallel o and down over the same ranges. */
+static mn_err make_shard(mn_forward *f, mn_errbuf *eb) {
+    const mn_model *m = f->m;
+    const mn_model_config *c = &m->cfg;
+    const int32_t P = f->tp, r = f->rank, hd = c->head_dim;
+    /* the ffn is split in whole blocks of the coarsest w_down type */
+    int64_t g = 1;
+    for (int32_t l = 0; l < c->n_layer; l++)
+        if (mn_dtype_block_elems(m->layers[l].w_down.type) > g) g = mn_dtype_block_elems(m->layers[l].w_down.type);
+    int64_t nb = c->n_ff / g;
+    if (c->n_ff % g != 0 || nb < P)
+        return mn_errf(eb, MN_EINVALID, "tensor parallel size %d: n_ff %d cannot be split into %d parts of whole %lld-element blocks",
+                       P, c->n_ff, P, (long long)g);
+    const int64_t f0 = nb * r / P * g, f1 = nb * (r + 1) / P * g;
+    const int64_t q0 = (int64_t)r * f->n_head * hd, q1 = q0 + (int64_t)f->n_head * hd;
+    const int64_t kv0 = (int64_t)r * f->n_kv_head * hd, kv1 = kv0 + (int64_t)f->n_kv_head * hd;
+    f->n_ff = (int32_t)(f1 - f0);
+    f->shard = mn_calloc((size_t)c->n_layer, sizeof *f->shard);
+    if (!f->shard) return mn_errf(eb, MN_ENOMEM, "forward: out of memory");
+    for (int32_t l = 0; l < c->n_layer; l++) {
+        const mn_layer *L = &m->layers[l];
+        mn_layer *S = &f->shard[l];
+        int64_t bo = mn_dtype_block_elems(L->wo.type);
+        if (q0 % bo != 0 || q1 % bo != 0)
+            return mn_errf(eb, MN_EINVALID, "tensor parallel size %d: layer %d attn_output (%s, %lld-element blocks) "
+                           "cannot be split at head boundaries (%lld columns per rank)", P, l, mn_dtype_name(L->wo.type),
+                           (long long)bo, (long long)(q1 - q0));
+        *S = *L;
+        S->wq = rows_of(&L->wq, q0, q1);
+        S->wk = rows_of(&L->wk, kv0, kv1);
+        S->wv = rows_of(&L->wv, kv0, kv1);
+        S->bq = L->bq ? L->bq + q0 : NULL;
+        S->bk = L->bk ? L->bk + kv0 : NULL;
+        S->bv = L->bv ? L->bv + kv0 : NULL;
+        S->wo = cols_of(&L->wo, q0, q1);
+        S->w_gate = rows_of(&L->w_gate, f0, f1);
+        S->w_up = rows_of(&L->w_up, f0, f1);
+        S->w_down = cols_of(&L->w_down, f0, f1);
+    }
+    return MN_OK;
 }
 
 mn_err mn_forward_new(const mn_model *m, mn_kv_pool *kv, mn_forward **out, mn_errbuf *eb) {
+    return mn_forward_new_tp(m, kv, NULL, out, eb);
+}
+
+mn_err mn_forward_new_tp(const mn_model *m, mn_kv_pool *kv, mn_comm *comm, mn_forward **out, mn_errbuf *eb) {
     const mn_model_config *c = &m->cfg;
-    if (kv->n_layer != c->n_layer || kv->n_kv_head != c->n_kv_head || kv->head_dim != c->head_dim)
-        return mn_errf(eb, MN_EMISMATCH, "kv pool shape (%d layers, %d kv heads, dim %d) does not match the model (%d, %d, %d)",
-                       kv->n_layer, kv->n_kv_head, kv->head_dim, c->n_layer, c->n_kv_head, c->head_dim);
+    const int32_t P = comm ? mn_comm_size(comm) : 1;
+    if (c->n_head % P != 0 || c->n_kv_head % P != 0)
+        return mn_errf(eb, MN_EINVALID, "tensor parallel size %d does not divide the model's heads (n_head %d, n_kv_head %d): "
+                       "every rank takes whole query and kv heads", P, c->n_head, c->n_kv_head);
+    const int32_t n_kv = c->n_kv_head / P;
+    if (kv->n_layer != c->n_layer || kv->n_kv_head != n_kv || kv->head_dim != c->head_dim)
+        return mn_errf(eb, MN_EMISMATCH, "kv pool shape (%d layers, %d kv heads, dim %d) does not match the model (%d, %d, %d)%s",
+                       kv->n_layer, kv->n_kv_head, kv->head_dim, c->n_layer, n_kv, c->head_dim,
+                       P > 1 ? " (kv heads of this rank)" : "");
     mn_forward *f = mn_calloc(1, sizeof *f);
     if (!f) return mn_errf(eb, MN_ENOMEM, "forward: out of memory");
     f->m = m;
     f->kv = kv;
     f->be = m->backend;
+    f->tp = P;
+    f->rank = comm ? mn_comm_rank(comm) : 0;
+    f->comm = P > 1 ? comm : NULL;
+    f->n_head = c->n_head / P;
+    f->n_kv_head = n_kv;
+    f->n_ff = c->n_ff;
+    if (P > 1) {
+        mn_err e = make_shard(f, eb);
+        if (e == MN_OK && !(f->cuts = mn_malloc((size_t)c->n_layer * 2 * sizeof *f->cuts)))
+            e = mn_errf(eb, MN_ENOMEM, "forward: out of memory");
+        if (e != MN_OK) { mn_forward_free(f); return e; }
+    }
     *out = f;
     return MN_OK;
 }
@@ -64,6 +158,8 @@ void mn_forward_free(mn_forward *f) {
     mn_free(f->lora_rows);
     mn_free(f->lora_act);
     mn_free(f->lora_segs);
+    mn_free(f->shard);
+    mn_free(f->cuts);
     mn_free(f);
 }
 
@@ -80,7 +176,7 @@ static mn_err ensure_capacity(mn_forward *f, int32_t T, int32_t n_out, int32_t n
     if (T > f->cap_tokens) {
         int32_t cap = grow(f->cap_tokens, T);
         mn_buffer *nb;
-        if ((e = mn_buffer_alloc(f->be, MN_MEM_DEVICE, (size_t)cap * act_floats_per_token(c) * sizeof(float), &nb, eb))) return e;
+        if ((e = mn_buffer_alloc(f->be, MN_MEM_DEVICE, (size_t)cap * act_floats_per_token(f) * sizeof(float), &nb, eb))) return e;
         mn_buffer_free(f->act);
         f->act = nb;
         f->cap_tokens = cap;
@@ -105,7 +201,7 @@ static mn_err ensure_capacity(mn_forward *f, int32_t T, int32_t n_out, int32_t n
         f->meta = nb;
         f->host_meta = hm;
     }
-    int need_ops = 1 + c->n_layer * (14 + 4) + n_out + 1;   /* + up to 4 lora ops per layer */
+    int need_ops = 1 + c->n_layer * (14 + 4 + 2) + n_out + 1;   /* + up to 4 lora ops, 2 tp adds per layer */
     if (need_ops > f->cap_ops) {
         mn_op *no = mn_realloc(f->ops, (size_t)need_ops * sizeof(mn_op));
         if (!no) return mn_errf(eb, MN_ENOMEM, "forward: out of memory");
@@ -244,6 +340,23 @@ static int emit_lora(mn_forward *f, int32_t n_act, int32_t l, int g, const float
     return 1;
 }
 
+/* Run the op list; with tp > 1 stop at each cut to all-reduce the partial sums in part
+ * (rows [0, T) are contiguous: stride E). The CPU backend has finished a run when it
+ * returns; the CUDA backend has only enqueued it, and NCCL enqueues on the same stream.
+ * A failure here may leave the other ranks inside a collective: abort the group. */
+static mn_err run_ops(mn_forward *f, const mn_op *ops, int n, int n_cuts, float *part, size_t n_part, mn_errbuf *eb) {
+    mn_err e = MN_OK;
+    int at = 0;
+    for (int i = 0; i < n_cuts && e == MN_OK; i++) {
+        e = mn_backend_run(f->be, ops + at, f->cuts[i] - at, eb);
+        if (e == MN_OK) e = mn_comm_all_reduce_sum(f->comm, part, n_part, eb);
+        at = f->cuts[i];
+    }
+    if (e == MN_OK) e = mn_backend_run(f->be, ops + at, n - at, eb);
+    if (e != MN_OK && f->comm) mn_comm_abort(f->comm);
+    return e;
+}
+
 mn_err mn_forward_run(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b, float *logits, mn_errbuf *eb) {
     return mn_forward_run_lora(f, seqs, n_seqs, b, NULL, logits, eb);
 }
@@ -254,6 +367,8 @@ mn_err mn_forward_run_lora(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs
     const mn_model_config *c = &m->cfg;
     mn_err e = validate(f, seqs, n_seqs, b, lb, eb);
     if (e != MN_OK) return e;
+    if (f->tp > 1 && lb && lb->adapter && lb->n_adapters > 0)
+        return mn_errf(eb, MN_EUNSUPPORTED, "batch: adapters with tensor parallelism (size %d) are not supported yet", f->tp);
     const int32_t T = b->n_tokens;
 
     /* KV blocks for the new positions; on failure nothing has been computed. */
@@ -290,11 +405,13 @@ mn_err mn_forward_run_lora(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs
     const int32_t *d_tok = dm, *d_seq = dm + ct, *d_pos = dm + 2 * ct;
     const int32_t *d_indptr = dm + 3 * ct, *d_indices = d_indptr + n_seqs + 1;
 
-    /* activations */
-    const int64_t E = c->n_embd, Q = (int64_t)c->n_head * c->head_dim, KV = (int64_t)c->n_kv_head * c->head_dim, F = c->n_ff;
+    /* activations (q, att, k, v, gate, up: this rank's heads and ffn share) */
+    const int32_t nh = f->n_head, nkv = f->n_kv_head;
+    const int64_t E = c->n_embd, Q = (int64_t)nh * c->head_dim, KV = (int64_t)nkv * c->head_dim, F = f->n_ff;
     float *a = f->act->ptr;
     float *x = a, *xn = x + ct * E, *q = xn + ct * E, *att = q + ct * Q, *k = att + ct * Q, *v = k + ct * KV;
-    float *gate = v + ct * KV, *up = gate + ct * F, *xo = up + ct * F;
+    float *gate = v + ct * KV, *up = gate + ct * F, *xo = up + ct * F, *part = xo + ct * E;
+    int n_cuts = 0;
 
     mn_op *ops = f->ops;
     int n = 0;
@@ -302,25 +419,38 @@ mn_err mn_forward_run_lora(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs
                                                        .type = m->tok_embd.type, .row_bytes = m->tok_embd.row_bytes, .y = x, .y_stride = E}};
     const float scale = 1.0f / sqrtf((float)c->head_dim);
     for (int32_t l = 0; l < c->n_layer; l++) {
-        const mn_layer *L = &m->layers[l];
+        const mn_layer *L = f->shard ? &f->shard[l] : &m->layers[l];
         mn_kv_view kv = mn_kv_pool_view(f->kv, l, d_indptr, d_indices);
         ops[n++] = (mn_op){MN_OP_RMSNORM, .u.rmsnorm = {T, E, x, E, L->attn_norm, c->rms_eps, xn, E}};
         ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->wq, xn, E, q, Q, T, L->bq, 0)};
         ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->wk, xn, E, k, KV, T, L->bk, 0)};
         ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->wv, xn, E, v, KV, T, L->bv, 0)};
         if (n_act) n += emit_lora(f, n_act, l, 0, xn, E, E, (float *const[]){q, k, v}, (const int64_t[]){Q, KV, KV}, &ops[n], &n_segs);
-        ops[n++] = (mn_op){MN_OP_ROPE, .u.rope = {T, c->n_head, c->head_dim, c->n_rot, c->rope_mode, q, Q, d_pos, m->inv_freq, 1.0f}};
-        ops[n++] = (mn_op){MN_OP_ROPE, .u.rope = {T, c->n_kv_head, c->head_dim, c->n_rot, c->rope_mode, k, KV, d_pos, m->inv_freq, 1.0f}};
+        ops[n++] = (mn_op){MN_OP_ROPE, .u.rope = {T, nh, c->head_dim, c->n_rot, c->rope_mode, q, Q, d_pos, m->inv_freq, 1.0f}};
+        ops[n++] = (mn_op){MN_OP_ROPE, .u.rope = {T, nkv, c->head_dim, c->n_rot, c->rope_mode, k, KV, d_pos, m->inv_freq, 1.0f}};
         ops[n++] = (mn_op){MN_OP_KV_STORE, .u.kv_store = {T, k, KV, v, KV, d_seq, d_pos, kv}};
-        ops[n++] = (mn_op){MN_OP_ATTENTION, .u.attention = {T, c->n_head, c->n_kv_head, c->head_dim, q, Q, d_seq, d_pos, kv, scale, att, Q}};
-        ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->wo, att, Q, x, E, T, NULL, 1)};
+        ops[n++] = (mn_op){MN_OP_ATTENTION, .u.attention = {T, nh, nkv, c->head_dim, q, Q, d_seq, d_pos, kv, scale, att, Q}};
+        if (f->tp > 1) {
+            /* row-parallel: this rank's partial sum, all-reduced, then the residual add */
+            ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->wo, att, Q, part, E, T, NULL, 0)};
+            f->cuts[n_cuts++] = n;
+            ops[n++] = (mn_op){MN_OP_ADD, .u.add = {T, E, x, E, part, E}};
+        } else {
+            ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->wo, att, Q, x, E, T, NULL, 1)};
+        }
         if (n_act) n += emit_lora(f, n_act, l, 1, att, Q, Q, (float *const[]){x, NULL, NULL}, (const int64_t[]){E, 0, 0}, &ops[n], &n_segs);
         ops[n++] = (mn_op){MN_OP_RMSNORM, .u.rmsnorm = {T, E, x, E, L->ffn_norm, c->rms_eps, xn, E}};
         ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->w_gate, xn, E, gate, F, T, NULL, 0)};
         ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->w_up, xn, E, up, F, T, NULL, 0)};
         if (n_act) n += emit_lora(f, n_act, l, 2, xn, E, E, (float *const[]){gate, up, NULL}, (const int64_t[]){F, F, 0}, &ops[n], &n_segs);
         ops[n++] = (mn_op){MN_OP_SILU_MUL, .u.silu_mul = {T, F, gate, F, up, F, gate, F}};
-        ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->w_down, gate, F, x, E, T, NULL, 1)};
+        if (f->tp > 1) {
+            ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->w_down, gate, F, part, E, T, NULL, 0)};
+            f->cuts[n_cuts++] = n;
+            ops[n++] = (mn_op){MN_OP_ADD, .u.add = {T, E, x, E, part, E}};
+        } else {
+            ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->w_down, gate, F, x, E, T, NULL, 1)};
+        }
         if (n_act) n += emit_lora(f, n_act, l, 3, gate, F, F, (float *const[]){x, NULL, NULL}, (const int64_t[]){E, 0, 0}, &ops[n], &n_segs);
     }
     for (int32_t i = 0; i < b->n_out; i++)
@@ -333,7 +463,7 @@ mn_err mn_forward_run_lora(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs
     if (e == MN_OK) e = mn_backend_event_record(f->be, &meta_ready, eb);
     if (e == MN_OK) e = mn_backend_event_wait(f->be, &meta_ready, eb);
     if (e == MN_OK) e = mn_backend_reserve(f->be, ops, n, eb);
-    if (e == MN_OK) e = mn_backend_run(f->be, ops, n, eb);
+    if (e == MN_OK) e = run_ops(f, ops, n, n_cuts, part, (size_t)T * E, eb);
     if (e == MN_OK && b->n_out > 0)
         e = mn_backend_copy_async(f->be, MN_COPY_D2H, logits, d_logits, (size_t)b->n_out * c->n_vocab * sizeof(float), eb);
     if (e == MN_OK) e = mn_backend_synchronize(f->be, eb);

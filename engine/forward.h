@@ -14,6 +14,7 @@
 
 #include <stdint.h>
 
+#include "engine/comm.h"
 #include "engine/err.h"
 #include "engine/kv.h"
 #include "engine/lora.h"
@@ -42,6 +43,19 @@ typedef struct mn_batch_lora {
 typedef struct mn_forward mn_forward;
 
 mn_err mn_forward_new(const mn_model *m, mn_kv_pool *kv, mn_forward **out, mn_errbuf *eb);
+/** Tensor parallelism: this forward is rank mn_comm_rank(comm) of mn_comm_size(comm) = P.
+ *  Column-parallel q, k, v (whole heads: n_head / P query and n_kv_head / P kv heads per
+ *  rank, kv pool with n_kv_head / P heads) and gate/up (a range of ffn features on block
+ *  boundaries of w_down's type); row-parallel o and down over the same ranges, whose
+ *  partial sums are all-reduced before the residual add; embedding, norms and the output
+ *  head are replicated, so every rank returns the full logits. A rank's weights are views
+ *  into m's (nothing copied). m is this rank's model (on this rank's backend); comm NULL
+ *  or of size 1 is mn_forward_new. Every rank must run the same batches on sequences in
+ *  the same state, each from its own thread. A P that does not divide the heads, or a
+ *  slice that would cut a quantized block, is MN_EINVALID naming the sizes; adapters are
+ *  MN_EUNSUPPORTED with P > 1. Logits differ from P = 1 by the reordered sums of o and
+ *  down (f32 rounding), and are bit-identical across ranks and runs (local comm). */
+mn_err mn_forward_new_tp(const mn_model *m, mn_kv_pool *kv, mn_comm *comm, mn_forward **out, mn_errbuf *eb);
 void mn_forward_free(mn_forward *f);
 
 /** Run one batch. Host arrays in; logits[n_out][n_vocab] (host) out. Blocks are reserved in

@@ -1,0 +1,476 @@
+/* tests/unit/test_tp.c — tensor parallelism on the CPU: threads as ranks.
+ *
+ * Each rank is a thread with its own CPU backend (1 thread), its own load of the model
+ * (the same mmapped file), its own KV pool holding only its kv heads, and a forward made
+ * by mn_forward_new_tp over an in-process communicator. The reference is the plain
+ * forward (TP = 1) on a 1-thread backend.
+ *
+ * Tolerance. The row-parallel O and down are summed per rank and then across ranks, so
+ * their f32 sums are reordered against TP = 1: logits are not bit-identical. We measure
+ * err = max over rows and vocab of |tp - ref| / max|ref row| (relative to the row's
+ * largest logit) and bound it per model below, with margin over the measured value, and
+ * require the same greedy tokens for 16 steps. Between ranks, and between two TP runs,
+ * logits must be bit-identical (the local all-reduce sums in rank order).
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "engine/alloc.h"
+#include "engine/comm.h"
+#include "engine/forward.h"
+#include "engine/kv.h"
+#include "engine/model.h"
+
+enum { MAX_RANKS = 4, STEPS = 16, MAX_PROMPT = 64 };
+
+/* Bounds: row-max relative error (TOL_*) and mean KL divergence of the softmax (KL_*).
+ * Measured on x86-64 AVX2 (2026-11), with what a real sharding bug gives for scale (rank r
+ * taking kv heads from 0 instead of its own: the "mutant"):
+ *   synthetic F32, TP 2 and 4: 1.9e-7 (mutant 2e-2). Only f32 summation order differs.
+ *   synthetic Q4_0 / Q4_K: 1.0e-7 / 3.6e-8 (mutant 3.8e-2 / 0.15). The activations of a
+ *     quantized matmul are rounded to 8 bits per block; an input within f32 noise of a
+ *     rounding boundary can round the other way after the reordered sum, and one such
+ *     flip moves synthetic logits by ~1e-3 of the row max (tests/python/test_logits.py),
+ *     so the bound leaves room for a few: 5e-3.
+ *   SmolLM2 Q4_1, TP 3: 4.9e-2, KL 1.2e-3 (mutant 1.45, KL 8.3). Over 30 layers the flips
+ *     compound: two equally valid roundings of the same model differ by 4e-2 .. 9e-2
+ *     (test_logits.py), so the bounds are those of that comparison: 0.15 and KL 1e-2.
+ * The synthetic models' softmax is nearly one-hot (KL ~1e-20 either way): KL bound 1e-6. */
+#define TOL_F32 1e-5
+#define KL_F32 1e-6
+#define TOL_QUANT 5e-3
+#define KL_QUANT 1e-6
+#define TOL_REAL 0.15
+#define KL_REAL 1e-2
+
+/* ---- the communicator alone ---------------------------------------------------------- */
+
+typedef struct ar_ctx {
+    mn_comm *c;
+    float *buf;
+    size_t n;
+    mn_err e;
+} ar_ctx;
+
+static void *ar_main(void *arg) {
+    ar_ctx *a = arg;
+    mn_errbuf eb;
+    a->e = mn_comm_all_reduce_sum(a->c, a->buf, a->n, &eb);
+    if (a->e == MN_OK) a->e = mn_comm_barrier(a->c, &eb);
+    return NULL;
+}
+
+/* Sums in rank order on every rank, bit-identical, for several sizes (incl. fewer
+ * elements than ranks); a size mismatch is an error on every rank. */
+static void test_local_all_reduce(void **state) {
+    (void)state;
+    for (int P = 1; P <= MAX_RANKS; P++) {
+        mn_comm *c[MAX_RANKS];
+        mn_errbuf eb;
+        assert_int_equal(mn_comm_local_group_new(P, c, &eb), MN_OK);
+        const size_t sizes[] = {1, 3, 1000};
+        for (int si = 0; si < 3; si++) {
+            size_t n = sizes[si];
+            ar_ctx a[MAX_RANKS];
+            pthread_t th[MAX_RANKS];
+            for (int r = 0; r < P; r++) {
+                a[r] = (ar_ctx){c[r], malloc(n * sizeof(float)), n, MN_OK};
+                for (size_t i = 0; i < n; i++) a[r].buf[i] = (float)((r + 1) * 0.1 + sin((double)i) * 1e3 / (r + 1));
+            }
+            float *want = malloc(n * sizeof(float));
+            for (size_t i = 0; i < n; i++) {
+                float s = a[0].buf[i];
+                for (int r = 1; r < P; r++) s += a[r].buf[i];
+                want[i] = s;
+            }
+            for (int r = 0; r < P; r++) pthread_create(&th[r], NULL, ar_main, &a[r]);
+            for (int r = 0; r < P; r++) pthread_join(th[r], NULL);
+            for (int r = 0; r < P; r++) {
+                assert_int_equal(a[r].e, MN_OK);
+                assert_memory_equal(a[r].buf, want, n * sizeof(float));
+                free(a[r].buf);
+            }
+            free(want);
+        }
+        if (P > 1) {
+            ar_ctx a[MAX_RANKS];
+            pthread_t th[MAX_RANKS];
+            float buf[MAX_RANKS][8];
+            for (int r = 0; r < P; r++) a[r] = (ar_ctx){c[r], buf[r], r == 1 ? 7 : 8, MN_OK};
+            for (int r = 0; r < P; r++) pthread_create(&th[r], NULL, ar_main, &a[r]);
+            for (int r = 0; r < P; r++) pthread_join(th[r], NULL);
+            for (int r = 0; r < P; r++) assert_int_equal(a[r].e, MN_EMISMATCH);
+        }
+        for (int r = 0; r < P; r++) mn_comm_free(c[r]);
+    }
+    mn_errbuf eb;
+    mn_comm *c[1];
+    assert_int_equal(mn_comm_local_group_new(0, c, &eb), MN_ERANGE);
+}
+
+/* An aborting rank releases the ranks waiting in a collective. */
+static void test_local_abort(void **state) {
+    (void)state;
+    mn_comm *c[2];
+    mn_errbuf eb;
+    assert_int_equal(mn_comm_local_group_new(2, c, &eb), MN_OK);
+    float buf[4] = {0};
+    ar_ctx a = {c[0], buf, 4, MN_OK};
+    pthread_t th;
+    pthread_create(&th, NULL, ar_main, &a);
+    usleep(20000);
+    mn_comm_abort(c[1]);
+    pthread_join(th, NULL);
+    assert_int_equal(a.e, MN_ECANCELLED);
+    assert_int_equal(mn_comm_barrier(c[1], &eb), MN_ECANCELLED);
+    mn_comm_free(c[1]);
+    mn_comm_free(c[0]);
+}
+
+/* ---- a group of ranks running the model ------------------------------------------------ */
+
+typedef struct rank {
+    mn_backend *be;
+    mn_model *m;
+    mn_kv_pool *kv;
+    mn_forward *f;
+    mn_comm *comm;
+    mn_kv_seq seq;
+    const mn_batch *b;   /* the call in flight */
+    float *logits;
+    mn_err e;
+    mn_errbuf eb;
+} rank;
+
+typedef struct group {
+    int P;               /* 0: the plain forward (reference), else the TP size */
+    rank r[MAX_RANKS];
+    int32_t V;
+} group;
+
+static const char *smollm2_path(void) {
+    static char buf[4096];
+    const char *p = getenv("MNEME_MODEL");
+    if (p && *p) return p;
+    const char *d = getenv("MNEME_MODELS");
+    if (d && *d) snprintf(buf, sizeof buf, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", d);
+    else snprintf(buf, sizeof buf, "%s/.cache/mneme/SmolLM2-135M-Instruct.Q4_1.gguf", getenv("HOME"));
+    return buf;
+}
+
+static void group_close(group *g) {
+    for (int i = 0; i < (g->P ? g->P : 1); i++) {
+        rank *r = &g->r[i];
+        if (r->kv) mn_kv_seq_release(r->kv, &r->seq);
+        mn_forward_free(r->f);
+        mn_kv_pool_free(r->kv);
+        mn_model_free(r->m);
+        mn_backend_free(r->be);
+        mn_comm_free(r->comm);
+        free(r->logits);
+    }
+    memset(g, 0, sizeof *g);
+}
+
+/* Open P ranks on the model at path (P = 0: the reference). Returns the first error of
+ * mn_forward_new_tp (the rest already opened is closed) with its message in eb. */
+static mn_err group_open(group *g, const char *path, int P, mn_errbuf *eb) {
+    memset(g, 0, sizeof *g);
+    g->P = P;
+    int n = P ? P : 1;
+    mn_comm *comm[MAX_RANKS] = {0};
+    if (P) assert_int_equal(mn_comm_local_group_new(P, comm, eb), MN_OK);
+    for (int i = 0; i < n; i++) {
+        rank *r = &g->r[i];
+        r->comm = comm[i];
+        mn_backend_params bp = {.device = "cpu", .n_threads = 1};
+        if (mn_backend_cpu_new(&bp, &r->be, eb) != MN_OK) fail_msg("%s", eb->msg);
+        if (mn_model_load(path, r->be, NULL, &r->m, eb) != MN_OK) fail_msg("cannot load %s: %s (run tools/setup.sh)", path, eb->msg);
+        const mn_model_config *c = &r->m->cfg;
+        int32_t nkv = c->n_kv_head % n == 0 ? c->n_kv_head / n : c->n_kv_head;
+        assert_int_equal(mn_kv_pool_new(r->be, c->n_layer, nkv, c->head_dim, 16, 64, &r->kv, eb), MN_OK);
+        mn_err e = P ? mn_forward_new_tp(r->m, r->kv, r->comm, &r->f, eb) : mn_forward_new(r->m, r->kv, &r->f, eb);
+        if (e != MN_OK) {
+            for (int j = i + 1; j < n; j++) g->r[j].comm = comm[j];
+            g->P = P;
+            group_close(g);
+            return e;
+        }
+        g->V = c->n_vocab;
+    }
+    return MN_OK;
+}
+
+static void *rank_main(void *arg) {
+    rank *r = arg;
+    mn_kv_seq *seqs[1] = {&r->seq};
+    r->e = mn_forward_run(r->f, seqs, 1, r->b, r->logits, &r->eb);
+    return NULL;
+}
+
+/* Run b on every rank at once; logits of rank i in g->r[i].logits ([n_out][V]). */
+static void group_run(group *g, const mn_batch *b) {
+    int n = g->P ? g->P : 1;
+    pthread_t th[MAX_RANKS];
+    for (int i = 0; i < n; i++) {
+        g->r[i].b = b;
+        free(g->r[i].logits);
+        g->r[i].logits = malloc((size_t)(b->n_out ? b->n_out : 1) * g->V * sizeof(float));
+    }
+    for (int i = 0; i < n; i++) pthread_create(&th[i], NULL, rank_main, &g->r[i]);
+    for (int i = 0; i < n; i++) pthread_join(th[i], NULL);
+    for (int i = 0; i < n; i++)
+        if (g->r[i].e != MN_OK) fail_msg("rank %d: %s", i, g->r[i].eb.msg);
+    /* replicated output head over all-reduced activations: the same bits on every rank */
+    for (int i = 1; i < n; i++)
+        if (memcmp(g->r[0].logits, g->r[i].logits, (size_t)b->n_out * g->V * sizeof(float)) != 0)
+            fail_msg("TP %d: logits of rank %d differ from rank 0", g->P, i);
+}
+
+static int32_t argmax(const float *x, int32_t n) {
+    int32_t best = 0;
+    for (int32_t i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+/* The prompt (every row's logits kept), then STEPS greedy steps.
+ * logits: [(n + STEPS)][V] of rank 0; toks: the STEPS generated tokens. */
+static void generate(group *g, const int32_t *prompt, int n, float *logits, int32_t *toks) {
+    const int32_t V = g->V;
+    int32_t sq[MAX_PROMPT], pos[MAX_PROMPT], rows[MAX_PROMPT];
+    for (int i = 0; i < n; i++) {
+        sq[i] = 0;
+        pos[i] = i;
+        rows[i] = i;
+    }
+    mn_batch b = {n, prompt, sq, pos, n, rows};
+    group_run(g, &b);
+    memcpy(logits, g->r[0].logits, (size_t)n * V * sizeof(float));
+    int32_t next = argmax(logits + (size_t)(n - 1) * V, V);
+    for (int s = 0; s < STEPS; s++) {
+        toks[s] = next;
+        int32_t p = n + s, zero = 0;
+        mn_batch d = {1, &next, &zero, &p, 1, &zero};
+        group_run(g, &d);
+        memcpy(logits + (size_t)(n + s) * V, g->r[0].logits, (size_t)V * sizeof(float));
+        next = argmax(g->r[0].logits, V);
+    }
+}
+
+/* max over rows of max|a - b| / max|b| */
+static double max_rel_err(const float *a, const float *b, int rows, int32_t V) {
+    double worst = 0;
+    for (int i = 0; i < rows; i++) {
+        double scale = 0, diff = 0;
+        for (int32_t v = 0; v < V; v++) {
+            const float x = a[(size_t)i * V + v], y = b[(size_t)i * V + v];
+            if (!isfinite(x) || !isfinite(y)) return INFINITY;
+            if (fabs(y) > scale) scale = fabs(y);
+            if (fabs(x - y) > diff) diff = fabs(x - y);
+        }
+        if (diff / scale > worst) worst = diff / scale;
+    }
+    return worst;
+}
+
+/* mean over rows of KL(softmax(ref) || softmax(a)) */
+static double mean_kl(const float *a, const float *ref, int rows, int32_t V) {
+    double sum = 0;
+    for (int i = 0; i < rows; i++) {
+        const float *x = a + (size_t)i * V, *y = ref + (size_t)i * V;
+        double mx = x[argmax(x, V)], my = y[argmax(y, V)], zx = 0, zy = 0, kl = 0;
+        for (int32_t v = 0; v < V; v++) {
+            zx += exp(x[v] - mx);
+            zy += exp(y[v] - my);
+        }
+        for (int32_t v = 0; v < V; v++) {
+            double ly = y[v] - my - log(zy), lx = x[v] - mx - log(zx);
+            kl += exp(ly) * (ly - lx);
+        }
+        sum += kl;
+    }
+    return sum / rows;
+}
+
+/* TP = P against TP = 1 on path with the prompt: the error bound (row-max relative, and
+ * the mean KL divergence under kl_bound), equal greedy tokens, and a second TP run
+ * bit-identical to the first. A prompt of n = 0 tokens: 9 fixed token ids. */
+static void check_tp(const char *path, const int32_t *prompt, int n, int P, double bound, double kl_bound, const char *what) {
+    group ref, tp;
+    mn_errbuf eb;
+    assert_int_equal(group_open(&ref, path, 0, &eb), MN_OK);
+    const int32_t V = ref.V;
+    int32_t fixed[9];
+    if (n == 0) {
+        for (int i = 0; i < 9; i++) fixed[i] = (int32_t)((i * 7919 + 13) % V);
+        prompt = fixed;
+        n = 9;
+    }
+    const size_t rows = (size_t)n + STEPS;
+    float *lr = malloc(rows * V * sizeof(float)), *lt = malloc(rows * V * sizeof(float)), *lt2 = malloc(rows * V * sizeof(float));
+    int32_t tr[STEPS], tt[STEPS], tt2[STEPS];
+    generate(&ref, prompt, n, lr, tr);
+    group_close(&ref);
+
+    if (group_open(&tp, path, P, &eb) != MN_OK) fail_msg("%s TP %d: %s", what, P, eb.msg);
+    generate(&tp, prompt, n, lt, tt);
+    group_close(&tp);
+    double err = max_rel_err(lt, lr, (int)rows, V), kl = mean_kl(lt, lr, (int)rows, V);
+    printf("  %s: TP %d vs TP 1: max relative logit error %.3g (bound %.3g), mean KL %.3g (bound %.3g), greedy",
+           what, P, err, bound, kl, kl_bound);
+    for (int s = 0; s < STEPS; s++) printf(" %d", tt[s]);
+    printf("\n");
+    for (int s = 0; s < STEPS; s++)
+        if (tt[s] != tr[s]) fail_msg("%s TP %d: greedy token %d is %d, TP 1 gives %d", what, P, s, tt[s], tr[s]);
+    if (!(err <= bound)) fail_msg("%s TP %d: max relative logit error %g over the bound %g", what, P, err, bound);
+    if (!(kl <= kl_bound)) fail_msg("%s TP %d: mean KL divergence %g over the bound %g", what, P, kl, kl_bound);
+
+    /* determinism: a fresh group, the same bits */
+    assert_int_equal(group_open(&tp, path, P, &eb), MN_OK);
+    generate(&tp, prompt, n, lt2, tt2);
+    group_close(&tp);
+    if (memcmp(lt, lt2, rows * V * sizeof(float)) != 0) fail_msg("%s TP %d: two runs give different logits", what, P);
+    free(lr);
+    free(lt);
+    free(lt2);
+}
+
+/* A synthetic model at a temporary path (removed by the caller), "sharpened": gen_gguf.py
+ * draws weights of std 0.02, with which the layers add only a few percent to the
+ * residual stream and a sharding error could hide in the noise; scaling the RMSNorm gains
+ * (attn x4, ffn x2, as tests/python/test_logits.py does) makes every layer matter. */
+static void gen_model(char *path, size_t cap, const char *tag, const char *args) {
+    snprintf(path, cap, "/tmp/mneme_test_tp_%d_%s.gguf", (int)getpid(), tag);
+    char cmd[4096];
+    const char *src = getenv("MNEME_SOURCE_DIR") ? getenv("MNEME_SOURCE_DIR") : ".";
+    snprintf(cmd, sizeof cmd,
+             "python3 %s/tools/gen_gguf.py %s %s >/dev/null 2>&1 && python3 -c \"import sys; from gguf import GGUFReader\n"
+             "r = GGUFReader(sys.argv[1], 'r+')\nfor t in r.tensors:\n"
+             "    if t.name.endswith('attn_norm.weight'): t.data[...] *= 4\n"
+             "    if t.name.endswith('ffn_norm.weight'): t.data[...] *= 2\n"
+             "r.data.flush()\" %s",
+             src, path, args, path);
+    if (system(cmd) != 0) fail_msg("cannot make a synthetic model (python3 with the gguf package is needed): %s", cmd);
+}
+
+/* F32 weights, GQA 8/4 heads: TP 2 and TP 4 (2 query heads and 1 kv head per rank). */
+static void test_synthetic_f32(void **state) {
+    (void)state;
+    char path[256];
+    gen_model(path, sizeof path, "f32",
+              "--type F32 --n-layer 2 --n-embd 64 --n-head 8 --n-kv-head 4 --head-dim 8 --n-ff 96 --n-vocab 300 --seed 3");
+    check_tp(path, NULL, 0, 2, TOL_F32, KL_F32, "synthetic F32");
+    check_tp(path, NULL, 0, 4, TOL_F32, KL_F32, "synthetic F32");
+    /* a group of one is the plain forward, bit for bit */
+    group ref, one;
+    mn_errbuf eb;
+    float *a = malloc((size_t)(9 + STEPS) * 300 * sizeof(float)), *b = malloc((size_t)(9 + STEPS) * 300 * sizeof(float));
+    int32_t prompt[9] = {1, 5, 9, 200, 7, 7, 42, 299, 0}, ta[STEPS], tb[STEPS];
+    assert_int_equal(group_open(&ref, path, 0, &eb), MN_OK);
+    assert_int_equal(ref.V, 300);
+    generate(&ref, prompt, 9, a, ta);
+    group_close(&ref);
+    assert_int_equal(group_open(&one, path, 1, &eb), MN_OK);
+    generate(&one, prompt, 9, b, tb);
+    group_close(&one);
+    assert_memory_equal(a, b, (size_t)(9 + STEPS) * 300 * sizeof(float));
+    free(a);
+    free(b);
+    unlink(path);
+}
+
+/* Q4_0 weights: o split at 32-column blocks (2 blocks of 2 heads per rank), the ffn's 7
+ * blocks of 32 split unevenly (96 + 128 features). */
+static void test_synthetic_q4_0(void **state) {
+    (void)state;
+    char path[256];
+    gen_model(path, sizeof path, "q40",
+              "--type Q4_0 --embd-type F32 --n-layer 2 --n-embd 128 --n-head 8 --n-kv-head 2 --head-dim 16 --n-ff 224 "
+              "--n-vocab 300 --seed 4");
+    check_tp(path, NULL, 0, 2, TOL_QUANT, KL_QUANT, "synthetic Q4_0");
+    unlink(path);
+}
+
+/* Q4_K weights (256-element super-blocks), qwen2 biases on q, k, v: one super-block of o
+ * and two of the ffn per rank. */
+static void test_synthetic_q4_k(void **state) {
+    (void)state;
+    char path[256];
+    gen_model(path, sizeof path, "q4k",
+              "--arch qwen2 --type Q4_K --embd-type F32 --n-layer 2 --n-embd 256 --n-head 8 --n-kv-head 2 --head-dim 64 "
+              "--n-ff 1024 --n-vocab 300 --seed 5");
+    check_tp(path, NULL, 0, 2, TOL_QUANT, KL_QUANT, "synthetic Q4_K qwen2");
+    unlink(path);
+}
+
+/* Sizes that cannot be split are clear errors naming them. */
+static void test_bad_splits(void **state) {
+    (void)state;
+    group g;
+    mn_errbuf eb;
+    /* SmolLM2: 9 query heads, 3 kv heads */
+    assert_int_equal(group_open(&g, smollm2_path(), 2, &eb), MN_EINVALID);
+    printf("  TP 2 on SmolLM2: %s\n", eb.msg);
+    assert_non_null(strstr(eb.msg, "tensor parallel size 2"));
+    assert_non_null(strstr(eb.msg, "n_head 9"));
+    assert_non_null(strstr(eb.msg, "n_kv_head 3"));
+    /* Q4_K: 2 heads of 64 per rank = 128 columns of o, half a 256-element block */
+    char path[256];
+    gen_model(path, sizeof path, "q4kbad",
+              "--type Q4_K --n-layer 1 --n-embd 256 --n-head 4 --n-kv-head 2 --head-dim 64 --n-ff 512 --n-vocab 300");
+    assert_int_equal(group_open(&g, path, 2, &eb), MN_EINVALID);
+    printf("  TP 2 on a Q4_K model with 128 o columns per rank: %s\n", eb.msg);
+    assert_non_null(strstr(eb.msg, "attn_output"));
+    assert_non_null(strstr(eb.msg, "128 columns"));
+    /* the same model cut into 4: 1 query head per rank does not divide 2 kv heads... */
+    assert_int_equal(group_open(&g, path, 4, &eb), MN_EINVALID);
+    assert_non_null(strstr(eb.msg, "n_kv_head 2"));
+    unlink(path);
+}
+
+/* SmolLM2 (9/3 heads) in 3 ranks: 3 query heads and 1 kv head each. A chat prompt, so
+ * the greedy continuation is confident (a prompt of random ids has near-ties). */
+static void test_smollm2_tp3(void **state) {
+    (void)state;
+    mn_backend *be;
+    mn_model *m;
+    mn_errbuf eb;
+    mn_backend_params bp = {.device = "cpu", .n_threads = 1};
+    assert_int_equal(mn_backend_cpu_new(&bp, &be, &eb), MN_OK);
+    if (mn_model_load(smollm2_path(), be, NULL, &m, &eb) != MN_OK) fail_msg("%s (run tools/setup.sh)", eb.msg);
+    const char *text = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    int32_t *tok;
+    int64_t n;
+    assert_int_equal(mn_tokenize(m->tok, text, strlen(text), MN_TOK_PARSE_SPECIAL, &tok, &n, &eb), MN_OK);
+    assert_true(n > 0 && n <= MAX_PROMPT);
+    int32_t prompt[MAX_PROMPT];
+    memcpy(prompt, tok, (size_t)n * sizeof *tok);
+    mn_free(tok);
+    mn_model_free(m);
+    mn_backend_free(be);
+    check_tp(smollm2_path(), prompt, (int)n, 3, TOL_REAL, KL_REAL, "SmolLM2 Q4_1");
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_local_all_reduce),
+        cmocka_unit_test(test_local_abort),
+        cmocka_unit_test(test_synthetic_f32),
+        cmocka_unit_test(test_synthetic_q4_0),
+        cmocka_unit_test(test_synthetic_q4_k),
+        cmocka_unit_test(test_bad_splits),
+        cmocka_unit_test(test_smollm2_tp3),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
