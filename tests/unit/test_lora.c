@@ -9,6 +9,13 @@
  *   - 1 thread of scalar code and 3 threads of the best SIMD level give the same bits; a row
  *     computed alone (one segment of one row) gives the same bits as inside the batch
  *     (batch invariance).
+ * And through the forward pass of the real model (SmolLM2, as test_forward.c) with a small
+ * adapter this file writes (rank 2 on q_proj, rank 3 on down_proj):
+ *   - rows without an adapter in a mixed batch give the bits of a batch without adapters;
+ *   - a sequence with the adapter gives the same bits alone and in a mixed batch, and
+ *     different logits from the base model;
+ *   - bad adapter indices are refused with nothing computed; the registry refuses a
+ *     duplicate name and an unknown one; a load whose N-th allocation fails leaks nothing.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -22,7 +29,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <unistd.h>
+
 #include "engine/alloc.h"
+#include "engine/forward.h"
+#include "engine/lora.h"
 #include "kernels/ops.h"
 
 #define GUARD 16
@@ -226,12 +237,212 @@ static void test_lora_op(void **state) {
     run_case("no segments", 5, 96, 3, N3, NULL, 0, 5);
 }
 
+/* ---- through the forward pass ---- */
+static const char *model_path(void) {
+    static char buf[4096];
+    const char *p = getenv("MNEME_MODEL");
+    if (p && *p) return p;
+    const char *d = getenv("MNEME_MODELS");
+    if (d && *d) snprintf(buf, sizeof buf, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", d);
+    else snprintf(buf, sizeof buf, "%s/.cache/mneme/SmolLM2-135M-Instruct.Q4_1.gguf", getenv("HOME"));
+    return buf;
+}
+
+/* Write a PEFT directory: q_proj rank 2 and down_proj rank 3 on every layer, F32. */
+static void write_adapter(const char *dir, const mn_model_config *c, uint32_t seed) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fprintf(f, "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 8, \"target_modules\": [\"q_proj\", \"down_proj\"],"
+               " \"rank_pattern\": {\"down_proj\": 3}}");
+    fclose(f);
+    const int64_t E = c->n_embd, Q = (int64_t)c->n_head * c->head_dim, F = c->n_ff;
+    size_t cap = (size_t)c->n_layer * 4 * 200 + 64, hl = 0;
+    char *hdr = malloc(cap);
+    uint64_t off = 0;
+    hl += (size_t)snprintf(hdr + hl, cap - hl, "{");
+    for (int32_t l = 0; l < c->n_layer; l++) {
+        const char *mod[2] = {"self_attn.q_proj", "mlp.down_proj"};
+        int64_t r[2] = {2, 3}, in[2] = {E, F}, out[2] = {Q, E};
+        for (int t = 0; t < 2; t++)
+            for (int ab = 0; ab < 2; ab++) {
+                int64_t d0 = ab ? out[t] : r[t], d1 = ab ? r[t] : in[t];
+                uint64_t n = (uint64_t)(d0 * d1) * 4;
+                hl += (size_t)snprintf(hdr + hl, cap - hl,
+                                       "%s\"base_model.model.model.layers.%d.%s.lora_%c.weight\":{\"dtype\":\"F32\","
+                                       "\"shape\":[%lld,%lld],\"data_offsets\":[%llu,%llu]}",
+                                       hl > 1 ? "," : "", l, mod[t], ab ? 'B' : 'A', (long long)d0, (long long)d1,
+                                       (unsigned long long)off, (unsigned long long)(off + n));
+                off += n;
+            }
+    }
+    hl += (size_t)snprintf(hdr + hl, cap - hl, "}");
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    f = fopen(path, "wb");
+    assert_non_null(f);
+    uint64_t h64 = hl;
+    fwrite(&h64, 8, 1, f);
+    fwrite(hdr, 1, hl, f);
+    rng_state = seed;
+    for (uint64_t i = 0; i < off / 4; i++) {
+        float v = frand() * 0.05f;
+        fwrite(&v, 4, 1, f);
+    }
+    fclose(f);
+    free(hdr);
+}
+
+typedef struct fwd_fixture {
+    mn_backend *be;
+    mn_model *m;
+    mn_kv_pool *kv;
+    mn_forward *f;
+    char dir[64];
+} fwd_fixture;
+
+static int fwd_open(fwd_fixture *fx) {
+    mn_errbuf eb = {{0}};
+    memset(fx, 0, sizeof *fx);
+    mn_backend_params bp = {.device = "cpu", .n_threads = 2};
+    if (mn_backend_cpu_new(&bp, &fx->be, &eb) != MN_OK) return -1;
+    if (mn_model_load(model_path(), fx->be, NULL, &fx->m, &eb) != MN_OK) {
+        fprintf(stderr, "cannot load the default model %s: %s (run tools/setup.sh)\n", model_path(), eb.msg);
+        mn_backend_free(fx->be);
+        return -1;
+    }
+    const mn_model_config *c = &fx->m->cfg;
+    assert_int_equal(mn_kv_pool_new(fx->be, c->n_layer, c->n_kv_head, c->head_dim, 16, 64, &fx->kv, &eb), MN_OK);
+    assert_int_equal(mn_forward_new(fx->m, fx->kv, &fx->f, &eb), MN_OK);
+    snprintf(fx->dir, sizeof fx->dir, "/tmp/mn_lora_test_XXXXXX");
+    assert_non_null(mkdtemp(fx->dir));
+    write_adapter(fx->dir, c, 99);
+    return 0;
+}
+
+static void fwd_close(fwd_fixture *fx) {
+    char p[200];
+    snprintf(p, sizeof p, "%s/adapter_config.json", fx->dir);
+    unlink(p);
+    snprintf(p, sizeof p, "%s/adapter_model.safetensors", fx->dir);
+    unlink(p);
+    rmdir(fx->dir);
+    mn_forward_free(fx->f);
+    mn_kv_pool_free(fx->kv);
+    mn_model_free(fx->m);
+    mn_backend_free(fx->be);
+}
+
+#define NS 3
+#define LEN 5
+/* Run NS sequences of LEN tokens in one interleaved batch with adapters ad[s] (NULL: no
+ * lora struct at all); logits out[s][LEN][V]. */
+static mn_err run_batch(fwd_fixture *fx, const int32_t *ad, const mn_lora *const *table, int32_t n_tab, float *out,
+                        mn_errbuf *eb) {
+    int32_t tok[NS * LEN], sq[NS * LEN], pos[NS * LEN], adr[NS * LEN], rows[NS * LEN];
+    int n = 0;
+    for (int p = 0; p < LEN; p++)
+        for (int s = 0; s < NS; s++) {
+            tok[n] = (s * 977 + p * 131 + 5) % fx->m->cfg.n_vocab, sq[n] = s, pos[n] = p, adr[n] = ad ? ad[s] : -1;
+            n++;
+        }
+    for (int s = 0, k = 0; s < NS; s++)
+        for (int p = 0; p < LEN; p++) rows[k++] = p * NS + s;
+    mn_kv_seq seqv[NS] = {{0}};
+    mn_kv_seq *seqs[NS] = {&seqv[0], &seqv[1], &seqv[2]};
+    mn_batch b = {.n_tokens = n, .tokens = tok, .seq = sq, .pos = pos, .n_out = n, .out_rows = rows};
+    mn_batch_lora lb = {.adapter = adr, .adapters = table, .n_adapters = n_tab};
+    mn_err e = mn_forward_run_lora(fx->f, seqs, NS, &b, ad ? &lb : NULL, out, eb);
+    for (int s = 0; s < NS; s++) {
+        if (e != MN_OK) assert_int_equal(seqv[s].n_tokens, 0);   /* refused: nothing computed */
+        mn_kv_seq_release(fx->kv, &seqv[s]);
+    }
+    return e;
+}
+
+static void test_lora_forward(void **state) {
+    fwd_fixture fx;
+    if (access(model_path(), R_OK) != 0 && getenv("MNEME_ALLOW_NO_MODEL") && !strcmp(getenv("MNEME_ALLOW_NO_MODEL"), "1")) {
+        fprintf(stderr, "model %s missing and MNEME_ALLOW_NO_MODEL=1: skipping\n", model_path());
+        skip();
+    }
+    if (fwd_open(&fx)) fail_msg("model missing");
+    mn_errbuf eb = {{0}};
+    mn_lora_registry *reg;
+    assert_int_equal(mn_lora_registry_new(fx.m, &reg, &eb), MN_OK);
+    int32_t idx = -1;
+    if (mn_lora_registry_load(reg, "persona", fx.dir, &idx, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    assert_int_equal(idx, 0);
+    assert_int_equal(mn_lora_registry_find(reg, "persona"), 0);
+    assert_int_equal(mn_lora_registry_find(reg, "other"), -1);
+    assert_int_equal(mn_lora_registry_load(reg, "persona", fx.dir, NULL, &eb), MN_EINVALID);
+    assert_non_null(strstr(eb.msg, "already loaded"));
+    assert_int_equal(mn_lora_registry_unload(reg, "other", &eb), MN_ENOT_FOUND);
+    int32_t n_tab;
+    const mn_lora *const *tab = mn_lora_registry_table(reg, &n_tab);
+    assert_int_equal(n_tab, 1);
+    assert_int_equal(tab[0]->layers[0].t[MN_LORA_Q].r, 2);
+    assert_int_equal(tab[0]->layers[0].t[MN_LORA_DOWN].r, 3);
+    assert_true(tab[0]->layers[0].t[MN_LORA_DOWN].scale == 8.0f / 3.0f);
+    assert_int_equal(tab[0]->layers[0].t[MN_LORA_K].r, 0);
+
+    const size_t V = (size_t)fx.m->cfg.n_vocab, per = LEN * V;
+    float *base = malloc(NS * per * sizeof(float)), *mixed = malloc(NS * per * sizeof(float));
+    float *alone = malloc(NS * per * sizeof(float));
+    if (run_batch(&fx, NULL, NULL, 0, base, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    const int32_t mix[NS] = {-1, 0, -1}, all[NS] = {0, 0, 0};
+    if (run_batch(&fx, mix, tab, n_tab, mixed, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    if (run_batch(&fx, all, tab, n_tab, alone, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    /* sequences 0 and 2 have no adapter: the bits of the plain batch */
+    assert_memory_equal(mixed, base, per * sizeof(float));
+    assert_memory_equal(mixed + 2 * per, base + 2 * per, per * sizeof(float));
+    /* sequence 1: the same bits whatever else is in the batch, and not the base logits */
+    assert_memory_equal(mixed + per, alone + per, per * sizeof(float));
+    double diff = 0;
+    for (size_t i = 0; i < per; i++) diff = fmax(diff, fabs((double)mixed[per + i] - base[per + i]));
+    printf("  forward: adapter moves the logits by up to %.3g\n", diff);
+    assert_true(diff > 1e-3);
+
+    /* bad adapter fields: refused, nothing computed */
+    const int32_t bad_idx[NS] = {0, 1, -1}, bad_neg[NS] = {-2, 0, 0};
+    assert_int_equal(run_batch(&fx, bad_idx, tab, n_tab, mixed, &eb), MN_ERANGE);
+    assert_non_null(strstr(eb.msg, "adapter 1 not in [-1, 1)"));
+    assert_int_equal(run_batch(&fx, bad_neg, tab, n_tab, mixed, &eb), MN_ERANGE);
+    const mn_lora *holes[2] = {tab[0], NULL};
+    const int32_t to_hole[NS] = {0, 1, 0};
+    assert_int_equal(run_batch(&fx, to_hole, holes, 2, mixed, &eb), MN_EINVALID);
+    assert_non_null(strstr(eb.msg, "adapter 1 is not loaded"));
+
+    assert_int_equal(mn_lora_registry_unload(reg, "persona", &eb), MN_OK);
+    assert_int_equal(mn_lora_registry_find(reg, "persona"), -1);
+    mn_lora_registry_free(reg);
+
+    /* the N-th allocation of a load fails: an error each time, nothing leaked */
+    long live = mn_alloc_live();
+    for (long k = 0;; k++) {
+        mn_lora *l = NULL;
+        mn_alloc_fail_after(k);
+        mn_err e = mn_lora_load(fx.dir, "x", fx.m, &l, &eb);
+        mn_alloc_fail_after(-1);
+        if (e == MN_OK) {
+            mn_lora_free(l);
+            break;
+        }
+        assert_int_equal(e, MN_ENOMEM);
+        assert_null(l);
+        assert_int_equal(mn_alloc_live(), live);
+    }
+    free(base), free(mixed), free(alone);
+    fwd_close(&fx);
+}
+
 int main(void) {
     mn_cpu_init();
     best_simd = mn_cpu_simd_name();
     printf("cpu lora at levels scalar and %s\n", best_simd);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_lora_op),
+        cmocka_unit_test(test_lora_forward),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
