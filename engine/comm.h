@@ -7,8 +7,9 @@
  *     memory. all_reduce_sum is deterministic: element i is summed in rank order,
  *     ((b0 + b1) + b2) + ..., by exactly one thread, and every rank receives that one
  *     value, so the result is bit-identical on every rank and independent of timing.
- *   - NCCL (engine/cuda/comm_nccl.c, CUDA builds): ranks are GPUs of one box, buffers are
- *     device memory, collectives are enqueued on the rank's compute stream (see below).
+ *   - NCCL (engine/cuda/comm_nccl.c, CUDA builds that found NCCL: MNEME_HAVE_NCCL): ranks
+ *     are GPUs of one box, buffers are device memory, collectives are enqueued on the
+ *     rank's compute stream (see below).
  * A failing rank calls mn_comm_abort so the others do not wait forever: their pending and
  * later collectives return MN_ECANCELLED; the group is then unusable.
  * Ownership: each rank's mn_comm is freed with mn_comm_free (from any thread, once no
@@ -56,7 +57,7 @@ void mn_comm_free(mn_comm *c);
  *  thread that runs that rank. On failure nothing is allocated and ranks is untouched. */
 mn_err mn_comm_local_group_new(int n, mn_comm **ranks, mn_errbuf *eb);
 
-#ifdef MNEME_HAVE_CUDA
+#ifdef MNEME_HAVE_NCCL
 /** An NCCL group of n ranks over devices[0:n] (ncclCommInitAll, from one thread).
  *  streams[r] is the cudaStream_t (as void *) that rank r's collectives are enqueued on:
  *  the compute stream of that rank's backend, so an all-reduce is ordered after the ops
