@@ -314,12 +314,14 @@ static int emit_lora(mn_forward *f, int32_t n_act, int32_t l, int g, const float
     while (n_out < MN_LORA_MAX_OUT && lora_groups[g][n_out] >= 0) n_out++;
     for (int32_t u = 0; u < n_act; u++) {
         const lora_use *use = &f->lora_act[u];
-        mn_lora_seg s = {.start = use->start, .n_rows = use->n};
+        mn_lora_seg s = {.start = use->start, .n_rows = use->n, .type = use->l->wtype};
+        const int64_t esz = use->l->wtype == MN_F32 ? 4 : 2;
+        (void)esz;   /* only the assert reads it */
         for (int o = 0; o < n_out; o++) {
             const mn_lora_mat *mt = &use->l->layers[l].t[lora_groups[g][o]];
             if (!mt->r) continue;
             if (!s.a) s.a = mt->a;
-            assert(mt->a == s.a + (int64_t)s.r * K);   /* A's of a group are adjacent rows */
+            assert((const char *)mt->a == (const char *)s.a + (int64_t)s.r * K * esz);   /* A's of a group are adjacent rows */
             s.b[o] = mt->b;
             s.r_off[o] = s.r;
             s.r_out[o] = mt->r;

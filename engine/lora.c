@@ -2,7 +2,8 @@
  *
  * Loading is two passes over the targets of every layer: the first resolves each
  * module's rank and scale and checks both tensors' presence and shapes (nothing is
- * allocated for the weights yet), the second converts them into one f32 arena laid out
+ * allocated for the weights yet), the second copies them into one arena (F32, or the
+ * file's 16-bit type when every tensor has it) laid out
  * per layer as
  *   A_q A_k A_v | A_gate A_up | A_o | A_down | B_q B_k B_v B_o B_gate B_up B_down
  * so the A's of a group that shares its input are one [r_sum, in] matrix.
@@ -170,15 +171,21 @@ static mn_err check_shape(const mn_st_tensor *x, const char *file, int64_t rows,
 }
 
 /* The llama GGUF converter's permutation of Q/K rows (per head: [even, odd] halves
- * interleaved), applied to B's rows: new row h*hd + 2i + j = old row h*hd + j*hd/2 + i. */
-static void permute_rows(float *b, int32_t n_head, int32_t hd, int32_t r, float *tmp) {
+ * interleaved), applied to B's rows of rb bytes: new row h*hd + 2i + j = old row
+ * h*hd + j*hd/2 + i. */
+static void permute_rows(char *b, int32_t n_head, int32_t hd, size_t rb, char *tmp) {
     for (int32_t h = 0; h < n_head; h++) {
-        float *head = b + (int64_t)h * hd * r;
-        memcpy(tmp, head, (size_t)hd * r * sizeof(float));
+        char *head = b + (size_t)h * hd * rb;
+        memcpy(tmp, head, (size_t)hd * rb);
         for (int32_t i = 0; i < hd / 2; i++)
-            for (int32_t j = 0; j < 2; j++)
-                memcpy(head + (int64_t)(2 * i + j) * r, tmp + (int64_t)(j * (hd / 2) + i) * r, (size_t)r * sizeof(float));
+            for (int32_t j = 0; j < 2; j++) memcpy(head + (size_t)(2 * i + j) * rb, tmp + (size_t)(j * (hd / 2) + i) * rb, rb);
     }
+}
+
+/* n elements of x from element 0 into dst as type to (x's own type, or F32). */
+static void copy_elems(const mn_st_tensor *x, mn_dtype to, void *dst, int64_t n) {
+    if (to == x->type) memcpy(dst, x->data, (size_t)n * (to == MN_F32 ? 4 : 2));
+    else mn_st_to_f32(x, 0, n, dst);
 }
 
 static double now_s(void) {
@@ -219,7 +226,8 @@ mn_err mn_lora_load(const char *dir, const char *name, const mn_model *m, mn_lor
     l->targets = c.targets;
 
     /* pass 1: ranks, scales, tensor presence and shapes; arena size */
-    uint64_t n_floats = 0;
+    uint64_t n_elems = 0;
+    int n_types[3] = {0, 0, 0};   /* tensors in F32, F16, BF16 */
     for (int32_t li = 0; li < mc->n_layer; li++) {
         for (int t = 0; t < MN_LORA_N_TARGETS; t++) {
             if (!(c.targets & (1u << t))) continue;
@@ -248,11 +256,13 @@ mn_err mn_lora_load(const char *dir, const char *name, const mn_model *m, mn_lor
             }
             if ((e = check_shape(tb, file, outf, r, false, eb)) != MN_OK) goto fail;
             used[ta - st->tensors] = used[tb - st->tensors] = true;
+            n_types[ta->type == MN_F32 ? 0 : ta->type == MN_F16 ? 1 : 2]++;
+            n_types[tb->type == MN_F32 ? 0 : tb->type == MN_F16 ? 1 : 2]++;
             mn_lora_mat *mt = &l->layers[li].t[t];
             mt->r = (int32_t)r;
             mt->scale = (float)(c.rslora ? alpha / sqrt((double)r) : alpha / (double)r);
             if (mt->r > l->r_max) l->r_max = mt->r;
-            n_floats += (uint64_t)r * (uint64_t)(in + outf);
+            n_elems += (uint64_t)r * (uint64_t)(in + outf);
         }
     }
     for (int64_t i = 0; i < st->n_tensors; i++) {
@@ -269,8 +279,12 @@ mn_err mn_lora_load(const char *dir, const char *name, const mn_model *m, mn_lor
         goto fail;
     }
 
-    /* pass 2: convert into the arena */
-    l->bytes = n_floats * sizeof(float);
+    /* pass 2: copy into the arena. An adapter stored entirely in F16 (or BF16) keeps that
+     * type (exact, and half the bytes each use reads); anything else becomes F32. */
+    int n_all = n_types[0] + n_types[1] + n_types[2];
+    l->wtype = n_types[1] == n_all ? MN_F16 : n_types[2] == n_all ? MN_BF16 : MN_F32;
+    const size_t esz = l->wtype == MN_F32 ? 4 : 2;
+    l->bytes = n_elems * esz;
     int64_t max_out = l->n_q > l->n_embd ? l->n_q : l->n_embd;
     if (l->n_ff > max_out) max_out = l->n_ff;
     /* tmp: B as stored [out, r], then scratch for the row permutation */
@@ -280,7 +294,8 @@ mn_err mn_lora_load(const char *dir, const char *name, const mn_model *m, mn_lor
     }
     static const int a_order[MN_LORA_N_TARGETS] = {MN_LORA_Q, MN_LORA_K, MN_LORA_V, MN_LORA_GATE, MN_LORA_UP,
                                                    MN_LORA_O, MN_LORA_DOWN};
-    float *p = l->arena;
+    char *p = l->arena;
+    char *tb = (char *)tmp;
     for (int32_t li = 0; li < mc->n_layer; li++) {
         for (int pass = 0; pass < 2; pass++) {
             for (int k = 0; k < MN_LORA_N_TARGETS; k++) {
@@ -293,17 +308,19 @@ mn_err mn_lora_load(const char *dir, const char *name, const mn_model *m, mn_lor
                 const mn_st_tensor *x = mn_st_find(st, tn);
                 int64_t n = pass == 0 ? (int64_t)mt->r * in : outf * mt->r;
                 if (pass == 0) {
-                    mn_st_to_f32(x, 0, n, p);
+                    copy_elems(x, l->wtype, p, n);
                     mt->a = p;
                 } else {
-                    mn_st_to_f32(x, 0, n, tmp);
+                    copy_elems(x, l->wtype, tb, n);
                     if (mc->rope_mode == MN_ROPE_NORM && (t == MN_LORA_Q || t == MN_LORA_K))
-                        permute_rows(tmp, t == MN_LORA_Q ? mc->n_head : mc->n_kv_head, mc->head_dim, mt->r, tmp + n);
+                        permute_rows(tb, t == MN_LORA_Q ? mc->n_head : mc->n_kv_head, mc->head_dim, (size_t)mt->r * esz,
+                                     tb + (size_t)n * esz);
                     for (int64_t row = 0; row < outf; row++)   /* store B^T: [r, out] */
-                        for (int32_t j = 0; j < mt->r; j++) p[(int64_t)j * outf + row] = tmp[row * mt->r + j];
+                        for (int32_t j = 0; j < mt->r; j++)
+                            memcpy(p + ((size_t)j * outf + row) * esz, tb + ((size_t)row * mt->r + j) * esz, esz);
                     mt->b = p;
                 }
-                p += n;
+                p += (size_t)n * esz;
             }
         }
     }
@@ -316,7 +333,7 @@ mn_err mn_lora_load(const char *dir, const char *name, const mn_model *m, mn_lor
     }
     XXH3_128bits_reset(hs);
     XXH3_128bits_update(hs, "mneme-lora-1", 12);
-    int32_t hdr[2] = {l->n_layer, (int32_t)l->targets};
+    int32_t hdr[3] = {l->n_layer, (int32_t)l->targets, (int32_t)l->wtype};
     XXH3_128bits_update(hs, hdr, sizeof hdr);
     for (int32_t li = 0; li < l->n_layer; li++)
         for (int t = 0; t < MN_LORA_N_TARGETS; t++) {

@@ -17,7 +17,8 @@
  * Every failure (missing file or tensor, wrong shape or dtype, truncated file, rank 0,
  * hidden size or layer count not matching the model, unknown module) is an error naming
  * the file, tensor or field, and no adapter is returned.
- * Weights are held as f32 host copies. This is the first increment: the device pool, LRU
+ * Weights are held as host copies in the file's type when all tensors share a 16-bit type
+ * (F16 or BF16: exact, and half the bytes a decode step reads), else as f32. This is the first increment: the device pool, LRU
  * paging host -> device and the shared KV/adapter budget come later, so the batched apply
  * reads these host copies directly and runs on the CPU backend only.
  * Ownership: mn_lora_load returns an adapter the caller frees with mn_lora_free; the
@@ -41,8 +42,8 @@ typedef enum mn_lora_target {
 typedef struct mn_lora_mat {
     int32_t r;
     float scale;
-    const float *a;        /* [r, in] f32 */
-    const float *b;        /* [r, out] f32: B transposed (the expand streams rows of it) */
+    const void *a;         /* [r, in] of the adapter's wtype */
+    const void *b;         /* [r, out] of wtype: B transposed (the expand streams rows of it) */
 } mn_lora_mat;
 
 /* Per layer. a of q, k and v are adjacent rows of one array ([r_q + r_k + r_v, n_embd]),
@@ -57,7 +58,8 @@ typedef struct mn_lora {
     uint32_t targets;        /* bit (1 << mn_lora_target) per targeted module */
     int32_t r_max;
     mn_lora_layer *layers;   /* [n_layer] */
-    float *arena;            /* every A and B */
+    mn_dtype wtype;          /* of every A and B: F16 / BF16 if the file has only that, else F32 */
+    void *arena;             /* every A and B */
     uint64_t bytes;          /* of arena */
     double load_seconds;
     uint8_t fingerprint[16]; /* XXH3-128 of the resolved ranks, scales and f32 tensor bytes:

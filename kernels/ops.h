@@ -165,7 +165,9 @@ typedef struct mn_add_desc {
  * rows t = rows[seg[s].start + i], i < seg[s].n_rows:
  *   shrink  v[j] = sum_k x[t,k] * a[j,k]                     j < r   (v rounded to f32)
  *   expand  y_o[t,n] += scale_o * sum_j v[r_off_o + j] * b_o[j,n]   j < r_out_o, every output o with b_o
- * (b_o is B transposed, [r_out, N]: the expand streams its rows).
+ * (b_o is B transposed, [r_out, N]: the expand streams its rows). a and b hold elements of
+ * the segment's type (F32, F16 or BF16: an adapter keeps its file's 16-bit type, halving
+ * the bytes a decode step reads); they are converted to f32 exactly before each product.
  * Up to MN_LORA_MAX_OUT outputs share x and one shrink: Q/K/V (or gate/up) of a layer pass
  * their A's as one [r_q + r_k + r_v, K] matrix (rows adjacent in memory). Each segment has
  * its own rank, so mixed ranks need no padding; rows in no segment (tokens without an
@@ -178,8 +180,9 @@ typedef struct mn_add_desc {
 typedef struct mn_lora_seg {
     int32_t start, n_rows;                  /* rows[start .. start + n_rows) */
     int32_t r;                              /* rows of a (shrink width) */
-    const float *a;                         /* [r, K] */
-    const float *b[MN_LORA_MAX_OUT];        /* [r_out_o, N_o] (B^T), or NULL: output o not adapted */
+    mn_dtype type;                          /* of a and b: MN_F32, MN_F16 or MN_BF16 */
+    const void *a;                          /* [r, K] */
+    const void *b[MN_LORA_MAX_OUT];         /* [r_out_o, N_o] (B^T), or NULL: output o not adapted */
     int32_t r_off[MN_LORA_MAX_OUT], r_out[MN_LORA_MAX_OUT];
     float scale[MN_LORA_MAX_OUT];
 } mn_lora_seg;

@@ -6,17 +6,23 @@
 #include "kernels/cpu/cpu_impl.h"
 #include "kernels/ops.h"
 
-static float lora_dot(const float *a, const float *b, int64_t n) {
+static inline float w_at(const void *w, mn_dtype t, int64_t i) {
+    if (t == MN_F32) return ((const float *)w)[i];
+    uint16_t h = ((const uint16_t *)w)[i];
+    return t == MN_F16 ? mn_fp16_to_fp32(h) : mn_bf16_to_fp32(h);
+}
+
+static float lora_dot(const float *x, const void *w, mn_dtype t, int64_t n) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t k = 0;
     for (; k + 8 <= n; k += 8)
-        for (int l = 0; l < 8; l++) acc[l] += a[k + l] * b[k + l];
-    for (int l = 0; k < n; k++, l++) acc[l] += a[k] * b[k];
+        for (int l = 0; l < 8; l++) acc[l] += x[k + l] * w_at(w, t, k + l);
+    for (int l = 0; k < n; k++, l++) acc[l] += x[k] * w_at(w, t, k);
     return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
 }
 
-static void lora_axpy(float *acc, float v, const float *b, int64_t n) {
-    for (int64_t i = 0; i < n; i++) acc[i] += v * b[i];
+static void lora_axpy(float *acc, float v, const void *w, mn_dtype t, int64_t n) {
+    for (int64_t i = 0; i < n; i++) acc[i] += v * w_at(w, t, i);
 }
 
 #include "kernels/cpu/lora_impl.h"

@@ -1,27 +1,42 @@
 /* kernels/cpu/lora_avx2.c — kernels/cpu/lora_impl.h with AVX2 dot and axpy (CMake gives
- * *_avx2.c files -mavx2 -mfma -mf16c). Multiplies and adds stay separate instructions and
- * the lanes are reduced in the order the scalar version uses, so the bits are the same. */
+ * *_avx2.c files -mavx2 -mfma -mf16c). Multiplies and adds stay separate instructions, the
+ * F16/BF16 -> f32 conversions are exact, and the lanes are reduced in the order the scalar
+ * version uses, so the bits are the same. */
 #include <immintrin.h>
 #include <stdint.h>
 
 #include "kernels/ops.h"
 
-static float lora_dot(const float *a, const float *b, int64_t n) {
+/* 8 elements of w from element i, as f32 */
+static inline __m256 load8(const void *w, mn_dtype t, int64_t i) {
+    if (t == MN_F32) return _mm256_loadu_ps((const float *)w + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+    if (t == MN_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline float w_at(const void *w, mn_dtype t, int64_t i) {
+    if (t == MN_F32) return ((const float *)w)[i];
+    uint16_t h = ((const uint16_t *)w)[i];
+    return t == MN_F16 ? mn_fp16_to_fp32(h) : mn_bf16_to_fp32(h);
+}
+
+static float lora_dot(const float *x, const void *w, mn_dtype t, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
     int64_t k = 0;
-    for (; k + 8 <= n; k += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k)));
+    for (; k + 8 <= n; k += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(x + k), load8(w, t, k)));
     float l[8];
     _mm256_storeu_ps(l, acc);
-    for (int i = 0; k < n; k++, i++) l[i] += a[k] * b[k];
+    for (int i = 0; k < n; k++, i++) l[i] += x[k] * w_at(w, t, k);
     return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
 }
 
-static void lora_axpy(float *acc, float v, const float *b, int64_t n) {
+static void lora_axpy(float *acc, float v, const void *w, mn_dtype t, int64_t n) {
     const __m256 vv = _mm256_set1_ps(v);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), _mm256_mul_ps(vv, _mm256_loadu_ps(b + i))));
-    for (; i < n; i++) acc[i] += v * b[i];
+        _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), _mm256_mul_ps(vv, load8(w, t, i))));
+    for (; i < n; i++) acc[i] += v * w_at(w, t, i);
 }
 
 #include "kernels/cpu/lora_impl.h"

@@ -21,11 +21,14 @@
 #define LORA_CHUNK 64
 
 /* The including file defines, before including this header:
- *   float lora_dot(const float *a, const float *b, int64_t n)
- *       8 lanes acc[l] += a[k+l]*b[k+l] over whole groups of 8, the tail element k added
+ *   float lora_dot(const float *x, const void *w, mn_dtype t, int64_t n)
+ *       8 lanes acc[l] += x[k+l]*w[k+l] over whole groups of 8, the tail element k added
  *       to lane k % 8, then ((acc0+acc4)+(acc2+acc6)) + ((acc1+acc5)+(acc3+acc7));
- *   void lora_axpy(float *acc, float v, const float *b, int64_t n)
- *       acc[i] += v * b[i] (multiply, then add). */
+ *   void lora_axpy(float *acc, float v, const void *w, mn_dtype t, int64_t n)
+ *       acc[i] += v * w[i] (multiply, then add);
+ * w holds n elements of type t (F32, F16, BF16), converted exactly to f32. */
+
+static inline int64_t lora_esz(mn_dtype t) { return t == MN_F32 ? 4 : 2; }
 static inline void lora_body(const mn_lora_desc *d, void *work, const mn_par *par) {
     float *v = work;
     int64_t total = 0;
@@ -41,7 +44,7 @@ static inline void lora_body(const mn_lora_desc *d, void *work, const mn_par *pa
         for (int64_t i = a; i < b; i++) {
             int64_t row = i / g->r, j = i % g->r;
             const float *x = d->x + (int64_t)d->rows[g->start + row] * d->x_stride;
-            v[base + i] = lora_dot(x, g->a + j * d->K, d->K);
+            v[base + i] = lora_dot(x, (const char *)g->a + j * d->K * lora_esz(g->type), g->type, d->K);
         }
         base += n;
     }
@@ -60,12 +63,13 @@ static inline void lora_body(const mn_lora_desc *d, void *work, const mn_par *pa
             const float *vs = v;
             for (int32_t s = 0; s < d->n_seg; s++) {
                 const mn_lora_seg *g = &d->seg[s];
-                const float *bt = g->b[o];
+                const char *bt = g->b[o];
+                const int64_t esz = lora_esz(g->type);
                 for (int32_t i = 0; bt && i < g->n_rows; i++) {
                     const float *vr = vs + (int64_t)i * g->r + g->r_off[o];
                     float acc[LORA_CHUNK];
                     for (int64_t n = 0; n < cn; n++) acc[n] = 0.0f;
-                    for (int32_t j = 0; j < g->r_out[o]; j++) lora_axpy(acc, vr[j], bt + (int64_t)j * N + cb, cn);
+                    for (int32_t j = 0; j < g->r_out[o]; j++) lora_axpy(acc, vr[j], bt + ((int64_t)j * N + cb) * esz, g->type, cn);
                     float *y = d->y[o] + (int64_t)d->rows[g->start + i] * d->y_stride[o] + cb;
                     const float sc = g->scale[o];
                     for (int64_t n = 0; n < cn; n++) y[n] += sc * acc[n];

@@ -10,6 +10,13 @@
 
 #define MN_REF_LORA_MAX_R 4096
 
+/* element i of an F32 / F16 / BF16 array, as f32 (exact) */
+static double elem(const void *p, mn_dtype t, int64_t i) {
+    if (t == MN_F32) return ((const float *)p)[i];
+    uint16_t h = ((const uint16_t *)p)[i];
+    return t == MN_F16 ? mn_fp16_to_fp32(h) : mn_bf16_to_fp32(h);
+}
+
 void mn_ref_lora(const mn_lora_desc *d) {
     float v[MN_REF_LORA_MAX_R];
     for (int32_t s = 0; s < d->n_seg; s++) {
@@ -20,7 +27,7 @@ void mn_ref_lora(const mn_lora_desc *d) {
             const float *x = d->x + t * d->x_stride;
             for (int32_t j = 0; j < g->r; j++) {
                 double acc = 0.0;
-                for (int64_t k = 0; k < d->K; k++) acc += (double)x[k] * g->a[(int64_t)j * d->K + k];
+                for (int64_t k = 0; k < d->K; k++) acc += (double)x[k] * elem(g->a, g->type, (int64_t)j * d->K + k);
                 v[j] = (float)acc;
             }
             for (int32_t o = 0; o < d->n_out; o++) {
@@ -29,7 +36,7 @@ void mn_ref_lora(const mn_lora_desc *d) {
                 const float *vo = v + g->r_off[o];
                 for (int64_t n = 0; n < d->N[o]; n++) {
                     double acc = 0.0;
-                    for (int32_t j = 0; j < g->r_out[o]; j++) acc += (double)vo[j] * g->b[o][j * d->N[o] + n];
+                    for (int32_t j = 0; j < g->r_out[o]; j++) acc += (double)vo[j] * elem(g->b[o], g->type, j * d->N[o] + n);
                     y[n] = (float)((double)y[n] + (double)g->scale[o] * acc);
                 }
             }

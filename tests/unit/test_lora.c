@@ -2,7 +2,8 @@
  *
  * Cases mix segments of ranks 4, 8, 16 and 64 (one of them a Q/K/V-style group with three
  * outputs of different ranks sharing one shrink, one where an output is not adapted),
- * rows scattered through the batch and rows with no adapter. Checked:
+ * rows scattered through the batch and rows with no adapter; segments stored as F32, F16
+ * and BF16 in the same call. Checked:
  *   - |y - ref| <= 1e-4 * (|y_in| + |s| * sum_j (sum_k |x_k a_jk|) |b_nj|) (the contract),
  *     computed here from the inputs; NaN or inf fails;
  *   - rows in no segment keep their exact bytes, and so do guard floats after each output;
@@ -108,6 +109,9 @@ static void run_case(const char *name, int64_t T, int64_t K, int n_out, const in
     }
     mn_lora_seg segs[8];
     float *arena[8];
+    uint16_t *arena16[8] = {0};
+    const float *fa[8], *fb[8][MN_LORA_MAX_OUT];   /* the values as f32, for the bound */
+    static const mn_dtype types[3] = {MN_F32, MN_F16, MN_BF16};
     int32_t at = 0;
     for (int s = 0; s < n_seg; s++) {
         mn_lora_seg *g = &segs[s];
@@ -131,6 +135,22 @@ static void run_case(const char *name, int64_t T, int64_t K, int n_out, const in
             g->scale[o] = 0.5f + (float)o + (float)s * 0.25f;
             off += g->r_out[o];
             for (int64_t i = 0; i < N[o] * g->r_out[o]; i++) *p++ = frand() * 0.3f;
+        }
+        /* segments cycle through F32, F16 and BF16 storage: values rounded to the type, and
+         * for 16-bit types a and b point into a 16-bit copy */
+        g->type = types[(s + seed) % 3];
+        fa[s] = g->a;
+        for (int o = 0; o < n_out; o++) fb[s][o] = g->b[o];
+        if (g->type != MN_F32) {
+            arena16[s] = malloc(nf * sizeof(uint16_t));
+            for (size_t i = 0; i < nf; i++) {
+                uint16_t h = g->type == MN_F16 ? mn_fp32_to_fp16(arena[s][i]) : mn_fp32_to_bf16(arena[s][i]);
+                arena16[s][i] = h;
+                arena[s][i] = g->type == MN_F16 ? mn_fp16_to_fp32(h) : mn_bf16_to_fp32(h);
+            }
+            g->a = arena16[s];
+            for (int o = 0; o < n_out; o++)
+                if (g->b[o]) g->b[o] = arena16[s] + (fb[s][o] - arena[s]);
         }
     }
     assert_true(at <= T);
@@ -163,13 +183,13 @@ static void run_case(const char *name, int64_t T, int64_t K, int n_out, const in
             double absv[256];
             for (int32_t j = 0; j < g->r; j++) {
                 absv[j] = 0;
-                for (int64_t k = 0; k < K; k++) absv[j] += fabs((double)x[t * K + k] * g->a[j * K + k]);
+                for (int64_t k = 0; k < K; k++) absv[j] += fabs((double)x[t * K + k] * fa[s][j * K + k]);
             }
             for (int o = 0; o < n_out; o++) {
                 for (int64_t n = 0; n < N[o]; n++) {
                     double mag = fabs(y0[o][t * N[o] + n]);
                     for (int32_t j = 0; g->b[o] && j < g->r_out[o]; j++)
-                        mag += fabs(g->scale[o]) * absv[g->r_off[o] + j] * fabs(g->b[o][j * N[o] + n]);
+                        mag += fabs(g->scale[o]) * absv[g->r_off[o] + j] * fabs(fb[s][o][j * N[o] + n]);
                     float got = y1[o][t * N[o] + n], want = yr[o][t * N[o] + n];
                     if (!isfinite(got)) fail_msg("%s: out %d row %lld col %lld: not finite", name, o, (long long)t, (long long)n);
                     double err = fabs((double)got - want);
@@ -208,7 +228,7 @@ static void run_case(const char *name, int64_t T, int64_t K, int n_out, const in
     }
     printf("  %-28s T=%-3lld K=%-4lld outs=%d segs=%d  worst err/bound %.3f\n", name, (long long)T, (long long)K, n_out, n_seg,
            worst);
-    for (int s = 0; s < n_seg; s++) free(arena[s]);
+    for (int s = 0; s < n_seg; s++) free(arena[s]), free(arena16[s]);
     for (int o = 0; o < n_out; o++) {
         free(y0[o]); free(yr[o]); free(y1[o]); free(y3[o]);
     }
