@@ -3,7 +3,8 @@
  * of tokens/s), so the numbers compare side by side with llama.cpp on the same file.
  *   ppN  one sequence, N prompt tokens in batches of up to 512, from an empty cache
  *   tgN  N tokens decoded one step at a time from an empty cache; with -b B, B sequences
- *        decode together (one token each per step) and tokens/s is the aggregate. */
+ *        decode together (one token each per step) and tokens/s is the aggregate.
+ * --tp N runs the forward over N CPU ranks (engine/tp.h), each with T/N threads. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,6 +13,7 @@
 #include "engine/alloc.h"
 #include "engine/forward.h"
 #include "engine/kv.h"
+#include "engine/tp.h"
 #include "server/cli.h"
 
 #define MAX_LIST 16
@@ -22,7 +24,18 @@ typedef struct bench_ctx {
     mn_kv_pool *kv;
     mn_forward *f;
     float *logits;
+    mn_tp *tp;       /* --tp N > 1: sequence slots of the group instead of kv/f */
 } bench_ctx;
+
+/* One batch on the plain forward or on the tensor-parallel group (seqs[s] is slot s). */
+static mn_err bench_forward(bench_ctx *b, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *bt, float *logits, mn_errbuf *eb) {
+    return b->tp ? mn_tp_run(b->tp, bt, logits, eb) : mn_forward_run(b->f, seqs, n_seqs, bt, logits, eb);
+}
+
+static void bench_release(bench_ctx *b, mn_kv_seq *seq, int32_t slot) {
+    if (b->tp) mn_tp_seq_release(b->tp, slot);
+    else mn_kv_seq_release(b->kv, seq);
+}
 
 static int parse_list(const char *flag, const char *s, long lo, long hi, long *out, int *n) {
     char buf[256];
@@ -58,14 +71,14 @@ static double run_pp(bench_ctx *b, int32_t n_prompt) {
         }
         int32_t last = c - 1;
         mn_batch bt = {.n_tokens = c, .tokens = tok, .seq = sq, .pos = pos, .n_out = 1, .out_rows = &last};
-        if (mn_forward_run(b->f, seqs, 1, &bt, b->logits, &eb) != MN_OK) {
+        if (bench_forward(b, seqs, 1, &bt, b->logits, &eb) != MN_OK) {
             fprintf(stderr, "mneme: %s\n", eb.msg);
             rc = -1;
         }
         done += c;
     }
     double t = cli_now() - t0;
-    mn_kv_seq_release(b->kv, &seq);
+    bench_release(b, &seq, 0);
     mn_free(tok);
     mn_free(sq);
     mn_free(pos);
@@ -90,29 +103,30 @@ static double run_tg(bench_ctx *b, int32_t n_gen, int32_t n_seq) {
     for (int32_t step = 0; rc == 0 && step < n_gen; step++) {
         for (int32_t s = 0; s < n_seq; s++) pos[s] = step;
         mn_batch bt = {.n_tokens = n_seq, .tokens = tok, .seq = sq, .pos = pos, .n_out = n_seq, .out_rows = rows};
-        if (mn_forward_run(b->f, seqs, n_seq, &bt, logits, &eb) != MN_OK) {
+        if (bench_forward(b, seqs, n_seq, &bt, logits, &eb) != MN_OK) {
             fprintf(stderr, "mneme: %s\n", eb.msg);
             rc = -1;
         }
         for (int32_t s = 0; s < n_seq; s++) tok[s] = (tok[s] * 31 + step) % b->m->cfg.n_vocab;
     }
     double t = cli_now() - t0;
-    for (int32_t s = 0; seqv && s < n_seq; s++) mn_kv_seq_release(b->kv, &seqv[s]);
+    for (int32_t s = 0; seqv && s < n_seq; s++) bench_release(b, &seqv[s], s);
     mn_free(seqv); mn_free(seqs); mn_free(tok); mn_free(sq); mn_free(pos); mn_free(rows); mn_free(logits);
     return rc < 0 ? -1 : t;
 }
 
 static void bench_usage(void) {
     fprintf(stderr,
-            "usage: mneme bench [-m FILE] [-p 512[,N..]] [-n 128[,N..]] [-t T[,T..]] [-b B[,B..]] [-r 3] [--json] [--profile]\n"
+            "usage: mneme bench [-m FILE] [-p 512[,N..]] [-n 128[,N..]] [-t T[,T..]] [-b B[,B..]] [-r 3] [--tp N] [--json] [--profile]\n"
             "  -p  prompt lengths (0 to skip)   -n  generation lengths (0 to skip)\n"
             "  -t  thread counts                -b  sequences decoding together (tg tests)\n"
-            "  --profile  print where the time goes, per op kind\n");
+            "  --profile  print where the time goes, per op kind (not with --tp)\n"
+            "  --tp N     tensor parallelism over N CPU ranks, T/N threads each\n");
 }
 
 int cmd_bench(int argc, char **argv) {
     cli_model_opts mo = {0};
-    long pl[MAX_LIST] = {512}, nl[MAX_LIST] = {128}, tl[MAX_LIST] = {0}, bl[MAX_LIST] = {1}, reps = 3;
+    long pl[MAX_LIST] = {512}, nl[MAX_LIST] = {128}, tl[MAX_LIST] = {0}, bl[MAX_LIST] = {1}, reps = 3, tp = 1;
     int np = 1, nn = 1, nt = 1, nb = 1;
     bool json = false, profile = false;
     for (int i = 1; i < argc; i++) {
@@ -124,7 +138,7 @@ int cmd_bench(int argc, char **argv) {
             if (cli_model_opt(argc, argv, &i, &mo) < 0) return 2;
             continue;
         }
-        if (strcmp(a, "-p") && strcmp(a, "-n") && strcmp(a, "-t") && strcmp(a, "-b") && strcmp(a, "-r")) {
+        if (strcmp(a, "-p") && strcmp(a, "-n") && strcmp(a, "-t") && strcmp(a, "-b") && strcmp(a, "-r") && strcmp(a, "--tp")) {
             fprintf(stderr, "mneme bench: unknown option '%s'\n", a);
             bench_usage();
             return 2;
@@ -135,6 +149,7 @@ int cmd_bench(int argc, char **argv) {
         else if (!strcmp(a, "-t")) { if (parse_list(a, v, 1, 1024, tl, &nt)) return 2; }
         else if (!strcmp(a, "-b")) { if (parse_list(a, v, 1, 4096, bl, &nb)) return 2; }
         else if (!strcmp(a, "-r")) { if (cli_int(a, v, 1, 1000, &reps)) return 2; }
+        else if (!strcmp(a, "--tp")) { if (cli_int(a, v, 1, 64, &tp)) return 2; }
         else { fprintf(stderr, "mneme bench: unknown option '%s'\n", a); bench_usage(); return 2; }
     }
     int rc = 0;
@@ -153,11 +168,26 @@ int cmd_bench(int argc, char **argv) {
         bench_ctx b = {.m = m};
         mn_errbuf eb = {{0}};
         int32_t n_blocks = (int32_t)(max_b * ((max_ctx + KV_BLOCK - 1) / KV_BLOCK + 1));
-        if (mn_kv_pool_new(be, m->cfg.n_layer, m->cfg.n_kv_head, m->cfg.head_dim, KV_BLOCK, n_blocks, &b.kv, &eb) != MN_OK ||
-            mn_forward_new(m, b.kv, &b.f, &eb) != MN_OK || !(b.logits = mn_malloc((size_t)m->cfg.n_vocab * 4))) {
+        if (tp > 1) {
+            mn_tp_params tpp = {.n_ranks = (int)tp, .n_threads = be->n_threads / tp > 0 ? (int)(be->n_threads / tp) : 1,
+                                .model = {.n_ctx = mo.n_ctx}, .block_size = KV_BLOCK, .n_blocks = n_blocks,
+                                .n_seqs = (int32_t)max_b};
+            if (strcmp(mn_backend_name(be), "cpu") != 0)
+                mn_errf(&eb, MN_EUNSUPPORTED, "--tp %ld: tensor parallelism runs CPU ranks only for now (use --device cpu)", tp);
+            if (strcmp(mn_backend_name(be), "cpu") != 0 || profile ||
+                mn_tp_new(mo.model ? mo.model : cli_default_model(), &tpp, &b.tp, &eb) != MN_OK ||
+                !(b.logits = mn_malloc((size_t)m->cfg.n_vocab * 4))) {
+                fprintf(stderr, "mneme: %s\n", profile ? "--profile does not work with --tp" : eb.msg);
+                rc = 1;
+            }
+        } else if (mn_kv_pool_new(be, m->cfg.n_layer, m->cfg.n_kv_head, m->cfg.head_dim, KV_BLOCK, n_blocks, &b.kv, &eb) != MN_OK ||
+                   mn_forward_new(m, b.kv, &b.f, &eb) != MN_OK || !(b.logits = mn_malloc((size_t)m->cfg.n_vocab * 4))) {
             fprintf(stderr, "mneme: %s\n", eb.msg);
             rc = 1;
         }
+        char threads[32];
+        if (b.tp) snprintf(threads, sizeof threads, "%dx%ld", mn_tp_backend(b.tp)->n_threads, tp);
+        else snprintf(threads, sizeof threads, "%d", be->n_threads);
         /* tests: every pp length (batch 1), then every tg length for every batch */
         for (int pass = 0; pass < 2 && !rc; pass++) {
             int n_tests = pass == 0 ? np : nn * nb;
@@ -183,12 +213,12 @@ int cmd_bench(int argc, char **argv) {
                 snprintf(test, sizeof test, "%s%ld", pass == 0 ? "pp" : "tg", len);
                 if (json)
                     printf("{\"model\": \"%s\", \"backend\": \"%s\", \"test\": \"%s\", \"n_prompt\": %ld, \"n_gen\": %ld, \"threads\": %d, "
-                           "\"batch\": %ld, \"tokens_per_s\": %.3f, \"stddev\": %.3f, \"reps\": %ld}\n",
-                           m->name, mn_backend_name(be), test, pass == 0 ? len : 0, pass == 0 ? 0 : len, be->n_threads, batch,
-                           mean, sd, reps);
+                           "\"batch\": %ld, \"tokens_per_s\": %.3f, \"stddev\": %.3f, \"reps\": %ld, \"tp\": %ld}\n",
+                           m->name, mn_backend_name(be), test, pass == 0 ? len : 0, pass == 0 ? 0 : len,
+                           b.tp ? mn_tp_backend(b.tp)->n_threads * (int)tp : be->n_threads, batch, mean, sd, reps, tp);
                 else
-                    printf("| %-28.28s | %5.1f MiB | %7d | %5ld | %8s | %9.2f ± %6.2f |\n", m->name,
-                           mn_model_weight_bytes(m) / 1048576.0, be->n_threads, batch, test, mean, sd);
+                    printf("| %-28.28s | %5.1f MiB | %7s | %5ld | %8s | %9.2f ± %6.2f |\n", m->name,
+                           mn_model_weight_bytes(m) / 1048576.0, threads, batch, test, mean, sd);
                 fflush(stdout);
                 if (profile) {
                     double tot = 0;
@@ -203,6 +233,7 @@ int cmd_bench(int argc, char **argv) {
             }
         }
         mn_free(b.logits);
+        mn_tp_free(b.tp);
         mn_forward_free(b.f);
         mn_kv_pool_free(b.kv);
         cli_unload(be, m);

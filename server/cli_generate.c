@@ -8,6 +8,7 @@
 #include "engine/forward.h"
 #include "engine/kv.h"
 #include "engine/sampler.h"
+#include "engine/tp.h"
 #include "server/cli.h"
 
 #define PREFILL_CHUNK 512
@@ -19,16 +20,28 @@ typedef struct runner {
     mn_forward *f;
     mn_kv_seq seq;
     float *logits;   /* [n_vocab] of the last token run */
+    mn_tp *tp;       /* --tp N > 1: N CPU ranks run the forward instead of kv/f */
 } runner;
 
-static int runner_init(runner *r, mn_backend *be, mn_model *m, int32_t max_tokens) {
+/* tp > 1: tensor parallelism over tp CPU ranks, each with its own load of the model file
+ * (mmapped) and be's threads shared out; m still supplies the tokenizer and config. */
+static int runner_init(runner *r, mn_backend *be, mn_model *m, int32_t max_tokens, int tp, const cli_model_opts *mo) {
     mn_errbuf eb = {{0}};
     memset(r, 0, sizeof *r);
     r->m = m;
     int32_t n_blocks = (max_tokens + KV_BLOCK - 1) / KV_BLOCK + 1;
     const mn_model_config *c = &m->cfg;
-    mn_err e = mn_kv_pool_new(be, c->n_layer, c->n_kv_head, c->head_dim, KV_BLOCK, n_blocks, &r->kv, &eb);
-    if (e == MN_OK) e = mn_forward_new(m, r->kv, &r->f, &eb);
+    mn_err e = MN_OK;
+    if (tp > 1 && strcmp(mn_backend_name(be), "cpu") != 0) {
+        e = mn_errf(&eb, MN_EUNSUPPORTED, "--tp %d: tensor parallelism runs CPU ranks only for now (use --device cpu)", tp);
+    } else if (tp > 1) {
+        mn_tp_params tpp = {.n_ranks = tp, .n_threads = be->n_threads / tp > 0 ? be->n_threads / tp : 1,
+                            .model = {.n_ctx = mo->n_ctx}, .block_size = KV_BLOCK, .n_blocks = n_blocks, .n_seqs = 1};
+        e = mn_tp_new(mo->model ? mo->model : cli_default_model(), &tpp, &r->tp, &eb);
+    } else {
+        e = mn_kv_pool_new(be, c->n_layer, c->n_kv_head, c->head_dim, KV_BLOCK, n_blocks, &r->kv, &eb);
+        if (e == MN_OK) e = mn_forward_new(m, r->kv, &r->f, &eb);
+    }
     if (e == MN_OK && !(r->logits = mn_malloc((size_t)c->n_vocab * sizeof(float)))) e = mn_errf(&eb, MN_ENOMEM, "out of memory");
     if (e != MN_OK) {
         fprintf(stderr, "mneme: %s\n", eb.msg);
@@ -38,6 +51,7 @@ static int runner_init(runner *r, mn_backend *be, mn_model *m, int32_t max_token
 }
 
 static void runner_free(runner *r) {
+    mn_tp_free(r->tp);
     if (r->kv) mn_kv_seq_release(r->kv, &r->seq);
     mn_forward_free(r->f);
     mn_kv_pool_free(r->kv);
@@ -58,7 +72,7 @@ static int runner_eval(runner *r, const int32_t *toks, int32_t n, float *all_log
         int32_t c = n - done < PREFILL_CHUNK ? n - done : PREFILL_CHUNK;
         for (int32_t i = 0; i < c; i++) {
             seqv[i] = 0;
-            pos[i] = r->seq.n_tokens + i;
+            pos[i] = (r->tp ? mn_tp_seq_len(r->tp, 0) : r->seq.n_tokens) + i;
             rows[i] = i;
         }
         mn_batch b = {.n_tokens = c, .tokens = toks + done, .seq = seqv, .pos = pos};
@@ -70,7 +84,8 @@ static int runner_eval(runner *r, const int32_t *toks, int32_t n, float *all_log
             rows[0] = c - 1;
             b.out_rows = rows;
         }
-        mn_err e = mn_forward_run(r->f, seqs, 1, &b, all_logits ? chunk_logits : r->logits, &eb);
+        float *out = all_logits ? chunk_logits : r->logits;
+        mn_err e = r->tp ? mn_tp_run(r->tp, &b, out, &eb) : mn_forward_run(r->f, seqs, 1, &b, out, &eb);
         if (e != MN_OK) {
             fprintf(stderr, "mneme: %s\n", eb.msg);
             rc = -1;
@@ -135,7 +150,7 @@ static int parse_tokens(const char *s, int32_t **out, int32_t *n) {
 int cmd_logits(int argc, char **argv) {
     cli_model_opts mo = {0};
     const char *tokens_s = NULL, *out_path = NULL;
-    long greedy = 0;
+    long greedy = 0, tp = 1;
     for (int i = 1; i < argc; i++) {
         int r = cli_model_opt(argc, argv, &i, &mo);
         if (r < 0) return 2;
@@ -144,10 +159,11 @@ int cmd_logits(int argc, char **argv) {
         if (!strcmp(argv[i], "--tokens")) { if (cli_value(argc, argv, &i, &tokens_s)) return 2; }
         else if (!strcmp(argv[i], "-o")) { if (cli_value(argc, argv, &i, &out_path)) return 2; }
         else if (!strcmp(argv[i], "--greedy")) { if (cli_value(argc, argv, &i, &v) || cli_int("--greedy", v, 1, 1 << 20, &greedy)) return 2; }
+        else if (!strcmp(argv[i], "--tp")) { if (cli_value(argc, argv, &i, &v) || cli_int("--tp", v, 1, 64, &tp)) return 2; }
         else { fprintf(stderr, "mneme logits: unknown option '%s'\n", argv[i]); return 2; }
     }
     if (!tokens_s || (!out_path && !greedy)) {
-        fprintf(stderr, "usage: mneme logits -m FILE --tokens 1,2,3 (-o OUT.f32 | --greedy N) [-t T]\n");
+        fprintf(stderr, "usage: mneme logits -m FILE --tokens 1,2,3 (-o OUT.f32 | --greedy N) [-t T] [--tp N]\n");
         return 2;
     }
     int32_t *toks, n;
@@ -162,7 +178,7 @@ int cmd_logits(int argc, char **argv) {
             rc = 2;
         }
     runner r;
-    if (!rc && runner_init(&r, be, m, n + (int32_t)greedy)) rc = 1;
+    if (!rc && runner_init(&r, be, m, n + (int32_t)greedy, (int)tp, &mo)) rc = 1;
     else if (!rc) {
         int32_t V = m->cfg.n_vocab;
         float *all = out_path ? mn_malloc((size_t)n * V * sizeof(float)) : NULL;
@@ -202,13 +218,14 @@ static void generate_usage(void) {
             "  --repeat-penalty R --repeat-last-n N --frequency-penalty F --presence-penalty P\n"
             "  --stop TEXT          stop string (repeatable)\n"
             "  --special            render special tokens in the output\n"
+            "  --tp N               tensor parallelism over N CPU ranks (threads; N divides the heads)\n"
             "  -t THREADS  -c CTX  --device cpu|cuda|auto\n");
 }
 
 static bool is_value_flag(const char *a) {
     static const char *const flags[] = {"-p", "--prompt", "--system", "-n", "--temp", "--top-k", "--top-p", "--min-p",
                                         "--seed", "--repeat-penalty", "--repeat-last-n", "--frequency-penalty",
-                                        "--presence-penalty", "--stop"};
+                                        "--presence-penalty", "--stop", "--tp"};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         if (!strcmp(a, flags[i])) return true;
     return false;
@@ -219,7 +236,7 @@ int cmd_generate(int argc, char **argv) {
     const char *prompt = NULL, *system = NULL, *stops[16];
     int n_stops = 0;
     bool chat = false, render_special = false;
-    long n_predict = 128;
+    long n_predict = 128, tp = 1;
     mn_sampling_params sp = mn_sampling_defaults();
     for (int i = 1; i < argc; i++) {
         int r = cli_model_opt(argc, argv, &i, &mo);
@@ -235,6 +252,7 @@ int cmd_generate(int argc, char **argv) {
         else if (cli_value(argc, argv, &i, &v)) return 2;
         else if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) prompt = v;
         else if (!strcmp(a, "--system")) system = v;
+        else if (!strcmp(a, "--tp")) { if (cli_int(a, v, 1, 64, &tp)) return 2; }
         else if (!strcmp(a, "-n")) { if (cli_int(a, v, 0, 1 << 24, &n_predict)) return 2; }
         else if (!strcmp(a, "--temp")) { if (cli_float(a, v, 0, 100, &d)) return 2; sp.temperature = (float)d; }
         else if (!strcmp(a, "--top-k")) { if (cli_int(a, v, 0, 1 << 24, &n)) return 2; sp.top_k = (int32_t)n; }
@@ -295,7 +313,7 @@ int cmd_generate(int argc, char **argv) {
     } else if (n_toks + n_predict > m->cfg.n_ctx) {
         fprintf(stderr, "mneme: prompt (%lld tokens) + -n %ld exceeds the context length %d (set -c)\n", (long long)n_toks, n_predict, m->cfg.n_ctx);
         rc = 1;
-    } else if (runner_init(&r, be, m, (int32_t)(n_toks + n_predict))) {
+    } else if (runner_init(&r, be, m, (int32_t)(n_toks + n_predict), (int)tp, &mo)) {
         rc = 1;
     } else {
         have_runner = true;
@@ -331,9 +349,11 @@ int cmd_generate(int argc, char **argv) {
         }
         printf("\n");
         fflush(stdout);
-        fprintf(stderr, "mneme: prompt %lld tokens in %.3f s (%.1f tok/s); generated %ld tokens in %.3f s (%.1f tok/s); %s backend, %d threads\n",
+        fprintf(stderr, "mneme: prompt %lld tokens in %.3f s (%.1f tok/s); generated %ld tokens in %.3f s (%.1f tok/s); %s backend, %d threads",
                 (long long)n_toks, t1 - t0, n_toks / (t1 - t0), n_gen, t2 - t1, n_gen > 1 ? (n_gen - 1) / (t2 - t1) : 0.0,
-                mn_backend_name(be), be->n_threads);
+                mn_backend_name(be), r.tp ? mn_tp_backend(r.tp)->n_threads : be->n_threads);
+        if (r.tp) fprintf(stderr, " per rank, %d tensor-parallel ranks", mn_tp_size(r.tp));
+        fprintf(stderr, "\n");
     }
     if (have_runner) runner_free(&r);
     mn_stop_free(stop);

@@ -30,6 +30,7 @@
 #include "engine/forward.h"
 #include "engine/kv.h"
 #include "engine/model.h"
+#include "engine/tp.h"
 
 enum { MAX_RANKS = 4, STEPS = 16, MAX_PROMPT = 64 };
 
@@ -462,6 +463,52 @@ static void test_smollm2_tp3(void **state) {
     check_tp(smollm2_path(), prompt, (int)n, 3, TOL_REAL, KL_REAL, "SmolLM2 Q4_1");
 }
 
+/* engine/tp.h (what `mneme generate --tp` runs): the same bits as the ranks above, on a
+ * sequence slot other than 0; a bad batch is refused and leaves the group usable; a P
+ * that does not divide the heads is refused. */
+static void test_tp_group(void **state) {
+    (void)state;
+    mn_errbuf eb;
+    mn_tp *t;
+    mn_tp_params p = {.n_ranks = 2, .n_threads = 1, .block_size = 16, .n_blocks = 64, .n_seqs = 2};
+    assert_int_equal(mn_tp_new(smollm2_path(), &p, &t, &eb), MN_EINVALID);
+    assert_non_null(strstr(eb.msg, "n_head 9"));
+    p.n_ranks = 3;
+    if (mn_tp_new(smollm2_path(), &p, &t, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    group g;
+    assert_int_equal(group_open(&g, smollm2_path(), 3, &eb), MN_OK);
+    const int32_t V = g.V;
+    assert_int_equal(mn_tp_model(t)->cfg.n_vocab, V);
+    int32_t tok[5] = {1, 504, 3575, 282, 4649}, sq0[5] = {0}, sq1[5] = {1, 1, 1, 1, 1}, pos[5] = {0, 1, 2, 3, 4};
+    int32_t rows[5] = {0, 1, 2, 3, 4};
+    float *got = malloc((size_t)5 * V * sizeof(float));
+    mn_batch b = {5, tok, sq0, pos, 5, rows};
+    group_run(&g, &b);
+    b.seq = sq1;
+    assert_int_equal(mn_tp_run(t, &b, got, &eb), MN_OK);
+    assert_memory_equal(got, g.r[0].logits, (size_t)5 * V * sizeof(float));
+    assert_int_equal(mn_tp_seq_len(t, 1), 5);
+    assert_int_equal(mn_tp_seq_len(t, 0), 0);
+    /* a token id past the vocabulary: refused alike by every rank, nothing stored */
+    int32_t bad = V, p5 = 5, one = 1, zero = 0;
+    mn_batch bb = {1, &bad, &one, &p5, 1, &zero};
+    assert_int_equal(mn_tp_run(t, &bb, got, &eb), MN_ERANGE);
+    assert_non_null(strstr(eb.msg, "token id"));
+    assert_int_equal(mn_tp_seq_len(t, 1), 5);
+    /* still usable: the next decode step matches */
+    int32_t next = 198;
+    mn_batch d = {1, &next, &zero, &p5, 1, &zero};
+    group_run(&g, &d);
+    d.seq = &one;
+    assert_int_equal(mn_tp_run(t, &d, got, &eb), MN_OK);
+    assert_memory_equal(got, g.r[0].logits, (size_t)V * sizeof(float));
+    mn_tp_seq_release(t, 1);
+    assert_int_equal(mn_tp_seq_len(t, 1), 0);
+    free(got);
+    group_close(&g);
+    mn_tp_free(t);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_local_all_reduce),
@@ -471,6 +518,7 @@ int main(void) {
         cmocka_unit_test(test_synthetic_q4_k),
         cmocka_unit_test(test_bad_splits),
         cmocka_unit_test(test_smollm2_tp3),
+        cmocka_unit_test(test_tp_group),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

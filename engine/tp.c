@@ -1,0 +1,159 @@
+/* engine/tp.c — P CPU ranks as threads, each running its share of mn_forward_new_tp. */
+#include "engine/tp.h"
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <string.h>
+
+#include "engine/alloc.h"
+#include "engine/comm.h"
+#include "engine/kv.h"
+
+typedef struct tp_rank {
+    mn_tp *t;
+    mn_backend *be;
+    mn_model *m;
+    mn_kv_pool *kv;
+    mn_forward *f;
+    mn_comm *comm;
+    mn_kv_seq *seqs;         /* [n_seqs] slots */
+    mn_kv_seq **seq_ptrs;    /* [n_seqs] */
+    float *logits;           /* ranks > 0: [cap_out][n_vocab] scratch */
+    int32_t cap_out;
+    /* the call in flight */
+    const mn_batch *b;
+    float *out;
+    mn_err e;
+    mn_errbuf eb;
+} tp_rank;
+
+struct mn_tp {
+    int P;
+    int32_t n_seqs;
+    tp_rank *r;
+    bool broken;             /* a run failed inside: ranks may disagree */
+};
+
+void mn_tp_free(mn_tp *t) {
+    if (!t) return;
+    for (int i = 0; i < t->P; i++) {
+        tp_rank *r = &t->r[i];
+        for (int32_t s = 0; r->seqs && r->kv && s < t->n_seqs; s++) mn_kv_seq_release(r->kv, &r->seqs[s]);
+        mn_forward_free(r->f);
+        mn_kv_pool_free(r->kv);
+        mn_model_free(r->m);
+        mn_backend_free(r->be);
+        mn_comm_free(r->comm);
+        mn_free(r->seqs);
+        mn_free(r->seq_ptrs);
+        mn_free(r->logits);
+    }
+    mn_free(t->r);
+    mn_free(t);
+}
+
+static mn_err rank_open(mn_tp *t, tp_rank *r, const char *path, const mn_tp_params *p, mn_errbuf *eb) {
+    mn_backend_params bp = {.device = "cpu", .n_threads = p->n_threads > 0 ? p->n_threads : 1};
+    mn_err e = mn_backend_cpu_new(&bp, &r->be, eb);
+    if (e == MN_OK) e = mn_model_load(path, r->be, &p->model, &r->m, eb);
+    if (e != MN_OK) return e;
+    const mn_model_config *c = &r->m->cfg;
+    /* an indivisible head count is reported by mn_forward_new_tp; size the pool anyway */
+    int32_t n_kv = c->n_kv_head % t->P == 0 ? c->n_kv_head / t->P : c->n_kv_head;
+    e = mn_kv_pool_new(r->be, c->n_layer, n_kv, c->head_dim, p->block_size, p->n_blocks, &r->kv, eb);
+    if (e == MN_OK) e = mn_forward_new_tp(r->m, r->kv, r->comm, &r->f, eb);
+    if (e != MN_OK) return e;
+    r->seqs = mn_calloc((size_t)t->n_seqs, sizeof *r->seqs);
+    r->seq_ptrs = mn_calloc((size_t)t->n_seqs, sizeof *r->seq_ptrs);
+    if (!r->seqs || !r->seq_ptrs) return mn_errf(eb, MN_ENOMEM, "tensor parallel: out of memory");
+    for (int32_t s = 0; s < t->n_seqs; s++) r->seq_ptrs[s] = &r->seqs[s];
+    r->t = t;
+    return MN_OK;
+}
+
+mn_err mn_tp_new(const char *path, const mn_tp_params *p, mn_tp **out, mn_errbuf *eb) {
+    if (p->n_ranks < 1 || p->n_ranks > 64) return mn_errf(eb, MN_ERANGE, "tensor parallel size %d not in [1, 64]", p->n_ranks);
+    if (p->n_seqs < 1) return mn_errf(eb, MN_ERANGE, "tensor parallel: n_seqs %d must be >= 1", p->n_seqs);
+    mn_tp *t = mn_calloc(1, sizeof *t);
+    if (!t || !(t->r = mn_calloc((size_t)p->n_ranks, sizeof *t->r))) {
+        mn_free(t);
+        return mn_errf(eb, MN_ENOMEM, "tensor parallel: out of memory");
+    }
+    t->P = p->n_ranks;
+    t->n_seqs = p->n_seqs;
+    mn_comm *comm[64];
+    mn_err e = mn_comm_local_group_new(t->P, comm, eb);
+    if (e != MN_OK) {
+        mn_free(t->r);
+        mn_free(t);
+        return e;
+    }
+    for (int i = 0; i < t->P; i++) t->r[i].comm = comm[i];
+    for (int i = 0; i < t->P && e == MN_OK; i++) e = rank_open(t, &t->r[i], path, p, eb);
+    if (e != MN_OK) {
+        mn_tp_free(t);
+        return e;
+    }
+    *out = t;
+    return MN_OK;
+}
+
+const mn_model *mn_tp_model(const mn_tp *t) { return t->r[0].m; }
+mn_backend *mn_tp_backend(const mn_tp *t) { return t->r[0].be; }
+int mn_tp_size(const mn_tp *t) { return t->P; }
+
+int32_t mn_tp_seq_len(const mn_tp *t, int32_t s) { return t->r[0].seqs[s].n_tokens; }
+
+void mn_tp_seq_release(mn_tp *t, int32_t s) {
+    for (int i = 0; i < t->P; i++) mn_kv_seq_release(t->r[i].kv, &t->r[i].seqs[s]);
+}
+
+static void *rank_main(void *arg) {
+    tp_rank *r = arg;
+    r->e = mn_forward_run(r->f, r->seq_ptrs, r->t->n_seqs, r->b, r->out, &r->eb);
+    return NULL;
+}
+
+mn_err mn_tp_run(mn_tp *t, const mn_batch *b, float *logits, mn_errbuf *eb) {
+    if (t->broken) return mn_errf(eb, MN_EINVALID, "tensor parallel: the group is unusable after a failed run");
+    const int32_t V = t->r[0].m->cfg.n_vocab;
+    for (int i = 1; i < t->P; i++) {
+        tp_rank *r = &t->r[i];
+        if (b->n_out > r->cap_out) {
+            float *nl = mn_realloc(r->logits, (size_t)b->n_out * V * sizeof(float));
+            if (!nl) return mn_errf(eb, MN_ENOMEM, "tensor parallel: out of memory");
+            r->logits = nl;
+            r->cap_out = b->n_out;
+        }
+    }
+    pthread_t th[64];
+    int started = 0;
+    for (int i = 0; i < t->P; i++) {
+        tp_rank *r = &t->r[i];
+        r->b = b;
+        r->out = i == 0 ? logits : r->logits;
+        r->e = MN_OK;
+    }
+    for (int i = 1; i < t->P; i++, started++)
+        if (pthread_create(&th[i], NULL, rank_main, &t->r[i]) != 0) break;
+    if (started < t->P - 1) {
+        /* the ranks already started would wait for the missing ones: release them */
+        mn_comm_abort(t->r[0].comm);
+        for (int i = 1; i <= started; i++) pthread_join(th[i], NULL);
+        t->broken = true;
+        return mn_errf(eb, MN_ENOMEM, "tensor parallel: cannot start the thread of rank %d", started + 1);
+    }
+    rank_main(&t->r[0]);
+    for (int i = 1; i < t->P; i++) pthread_join(th[i], NULL);
+    /* every rank refuses a bad batch alike; differing results mean a failure inside */
+    mn_err e = t->r[0].e;
+    int bad = 0;
+    for (int i = 1; i < t->P; i++)
+        if (t->r[i].e != e) {
+            t->broken = true;
+            if (t->r[i].e != MN_OK && t->r[i].e != MN_ECANCELLED) bad = i;
+        }
+    if (t->broken && e == MN_OK) e = t->r[bad].e != MN_OK ? t->r[bad].e : MN_EDEVICE;
+    if (e != MN_OK && eb) memcpy(eb->msg, t->r[bad].eb.msg, sizeof eb->msg);
+    return e;
+}

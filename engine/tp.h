@@ -1,0 +1,55 @@
+/* engine/tp.h — a tensor-parallel group on the CPU: P ranks as threads of this process.
+ *
+ * Rank r has its own CPU backend, its own load of the model file (the weights are mmapped,
+ * so the ranks share the page cache: nothing is copied), a KV pool holding only its
+ * n_kv_head / P heads, and a forward from mn_forward_new_tp over an in-process
+ * communicator (engine/comm.h). mn_tp_run hands one batch to every rank at once (rank 0
+ * on the calling thread, the others on one thread each for the call) and returns rank
+ * 0's logits; every rank computes the same bits. Sequences are slots [0, n_seqs): slot s
+ * is one mn_kv_seq in each rank's pool, and the batch's seq field indexes slots.
+ * This is what `mneme generate --tp N` and `mneme bench --tp N` run; on GPUs the same
+ * forward runs over the NCCL communicator, one backend per device.
+ * Ownership: the group owns everything it made; mn_tp_free releases it. Used from one
+ * thread at a time.
+ */
+#ifndef MN_TP_H
+#define MN_TP_H
+
+#include <stdint.h>
+
+#include "engine/err.h"
+#include "engine/forward.h"
+#include "engine/model.h"
+
+typedef struct mn_tp mn_tp;
+
+typedef struct mn_tp_params {
+    int n_ranks;               /* P >= 1 */
+    int n_threads;             /* CPU threads of each rank's backend; <= 0: 1 */
+    mn_model_params model;
+    int32_t block_size;        /* each rank's KV pool: blocks of block_size tokens */
+    int32_t n_blocks;
+    int32_t n_seqs;            /* sequence slots, >= 1 */
+} mn_tp_params;
+
+/** Load the model at path P times and build the ranks. A P that does not divide the
+ *  model's heads is MN_EINVALID naming the sizes (from mn_forward_new_tp). */
+mn_err mn_tp_new(const char *path, const mn_tp_params *p, mn_tp **out, mn_errbuf *eb);
+void mn_tp_free(mn_tp *t);
+
+/** Rank 0's model: config, tokenizer, chat template. */
+const mn_model *mn_tp_model(const mn_tp *t);
+/** Rank 0's backend (its name and thread count, for reports). */
+mn_backend *mn_tp_backend(const mn_tp *t);
+int mn_tp_size(const mn_tp *t);
+
+/** mn_forward_run on every rank; b->seq indexes slots [0, n_seqs). logits: [n_out][n_vocab].
+ *  A bad batch is refused by every rank alike and leaves the group usable; a failure inside
+ *  the run (after which ranks may disagree) leaves it unusable: later runs are MN_EINVALID. */
+mn_err mn_tp_run(mn_tp *t, const mn_batch *b, float *logits, mn_errbuf *eb);
+/** Positions stored in slot s. */
+int32_t mn_tp_seq_len(const mn_tp *t, int32_t s);
+/** Empty slot s on every rank. */
+void mn_tp_seq_release(mn_tp *t, int32_t s);
+
+#endif
