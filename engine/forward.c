@@ -3,6 +3,7 @@
 
 #include <assert.h>
 #include <math.h>
+#include <stdbool.h>
 #include <string.h>
 
 #include "engine/alloc.h"
@@ -344,8 +345,7 @@ static int emit_lora(mn_forward *f, int32_t n_act, int32_t l, int g, const float
 
 /* Run the op list; with tp > 1 stop at each cut to all-reduce the partial sums in part
  * (rows [0, T) are contiguous: stride E). The CPU backend has finished a run when it
- * returns; the CUDA backend has only enqueued it, and NCCL enqueues on the same stream.
- * A failure here may leave the other ranks inside a collective: abort the group. */
+ * returns; the CUDA backend has only enqueued it, and NCCL enqueues on the same stream. */
 static mn_err run_ops(mn_forward *f, const mn_op *ops, int n, int n_cuts, float *part, size_t n_part, mn_errbuf *eb) {
     mn_err e = MN_OK;
     int at = 0;
@@ -355,7 +355,6 @@ static mn_err run_ops(mn_forward *f, const mn_op *ops, int n, int n_cuts, float 
         at = f->cuts[i];
     }
     if (e == MN_OK) e = mn_backend_run(f->be, ops + at, n - at, eb);
-    if (e != MN_OK && f->comm) mn_comm_abort(f->comm);
     return e;
 }
 
@@ -363,14 +362,31 @@ mn_err mn_forward_run(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, con
     return mn_forward_run_lora(f, seqs, n_seqs, b, NULL, logits, eb);
 }
 
+static mn_err run_batch(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b,
+                        const mn_batch_lora *lb, float *logits, bool *alike, mn_errbuf *eb);
+
+/* With tp > 1 a rank that fails on its own (out of memory, a device error, its share of
+ * the run) would leave the others waiting in a collective, so it aborts the group. Not so
+ * for what every rank refuses alike, given the same batch and sequences: a bad batch, and
+ * a full KV pool (the ranks' pools are the same size and see the same reservations). */
 mn_err mn_forward_run_lora(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b,
                            const mn_batch_lora *lb, float *logits, mn_errbuf *eb) {
+    bool alike = false;
+    mn_err e = run_batch(f, seqs, n_seqs, b, lb, logits, &alike, eb);
+    if (e != MN_OK && !alike && f->comm) mn_comm_abort(f->comm);
+    return e;
+}
+
+static mn_err run_batch(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b,
+                        const mn_batch_lora *lb, float *logits, bool *alike, mn_errbuf *eb) {
     const mn_model *m = f->m;
     const mn_model_config *c = &m->cfg;
     mn_err e = validate(f, seqs, n_seqs, b, lb, eb);
+    *alike = e != MN_ENOMEM;
     if (e != MN_OK) return e;
     if (f->tp > 1 && lb && lb->adapter && lb->n_adapters > 0)
         return mn_errf(eb, MN_EUNSUPPORTED, "batch: adapters with tensor parallelism (size %d) are not supported yet", f->tp);
+    *alike = false;
     const int32_t T = b->n_tokens;
 
     /* KV blocks for the new positions; on failure nothing has been computed. */
@@ -384,6 +400,7 @@ mn_err mn_forward_run_lora(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs
         e = mn_kv_seq_reserve(f->kv, seqs[s], new_len[s], eb);
         total_blocks += seqs[s]->n_blocks;
     }
+    *alike = e == MN_ELIMIT;
     if (e == MN_OK) e = ensure_capacity(f, T, b->n_out, n_seqs, total_blocks, eb);
     int32_t n_act = 0, n_segs = 0;
     if (e == MN_OK) e = plan_lora(f, b, lb, &n_act, eb);
@@ -466,6 +483,7 @@ mn_err mn_forward_run_lora(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs
     if (e == MN_OK) e = mn_backend_event_wait(f->be, &meta_ready, eb);
     if (e == MN_OK) e = mn_backend_reserve(f->be, ops, n, eb);
     if (e == MN_OK) e = run_ops(f, ops, n, n_cuts, part, (size_t)T * E, eb);
+    *alike = false;
     if (e == MN_OK && b->n_out > 0)
         e = mn_backend_copy_async(f->be, MN_COPY_D2H, logits, d_logits, (size_t)b->n_out * c->n_vocab * sizeof(float), eb);
     if (e == MN_OK) e = mn_backend_synchronize(f->be, eb);

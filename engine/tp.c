@@ -145,15 +145,17 @@ mn_err mn_tp_run(mn_tp *t, const mn_batch *b, float *logits, mn_errbuf *eb) {
     }
     rank_main(&t->r[0]);
     for (int i = 1; i < t->P; i++) pthread_join(th[i], NULL);
-    /* every rank refuses a bad batch alike; differing results mean a failure inside */
+    /* Every rank refuses a bad batch or a full KV pool alike and stays usable; a rank that
+     * failed on its own aborted the communicator (mn_forward_run_lora), and the others
+     * then report MN_ECANCELLED: report the rank that failed first and retire the group. */
     mn_err e = t->r[0].e;
     int bad = 0;
-    for (int i = 1; i < t->P; i++)
-        if (t->r[i].e != e) {
-            t->broken = true;
-            if (t->r[i].e != MN_OK && t->r[i].e != MN_ECANCELLED) bad = i;
-        }
-    if (t->broken && e == MN_OK) e = t->r[bad].e != MN_OK ? t->r[bad].e : MN_EDEVICE;
+    for (int i = 0; i < t->P; i++) {
+        mn_err ei = t->r[i].e;
+        if (ei != e || ei == MN_ENOMEM || ei == MN_ECANCELLED || ei == MN_EDEVICE) t->broken = true;
+        if (ei != MN_OK && ei != MN_ECANCELLED && (t->r[bad].e == MN_OK || t->r[bad].e == MN_ECANCELLED)) bad = i;
+    }
+    if (t->r[bad].e != MN_OK) e = t->r[bad].e;
     if (e != MN_OK && eb) memcpy(eb->msg, t->r[bad].eb.msg, sizeof eb->msg);
     return e;
 }
