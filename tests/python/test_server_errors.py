@@ -165,3 +165,24 @@ def test_over_capacity_429(server):
 def test_still_serving(server):
     r = server.json("POST", C, comp(prompt="Hello", max_tokens=2, temperature=0))
     assert r["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("args,code,msg", [
+    (["--port", "99999"], 2, "out of range"),
+    (["--bogus"], 2, "unknown option '--bogus'"),
+    (["--api-key-file", "/nonexistent/keys"], 2, "--api-key-file /nonexistent/keys"),
+    (["--persist-dir", "/nonexistent/dir"], 1, "not a writable directory"),
+    (["--host", "not-an-address"], 1, ""),
+])
+def test_serve_refuses_bad_flags(mneme_bin, model_path, args, code, msg):
+    import subprocess
+    p = subprocess.run([str(mneme_bin), "serve", "-m", str(model_path), *args], capture_output=True, text=True, timeout=60)
+    assert p.returncode == code, p.stderr
+    assert msg in p.stderr
+
+
+def test_port_in_use(mneme_bin, model_path, server):
+    import subprocess
+    p = subprocess.run([str(mneme_bin), "serve", "-m", str(model_path), "--port", str(server.port)], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 1 and "mneme serve:" in p.stderr, p.stderr
