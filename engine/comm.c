@@ -61,7 +61,8 @@ static mn_err local_wait(local_group *g, int rank, mn_errbuf *eb) {
     while (!g->aborted && g->generation == gen) pthread_cond_wait(&g->cv, &g->mu);
     bool aborted = g->aborted;
     pthread_mutex_unlock(&g->mu);
-    if (aborted) return mn_errf(eb, MN_ECANCELLED, "communicator: rank %d: the group was aborted by a failing rank", rank);
+    if (aborted)
+        return mn_errf(eb, MN_ECANCELLED, "communicator: rank %d: the group was aborted by a failing rank", rank);
     return MN_OK;
 }
 

@@ -82,7 +82,8 @@ static mn_err make_shard(mn_forward *f, mn_errbuf *eb) {
         if (mn_dtype_block_elems(m->layers[l].w_down.type) > g) g = mn_dtype_block_elems(m->layers[l].w_down.type);
     int64_t nb = c->n_ff / g;
     if (c->n_ff % g != 0 || nb < P)
-        return mn_errf(eb, MN_EINVALID, "tensor parallel size %d: n_ff %d cannot be split into %d parts of whole %lld-element blocks",
+        return mn_errf(eb, MN_EINVALID,
+                       "tensor parallel size %d: n_ff %d cannot be split into %d parts of whole %lld-element blocks",
                        P, c->n_ff, P, (long long)g);
     const int64_t f0 = nb * r / P * g, f1 = nb * (r + 1) / P * g;
     const int64_t q0 = (int64_t)r * f->n_head * hd, q1 = q0 + (int64_t)f->n_head * hd;
@@ -95,9 +96,10 @@ static mn_err make_shard(mn_forward *f, mn_errbuf *eb) {
         mn_layer *S = &f->shard[l];
         int64_t bo = mn_dtype_block_elems(L->wo.type);
         if (q0 % bo != 0 || q1 % bo != 0)
-            return mn_errf(eb, MN_EINVALID, "tensor parallel size %d: layer %d attn_output (%s, %lld-element blocks) "
-                           "cannot be split at head boundaries (%lld columns per rank)", P, l, mn_dtype_name(L->wo.type),
-                           (long long)bo, (long long)(q1 - q0));
+            return mn_errf(eb, MN_EINVALID,
+                           "tensor parallel size %d: layer %d attn_output (%s, %lld-element blocks) "
+                           "cannot be split at head boundaries (%lld columns per rank)",
+                           P, l, mn_dtype_name(L->wo.type), (long long)bo, (long long)(q1 - q0));
         *S = *L;
         S->wq = rows_of(&L->wq, q0, q1);
         S->wk = rows_of(&L->wk, kv0, kv1);
@@ -121,12 +123,13 @@ mn_err mn_forward_new_tp(const mn_model *m, mn_kv_pool *kv, mn_comm *comm, mn_fo
     const mn_model_config *c = &m->cfg;
     const int32_t P = comm ? mn_comm_size(comm) : 1;
     if (c->n_head % P != 0 || c->n_kv_head % P != 0)
-        return mn_errf(eb, MN_EINVALID, "tensor parallel size %d does not divide the model's heads (n_head %d, n_kv_head %d): "
+        return mn_errf(eb, MN_EINVALID,
+                       "tensor parallel size %d does not divide the model's heads (n_head %d, n_kv_head %d): "
                        "every rank takes whole query and kv heads", P, c->n_head, c->n_kv_head);
     const int32_t n_kv = c->n_kv_head / P;
     if (kv->n_layer != c->n_layer || kv->n_kv_head != n_kv || kv->head_dim != c->head_dim)
-        return mn_errf(eb, MN_EMISMATCH, "kv pool shape (%d layers, %d kv heads, dim %d) does not match the model (%d, %d, %d)%s",
-                       kv->n_layer, kv->n_kv_head, kv->head_dim, c->n_layer, n_kv, c->head_dim,
+        return mn_errf(eb, MN_EMISMATCH,
+                       "kv pool shape (%d layers, %d kv heads, dim %d) does not match the model (%d, %d, %d)%s", kv->n_layer, kv->n_kv_head, kv->head_dim, c->n_layer, n_kv, c->head_dim,
                        P > 1 ? " (kv heads of this rank)" : "");
     mn_forward *f = mn_calloc(1, sizeof *f);
     if (!f) return mn_errf(eb, MN_ENOMEM, "forward: out of memory");

@@ -72,7 +72,8 @@ static mn_err rank_open(mn_tp *t, tp_rank *r, const char *path, const mn_tp_para
 }
 
 mn_err mn_tp_new(const char *path, const mn_tp_params *p, mn_tp **out, mn_errbuf *eb) {
-    if (p->n_ranks < 1 || p->n_ranks > 64) return mn_errf(eb, MN_ERANGE, "tensor parallel size %d not in [1, 64]", p->n_ranks);
+    if (p->n_ranks < 1 || p->n_ranks > 64)
+        return mn_errf(eb, MN_ERANGE, "tensor parallel size %d not in [1, 64]", p->n_ranks);
     if (p->n_seqs < 1) return mn_errf(eb, MN_ERANGE, "tensor parallel: n_seqs %d must be >= 1", p->n_seqs);
     mn_tp *t = mn_calloc(1, sizeof *t);
     if (!t || !(t->r = mn_calloc((size_t)p->n_ranks, sizeof *t->r))) {

@@ -28,7 +28,8 @@ typedef struct bench_ctx {
 } bench_ctx;
 
 /* One batch on the plain forward or on the tensor-parallel group (seqs[s] is slot s). */
-static mn_err bench_forward(bench_ctx *b, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *bt, float *logits, mn_errbuf *eb) {
+static mn_err bench_forward(bench_ctx *b, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *bt, float *logits,
+                            mn_errbuf *eb) {
     return b->tp ? mn_tp_run(b->tp, bt, logits, eb) : mn_forward_run(b->f, seqs, n_seqs, bt, logits, eb);
 }
 

@@ -108,6 +108,7 @@ static mn_err make_ranks(nccl_group *g, const int *devices, void *const *streams
         *c[i] = (mn_comm){.iface = &nccl_iface, .rank = i, .size = g->size, .impl = r};
         MN_CUDA_CHECK(eb, cudaSetDevice(devices[i]));
         MN_CUDA_CHECK(eb, cudaMalloc((void **)&r->one, sizeof(float)));
+        MN_CUDA_CHECK(eb, cudaMemset(r->one, 0, sizeof(float)));
     }
     return MN_OK;
 }
@@ -117,7 +118,8 @@ mn_err mn_comm_nccl_group_new(int n, const int *devices, void *const *streams, m
         return mn_errf(eb, MN_ERANGE, "communicator: NCCL group size %d not in [1, %d]", n, NCCL_MAX_RANKS);
     int n_dev = 0;
     cudaError_t ce = cudaGetDeviceCount(&n_dev);
-    if (ce != cudaSuccess) return mn_errf(eb, MN_EUNSUPPORTED, "communicator: no CUDA device: %s", cudaGetErrorString(ce));
+    if (ce != cudaSuccess)
+        return mn_errf(eb, MN_EUNSUPPORTED, "communicator: no CUDA device: %s", cudaGetErrorString(ce));
     for (int i = 0; i < n; i++)
         if (devices[i] < 0 || devices[i] >= n_dev)
             return mn_errf(eb, MN_ERANGE, "communicator: rank %d: device %d not in [0, %d)", i, devices[i], n_dev);

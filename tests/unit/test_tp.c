@@ -196,7 +196,8 @@ static mn_err group_open(group *g, const char *path, int P, mn_errbuf *eb) {
         r->comm = comm[i];
         mn_backend_params bp = {.device = "cpu", .n_threads = 1};
         if (mn_backend_cpu_new(&bp, &r->be, eb) != MN_OK) fail_msg("%s", eb->msg);
-        if (mn_model_load(path, r->be, NULL, &r->m, eb) != MN_OK) fail_msg("cannot load %s: %s (run tools/setup.sh)", path, eb->msg);
+        if (mn_model_load(path, r->be, NULL, &r->m, eb) != MN_OK)
+            fail_msg("cannot load %s: %s (run tools/setup.sh)", path, eb->msg);
         const mn_model_config *c = &r->m->cfg;
         int32_t nkv = c->n_kv_head % n == 0 ? c->n_kv_head / n : c->n_kv_head;
         assert_int_equal(mn_kv_pool_new(r->be, c->n_layer, nkv, c->head_dim, 16, 64, &r->kv, eb), MN_OK);
@@ -307,7 +308,8 @@ static double mean_kl(const float *a, const float *ref, int rows, int32_t V) {
 /* TP = P against TP = 1 on path with the prompt: the error bound (row-max relative, and
  * the mean KL divergence under kl_bound), equal greedy tokens, and a second TP run
  * bit-identical to the first. A prompt of n = 0 tokens: 9 fixed token ids. */
-static void check_tp(const char *path, const int32_t *prompt, int n, int P, double bound, double kl_bound, const char *what) {
+static void check_tp(const char *path, const int32_t *prompt, int n, int P, double bound, double kl_bound,
+                     const char *what) {
     group ref, tp;
     mn_errbuf eb;
     assert_int_equal(group_open(&ref, path, 0, &eb), MN_OK);
@@ -319,7 +321,8 @@ static void check_tp(const char *path, const int32_t *prompt, int n, int P, doub
         n = 9;
     }
     const size_t rows = (size_t)n + STEPS;
-    float *lr = malloc(rows * V * sizeof(float)), *lt = malloc(rows * V * sizeof(float)), *lt2 = malloc(rows * V * sizeof(float));
+    float *lr = malloc(rows * V * sizeof(float)), *lt = malloc(rows * V * sizeof(float));
+    float *lt2 = malloc(rows * V * sizeof(float));
     int32_t tr[STEPS], tt[STEPS], tt2[STEPS];
     generate(&ref, prompt, n, lr, tr);
     group_close(&ref);
@@ -356,7 +359,8 @@ static void gen_model(char *path, size_t cap, const char *tag, const char *args)
     char cmd[4096];
     const char *src = getenv("MNEME_SOURCE_DIR") ? getenv("MNEME_SOURCE_DIR") : ".";
     snprintf(cmd, sizeof cmd,
-             "python3 %s/tools/gen_gguf.py %s %s >/dev/null 2>&1 && python3 -c \"import sys; from gguf import GGUFReader\n"
+             "python3 %s/tools/gen_gguf.py %s %s >/dev/null 2>&1 && "
+             "python3 -c \"import sys; from gguf import GGUFReader\n"
              "r = GGUFReader(sys.argv[1], 'r+')\nfor t in r.tensors:\n"
              "    if t.name.endswith('attn_norm.weight'): t.data[...] *= 4\n"
              "    if t.name.endswith('ffn_norm.weight'): t.data[...] *= 2\n"
@@ -370,13 +374,15 @@ static void test_synthetic_f32(void **state) {
     (void)state;
     char path[256];
     gen_model(path, sizeof path, "f32",
-              "--type F32 --n-layer 2 --n-embd 64 --n-head 8 --n-kv-head 4 --head-dim 8 --n-ff 96 --n-vocab 300 --seed 3");
+              "--type F32 --n-layer 2 --n-embd 64 --n-head 8 --n-kv-head 4 --head-dim 8 --n-ff 96 --n-vocab 300 "
+              "--seed 3");
     check_tp(path, NULL, 0, 2, TOL_F32, KL_F32, "synthetic F32");
     check_tp(path, NULL, 0, 4, TOL_F32, KL_F32, "synthetic F32");
     /* a group of one is the plain forward, bit for bit */
     group ref, one;
     mn_errbuf eb;
-    float *a = malloc((size_t)(9 + STEPS) * 300 * sizeof(float)), *b = malloc((size_t)(9 + STEPS) * 300 * sizeof(float));
+    const size_t n_logits = (size_t)(9 + STEPS) * 300;
+    float *a = malloc(n_logits * sizeof(float)), *b = malloc(n_logits * sizeof(float));
     int32_t prompt[9] = {1, 5, 9, 200, 7, 7, 42, 299, 0}, ta[STEPS], tb[STEPS];
     assert_int_equal(group_open(&ref, path, 0, &eb), MN_OK);
     assert_int_equal(ref.V, 300);
@@ -385,7 +391,7 @@ static void test_synthetic_f32(void **state) {
     assert_int_equal(group_open(&one, path, 1, &eb), MN_OK);
     generate(&one, prompt, 9, b, tb);
     group_close(&one);
-    assert_memory_equal(a, b, (size_t)(9 + STEPS) * 300 * sizeof(float));
+    assert_memory_equal(a, b, n_logits * sizeof(float));
     free(a);
     free(b);
     unlink(path);
@@ -409,8 +415,8 @@ static void test_synthetic_q4_k(void **state) {
     (void)state;
     char path[256];
     gen_model(path, sizeof path, "q4k",
-              "--arch qwen2 --type Q4_K --embd-type F32 --n-layer 2 --n-embd 256 --n-head 8 --n-kv-head 2 --head-dim 64 "
-              "--n-ff 1024 --n-vocab 300 --seed 5");
+              "--arch qwen2 --type Q4_K --embd-type F32 --n-layer 2 --n-embd 256 --n-head 8 --n-kv-head 2 "
+              "--head-dim 64 --n-ff 1024 --n-vocab 300 --seed 5");
     check_tp(path, NULL, 0, 2, TOL_QUANT, KL_QUANT, "synthetic Q4_K qwen2");
     unlink(path);
 }
@@ -463,14 +469,15 @@ static void test_smollm2_tp3(void **state) {
     check_tp(smollm2_path(), prompt, (int)n, 3, TOL_REAL, KL_REAL, "SmolLM2 Q4_1");
 }
 
-/* engine/tp.h (what `mneme generate --tp` runs): the same bits as the ranks above, on a
- * sequence slot other than 0; a bad batch is refused and leaves the group usable; a P
- * that does not divide the heads is refused. */
+/* engine/tp.h (what `mneme generate --tp` runs): the same bits as the ranks above (which
+ * have 1 thread each; these have 2: ops are thread-count invariant), on a sequence slot
+ * other than 0; a bad batch is refused and leaves the group usable; a P that does not
+ * divide the heads is refused. */
 static void test_tp_group(void **state) {
     (void)state;
     mn_errbuf eb;
     mn_tp *t;
-    mn_tp_params p = {.n_ranks = 2, .n_threads = 1, .block_size = 16, .n_blocks = 64, .n_seqs = 2};
+    mn_tp_params p = {.n_ranks = 2, .n_threads = 2, .block_size = 16, .n_blocks = 64, .n_seqs = 2};
     assert_int_equal(mn_tp_new(smollm2_path(), &p, &t, &eb), MN_EINVALID);
     assert_non_null(strstr(eb.msg, "n_head 9"));
     p.n_ranks = 3;
