@@ -10,7 +10,7 @@
  * the one to trust on a shared machine: other processes steal wall time, not CPU time;
  * with one thread, the default, no barrier spins inflate it). Best of ROUNDS rounds, the
  * configurations interleaved within each round.
- * Also the adapter load time from disk (safetensors -> f32 host copy, median of 5).
+ * Also the adapter load time from disk (safetensors -> host copy, median of 5).
  * Host -> device paging is not measured: adapters are host copies until the device pool
  * exists (engine/lora.h).
  * The adapter is written once by tools/gen_lora.py (F16, rank 16) into DIR (default
@@ -149,9 +149,9 @@ int main(int argc, char **argv) {
     int32_t n_tab;
     const mn_lora *const *tab = mn_lora_registry_table(reg, &n_tab);
     for (int i = 0; i < N_SEQ; i++) c.table[i] = tab[i];
-    printf("model %s, %d threads, %d sequences x %d decode steps, rank %d adapters (%.1f MB f32 each)\n", c.m->name,
-           be->n_threads, N_SEQ, steps, tab[0]->r_max, tab[0]->bytes / 1e6);
-    printf("adapter load from disk (F16 safetensors -> f32): median %.1f ms wall, %.1f ms CPU (min %.1f / %.1f)\n",
+    printf("model %s, %d threads, %d sequences x %d decode steps, rank %d adapters (%.1f MB of %s each)\n", c.m->name,
+           be->n_threads, N_SEQ, steps, tab[0]->r_max, tab[0]->bytes / 1e6, mn_dtype_name(tab[0]->wtype));
+    printf("adapter load from disk (F16 safetensors -> host copy): median %.1f ms wall, %.1f ms CPU (min %.1f / %.1f)\n",
            load[2] * 1e3, load_cpu[2] * 1e3, load[0] * 1e3, load_cpu[0] * 1e3);
 
     /* configs: 0 = no adapter; then A = 1, 4, 16, 32 mixed, and A = 4, 16, 32 separate */

@@ -13,12 +13,11 @@ static inline float w_at(const void *w, mn_dtype t, int64_t i) {
 }
 
 static float lora_dot(const float *x, const void *w, mn_dtype t, int64_t n) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t k = 0;
-    for (; k + 8 <= n; k += 8)
-        for (int l = 0; l < 8; l++) acc[l] += x[k + l] * w_at(w, t, k + l);
-    for (int l = 0; k < n; k++, l++) acc[l] += x[k] * w_at(w, t, k);
-    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    float acc[32] = {0};
+    for (int64_t k = 0; k < n; k++) acc[k % 32] += x[k] * w_at(w, t, k);
+    float s[8];
+    for (int l = 0; l < 8; l++) s[l] = (acc[l] + acc[8 + l]) + (acc[16 + l] + acc[24 + l]);
+    return ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
 }
 
 static void lora_axpy(float *acc, float v, const void *w, mn_dtype t, int64_t n) {

@@ -22,13 +22,23 @@ static inline float w_at(const void *w, mn_dtype t, int64_t i) {
 }
 
 static float lora_dot(const float *x, const void *w, mn_dtype t, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t k = 0;
-    for (; k + 8 <= n; k += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(x + k), load8(w, t, k)));
-    float l[8];
-    _mm256_storeu_ps(l, acc);
-    for (int i = 0; k < n; k++, i++) l[i] += x[k] * w_at(w, t, k);
-    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+    for (; k + 32 <= n; k += 32) {
+        a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(x + k), load8(w, t, k)));
+        a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(x + k + 8), load8(w, t, k + 8)));
+        a2 = _mm256_add_ps(a2, _mm256_mul_ps(_mm256_loadu_ps(x + k + 16), load8(w, t, k + 16)));
+        a3 = _mm256_add_ps(a3, _mm256_mul_ps(_mm256_loadu_ps(x + k + 24), load8(w, t, k + 24)));
+    }
+    float l[32];
+    _mm256_storeu_ps(l, a0);
+    _mm256_storeu_ps(l + 8, a1);
+    _mm256_storeu_ps(l + 16, a2);
+    _mm256_storeu_ps(l + 24, a3);
+    for (; k < n; k++) l[k % 32] += x[k] * w_at(w, t, k);   /* lane k % 32, as the scalar version */
+    float s[8];
+    for (int i = 0; i < 8; i++) s[i] = (l[i] + l[8 + i]) + (l[16 + i] + l[24 + i]);
+    return ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
 }
 
 static void lora_axpy(float *acc, float v, const void *w, mn_dtype t, int64_t n) {

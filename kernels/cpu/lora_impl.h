@@ -22,8 +22,10 @@
 
 /* The including file defines, before including this header:
  *   float lora_dot(const float *x, const void *w, mn_dtype t, int64_t n)
- *       8 lanes acc[l] += x[k+l]*w[k+l] over whole groups of 8, the tail element k added
- *       to lane k % 8, then ((acc0+acc4)+(acc2+acc6)) + ((acc1+acc5)+(acc3+acc7));
+ *       32 lanes: element k is added to lane k % 32 (acc[l] += x[k]*w[k], k ascending; four
+ *       independent vector chains, so the adds do not wait on each other), then
+ *       s[l] = (acc[l] + acc[8+l]) + (acc[16+l] + acc[24+l]) for l < 8 and
+ *       ((s0+s4)+(s2+s6)) + ((s1+s5)+(s3+s7));
  *   void lora_axpy(float *acc, float v, const void *w, mn_dtype t, int64_t n)
  *       acc[i] += v * w[i] (multiply, then add);
  * w holds n elements of type t (F32, F16, BF16), converted exactly to f32. */
@@ -58,14 +60,16 @@ static inline void lora_body(const mn_lora_desc *d, void *work, const mn_par *pa
         const int64_t N = d->N[o];
         int64_t n0 = lo > c0 ? lo - c0 : 0, n1 = hi - c0 < N ? hi - c0 : N;
         c0 += N;
-        for (int64_t cb = n0; cb < n1; cb += LORA_CHUNK) {
-            const int64_t cn = n1 - cb < LORA_CHUNK ? n1 - cb : LORA_CHUNK;
-            const float *vs = v;
-            for (int32_t s = 0; s < d->n_seg; s++) {
-                const mn_lora_seg *g = &d->seg[s];
-                const char *bt = g->b[o];
-                const int64_t esz = lora_esz(g->type);
-                for (int32_t i = 0; bt && i < g->n_rows; i++) {
+        /* segment-outer: one adapter's b rows are streamed chunk after chunk (a few
+         * sequential streams the prefetcher follows) before the next adapter's */
+        const float *vs = v;
+        for (int32_t s = 0; s < d->n_seg; s++) {
+            const mn_lora_seg *g = &d->seg[s];
+            const char *bt = g->b[o];
+            const int64_t esz = lora_esz(g->type);
+            for (int64_t cb = n0; bt && cb < n1; cb += LORA_CHUNK) {
+                const int64_t cn = n1 - cb < LORA_CHUNK ? n1 - cb : LORA_CHUNK;
+                for (int32_t i = 0; i < g->n_rows; i++) {
                     const float *vr = vs + (int64_t)i * g->r + g->r_off[o];
                     float acc[LORA_CHUNK];
                     for (int64_t n = 0; n < cn; n++) acc[n] = 0.0f;
@@ -74,8 +78,8 @@ static inline void lora_body(const mn_lora_desc *d, void *work, const mn_par *pa
                     const float sc = g->scale[o];
                     for (int64_t n = 0; n < cn; n++) y[n] += sc * acc[n];
                 }
-                vs += (int64_t)g->n_rows * g->r;
             }
+            vs += (int64_t)g->n_rows * g->r;
         }
     }
 }
