@@ -186,3 +186,32 @@ def test_port_in_use(mneme_bin, model_path, server):
     p = subprocess.run([str(mneme_bin), "serve", "-m", str(model_path), "--port", str(server.port)], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 1 and "mneme serve:" in p.stderr, p.stderr
+
+
+def test_random_bodies_never_hurt_the_server(server):
+    """Random values of random types in every field: each answer is 200 or a 4xx in the
+    error shape, and the server keeps serving (nothing a client sends can crash it)."""
+    import random
+    rnd = random.Random(1234)
+    values = [None, True, False, 0, -1, 1, 2, 0.5, 1e308, -1e308, 2 ** 63, "", "x", "\u00e9\U0001F600", [], [1], ["a"],
+              [{}], {}, {"role": "user"}, [[1, 2]], [{"role": "user", "content": "hi"}], {"include_usage": True}]
+    fields = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
+              "stop", "seed", "n", "stream", "stream_options", "logprobs", "top_logprobs", "frequency_penalty",
+              "presence_penalty", "model", "echo", "role", "content", "tokens", "system", "n_tokens", "type"]
+    sid = server.json("POST", S, {})["id"]
+    routes = [C, CH, S, f"{S}/{sid}/messages", f"{S}/{sid}/generate", f"{S}/{sid}/rewind"]
+    for i in range(150):
+        body = {f: rnd.choice(values) for f in rnd.sample(fields, rnd.randint(0, 6))}
+        body["max_tokens"] = rnd.choice([1, 2, "x", -3])   # keep generations short
+        body.pop("max_completion_tokens", None)
+        route = rnd.choice(routes)
+        st, data, _ = server.request("POST", route, json.dumps(body))
+        if st >= 400:
+            assert 400 <= st < 500, (route, body, st, data[:300])
+            assert "error" in json.loads(data), data
+        else:
+            assert st == 200, (route, body, st, data[:300])
+            if route == f"{S}/{sid}/rewind" or len(json.loads(server.request("GET", f"{S}/{sid}")[1])["tokens"]) > 1000:
+                server.json("POST", f"{S}/{sid}/rewind", {"n_tokens": 0})
+    assert server.json("GET", "/health")["status"] == "ok"
+    server.json("DELETE", f"{S}/{sid}")
