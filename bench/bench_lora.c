@@ -16,7 +16,8 @@
  * The adapter is written once by tools/gen_lora.py (F16, rank 16) into DIR (default
  * /tmp/mneme_bench_lora) and loaded under 32 names: 32 separate copies in memory, so the
  * kernels touch 32 adapters' weights exactly as with 32 different files.
- *   usage: bench_lora [-m MODEL] [-t THREADS (1)] [-s STEPS (8)] [-r ROUNDS (2)] [-d DIR]
+ *   usage: bench_lora [-m MODEL] [-t THREADS (1)] [-s STEPS (8)] [-r ROUNDS (2)] [-d DIR] [-p 1]
+ * -p 1 adds a profiled pass per adapter count: the share of decode time in the lora op.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -99,13 +100,14 @@ static int cmp_d(const void *a, const void *b) {
 
 int main(int argc, char **argv) {
     const char *model_path = NULL, *dir = "/tmp/mneme_bench_lora";
-    int threads = 1, steps = 8, rounds = 2;
+    int threads = 1, steps = 8, rounds = 2, profile = 0;
     for (int i = 1; i + 1 < argc; i++) {
         if (!strcmp(argv[i], "-m")) model_path = argv[++i];
         else if (!strcmp(argv[i], "-t")) threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "-s")) steps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "-d")) dir = argv[++i];
         else if (!strcmp(argv[i], "-r")) rounds = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "-p")) profile = atoi(argv[++i]);
     }
     static char def[4096], cmd[8192], cfgp[4200];
     if (!model_path) {
@@ -171,6 +173,20 @@ int main(int argc, char **argv) {
                 if (r.cpu > best[k][sep].cpu) best[k][sep].cpu = r.cpu;
             }
         }
+    }
+    for (int k = 1; profile && k < 5; k++) {
+        double op_s[MN_OP_COUNT] = {0};
+        int64_t op_n[MN_OP_COUNT] = {0};
+        for (int s = 0; s < N_SEQ; s++) ad[s] = s % counts[k];
+        be->op_seconds = op_s;
+        be->op_calls = op_n;
+        run(&c, ad, 1, steps);
+        be->op_seconds = NULL;
+        be->op_calls = NULL;
+        double tot = 0;
+        for (int o = 0; o < MN_OP_COUNT; o++) tot += op_s[o];
+        printf("profile, %2d adapters (prefill + decode): lora op %.1f%% of op time, matmul %.1f%%\n", counts[k],
+               100 * op_s[MN_OP_LORA] / tot, 100 * op_s[MN_OP_MATMUL] / tot);
     }
     printf("tokens/s per wall second | per CPU second; ratios from the CPU-second numbers\n");
     printf("%-9s %17s %8s %19s %10s\n", "adapters", "mixed wall|cpu", "vs none", "separate wall|cpu", "mixed/sep");
