@@ -1,6 +1,8 @@
 """tests/python/server_util.py — run `mneme serve` for the server tests.
 
-Server(mneme_bin, model_path, *flags) starts build/mneme serve on a free loopback port
+Server(mneme_bin, model_path, *flags) starts build/mneme serve (one compute thread by
+default: the loop thread and the test's clients need a core too; on a loaded 2-core
+machine -t 2 was 2-10x slower) on a free loopback port
 (--port 0; the bound port is read from the "listening on" line), waits for /health, and
 stop() sends SIGTERM and requires exit status 0 within a timeout. Helpers speak plain HTTP
 (http.client) so tests can send malformed bodies, and parse SSE streams.
@@ -22,7 +24,7 @@ import pytest
 
 
 class Server:
-    def __init__(self, mneme_bin: Path, model_path: Path, *flags: str, threads: int = 2):
+    def __init__(self, mneme_bin: Path, model_path: Path, *flags: str, threads: int = 1):
         self.log = tempfile.NamedTemporaryFile(prefix="mneme-serve-", suffix=".log", delete=False)
         args = [str(mneme_bin), "serve", "-m", str(model_path), "--port", "0", "-t", str(threads), *flags]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log)
