@@ -20,6 +20,7 @@
 #include <xxhash.h>
 
 #include "engine/alloc.h"
+#include "engine/gguf.h"
 #include "engine/safetensors.h"
 
 static const char *const target_names[MN_LORA_N_TARGETS] = {"q_proj", "k_proj", "v_proj", "o_proj",
@@ -42,6 +43,7 @@ static void target_dims(const mn_model_config *c, int t, int64_t *in, int64_t *o
 }
 
 typedef struct cfg {
+    bool gguf;         /* llama.cpp GGUF LoRA: ranks from the tensors, rows already permuted */
     int32_t r;
     double alpha;
     bool rslora;
@@ -146,6 +148,73 @@ static mn_err read_config(const char *dir, cfg *c, mn_errbuf *eb) {
     return MN_OK;
 }
 
+/* ---- llama.cpp GGUF LoRA files ----
+ * general.type "adapter", adapter.type "lora", adapter.lora.alpha; tensors
+ * blk.{i}.{attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down}.weight.lora_{a,b} with
+ * ne lora_a = [in, r], lora_b = [r, out] (Q/K rows already in the GGUF order). They are
+ * presented to the loader as the PEFT tensors they correspond to (same names and shapes),
+ * with the ranks taken from the tensors and scale = alpha / r (1 when alpha is 0, as
+ * llama.cpp does). */
+static const char *const gguf_names[MN_LORA_N_TARGETS] = {"attn_q", "attn_k", "attn_v", "attn_output",
+                                                          "ffn_gate", "ffn_up", "ffn_down"};
+
+static void tensor_name(char *buf, size_t n, int layer, int t, char ab);
+
+static mn_err read_gguf(const char *path, cfg *c, mn_gguf **gout, mn_safetensors **out, mn_errbuf *eb) {
+    memset(c, 0, sizeof *c);
+    c->gguf = true;
+    mn_gguf *g;
+    mn_err e = mn_gguf_open(path, &g, eb);
+    if (e != MN_OK) return e;
+    *gout = g;
+    mn_str s;
+    if (mn_gguf_find(g, "adapter.type") && (mn_gguf_get_str(g, "adapter.type", &s, eb) != MN_OK || s.len != 4 ||
+                                             memcmp(s.ptr, "lora", 4) != 0))
+        return mn_errf(eb, MN_EUNSUPPORTED, "lora: %s: adapter.type is not \"lora\"", path);
+    float alpha = 0;
+    if (mn_gguf_find(g, "adapter.lora.alpha") && (e = mn_gguf_get_f32(g, "adapter.lora.alpha", &alpha, eb)) != MN_OK) return e;
+    c->alpha = alpha;
+    mn_safetensors *st = mn_calloc(1, sizeof *st);
+    int64_t n = mn_gguf_n_tensors(g);
+    if (!st || !(st->tensors = mn_calloc((size_t)n + 1, sizeof *st->tensors))) {
+        mn_free(st);
+        return mn_errf(eb, MN_ENOMEM, "lora: out of memory");
+    }
+    *out = st;
+    for (int64_t i = 0; i < n; i++) {
+        const mn_gguf_tensor *gt = mn_gguf_tensor_at(g, i);
+        mn_st_tensor *t = &st->tensors[st->n_tensors];
+        int layer = -1, k = 0;
+        char mod[32], ab = 0;
+        if (sscanf(gt->name, "blk.%d.%31[a-z_].weight.lora_%c", &layer, mod, &ab) == 3 && (ab == 'a' || ab == 'b'))
+            while (k < MN_LORA_N_TARGETS && strcmp(mod, gguf_names[k]) != 0) k++;
+        else k = MN_LORA_N_TARGETS;
+        if (k == MN_LORA_N_TARGETS || layer < 0)
+            return mn_errf(eb, MN_EUNSUPPORTED, "lora: %s: tensor '%s' is not a lora_a/lora_b of a supported module", path, gt->name);
+        if (gt->type != MN_F32 && gt->type != MN_F16 && gt->type != MN_BF16)
+            return mn_errf(eb, MN_EUNSUPPORTED, "lora: %s: tensor '%s' is %s (F32, F16 and BF16 are read)", path, gt->name,
+                           mn_dtype_name(gt->type));
+        char pn[256];
+        tensor_name(pn, sizeof pn, layer, k, ab == 'a' ? 'A' : 'B');
+        if (!(t->name = mn_strdup(pn))) return mn_errf(eb, MN_ENOMEM, "lora: out of memory");
+        st->n_tensors++;
+        t->type = gt->type;
+        t->n_dims = gt->n_dims;
+        for (int d = 0; d < gt->n_dims; d++) t->shape[d] = gt->ne[gt->n_dims - 1 - d];
+        t->offset = mn_gguf_data_offset(g) + gt->offset;
+        t->size = gt->nbytes;
+        t->data = gt->data;
+        c->targets |= 1u << k;
+    }
+    if (!c->targets) return mn_errf(eb, MN_EFORMAT, "lora: %s: no lora tensors", path);
+    return MN_OK;
+}
+
+static bool ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), k = strlen(suffix);
+    return n >= k && strcmp(s + n - k, suffix) == 0;
+}
+
 static void tensor_name(char *buf, size_t n, int layer, int t, char ab) {
     snprintf(buf, n, "base_model.model.model.layers.%d.%s.%s.lora_%c.weight", layer, block_of(t), target_names[t], ab);
 }
@@ -204,12 +273,19 @@ mn_err mn_lora_load(const char *dir, const char *name, const mn_model *m, mn_lor
     bool *used = NULL;
     float *tmp = NULL;
     char file[4096], tn[256], module[160];
-    mn_err e = read_config(dir, &c, eb);
-    if (e != MN_OK) goto fail;
-    snprintf(file, sizeof file, "%s/adapter_model.safetensors", dir);
-    if ((e = mn_st_open(file, &st, eb)) != MN_OK) {
-        if (e == MN_ENOT_FOUND) e = mn_errf(eb, MN_ENOT_FOUND, "lora: %s: cannot open (not a PEFT adapter directory?)", file);
-        goto fail;
+    mn_gguf *gg = NULL;
+    mn_err e;
+    if (ends_with(dir, ".gguf")) {
+        snprintf(file, sizeof file, "%s", dir);
+        c.root = NULL;
+        if ((e = read_gguf(dir, &c, &gg, &st, eb)) != MN_OK) goto fail;
+    } else {
+        if ((e = read_config(dir, &c, eb)) != MN_OK) goto fail;
+        snprintf(file, sizeof file, "%s/adapter_model.safetensors", dir);
+        if ((e = mn_st_open(file, &st, eb)) != MN_OK) {
+            if (e == MN_ENOT_FOUND) e = mn_errf(eb, MN_ENOT_FOUND, "lora: %s: cannot open (not a PEFT adapter directory?)", file);
+            goto fail;
+        }
     }
     l = mn_calloc(1, sizeof *l);
     used = mn_calloc((size_t)st->n_tensors + 1, sizeof *used);
@@ -235,6 +311,11 @@ mn_err mn_lora_load(const char *dir, const char *name, const mn_model *m, mn_lor
             json_t *rp = pattern_lookup(c.rank_pattern, module), *ap = pattern_lookup(c.alpha_pattern, module);
             int64_t r = rp ? json_integer_value(rp) : c.r;
             double alpha = ap ? json_number_value(ap) : c.alpha;
+            if (c.gguf) {   /* the rank is lora_a's row count */
+                tensor_name(tn, sizeof tn, li, t, 'A');
+                const mn_st_tensor *x = mn_st_find(st, tn);
+                r = x && x->n_dims == 2 ? x->shape[0] : 1;
+            }
             if (r < 1 || r > 65536) {
                 e = mn_errf(eb, MN_EINVALID, "lora: %s/adapter_config.json: rank of %s is %lld, must be in [1, 65536]", dir,
                             module, (long long)r);
@@ -261,6 +342,7 @@ mn_err mn_lora_load(const char *dir, const char *name, const mn_model *m, mn_lor
             mn_lora_mat *mt = &l->layers[li].t[t];
             mt->r = (int32_t)r;
             mt->scale = (float)(c.rslora ? alpha / sqrt((double)r) : alpha / (double)r);
+            if (c.gguf && alpha == 0) mt->scale = 1.0f;
             if (mt->r > l->r_max) l->r_max = mt->r;
             n_elems += (uint64_t)r * (uint64_t)(in + outf);
         }
@@ -312,7 +394,7 @@ mn_err mn_lora_load(const char *dir, const char *name, const mn_model *m, mn_lor
                     mt->a = p;
                 } else {
                     copy_elems(x, l->wtype, tb, n);
-                    if (mc->rope_mode == MN_ROPE_NORM && (t == MN_LORA_Q || t == MN_LORA_K))
+                    if (!c.gguf && mc->rope_mode == MN_ROPE_NORM && (t == MN_LORA_Q || t == MN_LORA_K))
                         permute_rows(tb, t == MN_LORA_Q ? mc->n_head : mc->n_kv_head, mc->head_dim, (size_t)mt->r * esz,
                                      tb + (size_t)n * esz);
                     for (int64_t row = 0; row < outf; row++)   /* store B^T: [r, out] */
@@ -349,6 +431,7 @@ mn_err mn_lora_load(const char *dir, const char *name, const mn_model *m, mn_lor
     mn_free(tmp);
     mn_free(used);
     mn_st_free(st);
+    mn_gguf_close(gg);
     json_decref(c.root);
     l->load_seconds = now_s() - t0;
     *out = l;
@@ -357,6 +440,7 @@ fail:
     mn_free(tmp);
     mn_free(used);
     mn_st_free(st);
+    mn_gguf_close(gg);
     json_decref(c.root);
     mn_lora_free(l);
     return e;

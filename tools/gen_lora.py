@@ -16,6 +16,9 @@ missing-tensor (one lora_B left out), wrong-shape (A of layer 0 has rank r+1),
 rank0 (r = 0 in the config), hidden (adapter made for another hidden size),
 extra-layer (tensors for a layer the model does not have), no-config.
 
+--gguf FILE also writes it as a llama.cpp GGUF LoRA (Q/K rows of B permuted as llama.cpp's
+converter does); Python: to_gguf(values, shape, path, alpha).
+
 Python API: generate(out_dir, shape, **opts) -> dict name -> float32 array (the values as
 stored, i.e. after rounding to the file's dtype), plus "__scales__": {module: scale}.
 shape: dict(n_layer, n_embd, n_head, n_kv_head, head_dim, n_ff), or model_shape(gguf path).
@@ -177,6 +180,42 @@ def generate(out_dir: str, shape: dict, r: int = 8, alpha: float | None = None, 
     return values
 
 
+GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf's Q/K row permutation (per head, the two halves interleaved)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def to_gguf(values: dict, shape: dict, path: str, alpha: float, dtype=np.float32, extra: dict | None = None) -> None:
+    """Write the adapter `values` (from generate(); one alpha for every module, no rslora)
+    as a llama.cpp GGUF LoRA: blk.{i}.{attn_q,...}.weight.lora_{a,b}, Q/K rows of B permuted
+    as llama.cpp's converter does. extra: {tensor name: array} added as is (broken files)."""
+    import gguf
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(alpha))
+    for name, v in values.items():
+        if name.startswith("__"):
+            continue
+        parts = name.split(".")   # base_model.model.model.layers.{i}.{block}.{t}.lora_{A,B}.weight
+        li, t, ab = int(parts[4]), parts[6], parts[7][-1].lower()
+        if ab == "b" and t == "q_proj":
+            v = llama_permute(v, shape["n_head"])
+        elif ab == "b" and t == "k_proj":
+            v = llama_permute(v, shape["n_kv_head"])
+        w.add_tensor(f"blk.{li}.{GGUF_NAMES[t]}.weight.lora_{ab}", np.ascontiguousarray(v, dtype=dtype))
+    for name, v in (extra or {}).items():
+        w.add_tensor(name, np.ascontiguousarray(v, dtype=dtype))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Write a synthetic PEFT LoRA adapter directory.")
     ap.add_argument("out_dir")
@@ -192,6 +231,7 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha-pattern", default="{}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--break", dest="brk", choices=BREAKS)
+    ap.add_argument("--gguf", help="also write the adapter as a llama.cpp GGUF LoRA file here")
     a = ap.parse_args(argv)
     if a.model:
         shape = model_shape(a.model)
@@ -204,9 +244,13 @@ def main(argv=None) -> int:
         missing = [k for k, v in shape.items() if v is None]
         if missing:
             ap.error(f"give --model or the model shape (missing: {', '.join(missing)})")
-    generate(a.out_dir, shape, r=a.r, alpha=a.alpha, targets=a.targets.split(","), dtype=a.dtype,
+    vals = generate(a.out_dir, shape, r=a.r, alpha=a.alpha, targets=a.targets.split(","), dtype=a.dtype,
              rslora=a.rslora, rank_pattern=json.loads(a.rank_pattern), alpha_pattern=json.loads(a.alpha_pattern),
              seed=a.seed, brk=a.brk)
+    if a.gguf:
+        if a.rslora or json.loads(a.alpha_pattern):
+            ap.error("--gguf: a GGUF LoRA has one alpha and no rslora")
+        to_gguf(vals, shape, a.gguf, a.alpha if a.alpha is not None else 2 * a.r)
     return 0
 
 

@@ -223,3 +223,21 @@ def test_fingerprint_is_content(synth_model, gen_lora, tool, tmp_path):
     assert fp["a"] == fp["b"], "same content under another path must give the same fingerprint"
     assert fp["a"] != fp["c"], "other weights must change the fingerprint"
     assert fp["a"] != fp["d"], "another scale must change the fingerprint"
+
+
+def test_gguf_lora_same_content_as_peft(synth_model, gen_lora, tool, tmp_path):
+    """The same adapter as a PEFT directory and as a llama.cpp GGUF LoRA (B's Q/K rows in
+    the GGUF order) loads to the same content: equal fingerprints (ranks, scales, weights)."""
+    model = synth_model(**MODEL_OPTS)
+    vals = gen_lora.generate(str(tmp_path / "peft"), SHAPE, r=4, alpha=6.0, seed=21,
+                             rank_pattern={"down_proj": 8}, targets=("q_proj", "k_proj", "o_proj", "down_proj"))
+    gen_lora.to_gguf(vals, SHAPE, str(tmp_path / "a.gguf"), alpha=6.0)
+    rc1, m1 = check(tool, model, tmp_path / "peft")
+    rc2, m2 = check(tool, model, tmp_path / "a.gguf")
+    assert rc1 == 0 and rc2 == 0, (m1, m2)
+    assert m1.split("fingerprint=")[1].split()[0] == m2.split("fingerprint=")[1].split()[0], (m1, m2)
+    # an unsupported tensor in a GGUF LoRA is refused, naming it
+    gen_lora.to_gguf(vals, SHAPE, str(tmp_path / "bad.gguf"), alpha=6.0,
+                     extra={"token_embd.weight.lora_a": np.zeros((4, 128), np.float32)})
+    rc, msg = check(tool, model, tmp_path / "bad.gguf")
+    assert rc == 1 and msg.startswith("error MN_EUNSUPPORTED:") and "token_embd.weight.lora_a" in msg, msg
