@@ -8,6 +8,9 @@
  * A is [r, in] and B is [out, r] (F32, F16 or BF16). The delta of a weight is
  * scale * B A with scale = alpha / r (alpha / sqrt(r) with use_rslora), so a linear
  * y = x W^T becomes y = x W^T + scale * (x A^T) B^T.
+ * A path ending in ".gguf" is read as a llama.cpp GGUF LoRA instead (tensors
+ * blk.{i}.{attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down}.weight.lora_{a,b},
+ * adapter.lora.alpha; ranks from the tensors; scale alpha / r, or 1 when alpha is 0).
  * For "llama" models the GGUF converter permutes the rows of Q and K (rope pairs made
  * adjacent); B of q_proj and k_proj is permuted the same way at load, so adapters written
  * for the Hugging Face layout apply as trained.
@@ -66,7 +69,8 @@ typedef struct mn_lora {
                                 equal content <=> equal fingerprint, whatever the name */
 } mn_lora;
 
-/** Load the PEFT adapter in directory dir for model m; name is kept (truncated to 127 bytes). */
+/** Load the PEFT adapter in directory dir (or the GGUF LoRA file dir, if it ends in .gguf)
+ *  for model m; name is kept (truncated to 127 bytes). */
 mn_err mn_lora_load(const char *dir, const char *name, const mn_model *m, mn_lora **out, mn_errbuf *eb);
 void mn_lora_free(mn_lora *l);
 /** "q_proj" ... "down_proj" */
