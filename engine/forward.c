@@ -419,7 +419,7 @@ static mn_err run_batch(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, c
     int32_t *indptr = hm + 3 * ct, *indices = indptr + n_seqs + 1;
     indptr[0] = 0;
     for (int32_t s = 0; s < n_seqs; s++) {
-        memcpy(indices + indptr[s], seqs[s]->blocks, (size_t)seqs[s]->n_blocks * 4);
+        if (seqs[s]->n_blocks) memcpy(indices + indptr[s], seqs[s]->blocks, (size_t)seqs[s]->n_blocks * 4);
         indptr[s + 1] = indptr[s] + seqs[s]->n_blocks;
     }
     size_t meta_n = (size_t)(3 * ct + n_seqs + 1 + total_blocks);

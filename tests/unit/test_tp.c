@@ -516,58 +516,79 @@ static void test_tp_group(void **state) {
     mn_tp_free(t);
 }
 
-/* The N-th allocation fails, for every N, while building a group and during its first
- * batch (on whichever rank makes it): an error every time, never a hang (the failing rank
- * aborts the communicator; the group is retired), nothing leaked; and every run that
- * succeeds gives the same logits as one with no failure. */
-static void test_alloc_failures(void **state) {
+/* The N-th allocation fails, for every N. */
+static const char *oom_args =
+    "--type Q8_0 --n-layer 1 --n-embd 64 --n-head 4 --n-kv-head 2 --head-dim 16 --n-ff 64 --n-vocab 260";
+static const mn_tp_params oom_params = {.n_ranks = 2, .n_threads = 1, .block_size = 16, .n_blocks = 8, .n_seqs = 1};
+
+/* ... during a group's first batch, on whichever rank makes it: an error every time, never
+ * a hang (the failing rank aborts the communicator and the group is retired, or nothing
+ * had started), nothing leaked, and every run that succeeds gives the logits of a run
+ * without failures. */
+static void test_alloc_failures_run(void **state) {
     (void)state;
     char path[256];
-    gen_model(path, sizeof path, "oom",
-              "--type Q8_0 --n-layer 1 --n-embd 64 --n-head 4 --n-kv-head 2 --head-dim 16 --n-ff 64 --n-vocab 260");
+    gen_model(path, sizeof path, "oomrun", oom_args);
     mn_errbuf eb;
-    mn_tp_params p = {.n_ranks = 2, .n_threads = 1, .block_size = 16, .n_blocks = 8, .n_seqs = 1};
     int32_t tok[3] = {1, 2, 3}, sq[3] = {0}, pos[3] = {0, 1, 2}, row = 2;
     mn_batch b = {3, tok, sq, pos, 1, &row};
     float want[260], got[260];
     mn_tp *t;
-    assert_int_equal(mn_tp_new(path, &p, &t, &eb), MN_OK);
+    assert_int_equal(mn_tp_new(path, &oom_params, &t, &eb), MN_OK);
     assert_int_equal(mn_tp_run(t, &b, want, &eb), MN_OK);
     mn_tp_free(t);
-    const long live = mn_alloc_live();
-    int ok_new = 0, ok_run = 0, n_fail_new = 0, n_fail_run = 0, n_retired = 0;
-    for (long k = 0; k < 5000 && !(ok_new && ok_run); k++) {
+    int n_fail = 0, n_retired = 0;
+    for (long k = 0; k < 5000; k++) {
+        const long live = mn_alloc_live();
+        assert_int_equal(mn_tp_new(path, &oom_params, &t, &eb), MN_OK);
         mn_alloc_fail_after(k);
-        mn_err e = mn_tp_new(path, &p, &t, &eb);
+        mn_err e = mn_tp_run(t, &b, got, &eb);
+        mn_alloc_fail_after(-1);
         if (e == MN_OK) {
-            ok_new = 1;
-            e = mn_tp_run(t, &b, got, &eb);
-            mn_alloc_fail_after(-1);
-            if (e == MN_OK) {
-                ok_run = 1;
-                assert_memory_equal(got, want, sizeof want);
-            } else {
-                if (e != MN_ENOMEM) fail_msg("fail after %ld: run: %s %s", k, mn_err_name(e), eb.msg);
-                n_fail_run++;
-                /* retired (later runs are refused at once instead of waiting), or, when the
-                 * failure came before any rank started, still usable */
-                e = mn_tp_run(t, &b, got, &eb);
-                if (e == MN_OK) assert_memory_equal(got, want, sizeof want);
-                else assert_int_equal(e, MN_EINVALID);
-                n_retired += e == MN_EINVALID;
-            }
+            assert_memory_equal(got, want, sizeof want);
             mn_tp_free(t);
-        } else {
-            mn_alloc_fail_after(-1);
-            if (e != MN_ENOMEM) fail_msg("fail after %ld: new: %s %s", k, mn_err_name(e), eb.msg);
-            n_fail_new++;
+            assert_int_equal(mn_alloc_live(), live);
+            break;
         }
+        if (e != MN_ENOMEM) fail_msg("fail after %ld: run: %s %s", k, mn_err_name(e), eb.msg);
+        n_fail++;
+        e = mn_tp_run(t, &b, got, &eb);
+        if (e == MN_OK) assert_memory_equal(got, want, sizeof want);
+        else assert_int_equal(e, MN_EINVALID);
+        n_retired += e == MN_EINVALID;
+        mn_tp_free(t);
         assert_int_equal(mn_alloc_live(), live);
     }
-    assert_true(ok_new && ok_run);
-    printf("  allocation failures: %d in mn_tp_new, %d in the first run (%d of them retired the group)\n", n_fail_new,
-           n_fail_run, n_retired);
-    assert_true(n_retired > 0);
+    printf("  %d allocation failures in the first run, %d of them retired the group\n", n_fail, n_retired);
+    assert_true(n_fail > 0 && n_retired > 0);
+    unlink(path);
+}
+
+/* ... while building a group: MN_ENOMEM every time and nothing leaked. (This also sweeps
+ * mn_model_load, the tokenizer and the KV pool of every rank.) */
+static void test_alloc_failures_new(void **state) {
+    (void)state;
+    char path[256];
+    gen_model(path, sizeof path, "oomnew", oom_args);
+    mn_errbuf eb;
+    mn_tp *t;
+    const long live = mn_alloc_live();
+    int n_fail = 0;
+    for (long k = 0; k < 5000; k++) {
+        mn_alloc_fail_after(k);
+        mn_err e = mn_tp_new(path, &oom_params, &t, &eb);
+        mn_alloc_fail_after(-1);
+        if (e == MN_OK) {
+            mn_tp_free(t);
+            break;
+        }
+        if (e != MN_ENOMEM) fail_msg("fail after %ld: new: %s %s", k, mn_err_name(e), eb.msg);
+        n_fail++;
+        assert_int_equal(mn_alloc_live(), live);
+    }
+    assert_int_equal(mn_alloc_live(), live);
+    printf("  %d allocation failures in mn_tp_new\n", n_fail);
+    assert_true(n_fail > 0);
     unlink(path);
 }
 
@@ -581,7 +602,8 @@ int main(void) {
         cmocka_unit_test(test_bad_splits),
         cmocka_unit_test(test_smollm2_tp3),
         cmocka_unit_test(test_tp_group),
-        cmocka_unit_test(test_alloc_failures),
+        cmocka_unit_test(test_alloc_failures_run),
+        cmocka_unit_test(test_alloc_failures_new),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
