@@ -433,10 +433,10 @@ fail:
     if ((err == MN_ELIMIT || err == MN_ERANGE) && strstr(ae.message, "max_tokens")) {
         snprintf(ae.param, sizeof ae.param, "max_tokens");
         if (g->temp && g->s && strstr(ae.message, "context length")) { /* the temporary session's id means nothing to the client */
-            int32_t n_tok = 0;
-            mn_session_tokens(g->s, NULL, &n_tok);
+            int32_t n_prompt = 0;
+            mn_session_tokens(g->s, NULL, &n_prompt);
             snprintf(ae.message, sizeof ae.message, "the prompt (%d tokens) + max_tokens %d exceed the context length %d",
-                     n_tok, g->o.gp.max_tokens, srv->n_ctx);
+                     n_prompt, g->o.gp.max_tokens, srv->n_ctx);
         }
     }
     start_failed(g, &ae);

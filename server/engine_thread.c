@@ -124,6 +124,13 @@ static void on_async(uv_async_t *h) {
     run_list(ev);
 }
 
+static void free_on_close(uv_handle_t *h) {
+    mn_et *et = h->data;
+    uv_cond_destroy(&et->cv);
+    uv_mutex_destroy(&et->mu);
+    mn_free(et);
+}
+
 mn_err mn_et_start(uv_loop_t *loop, mn_engine *e, mn_et **out, mn_errbuf *eb) {
     mn_et *et = mn_calloc(1, sizeof *et);
     if (!et) return mn_errf(eb, MN_ENOMEM, "out of memory");
@@ -147,7 +154,7 @@ mn_err mn_et_start(uv_loop_t *loop, mn_engine *e, mn_et **out, mn_errbuf *eb) {
     et->async.data = et;
     mn_engine_stats_get(e, &et->st.engine);
     if ((rc = uv_thread_create(&et->thread, engine_main, et)) != 0) {
-        uv_close((uv_handle_t *)&et->async, NULL);
+        uv_close((uv_handle_t *)&et->async, free_on_close);   /* freed when the loop runs the close */
         return mn_errf(eb, MN_EIO, "cannot start the engine thread: %s", uv_strerror(rc));
     }
     et->started = true;
