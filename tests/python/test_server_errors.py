@@ -215,3 +215,15 @@ def test_random_bodies_never_hurt_the_server(server):
                 server.json("POST", f"{S}/{sid}/rewind", {"n_tokens": 0})
     assert server.json("GET", "/health")["status"] == "ok"
     server.json("DELETE", f"{S}/{sid}")
+
+
+def test_kv_pool_full_is_503_and_server_goes_on(mneme_bin, model_path):
+    srv = Server(mneme_bin, model_path, "--kv-blocks", "6")
+    try:
+        got, data, headers = srv.request("POST", C, comp(prompt="hello world " * 100, max_tokens=4))
+        assert got == 503 and headers.get("retry-after") == "1", data
+        err = json.loads(data)["error"]
+        assert err["code"] == "over_capacity" and "kv pool full" in err["message"]
+        assert srv.json("POST", C, comp(prompt="hello", max_tokens=2))["usage"]["completion_tokens"] == 2
+    finally:
+        srv.close()
