@@ -155,3 +155,25 @@ def test_health_and_metrics(server, client):
     assert int(gen[0].split()[1]) >= 2
     h = json.loads(server.request("GET", "/health")[1])
     assert h["status"] == "ok" and h["model"] == server.model
+
+
+def test_disconnect_cancels_completion(server):
+    import socket
+    import time
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 2000, "temperature": 0, "stream": True})
+    s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    buf = b""
+    while buf.count(b'"text"') < 3:
+        d = s.recv(4096)
+        assert d
+        buf += d
+    s.close()
+    end = time.time() + 5
+    while json.loads(server.request("GET", "/health")[1])["streams"] and time.time() < end:
+        time.sleep(0.02)
+    h = json.loads(server.request("GET", "/health")[1])
+    assert h["streams"] == 0 and h["sessions"] == 0   # the temporary session is gone too
+    _, data, _ = server.request("GET", "/metrics")
+    assert b"mneme_streams_cancelled_total 1" in data
