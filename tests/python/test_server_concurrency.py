@@ -82,3 +82,35 @@ def test_concurrent_sessions_and_completions_mix(server):
     assert not errors, errors
     for sid in sids:
         server.json("DELETE", f"/v1/sessions/{sid}")
+
+
+def test_long_prefill_is_chunked_beside_a_stream(mneme_bin, model_path):
+    """A long prompt is computed in chunks under --max-batch-tokens while another stream
+    decodes: no step is larger than the budget, and the stream gets its tokens meanwhile."""
+    srv = Server(mneme_bin, model_path, "--max-batch-tokens", "64")
+    try:
+        client = openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        stamps = []
+
+        def decode():
+            for c in client.completions.create(model=srv.model, prompt="Once upon a time", max_tokens=40, temperature=0,
+                                               stream=True):
+                if c.choices and c.choices[0].text:
+                    stamps.append(time.time())
+
+        t = threading.Thread(target=decode)
+        t.start()
+        while not stamps:
+            time.sleep(0.01)
+        t_long = time.time()
+        r = client.completions.create(model=srv.model, prompt="word " * 800, max_tokens=1, temperature=0)
+        t_done = time.time()
+        t.join(60)
+        assert r.usage.prompt_tokens >= 800
+        _, data, _ = srv.request("GET", "/metrics")
+        m = dict(l.rsplit(" ", 1) for l in data.decode().splitlines() if l.startswith("mneme_batch_tokens_"))
+        assert m['mneme_batch_tokens_bucket{le="64"}'] == m["mneme_batch_tokens_count"], m
+        during = [s for s in stamps if t_long <= s <= t_done]
+        assert len(during) >= 3 or stamps[-1] < t_done, (len(during), len(stamps))   # decoding went on during the prefill
+    finally:
+        srv.close()
