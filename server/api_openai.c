@@ -632,7 +632,7 @@ static void post_cancel(api_gen *g) {
     g->cancel_posted = true;
     uv_mutex_lock(&g->mu);
     g->cancel = true;
-    g->cancel_at = g->delivered;
+    g->cancel_at = g->o.stream || g->has_sink ? g->delivered : 0;   /* a whole answer that never went out: none delivered */
     g->refs++;
     uv_mutex_unlock(&g->mu);
     mn_et_post_job(g->srv->et, &g->cancel_job);
