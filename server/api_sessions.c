@@ -7,7 +7,6 @@
  * when the session is created; a session loaded after a restart gets a new engine id but
  * keeps its public one (the map file in the persist directory carries id and owner).
  */
-#include <dirent.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +31,7 @@ typedef struct reg_entry {
 struct api_registry {
     reg_entry *v;
     int32_t n, cap;
+    json_t *unloaded;   /* map entries whose file did not load this run: kept, never swept */
 };
 
 static api_registry *reg_get(mn_serve *srv) {
@@ -76,6 +76,7 @@ mn_session *api_registry_find(mn_serve *srv, const char *id, const char *owner) 
 
 void api_registry_free(mn_serve *srv) {
     if (!srv->reg) return;
+    json_decref(srv->reg->unloaded);
     mn_free(srv->reg->v);
     mn_free(srv->reg);
     srv->reg = NULL;
@@ -207,6 +208,11 @@ static void rpc_job(void *ud) {
     case OP_DELETE:
         if (!rpc_lookup(r, &re)) break;
         mn_session_delete(e, re->s);   /* a generation on it ends (CANCELLED) */
+        if (srv->persist_dir) { /* deleted by request: a saved copy must not come back */
+            char path[4200];
+            saved_path(srv, re->id, path, sizeof path);
+            unlink(path);
+        }
         r->out = json_pack("{s:s, s:s, s:b}", "id", re->id, "object", "session.deleted", "deleted", 1);
         reg_remove(srv, re);
         r->status = 200;
@@ -674,6 +680,7 @@ int api_sessions_save_all(mn_serve *srv) {
                                               (json_int_t)re->created, "file", strrchr(path, '/') + 1));
         saved++;
     }
+    if (srv->reg && srv->reg->unloaded) json_array_extend(list, srv->reg->unloaded);
     json_t *map = json_pack("{s:i, s:s, s:o}", "version", 1, "model", srv->model_name, "sessions", list);
     char tmp[4200], final[4200];
     snprintf(tmp, sizeof tmp, "%s/%s.tmp", srv->persist_dir, MAP_FILE);
@@ -684,22 +691,6 @@ int api_sessions_save_all(mn_serve *srv) {
         fprintf(stderr, "mneme serve: cannot write %s: %s\n", final, strerror(errno));
         return -1;
     }
-    /* saved files of sessions deleted since: gone */
-    DIR *d = opendir(srv->persist_dir);
-    struct dirent *de;
-    while (d && (de = readdir(d))) {
-        const char *n = de->d_name;
-        if (strncmp(n, "saved-", 6) != 0 || strlen(n) != 6 + 32 + 4) continue;
-        char id[33];
-        memcpy(id, n + 6, 32);
-        id[32] = 0;
-        if (!reg_find(srv, id)) {
-            char p[4200];
-            snprintf(p, sizeof p, "%s/%s", srv->persist_dir, n);
-            unlink(p);
-        }
-    }
-    if (d) closedir(d);
     return failed ? -1 : saved;
 }
 
@@ -728,8 +719,11 @@ int api_sessions_load_all(mn_serve *srv) {
         snprintf(fp, sizeof fp, "%s/%s", srv->persist_dir, file);
         mn_session *s = NULL;
         mn_errbuf eb = {{0}};
-        if (mn_session_load(e, fp, &s, &eb) != MN_OK) {
-            fprintf(stderr, "mneme serve: session %s not loaded: %s\n", id, eb.msg);
+        if (mn_session_load(e, fp, &s, &eb) != MN_OK) { /* kept in the map and on disk for a later run */
+            fprintf(stderr, "mneme serve: session %s not loaded (kept in %s): %s\n", id, srv->persist_dir, eb.msg);
+            api_registry *r = reg_get(srv);
+            if (r && !r->unloaded) r->unloaded = json_array();
+            if (r && r->unloaded) json_array_append(r->unloaded, v);
             continue;
         }
         if (!reg_add(srv, id, owner, s, (int64_t)json_integer_value(json_object_get(v, "created")))) {

@@ -308,3 +308,24 @@ def test_every_chat_message_is_framed(server):
     text = wait_idle(server, sid)["text"]
     server.json("DELETE", f"{S}/{sid}")
     assert "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n" in text, text
+
+
+def test_damaged_saved_session_is_refused_and_kept(mneme_bin, model_path, tmp_path):
+    srv = Server(mneme_bin, model_path, "--persist-dir", str(tmp_path))
+    sid = srv.json("POST", S, {"system": "hello"})["id"]
+    wait_idle(srv, sid)
+    assert srv.stop() == 0
+    f = tmp_path / f"saved-{sid}.mns"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    srv2 = Server(mneme_bin, model_path, "--persist-dir", str(tmp_path))
+    try:
+        assert f"session {sid} not loaded" in srv2.stderr()
+        st, _, _ = srv2.request("GET", f"{S}/{sid}")
+        assert st == 404
+    finally:
+        srv2.close()
+    # not swept: the file and its map entry wait for a fix (or a human)
+    assert f.exists()
+    assert sid in (tmp_path / "serve-sessions.json").read_text()
