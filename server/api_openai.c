@@ -59,6 +59,12 @@ typedef struct api_gen {
     bool has_sink;
 } api_gen;
 
+static const char *gen_route(api_gen_kind kind) {
+    return kind == API_GEN_SESSION ? "/v1/sessions/{id}/generate"
+           : kind == API_GEN_CHAT  ? "/v1/chat/completions"
+                                   : "/v1/completions";
+}
+
 static double mono(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -145,7 +151,8 @@ bool api_gen_parse(mn_serve *srv, json_t *body, api_gen_kind kind, api_gen_opts 
 
     json_t *so = json_object_get(body, "stream_options");
     if (so && !json_is_null(so)) {
-        if (!json_is_object(so)) return api_errf(err, 400, NULL, "stream_options", "'stream_options' must be an object");
+        if (!json_is_object(so))
+            return api_errf(err, 400, NULL, "stream_options", "'stream_options' must be an object");
         if (!ju_opt_bool(so, "include_usage", &o->include_usage, err)) {
             snprintf(err->param, sizeof err->param, "stream_options.include_usage");
             return false;
@@ -176,7 +183,8 @@ bool api_gen_parse(mn_serve *srv, json_t *body, api_gen_kind kind, api_gen_opts 
             o->stops_buf[o->gp.n_stops++] = json_string_value(stop);
         } else if (json_is_array(stop)) {
             if (json_array_size(stop) > 16)
-                return api_errf(err, 400, NULL, "stop", "'stop' has %zu strings, at most 16 are allowed", json_array_size(stop));
+                return api_errf(err, 400, NULL, "stop", "'stop' has %zu strings, at most 16 are allowed",
+                                json_array_size(stop));
             size_t i;
             json_t *v;
             json_array_foreach(stop, i, v) {
@@ -203,7 +211,8 @@ static bool parse_prompt(mn_serve *srv, json_t *body, json_t **out, api_err *err
         *out = json_incref(p);
         return true;
     }
-    if (!json_is_array(p)) return api_errf(err, 400, NULL, "prompt", "'prompt' must be a string or an array of token ids");
+    if (!json_is_array(p))
+        return api_errf(err, 400, NULL, "prompt", "'prompt' must be a string or an array of token ids");
     if (json_array_size(p) == 0) return api_errf(err, 400, NULL, "prompt", "'prompt' must not be empty");
     size_t i;
     json_t *v;
@@ -250,7 +259,8 @@ static bool parse_messages(json_t *body, json_t **out, api_err *err) {
         else {
             json_decref(norm);
             return api_errf(err, 400, NULL, param,
-                            "'messages[%zu].role' must be one of system, developer, user, assistant; got '%s'", i, role);
+                            "'messages[%zu].role' must be one of system, developer, user, assistant; got '%s'", i,
+                            role);
         }
         snprintf(param, sizeof param, "messages[%zu].content", i);
         json_t *text = NULL;
@@ -284,7 +294,8 @@ static bool parse_messages(json_t *body, json_t **out, api_err *err) {
             mn_free(buf);
         } else {
             json_decref(norm);
-            return api_errf(err, 400, NULL, param, "'messages[%zu].content' must be a string or an array of text parts", i);
+            return api_errf(err, 400, NULL, param, "'messages[%zu].content' must be a string or an array of text parts",
+                            i);
         }
         json_array_append_new(norm, json_pack("[i,o]", ri, text));
     }
@@ -322,7 +333,8 @@ static bool on_token(void *ud, int32_t token, const char *text, size_t len, cons
         json_object_set_new(ev, "s", token_json(tok, token, chat));
         json_t *top = json_array();
         for (int32_t i = 0; i < info->n_top && i < g->o.top_logprobs; i++)
-            json_array_append_new(top, json_pack("[o,f]", token_json(tok, info->top[i].token, chat), (double)info->top[i].logprob));
+            json_array_append_new(
+                top, json_pack("[o,f]", token_json(tok, info->top[i].token, chat), (double)info->top[i].logprob));
         json_object_set_new(ev, "top", top);
     }
     uv_mutex_lock(&g->mu);
@@ -356,7 +368,8 @@ static void on_done(void *ud, const mn_gen_result *res, mn_err err, const char *
     g->n_generated = res ? res->n_generated : 0;
     if (err != MN_OK) {
         api_err_from_mn(&g->err, err, msg, NULL);
-        if (err == MN_ELIMIT || err == MN_ENOMEM) { /* a step could not get KV memory: over capacity, not the client's fault */
+        if (err == MN_ELIMIT ||
+            err == MN_ENOMEM) { /* a step could not get KV memory: over capacity, not the client's fault */
             g->err.status = 503;
             g->err.type = "server_error";
             g->err.retry_after = 1;
@@ -394,7 +407,8 @@ static void gen_start_job(void *ud) {
         if ((err = mn_session_create(e, NULL, &g->s, &eb)) != MN_OK) goto fail;
         g->temp = true;
         if (g->kind == API_GEN_COMPLETION && json_is_string(g->prompt)) {
-            err = mn_session_submit_text(e, g->s, MN_ROLE_NONE, json_string_value(g->prompt), json_string_length(g->prompt), &eb);
+            err = mn_session_submit_text(e, g->s, MN_ROLE_NONE, json_string_value(g->prompt),
+                                         json_string_length(g->prompt), &eb);
         } else if (g->kind == API_GEN_COMPLETION) {
             size_t n = json_array_size(g->prompt);
             int32_t *t = mn_malloc(n * sizeof(int32_t));
@@ -407,8 +421,8 @@ static void gen_start_job(void *ud) {
             json_t *m;
             json_array_foreach(g->prompt, i, m) {
                 json_t *c = json_array_get(m, 1);
-                err = mn_session_submit_text(e, g->s, (mn_role)json_integer_value(json_array_get(m, 0)), json_string_value(c),
-                                             json_string_length(c), &eb);
+                err = mn_session_submit_text(e, g->s, (mn_role)json_integer_value(json_array_get(m, 0)),
+                                             json_string_value(c), json_string_length(c), &eb);
                 if (err != MN_OK) break;
             }
         }
@@ -429,14 +443,19 @@ static void gen_start_job(void *ud) {
     uv_mutex_unlock(&g->mu);
     return;
 fail:
-    api_err_from_mn(&ae, err, eb.msg, g->kind == API_GEN_CHAT ? "messages" : g->kind == API_GEN_COMPLETION ? "prompt" : NULL);
+    api_err_from_mn(&ae, err, eb.msg,
+                    g->kind == API_GEN_CHAT         ? "messages"
+                    : g->kind == API_GEN_COMPLETION ? "prompt"
+                                                    : NULL);
     if ((err == MN_ELIMIT || err == MN_ERANGE) && strstr(ae.message, "max_tokens")) {
         snprintf(ae.param, sizeof ae.param, "max_tokens");
-        if (g->temp && g->s && strstr(ae.message, "context length")) { /* the temporary session's id means nothing to the client */
+        if (g->temp && g->s &&
+            strstr(ae.message, "context length")) { /* the temporary session's id means nothing to the client */
             int32_t n_prompt = 0;
             mn_session_tokens(g->s, NULL, &n_prompt);
-            snprintf(ae.message, sizeof ae.message, "the prompt (%d tokens) + max_tokens %d exceed the context length %d",
-                     n_prompt, g->o.gp.max_tokens, srv->n_ctx);
+            snprintf(ae.message, sizeof ae.message,
+                     "the prompt (%d tokens) + max_tokens %d exceed the context length %d", n_prompt,
+                     g->o.gp.max_tokens, srv->n_ctx);
         }
     }
     start_failed(g, &ae);
@@ -480,7 +499,8 @@ static const char *finish_name(mn_finish f) {
 }
 
 static json_t *usage_json(int32_t prompt, int32_t gen) {
-    return json_pack("{s:i, s:i, s:i}", "prompt_tokens", prompt, "completion_tokens", gen, "total_tokens", prompt + gen);
+    return json_pack("{s:i, s:i, s:i}", "prompt_tokens", prompt, "completion_tokens", gen, "total_tokens",
+                     prompt + gen);
 }
 
 /* Logprobs of one token event in the API's shape. Chat: a content entry; completion:
@@ -492,11 +512,11 @@ static json_t *chat_lp_entry(json_t *ev) {
     json_t *t;
     json_array_foreach(json_object_get(ev, "top"), i, t) {
         json_t *ts = json_array_get(t, 0);
-        json_array_append_new(top, json_pack("{s:O, s:O, s:O}", "token", json_array_get(ts, 0), "logprob", json_array_get(t, 1),
-                                             "bytes", json_array_get(ts, 1)));
+        json_array_append_new(top, json_pack("{s:O, s:O, s:O}", "token", json_array_get(ts, 0), "logprob",
+                                             json_array_get(t, 1), "bytes", json_array_get(ts, 1)));
     }
-    return json_pack("{s:O, s:O, s:O, s:o}", "token", json_array_get(s, 0), "logprob", json_object_get(ev, "lp"), "bytes",
-                     json_array_get(s, 1), "top_logprobs", top);
+    return json_pack("{s:O, s:O, s:O, s:o}", "token", json_array_get(s, 0), "logprob", json_object_get(ev, "lp"),
+                     "bytes", json_array_get(s, 1), "top_logprobs", top);
 }
 
 static void completion_lp_add(json_t *acc, json_t *ev, int32_t text_off) {
@@ -567,12 +587,14 @@ static bool stream_token(api_gen *g, json_t *ev) {
 
 static void stream_finish(api_gen *g, mn_finish fin, int32_t n_prompt, int32_t n_gen) {
     if (g->kind == API_GEN_SESSION) {
-        sse_send(g, json_pack("{s:s, s:s, s:o}", "id", g->sid, "finish_reason", finish_name(fin), "usage", usage_json(n_prompt, n_gen)));
+        sse_send(g, json_pack("{s:s, s:s, s:o}", "id", g->sid, "finish_reason", finish_name(fin), "usage",
+                              usage_json(n_prompt, n_gen)));
     } else {
         json_t *c = chunk_base(g);
-        json_t *choice = g->kind == API_GEN_CHAT
-                             ? json_pack("{s:i, s:{}, s:n, s:s}", "index", 0, "delta", "logprobs", "finish_reason", finish_name(fin))
-                             : json_pack("{s:i, s:s, s:n, s:s}", "index", 0, "text", "", "logprobs", "finish_reason", finish_name(fin));
+        json_t *choice = g->kind == API_GEN_CHAT ? json_pack("{s:i, s:{}, s:n, s:s}", "index", 0, "delta", "logprobs",
+                                                             "finish_reason", finish_name(fin))
+                                                 : json_pack("{s:i, s:s, s:n, s:s}", "index", 0, "text", "", "logprobs",
+                                                             "finish_reason", finish_name(fin));
         json_object_set_new(c, "choices", json_pack("[o]", choice));
         if (g->o.include_usage) json_object_set_new(c, "usage", json_null());
         sse_send(g, c);
@@ -602,10 +624,11 @@ static void respond_whole(api_gen *g, mn_finish fin, int32_t n_prompt, int32_t n
         json_t *choice;
         if (g->kind == API_GEN_CHAT) {
             json_object_set_new(j, "object", json_string("chat.completion"));
-            choice = json_pack("{s:i, s:{s:s, s:o}, s:o, s:s}", "index", 0, "message", "role", "assistant", "content", text,
-                               "logprobs", lp, "finish_reason", finish_name(fin));
+            choice = json_pack("{s:i, s:{s:s, s:o}, s:o, s:s}", "index", 0, "message", "role", "assistant", "content",
+                               text, "logprobs", lp, "finish_reason", finish_name(fin));
         } else {
-            choice = json_pack("{s:i, s:o, s:o, s:s}", "index", 0, "text", text, "logprobs", lp, "finish_reason", finish_name(fin));
+            choice = json_pack("{s:i, s:o, s:o, s:s}", "index", 0, "text", text, "logprobs", lp, "finish_reason",
+                               finish_name(fin));
         }
         json_object_set_new(j, "choices", json_pack("[o]", choice));
         json_object_set_new(j, "usage", usage_json(n_prompt, n_gen));
@@ -632,7 +655,8 @@ static void post_cancel(api_gen *g) {
     g->cancel_posted = true;
     uv_mutex_lock(&g->mu);
     g->cancel = true;
-    g->cancel_at = g->o.stream || g->has_sink ? g->delivered : 0;   /* a whole answer that never went out: none delivered */
+    g->cancel_at =
+        g->o.stream || g->has_sink ? g->delivered : 0; /* a whole answer that never went out: none delivered */
     g->refs++;
     uv_mutex_unlock(&g->mu);
     mn_et_post_job(g->srv->et, &g->cancel_job);
@@ -710,9 +734,11 @@ static void gen_on_event(void *ud) {
         return;
     }
 
-    if (!g->res_done && !g->aborted && err.status && !g->begun && json_array_size(evs) == 0) {
+    /* failed before anything was streamed (a whole answer, even with some tokens): an error answer */
+    if (!g->res_done && !g->aborted && err.status && finished && !g->begun &&
+        (!g->o.stream || json_array_size(evs) == 0)) {
         api_err_respond(g->res, &err);
-        api_metrics_request(srv, g->kind == API_GEN_SESSION ? "/v1/sessions/{id}/generate" : g->kind == API_GEN_CHAT ? "/v1/chat/completions" : "/v1/completions", err.status);
+        api_metrics_request(srv, gen_route(g->kind), err.status);
         g->res_done = true;
     }
     if (!g->res_done && !g->aborted) {
@@ -722,8 +748,9 @@ static void gen_on_event(void *ud) {
             g->begun = true;
             if (g->kind == API_GEN_CHAT) {
                 json_t *c = chunk_base(g);
-                json_object_set_new(c, "choices", json_pack("[{s:i, s:{s:s, s:s}, s:n, s:n}]", "index", 0, "delta", "role", "assistant",
-                                                            "content", "", "logprobs", "finish_reason"));
+                json_object_set_new(c, "choices",
+                                    json_pack("[{s:i, s:{s:s, s:s}, s:n, s:n}]", "index", 0, "delta", "role",
+                                              "assistant", "content", "", "logprobs", "finish_reason"));
                 sse_send(g, c);
             }
         }
@@ -763,7 +790,7 @@ static void gen_on_event(void *ud) {
             api_hist_add(&srv->metrics.e2e, mono() - g->t0);
             if (g->o.stream) stream_finish(g, fin, n_prompt, n_gen);
             else respond_whole(g, fin, n_prompt, n_gen);
-            api_metrics_request(srv, g->kind == API_GEN_SESSION ? "/v1/sessions/{id}/generate" : g->kind == API_GEN_CHAT ? "/v1/chat/completions" : "/v1/completions", 200);
+            api_metrics_request(srv, gen_route(g->kind), 200);
             g->res_done = true;
         }
     }
@@ -774,13 +801,9 @@ static void gen_on_event(void *ud) {
 
 /* ---- entry points ------------------------------------------------------------------------------ */
 
-static const char *gen_route(api_gen_kind kind) {
-    return kind == API_GEN_SESSION ? "/v1/sessions/{id}/generate" : kind == API_GEN_CHAT ? "/v1/chat/completions" : "/v1/completions";
-}
-
 /* A new generation, validated and counted as active; NULL with err filled otherwise. */
-static api_gen *gen_create(mn_serve *srv, api_gen_kind kind, json_t *body, const api_gen_opts *o, const char *session_id,
-                           const char *owner, api_err *err) {
+static api_gen *gen_create(mn_serve *srv, api_gen_kind kind, json_t *body, const api_gen_opts *o,
+                           const char *session_id, const char *owner, api_err *err) {
     api_gen *g = mn_calloc(1, sizeof *g);
     if (!g || uv_mutex_init(&g->mu) != 0 || !(g->events = json_array())) {
         if (g) { json_decref(g->events); mn_free(g); }
@@ -796,7 +819,11 @@ static api_gen *gen_create(mn_serve *srv, api_gen_kind kind, json_t *body, const
     g->refs = 2;   /* loop + engine */
     snprintf(g->sid, sizeof g->sid, "%s", session_id ? session_id : "");
     snprintf(g->owner, sizeof g->owner, "%s", owner ? owner : "");
-    api_new_id(srv, kind == API_GEN_CHAT ? "chatcmpl-" : kind == API_GEN_COMPLETION ? "cmpl-" : "gen-", g->id, sizeof g->id);
+    api_new_id(srv,
+               kind == API_GEN_CHAT         ? "chatcmpl-"
+               : kind == API_GEN_COMPLETION ? "cmpl-"
+                                            : "gen-",
+               g->id, sizeof g->id);
     g->job = (mn_et_item){NULL, gen_start_job, g};
     g->cancel_job = (mn_et_item){NULL, gen_cancel_job, g};
     g->ev = (mn_et_item){NULL, gen_on_event, g};
@@ -806,10 +833,12 @@ static api_gen *gen_create(mn_serve *srv, api_gen_kind kind, json_t *body, const
     else if (kind == API_GEN_CHAT) {
         ok = parse_messages(body, &g->prompt, err);
         if (ok && !srv->model->has_chat_template)
-            ok = api_errf(err, 400, NULL, "messages", "the model has no chat template mneme recognises: use /v1/completions");
+            ok = api_errf(err, 400, NULL, "messages",
+                          "the model has no chat template mneme recognises: use /v1/completions");
     }
     if (ok && srv->max_streams > 0 && srv->streams_active >= srv->max_streams) {
-        api_errf(err, 429, "rate_limit_error", NULL, "too many generations in progress (limit %d); retry later", srv->max_streams);
+        api_errf(err, 429, "rate_limit_error", NULL, "too many generations in progress (limit %d); retry later",
+                 srv->max_streams);
         err->retry_after = 1;
         ok = false;
     }
@@ -868,8 +897,8 @@ void api_completions(mn_serve *srv, const mn_http_req *req, mn_http_res *res, co
         return;
     }
     if (model && strcmp(model, srv->model_name) != 0) {
-        api_errf(&err, 404, "invalid_request_error", "model", "The model '%s' does not exist (this server serves '%s')", model,
-                 srv->model_name);
+        api_errf(&err, 404, "invalid_request_error", "model", "The model '%s' does not exist (this server serves '%s')",
+                 model, srv->model_name);
         snprintf(err.code, sizeof err.code, "model_not_found");
         api_err_respond(res, &err);
         api_metrics_request(srv, route, err.status);

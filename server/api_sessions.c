@@ -110,9 +110,10 @@ static json_t *session_json(mn_serve *srv, reg_entry *re, bool full) {
     mn_engine *e = mn_et_engine(srv->et);
     mn_session_info info;
     mn_session_info_get(e, re->s, &info);
-    json_t *j = json_pack("{s:s, s:s, s:I, s:i, s:i, s:I, s:s, s:b}", "id", re->id, "object", "session", "created",
-                          (json_int_t)re->created, "n_tokens", info.n_tokens, "n_computed", info.n_computed, "kv_bytes",
-                          (json_int_t)info.kv_bytes, "tier", info.tier ? info.tier : "T0", "busy", mn_session_busy(re->s));
+    json_t *j =
+        json_pack("{s:s, s:s, s:I, s:i, s:i, s:I, s:s, s:b}", "id", re->id, "object", "session", "created",
+                  (json_int_t)re->created, "n_tokens", info.n_tokens, "n_computed", info.n_computed, "kv_bytes",
+                  (json_int_t)info.kv_bytes, "tier", info.tier ? info.tier : "T0", "busy", mn_session_busy(re->s));
     if (!full || !j) return j;
     const uint8_t *roles = NULL;
     int32_t n = 0;
@@ -190,7 +191,8 @@ static void rpc_job(void *ud) {
     case OP_LIST: {
         json_t *data = json_array();
         for (int32_t i = 0; srv->reg && i < srv->reg->n; i++)
-            if (!strcmp(srv->reg->v[i].owner, r->owner)) json_array_append_new(data, session_json(srv, &srv->reg->v[i], false));
+            if (!strcmp(srv->reg->v[i].owner, r->owner))
+                json_array_append_new(data, session_json(srv, &srv->reg->v[i], false));
         r->out = json_pack("{s:s, s:o}", "object", "list", "data", data);
         r->status = 200;
         break;
@@ -270,11 +272,15 @@ static void rpc_job(void *ud) {
     }
     case OP_EXPORT:
         if (!rpc_lookup(r, &re)) break;
-        if ((err = mn_session_export(e, re->s, &r->blob, &r->blob_len, &eb)) != MN_OK) rpc_fail_mn(r, err, eb.msg, NULL);
+        if ((err = mn_session_export(e, re->s, &r->blob, &r->blob_len, &eb)) != MN_OK)
+            rpc_fail_mn(r, err, eb.msg, NULL);
         else r->status = 200;
         break;
     case OP_IMPORT:
-        if ((err = mn_session_import(e, r->blob, r->blob_len, &s, &eb)) != MN_OK) { rpc_fail_mn(r, err, eb.msg, "body"); break; }
+        if ((err = mn_session_import(e, r->blob, r->blob_len, &s, &eb)) != MN_OK) {
+            rpc_fail_mn(r, err, eb.msg, "body");
+            break;
+        }
         register_new(r, s);
         break;
     }
@@ -385,7 +391,8 @@ static void ws_rpc_done(rpc *r) {
 static bool ws_on_token(void *ud, json_t *ev) {
     ws_conn *c = ud;
     if (!c->ws) return false;
-    json_t *j = json_pack("{s:s, s:O, s:O}", "type", "token", "token", json_object_get(ev, "t"), "text", json_object_get(ev, "x"));
+    json_t *j = json_pack("{s:s, s:O, s:O}", "type", "token", "token", json_object_get(ev, "t"), "text",
+                          json_object_get(ev, "x"));
     if (j && json_object_get(ev, "lp")) json_object_set(j, "logprob", json_object_get(ev, "lp"));
     ws_send(c, j);
     return c->ws && mn_http_ws_pending(c->ws) <= c->srv->max_pending_write;   /* a stalled reader is interrupted */
@@ -397,8 +404,8 @@ static void ws_on_end(void *ud, const api_err *err, mn_finish fin, int32_t n_pro
     if (err) ws_send_error(c, err);
     else {
         const char *fr = fin == MN_FINISH_LENGTH ? "length" : fin == MN_FINISH_CANCELLED ? "cancelled" : "stop";
-        ws_send(c, json_pack("{s:s, s:s, s:{s:i, s:i, s:i}}", "type", "done", "finish_reason", fr, "usage", "prompt_tokens",
-                             n_prompt, "completion_tokens", n_gen, "total_tokens", n_prompt + n_gen));
+        ws_send(c, json_pack("{s:s, s:s, s:{s:i, s:i, s:i}}", "type", "done", "finish_reason", fr, "usage",
+                             "prompt_tokens", n_prompt, "completion_tokens", n_gen, "total_tokens", n_prompt + n_gen));
     }
     wc_unref(c);
 }
@@ -424,7 +431,8 @@ static void ws_on_text(void *ud, mn_http_ws *ws, const char *data, size_t len) {
                 api_errf(&err, 503, "server_error", NULL, "out of memory");
                 ws_send_error(c, &err);
             } else {
-                *r = (rpc){.srv = srv, .op = OP_MESSAGES, .route = "/v1/sessions/{id}/stream", .in = json_incref(in), .wc = c};
+                *r = (rpc){
+                    .srv = srv, .op = OP_MESSAGES, .route = "/v1/sessions/{id}/stream", .in = json_incref(in), .wc = c};
                 snprintf(r->id, sizeof r->id, "%s", c->sid);
                 snprintf(r->owner, sizeof r->owner, "%s", c->owner);
                 r->job = (mn_et_item){NULL, rpc_job, r};
@@ -435,7 +443,8 @@ static void ws_on_text(void *ud, mn_http_ws *ws, const char *data, size_t len) {
         }
     } else if (!strcmp(type, "generate")) {
         api_gen_opts o;
-        if (c->gen) api_errf(&err, 409, "conflict_error", NULL, "session %s is already generating: interrupt first", c->sid);
+        if (c->gen)
+            api_errf(&err, 409, "conflict_error", NULL, "session %s is already generating: interrupt first", c->sid);
         else if (srv->draining) api_errf(&err, 503, "server_error", NULL, "the server is shutting down");
         else if (api_gen_parse(srv, in, API_GEN_SESSION, &o, &err)) {
             api_gen_sink sink = {ws_on_token, ws_on_end, c};
@@ -538,7 +547,8 @@ static bool parse_role(json_t *in, api_err *err) {
             json_object_set_new(in, "_role", json_integer(roles[i].role));
             return true;
         }
-    return api_errf(err, 400, NULL, "role", "'role' must be one of system, user, assistant, thought, none; got '%s'", r);
+    return api_errf(err, 400, NULL, "role", "'role' must be one of system, user, assistant, thought, none; got '%s'",
+                    r);
 }
 
 static bool check_message(mn_serve *srv, json_t *in, api_err *err) {
@@ -546,18 +556,21 @@ static bool check_message(mn_serve *srv, json_t *in, api_err *err) {
     json_t *c = json_object_get(in, "content"), *t = json_object_get(in, "tokens");
     if (c && json_is_null(c)) c = NULL;
     if (t && json_is_null(t)) t = NULL;
-    if (!c == !t) return api_errf(err, 400, NULL, "content", "give exactly one of 'content' (text) or 'tokens' (token ids)");
+    if (!c == !t)
+        return api_errf(err, 400, NULL, "content", "give exactly one of 'content' (text) or 'tokens' (token ids)");
     if (c && !json_is_string(c)) return api_errf(err, 400, NULL, "content", "'content' must be a string");
     if (t) {
         if (!json_is_array(t)) return api_errf(err, 400, NULL, "tokens", "'tokens' must be an array of token ids");
         if (json_array_size(t) == 0) return api_errf(err, 400, NULL, "tokens", "'tokens' must not be empty");
         if (json_array_size(t) > (size_t)srv->n_ctx)
-            return api_errf(err, 400, NULL, "tokens", "'tokens' has %zu ids, more than the context length %d", json_array_size(t), srv->n_ctx);
+            return api_errf(err, 400, NULL, "tokens", "'tokens' has %zu ids, more than the context length %d",
+                            json_array_size(t), srv->n_ctx);
         size_t i;
         json_t *v;
         json_array_foreach(t, i, v) {
             if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= srv->model->cfg.n_vocab)
-                return api_errf(err, 400, NULL, "tokens", "'tokens[%zu]' must be a token id in [0, %d)", i, srv->model->cfg.n_vocab);
+                return api_errf(err, 400, NULL, "tokens", "'tokens[%zu]' must be a token id in [0, %d)", i,
+                                srv->model->cfg.n_vocab);
         }
     }
     return true;
@@ -587,7 +600,11 @@ void api_sessions(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const
         const char *route = "/v1/sessions/import";
         if (!post) { respond_405(srv, res, route, "POST"); return; }
         uint8_t *blob = mn_malloc(req->body_len ? req->body_len : 1);
-        if (!blob) { api_errf(&err, 503, "server_error", NULL, "out of memory"); fail(srv, res, route, &err, NULL); return; }
+        if (!blob) {
+            api_errf(&err, 503, "server_error", NULL, "out of memory");
+            fail(srv, res, route, &err, NULL);
+            return;
+        }
         memcpy(blob, req->body, req->body_len);
         rpc_post_blob(srv, OP_IMPORT, route, NULL, owner, NULL, blob, req->body_len, res);
         return;
@@ -610,11 +627,14 @@ void api_sessions(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const
         else respond_405(srv, res, route, "GET, DELETE");
         return;
     }
-    static const struct { const char *name; op o; bool is_get; const char *route; } acts[] = {
-        {"messages", OP_MESSAGES, false, "/v1/sessions/{id}/messages"}, {"fork", OP_FORK, false, "/v1/sessions/{id}/fork"},
-        {"rewind", OP_REWIND, false, "/v1/sessions/{id}/rewind"}, {"save", OP_SAVE, false, "/v1/sessions/{id}/save"},
-        {"export", OP_EXPORT, true, "/v1/sessions/{id}/export"}, {"generate", OP_GET, false, "/v1/sessions/{id}/generate"},
-        {"stream", OP_WS_OPEN, true, "/v1/sessions/{id}/stream"}};
+    static const struct { const char *name; op o; bool is_get; const char *route;
+    } acts[] = {{"messages", OP_MESSAGES, false, "/v1/sessions/{id}/messages"},
+                {"fork", OP_FORK, false, "/v1/sessions/{id}/fork"},
+                {"rewind", OP_REWIND, false, "/v1/sessions/{id}/rewind"},
+                {"save", OP_SAVE, false, "/v1/sessions/{id}/save"},
+                {"export", OP_EXPORT, true, "/v1/sessions/{id}/export"},
+                {"generate", OP_GET, false, "/v1/sessions/{id}/generate"},
+                {"stream", OP_WS_OPEN, true, "/v1/sessions/{id}/stream"}};
     for (size_t i = 0; i < sizeof acts / sizeof acts[0]; i++) {
         if (strcmp(action, acts[i].name) != 0) continue;
         const char *rroute = acts[i].route;   /* a static string for metrics */
@@ -642,7 +662,11 @@ void api_sessions(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const
         if (acts[i].o == OP_REWIND) {
             int64_t n = -1;
             if (!ju_opt_int(in, "n_tokens", 0, INT32_MAX, &n, &err)) { fail(srv, res, rroute, &err, in); return; }
-            if (n < 0) { api_errf(&err, 400, NULL, "n_tokens", "'n_tokens' is required"); fail(srv, res, rroute, &err, in); return; }
+            if (n < 0) {
+                api_errf(&err, 400, NULL, "n_tokens", "'n_tokens' is required");
+                fail(srv, res, rroute, &err, in);
+                return;
+            }
             json_object_set_new(in, "n_tokens", json_integer(n));
         }
         rpc_post(srv, acts[i].o, rroute, sid, owner, in, res);
@@ -661,7 +685,8 @@ int api_sessions_save_all(mn_serve *srv) {
     int saved = 0, failed = 0;
     mn_free(srv->saved_engine_ids);
     srv->n_saved_engine_ids = 0;
-    srv->saved_engine_ids = srv->reg && srv->reg->n ? mn_malloc((size_t)srv->reg->n * sizeof *srv->saved_engine_ids) : NULL;
+    srv->saved_engine_ids =
+        srv->reg && srv->reg->n ? mn_malloc((size_t)srv->reg->n * sizeof *srv->saved_engine_ids) : NULL;
     for (int32_t i = 0; srv->reg && i < srv->reg->n; i++) {
         reg_entry *re = &srv->reg->v[i];
         char path[4200];

@@ -111,62 +111,72 @@ static void hist_print(sbuf *b, const char *name, const char *help, const api_hi
               (long long)h->n);
 }
 
+static void metric_head(sbuf *b, const char *name, const char *type, const char *help) {
+    sb_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+/* One unlabelled sample with its HELP and TYPE lines. */
+static void metric_i(sbuf *b, const char *name, const char *type, const char *help, long long v) {
+    metric_head(b, name, type, help);
+    sb_printf(b, "%s %lld\n", name, v);
+}
+
+/* One sample per tier: name{tier="T0"} v[0] ... */
+static void metric_tiers(sbuf *b, const char *name, const char *type, const char *help, const int64_t *v64,
+                         const int32_t *v32) {
+    metric_head(b, name, type, help);
+    for (int t = 0; t < 4; t++)
+        sb_printf(b, "%s{tier=\"T%d\"} %lld\n", name, t, v32 ? (long long)v32[t] : (long long)v64[t]);
+}
+
 static void respond_metrics(mn_serve *srv, mn_http_res *res) {
     api_metrics *m = &srv->metrics;
     mn_et_stats st;
     mn_et_stats_get(srv->et, &st);
+    const mn_engine_stats *es = &st.engine;
     sbuf b = {0};
-    sb_printf(&b, "# HELP mneme_requests_total HTTP requests answered, by route and status.\n# TYPE mneme_requests_total counter\n");
+    metric_head(&b, "mneme_requests_total", "counter", "HTTP requests answered, by route and status.");
     for (int i = 0; i < m->n_req; i++)
         sb_printf(&b, "mneme_requests_total{route=\"%s\",status=\"%d\"} %lld\n", m->req[i].route, m->req[i].status,
                   (long long)m->req[i].n);
-    sb_printf(&b, "# HELP mneme_prompt_tokens_total Prompt tokens of finished generations.\n# TYPE mneme_prompt_tokens_total counter\n"
-                  "mneme_prompt_tokens_total %lld\n", (long long)m->prompt_tokens);
-    sb_printf(&b, "# HELP mneme_generated_tokens_total Tokens generated and delivered.\n# TYPE mneme_generated_tokens_total counter\n"
-                  "mneme_generated_tokens_total %lld\n", (long long)m->generated_tokens);
-    sb_printf(&b, "# HELP mneme_streams_active Generations in progress.\n# TYPE mneme_streams_active gauge\nmneme_streams_active %lld\n",
-              (long long)srv->streams_active);
-    sb_printf(&b, "# HELP mneme_streams_cancelled_total Generations ended by a client disconnect.\n# TYPE mneme_streams_cancelled_total counter\n"
-                  "mneme_streams_cancelled_total %lld\n", (long long)m->streams_cancelled);
-    sb_printf(&b, "# HELP mneme_streams_stalled_total Streams ended because the client stopped reading.\n# TYPE mneme_streams_stalled_total counter\n"
-                  "mneme_streams_stalled_total %lld\n", (long long)m->streams_stalled);
+    metric_i(&b, "mneme_prompt_tokens_total", "counter", "Prompt tokens of finished generations.", m->prompt_tokens);
+    metric_i(&b, "mneme_generated_tokens_total", "counter", "Tokens generated and delivered.", m->generated_tokens);
+    metric_i(&b, "mneme_streams_active", "gauge", "Generations in progress.", srv->streams_active);
+    metric_i(&b, "mneme_streams_cancelled_total", "counter", "Generations ended by a client disconnect.",
+             m->streams_cancelled);
+    metric_i(&b, "mneme_streams_stalled_total", "counter", "Streams ended because the client stopped reading.",
+             m->streams_stalled);
     hist_print(&b, "mneme_time_to_first_token_seconds", "Time from request to the first generated token.", &m->ttft);
-    hist_print(&b, "mneme_inter_token_latency_seconds", "Time between consecutive generated tokens of a stream.", &m->itl);
+    hist_print(&b, "mneme_inter_token_latency_seconds", "Time between consecutive tokens of a stream.", &m->itl);
     hist_print(&b, "mneme_request_duration_seconds", "Time from request to the end of a generation.", &m->e2e);
-    sb_printf(&b, "# HELP mneme_batch_tokens Tokens per engine step.\n# TYPE mneme_batch_tokens histogram\n");
+    metric_head(&b, "mneme_batch_tokens", "histogram", "Tokens per engine step.");
     int64_t cum = 0;
     for (int i = 0; i < 11; i++) {
         cum += st.batch_hist[i];
         sb_printf(&b, "mneme_batch_tokens_bucket{le=\"%d\"} %lld\n", 1 << i, (long long)cum);
     }
     cum += st.batch_hist[11];
-    sb_printf(&b, "mneme_batch_tokens_bucket{le=\"+Inf\"} %lld\nmneme_batch_tokens_sum %lld\nmneme_batch_tokens_count %lld\n",
-              (long long)cum, (long long)st.batch_tokens_sum, (long long)st.steps);
-    sb_printf(&b, "# HELP mneme_queue_depth Jobs waiting for the engine thread.\n# TYPE mneme_queue_depth gauge\nmneme_queue_depth %d\n",
-              st.jobs_queued);
-    sb_printf(&b, "# HELP mneme_engine_busy_seconds_total Time spent in engine steps.\n# TYPE mneme_engine_busy_seconds_total counter\n"
-                  "mneme_engine_busy_seconds_total %.6f\n", st.busy_seconds);
-    const mn_engine_stats *es = &st.engine;
-    sb_printf(&b, "# HELP mneme_sessions Sessions held by the engine (incl. temporary ones of running requests).\n# TYPE mneme_sessions gauge\n"
-                  "mneme_sessions %d\n", es->n_sessions);
-    sb_printf(&b, "# HELP mneme_tier_sessions Sessions whose KV is in each tier.\n# TYPE mneme_tier_sessions gauge\n");
-    for (int t = 0; t < 4; t++) sb_printf(&b, "mneme_tier_sessions{tier=\"T%d\"} %d\n", t, es->tier_sessions[t]);
-    sb_printf(&b, "# HELP mneme_tier_bytes Bytes of KV held in each tier.\n# TYPE mneme_tier_bytes gauge\n");
-    int64_t t0 = (int64_t)(es->blocks_total - es->blocks_free) * es->bytes_per_token;
-    (void)t0;
-    for (int t = 0; t < 4; t++) sb_printf(&b, "mneme_tier_bytes{tier=\"T%d\"} %lld\n", t, (long long)es->tier_bytes[t]);
-    sb_printf(&b, "# HELP mneme_swap_out_bytes_total Bytes moved down to each tier.\n# TYPE mneme_swap_out_bytes_total counter\n");
-    for (int t = 0; t < 4; t++) sb_printf(&b, "mneme_swap_out_bytes_total{tier=\"T%d\"} %lld\n", t, (long long)es->swapped_out[t]);
-    sb_printf(&b, "# HELP mneme_swap_in_bytes_total Bytes moved up from each tier.\n# TYPE mneme_swap_in_bytes_total counter\n");
-    for (int t = 0; t < 4; t++) sb_printf(&b, "mneme_swap_in_bytes_total{tier=\"T%d\"} %lld\n", t, (long long)es->swapped_in[t]);
-    sb_printf(&b, "# HELP mneme_kv_blocks KV blocks of the pool.\n# TYPE mneme_kv_blocks gauge\nmneme_kv_blocks{state=\"total\"} %d\n"
-                  "mneme_kv_blocks{state=\"free\"} %d\n", es->blocks_total, es->blocks_free);
-    sb_printf(&b, "# HELP mneme_prefix_hit_tokens_total Tokens attached from the prefix cache.\n# TYPE mneme_prefix_hit_tokens_total counter\n"
-                  "mneme_prefix_hit_tokens_total %lld\n", (long long)es->prefix_hit_tokens);
-    sb_printf(&b, "# HELP mneme_computed_tokens_total Tokens run through the model.\n# TYPE mneme_computed_tokens_total counter\n"
-                  "mneme_computed_tokens_total %lld\n", (long long)es->computed_tokens);
-    sb_printf(&b, "# HELP mneme_http_connections Open client connections.\n# TYPE mneme_http_connections gauge\nmneme_http_connections %d\n",
-              mn_http_server_n_connections(srv->http));
+    sb_printf(&b, "mneme_batch_tokens_bucket{le=\"+Inf\"} %lld\n", (long long)cum);
+    sb_printf(&b, "mneme_batch_tokens_sum %lld\nmneme_batch_tokens_count %lld\n", (long long)st.batch_tokens_sum,
+              (long long)st.steps);
+    metric_i(&b, "mneme_queue_depth", "gauge", "Jobs waiting for the engine thread.", st.jobs_queued);
+    metric_head(&b, "mneme_engine_busy_seconds_total", "counter", "Time spent in engine steps.");
+    sb_printf(&b, "mneme_engine_busy_seconds_total %.6f\n", st.busy_seconds);
+    metric_i(&b, "mneme_sessions", "gauge", "Sessions held by the engine (with the temporary ones of requests).",
+             es->n_sessions);
+    metric_tiers(&b, "mneme_tier_sessions", "gauge", "Sessions whose KV is in each tier.", NULL, es->tier_sessions);
+    metric_tiers(&b, "mneme_tier_bytes", "gauge", "Bytes of KV held in each tier (T1, T2 host; T0: see blocks).",
+                 es->tier_bytes, NULL);
+    metric_tiers(&b, "mneme_swap_out_bytes_total", "counter", "Bytes moved down to each tier.", es->swapped_out, NULL);
+    metric_tiers(&b, "mneme_swap_in_bytes_total", "counter", "Bytes moved up from each tier.", es->swapped_in, NULL);
+    metric_head(&b, "mneme_kv_blocks", "gauge", "KV blocks of the pool.");
+    sb_printf(&b, "mneme_kv_blocks{state=\"total\"} %d\nmneme_kv_blocks{state=\"free\"} %d\n", es->blocks_total,
+              es->blocks_free);
+    metric_i(&b, "mneme_prefix_hit_tokens_total", "counter", "Tokens attached from the prefix cache.",
+             es->prefix_hit_tokens);
+    metric_i(&b, "mneme_computed_tokens_total", "counter", "Tokens run through the model.", es->computed_tokens);
+    metric_i(&b, "mneme_http_connections", "gauge", "Open client connections.",
+             mn_http_server_n_connections(srv->http));
     api_metrics_request(srv, "/metrics", 200);
     mn_http_respond(res, 200, "text/plain; version=0.0.4", b.p ? b.p : "", b.n, NULL, 0);
     mn_free(b.p);
@@ -179,8 +189,8 @@ static void owner_of_key(const char *key, size_t n, char out[API_OWNER_LEN]) {
     snprintf(out, API_OWNER_LEN, "%016llx%016llx", (unsigned long long)h.high64, (unsigned long long)h.low64);
 }
 
-static void route_error(mn_serve *srv, mn_http_res *res, const char *route, int status, const char *type, const char *fmt,
-                        const char *a, const char *b) {
+static void route_error(mn_serve *srv, mn_http_res *res, const char *route, int status, const char *type,
+                        const char *fmt, const char *a, const char *b) {
     api_err e;
     api_errf(&e, status, type, NULL, fmt, a, b);
     api_err_respond(res, &e);
@@ -207,9 +217,10 @@ static void handle(void *ud, const mn_http_req *req, mn_http_res *res) {
         mn_et_stats st;
         mn_et_stats_get(srv->et, &st);
         api_metrics_request(srv, "/health", 200);
-        api_respond_json(res, 200, json_pack("{s:s, s:s, s:i, s:I}", "status", srv->draining ? "draining" : "ok", "model",
-                                             srv->model_name, "sessions", st.engine.n_sessions, "streams",
-                                             (json_int_t)srv->streams_active));
+        api_respond_json(res, 200,
+                         json_pack("{s:s, s:s, s:i, s:I}", "status", srv->draining ? "draining" : "ok", "model",
+                                   srv->model_name, "sessions", st.engine.n_sessions, "streams",
+                                   (json_int_t)srv->streams_active));
         return;
     }
     if (!strcmp(p, "/metrics")) {
@@ -379,7 +390,8 @@ static int load_keys(const char *path, mn_serve *srv) {
     int n = 0, cap = 0;
     while (fgets(line, sizeof line, f)) {
         size_t len = strlen(line);
-        while (len && (line[len - 1] == '\n' || line[len - 1] == '\r' || line[len - 1] == ' ' || line[len - 1] == '\t')) len--;
+        while (len && (line[len - 1] == '\n' || line[len - 1] == '\r' || line[len - 1] == ' ' || line[len - 1] == '\t'))
+            len--;
         size_t s = 0;
         while (s < len && (line[s] == ' ' || line[s] == '\t')) s++;
         if (s == len || line[s] == '#') continue;
@@ -451,7 +463,11 @@ int cmd_serve(int argc, char **argv) {
         if (r) continue;
         const char *a = argv[i], *v;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { serve_usage(); return 0; }
-        if (!is_serve_value_flag(a)) { fprintf(stderr, "mneme serve: unknown option '%s'\n", a); serve_usage(); return 2; }
+        if (!is_serve_value_flag(a)) {
+            fprintf(stderr, "mneme serve: unknown option '%s'\n", a);
+            serve_usage();
+            return 2;
+        }
         if (cli_value(argc, argv, &i, &v)) return 2;
         if (!strcmp(a, "--host")) host = v;
         else if (!strcmp(a, "--port")) { if (cli_int(a, v, 0, 65535, &port)) return 2; }

@@ -34,7 +34,8 @@ bool api_err_from_mn(api_err *err, mn_err code, const char *msg, const char *par
     default: break;
     }
     api_errf(err, status, type, param, "%s", msg && *msg ? msg : mn_strerror(code));
-    if (code == MN_ELIMIT && strstr(err->message, "context length")) snprintf(err->code, sizeof err->code, "context_length_exceeded");
+    if (code == MN_ELIMIT && strstr(err->message, "context length"))
+        snprintf(err->code, sizeof err->code, "context_length_exceeded");
     if (code == MN_ENOMEM) err->retry_after = 1;
     return false;
 }
@@ -57,14 +58,16 @@ void api_err_respond(mn_http_res *res, const api_err *err) {
     size_t len = 0;
     char *body = api_err_body(err, &len);
     if (!body) {
-        static const char oom[] = "{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\",\"param\":null,\"code\":null}}";
+        static const char oom[] =
+            "{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\",\"param\":null,\"code\":null}}";
         mn_http_respond(res, 503, "application/json", oom, sizeof oom - 1, NULL, 0);
         return;
     }
     char ra[16];
     snprintf(ra, sizeof ra, "%d", err->retry_after);
     mn_http_header h[] = {{"Retry-After", ra}};
-    mn_http_respond(res, err->status ? err->status : 500, "application/json", body, len, h, err->retry_after > 0 ? 1 : 0);
+    mn_http_respond(res, err->status ? err->status : 500, "application/json", body, len, h,
+                    err->retry_after > 0 ? 1 : 0);
     mn_free(body);
 }
 
@@ -116,7 +119,8 @@ static json_t *field(json_t *obj, const char *name) {
 bool ju_opt_bool(json_t *obj, const char *name, bool *out, api_err *err) {
     json_t *v = field(obj, name);
     if (!v) return true;
-    if (!json_is_boolean(v)) return api_errf(err, 400, NULL, name, "'%s' must be a boolean, got %s", name, type_name(v));
+    if (!json_is_boolean(v))
+        return api_errf(err, 400, NULL, name, "'%s' must be a boolean, got %s", name, type_name(v));
     *out = json_is_true(v);
     return true;
 }
@@ -130,8 +134,8 @@ bool ju_opt_int(json_t *obj, const char *name, int64_t lo, int64_t hi, int64_t *
         x = (int64_t)json_real_value(v);   /* 16.0 is an integer to most clients */
     else return api_errf(err, 400, NULL, name, "'%s' must be an integer, got %s", name, type_name(v));
     if (x < lo || x > hi)
-        return api_errf(err, 400, NULL, name, "'%s' must be in [%lld, %lld], got %lld", name, (long long)lo, (long long)hi,
-                        (long long)x);
+        return api_errf(err, 400, NULL, name, "'%s' must be in [%lld, %lld], got %lld", name, (long long)lo,
+                        (long long)hi, (long long)x);
     *out = x;
     return true;
 }
@@ -141,7 +145,8 @@ bool ju_opt_number(json_t *obj, const char *name, double lo, double hi, double *
     if (!v) return true;
     if (!json_is_number(v)) return api_errf(err, 400, NULL, name, "'%s' must be a number, got %s", name, type_name(v));
     double x = json_number_value(v);
-    if (!(x >= lo && x <= hi)) return api_errf(err, 400, NULL, name, "'%s' must be in [%g, %g], got %g", name, lo, hi, x);
+    if (!(x >= lo && x <= hi))
+        return api_errf(err, 400, NULL, name, "'%s' must be in [%g, %g], got %g", name, lo, hi, x);
     *out = x;
     return true;
 }
