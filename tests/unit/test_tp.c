@@ -605,5 +605,7 @@ int main(void) {
         cmocka_unit_test(test_alloc_failures_run),
         cmocka_unit_test(test_alloc_failures_new),
     };
+    /* e.g. MNEME_TEST_SKIP=test_alloc_failures_new: a sanitizer run past another module's bug */
+    if (getenv("MNEME_TEST_SKIP")) cmocka_set_skip_filter(getenv("MNEME_TEST_SKIP"));
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
