@@ -129,7 +129,8 @@ mn_err mn_forward_new_tp(const mn_model *m, mn_kv_pool *kv, mn_comm *comm, mn_fo
     const int32_t n_kv = c->n_kv_head / P;
     if (kv->n_layer != c->n_layer || kv->n_kv_head != n_kv || kv->head_dim != c->head_dim)
         return mn_errf(eb, MN_EMISMATCH,
-                       "kv pool shape (%d layers, %d kv heads, dim %d) does not match the model (%d, %d, %d)%s", kv->n_layer, kv->n_kv_head, kv->head_dim, c->n_layer, n_kv, c->head_dim,
+                       "kv pool shape (%d layers, %d kv heads, dim %d) does not match the model (%d, %d, %d)%s",
+                       kv->n_layer, kv->n_kv_head, kv->head_dim, c->n_layer, n_kv, c->head_dim,
                        P > 1 ? " (kv heads of this rank)" : "");
     mn_forward *f = mn_calloc(1, sizeof *f);
     if (!f) return mn_errf(eb, MN_ENOMEM, "forward: out of memory");
