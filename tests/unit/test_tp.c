@@ -488,9 +488,10 @@ static void test_tp_group(void **state) {
     assert_int_equal(mn_tp_model(t)->cfg.n_vocab, V);
     int32_t tok[5] = {1, 504, 3575, 282, 4649}, sq0[5] = {0}, sq1[5] = {1, 1, 1, 1, 1}, pos[5] = {0, 1, 2, 3, 4};
     int32_t rows[5] = {0, 1, 2, 3, 4};
-    float *got = malloc((size_t)5 * V * sizeof(float));
+    float *got = malloc((size_t)6 * V * sizeof(float)), *alone = malloc((size_t)5 * V * sizeof(float));
     mn_batch b = {5, tok, sq0, pos, 5, rows};
     group_run(&g, &b);
+    memcpy(alone, g.r[0].logits, (size_t)5 * V * sizeof(float));
     b.seq = sq1;
     assert_int_equal(mn_tp_run(t, &b, got, &eb), MN_OK);
     assert_memory_equal(got, g.r[0].logits, (size_t)5 * V * sizeof(float));
@@ -509,6 +510,21 @@ static void test_tp_group(void **state) {
     d.seq = &one;
     assert_int_equal(mn_tp_run(t, &d, got, &eb), MN_OK);
     assert_memory_equal(got, g.r[0].logits, (size_t)V * sizeof(float));
+    /* batch invariance holds across ranks too (the all-reduce is per element): slot 0's
+     * prompt batched with slot 1's next step, rows interleaved, gives the bits of each alone */
+    int32_t next2 = 30, p6 = 6;
+    int32_t mt[6] = {tok[0], tok[1], next2, tok[2], tok[3], tok[4]}, ms[6] = {0, 0, 1, 0, 0, 0};
+    int32_t mp[6] = {0, 1, p6, 2, 3, 4}, mr[6] = {0, 1, 2, 3, 4, 5};
+    mn_batch mix = {6, mt, ms, mp, 6, mr};
+    assert_int_equal(mn_tp_run(t, &mix, got, &eb), MN_OK);
+    group_run(&g, &(mn_batch){1, &next2, &zero, &p6, 1, &zero});
+    for (int i = 0, k = 0; i < 6; i++) {
+        const float *want = i == 2 ? g.r[0].logits : alone + (size_t)k++ * V;
+        if (memcmp(got + (size_t)i * V, want, (size_t)V * sizeof(float)) != 0)
+            fail_msg("mixed batch row %d differs from the sequence run alone", i);
+    }
+    free(alone);
+    mn_tp_seq_release(t, 0);
     mn_tp_seq_release(t, 1);
     assert_int_equal(mn_tp_seq_len(t, 1), 0);
     free(got);
