@@ -1,15 +1,24 @@
 /* engine/threadpool.c — spin-then-sleep fork-join pool with a sense-counting barrier.
  *
- * Why spin: a decode step runs ~300 ops, each ending in a barrier; sleeping on a condvar
- * at every barrier would cost more than the ops themselves. Between runs, workers spin a
- * short while (the next decode step usually follows at once) and then sleep. */
+ * Why spin: a decode step runs ~300 ops, each ending in a barrier; sleeping at every
+ * barrier would cost more than the ops themselves. Why then sleep (futex): on a machine
+ * with more runnable threads than cores, the thread a barrier waits for may not be
+ * running; a waiter that spins or sched_yield()s keeps its core, and each barrier can cost
+ * a whole time slice (decode measured 8x slower than one thread under load). A waiter
+ * that has spun ~50 us leaves the run queue instead, so the lagging thread gets a core.
+ * Between runs, workers spin a short while (the next step usually follows at once) and
+ * then sleep. */
 #include "engine/threadpool.h"
 
+#include <limits.h>
+#include <linux/futex.h>
 #include <pthread.h>
-#include <sched.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "engine/alloc.h"
 
@@ -21,10 +30,12 @@
 #endif
 
 #define SPIN_BEFORE_SLEEP 200000
+#define BARRIER_SPIN_NS 50000   /* longer than a normal imbalance, far shorter than a time slice */
 
 typedef struct {
     _Alignas(64) atomic_int arrived;
     _Alignas(64) atomic_int phase;
+    atomic_int sleepers;          /* waiters parked on phase */
 } barrier_t;
 
 struct mn_threadpool {
@@ -34,6 +45,7 @@ struct mn_threadpool {
     pthread_cond_t cv;
     _Alignas(64) atomic_uint gen;     /* incremented for every run */
     _Alignas(64) atomic_int done;     /* workers finished with the current run */
+    atomic_int main_sleeping;         /* the caller of run is parked on done */
     atomic_bool stop;
     mn_task_fn fn;
     void *arg;
@@ -42,21 +54,45 @@ struct mn_threadpool {
 
 typedef struct { mn_threadpool *pool; int ith; } worker_arg;
 
+static void futex_wait(atomic_int *addr, int val) {
+    syscall(SYS_futex, (int *)addr, FUTEX_WAIT_PRIVATE, val, NULL, NULL, 0);
+}
+
+static void futex_wake_all(atomic_int *addr) { syscall(SYS_futex, (int *)addr, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0); }
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Spin until *addr != val, for at most BARRIER_SPIN_NS; true if it changed. */
+static bool spin_while_equal(atomic_int *addr, int val) {
+    int64_t t0 = 0;
+    for (int i = 0;; i++) {
+        if (atomic_load_explicit(addr, memory_order_acquire) != val) return true;
+        cpu_relax();
+        if ((i & 255) == 255) { /* the clock read costs ~20 ns: only now and then */
+            int64_t t = now_ns();
+            if (!t0) t0 = t;
+            else if (t - t0 > BARRIER_SPIN_NS) return false;
+        }
+    }
+}
+
 static void barrier_wait(void *ctx) {
     mn_threadpool *p = ctx;
     int ph = atomic_load_explicit(&p->bar.phase, memory_order_acquire);
     if (atomic_fetch_add_explicit(&p->bar.arrived, 1, memory_order_acq_rel) == p->n - 1) {
         atomic_store_explicit(&p->bar.arrived, 0, memory_order_relaxed);
-        atomic_fetch_add_explicit(&p->bar.phase, 1, memory_order_release);
-    } else {
-        /* spin first (the usual wait is a few microseconds); yield once it is long, so an
-         * oversubscribed machine does not burn whole time slices waiting for a thread that
-         * is not running */
-        int spins = 0;
-        while (atomic_load_explicit(&p->bar.phase, memory_order_acquire) == ph) {
-            if (++spins < 4096) cpu_relax();
-            else sched_yield();
-        }
+        atomic_fetch_add(&p->bar.phase, 1);                 /* seq_cst: ordered against sleepers */
+        if (atomic_load(&p->bar.sleepers) > 0) futex_wake_all(&p->bar.phase);
+    } else if (!spin_while_equal(&p->bar.phase, ph)) {
+        /* either the last arriver sees sleepers > 0 and wakes us, or we see its new phase
+         * (both sides seq_cst), so no wake is lost */
+        atomic_fetch_add(&p->bar.sleepers, 1);
+        while (atomic_load(&p->bar.phase) == ph) futex_wait(&p->bar.phase, ph);
+        atomic_fetch_sub(&p->bar.sleepers, 1);
     }
 }
 
@@ -84,7 +120,8 @@ static void *worker_main(void *a) {
         seen = g;
         mn_par par = {ith, p->n, barrier_wait, p};
         p->fn(p->arg, &par);
-        atomic_fetch_add_explicit(&p->done, 1, memory_order_acq_rel);
+        atomic_fetch_add(&p->done, 1);
+        if (atomic_load(&p->main_sleeping)) futex_wake_all(&p->done);
     }
     return NULL;
 }
@@ -146,5 +183,12 @@ void mn_threadpool_run(mn_threadpool *p, mn_task_fn fn, void *arg) {
     pthread_mutex_unlock(&p->mu);
     mn_par par = {0, p->n, barrier_wait, p};
     fn(arg, &par);
-    while (atomic_load_explicit(&p->done, memory_order_acquire) != p->n - 1) cpu_relax();
+    for (;;) { /* the workers' end of the run: spin briefly, then park as in the barrier */
+        int d = atomic_load_explicit(&p->done, memory_order_acquire);
+        if (d == p->n - 1) break;
+        if (spin_while_equal(&p->done, d)) continue;
+        atomic_store(&p->main_sleeping, 1);
+        if (atomic_load(&p->done) == d) futex_wait(&p->done, d);
+        atomic_store(&p->main_sleeping, 0);
+    }
 }

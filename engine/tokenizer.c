@@ -325,8 +325,9 @@ mn_err mn_tokenizer_from_gguf(const mn_gguf *g, mn_tokenizer **out, mn_errbuf *e
         return err;
     }
     if ((err = find_bytes_and_specials(t))) {
+        int32_t n_vocab = t->n_vocab; /* read before the free */
         mn_tokenizer_free(t);
-        return mn_errf(eb, err, "tokenizer: out of memory for %d tokens", t->n_vocab);
+        return mn_errf(eb, err, "tokenizer: out of memory for %d tokens", n_vocab);
     }
     t->bos = opt_id(g, "tokenizer.ggml.bos_token_id", t->n_vocab);
     t->eos = opt_id(g, "tokenizer.ggml.eos_token_id", t->n_vocab);

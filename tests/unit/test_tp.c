@@ -584,14 +584,6 @@ static void test_alloc_failures_run(void **state) {
  * mn_model_load, the tokenizer and the KV pool of every rank.) */
 static void test_alloc_failures_new(void **state) {
     (void)state;
-#if defined(__SANITIZE_ADDRESS__)
-    /* mn_tokenizer_from_gguf reads t->n_vocab after mn_tokenizer_free(t) when
-     * find_bytes_and_specials runs out of memory (engine/tokenizer.c, "out of memory for %d
-     * tokens"): ASan stops there. Harmless in practice, but it ends the sanitizer run; skip
-     * this sweep under ASan until that is fixed (the plain build runs it). */
-    printf("  skipped under ASan: engine/tokenizer.c reads a freed tokenizer on out-of-memory\n");
-    skip();
-#endif
     char path[256];
     gen_model(path, sizeof path, "oomnew", oom_args);
     mn_errbuf eb;
