@@ -38,7 +38,7 @@ fi
 mkdir -p "$BUILD"
 # lz4 and xxhash headers: the GPU machine has no -dev packages, so .deb files downloaded
 # on a build machine travel in .gpu-debs/ (tests/gpu/README.md) and are unpacked here.
-if [[ ! -f /usr/include/lz4.h || ! -f /usr/include/xxhash.h ]] && compgen -G "$SRC/.gpu-debs/*.deb" >/dev/null; then
+if [[ ! -f /usr/include/lz4.h || ! -f /usr/include/xxhash.h || ! -f /usr/include/jansson.h ]] && compgen -G "$SRC/.gpu-debs/*.deb" >/dev/null; then
   for d in "$SRC"/.gpu-debs/*.deb; do dpkg -x "$d" "$BUILD/deps"; done
   # the -dev symlinks point at the runtime sonames, which the runtime debs provide
   EXTRA+=(-DCMAKE_PREFIX_PATH="$BUILD/deps/usr")
@@ -46,7 +46,7 @@ if [[ ! -f /usr/include/lz4.h || ! -f /usr/include/xxhash.h ]] && compgen -G "$S
   export LD_LIBRARY_PATH="$BUILD/deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 t0=$(date +%s)
-cmake -S "$SRC" -B "$BUILD" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DMNEME_CUDA=ON \
+cmake -S "$SRC" -B "$BUILD" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DMNEME_CUDA=ON -DMNEME_SERVER=OFF \
   -DMNEME_CUDA_ARCHS="$ARCHS" -DCMAKE_CUDA_COMPILER="$NVCC" ${EXTRA[@]+"${EXTRA[@]}"} >"$BUILD/configure.log" 2>&1 ||
   { cat "$BUILD/configure.log"; echo "FAILED: cmake configure"; exit 1; }
 cmake --build "$BUILD" --target test_cuda_ops -j "$JOBS" ||
