@@ -172,11 +172,17 @@ typedef struct mn_add_desc {
  * their A's as one [r_q + r_k + r_v, K] matrix (rows adjacent in memory). Each segment has
  * its own rank, so mixed ranks need no padding; rows in no segment (tokens without an
  * adapter) are not touched and cost nothing. A row appears in at most one segment.
- * Work (cpu): mn_cpu_lora_work_bytes() floats for v. The descriptor's seg and rows arrays
- * are read on the host by the CPU backend (the CUDA backend does not run this op yet).
+ * Work (cpu): mn_cpu_lora_work_bytes() floats for v. seg and rows are backend memory like
+ * every pointer of a descriptor (host for the CPU backend, device for CUDA, where the
+ * forward uploads them once per batch). max_rows / max_r are the batch plan's largest
+ * segment length and shrink width: the CUDA kernels size their launch from them (max_r
+ * is required there, <= MN_CUDA_LORA_MAX_R; max_rows == 1 picks the gathered decode
+ * variant, 0 = unknown); ref and cpu ignore them.
  * Tolerance against ref (which accumulates in double):
  *   |y - y_ref| <= 1e-4 * (|y_in| + |scale| * sum_j (sum_k |x_k a_jk|) |b_nj|). */
 #define MN_LORA_MAX_OUT 3
+/* Widest shrink (r_q + r_k + r_v) the CUDA kernels keep in shared memory. */
+#define MN_CUDA_LORA_MAX_R 1024
 typedef struct mn_lora_seg {
     int32_t start, n_rows;                  /* rows[start .. start + n_rows) */
     int32_t r;                              /* rows of a (shrink width) */
@@ -197,6 +203,7 @@ typedef struct mn_lora_desc {
     int32_t n_seg;
     const mn_lora_seg *seg;                           /* [n_seg] */
     const int32_t *rows;                              /* batch rows, grouped by segment */
+    int32_t max_rows, max_r;                          /* plan: max over seg of n_rows, r */
 } mn_lora_desc;
 
 /* ---- dequantization (shared by get_rows, tests and the CUDA load path) --------------

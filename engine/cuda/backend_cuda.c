@@ -194,7 +194,7 @@ static bool cuda_supports_op(mn_backend *be, const mn_op *op) {
     }
     case MN_OP_ROPE: return op->u.rope.n_rot <= op->u.rope.head_dim && op->u.rope.n_rot % 2 == 0;
     case MN_OP_RMSNORM: case MN_OP_KV_STORE: case MN_OP_SILU_MUL: case MN_OP_ADD: return true;
-    case MN_OP_LORA: return false;   /* adapters are host copies until the device pool exists */
+    case MN_OP_LORA: return op->u.lora.max_r > 0 && op->u.lora.max_r <= MN_CUDA_LORA_MAX_R;
     case MN_OP_COUNT: break;
     }
     return false;
@@ -239,7 +239,8 @@ static mn_err run_op(cuda_impl *c, const mn_op *op, mn_errbuf *eb) {
     case MN_OP_ATTENTION: return mn_cuda_attention(&op->u.attention, s, eb);
     case MN_OP_SILU_MUL: return mn_cuda_silu_mul(&op->u.silu_mul, s, eb);
     case MN_OP_ADD: return mn_cuda_add(&op->u.add, s, eb);
-    case MN_OP_LORA: case MN_OP_COUNT: break;
+    case MN_OP_LORA: return mn_cuda_lora(&op->u.lora, s, eb);
+    case MN_OP_COUNT: break;
     }
     return mn_errf(eb, MN_EINVALID, "op kind %d unknown", (int)op->kind);
 }

@@ -78,6 +78,11 @@ mn_err mn_cuda_kv_store(const mn_kv_store_desc *d, cudaStream_t s, mn_errbuf *eb
 mn_err mn_cuda_attention(const mn_attention_desc *d, cudaStream_t s, mn_errbuf *eb);
 mn_err mn_cuda_silu_mul(const mn_silu_mul_desc *d, cudaStream_t s, mn_errbuf *eb);
 mn_err mn_cuda_add(const mn_add_desc *d, cudaStream_t s, mn_errbuf *eb);
+/** lora (kernels/cuda/lora.cu): seg, rows and every a / b device memory; d->max_r (the
+ *  plan's widest shrink, <= MN_CUDA_LORA_MAX_R) is required, MN_EUNSUPPORTED otherwise;
+ *  d->max_rows == 1 runs the gathered decode kernel, anything else the segmented one.
+ *  f32 sums: within the ops.h tolerance. */
+mn_err mn_cuda_lora(const mn_lora_desc *d, cudaStream_t s, mn_errbuf *eb);
 
 #ifdef __cplusplus
 }

@@ -16,6 +16,7 @@
  * allowance (1e-4 + 2^-7) * (sum|x w| + |b|) (x and W are each rounded to bf16 once);
  * rmsnorm 1e-7 + 1e-5|ref|; silu_mul 1e-7 + 2e-6|ref| and rope 4e-6 + 1e-6|ref| (device
  * expf / cosf / sinf are within 2 ulp, not glibc's bits).
+ * lora has its own table (lcases): several outputs and a device segment array.
  * Exit status: 0 all pass (or no device: prints "skipped: no CUDA device (reason)"), 1 if
  * anything fails.
  */
@@ -515,6 +516,183 @@ done:;
     return ok;
 }
 
+/* ---- lora: its own table (up to three outputs, a segment array of device pointers) ----
+ * Per case: T rows, K inputs, n_out outputs of N columns; segments with the given ranks
+ * (each output gets the whole rank; the A of a three-output case is [3r, K] as Q/K/V
+ * pass it), types cycling F32 / F16 / BF16, rows shuffled, the last rows of the batch in
+ * no segment (they must keep their bytes). Tolerance is the contract's, per element:
+ *   1e-4 * (|y_in| + |scale| * sum_j (sum_k |x_k a_jk|) |b_nj|). */
+typedef struct lcase {
+    int32_t T, K, n_out, N, rows_per_seg, n_seg, r[4];
+    uint32_t seed;
+} lcase;
+
+static const lcase lcases[] = {
+    {.T = 9, .K = 576, .n_out = 3, .N = 192, .rows_per_seg = 1, .n_seg = 8, .r = {4, 8, 16, 64}, .seed = 170},
+    {.T = 70, .K = 576, .n_out = 2, .N = 1536, .rows_per_seg = 15, .n_seg = 4, .r = {4, 8, 16, 64}, .seed = 171},
+    {.T = 40, .K = 1536, .n_out = 1, .N = 576, .rows_per_seg = 9, .n_seg = 4, .r = {64, 16, 8, 4}, .seed = 172},
+    {.T = 33, .K = 300, .n_out = 1, .N = 77, .rows_per_seg = 32, .n_seg = 1, .r = {16}, .seed = 173},
+};
+
+static int lora_case(const lcase *c, cudaStream_t s) {
+    gt_arena a;
+    gt_arena_init(&a);
+    gt_seed(c->seed);
+    static const mn_dtype types[3] = {MN_F32, MN_F16, MN_BF16};
+    int xi, yi[MN_LORA_MAX_OUT], si, ri, wi;
+    float *x = gt_matrix(&a, c->T, c->K, c->K, -1, 1, &xi);
+    mn_lora_desc d = {.K = c->K, .x = x, .x_stride = c->K, .n_out = c->n_out, .n_seg = c->n_seg};
+    for (int o = 0; o < c->n_out; o++) {
+        d.N[o] = c->N + o;
+        d.y_stride[o] = d.N[o] + 3;
+        d.y[o] = gt_matrix(&a, c->T, d.N[o], d.y_stride[o], -1, 1, &yi[o]);
+    }
+    mn_lora_seg *seg = gt_host(&a, (size_t)c->n_seg * sizeof *seg, &si);
+    int32_t *rows = gt_host(&a, (size_t)c->T * sizeof(int32_t), &ri);
+    for (int32_t i = 0; i < c->T; i++) rows[i] = i;
+    for (int32_t i = c->T - 1; i > 0; i--) {
+        int32_t j = gt_rnd_int(i + 1), t = rows[i];
+        rows[i] = rows[j];
+        rows[j] = t;
+    }
+    size_t wbytes = 0;
+    for (int g = 0; g < c->n_seg; g++) {
+        int64_t r = c->r[g % 4], n = r * c->n_out * c->K;
+        for (int o = 0; o < c->n_out; o++) n += r * d.N[o];
+        wbytes += (size_t)n * 4 + 64;
+    }
+    uint8_t *w = gt_host(&a, wbytes, &wi), *wp = w;
+    int32_t covered = 0;
+    for (int g = 0; g < c->n_seg; g++) {
+        mn_lora_seg *q = &seg[g];
+        q->r = c->r[g % 4] * c->n_out;
+        q->type = types[g % 3];
+        q->start = covered;
+        q->n_rows = c->rows_per_seg;
+        covered += q->n_rows;
+        size_t es = q->type == MN_F32 ? 4 : 2;
+        void *arrs[1 + MN_LORA_MAX_OUT];
+        int64_t lens[1 + MN_LORA_MAX_OUT];
+        lens[0] = (int64_t)q->r * c->K;
+        for (int o = 0; o < c->n_out; o++) {
+            q->r_off[o] = o * c->r[g % 4];
+            q->r_out[o] = c->r[g % 4];
+            q->scale[o] = gt_unif(0.25f, 2.0f);
+            lens[1 + o] = (int64_t)q->r_out[o] * d.N[o];
+        }
+        for (int m = 0; m < 1 + c->n_out; m++) {
+            arrs[m] = wp;
+            for (int64_t i = 0; i < lens[m]; i++) {
+                float v = gt_unif(-0.5f, 0.5f);
+                if (q->type == MN_F32) ((float *)wp)[i] = v;
+                else if (q->type == MN_F16) ((uint16_t *)wp)[i] = mn_fp32_to_fp16(v);
+                else ((uint16_t *)wp)[i] = mn_fp32_to_bf16(v);
+            }
+            wp += ((size_t)lens[m] * es + 15) / 16 * 16;
+        }
+        q->a = arrs[0];
+        for (int o = 0; o < c->n_out; o++) q->b[o] = arrs[1 + o];
+        d.max_rows = q->n_rows > d.max_rows ? q->n_rows : d.max_rows;
+        d.max_r = q->r > d.max_r ? q->r : d.max_r;
+    }
+    d.seg = seg;
+    d.rows = rows;
+    int ok = 1;
+    char why[640] = "";
+    double worst = 0;
+    mn_errbuf eb = {{0}};
+    uint8_t *init[MN_LORA_MAX_OUT] = {0}, *got = NULL;
+    mn_lora_seg *dseg = malloc((size_t)c->n_seg * sizeof *dseg);
+    for (int o = 0; o < c->n_out; o++) {
+        init[o] = malloc(a.bytes[yi[o]]);
+        memcpy(init[o], a.host[yi[o]], a.bytes[yi[o]]);
+    }
+    if (covered > c->T || gt_upload(&a, &eb) != MN_OK) {
+        snprintf(why, sizeof why, "setup: %s", eb.msg[0] ? eb.msg : "segments cover more rows than T");
+        ok = 0;
+        goto done;
+    }
+    /* the device seg array holds device addresses */
+    for (int g = 0; g < c->n_seg; g++) {
+        dseg[g] = seg[g];
+        dseg[g].a = gt_dev_of(&a, seg[g].a);
+        for (int o = 0; o < c->n_out; o++) dseg[g].b[o] = gt_dev_of(&a, seg[g].b[o]);
+    }
+    mn_lora_desc dd = d;
+    dd.x = gt_dev_of(&a, d.x);
+    for (int o = 0; o < c->n_out; o++) dd.y[o] = gt_dev_of(&a, d.y[o]);
+    dd.seg = gt_dev_of(&a, d.seg);
+    dd.rows = gt_dev_of(&a, d.rows);
+    if (cudaMemcpy((void *)dd.seg, dseg, (size_t)c->n_seg * sizeof *dseg, cudaMemcpyHostToDevice) != cudaSuccess) {
+        snprintf(why, sizeof why, "upload of the seg array");
+        ok = 0;
+        goto done;
+    }
+    mn_ref_lora(&d);
+    mn_err e = mn_cuda_lora(&dd, s, &eb);
+    cudaError_t ce = cudaStreamSynchronize(s);
+    if (e != MN_OK || ce != cudaSuccess) {
+        snprintf(why, sizeof why, "%s", e != MN_OK ? eb.msg : cudaGetErrorString(ce));
+        ok = 0;
+        goto done;
+    }
+    for (int o = 0; o < c->n_out && ok; o++) {
+        size_t bytes = a.bytes[yi[o]];
+        got = realloc(got, bytes);
+        cudaMemcpy(got, a.dev[yi[o]], bytes, cudaMemcpyDeviceToHost);
+        const float *want = a.host[yi[o]], *g32 = (const float *)got, *in = (const float *)init[o];
+        for (size_t i = 0; i < bytes / 4 && ok; i++) {
+            int64_t t = (int64_t)i / d.y_stride[o], n = (int64_t)i % d.y_stride[o];
+            int seg_of = -1, pos = -1;
+            for (int g = 0; g < c->n_seg && t < c->T && n < d.N[o]; g++)
+                for (int32_t k = 0; k < seg[g].n_rows; k++)
+                    if (rows[seg[g].start + k] == t) seg_of = g, pos = k;
+            if (seg_of < 0) { /* no adapter, a stride gap or the guard: bytes unchanged */
+                if (memcmp(got + 4 * i, init[o] + 4 * i, 4) != 0) {
+                    snprintf(why, sizeof why, "out %d: float %zu (row %lld col %lld) changed outside the segments", o, i,
+                             (long long)t, (long long)n);
+                    ok = 0;
+                }
+                continue;
+            }
+            (void)pos;
+            const mn_lora_seg *q = &seg[seg_of];
+            double bound = 0;
+            for (int32_t j = 0; j < q->r_out[o]; j++) {
+                double sx = 0;
+                for (int64_t k = 0; k < c->K; k++) {
+                    int64_t ai = (int64_t)(q->r_off[o] + j) * c->K + k;
+                    double av = q->type == MN_F32 ? ((const float *)q->a)[ai]
+                              : q->type == MN_F16 ? mn_fp16_to_fp32(((const uint16_t *)q->a)[ai])
+                                                  : mn_bf16_to_fp32(((const uint16_t *)q->a)[ai]);
+                    sx += fabs(x[t * c->K + k] * av);
+                }
+                int64_t bi = (int64_t)j * d.N[o] + n;
+                double bv = q->type == MN_F32 ? ((const float *)q->b[o])[bi]
+                          : q->type == MN_F16 ? mn_fp16_to_fp32(((const uint16_t *)q->b[o])[bi])
+                                              : mn_bf16_to_fp32(((const uint16_t *)q->b[o])[bi]);
+                bound += sx * fabs(bv);
+            }
+            double tol = 1e-4 * (fabs(in[i]) + fabs(q->scale[o]) * bound), err = fabs((double)g32[i] - want[i]);
+            if (!isfinite(g32[i]) || !(err <= tol)) {
+                snprintf(why, sizeof why, "out %d [%lld,%lld]: got %.9g want %.9g (tol %.3g)", o, (long long)t,
+                         (long long)n, g32[i], want[i], tol);
+                ok = 0;
+            }
+            if (tol > 0 && err / tol > worst) worst = err / tol;
+        }
+    }
+done:
+    printf("%-9s %-5s T=%d K=%d N=%d out=%d seg=%dx%d r=%d/%d/%d/%d %s   r=%-5.3f %s%s\n", "lora", "mixed", c->T, c->K,
+           c->N, c->n_out, c->n_seg, c->rows_per_seg, c->r[0], c->r[1], c->r[2], c->r[3],
+           c->rows_per_seg == 1 ? "gathered " : "segmented", worst, ok ? "ok" : "FAIL: ", ok ? "" : why);
+    for (int o = 0; o < c->n_out; o++) free(init[o]);
+    free(got);
+    free(dseg);
+    gt_arena_free(&a);
+    return ok;
+}
+
 int gt_backend_smoke(void); /* tests/gpu/test_cuda_backend.c */
 
 int main(void) {
@@ -536,6 +714,9 @@ int main(void) {
     }
     int n = (int)(sizeof cases / sizeof cases[0]), pass = 0;
     for (int i = 0; i < n; i++) pass += run_case(&cases[i], blas, s);
+    int nl = (int)(sizeof lcases / sizeof lcases[0]);
+    for (int i = 0; i < nl; i++) pass += lora_case(&lcases[i], s);
+    n += nl;
     printf("ops: %d/%d passed\n", pass, n);
     int smoke = gt_backend_smoke();
     cublasDestroy(blas);
