@@ -12,6 +12,7 @@
  */
 #include "engine/lora.h"
 
+#include <assert.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
@@ -463,11 +464,34 @@ mn_err mn_lora_check_model(const mn_lora *l, const mn_model *m, mn_errbuf *eb) {
     return MN_OK;
 }
 
-/* ---- registry ---- */
+/* ---- registry ----
+ * Slots hold the host adapters. With a backend attached (mn_lora_registry_set_budget) a
+ * slot may also be resident: a device buffer with a copy of the arena, and a "view", an
+ * mn_lora whose layers point into that buffer at the same offsets (so the groups' A's stay
+ * adjacent and the forward needs nothing else). Recency is a counter bumped at each use;
+ * eviction scans for the smallest one among the unpinned: a handful of adapters per GPU,
+ * so a scan is cheaper than keeping a list in order. */
+typedef struct lora_slot {
+    mn_lora *host;
+    mn_buffer *dev;          /* NULL: not resident */
+    mn_lora view;            /* header copy; layers = view_layers */
+    mn_lora_layer *view_layers;
+    mn_event ready;          /* the page-in copy */
+    bool copying;            /* ready not yet waited for */
+    int32_t pins;
+    uint64_t last_use;
+} lora_slot;
+
 struct mn_lora_registry {
     const mn_model *m;
-    mn_lora **slots;
+    lora_slot *slots;
     int32_t n_slots;
+    const mn_lora **table;   /* [n_slots], handed to batches */
+    int32_t *mark;           /* [n_slots], distinct adapters of one batch */
+    mn_backend *be;          /* NULL: batches read the host copies */
+    size_t budget;           /* bytes of resident adapters; 0 = unlimited */
+    uint64_t clock;
+    mn_lora_stats st;
 };
 
 mn_err mn_lora_registry_new(const mn_model *m, mn_lora_registry **out, mn_errbuf *eb) {
@@ -478,16 +502,38 @@ mn_err mn_lora_registry_new(const mn_model *m, mn_lora_registry **out, mn_errbuf
     return MN_OK;
 }
 
+/* Drop slot i's device copy (its copy finished first: the buffer may still be read by it). */
+static void evict(mn_lora_registry *r, lora_slot *s, mn_errbuf *eb) {
+    if (!s->dev) return;
+    if (s->copying) {
+        mn_errbuf tmp = {{0}};
+        (void)mn_backend_event_wait(r->be, &s->ready, eb ? eb : &tmp);
+        s->copying = false;
+    }
+    r->st.resident_bytes -= s->dev->size;
+    r->st.resident--;
+    r->table[s - r->slots] = s->host;
+    mn_buffer_free(s->dev);
+    s->dev = NULL;
+    mn_free(s->view_layers);
+    s->view_layers = NULL;
+}
+
 void mn_lora_registry_free(mn_lora_registry *r) {
     if (!r) return;
-    for (int32_t i = 0; i < r->n_slots; i++) mn_lora_free(r->slots[i]);
+    for (int32_t i = 0; i < r->n_slots; i++) {
+        evict(r, &r->slots[i], NULL);
+        mn_lora_free(r->slots[i].host);
+    }
     mn_free(r->slots);
+    mn_free(r->table);
+    mn_free(r->mark);
     mn_free(r);
 }
 
 int32_t mn_lora_registry_find(const mn_lora_registry *r, const char *name) {
     for (int32_t i = 0; i < r->n_slots; i++)
-        if (r->slots[i] && strcmp(r->slots[i]->name, name) == 0) return i;
+        if (r->slots[i].host && strcmp(r->slots[i].host->name, name) == 0) return i;
     return -1;
 }
 
@@ -496,18 +542,26 @@ mn_err mn_lora_registry_load(mn_lora_registry *r, const char *name, const char *
         return mn_errf(eb, MN_EINVALID, "lora registry: adapter name must be 1..127 bytes");
     if (mn_lora_registry_find(r, name) >= 0) return mn_errf(eb, MN_EINVALID, "lora registry: '%s' is already loaded", name);
     int32_t slot = 0;
-    while (slot < r->n_slots && r->slots[slot]) slot++;
+    while (slot < r->n_slots && r->slots[slot].host) slot++;
     if (slot == r->n_slots) {
-        mn_lora **ns = mn_realloc(r->slots, (size_t)(r->n_slots + 1) * sizeof *ns);
-        if (!ns) return mn_errf(eb, MN_ENOMEM, "lora registry: out of memory");
-        ns[r->n_slots] = NULL;
-        r->slots = ns;
+        size_t n = (size_t)r->n_slots + 1;
+        lora_slot *ns = mn_realloc(r->slots, n * sizeof *ns);
+        if (ns) r->slots = ns;
+        const mn_lora **nt = ns ? mn_realloc(r->table, n * sizeof *nt) : NULL;
+        if (nt) r->table = nt;
+        int32_t *nm = nt ? mn_realloc(r->mark, n * sizeof *nm) : NULL;
+        if (!nm) return mn_errf(eb, MN_ENOMEM, "lora registry: out of memory for %zu slots", n);
+        r->mark = nm;
+        memset(&r->slots[r->n_slots], 0, sizeof *ns);
+        r->table[r->n_slots] = NULL;
+        r->mark[r->n_slots] = 0;
         r->n_slots++;
     }
     mn_lora *l;
     mn_err e = mn_lora_load(dir, name, r->m, &l, eb);
     if (e != MN_OK) return e;
-    r->slots[slot] = l;
+    r->slots[slot] = (lora_slot){.host = l};
+    r->table[slot] = l;
     if (index) *index = slot;
     return MN_OK;
 }
@@ -515,12 +569,204 @@ mn_err mn_lora_registry_load(mn_lora_registry *r, const char *name, const char *
 mn_err mn_lora_registry_unload(mn_lora_registry *r, const char *name, mn_errbuf *eb) {
     int32_t i = mn_lora_registry_find(r, name);
     if (i < 0) return mn_errf(eb, MN_ENOT_FOUND, "lora registry: no adapter '%s'", name);
-    mn_lora_free(r->slots[i]);
-    r->slots[i] = NULL;
+    if (r->slots[i].pins)
+        return mn_errf(eb, MN_EBUSY, "lora registry: '%s' is used by %d batch(es) in flight", name, r->slots[i].pins);
+    evict(r, &r->slots[i], NULL);
+    mn_lora_free(r->slots[i].host);
+    r->slots[i] = (lora_slot){0};
+    r->table[i] = NULL;
     return MN_OK;
 }
 
 const mn_lora *const *mn_lora_registry_table(const mn_lora_registry *r, int32_t *n) {
     *n = r->n_slots;
-    return (const mn_lora *const *)r->slots;
+    return r->table;
+}
+
+/* ---- residency ---- */
+
+mn_err mn_lora_registry_set_budget(mn_lora_registry *r, mn_backend *be, size_t bytes, mn_errbuf *eb) {
+    for (int32_t i = 0; i < r->n_slots; i++)
+        if (r->slots[i].pins)
+            return mn_errf(eb, MN_EBUSY, "lora registry: budget changed while '%s' is in a batch in flight",
+                           r->slots[i].host->name);
+    if (be != r->be)
+        for (int32_t i = 0; i < r->n_slots; i++) evict(r, &r->slots[i], eb);
+    r->be = be;
+    r->budget = bytes;
+    r->st.budget = bytes;
+    /* a smaller budget takes effect now: drop least recently used copies until it holds */
+    while (be && bytes && r->st.resident_bytes > bytes) {
+        lora_slot *v = NULL;
+        for (int32_t i = 0; i < r->n_slots; i++)
+            if (r->slots[i].dev && (!v || r->slots[i].last_use < v->last_use)) v = &r->slots[i];
+        evict(r, v, eb);
+        r->st.evictions++;
+    }
+    return MN_OK;
+}
+
+bool mn_lora_registry_resident(const mn_lora_registry *r, int32_t slot) {
+    return slot >= 0 && slot < r->n_slots && r->slots[slot].dev != NULL;
+}
+
+void mn_lora_registry_stats(const mn_lora_registry *r, mn_lora_stats *out) { *out = r->st; }
+
+/* Make slot i resident (copy enqueued, not waited for). Evicts least recently used slots
+ * that are neither pinned nor marked (needed by the batch being acquired). */
+static mn_err page_in(mn_lora_registry *r, int32_t i, mn_errbuf *eb) {
+    lora_slot *s = &r->slots[i];
+    const mn_lora *l = s->host;
+    size_t need = l->bytes ? (size_t)l->bytes : 4;
+    if (r->budget && need > r->budget)
+        return mn_errf(eb, MN_ELIMIT, "lora registry: adapter '%s' needs %zu bytes on the device, over the whole adapter "
+                       "budget of %zu bytes", l->name, need, r->budget);
+    while (r->budget && r->st.resident_bytes + need > r->budget) {
+        lora_slot *v = NULL;
+        for (int32_t j = 0; j < r->n_slots; j++) {
+            lora_slot *c = &r->slots[j];
+            if (c->dev && !c->pins && !r->mark[j] && (!v || c->last_use < v->last_use)) v = c;
+        }
+        if (!v)
+            return mn_errf(eb, MN_ELIMIT, "lora registry: adapter '%s' needs %zu bytes; %zu of the %zu byte budget are held "
+                           "by adapters in use", l->name, need, (size_t)r->st.resident_bytes, r->budget);
+        evict(r, v, eb);
+        r->st.evictions++;
+    }
+    mn_lora_layer *vl = mn_malloc((size_t)l->n_layer * sizeof *vl);
+    if (!vl) return mn_errf(eb, MN_ENOMEM, "lora registry: out of memory for the view of '%s'", l->name);
+    mn_err e = mn_buffer_alloc(r->be, MN_MEM_DEVICE, need, &s->dev, eb);
+    if (e != MN_OK) {
+        mn_free(vl);
+        s->dev = NULL;
+        return e;
+    }
+    double t0 = now_s();
+    e = mn_backend_copy_async(r->be, MN_COPY_H2D, s->dev->ptr, l->arena, (size_t)l->bytes, eb);
+    if (e == MN_OK) e = mn_backend_event_record(r->be, &s->ready, eb);
+    r->st.page_in_seconds += now_s() - t0;
+    if (e != MN_OK) {
+        mn_buffer_free(s->dev);
+        s->dev = NULL;
+        mn_free(vl);
+        return e;
+    }
+    /* the view: same offsets into the device copy */
+    const char *h0 = l->arena;
+    char *d0 = s->dev->ptr;
+    for (int32_t k = 0; k < l->n_layer; k++)
+        for (int t = 0; t < MN_LORA_N_TARGETS; t++) {
+            mn_lora_mat mt = l->layers[k].t[t];
+            if (mt.r) {
+                mt.a = d0 + ((const char *)mt.a - h0);
+                mt.b = d0 + ((const char *)mt.b - h0);
+            }
+            vl[k].t[t] = mt;
+        }
+    s->view = *l;
+    s->view.layers = vl;
+    s->view.arena = s->dev->ptr;
+    s->view_layers = vl;
+    s->copying = true;
+    r->st.page_ins++;
+    r->st.bytes_in += l->bytes;
+    r->st.resident++;
+    r->st.resident_bytes += need;
+    return MN_OK;
+}
+
+/* Page in (copies enqueued) and wait for every marked slot; pins them. On failure nothing
+ * stays pinned and the marks are cleared. */
+static mn_err acquire_marked(mn_lora_registry *r, mn_errbuf *eb) {
+    mn_err e = MN_OK;
+    for (int32_t i = 0; i < r->n_slots && e == MN_OK; i++)
+        if (r->mark[i] && !r->slots[i].dev) e = page_in(r, i, eb);
+    double t0 = now_s();
+    for (int32_t i = 0; i < r->n_slots && e == MN_OK; i++) {
+        lora_slot *s = &r->slots[i];
+        if (!r->mark[i] || !s->copying) continue;
+        e = mn_backend_event_wait(r->be, &s->ready, eb);
+        s->copying = false;
+    }
+    r->st.page_in_seconds += now_s() - t0;
+    for (int32_t i = 0; i < r->n_slots; i++) {
+        if (!r->mark[i]) continue;
+        r->mark[i] = 0;
+        if (e != MN_OK) continue;
+        r->slots[i].pins++;
+        r->slots[i].last_use = ++r->clock;
+        r->table[i] = &r->slots[i].view;
+    }
+    return e;
+}
+
+mn_err mn_lora_registry_pin(mn_lora_registry *r, const int32_t *slots, int32_t n, mn_errbuf *eb) {
+    for (int32_t k = 0; k < n; k++) {
+        if (slots[k] < 0 || slots[k] >= r->n_slots || !r->slots[slots[k]].host) {
+            for (int32_t j = 0; j < r->n_slots; j++) r->mark[j] = 0;
+            return mn_errf(eb, MN_EINVALID, "lora registry: slot %d of %d holds no adapter", slots[k], r->n_slots);
+        }
+        r->mark[slots[k]] = 1;
+    }
+    if (!r->be) { /* host copies: pinning only guards against unload */
+        for (int32_t j = 0; j < r->n_slots; j++)
+            if (r->mark[j]) r->mark[j] = 0, r->slots[j].pins++;
+        return MN_OK;
+    }
+    return acquire_marked(r, eb);
+}
+
+void mn_lora_registry_unpin(mn_lora_registry *r, const int32_t *slots, int32_t n) {
+    for (int32_t k = 0; k < n; k++) {
+        if (slots[k] < 0 || slots[k] >= r->n_slots) continue;
+        lora_slot *s = &r->slots[slots[k]];
+        assert(s->pins > 0);
+        if (s->pins > 0) s->pins--;
+    }
+}
+
+bool mn_lora_registry_pinned(const mn_lora_registry *r, int32_t slot) {
+    return slot >= 0 && slot < r->n_slots && r->slots[slot].pins > 0;
+}
+
+/* The distinct slots of a per-token adapter array, in r->mark; MN_EINVALID on a bad index. */
+static mn_err mark_batch(mn_lora_registry *r, const int32_t *adapter, int32_t n_tokens, mn_errbuf *eb) {
+    for (int32_t t = 0; t < n_tokens; t++) {
+        int32_t a = adapter[t];
+        if (a < 0) continue;
+        if (a >= r->n_slots || !r->slots[a].host) {
+            for (int32_t j = 0; j < r->n_slots; j++) r->mark[j] = 0;
+            return mn_errf(eb, MN_EINVALID, "lora registry: token %d names adapter slot %d, which holds no adapter (%d "
+                           "slots)", t, a, r->n_slots);
+        }
+        r->mark[a] = 1;
+    }
+    return MN_OK;
+}
+
+mn_err mn_lora_registry_acquire_batch(mn_lora_registry *r, const int32_t *adapter, int32_t n_tokens,
+                                      const mn_lora *const **table, int32_t *n_table, mn_errbuf *eb) {
+    mn_err e = mark_batch(r, adapter, n_tokens, eb);
+    if (e != MN_OK) return e;
+    if (r->be) {
+        e = acquire_marked(r, eb);
+    } else {
+        for (int32_t j = 0; j < r->n_slots; j++)
+            if (r->mark[j]) r->mark[j] = 0, r->slots[j].pins++, r->slots[j].last_use = ++r->clock;
+    }
+    if (e != MN_OK) return e;
+    *table = r->table;
+    *n_table = r->n_slots;
+    return MN_OK;
+}
+
+void mn_lora_registry_release_batch(mn_lora_registry *r, const int32_t *adapter, int32_t n_tokens) {
+    for (int32_t t = 0; t < n_tokens; t++)
+        if (adapter[t] >= 0 && adapter[t] < r->n_slots) r->mark[adapter[t]] = 1;
+    for (int32_t j = 0; j < r->n_slots; j++) {
+        if (!r->mark[j]) continue;
+        r->mark[j] = 0;
+        assert(r->slots[j].pins > 0);
+        if (r->slots[j].pins > 0) r->slots[j].pins--;
+    }
 }

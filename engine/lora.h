@@ -21,9 +21,12 @@
  * hidden size or layer count not matching the model, unknown module) is an error naming
  * the file, tensor or field, and no adapter is returned.
  * Weights are held as host copies in the file's type when all tensors share a 16-bit type
- * (F16 or BF16: exact, and half the bytes a decode step reads), else as f32. This is the first increment: the device pool, LRU
- * paging host -> device and the shared KV/adapter budget come later, so the batched apply
- * reads these host copies directly and runs on the CPU backend only.
+ * (F16 or BF16: exact, and half the bytes a decode step reads), else as f32.
+ * Residency (registry with a backend and a byte budget): an adapter a batch needs is copied
+ * host -> device on the backend's copy queue and kept in an LRU resident set; the least
+ * recently used unpinned copies are evicted to stay under the budget; adapters of a batch
+ * in flight are pinned and never evicted. The budget is the registry's own: sharing one
+ * budget with the KV pool (a configurable split) is a later step.
  * Ownership: mn_lora_load returns an adapter the caller frees with mn_lora_free; the
  * registry owns the adapters loaded into it until they are unloaded or it is freed.
  */
@@ -33,6 +36,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "engine/backend.h"
 #include "engine/err.h"
 #include "engine/model.h"
 
@@ -87,11 +91,56 @@ mn_err mn_lora_registry_new(const mn_model *m, mn_lora_registry **out, mn_errbuf
 void mn_lora_registry_free(mn_lora_registry *r);
 /** Load dir under name; a name already loaded is MN_EINVALID and keeps the old adapter. */
 mn_err mn_lora_registry_load(mn_lora_registry *r, const char *name, const char *dir, int32_t *index, mn_errbuf *eb);
-/** Unload name; MN_ENOT_FOUND if not loaded. */
+/** Unload name; MN_ENOT_FOUND if not loaded, MN_EBUSY while pinned (a batch in flight). */
 mn_err mn_lora_registry_unload(mn_lora_registry *r, const char *name, mn_errbuf *eb);
 /** Index of name, or -1. */
 int32_t mn_lora_registry_find(const mn_lora_registry *r, const char *name);
-/** The table of slots (some NULL) and its length, for mn_batch.adapters. */
+/** The table of slots (some NULL) and its length, for mn_batch_lora.adapters. Without a
+ *  backend (no mn_lora_registry_set_budget) entries are the host adapters. With one, only
+ *  the entries of slots acquired for a batch are valid for it (device views); use
+ *  mn_lora_registry_acquire_batch rather than this. */
 const mn_lora *const *mn_lora_registry_table(const mn_lora_registry *r, int32_t *n);
+
+/* ---- residency: device copies under a byte budget, LRU, pinning ----
+ * Engine protocol per batch (the engine thread; one registry per model):
+ *   mn_lora_registry_acquire_batch(r, adapter, T, &table, &n, eb)   before planning it:
+ *       pages in what the batch needs (evicting LRU unpinned copies), waits for those
+ *       copies, pins them; mn_batch_lora = {adapter, table, n} for mn_forward_run_lora;
+ *   mn_lora_registry_release_batch(r, adapter, T)   after the batch's results are read
+ *       back (on CUDA: after the synchronisation that returns the logits); unpins.
+ * Copies of adapters already resident cost nothing; a page-in overlaps whatever compute is
+ * already enqueued (CUDA) and is waited for only by the batch that needs it. */
+
+/* Counters since the registry was made. */
+typedef struct mn_lora_stats {
+    uint64_t page_ins, evictions;  /* copies host -> device; copies dropped for room */
+    uint64_t bytes_in;             /* bytes copied host -> device */
+    double page_in_seconds;        /* enqueue + wait time of those copies */
+    int32_t resident;              /* adapters with a device copy now */
+    uint64_t resident_bytes;       /* their bytes */
+    size_t budget;                 /* 0 = unlimited */
+} mn_lora_stats;
+
+/** Attach backend be (NULL: detach, batches read the host copies) with a budget of bytes
+ *  for device copies (0 = unlimited). Copies over a smaller budget are evicted at once (LRU
+ *  first). MN_EBUSY while any adapter is pinned. The buffers come from be's MN_MEM_DEVICE
+ *  memory (its own budget applies too); be must outlive the registry or be detached. */
+mn_err mn_lora_registry_set_budget(mn_lora_registry *r, mn_backend *be, size_t bytes, mn_errbuf *eb);
+/** Make the adapters of per-token indices adapter[0..n_tokens) (-1 = none) resident and
+ *  pin them; *table / *n_table are for mn_batch_lora (valid until the next registry call
+ *  that loads, unloads or changes the budget). An adapter larger than the whole budget,
+ *  or one that cannot fit beside the pinned ones, is MN_ELIMIT naming the sizes; a bad
+ *  index is MN_EINVALID. On failure nothing is pinned by this call. */
+mn_err mn_lora_registry_acquire_batch(mn_lora_registry *r, const int32_t *adapter, int32_t n_tokens,
+                                      const mn_lora *const **table, int32_t *n_table, mn_errbuf *eb);
+/** Unpin what mn_lora_registry_acquire_batch pinned for the same adapter array. */
+void mn_lora_registry_release_batch(mn_lora_registry *r, const int32_t *adapter, int32_t n_tokens);
+/** Pin slots[0..n) (made resident as acquire does); each pin is undone by one unpin. */
+mn_err mn_lora_registry_pin(mn_lora_registry *r, const int32_t *slots, int32_t n, mn_errbuf *eb);
+void mn_lora_registry_unpin(mn_lora_registry *r, const int32_t *slots, int32_t n);
+bool mn_lora_registry_pinned(const mn_lora_registry *r, int32_t slot);
+/** Whether slot has a device copy now (GET /v1/adapters: "device" or "host"). */
+bool mn_lora_registry_resident(const mn_lora_registry *r, int32_t slot);
+void mn_lora_registry_stats(const mn_lora_registry *r, mn_lora_stats *out);
 
 #endif

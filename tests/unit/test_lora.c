@@ -456,6 +456,164 @@ static void test_lora_forward(void **state) {
     fwd_close(&fx);
 }
 
+/* ---- residency: a device budget, LRU paging, pinning ----
+ * Four adapters (different weights, same shapes: the same bytes each) in four directories.
+ * The same steps run once reading the host copies and once through the registry's device
+ * copies under a budget that holds fewer adapters than the steps use, so adapters are
+ * evicted and paged in again between steps: the logits must keep their bits. */
+#define NA 4
+#define STEPS 6
+
+static void rm_adapter(const char *dir) {
+    char p[320];
+    snprintf(p, sizeof p, "%s/adapter_config.json", dir);
+    unlink(p);
+    snprintf(p, sizeof p, "%s/adapter_model.safetensors", dir);
+    unlink(p);
+    rmdir(dir);
+}
+
+/* Step k of a schedule: sequence adapters ad[3]. "pairs": two adapters per batch plus a
+ * sequence without one; "single": one adapter for the whole batch. */
+static void step_adapters(int k, bool pairs, int32_t ad[NS]) {
+    ad[0] = k % NA;
+    ad[1] = pairs ? (k + 1) % NA : k % NA;
+    ad[2] = pairs ? -1 : k % NA;
+}
+
+/* Run the schedule through the registry (acquire / run / release per step). */
+static void run_schedule(fwd_fixture *fx, mn_lora_registry *reg, bool pairs, float *out, size_t per) {
+    mn_errbuf eb = {{0}};
+    for (int k = 0; k < STEPS; k++) {
+        int32_t ad[NS], tok_ad[NS * LEN];
+        step_adapters(k, pairs, ad);
+        for (int i = 0; i < NS * LEN; i++) tok_ad[i] = ad[i % NS];   /* run_batch interleaves the sequences */
+        const mn_lora *const *tab;
+        int32_t n_tab;
+        if (mn_lora_registry_acquire_batch(reg, tok_ad, NS * LEN, &tab, &n_tab, &eb) != MN_OK) fail_msg("%s", eb.msg);
+        for (int s = 0; s < NS; s++)
+            if (ad[s] >= 0) assert_true(mn_lora_registry_pinned(reg, ad[s]));
+        if (run_batch(fx, ad, tab, n_tab, out + (size_t)k * NS * per, &eb) != MN_OK) fail_msg("%s", eb.msg);
+        mn_lora_registry_release_batch(reg, tok_ad, NS * LEN);
+    }
+}
+
+static void test_lora_paging(void **state) {
+    fwd_fixture fx;
+    if (access(model_path(), R_OK) != 0 && getenv("MNEME_ALLOW_NO_MODEL") && !strcmp(getenv("MNEME_ALLOW_NO_MODEL"), "1")) {
+        fprintf(stderr, "model %s missing and MNEME_ALLOW_NO_MODEL=1: skipping\n", model_path());
+        skip();
+    }
+    if (fwd_open(&fx)) fail_msg("model missing");
+    mn_errbuf eb = {{0}};
+    char dirs[NA][64];
+    mn_lora_registry *reg;
+    assert_int_equal(mn_lora_registry_new(fx.m, &reg, &eb), MN_OK);
+    for (int a = 0; a < NA; a++) {
+        snprintf(dirs[a], sizeof dirs[a], "/tmp/mn_lora_page_XXXXXX");
+        assert_non_null(mkdtemp(dirs[a]));
+        write_adapter(dirs[a], &fx.m->cfg, 1000 + (uint32_t)a);
+        char name[16];
+        snprintf(name, sizeof name, "a%d", a);
+        int32_t idx;
+        if (mn_lora_registry_load(reg, name, dirs[a], &idx, &eb) != MN_OK) fail_msg("%s", eb.msg);
+        assert_int_equal(idx, a);
+    }
+    int32_t n_tab;
+    const mn_lora *const *host_tab = mn_lora_registry_table(reg, &n_tab);
+    const size_t one = (size_t)host_tab[0]->bytes, V = (size_t)fx.m->cfg.n_vocab, per = LEN * V;
+    float *want = malloc(STEPS * NS * per * sizeof(float)), *got = malloc(STEPS * NS * per * sizeof(float));
+    assert_non_null(want), assert_non_null(got);
+
+    for (int sched = 0; sched < 2; sched++) {
+        bool pairs = sched == 0;
+        /* the reference: host copies, no registry residency */
+        for (int k = 0; k < STEPS; k++) {
+            int32_t ad[NS];
+            step_adapters(k, pairs, ad);
+            if (run_batch(&fx, ad, host_tab, n_tab, want + (size_t)k * NS * per, &eb) != MN_OK) fail_msg("%s", eb.msg);
+        }
+        /* unlimited budget: every adapter paged in once, never evicted */
+        assert_int_equal(mn_lora_registry_set_budget(reg, fx.be, 0, &eb), MN_OK);
+        mn_lora_stats st0, st;
+        mn_lora_registry_stats(reg, &st0);
+        run_schedule(&fx, reg, pairs, got, per);
+        assert_memory_equal(got, want, STEPS * NS * per * sizeof(float));
+        mn_lora_registry_stats(reg, &st);
+        assert_int_equal(st.evictions - st0.evictions, 0);
+        /* pairs: room for two adapters; single: room for one */
+        size_t budget = pairs ? 2 * one : one;
+        assert_int_equal(mn_lora_registry_set_budget(reg, fx.be, budget, &eb), MN_OK);
+        mn_lora_registry_stats(reg, &st0);
+        assert_true(st0.resident_bytes <= budget);
+        memset(got, 0, STEPS * NS * per * sizeof(float));
+        run_schedule(&fx, reg, pairs, got, per);
+        assert_memory_equal(got, want, STEPS * NS * per * sizeof(float));
+        mn_lora_registry_stats(reg, &st);
+        printf("  paging (%s, budget %zu bytes = %d adapter(s)): %llu page-ins, %llu evictions, %llu bytes, %.3f ms\n",
+               pairs ? "two adapters per step" : "one adapter per step", budget, pairs ? 2 : 1,
+               (unsigned long long)(st.page_ins - st0.page_ins), (unsigned long long)(st.evictions - st0.evictions),
+               (unsigned long long)(st.bytes_in - st0.bytes_in), 1e3 * (st.page_in_seconds - st0.page_in_seconds));
+        assert_true(st.page_ins - st0.page_ins >= STEPS);
+        assert_true(st.evictions - st0.evictions > 0);
+        assert_true(st.resident_bytes <= budget);
+        assert_int_equal(st.bytes_in - st0.bytes_in, (st.page_ins - st0.page_ins) * one);
+        for (int a = 0; a < NA; a++) assert_false(mn_lora_registry_pinned(reg, a));
+    }
+
+    /* pinning: adapter 0 pinned (a batch in flight) stays resident while the others page
+     * through the one remaining place; it cannot be unloaded or pushed out */
+    assert_int_equal(mn_lora_registry_set_budget(reg, fx.be, 2 * one, &eb), MN_OK);
+    const int32_t zero = 0;
+    assert_int_equal(mn_lora_registry_pin(reg, &zero, 1, &eb), MN_OK);
+    for (int k = 0; k < 6; k++) {
+        int32_t a = 1 + k % 3, tok[2] = {a, -1};
+        const mn_lora *const *tab;
+        if (mn_lora_registry_acquire_batch(reg, tok, 2, &tab, &n_tab, &eb) != MN_OK) fail_msg("%s", eb.msg);
+        assert_true(mn_lora_registry_resident(reg, 0));
+        assert_true(mn_lora_registry_resident(reg, a));
+        mn_lora_registry_release_batch(reg, tok, 2);
+    }
+    /* two more adapters do not fit beside the pinned one: refused, nothing pinned by it */
+    const int32_t two[4] = {1, 2, 2, -1};
+    const mn_lora *const *tab;
+    assert_int_equal(mn_lora_registry_acquire_batch(reg, two, 4, &tab, &n_tab, &eb), MN_ELIMIT);
+    assert_non_null(strstr(eb.msg, "held by adapters in use"));
+    assert_true(mn_lora_registry_resident(reg, 0));
+    assert_false(mn_lora_registry_pinned(reg, 1));
+    assert_false(mn_lora_registry_pinned(reg, 2));
+    assert_int_equal(mn_lora_registry_unload(reg, "a0", &eb), MN_EBUSY);
+    assert_int_equal(mn_lora_registry_set_budget(reg, fx.be, one, &eb), MN_EBUSY);
+    mn_lora_registry_unpin(reg, &zero, 1);
+    assert_false(mn_lora_registry_pinned(reg, 0));
+    if (mn_lora_registry_acquire_batch(reg, two, 4, &tab, &n_tab, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    mn_lora_registry_release_batch(reg, two, 4);
+
+    /* a budget smaller than one adapter: a clear error naming both sizes */
+    assert_int_equal(mn_lora_registry_set_budget(reg, fx.be, one - 1, &eb), MN_OK);
+    const int32_t t1[1] = {3};
+    assert_int_equal(mn_lora_registry_acquire_batch(reg, t1, 1, &tab, &n_tab, &eb), MN_ELIMIT);
+    char need[64];
+    snprintf(need, sizeof need, "needs %zu bytes", one);
+    assert_non_null(strstr(eb.msg, need));
+    assert_non_null(strstr(eb.msg, "budget"));
+    assert_false(mn_lora_registry_pinned(reg, 3));
+    /* a bad slot */
+    const int32_t t9[1] = {9};
+    assert_int_equal(mn_lora_registry_acquire_batch(reg, t9, 1, &tab, &n_tab, &eb), MN_EINVALID);
+
+    /* detaching frees every device copy */
+    assert_int_equal(mn_lora_registry_set_budget(reg, NULL, 0, &eb), MN_OK);
+    mn_lora_stats st;
+    mn_lora_registry_stats(reg, &st);
+    assert_int_equal(st.resident, 0);
+    assert_int_equal(st.resident_bytes, 0);
+    mn_lora_registry_free(reg);
+    for (int a = 0; a < NA; a++) rm_adapter(dirs[a]);
+    free(want), free(got);
+    fwd_close(&fx);
+}
+
 int main(void) {
     mn_cpu_init();
     best_simd = mn_cpu_simd_name();
@@ -463,6 +621,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_lora_op),
         cmocka_unit_test(test_lora_forward),
+        cmocka_unit_test(test_lora_paging),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
