@@ -22,6 +22,7 @@
 
 #define API_OWNER_LEN 33   /* 32 hex digits of XXH3-128 of the API key ("" without keys) */
 #define API_HIST_N 14
+#define API_ADAPTER_NAME_LEN 128   /* with the NUL, as mn_lora.name */
 
 /* Latency histogram (seconds), Prometheus style (cumulative when printed). */
 typedef struct api_hist {
@@ -61,6 +62,8 @@ typedef struct mn_serve {
                                     * (kept by mn_engine_free) are removed afterwards */
     int n_saved_engine_ids;
     uint64_t next_id;
+    mn_lora_registry *adapters;  /* owned by cmd_serve, borrowed by the engine: engine thread once it runs */
+    json_t *adapter_info;        /* engine thread: adapter name -> {path, created} */
 } mn_serve;
 
 /** Observe one value into a histogram (loop thread). */
@@ -70,8 +73,21 @@ void api_metrics_request(mn_serve *srv, const char *route, int status);
 /** A fresh "prefix-<hex>" id for responses. */
 void api_new_id(mn_serve *srv, const char *prefix, char *out, size_t cap);
 
-/* ---- OpenAI routes (server/api_openai.c) ---- */
+/* ---- adapters and models (server/api_adapters.c) ---- */
+/** GET /v1/models and /v1/models/{id}: the base model and every loaded adapter. */
 void api_models(mn_serve *srv, const mn_http_req *req, mn_http_res *res);
+/** Route /v1/adapters...; rest is the path after "/v1/adapters". */
+void api_adapters(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const char *rest);
+/** Engine thread (or before it starts): load path under name into srv->adapters. 409 for a
+ *  name already loaded or the base model's, 400 with the loader's message for a bad file. */
+bool api_adapter_load(mn_serve *srv, const char *name, const char *path, api_err *err);
+/** A name usable for an adapter (1..127 bytes, no spaces, control characters, '/', '?', '%',
+ *  '#': it appears in URL paths); false with err naming field otherwise. */
+bool api_adapter_name_check(const char *name, size_t len, const char *field, api_err *err);
+/** Free srv->adapter_info (after the engine thread stopped). */
+void api_adapters_free(mn_serve *srv);
+
+/* ---- OpenAI routes (server/api_openai.c) ---- */
 void api_completions(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const char *owner, bool chat);
 
 /* ---- generation streams, shared with the session API ---- */

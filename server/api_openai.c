@@ -32,6 +32,9 @@ typedef struct api_gen {
     json_t *body;            /* the request (keeps o.stops_buf alive) */
     json_t *prompt;          /* completion: string or token array; chat: [[role, text], ...] */
     char sid[40], owner[API_OWNER_LEN];
+    char model[API_ADAPTER_NAME_LEN];    /* echoed in responses: the request's model (an adapter) or the base's */
+    char adapter[API_ADAPTER_NAME_LEN];  /* "": none; session kind: the one the request names, if any */
+    bool adapter_given;                  /* session kind: the request named a model or adapter */
     mn_et_item job, cancel_job, ev, fin;
     uv_mutex_t mu;
     int refs;                /* shared */
@@ -83,27 +86,6 @@ static void gen_unref(api_gen *g) {
     json_decref(g->lp);
     mn_free(g->text);
     mn_free(g);
-}
-
-/* ---- models ---------------------------------------------------------------------------------- */
-
-void api_models(mn_serve *srv, const mn_http_req *req, mn_http_res *res) {
-    json_t *m = json_pack("{s:s, s:s, s:I, s:s}", "id", srv->model_name, "object", "model", "created",
-                          (json_int_t)srv->created, "owned_by", "mneme");
-    const char *sub = req->path + strlen("/v1/models");
-    if (*sub == '/') {
-        if (strcmp(sub + 1, srv->model_name) != 0) {
-            json_decref(m);
-            api_err e;
-            api_errf(&e, 404, "invalid_request_error", "model", "The model '%s' does not exist", sub + 1);
-            snprintf(e.code, sizeof e.code, "model_not_found");
-            api_err_respond(res, &e);
-            return;
-        }
-        api_respond_json(res, 200, m);
-        return;
-    }
-    api_respond_json(res, 200, json_pack("{s:s, s:[o]}", "object", "list", "data", m));
 }
 
 /* ---- request parsing (loop thread) ------------------------------------------------------------- */
@@ -198,6 +180,17 @@ bool api_gen_parse(mn_serve *srv, json_t *body, api_gen_kind kind, api_gen_opts 
     }
     o->gp.stops = o->stops_buf;
     if (kind == API_GEN_SESSION && !ju_opt_bool(body, "assistant_prefix", &o->gp.assistant_prefix, err)) return false;
+    if (kind == API_GEN_SESSION) { /* may name the session's own adapter; any other is refused on the engine thread */
+        static const char *const fields[] = {"model", "adapter"};
+        for (int i = 0; i < 2; i++) {
+            const char *v = NULL;
+            size_t n = 0;
+            if (!ju_opt_string(body, fields[i], &v, &n, err)) return false;
+            if (v && (n == 0 || n >= API_ADAPTER_NAME_LEN))
+                return api_errf(err, 400, NULL, fields[i], "'%s' must be 1..%d bytes", fields[i],
+                                API_ADAPTER_NAME_LEN - 1);
+        }
+    }
     if (kind == API_GEN_SESSION && !ju_opt_bool(body, "render_special", &o->gp.render_special, err)) return false;
     return true;
 }
@@ -368,6 +361,11 @@ static void on_done(void *ud, const mn_gen_result *res, mn_err err, const char *
     g->n_generated = res ? res->n_generated : 0;
     if (err != MN_OK) {
         api_err_from_mn(&g->err, err, msg, NULL);
+        if (err == MN_EMISMATCH && msg && strstr(msg, "no longer loaded")) { /* DELETE /v1/adapters/{name}?force */
+            g->err.status = 409;
+            g->err.type = "conflict_error";
+            snprintf(g->err.code, sizeof g->err.code, "adapter_unloaded");
+        }
         if (err == MN_ELIMIT ||
             err == MN_ENOMEM) { /* a step could not get KV memory: over capacity, not the client's fault */
             g->err.status = 503;
@@ -403,9 +401,28 @@ static void gen_start_job(void *ud) {
             start_failed(g, &ae);
             return;
         }
+        const char *cur = mn_session_adapter(g->s);
+        if (g->adapter_given && strcmp(g->adapter, cur ? cur : "") != 0) { /* its KV was made under cur */
+            api_errf(&ae, 400, "invalid_request_error", "model",
+                     "session '%s' uses %s%s%s: a request on a session cannot change its adapter (create another "
+                     "session)", g->sid, cur ? "adapter '" : "the base model", cur ? cur : "", cur ? "'" : "");
+            start_failed(g, &ae);
+            return;
+        }
     } else {
         if ((err = mn_session_create(e, NULL, &g->s, &eb)) != MN_OK) goto fail;
         g->temp = true;
+        if (g->adapter[0] && (err = mn_session_set_adapter(e, g->s, g->adapter, &eb)) != MN_OK) {
+            if (err == MN_ENOT_FOUND) {
+                api_errf(&ae, 404, "invalid_request_error", "model",
+                         "The model '%s' does not exist (this server serves '%s' and its loaded adapters: "
+                         "GET /v1/models)", g->adapter, srv->model_name);
+                snprintf(ae.code, sizeof ae.code, "model_not_found");
+                start_failed(g, &ae);
+                return;
+            }
+            goto fail;
+        }
         if (g->kind == API_GEN_COMPLETION && json_is_string(g->prompt)) {
             err = mn_session_submit_text(e, g->s, MN_ROLE_NONE, json_string_value(g->prompt),
                                          json_string_length(g->prompt), &eb);
@@ -540,7 +557,7 @@ static json_t *new_lp_acc(api_gen *g) {
 static json_t *chunk_base(api_gen *g) {
     const char *object = g->kind == API_GEN_CHAT ? "chat.completion.chunk" : "text_completion";
     return json_pack("{s:s, s:s, s:I, s:s}", "id", g->id, "object", object, "created", (json_int_t)g->srv->created,
-                     "model", g->srv->model_name);
+                     "model", g->model);
 }
 
 static bool sse_send(api_gen *g, json_t *j) {
@@ -819,6 +836,19 @@ static api_gen *gen_create(mn_serve *srv, api_gen_kind kind, json_t *body, const
     g->refs = 2;   /* loop + engine */
     snprintf(g->sid, sizeof g->sid, "%s", session_id ? session_id : "");
     snprintf(g->owner, sizeof g->owner, "%s", owner ? owner : "");
+    /* the model names the adapter: the base model's name (or none) means no adapter; the
+     * name is resolved on the engine thread, where the registry lives */
+    snprintf(g->model, sizeof g->model, "%s", srv->model_name);
+    const char *want = json_string_value(json_object_get(body, "model"));
+    if (kind == API_GEN_SESSION && json_is_string(json_object_get(body, "adapter")))
+        want = json_string_value(json_object_get(body, "adapter"));
+    if (want && strlen(want) < sizeof g->adapter) {
+        g->adapter_given = true;
+        if (strcmp(want, srv->model_name) != 0) {
+            snprintf(g->adapter, sizeof g->adapter, "%s", want);
+            snprintf(g->model, sizeof g->model, "%s", want);
+        }
+    }
     api_new_id(srv,
                kind == API_GEN_CHAT         ? "chatcmpl-"
                : kind == API_GEN_COMPLETION ? "cmpl-"
@@ -896,8 +926,8 @@ void api_completions(mn_serve *srv, const mn_http_req *req, mn_http_res *res, co
         json_decref(body);
         return;
     }
-    if (model && strcmp(model, srv->model_name) != 0) {
-        api_errf(&err, 404, "invalid_request_error", "model", "The model '%s' does not exist (this server serves '%s')",
+    if (model && (strlen(model) >= API_ADAPTER_NAME_LEN || !*model)) { /* others: resolved on the engine thread */
+        api_errf(&err, 404, "invalid_request_error", "model", "The model '%.64s' does not exist (this server serves '%s')",
                  model, srv->model_name);
         snprintf(err.code, sizeof err.code, "model_not_found");
         api_err_respond(res, &err);

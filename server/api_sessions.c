@@ -114,6 +114,8 @@ static json_t *session_json(mn_serve *srv, reg_entry *re, bool full) {
         json_pack("{s:s, s:s, s:I, s:i, s:i, s:I, s:s, s:b}", "id", re->id, "object", "session", "created",
                   (json_int_t)re->created, "n_tokens", info.n_tokens, "n_computed", info.n_computed, "kv_bytes",
                   (json_int_t)info.kv_bytes, "tier", info.tier ? info.tier : "T0", "busy", mn_session_busy(re->s));
+    const char *adapter = mn_session_adapter(re->s);
+    if (j) json_object_set_new(j, "adapter", adapter ? json_string(adapter) : json_null());
     if (!full || !j) return j;
     const uint8_t *roles = NULL;
     int32_t n = 0;
@@ -180,6 +182,13 @@ static void rpc_job(void *ud) {
         json_t *sv = json_object_get(r->in, "system");
         if (sv && json_is_string(sv)) system = json_string_value(sv);
         if ((err = mn_session_create(e, NULL, &s, &eb)) != MN_OK) { rpc_fail_mn(r, err, eb.msg, NULL); break; }
+        const char *adapter = json_string_value(json_object_get(r->in, "adapter"));
+        if (adapter && strcmp(adapter, srv->model_name) != 0 && /* the base model's name: no adapter */
+            (err = mn_session_set_adapter(e, s, adapter, &eb)) != MN_OK) {
+            mn_session_delete(e, s);
+            rpc_fail_mn(r, err, eb.msg, "adapter");
+            break;
+        }
         if (system && (err = mn_session_submit_text(e, s, MN_ROLE_SYSTEM, system, strlen(system), &eb)) != MN_OK) {
             mn_session_delete(e, s);
             rpc_fail_mn(r, err, eb.msg, "system");
@@ -586,8 +595,14 @@ void api_sessions(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const
         if (get) { rpc_post(srv, OP_LIST, route, NULL, owner, NULL, res); return; }
         if (!post) { respond_405(srv, res, route, "GET, POST"); return; }
         if (!body_object(req, &in, &err)) { fail(srv, res, route, &err, in); return; }
-        const char *sys = NULL;
-        if (!ju_opt_string(in, "system", &sys, NULL, &err)) { fail(srv, res, route, &err, in); return; }
+        const char *sys = NULL, *adapter = NULL;
+        size_t adapter_len = 0;
+        if (!ju_opt_string(in, "system", &sys, NULL, &err) ||
+            !ju_opt_string(in, "adapter", &adapter, &adapter_len, &err) ||
+            (adapter && !api_adapter_name_check(adapter, adapter_len, "adapter", &err))) {
+            fail(srv, res, route, &err, in);
+            return;
+        }
         if (srv->draining) {
             api_errf(&err, 503, "server_error", NULL, "the server is shutting down");
             fail(srv, res, route, &err, in);

@@ -257,7 +257,6 @@ static void handle(void *ud, const mn_http_req *req, mn_http_res *res) {
     }
     if (!strcmp(p, "/v1/models") || !strncmp(p, "/v1/models/", 11)) {
         if (!get) { method_not_allowed(srv, res, "/v1/models", "GET"); return; }
-        api_metrics_request(srv, "/v1/models", 200);
         api_models(srv, req, res);
         return;
     }
@@ -265,6 +264,10 @@ static void handle(void *ud, const mn_http_req *req, mn_http_res *res) {
         bool chat = p[4] == 'c' && p[5] == 'h';
         if (!post) { method_not_allowed(srv, res, p, "POST"); return; }
         api_completions(srv, req, res, owner, chat);
+        return;
+    }
+    if (!strncmp(p, "/v1/adapters", 12) && (p[12] == 0 || p[12] == '/')) {
+        api_adapters(srv, req, res, p + 12);
         return;
     }
     if (!strncmp(p, "/v1/sessions", 12) && (p[12] == 0 || p[12] == '/')) {
@@ -316,7 +319,13 @@ static void free_registry_job(void *ud) { api_registry_free(ud); }
 static void idle_job(void *ud) {
     serve_state *ss = ud;
     mn_errbuf eb = {{0}};
-    if (mn_engine_demote_idle(mn_et_engine(ss->srv.et), ss->idle_seconds, mono(), &eb) != MN_OK)
+    mn_engine *e = mn_et_engine(ss->srv.et);
+    /* demotions below T1 finish on a worker thread and are installed by an engine step; the
+     * engine thread steps only while sessions are busy, so an idle server steps here */
+    bool did = false;
+    if (!mn_engine_has_work(e) && mn_engine_step(e, &did, &eb) != MN_OK)
+        fprintf(stderr, "mneme serve: idle step: %s\n", eb.msg);
+    if (mn_engine_demote_idle(e, ss->idle_seconds, mono(), &eb) != MN_OK)
         fprintf(stderr, "mneme serve: idle demotion: %s\n", eb.msg);
     atomic_store(&ss->idle_queued, false);
 }
@@ -429,13 +438,16 @@ static void serve_usage(void) {
             "  --drain-timeout S        seconds streams may run on after SIGTERM (default 10)\n"
             "  --idle-demote S          move a session's KV down a tier after S idle seconds (T1), 2S (T2),\n"
             "                           4S (T3 with --persist-dir); 0: only under memory pressure (default 60)\n"
+            "  --lora NAME=PATH         load a LoRA adapter (PEFT directory or GGUF LoRA file) at start-up;\n"
+            "                           requests select it with model=NAME (repeatable)\n"
             "  -t THREADS  -c CTX  --device cpu|cuda|auto\n");
 }
 
 static bool is_serve_value_flag(const char *a) {
     static const char *const flags[] = {"--host", "--port", "--api-key-file", "--persist-dir", "--max-batch-tokens",
                                         "--kv-blocks", "--t1-budget", "--t2-budget", "--max-body", "--max-connections",
-                                        "--drain-timeout", "--idle-demote", "--max-streams", "--max-pending-write"};
+                                        "--drain-timeout", "--idle-demote", "--max-streams", "--max-pending-write",
+                                        "--lora"};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         if (!strcmp(a, flags[i])) return true;
     return false;
@@ -457,6 +469,8 @@ int cmd_serve(int argc, char **argv) {
     long max_streams = 256, max_pending = 0;
     long port = 8080, max_batch = 0, kv_blocks = 0, max_conn = 0, t1 = 0, t2 = 0, max_body = 0;
     double drain = 10, idle = 60;
+    const char *loras[64];
+    int n_loras = 0;
     for (int i = 1; i < argc; i++) {
         int r = cli_model_opt(argc, argv, &i, &mo);
         if (r < 0) return 2;
@@ -483,6 +497,17 @@ int cmd_serve(int argc, char **argv) {
         else if (!strcmp(a, "--idle-demote")) { if (cli_float(a, v, 0, 1e6, &idle)) return 2; }
         else if (!strcmp(a, "--max-streams")) { if (cli_int(a, v, 0, 1 << 20, &max_streams)) return 2; }
         else if (!strcmp(a, "--max-pending-write")) { if (cli_int(a, v, 1, 1L << 32, &max_pending)) return 2; }
+        else if (!strcmp(a, "--lora")) {
+            if (!strchr(v, '=') || v[0] == '=' || !strchr(v, '=')[1]) {
+                fprintf(stderr, "mneme serve: --lora %s: expected NAME=PATH\n", v);
+                return 2;
+            }
+            if (n_loras == (int)(sizeof loras / sizeof loras[0])) {
+                fprintf(stderr, "mneme serve: at most %d --lora at start-up (POST /v1/adapters loads more)\n", n_loras);
+                return 2;
+            }
+            loras[n_loras++] = v;
+        }
     }
     json_set_alloc_funcs(mn_malloc, mn_free);
 
@@ -504,11 +529,38 @@ int cmd_serve(int argc, char **argv) {
     model_stem(mo.model ? mo.model : cli_default_model(), srv->model_name, sizeof srv->model_name);
 
     mn_errbuf eb = {{0}};
+    /* adapters first: sessions saved under one are restored (load_job) only when it is loaded */
+    if (mn_lora_registry_new(m, &srv->adapters, &eb) != MN_OK) {
+        fprintf(stderr, "mneme serve: %s\n", eb.msg);
+        cli_unload(be, m);
+        mn_free(srv->keys);
+        return 1;
+    }
+    for (int i = 0; i < n_loras; i++) {
+        char name[API_ADAPTER_NAME_LEN];
+        const char *eq = strchr(loras[i], '=');
+        size_t nn = (size_t)(eq - loras[i]);
+        api_err ae = {0};
+        if (api_adapter_name_check(loras[i], nn, "name", &ae)) {
+            memcpy(name, loras[i], nn);
+            name[nn] = 0;
+            if (api_adapter_load(srv, name, eq + 1, &ae)) continue;
+        }
+        fprintf(stderr, "mneme serve: --lora %s: %s\n", loras[i], ae.message);
+        api_adapters_free(srv);
+        mn_lora_registry_free(srv->adapters);
+        cli_unload(be, m);
+        mn_free(srv->keys);
+        return 1;
+    }
+    if (n_loras) fprintf(stderr, "mneme serve: %d adapter%s loaded\n", n_loras, n_loras == 1 ? "" : "s");
     mn_engine_params ep = {.max_batch_tokens = (int32_t)max_batch, .n_blocks = (int32_t)kv_blocks, .t1_budget = t1,
-                           .t2_budget = t2, .persist_dir = persist};
+                           .t2_budget = t2, .persist_dir = persist, .adapters = srv->adapters};
     mn_engine *e = NULL;
     if (mn_engine_new(m, &ep, &e, &eb) != MN_OK) {
         fprintf(stderr, "mneme serve: %s\n", eb.msg);
+        api_adapters_free(srv);
+        mn_lora_registry_free(srv->adapters);
         cli_unload(be, m);
         mn_free(srv->keys);
         return 1;
@@ -556,6 +608,8 @@ int cmd_serve(int argc, char **argv) {
     mn_et_free(srv->et);
     uv_loop_close(loop);
     mn_engine_free(e);
+    api_adapters_free(srv);
+    mn_lora_registry_free(srv->adapters);   /* after the engine that borrowed it */
     for (int i = 0; persist && i < srv->n_saved_engine_ids; i++) { /* saved: their T3 copies are redundant */
         char path[4200];
         snprintf(path, sizeof path, "%s/%s.mns", persist, srv->saved_engine_ids[i]);
