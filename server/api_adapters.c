@@ -18,7 +18,7 @@
 #include "engine/alloc.h"
 #include "server/api.h"
 
-typedef enum ad_op { AD_LIST, AD_LOAD, AD_UNLOAD, AD_MODELS } ad_op;
+typedef enum ad_op { AD_LIST, AD_GET, AD_LOAD, AD_UNLOAD, AD_MODELS } ad_op;
 
 typedef struct ad_rpc {
     mn_serve *srv;
@@ -101,6 +101,16 @@ static void ad_job(void *ud) {
         for (int32_t i = 0; i < n; i++)
             if (t[i]) json_array_append_new(data, adapter_json(srv, t[i]));
         r->out = json_pack("{s:s, s:o}", "object", "list", "data", data);
+        r->status = 200;
+        break;
+    }
+    case AD_GET: {
+        const mn_lora *l = find_lora(srv, r->name);
+        if (!l) {
+            api_errf(&r->err, 404, "not_found_error", NULL, "adapter '%s' is not loaded", r->name);
+            break;
+        }
+        r->out = adapter_json(srv, l);
         r->status = 200;
         break;
     }
@@ -280,7 +290,8 @@ void api_adapters(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const
         fail(srv, res, route, &err);
         return;
     }
-    if (!del) { respond_405(srv, res, route, "DELETE"); return; }
+    if (get) { ad_post(srv, AD_GET, route, name, NULL, false, res); return; }
+    if (!del) { respond_405(srv, res, route, "GET, DELETE"); return; }
     bool force = false;
     const char *q = req->query ? req->query : "";
     for (const char *p = q; *p;) { /* force=true|false|1|0 among &-separated parameters */

@@ -599,7 +599,8 @@ void api_sessions(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const
         size_t adapter_len = 0;
         if (!ju_opt_string(in, "system", &sys, NULL, &err) ||
             !ju_opt_string(in, "adapter", &adapter, &adapter_len, &err) ||
-            (adapter && !api_adapter_name_check(adapter, adapter_len, "adapter", &err))) {
+            (adapter && strcmp(adapter, srv->model_name) != 0 &&
+             !api_adapter_name_check(adapter, adapter_len, "adapter", &err))) {
             fail(srv, res, route, &err, in);
             return;
         }

@@ -131,6 +131,8 @@ def test_adapter_load_list_unload(server, client, adapters):
     assert c["residency"] == "host" and c["bytes"] > 0 and c["sessions"] == 0 and c["parent"] == server.model
     listed = {x["id"]: x for x in server.json("GET", A)["data"]}
     assert set(listed) == {"a", "b", "c"} and listed["b"]["ranks"] == {"o_proj": 8, "up_proj": 8}
+    assert server.json("GET", f"{A}/c") == listed["c"]
+    assert listed["a"]["fingerprint"] != listed["c"]["fingerprint"]
     assert chat(client, "c", n=4)
 
     def err(method, path, body, status):
@@ -150,6 +152,7 @@ def test_adapter_load_list_unload(server, client, adapters):
     assert err("POST", A, {"name": "y"}, 400)["param"] == "path"
     assert err("DELETE", f"{A}/nope", None, 404)
     assert err("PUT", A, None, 405)
+    assert err("GET", f"{A}/nope", None, 404)
     assert "x" not in {x["id"] for x in server.json("GET", A)["data"]}
     with pytest.raises(openai.NotFoundError) as ex:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
