@@ -11,8 +11,14 @@
  * with one thread, the default, no barrier spins inflate it). Best of ROUNDS rounds, the
  * configurations interleaved within each round.
  * Also the adapter load time from disk (safetensors -> host copy, median of 5).
- * Host -> device paging is not measured: adapters are host copies until the device pool
- * exists (engine/lora.h).
+ * Host -> device paging: the registry gets a device budget of one adapter and each of the
+ * 32 adapters is acquired in turn (each page-in evicts the previous one): time per
+ * page-in and bytes/s from the registry's counters (on the CPU backend the "device" is
+ * host memory from the backend, so this is a memcpy; on CUDA a copy over PCIe).
+ * Single-adapter fast path: the Q/K/V lora op of layer 0 (one shrink of r_q + r_k + r_v
+ * rows, three expands) over 32 and 256 rows that all use one adapter, as one segment (the
+ * fast path: four rows per pass over A) and as the same rows split into two segments of
+ * the same adapter (the general path; identical bits), one thread, best of 20.
  * The adapter is written once by tools/gen_lora.py (F16, rank 16) into DIR (default
  * /tmp/mneme_bench_lora) and loaded under 32 names: 32 separate copies in memory, so the
  * kernels touch 32 adapters' weights exactly as with 32 different files.
@@ -93,6 +99,56 @@ static rate run(ctx *c, const int32_t *ad, int n_groups, int steps) {
     return (rate){(double)steps * N_SEQ / dt, (double)steps * N_SEQ / dc};
 }
 
+/* Best of 20 single-thread runs of d (y is updated each time; only time matters). */
+static double time_op(const mn_lora_desc *d, void *work) {
+    mn_par par = {.ith = 0, .nth = 1};
+    double best = 1e30;
+    for (int i = 0; i < 20; i++) {
+        double t0 = now_s();
+        mn_cpu_lora(d, work, &par);
+        double dt = now_s() - t0;
+        if (dt < best) best = dt;
+    }
+    return best;
+}
+
+/* The fast path against the general path on layer 0's Q/K/V group of adapter l. */
+static void bench_single(const mn_lora *l) {
+    const mn_lora_layer *ly = &l->layers[0];
+    const int64_t K = l->n_embd, N[3] = {l->n_q, l->n_kv, l->n_kv};
+    const int rows_n[2] = {32, 256};
+    for (int c = 0; c < 2; c++) {
+        const int T = rows_n[c];
+        float *x = mn_malloc((size_t)T * K * sizeof(float));
+        float *y[3];
+        int32_t *rows = mn_malloc((size_t)T * sizeof(int32_t));
+        for (int64_t i = 0; i < T * K; i++) x[i] = (float)((i * 2654435761u) % 1000) / 1000.0f - 0.5f;
+        for (int o = 0; o < 3; o++) y[o] = mn_calloc((size_t)T * N[o], sizeof(float));
+        for (int i = 0; i < T; i++) rows[i] = i;
+        mn_lora_seg one = {.start = 0, .n_rows = T, .type = l->wtype, .a = ly->t[MN_LORA_Q].a};
+        for (int o = 0; o < 3; o++) {
+            const mn_lora_mat *mt = &ly->t[MN_LORA_Q + o];
+            one.b[o] = mt->b, one.r_off[o] = one.r, one.r_out[o] = mt->r, one.scale[o] = mt->scale;
+            one.r += mt->r;
+        }
+        mn_lora_seg two[2] = {one, one};
+        two[0].n_rows = T / 2;
+        two[1].start = T / 2, two[1].n_rows = T - T / 2;
+        mn_lora_desc d = {.K = K, .x = x, .x_stride = K, .n_out = 3, .n_seg = 1, .seg = &one, .rows = rows};
+        for (int o = 0; o < 3; o++) d.N[o] = N[o], d.y[o] = y[o], d.y_stride[o] = N[o];
+        mn_lora_desc d2 = d;
+        d2.n_seg = 2, d2.seg = two;
+        void *work = mn_malloc(mn_cpu_lora_work_bytes(&d) + 64);
+        double fast = time_op(&d, work), general = time_op(&d2, work);
+        printf("single-adapter fast path, qkv op, %3d rows, rank %d x3, K %lld: %.1f us (general path %.1f us): "
+               "%.2fx\n", T, ly->t[MN_LORA_Q].r, (long long)K, fast * 1e6, general * 1e6, general / fast);
+        mn_free(work);
+        mn_free(x);
+        mn_free(rows);
+        for (int o = 0; o < 3; o++) mn_free(y[o]);
+    }
+}
+
 static int cmp_d(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return x < y ? -1 : x > y;
@@ -155,6 +211,22 @@ int main(int argc, char **argv) {
            be->n_threads, N_SEQ, steps, tab[0]->r_max, tab[0]->bytes / 1e6, mn_dtype_name(tab[0]->wtype));
     printf("adapter load from disk (F16 safetensors -> host copy): median %.1f ms wall, %.1f ms CPU (min %.1f / %.1f)\n",
            load[2] * 1e3, load_cpu[2] * 1e3, load[0] * 1e3, load_cpu[0] * 1e3);
+
+    /* paging host -> device: a budget of one adapter, every adapter acquired in turn */
+    if (mn_lora_registry_set_budget(reg, be, (size_t)tab[0]->bytes, &eb) != MN_OK) die("budget", &eb);
+    for (int32_t i = 0; i < N_SEQ; i++) {
+        const mn_lora *const *t2;
+        int32_t n2;
+        if (mn_lora_registry_acquire_batch(reg, &i, 1, &t2, &n2, &eb) != MN_OK) die("page-in", &eb);
+        mn_lora_registry_release_batch(reg, &i, 1);
+    }
+    mn_lora_stats st;
+    mn_lora_registry_stats(reg, &st);
+    printf("paging host -> device (%s backend, budget one adapter): %llu page-ins, %llu evictions, %.3f ms per adapter, "
+           "%.2f GB/s\n", mn_backend_name(be), (unsigned long long)st.page_ins, (unsigned long long)st.evictions,
+           st.page_in_seconds / (double)st.page_ins * 1e3, (double)st.bytes_in / st.page_in_seconds / 1e9);
+    if (mn_lora_registry_set_budget(reg, NULL, 0, &eb) != MN_OK) die("budget", &eb);
+    bench_single(tab[0]);
 
     /* configs: 0 = no adapter; then A = 1, 4, 16, 32 mixed, and A = 4, 16, 32 separate */
     const int counts[5] = {0, 1, 4, 16, 32};

@@ -1,6 +1,7 @@
 /* kernels/cpu/lora.c — batched LoRA apply on the CPU (contract in kernels/ops.h; the body
  * is kernels/cpu/lora_impl.h). Picks the AVX2 compilation (kernels/cpu/lora_avx2.c) when
- * the CPU has it; both give the same bits. */
+ * the CPU has it; both give the same bits. A batch with one segment (every adapted token
+ * on one adapter) takes lora_single: see lora_impl.h. */
 #include <stdint.h>
 
 #include "kernels/cpu/cpu_impl.h"
@@ -22,6 +23,31 @@ static float lora_dot(const float *x, const void *w, mn_dtype t, int64_t n) {
 
 static void lora_axpy(float *acc, float v, const void *w, mn_dtype t, int64_t n) {
     for (int64_t i = 0; i < n; i++) acc[i] += v * w_at(w, t, i);
+}
+
+/* lora_dot of four rows x[0..3] against one w: each row's sums exactly as lora_dot's */
+static void lora_dot4(const float *const x[4], const void *w, mn_dtype t, int64_t n, float out[4]) {
+    float acc[4][32] = {{0}};
+    for (int64_t k = 0; k < n; k++) {
+        const float wk = w_at(w, t, k);
+        for (int r = 0; r < 4; r++) acc[r][k % 32] += x[r][k] * wk;
+    }
+    for (int r = 0; r < 4; r++) {
+        float s[8];
+        for (int l = 0; l < 8; l++) s[l] = (acc[r][l] + acc[r][8 + l]) + (acc[r][16 + l] + acc[r][24 + l]);
+        out[r] = ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
+    }
+}
+
+/* y[q][n] += sc * sum_j v[q][j] * bt[j][n], n in [n0, n1), rows q < nr; j in order */
+static void lora_expand4(float *const y[4], const float *const v[4], int nr, float sc, const void *bt, mn_dtype t,
+                         int64_t N, int32_t r, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++)
+        for (int q = 0; q < nr; q++) {
+            float acc = 0.0f;
+            for (int32_t j = 0; j < r; j++) acc += v[q][j] * w_at(bt, t, (int64_t)j * N + n);
+            y[q][n] += sc * acc;
+        }
 }
 
 #include "kernels/cpu/lora_impl.h"

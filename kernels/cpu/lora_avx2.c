@@ -49,6 +49,64 @@ static void lora_axpy(float *acc, float v, const void *w, mn_dtype t, int64_t n)
     for (; i < n; i++) acc[i] += v * w_at(w, t, i);
 }
 
+/* lora_dot of four rows sharing each load and conversion of w; per row the lanes and the
+ * reduction of lora_dot, so each result has lora_dot's bits. One pass per 8-lane chain c
+ * (elements k = 32 i + 8 c ..): four accumulators in registers (all sixteen would spill),
+ * and the w row is re-read from L1 four times, not from L2 once per token. */
+static void lora_dot4(const float *const x[4], const void *w, mn_dtype t, int64_t n, float out[4]) {
+    float l[4][32];
+    const int64_t full = n / 32 * 32;
+    for (int c = 0; c < 4; c++) {
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        for (int64_t k = 8 * c; k < full; k += 32) {
+            const __m256 wv = load8(w, t, k);
+            s0 = _mm256_add_ps(s0, _mm256_mul_ps(_mm256_loadu_ps(x[0] + k), wv));
+            s1 = _mm256_add_ps(s1, _mm256_mul_ps(_mm256_loadu_ps(x[1] + k), wv));
+            s2 = _mm256_add_ps(s2, _mm256_mul_ps(_mm256_loadu_ps(x[2] + k), wv));
+            s3 = _mm256_add_ps(s3, _mm256_mul_ps(_mm256_loadu_ps(x[3] + k), wv));
+        }
+        _mm256_storeu_ps(l[0] + 8 * c, s0);
+        _mm256_storeu_ps(l[1] + 8 * c, s1);
+        _mm256_storeu_ps(l[2] + 8 * c, s2);
+        _mm256_storeu_ps(l[3] + 8 * c, s3);
+    }
+    for (int r = 0; r < 4; r++) {
+        for (int64_t q = full; q < n; q++) l[r][q % 32] += x[r][q] * w_at(w, t, q);
+        float s[8];
+        for (int i = 0; i < 8; i++) s[i] = (l[r][i] + l[r][8 + i]) + (l[r][16 + i] + l[r][24 + i]);
+        out[r] = ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
+    }
+}
+
+/* y[q][n] += sc * sum_j v[q][j] * bt[j][n] for n in [n0, n1) and the first nr (1..4) of
+ * four rows: acc starts at 0 and takes j in order (multiply, then add), as the general
+ * expand does, so the bits are the same; the accumulators stay in registers and each bt
+ * element is loaded and converted once for the four rows. */
+static void lora_expand4(float *const y[4], const float *const v[4], int nr, float sc, const void *bt, mn_dtype t,
+                         int64_t N, int32_t r, int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    const __m256 scv = _mm256_set1_ps(sc);
+    for (; n + 8 <= n1; n += 8) {
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        for (int32_t j = 0; j < r; j++) {
+            const __m256 wv = load8(bt, t, (int64_t)j * N + n);
+            s0 = _mm256_add_ps(s0, _mm256_mul_ps(_mm256_set1_ps(v[0][j]), wv));
+            s1 = _mm256_add_ps(s1, _mm256_mul_ps(_mm256_set1_ps(v[1][j]), wv));
+            s2 = _mm256_add_ps(s2, _mm256_mul_ps(_mm256_set1_ps(v[2][j]), wv));
+            s3 = _mm256_add_ps(s3, _mm256_mul_ps(_mm256_set1_ps(v[3][j]), wv));
+        }
+        const __m256 acc[4] = {s0, s1, s2, s3};
+        for (int q = 0; q < nr; q++)
+            _mm256_storeu_ps(y[q] + n, _mm256_add_ps(_mm256_loadu_ps(y[q] + n), _mm256_mul_ps(scv, acc[q])));
+    }
+    for (; n < n1; n++)
+        for (int q = 0; q < nr; q++) {
+            float acc = 0.0f;
+            for (int32_t j = 0; j < r; j++) acc += v[q][j] * w_at(bt, t, (int64_t)j * N + n);
+            y[q][n] += sc * acc;
+        }
+}
+
 #include "kernels/cpu/lora_impl.h"
 
 void mn__cpu_lora_avx2(const mn_lora_desc *d, void *work, const mn_par *par);

@@ -28,11 +28,46 @@
  *       ((s0+s4)+(s2+s6)) + ((s1+s5)+(s3+s7));
  *   void lora_axpy(float *acc, float v, const void *w, mn_dtype t, int64_t n)
  *       acc[i] += v * w[i] (multiply, then add);
- * w holds n elements of type t (F32, F16, BF16), converted exactly to f32. */
+ *   void lora_dot4(const float *const x[4], const void *w, mn_dtype t, int64_t n, float out[4])
+ *       out[r] = lora_dot(x[r], w, t, n), bit for bit, loading and converting w once;
+ *   void lora_expand4(float *const y[4], const float *const v[4], int nr, float sc, const void *bt,
+ *                     mn_dtype t, int64_t N, int32_t r, int64_t n0, int64_t n1)
+ *       for rows q < nr and n in [n0, n1): acc = 0, acc += v[q][j] * bt[j][n] for j < r in
+ *       order, y[q][n] += sc * acc (the general expand's operations per element);
+ * w holds n elements of type t (F32, F16, BF16), converted exactly to f32.
+ *
+ * Single-adapter fast path: a batch with one segment of at least 4 rows shrinks four rows
+ * per pass over each row of A (A is read n_rows / 4 times, not n_rows times) and expands
+ * four rows per pass over B^T with the sums in registers; no per-segment bookkeeping.
+ * Every element takes the general path's operations in its order: the same bits. */
 
 static inline int64_t lora_esz(mn_dtype t) { return t == MN_F32 ? 4 : 2; }
-static inline void lora_body(const mn_lora_desc *d, void *work, const mn_par *par) {
-    float *v = work;
+
+/* shrink of one segment in blocks of four rows: item i = (block i / r, j = i % r); v is
+ * [n_rows, r] as the general shrink writes it */
+static inline void lora_single_shrink(const mn_lora_desc *d, float *v, const mn_par *par) {
+    const mn_lora_seg *g = &d->seg[0];
+    const int64_t nb = (g->n_rows + 3) / 4, esz = lora_esz(g->type);
+    int64_t lo, hi;
+    mn_par_range(par, nb * g->r, &lo, &hi);
+    for (int64_t i = lo; i < hi; i++) {
+        const int64_t blk = i / g->r, j = i % g->r, r0 = blk * 4;
+        const char *a = (const char *)g->a + j * d->K * esz;
+        if (r0 + 4 <= g->n_rows) {
+            const float *x[4];
+            float out[4];
+            for (int q = 0; q < 4; q++) x[q] = d->x + (int64_t)d->rows[g->start + r0 + q] * d->x_stride;
+            lora_dot4(x, a, g->type, d->K, out);
+            for (int q = 0; q < 4; q++) v[(r0 + q) * g->r + j] = out[q];
+        } else {
+            for (int64_t row = r0; row < g->n_rows; row++)
+                v[row * g->r + j] = lora_dot(d->x + (int64_t)d->rows[g->start + row] * d->x_stride, a, g->type, d->K);
+        }
+    }
+}
+
+/* shrink of every segment: the (segment, row, j) items split evenly over the threads */
+static inline void lora_shrink(const mn_lora_desc *d, float *v, const mn_par *par) {
     int64_t total = 0;
     for (int32_t s = 0; s < d->n_seg; s++) total += (int64_t)d->seg[s].n_rows * d->seg[s].r;
     int64_t lo, hi;
@@ -50,9 +85,46 @@ static inline void lora_body(const mn_lora_desc *d, void *work, const mn_par *pa
         }
         base += n;
     }
+}
+
+/* expand of one segment, this thread's columns of every output, four rows at a time */
+static inline void lora_single_expand(const mn_lora_desc *d, const float *v, const mn_par *par) {
+    const mn_lora_seg *g = &d->seg[0];
+    int64_t lo, hi, cols = 0;
+    for (int32_t o = 0; o < d->n_out; o++) cols += d->N[o];
+    mn_par_range(par, cols, &lo, &hi);
+    int64_t c0 = 0;
+    for (int32_t o = 0; o < d->n_out && c0 < hi; o++) {
+        const int64_t N = d->N[o];
+        int64_t n0 = lo > c0 ? lo - c0 : 0, n1 = hi - c0 < N ? hi - c0 : N;
+        c0 += N;
+        if (!g->b[o] || n0 >= n1) continue;
+        for (int32_t r0 = 0; r0 < g->n_rows; r0 += 4) {
+            const int nr = g->n_rows - r0 < 4 ? g->n_rows - r0 : 4;
+            float *y[4];
+            const float *vr[4];
+            for (int q = 0; q < 4; q++) {
+                const int32_t row = r0 + (q < nr ? q : 0);   /* rows past nr are read, not written */
+                y[q] = d->y[o] + (int64_t)d->rows[g->start + row] * d->y_stride[o];
+                vr[q] = v + (int64_t)row * g->r + g->r_off[o];
+            }
+            lora_expand4(y, vr, nr, g->scale[o], g->b[o], g->type, N, g->r_out[o], n0, n1);
+        }
+    }
+}
+
+static inline void lora_body(const mn_lora_desc *d, void *work, const mn_par *par) {
+    float *v = work;
+    if (d->n_seg == 1 && d->seg[0].n_rows >= 4) {
+        lora_single_shrink(d, v, par);
+        mn_par_barrier(par);
+        lora_single_expand(d, v, par);
+        return;
+    }
+    lora_shrink(d, v, par);
     mn_par_barrier(par);
     /* expand: columns of output 0, then output 1, ... */
-    int64_t cols = 0;
+    int64_t lo, hi, cols = 0;
     for (int32_t o = 0; o < d->n_out; o++) cols += d->N[o];
     mn_par_range(par, cols, &lo, &hi);
     int64_t c0 = 0;

@@ -257,6 +257,54 @@ static void test_lora_op(void **state) {
     run_case("no segments", 5, 96, 3, N3, NULL, 0, 5);
 }
 
+/* The single-adapter fast path (one segment: four rows per pass over A) gives the bits of
+ * the general path, which the same rows split into two segments of the same adapter take;
+ * every type, both SIMD levels, 1 and 2 threads, a row count and K with tails. */
+static void test_lora_single_path(void **state) {
+    enum { T = 41, K = 150, N = 100, R = 16 };
+    const mn_dtype types[3] = {MN_F32, MN_F16, MN_BF16};
+    rng_state = 77;
+    float *x = malloc(T * K * sizeof(float)), *y1 = malloc(T * N * sizeof(float)), *y2 = malloc(T * N * sizeof(float));
+    float *y0 = malloc(T * N * sizeof(float)), *a = malloc(R * K * sizeof(float)), *b = malloc(R * N * sizeof(float));
+    uint16_t *a16 = malloc(R * K * 2), *b16 = malloc(R * N * 2);
+    int32_t rows[T];
+    for (int i = 0; i < T * K; i++) x[i] = frand();
+    for (int i = 0; i < T * N; i++) y0[i] = frand();
+    for (int i = 0; i < R * K; i++) a[i] = frand() * 0.3f;
+    for (int i = 0; i < R * N; i++) b[i] = frand() * 0.3f;
+    for (int i = 0; i < T; i++) rows[i] = (i * 17) % T;   /* a permutation: 17 and 41 are coprime */
+    const char *levels[2] = {"scalar", best_simd};
+    for (int ty = 0; ty < 3; ty++) {
+        const void *pa = a, *pb = b;
+        if (types[ty] != MN_F32) {
+            for (int i = 0; i < R * K; i++) a16[i] = types[ty] == MN_F16 ? mn_fp32_to_fp16(a[i]) : mn_fp32_to_bf16(a[i]);
+            for (int i = 0; i < R * N; i++) b16[i] = types[ty] == MN_F16 ? mn_fp32_to_fp16(b[i]) : mn_fp32_to_bf16(b[i]);
+            pa = a16, pb = b16;
+        }
+        mn_lora_seg one = {.start = 0, .n_rows = T, .r = R, .type = types[ty], .a = pa, .b = {pb}, .r_out = {R},
+                           .scale = {1.5f}};
+        mn_lora_seg two[2] = {one, one};
+        two[0].n_rows = 21;
+        two[1].start = 21, two[1].n_rows = T - 21;
+        mn_lora_desc d1 = {.K = K, .x = x, .x_stride = K, .n_out = 1, .N = {N}, .y = {y1}, .y_stride = {N}, .n_seg = 1,
+                           .seg = &one, .rows = rows};
+        mn_lora_desc d2 = d1;
+        d2.y[0] = y2, d2.n_seg = 2, d2.seg = two;
+        for (int lv = 0; lv < 2; lv++)
+            for (int nth = 1; nth <= 2; nth++) {
+                assert_true(mn_cpu_set_simd(levels[lv]));
+                memcpy(y1, y0, T * N * sizeof(float));
+                memcpy(y2, y0, T * N * sizeof(float));
+                run_cpu(&d1, nth);
+                run_cpu(&d2, nth);
+                assert_memory_equal(y1, y2, T * N * sizeof(float));
+                assert_memory_not_equal(y1, y0, T * N * sizeof(float));
+            }
+    }
+    assert_true(mn_cpu_set_simd(best_simd));
+    free(x), free(y0), free(y1), free(y2), free(a), free(b), free(a16), free(b16);
+}
+
 /* ---- through the forward pass ---- */
 static const char *model_path(void) {
     static char buf[4096];
@@ -620,6 +668,7 @@ int main(void) {
     printf("cpu lora at levels scalar and %s\n", best_simd);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_lora_op),
+        cmocka_unit_test(test_lora_single_path),
         cmocka_unit_test(test_lora_forward),
         cmocka_unit_test(test_lora_paging),
     };
