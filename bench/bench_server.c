@@ -76,7 +76,7 @@ typedef struct stream_rec {
     int n_tt, cap_tt;
     int prompt_tokens, completion_tokens; /* from usage; -1 if not given */
     char finish[16];
-    char err[256];               /* non-empty: the request failed */
+    char err[512];               /* non-empty: the request failed */
     char *text;                  /* reply text, concatenated */
     size_t text_len, text_cap;
     bool done;                   /* saw data: [DONE] */
@@ -188,7 +188,10 @@ static int rd_line(reader *r, char *out, size_t outn, char *err, size_t errn) {
         char *nl = memmem(r->buf + r->b, r->e - r->b, "\r\n", 2);
         if (nl) {
             size_t n = (size_t)(nl - (r->buf + r->b));
-            if (n >= outn) { snprintf(err, errn, "response line of %zu bytes, at most %zu expected", n, outn - 1); return -1; }
+            if (n >= outn) {
+                snprintf(err, errn, "response line of %zu bytes, at most %zu expected", n, outn - 1);
+                return -1;
+            }
             memcpy(out, r->buf + r->b, n);
             out[n] = 0;
             r->b += n + 2;
@@ -281,7 +284,8 @@ static int http_do(const opts *o, const char *method, const char *path, const ch
     if (!req) { snprintf(err, errn, "out of memory"); goto out; }
     int k = snprintf(req, hn, "%s %s HTTP/1.1\r\nHost: %s:%d\r\nAccept: */*\r\nConnection: close\r\n", method, path,
                      o->host, o->port);
-    if (json_body) k += snprintf(req + k, hn - (size_t)k, "Content-Type: application/json\r\nContent-Length: %zu\r\n", bl);
+    if (json_body)
+        k += snprintf(req + k, hn - (size_t)k, "Content-Type: application/json\r\nContent-Length: %zu\r\n", bl);
     k += snprintf(req + k, hn - (size_t)k, "\r\n");
     memcpy(req + k, json_body ? json_body : "", bl);
     size_t total = (size_t)k + bl;
@@ -339,7 +343,10 @@ static int http_do(const opts *o, const char *method, const char *path, const ch
                 int f = rd_fill(r, err, errn);
                 if (f < 0) goto out;
                 if (f == 0) {
-                    if (left > 0) { snprintf(err, errn, "connection closed %lld bytes before the body's end", left); goto out; }
+                    if (left > 0) {
+                        snprintf(err, errn, "connection closed %lld bytes before the body's end", left);
+                        goto out;
+                    }
                     break;
                 }
             }
@@ -376,7 +383,8 @@ static void stream_post(const opts *o, const char *path, json_t *req, stream_rec
     int st = http_do(o, "POST", path, js, rec, &body, err, sizeof err);
     if (st < 0) snprintf(rec->err, sizeof rec->err, "POST %s: %s", path, err);
     else if (st != 200) http_error(path, st, body, rec->err, sizeof rec->err);
-    else if (!rec->err[0] && !rec->done) snprintf(rec->err, sizeof rec->err, "POST %s: stream ended without [DONE]", path);
+    else if (!rec->err[0] && !rec->done)
+        snprintf(rec->err, sizeof rec->err, "POST %s: stream ended without [DONE]", path);
     free(body);
     free(js);
 }
@@ -388,7 +396,8 @@ static json_t *json_call(const opts *o, const char *method, const char *path, js
     int st = http_do(o, method, path, js, NULL, &body, e2, sizeof e2);
     if (st < 0) snprintf(err, errn, "%s %s: %s", method, path, e2);
     else if (st != 200) http_error(path, st, body, err, errn);
-    else if (!(ans = json_loads(body ? body : "", 0, NULL))) snprintf(err, errn, "%s %s: answer is not JSON", method, path);
+    else if (!(ans = json_loads(body ? body : "", 0, NULL)))
+        snprintf(err, errn, "%s %s: answer is not JSON", method, path);
     free(body);
     free(js);
     return ans;
@@ -410,10 +419,17 @@ static double pct(const double *v, size_t n, double q) {
 
 /* ---- 1. concurrent streams ---------------------------------------------------------------------- */
 
+/* All clients wait for `go`, so that they start together. */
+typedef struct start_gate {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool go;
+} start_gate;
+
 typedef struct client {
     const opts *o;
     int idx;
-    pthread_barrier_t *start;
+    start_gate *gate;
     stream_rec rec;
 } client;
 
@@ -433,7 +449,9 @@ static void *client_main(void *arg) {
     snprintf(prompt, sizeof prompt, "Write a long, detailed story about a %s who lives in %s.", WHO[c->idx % 8],
              WHERE[(c->idx / 8) % 8]);
     json_t *req = chat_request(prompt, c->o->n_tokens);
-    pthread_barrier_wait(c->start);
+    pthread_mutex_lock(&c->gate->mu);
+    while (!c->gate->go) pthread_cond_wait(&c->gate->cv, &c->gate->mu);
+    pthread_mutex_unlock(&c->gate->mu);
     if (req) stream_post(c->o, "/v1/chat/completions", req, &c->rec);
     else snprintf(c->rec.err, sizeof c->rec.err, "out of memory");
     json_decref(req);
@@ -444,9 +462,9 @@ static void *client_main(void *arg) {
 static int run_load(const opts *o, int n) {
     client *cl = calloc((size_t)n, sizeof *cl);
     pthread_t *th = calloc((size_t)n, sizeof *th);
-    pthread_barrier_t start;
+    start_gate gate = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false};
     int started = 0, errors = 0;
-    if (!cl || !th || pthread_barrier_init(&start, NULL, (unsigned)n + 1)) {
+    if (!cl || !th) {
         fprintf(stderr, "bench_server: load c=%d: out of memory\n", n);
         free(cl);
         free(th);
@@ -456,20 +474,18 @@ static int run_load(const opts *o, int n) {
     pthread_attr_init(&at);
     pthread_attr_setstacksize(&at, 256 << 10);
     for (int i = 0; i < n; i++) {
-        cl[i] = (client){.o = o, .idx = i, .start = &start};
+        cl[i] = (client){.o = o, .idx = i, .gate = &gate};
         rec_init(&cl[i].rec, SSE_CHAT);
     }
     for (; started < n; started++)
         if (pthread_create(&th[started], &at, client_main, &cl[started])) break;
-    if (started < n) {
-        /* the barrier needs every party: stop here rather than deadlock */
-        fprintf(stderr, "bench_server: could start only %d of %d client threads\n", started, n);
-        exit(1);
-    }
-    pthread_barrier_wait(&start);
-    for (int i = 0; i < n; i++) pthread_join(th[i], NULL);
+    for (int i = started; i < n; i++) snprintf(cl[i].rec.err, sizeof cl[i].rec.err, "could not start its thread");
+    pthread_mutex_lock(&gate.mu);
+    gate.go = true;
+    pthread_cond_broadcast(&gate.cv);
+    pthread_mutex_unlock(&gate.mu);
+    for (int i = 0; i < started; i++) pthread_join(th[i], NULL);
     pthread_attr_destroy(&at);
-    pthread_barrier_destroy(&start);
 
     size_t n_itl = 0, n_ttft = 0;
     long long tokens = 0;
@@ -688,8 +704,8 @@ static int run_turns(const opts *o) {
     if (!o->json) {
         printf("\nmulti-turn: %d turns, replies of up to %d tokens, times in ms from the turn's first request.\n"
                "session: POST messages + generate on one session; stateless: /v1/chat/completions with the whole\n"
-               "history (the server's prefix cache reuses it); cold: the same but the system prompt changes every turn,\n"
-               "so nothing is reused (a server without a prefix cache)\n",
+               "history (the server's prefix cache reuses it); cold: the same but the system prompt changes every\n"
+               "turn, so nothing is reused (a server without a prefix cache)\n",
                o->turns, o->reply);
         printf("| turn | new tok | session TTFT |  total | history | stateless TTFT |  total | cold TTFT |  total "
                "| stateless/session | cold/session |\n");
@@ -717,9 +733,12 @@ static int run_turns(const opts *o) {
         }
     }
     for (int m = 0; m < N_MODES; m++) {
-        long long comp = c[m + 1].computed - c[m].computed, hit = c[m + 1].prefix_hit - c[m].prefix_hit;
+        /* -1: /metrics did not answer */
+        long long comp = c[m + 1].computed < 0 || c[m].computed < 0 ? -1 : c[m + 1].computed - c[m].computed;
+        long long hit = c[m + 1].prefix_hit < 0 || c[m].prefix_hit < 0 ? -1 : c[m + 1].prefix_hit - c[m].prefix_hit;
         if (o->json)
-            printf("{\"bench\": \"turns\", \"mode\": \"%s\", \"turns\": %d, \"ttft_ms_sum\": %.2f, \"total_ms_sum\": %.2f, "
+            printf("{\"bench\": \"turns\", \"mode\": \"%s\", \"turns\": %d, \"ttft_ms_sum\": %.2f, "
+                   "\"total_ms_sum\": %.2f, "
                    "\"ttft_vs_session\": %.3f, \"total_vs_session\": %.3f, \"computed_tokens\": %lld, "
                    "\"prefix_hit_tokens\": %lld}\n",
                    MODE_NAME[m], o->turns, sum_ttft[m] * 1e3, sum_total[m] * 1e3, sum_ttft[m] / sum_ttft[0],
@@ -762,9 +781,9 @@ static double engine_decode_tps(const opts *o) {
 /* Engine alone and one server stream alternate --reps times, so that a change in the machine's other load
  * hits both sides alike; overhead = mean server ms/token / mean engine ms/token - 1. */
 static int run_overhead(const opts *o) {
-    double eng_ms = 0, srv_ms = 0, eng_best = INFINITY, srv_best = INFINITY, *itl = malloc((size_t)o->reps * OVERHEAD_N * sizeof *itl);
-    double *pair = malloc((size_t)o->reps * sizeof *pair);
-    size_t n_itl = 0;
+    double eng_ms = 0, srv_ms = 0, eng_best = INFINITY, srv_best = INFINITY;
+    size_t n_itl = 0, cap_itl = (size_t)o->reps * OVERHEAD_N;
+    double *itl = malloc(cap_itl * sizeof *itl), *pair = malloc((size_t)o->reps * sizeof *pair);
     int ok = 0, errors = 0, n_tok = 0;
     for (int r = 0; r < o->reps && itl && pair; r++) {
         double engine = engine_decode_tps(o);
@@ -776,7 +795,10 @@ static int run_overhead(const opts *o) {
         stream_post(o, "/v1/chat/completions", req, &rec);
         json_decref(req);
         if (rec.err[0]) { fprintf(stderr, "bench_server: overhead: %s\n", rec.err); errors++; }
-        else if (rec.n_tt < 2) { fprintf(stderr, "bench_server: overhead: only %d tokens streamed\n", rec.n_tt); errors++; }
+        else if (rec.n_tt < 2) {
+            fprintf(stderr, "bench_server: overhead: only %d tokens streamed\n", rec.n_tt);
+            errors++;
+        }
         else {
             /* decode time per token after the first one: what tgN measures */
             double ms = 1e3 * (rec.tt[rec.n_tt - 1] - rec.tt[0]) / (rec.n_tt - 1);
@@ -785,7 +807,7 @@ static int run_overhead(const opts *o) {
             srv_best = fmin(srv_best, ms);
             eng_best = fmin(eng_best, 1e3 / engine);
             pair[ok++] = ms * engine / 1e3 - 1;
-            for (int k = 1; k < rec.n_tt && n_itl < (size_t)o->reps * OVERHEAD_N; k++) itl[n_itl++] = rec.tt[k] - rec.tt[k - 1];
+            for (int k = 1; k < rec.n_tt && n_itl < cap_itl; k++) itl[n_itl++] = rec.tt[k] - rec.tt[k - 1];
             n_tok = rec.n_tt;
         }
         rec_free(&rec);
@@ -996,7 +1018,11 @@ int main(int argc, char **argv) {
             if (!o.n_clients) { fprintf(stderr, "bench_server: -c: empty list\n"); return 2; }
         } else { fprintf(stderr, "bench_server: unknown option '%s'\n", a); usage(); return 2; }
     }
-    if (!!url == !!spawn) { fprintf(stderr, "bench_server: give exactly one of --url and --spawn\n"); usage(); return 2; }
+    if (!!url == !!spawn) {
+        fprintf(stderr, "bench_server: give exactly one of --url and --spawn\n");
+        usage();
+        return 2;
+    }
     if (spawn && !o.model) { fprintf(stderr, "bench_server: --spawn needs -m MODEL\n"); return 2; }
     if (url && parse_url(url, &o)) return 2;
     if (o.overhead && (!o.mneme || !o.model)) {
@@ -1020,14 +1046,16 @@ int main(int argc, char **argv) {
         if (w.err[0]) fprintf(stderr, "bench_server: warm-up: %s\n", w.err);
         rec_free(&w);
         if (!o.json)
-            printf("mneme serve at http://%s:%d%s (-t %d); one thread per client, times measured at the client\n", o.host,
-                   o.port, spawn ? " (spawned)" : "", o.threads);
+            printf("mneme serve at http://%s:%d%s (-t %d); one thread per client, times measured at the client\n",
+                   o.host, o.port, spawn ? " (spawned)" : "", o.threads);
         if (o.load) {
             if (!o.json) {
                 printf("\nconcurrent streams: greedy chat completions of max_tokens %d, each client one request\n",
                        o.n_tokens);
-                printf("| clients | errors | tokens |  wall s | tokens/s | TTFT p50 | TTFT p99 |  ITL p50 |  ITL p99 |\n");
-                printf("|         |        |        |         |          |       ms |       ms |       ms |       ms |\n");
+                printf("| clients | errors | tokens |  wall s | tokens/s | TTFT p50 | TTFT p99 |  ITL p50 "
+                       "|  ITL p99 |\n");
+                printf("|         |        |        |         |          |       ms |       ms |       ms "
+                       "|       ms |\n");
             }
             for (int i = 0; i < o.n_clients; i++) errors += run_load(&o, o.clients[i]);
         }
