@@ -153,6 +153,12 @@ def test_adapter_load_list_unload(server, client, adapters):
     assert err("DELETE", f"{A}/nope", None, 404)
     assert err("PUT", A, None, 405)
     assert err("GET", f"{A}/nope", None, 404)
+    for bad, param in (({"name": 3, "path": "x"}, "name"), ({"name": "x", "path": ["x"]}, "path"),
+                       ({"name": "", "path": "x"}, "name"), ({"name": "x" * 200, "path": "x"}, "name"),
+                       ({"name": "x", "path": ""}, "path"), ([1], None)):
+        assert err("POST", A, bad, 400)["param"] == param, bad
+    assert err("POST", S, {"adapter": 7}, 400)["param"] == "adapter"
+    assert err("POST", "/v1/completions", {"model": "", "prompt": "x"}, 404)["code"] == "model_not_found"
     assert "x" not in {x["id"] for x in server.json("GET", A)["data"]}
     with pytest.raises(openai.NotFoundError) as ex:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
