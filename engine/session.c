@@ -224,6 +224,7 @@ void mn_engine_free(mn_engine *e) {
         }
     }
     while (e->n_sessions) mn_session_delete(e, e->sessions[e->n_sessions - 1]);
+    mn__tier_worker_free(e); /* after the sessions: their jobs are orphaned by then */
     mn_free(e->sessions);
     for (int32_t i = 0; i < e->prefix_cap; i++)
         if (e->prefix[i].block != PREFIX_EMPTY) {
@@ -599,6 +600,7 @@ static void step_notify(mn_engine *e) {
 mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb) {
     *did_work = false;
     mn_err err = MN_OK;
+    mn__tier_collect(e);
     if (e->n_sessions > e->cap_notify) { /* room to collect every session's callbacks */
         mn_session **nb = mn_realloc(e->b_notify, (size_t)e->cap_sessions * sizeof *nb);
         if (!nb) return mn_errf(eb, MN_ENOMEM, "out of memory");

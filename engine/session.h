@@ -164,7 +164,9 @@ mn_err mn_session_import(mn_engine *e, const void *data, size_t len, mn_session 
  *  directory). Pending tokens are computed first. Access promotes it back to T0. */
 mn_err mn_session_demote(mn_engine *e, mn_session *s, int tier, mn_errbuf *eb);
 /** Demote sessions idle for longer than idle_seconds (T1), twice that (T2), four times
- *  (T3 when there is a persist directory); now is mn-style monotonic seconds. */
+ *  (T3 when there is a persist directory); now is mn-style monotonic seconds. T0 -> T1 is
+ *  a copy done here; T1 -> T2/T3 (compression, file write) runs on a worker thread and is
+ *  installed by a later engine step (or mn_engine_tier_wait). */
 mn_err mn_engine_demote_idle(mn_engine *e, double idle_seconds, double now, mn_errbuf *eb);
 
 /* ---- non-blocking use (a server's engine thread) ----
@@ -204,6 +206,10 @@ bool mn_session_busy(const mn_session *s);
 /** Some session is busy: mn_engine_step has work to do. */
 bool mn_engine_has_work(const mn_engine *e);
 
+/** Wait until every background demotion (mn_engine_demote_idle moves T1 images to T2/T3
+ *  on a worker thread, so the engine step never waits for lz4 or a disk) has finished,
+ *  and install the results. */
+void mn_engine_tier_wait(mn_engine *e);
 /** Sessions persisted by an earlier engine on the same persist directory (T3 files: a
  *  session demoted to tier 3 keeps its file when its engine is freed) join this engine
  *  under their own ids, in T3: validated now (model fingerprint, checksums, geometry),

@@ -57,6 +57,7 @@ struct mn_session {
     size_t packed_len;
     char *file;            /* T3: path of the session file */
     int64_t host_bytes;    /* bytes it holds in T1 or T2 */
+    struct mn__tier_job *job;  /* a background demotion of its T1 image in flight */
 };
 
 struct mn_engine {
@@ -82,6 +83,7 @@ struct mn_engine {
     int64_t tier_budget[4], tier_used[4];   /* [1] T1, [2] T2 bytes (0 = unlimited) */
     char *persist_dir;                      /* T3; NULL: no disk tier */
     int64_t swapped_out[4], swapped_in[4];  /* bytes moved to / from each tier */
+    struct mn__tier_worker *worker;         /* background T1 -> T2/T3 demotion (tier.c) */
 };
 
 
@@ -105,6 +107,10 @@ mn_err mn__tier_ensure_resident(mn_engine *e, mn_session *s, mn_errbuf *eb);
 mn_err mn__tier_make_room(mn_engine *e, int32_t blocks, const mn_session *keep, mn_errbuf *eb);
 void mn__tier_drop(mn_engine *e, mn_session *s);
 const char *mn__tier_name(int t);
+/* install finished background demotions (engine thread; cheap when none finished) */
+void mn__tier_collect(mn_engine *e);
+/* stop the background worker, dropping queued work (mn_engine_free) */
+void mn__tier_worker_free(mn_engine *e);
 /* session.c */
 void mn__prefix_evict_unused(mn_engine *e);
 

@@ -10,6 +10,8 @@
  * budget. Promotion happens on access (append, generate, fork, rewind, save) and brings
  * the exact KV bits back, so a promoted session continues bit-identically. */
 #include <dirent.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -20,8 +22,189 @@
 
 static const char *const tier_names[] = {"T0", "T1", "T2", "T3"};
 
+/* ---- background demotion of T1 images -------------------------------------------------
+ * The worker compresses (T2) or writes (T3) a copy of the session's T1 image; the session
+ * stays in T1 meanwhile and the engine thread installs the result at its next step. If the
+ * session is promoted, demoted otherwise or deleted first, the job is orphaned: it takes
+ * ownership of the T1 image it reads, and its result is discarded. */
+typedef struct mn__tier_job {
+    struct mn__tier_job *next;
+    mn_session *s;            /* NULL: orphaned */
+    int to;                   /* 2 or 3 */
+    mn_session_image img;     /* points at the copies below and at the T1 image */
+    int32_t *tokens;
+    uint8_t *roles;
+    uint16_t *kv_owned;       /* the T1 image, once orphaned */
+    char *path;               /* T3 */
+    uint8_t *packed;          /* T2 result */
+    size_t packed_len;
+    mn_err err;
+} tier_job;
+
+typedef struct mn__tier_worker {
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    tier_job *queue, *queue_tail, *done;
+    atomic_int n_done;        /* finished, not yet collected: a lock-free peek for the step */
+    int n_busy;               /* queued or running */
+    pthread_cond_t idle;
+    bool stop;
+} tier_worker;
+
+static void *worker_main(void *arg) {
+    tier_worker *w = arg;
+    pthread_mutex_lock(&w->mu);
+    for (;;) {
+        while (!w->queue && !w->stop) pthread_cond_wait(&w->cv, &w->mu);
+        if (w->stop) break;
+        tier_job *j = w->queue;
+        w->queue = j->next;
+        if (!w->queue) w->queue_tail = NULL;
+        pthread_mutex_unlock(&w->mu);
+        mn_errbuf eb;
+        if (j->to == 2) j->err = mn_session_write_mem(&j->img, &j->packed, &j->packed_len, &eb);
+        else j->err = mn_session_write_file(j->path, &j->img, &eb);
+        pthread_mutex_lock(&w->mu);
+        j->next = w->done;
+        w->done = j;
+        w->n_busy--;
+        atomic_fetch_add(&w->n_done, 1);
+        pthread_cond_broadcast(&w->idle);
+    }
+    pthread_mutex_unlock(&w->mu);
+    return NULL;
+}
+
+static void job_free(tier_job *j) {
+    mn_free(j->tokens);
+    mn_free(j->roles);
+    mn_free(j->kv_owned);
+    mn_free(j->packed);
+    if (j->path) {
+        if (!j->s && j->err == MN_OK) unlink(j->path); /* written for a session that moved on */
+        mn_free(j->path);
+    }
+    mn_free(j);
+}
+
+/* The job no longer belongs to s: it keeps the T1 image it reads. */
+static void job_orphan(mn_session *s) {
+    tier_job *j = s->job;
+    if (!j) return;
+    j->s = NULL;
+    j->kv_owned = s->host_kv;
+    s->host_kv = NULL;
+    s->job = NULL;
+}
+
+static mn_err start_async(mn_engine *e, mn_session *s, int to, mn_errbuf *eb) {
+    if (!e->worker) {
+        tier_worker *w = mn_calloc(1, sizeof *w);
+        if (!w) return mn_errf(eb, MN_ENOMEM, "tier worker: out of memory");
+        pthread_mutex_init(&w->mu, NULL);
+        pthread_cond_init(&w->cv, NULL);
+        pthread_cond_init(&w->idle, NULL);
+        if (pthread_create(&w->thread, NULL, worker_main, w) != 0) {
+            mn_free(w);
+            return mn_errf(eb, MN_ENOMEM, "tier worker: cannot start a thread");
+        }
+        e->worker = w;
+    }
+    tier_job *j = mn_calloc(1, sizeof *j);
+    int32_t n = s->n_computed;
+    if (j) {
+        j->tokens = mn_malloc((size_t)(n ? n : 1) * sizeof(int32_t));
+        j->roles = mn_malloc((size_t)(n ? n : 1));
+        if (to == 3) j->path = mn_malloc(strlen(e->persist_dir) + 48);
+    }
+    if (!j || !j->tokens || !j->roles || (to == 3 && !j->path)) {
+        if (j) job_free(j);
+        return mn_errf(eb, MN_ENOMEM, "tier worker: out of memory");
+    }
+    memcpy(j->tokens, s->tokens, (size_t)n * sizeof(int32_t)); /* the session may grow meanwhile */
+    memcpy(j->roles, s->roles, (size_t)n);
+    mn__session_fill_image(e, s, s->host_kv, s->host_blocks, &j->img);
+    j->img.tokens = j->tokens;
+    j->img.roles = j->roles;
+    if (to == 3) snprintf(j->path, strlen(e->persist_dir) + 48, "%s/%s.mns", e->persist_dir, s->id);
+    j->s = s;
+    j->to = to;
+    s->job = j;
+    tier_worker *w = e->worker;
+    pthread_mutex_lock(&w->mu);
+    if (w->queue_tail) w->queue_tail->next = j;
+    else w->queue = j;
+    w->queue_tail = j;
+    w->n_busy++;
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+    return MN_OK;
+}
+
+void mn__tier_collect(mn_engine *e) {
+    tier_worker *w = e->worker;
+    if (!w || atomic_load_explicit(&w->n_done, memory_order_acquire) == 0) return;
+    pthread_mutex_lock(&w->mu);
+    tier_job *list = w->done;
+    w->done = NULL;
+    atomic_store(&w->n_done, 0);
+    pthread_mutex_unlock(&w->mu);
+    while (list) {
+        tier_job *j = list;
+        list = j->next;
+        mn_session *s = j->s;
+        if (s && j->err == MN_OK) { /* install: the T1 image gives way to the new copy */
+            s->job = NULL;
+            e->tier_used[1] -= s->host_bytes;
+            mn_free(s->host_kv);
+            s->host_kv = NULL;
+            s->tier = j->to;
+            int64_t bytes = j->to == 2 ? (int64_t)j->packed_len : 0;
+            s->packed = j->packed;
+            s->packed_len = j->packed_len;
+            s->file = j->path;
+            s->host_bytes = bytes;
+            e->tier_used[j->to] += bytes;
+            e->swapped_out[j->to] += j->to == 2 ? bytes : (int64_t)j->img.n_blocks * e->bs * mn_kv_bytes_per_token(e->kv);
+            j->packed = NULL;
+            j->path = NULL;
+        } else if (s) {
+            s->job = NULL; /* failed (e.g. disk full): it simply stays in T1 */
+        }
+        job_free(j);
+    }
+}
+
+void mn_engine_tier_wait(mn_engine *e) {
+    tier_worker *w = e->worker;
+    if (!w) return;
+    pthread_mutex_lock(&w->mu);
+    while (w->n_busy > 0) pthread_cond_wait(&w->idle, &w->mu);
+    pthread_mutex_unlock(&w->mu);
+    mn__tier_collect(e);
+}
+
+void mn__tier_worker_free(mn_engine *e) {
+    tier_worker *w = e->worker;
+    if (!w) return;
+    pthread_mutex_lock(&w->mu);
+    w->stop = true;
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+    pthread_join(w->thread, NULL);
+    for (tier_job *j = w->queue, *n; j; j = n) { n = j->next; if (j->s) j->s->job = NULL; job_free(j); }
+    for (tier_job *j = w->done, *n; j; j = n) { n = j->next; if (j->s) j->s->job = NULL; j->s = NULL; job_free(j); }
+    pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->cv);
+    pthread_cond_destroy(&w->idle);
+    mn_free(w);
+    e->worker = NULL;
+}
+
 /* Free whatever s holds below T0 and forget the accounting. */
 void mn__tier_drop(mn_engine *e, mn_session *s) {
+    job_orphan(s);
     e->tier_used[s->tier] -= s->host_bytes;
     mn_free(s->host_kv);
     mn_free(s->packed);
@@ -201,10 +384,12 @@ mn_err mn_engine_demote_idle(mn_engine *e, double idle_seconds, double now, mn_e
         if (s->gen || s->n_computed != s->n_tokens) continue;
         double idle = now - s->last_use;
         int want = idle > 4 * idle_seconds ? (e->persist_dir ? 3 : 2) : idle > 2 * idle_seconds ? 2 : idle > idle_seconds ? 1 : 0;
-        if (want > s->tier) {
-            mn_err err = demote(e, s, want, eb);
-            if (err != MN_OK) return err;
-        }
+        if (want <= s->tier || s->job) continue;
+        mn_err err = MN_OK;
+        if (s->tier == 0) err = demote(e, s, 1, eb); /* a copy: fast */
+        if (err == MN_OK && want > 1) /* compression or a disk write: off the engine thread */
+            err = s->tier == 1 ? start_async(e, s, want, eb) : demote(e, s, want, eb);
+        if (err != MN_OK) return err;
     }
     rebalance(e, NULL);
     return MN_OK;

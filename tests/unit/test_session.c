@@ -428,6 +428,65 @@ static void test_tier_round_trips(void **state) {
     assert_int_equal(rmdir(dir), 0); /* no session file left behind */
 }
 
+/* Idle demotion below T1 runs on the tier worker: the sessions are T1 until a step (or
+ * tier_wait) installs the result; promoting or deleting a session whose job is still in
+ * flight is safe; every session still equals a fresh one. */
+static void test_idle_demotion_in_background(void **state) {
+    char dir[] = "/tmp/mneme-test-idle-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    mn_engine *e = engine_tiers(256, 0, 0, dir), *ref = engine(256);
+    mn_errbuf eb;
+    enum { N = 6 };
+    mn_session *s[N];
+    for (int i = 0; i < N; i++) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "Background tier test %d: name %d animals that live in the sea.", i, i + 2);
+        assert_int_equal(mn_session_create(e, NULL, &s[i], &eb), MN_OK);
+        append(e, s[i], MN_ROLE_USER, msg);
+    }
+    mn_session_info info;
+    /* idle for 2.5x the threshold (T2 wanted), whatever the time it took to build them */
+    mn_session_info_get(e, s[N - 1], &info);
+    assert_int_equal(mn_engine_demote_idle(e, 1000.0, info.last_use + 2500.0, &eb), MN_OK);
+    mn_engine_stats st;
+    mn_engine_stats_get(e, &st);
+    assert_int_equal(st.tier_sessions[0], 0);
+    assert_int_equal(st.tier_sessions[1] + st.tier_sessions[2], N); /* T1 until installed */
+    /* promote one and delete one while their jobs may still run */
+    append(e, s[1], MN_ROLE_USER, "And one bird.");
+    mn_session_delete(e, s[2]);
+    s[2] = NULL;
+    mn_engine_tier_wait(e);
+    for (int i = 0; i < N; i++) {
+        if (!s[i]) continue;
+        mn_session_info_get(e, s[i], &info);
+        assert_string_equal(info.tier, i == 1 ? "T0" : "T2");
+    }
+    mn_engine_stats_get(e, &st);
+    assert_true(st.tier_bytes[2] > 0);
+    assert_true(st.swapped_out[2] > 0);
+    mn_session_info_get(e, s[1], &info);
+    assert_int_equal(mn_engine_demote_idle(e, 1000.0, info.last_use + 100000.0, &eb), MN_OK); /* T2 -> T3: on this thread */
+    mn_session_info_get(e, s[1], &info);
+    assert_string_equal(info.tier, "T1"); /* s[1] was T0: T1 at once; its job to T3 installs later */
+    mn_engine_tier_wait(e);
+    for (int i = 0; i < N; i++) {
+        if (!s[i]) continue;
+        mn_session_info_get(e, s[i], &info);
+        assert_string_equal(info.tier, "T3");
+        append(e, s[i], MN_ROLE_USER, "Which is largest?");
+        assert_logits_equal(ref, s[i], "a session demoted in the background");
+    }
+    /* a job still queued when the engine goes away is dropped cleanly */
+    mn_session_info_get(e, s[1], &info);
+    assert_int_equal(mn_engine_demote_idle(e, 1000.0, info.last_use + 100000.0, &eb), MN_OK);
+    for (int i = 0; i < N; i++)
+        if (s[i]) mn_session_delete(e, s[i]);
+    mn_engine_free(e);
+    mn_engine_free(ref);
+    assert_int_equal(rmdir(dir), 0); /* no file left by an orphaned job */
+}
+
 /* Messages appended one at a time are the tokens of the whole conversation rendered by
  * the model's template: every message keeps its opening (SmolLM2's BOS is <|im_start|>,
  * which a per-message rule once stripped from every later message). */
@@ -584,6 +643,8 @@ int main(void) {
         cmocka_unit_test(test_tier_budgets),
         cmocka_unit_test(test_restart_adopts_persisted),
         cmocka_unit_test(test_framing_matches_template),
+        cmocka_unit_test(test_idle_demotion_in_background),
     };
+    if (getenv("MNEME_TEST_FILTER")) cmocka_set_test_filter(getenv("MNEME_TEST_FILTER")); /* e.g. for a TSan run */
     return cmocka_run_group_tests(tests, setup, teardown);
 }
