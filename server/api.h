@@ -64,6 +64,7 @@ typedef struct mn_serve {
     uint64_t next_id;
     mn_lora_registry *adapters;  /* owned by cmd_serve, borrowed by the engine: engine thread once it runs */
     json_t *adapter_info;        /* engine thread: adapter name -> {path, created} */
+    int n_adapters;              /* loop thread: adapters loaded, for /metrics */
 } mn_serve;
 
 /** Observe one value into a histogram (loop thread). */

@@ -183,6 +183,8 @@ static void ad_done(void *ud) {
         api_err_respond(r->res, &r->err);
         api_metrics_request(r->srv, r->route, r->err.status);
     } else {
+        if (r->op == AD_LOAD) r->srv->n_adapters++;
+        if (r->op == AD_UNLOAD) r->srv->n_adapters--;
         api_respond_json(r->res, r->status, r->out);
         r->out = NULL;
         api_metrics_request(r->srv, r->route, r->status);

@@ -177,6 +177,7 @@ static void respond_metrics(mn_serve *srv, mn_http_res *res) {
     metric_i(&b, "mneme_computed_tokens_total", "counter", "Tokens run through the model.", es->computed_tokens);
     metric_i(&b, "mneme_http_connections", "gauge", "Open client connections.",
              mn_http_server_n_connections(srv->http));
+    metric_i(&b, "mneme_adapters_loaded", "gauge", "LoRA adapters loaded.", srv->n_adapters);
     api_metrics_request(srv, "/metrics", 200);
     mn_http_respond(res, 200, "text/plain; version=0.0.4", b.p ? b.p : "", b.n, NULL, 0);
     mn_free(b.p);
@@ -553,6 +554,7 @@ int cmd_serve(int argc, char **argv) {
         mn_free(srv->keys);
         return 1;
     }
+    srv->n_adapters = n_loras;
     if (n_loras) fprintf(stderr, "mneme serve: %d adapter%s loaded\n", n_loras, n_loras == 1 ? "" : "s");
     mn_engine_params ep = {.max_batch_tokens = (int32_t)max_batch, .n_blocks = (int32_t)kv_blocks, .t1_budget = t1,
                            .t2_budget = t2, .persist_dir = persist, .adapters = srv->adapters};

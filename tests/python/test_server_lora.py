@@ -180,6 +180,8 @@ def test_adapter_load_list_unload(server, client, adapters):
     assert e["code"] == "adapter_unloaded" and "'c' is no longer loaded" in e["message"]
     server.json("DELETE", f"{S}/{sid}")
     assert [m.id for m in client.models.list().data] == [server.model, "a", "b"]
+    _, metrics, _ = server.request("GET", "/metrics")
+    assert b"\nmneme_adapters_loaded 2\n" in metrics
     # the other adapters are untouched
     assert chat(client, "a") == chat(client, "a", stream=True)
 
