@@ -535,6 +535,7 @@ typedef struct turn_res {
     int new_tokens;      /* tokens the server computed for the user turn (session: appended) */
     int prompt_tokens;   /* stateless: the whole history sent */
     int reply_tokens;
+    double decode;       /* seconds per token after the first one; 0 with fewer than 2 tokens */
     bool ok;
 } turn_res;
 
@@ -607,6 +608,7 @@ static int multiturn_session(const opts *o, turn_res *res) {
             t->total = rec.t_end - t0;
             t->prompt_tokens = rec.prompt_tokens;
             t->reply_tokens = rec.completion_tokens >= 0 ? rec.completion_tokens : rec.n_tt;
+            t->decode = rec.n_tt > 1 ? (rec.tt[rec.n_tt - 1] - rec.tt[0]) / (rec.n_tt - 1) : 0;
         }
         rec_free(&rec);
     }
@@ -647,6 +649,7 @@ static int multiturn_stateless(const opts *o, bool cold, turn_res *res) {
             t->prompt_tokens = rec.prompt_tokens;
             t->new_tokens = rec.prompt_tokens - prev_prompt;
             t->reply_tokens = rec.completion_tokens >= 0 ? rec.completion_tokens : rec.n_tt;
+            t->decode = rec.n_tt > 1 ? (rec.tt[rec.n_tt - 1] - rec.tt[0]) / (rec.n_tt - 1) : 0;
             prev_prompt = rec.prompt_tokens + t->reply_tokens;
         }
         /* the reply goes into the history the next request resends */
@@ -688,7 +691,8 @@ static int run_turns(const opts *o) {
     turn_res *res[N_MODES];
     int errors = 0;
     counters c[N_MODES + 1];
-    double sum_ttft[N_MODES] = {0}, sum_total[N_MODES] = {0};
+    double sum_ttft[N_MODES] = {0}, sum_total[N_MODES] = {0}, sum_dec[N_MODES] = {0};
+    int n_dec[N_MODES] = {0};
     for (int m = 0; m < N_MODES; m++) res[m] = calloc((size_t)o->turns, sizeof *res[m]);
     if (!res[0] || !res[1] || !res[2]) {
         for (int m = 0; m < N_MODES; m++) free(res[m]);
@@ -716,15 +720,17 @@ static int run_turns(const opts *o) {
         for (int m = 0; m < N_MODES && ok; m++) {
             sum_ttft[m] += res[m][k].ttft;
             sum_total[m] += res[m][k].total;
+            if (res[m][k].decode > 0) { sum_dec[m] += res[m][k].decode; n_dec[m]++; }
         }
         if (o->json) {
             for (int m = 0; m < N_MODES; m++) {
                 turn_res *t = &res[m][k];
                 printf("{\"bench\": \"turn\", \"mode\": \"%s\", \"turn\": %d, \"ok\": %s, \"prompt_tokens\": %d, "
                        "\"new_tokens\": %d, \"reply_tokens\": %d, \"ttft_ms\": %.2f, \"total_ms\": %.2f, "
-                       "\"append_ms\": %.2f, \"ttft_vs_session\": %.3f}\n",
+                       "\"append_ms\": %.2f, \"decode_ms_per_token\": %.3f, \"ttft_vs_session\": %.3f}\n",
                        MODE_NAME[m], k + 1, t->ok ? "true" : "false", t->prompt_tokens, t->new_tokens, t->reply_tokens,
-                       t->ttft * 1e3, t->total * 1e3, t->append * 1e3, ok ? t->ttft / a->ttft : NAN);
+                       t->ttft * 1e3, t->total * 1e3, t->append * 1e3, t->decode * 1e3,
+                       ok ? t->ttft / a->ttft : NAN);
             }
         } else {
             printf("| %4d | %7d | %12.1f | %6.1f | %7d | %14.1f | %6.1f | %9.1f | %6.1f | %17.2f | %12.2f |\n", k + 1,
@@ -736,18 +742,18 @@ static int run_turns(const opts *o) {
         /* -1: /metrics did not answer */
         long long comp = c[m + 1].computed < 0 || c[m].computed < 0 ? -1 : c[m + 1].computed - c[m].computed;
         long long hit = c[m + 1].prefix_hit < 0 || c[m].prefix_hit < 0 ? -1 : c[m + 1].prefix_hit - c[m].prefix_hit;
+        double dec = n_dec[m] ? 1e3 * sum_dec[m] / n_dec[m] : NAN;
         if (o->json)
             printf("{\"bench\": \"turns\", \"mode\": \"%s\", \"turns\": %d, \"ttft_ms_sum\": %.2f, "
-                   "\"total_ms_sum\": %.2f, "
-                   "\"ttft_vs_session\": %.3f, \"total_vs_session\": %.3f, \"computed_tokens\": %lld, "
-                   "\"prefix_hit_tokens\": %lld}\n",
+                   "\"total_ms_sum\": %.2f, \"ttft_vs_session\": %.3f, \"total_vs_session\": %.3f, "
+                   "\"decode_ms_per_token\": %.3f, \"computed_tokens\": %lld, \"prefix_hit_tokens\": %lld}\n",
                    MODE_NAME[m], o->turns, sum_ttft[m] * 1e3, sum_total[m] * 1e3, sum_ttft[m] / sum_ttft[0],
-                   sum_total[m] / sum_total[0], comp, hit);
+                   sum_total[m] / sum_total[0], dec, comp, hit);
         else
-            printf("%-14s all turns: TTFT %8.1f ms, total %8.1f ms (x%.2f, x%.2f of session); model ran %lld tokens, "
-                   "prefix-cache hits %lld\n",
+            printf("%-14s all turns: TTFT %8.1f ms, total %8.1f ms (x%.2f, x%.2f of session); reply decode %.2f "
+                   "ms/token; model ran %lld tokens, prefix-cache hits %lld\n",
                    MODE_NAME[m], sum_ttft[m] * 1e3, sum_total[m] * 1e3, sum_ttft[m] / sum_ttft[0],
-                   sum_total[m] / sum_total[0], comp, hit);
+                   sum_total[m] / sum_total[0], dec, comp, hit);
     }
     if (errors && !o->json) printf("(turns with an error in any mode are left out of the sums)\n");
     fflush(stdout);
