@@ -8,9 +8,12 @@ Every check runs against the real server over a real socket; OpenAI requests use
 official `openai` client."""
 from __future__ import annotations
 
+import http.client
 import importlib.util
+import json
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -138,7 +141,6 @@ def test_adapter_load_list_unload(server, client, adapters):
     def err(method, path, body, status):
         st, data, _ = server.request(method, path, body)
         assert st == status, (method, path, st, data)
-        import json
         return json.loads(data)["error"]
 
     assert "already loaded" in err("POST", A, {"name": "c", "path": str(adapters["a"])}, 409)["message"]
@@ -235,3 +237,24 @@ def test_adapter_session_survives_restart(mneme_bin, model_path, adapters, tmp_p
         assert st == 409, data
     finally:
         srv3.close()
+
+
+def test_running_request_holds_its_adapter(server, adapters):
+    """A streaming OpenAI request's temporary session counts as a user: unload is 409 while it
+    runs, and succeeds once the client has gone (its generation is cancelled)."""
+    server.json("POST", "/v1/adapters", {"name": "held", "path": str(adapters["c"])})
+    c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    c.request("POST", "/v1/completions", json.dumps({"model": "held", "prompt": "Once upon a time",
+                                                      "max_tokens": 2000, "temperature": 0, "stream": True}),
+              {"Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.status == 200
+    while not r.fp.readline().startswith(b"data: "):
+        pass
+    st, data, _ = server.request("DELETE", "/v1/adapters/held")
+    assert st == 409 and b"adapter_in_use" in data, data
+    c.close()
+    end = time.time() + 10
+    while (st := server.request("DELETE", "/v1/adapters/held")[0]) == 409 and time.time() < end:
+        time.sleep(0.05)
+    assert st == 200
