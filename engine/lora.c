@@ -502,8 +502,11 @@ mn_err mn_lora_registry_new(const mn_model *m, mn_lora_registry **out, mn_errbuf
     return MN_OK;
 }
 
-/* Drop slot i's device copy (its copy finished first: the buffer may still be read by it). */
-static void evict(mn_lora_registry *r, lora_slot *s, mn_errbuf *eb) {
+/* Drop slot s's device copy (its copy finished first: the buffer may still be read by it).
+ * With keep non-NULL and *keep NULL, a buffer of keep_size bytes is handed over in *keep
+ * instead of freed: adapters of one shape have one size, and on CUDA a free synchronises
+ * the device, which would stall the compute a page-in is meant to overlap. */
+static void evict_keep(mn_lora_registry *r, lora_slot *s, mn_errbuf *eb, mn_buffer **keep, size_t keep_size) {
     if (!s->dev) return;
     if (s->copying) {
         mn_errbuf tmp = {{0}};
@@ -513,11 +516,14 @@ static void evict(mn_lora_registry *r, lora_slot *s, mn_errbuf *eb) {
     r->st.resident_bytes -= s->dev->size;
     r->st.resident--;
     r->table[s - r->slots] = s->host;
-    mn_buffer_free(s->dev);
+    if (keep && !*keep && s->dev->size == keep_size) *keep = s->dev;
+    else mn_buffer_free(s->dev);
     s->dev = NULL;
     mn_free(s->view_layers);
     s->view_layers = NULL;
 }
+
+static void evict(mn_lora_registry *r, lora_slot *s, mn_errbuf *eb) { evict_keep(r, s, eb, NULL, 0); }
 
 void mn_lora_registry_free(mn_lora_registry *r) {
     if (!r) return;
@@ -621,21 +627,29 @@ static mn_err page_in(mn_lora_registry *r, int32_t i, mn_errbuf *eb) {
     if (r->budget && need > r->budget)
         return mn_errf(eb, MN_ELIMIT, "lora registry: adapter '%s' needs %zu bytes on the device, over the whole adapter "
                        "budget of %zu bytes", l->name, need, r->budget);
+    mn_buffer *reuse = NULL;
     while (r->budget && r->st.resident_bytes + need > r->budget) {
         lora_slot *v = NULL;
         for (int32_t j = 0; j < r->n_slots; j++) {
             lora_slot *c = &r->slots[j];
             if (c->dev && !c->pins && !r->mark[j] && (!v || c->last_use < v->last_use)) v = c;
         }
-        if (!v)
-            return mn_errf(eb, MN_ELIMIT, "lora registry: adapter '%s' needs %zu bytes; %zu of the %zu byte budget are held "
-                           "by adapters in use", l->name, need, (size_t)r->st.resident_bytes, r->budget);
-        evict(r, v, eb);
+        if (!v) {
+            mn_buffer_free(reuse);
+            return mn_errf(eb, MN_ELIMIT, "lora registry: adapter '%s' needs %zu bytes; %zu of the %zu byte budget are "
+                           "held by adapters in use", l->name, need, (size_t)r->st.resident_bytes, r->budget);
+        }
+        evict_keep(r, v, eb, &reuse, need);
         r->st.evictions++;
     }
     mn_lora_layer *vl = mn_malloc((size_t)l->n_layer * sizeof *vl);
-    if (!vl) return mn_errf(eb, MN_ENOMEM, "lora registry: out of memory for the view of '%s'", l->name);
-    mn_err e = mn_buffer_alloc(r->be, MN_MEM_DEVICE, need, &s->dev, eb);
+    if (!vl) {
+        mn_buffer_free(reuse);
+        return mn_errf(eb, MN_ENOMEM, "lora registry: out of memory for the view of '%s'", l->name);
+    }
+    mn_err e = MN_OK;
+    if (reuse) s->dev = reuse;
+    else e = mn_buffer_alloc(r->be, MN_MEM_DEVICE, need, &s->dev, eb);
     if (e != MN_OK) {
         mn_free(vl);
         s->dev = NULL;

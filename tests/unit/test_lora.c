@@ -637,6 +637,7 @@ static void test_lora_paging(void **state) {
     if (mn_lora_registry_acquire_batch(reg, two, 4, &tab, &n_tab, &eb) != MN_OK) fail_msg("%s", eb.msg);
     mn_lora_registry_release_batch(reg, two, 4);
 
+    mn_lora_stats st;
     /* a budget smaller than one adapter: a clear error naming both sizes */
     assert_int_equal(mn_lora_registry_set_budget(reg, fx.be, one - 1, &eb), MN_OK);
     const int32_t t1[1] = {3};
@@ -650,9 +651,28 @@ static void test_lora_paging(void **state) {
     const int32_t t9[1] = {9};
     assert_int_equal(mn_lora_registry_acquire_batch(reg, t9, 1, &tab, &n_tab, &eb), MN_EINVALID);
 
+    /* the N-th allocation of a page-in fails: an error, nothing pinned, nothing leaked */
+    assert_int_equal(mn_lora_registry_set_budget(reg, fx.be, one, &eb), MN_OK);
+    for (long k = 0;; k++) {
+        const int32_t t2[1] = {(int32_t)(k % 2) + 1};
+        int32_t was = mn_lora_registry_resident(reg, t2[0]);
+        mn_alloc_fail_after(k);
+        mn_err e = mn_lora_registry_acquire_batch(reg, t2, 1, &tab, &n_tab, &eb);
+        mn_alloc_fail_after(-1);
+        if (e == MN_OK) {
+            assert_true(mn_lora_registry_resident(reg, t2[0]));
+            mn_lora_registry_release_batch(reg, t2, 1);
+            if (!was) break;
+            continue;
+        }
+        assert_int_equal(e, MN_ENOMEM);
+        assert_false(mn_lora_registry_pinned(reg, t2[0]));
+        mn_lora_registry_stats(reg, &st);
+        assert_true(st.resident_bytes <= one);
+    }
+
     /* detaching frees every device copy */
     assert_int_equal(mn_lora_registry_set_budget(reg, NULL, 0, &eb), MN_OK);
-    mn_lora_stats st;
     mn_lora_registry_stats(reg, &st);
     assert_int_equal(st.resident, 0);
     assert_int_equal(st.resident_bytes, 0);
