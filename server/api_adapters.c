@@ -73,9 +73,10 @@ static json_t *model_json(mn_serve *srv, const char *id, const char *parent) {
 }
 
 bool api_adapter_load(mn_serve *srv, const char *name, const char *path, api_err *err) {
-    if (!strcmp(name, srv->model_name) || find_lora(srv, name))
+    bool base = !strcmp(name, srv->model_name);
+    if (base || find_lora(srv, name))
         return api_errf(err, 409, "conflict_error", "name", "'%s' is already loaded%s", name,
-                        strcmp(name, srv->model_name) ? " (DELETE /v1/adapters/{name} first)" : ": it is the base model");
+                        base ? ": it is the base model" : " (DELETE /v1/adapters/{name} first)");
     mn_errbuf eb = {{0}};
     int32_t index = -1;
     mn_err e = mn_lora_registry_load(srv->adapters, name, path, &index, &eb);

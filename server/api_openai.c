@@ -927,8 +927,8 @@ void api_completions(mn_serve *srv, const mn_http_req *req, mn_http_res *res, co
         return;
     }
     if (model && (strlen(model) >= API_ADAPTER_NAME_LEN || !*model)) { /* others: resolved on the engine thread */
-        api_errf(&err, 404, "invalid_request_error", "model", "The model '%.64s' does not exist (this server serves '%s')",
-                 model, srv->model_name);
+        api_errf(&err, 404, "invalid_request_error", "model",
+                 "The model '%.64s' does not exist (this server serves '%s')", model, srv->model_name);
         snprintf(err.code, sizeof err.code, "model_not_found");
         api_err_respond(res, &err);
         api_metrics_request(srv, route, err.status);
