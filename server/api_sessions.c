@@ -717,8 +717,15 @@ int api_sessions_save_all(mn_serve *srv) {
         }
         if (srv->saved_engine_ids)
             snprintf(srv->saved_engine_ids[srv->n_saved_engine_ids++], 33, "%s", mn_session_id(re->s));
-        json_array_append_new(list, json_pack("{s:s, s:s, s:I, s:s}", "id", re->id, "owner", re->owner, "created",
-                                              (json_int_t)re->created, "file", strrchr(path, '/') + 1));
+        json_t *ent = json_pack("{s:s, s:s, s:I, s:s}", "id", re->id, "owner", re->owner, "created",
+                                (json_int_t)re->created, "file", strrchr(path, '/') + 1);
+        const char *adapter = mn_session_adapter(re->s);
+        if (ent && adapter) { /* for the report when a later start lacks it (the file keys it by content) */
+            json_object_set_new(ent, "adapter", json_string(adapter));
+            json_t *from = json_object_get(json_object_get(srv->adapter_info, adapter), "path");
+            if (from) json_object_set(ent, "adapter_path", from);
+        }
+        json_array_append_new(list, ent);
         saved++;
     }
     if (srv->reg && srv->reg->unloaded) json_array_extend(list, srv->reg->unloaded);
@@ -762,6 +769,11 @@ int api_sessions_load_all(mn_serve *srv) {
         mn_errbuf eb = {{0}};
         if (mn_session_load(e, fp, &s, &eb) != MN_OK) { /* kept in the map and on disk for a later run */
             fprintf(stderr, "mneme serve: session %s not loaded (kept in %s): %s\n", id, srv->persist_dir, eb.msg);
+            const char *adapter = json_string_value(json_object_get(v, "adapter"));
+            const char *from = json_string_value(json_object_get(v, "adapter_path"));
+            if (adapter)
+                fprintf(stderr, "mneme serve: session %s was made under adapter '%s'%s%s: start with --lora %s=%s\n",
+                        id, adapter, from ? " from " : "", from ? from : "", adapter, from ? from : "PATH");
             api_registry *r = reg_get(srv);
             if (r && !r->unloaded) r->unloaded = json_array();
             if (r && r->unloaded) json_array_append(r->unloaded, v);

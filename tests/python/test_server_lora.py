@@ -220,6 +220,7 @@ def test_adapter_session_survives_restart(mneme_bin, model_path, adapters, tmp_p
     srv2 = Server(mneme_bin, model_path, "--persist-dir", str(d), "--lora", f"b={adapters['b']}")
     try:
         assert f"session {sid} not loaded" in srv2.stderr() and "adapter" in srv2.stderr()
+        assert f"made under adapter 'a' from {adapters['a']}: start with --lora a={adapters['a']}" in srv2.stderr()
         st, _, _ = srv2.request("GET", f"{S}/{sid}")
         assert st == 404
     finally:
