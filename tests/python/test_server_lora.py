@@ -36,15 +36,16 @@ def gen_lora(repo_root):
 
 @pytest.fixture(scope="module")
 def adapters(gen_lora, model_path, tmp_path_factory):
-    """name -> directory: a (r 4, q/v), b (r 8, o/up), c (r 4, k/down; loaded by request),
-    bad (truncated: written by gen_lora.py --break)."""
+    """name -> path: a (r 4, q/v), a.gguf (a as a GGUF LoRA), b (r 8, o/up), c (r 4, k/down;
+    loaded by request), bad (truncated: written by gen_lora.py --break)."""
     d = tmp_path_factory.mktemp("adapters")
     shape = gen_lora.model_shape(str(model_path))
-    gen_lora.generate(str(d / "a"), shape, r=4, targets=("q_proj", "v_proj"), seed=3, std_b=0.3)
+    vals = gen_lora.generate(str(d / "a"), shape, r=4, targets=("q_proj", "v_proj"), seed=3, std_b=0.3)
+    gen_lora.to_gguf(vals, shape, str(d / "a.gguf"), alpha=8.0)   # the same adapter as a llama.cpp GGUF LoRA
     gen_lora.generate(str(d / "b"), shape, r=8, targets=("o_proj", "up_proj"), seed=4, std_b=0.2)
     gen_lora.generate(str(d / "c"), shape, r=4, targets=("k_proj", "down_proj"), seed=5, std_b=0.2)
     gen_lora.generate(str(d / "bad"), shape, r=4, targets=("q_proj",), seed=6, brk="truncate")
-    return {k: d / k for k in ("a", "b", "c", "bad")}
+    return {k: d / k for k in ("a", "b", "c", "bad", "a.gguf")}
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +137,11 @@ def test_adapter_load_list_unload(server, client, adapters):
     assert set(listed) == {"a", "b", "c"} and listed["b"]["ranks"] == {"o_proj": 8, "up_proj": 8}
     assert server.json("GET", f"{A}/c") == listed["c"]
     assert listed["a"]["fingerprint"] != listed["c"]["fingerprint"]
+    # the same content as a GGUF LoRA file: same fingerprint, same output
+    g = server.json("POST", A, {"name": "a-gguf", "path": str(adapters["a.gguf"])})
+    assert g["fingerprint"] == listed["a"]["fingerprint"] and g["ranks"] == listed["a"]["ranks"]
+    assert chat(client, "a-gguf") == chat(client, "a")
+    server.json("DELETE", f"{A}/a-gguf")
     assert chat(client, "c", n=4)
 
     def err(method, path, body, status):
