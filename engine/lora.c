@@ -474,6 +474,8 @@ mn_err mn_lora_check_model(const mn_lora *l, const mn_model *m, mn_errbuf *eb) {
 typedef struct lora_slot {
     mn_lora *host;
     mn_buffer *dev;          /* NULL: not resident */
+    mn_buffer *staged;       /* page-locked copy of the arena, the source of page-ins (an async
+                                copy from pageable memory would not overlap); NULL: none */
     mn_lora view;            /* header copy; layers = view_layers */
     mn_lora_layer *view_layers;
     mn_event ready;          /* the page-in copy */
@@ -529,6 +531,7 @@ void mn_lora_registry_free(mn_lora_registry *r) {
     if (!r) return;
     for (int32_t i = 0; i < r->n_slots; i++) {
         evict(r, &r->slots[i], NULL);
+        mn_buffer_free(r->slots[i].staged);
         mn_lora_free(r->slots[i].host);
     }
     mn_free(r->slots);
@@ -578,6 +581,7 @@ mn_err mn_lora_registry_unload(mn_lora_registry *r, const char *name, mn_errbuf 
     if (r->slots[i].pins)
         return mn_errf(eb, MN_EBUSY, "lora registry: '%s' is used by %d batch(es) in flight", name, r->slots[i].pins);
     evict(r, &r->slots[i], NULL);
+    mn_buffer_free(r->slots[i].staged);
     mn_lora_free(r->slots[i].host);
     r->slots[i] = (lora_slot){0};
     r->table[i] = NULL;
@@ -597,7 +601,11 @@ mn_err mn_lora_registry_set_budget(mn_lora_registry *r, mn_backend *be, size_t b
             return mn_errf(eb, MN_EBUSY, "lora registry: budget changed while '%s' is in a batch in flight",
                            r->slots[i].host->name);
     if (be != r->be)
-        for (int32_t i = 0; i < r->n_slots; i++) evict(r, &r->slots[i], eb);
+        for (int32_t i = 0; i < r->n_slots; i++) {
+            evict(r, &r->slots[i], eb);
+            mn_buffer_free(r->slots[i].staged);
+            r->slots[i].staged = NULL;
+        }
     r->be = be;
     r->budget = bytes;
     r->st.budget = bytes;
@@ -655,8 +663,18 @@ static mn_err page_in(mn_lora_registry *r, int32_t i, mn_errbuf *eb) {
         s->dev = NULL;
         return e;
     }
+    /* stage the host copy in page-locked memory once (kept until unload / detach); where
+     * the pinned budget says no, copy from the pageable arena (correct, not overlapped) */
+    if (!s->staged && l->bytes) {
+        mn_errbuf tmp = {{0}};
+        if (mn_buffer_alloc(r->be, MN_MEM_HOST_PINNED, (size_t)l->bytes, &s->staged, &tmp) == MN_OK)
+            memcpy(s->staged->ptr, l->arena, (size_t)l->bytes);
+        else
+            s->staged = NULL, r->st.unstaged++;
+    }
     double t0 = now_s();
-    e = mn_backend_copy_async(r->be, MN_COPY_H2D, s->dev->ptr, l->arena, (size_t)l->bytes, eb);
+    e = mn_backend_copy_async(r->be, MN_COPY_H2D, s->dev->ptr, s->staged ? s->staged->ptr : l->arena, (size_t)l->bytes,
+                              eb);
     if (e == MN_OK) e = mn_backend_event_record(r->be, &s->ready, eb);
     r->st.page_in_seconds += now_s() - t0;
     if (e != MN_OK) {
@@ -783,4 +801,13 @@ void mn_lora_registry_release_batch(mn_lora_registry *r, const int32_t *adapter,
         assert(r->slots[j].pins > 0);
         if (r->slots[j].pins > 0) r->slots[j].pins--;
     }
+}
+
+mn_err mn_lora_registry_prefetch(mn_lora_registry *r, const int32_t *adapter, int32_t n_tokens, mn_errbuf *eb) {
+    if (!r->be) return MN_OK;
+    mn_err e = mark_batch(r, adapter, n_tokens, eb);
+    for (int32_t i = 0; i < r->n_slots && e == MN_OK; i++)
+        if (r->mark[i] && !r->slots[i].dev) e = page_in(r, i, eb);
+    for (int32_t i = 0; i < r->n_slots; i++) r->mark[i] = 0;
+    return e;
 }

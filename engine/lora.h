@@ -108,8 +108,13 @@ const mn_lora *const *mn_lora_registry_table(const mn_lora_registry *r, int32_t 
  *       copies, pins them; mn_batch_lora = {adapter, table, n} for mn_forward_run_lora;
  *   mn_lora_registry_release_batch(r, adapter, T)   after the batch's results are read
  *       back (on CUDA: after the synchronisation that returns the logits); unpins.
- * Copies of adapters already resident cost nothing; a page-in overlaps whatever compute is
- * already enqueued (CUDA) and is waited for only by the batch that needs it. */
+ *   optionally mn_lora_registry_prefetch(r, next_adapter, T2, eb) as soon as the next
+ *       batch's adapters are known (before waiting on the current one), so its page-ins
+ *       overlap the current compute.
+ * Copies of adapters already resident cost nothing; a page-in is waited for only by the
+ * batch that needs it. The source of a page-in is a page-locked (MN_MEM_HOST_PINNED) copy
+ * of the adapter made at its first page-in and kept until unload or detach (a second host
+ * copy: the price of an async DMA), or the pageable arena when the pinned budget is full. */
 
 /* Counters since the registry was made. */
 typedef struct mn_lora_stats {
@@ -119,6 +124,7 @@ typedef struct mn_lora_stats {
     int32_t resident;              /* adapters with a device copy now */
     uint64_t resident_bytes;       /* their bytes */
     size_t budget;                 /* 0 = unlimited */
+    uint64_t unstaged;             /* page-ins copied from pageable memory (pinned budget full) */
 } mn_lora_stats;
 
 /** Attach backend be (NULL: detach, batches read the host copies) with a budget of bytes
@@ -133,6 +139,11 @@ mn_err mn_lora_registry_set_budget(mn_lora_registry *r, mn_backend *be, size_t b
  *  index is MN_EINVALID. On failure nothing is pinned by this call. */
 mn_err mn_lora_registry_acquire_batch(mn_lora_registry *r, const int32_t *adapter, int32_t n_tokens,
                                       const mn_lora *const **table, int32_t *n_table, mn_errbuf *eb);
+/** Start the page-ins the next batch (per-token indices, as acquire) will need, without
+ *  waiting or pinning, so the copies overlap the batch now computing; acquire then only
+ *  waits for them. May evict unpinned copies; MN_ELIMIT / MN_EINVALID as acquire. A no-op
+ *  without a backend. */
+mn_err mn_lora_registry_prefetch(mn_lora_registry *r, const int32_t *adapter, int32_t n_tokens, mn_errbuf *eb);
 /** Unpin what mn_lora_registry_acquire_batch pinned for the same adapter array. */
 void mn_lora_registry_release_batch(mn_lora_registry *r, const int32_t *adapter, int32_t n_tokens);
 /** Pin slots[0..n) (made resident as acquire does); each pin is undone by one unpin. */

@@ -651,6 +651,25 @@ static void test_lora_paging(void **state) {
     const int32_t t9[1] = {9};
     assert_int_equal(mn_lora_registry_acquire_batch(reg, t9, 1, &tab, &n_tab, &eb), MN_EINVALID);
 
+    /* prefetch: the copy starts now, the acquire of the next batch finds it resident */
+    mn_lora_stats st0;
+    const int32_t t3[2] = {-1, 3};
+    assert_int_equal(mn_lora_registry_set_budget(reg, fx.be, 2 * one, &eb), MN_OK);
+    mn_lora_registry_stats(reg, &st0);
+    if (!mn_lora_registry_resident(reg, 3)) {
+        assert_int_equal(mn_lora_registry_prefetch(reg, t3, 2, &eb), MN_OK);
+        mn_lora_registry_stats(reg, &st);
+        assert_int_equal(st.page_ins, st0.page_ins + 1);
+        st0 = st;
+    }
+    assert_true(mn_lora_registry_resident(reg, 3));
+    assert_false(mn_lora_registry_pinned(reg, 3));
+    if (mn_lora_registry_acquire_batch(reg, t3, 2, &tab, &n_tab, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    mn_lora_registry_stats(reg, &st);
+    assert_int_equal(st.page_ins, st0.page_ins);
+    assert_int_equal(st.unstaged, 0);
+    mn_lora_registry_release_batch(reg, t3, 2);
+
     /* the N-th allocation of a page-in fails: an error, nothing pinned, nothing leaked */
     assert_int_equal(mn_lora_registry_set_budget(reg, fx.be, one, &eb), MN_OK);
     for (long k = 0;; k++) {
