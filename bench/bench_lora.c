@@ -222,9 +222,9 @@ int main(int argc, char **argv) {
     }
     mn_lora_stats st;
     mn_lora_registry_stats(reg, &st);
-    printf("paging host -> device (%s backend, budget one adapter): %llu page-ins, %llu evictions, %.3f ms per adapter, "
-           "%.2f GB/s\n", mn_backend_name(be), (unsigned long long)st.page_ins, (unsigned long long)st.evictions,
-           st.page_in_seconds / (double)st.page_ins * 1e3, (double)st.bytes_in / st.page_in_seconds / 1e9);
+    printf("paging host -> device (%s backend, budget one adapter): %llu page-ins, %llu evictions, %.3f ms per "
+           "adapter, %.2f GB/s\n", mn_backend_name(be), (unsigned long long)st.page_ins,
+           (unsigned long long)st.evictions, st.page_in_seconds / (double)st.page_ins * 1e3, (double)st.bytes_in / st.page_in_seconds / 1e9);
     if (mn_lora_registry_set_budget(reg, NULL, 0, &eb) != MN_OK) die("budget", &eb);
     bench_single(tab[0]);
 

@@ -549,7 +549,8 @@ int32_t mn_lora_registry_find(const mn_lora_registry *r, const char *name) {
 mn_err mn_lora_registry_load(mn_lora_registry *r, const char *name, const char *dir, int32_t *index, mn_errbuf *eb) {
     if (!name || !name[0] || strlen(name) >= sizeof(((mn_lora *)0)->name))
         return mn_errf(eb, MN_EINVALID, "lora registry: adapter name must be 1..127 bytes");
-    if (mn_lora_registry_find(r, name) >= 0) return mn_errf(eb, MN_EINVALID, "lora registry: '%s' is already loaded", name);
+    if (mn_lora_registry_find(r, name) >= 0)
+        return mn_errf(eb, MN_EINVALID, "lora registry: '%s' is already loaded", name);
     int32_t slot = 0;
     while (slot < r->n_slots && r->slots[slot].host) slot++;
     if (slot == r->n_slots) {
@@ -633,8 +634,8 @@ static mn_err page_in(mn_lora_registry *r, int32_t i, mn_errbuf *eb) {
     const mn_lora *l = s->host;
     size_t need = l->bytes ? (size_t)l->bytes : 4;
     if (r->budget && need > r->budget)
-        return mn_errf(eb, MN_ELIMIT, "lora registry: adapter '%s' needs %zu bytes on the device, over the whole adapter "
-                       "budget of %zu bytes", l->name, need, r->budget);
+        return mn_errf(eb, MN_ELIMIT, "lora registry: adapter '%s' needs %zu bytes on the device, over the whole "
+                       "adapter budget of %zu bytes", l->name, need, r->budget);
     mn_buffer *reuse = NULL;
     while (r->budget && r->st.resident_bytes + need > r->budget) {
         lora_slot *v = NULL;

@@ -52,7 +52,8 @@ __global__ static void lora_kernel(mn_lora_desc d) {
         for (int o = 0; o < d.n_out; o++) {
             if (!g.b[o]) continue;
             const int64_t N = d.N[o];
-            for (int64_t n = (int64_t)blockIdx.z * blockDim.x + threadIdx.x; n < N; n += (int64_t)gridDim.z * blockDim.x) {
+            const int64_t step = (int64_t)gridDim.z * blockDim.x;
+            for (int64_t n = (int64_t)blockIdx.z * blockDim.x + threadIdx.x; n < N; n += step) {
                 float acc[ROWS];
                 for (int i = 0; i < ROWS; i++) acc[i] = 0.0f;
                 for (int32_t j = 0; j < g.r_out[o]; j++) {
@@ -72,8 +73,8 @@ mn_err mn_cuda_lora(const mn_lora_desc *d, cudaStream_t s, mn_errbuf *eb) {
     if (d->n_out < 1 || d->n_out > MN_LORA_MAX_OUT)
         return mn_errf(eb, MN_EINVALID, "cuda lora: n_out %d not in 1..%d", d->n_out, MN_LORA_MAX_OUT);
     if (d->max_r <= 0 || d->max_r > MN_CUDA_LORA_MAX_R)
-        return mn_errf(eb, MN_EUNSUPPORTED, "cuda lora: plan max_r %d not in 1..%d (shrink width kept in shared memory)",
-                       d->max_r, MN_CUDA_LORA_MAX_R);
+        return mn_errf(eb, MN_EUNSUPPORTED, "cuda lora: plan max_r %d not in 1..%d (the shrink width is kept in "
+                       "shared memory)", d->max_r, MN_CUDA_LORA_MAX_R);
     if (d->n_seg > 65535 * 1024)
         return mn_errf(eb, MN_EUNSUPPORTED, "cuda lora: %d segments", d->n_seg);
     int64_t n_max = 1;

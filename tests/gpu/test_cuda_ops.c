@@ -654,8 +654,10 @@ static int lora_case(const lcase *c, cudaStream_t s) {
             int32_t t = rows[seg[g].start + k];
             seg_of[t] = g;
             for (int32_t j = 0; j < seg[g].r; j++)
-                for (int64_t q = 0; q < c->K; q++)
-                    sx[(size_t)t * d.max_r + j] += fabs(x[t * c->K + q] * lora_elem_h(seg[g].a, seg[g].type, (int64_t)j * c->K + q));
+                for (int64_t q = 0; q < c->K; q++) {
+                    double av = lora_elem_h(seg[g].a, seg[g].type, (int64_t)j * c->K + q);
+                    sx[(size_t)t * d.max_r + j] += fabs(x[t * c->K + q] * av);
+                }
         }
     for (int o = 0; o < c->n_out && ok; o++) {
         size_t bytes = a.bytes[yi[o]];
@@ -667,8 +669,8 @@ static int lora_case(const lcase *c, cudaStream_t s) {
             int g = t < c->T && n < d.N[o] ? seg_of[t] : -1;
             if (g < 0 || !seg[g].b[o]) { /* no adapter, a stride gap or the guard: bytes unchanged */
                 if (memcmp(got + 4 * i, init[o] + 4 * i, 4) != 0) {
-                    snprintf(why, sizeof why, "out %d: float %zu (row %lld col %lld) changed outside the segments", o, i,
-                             (long long)t, (long long)n);
+                    snprintf(why, sizeof why, "out %d: float %zu (row %lld col %lld) changed outside the segments", o,
+                             i, (long long)t, (long long)n);
                     ok = 0;
                 }
                 continue;
@@ -676,7 +678,8 @@ static int lora_case(const lcase *c, cudaStream_t s) {
             const mn_lora_seg *q = &seg[g];
             double bound = 0;
             for (int32_t j = 0; j < q->r_out[o]; j++)
-                bound += sx[(size_t)t * d.max_r + q->r_off[o] + j] * fabs(lora_elem_h(q->b[o], q->type, (int64_t)j * d.N[o] + n));
+                bound += sx[(size_t)t * d.max_r + q->r_off[o] + j] *
+                         fabs(lora_elem_h(q->b[o], q->type, (int64_t)j * d.N[o] + n));
             double tol = 1e-4 * (fabs(in[i]) + fabs(q->scale[o]) * bound), err = fabs((double)g32[i] - want[i]);
             if (!isfinite(g32[i]) || !(err <= tol)) {
                 snprintf(why, sizeof why, "out %d [%lld,%lld]: got %.9g want %.9g (tol %.3g)", o, (long long)t,

@@ -548,7 +548,8 @@ static void run_schedule(fwd_fixture *fx, mn_lora_registry *reg, bool pairs, flo
 
 static void test_lora_paging(void **state) {
     fwd_fixture fx;
-    if (access(model_path(), R_OK) != 0 && getenv("MNEME_ALLOW_NO_MODEL") && !strcmp(getenv("MNEME_ALLOW_NO_MODEL"), "1")) {
+    const char *allow = getenv("MNEME_ALLOW_NO_MODEL");
+    if (access(model_path(), R_OK) != 0 && allow && !strcmp(allow, "1")) {
         fprintf(stderr, "model %s missing and MNEME_ALLOW_NO_MODEL=1: skipping\n", model_path());
         skip();
     }
