@@ -45,6 +45,7 @@ static const mn_lora *find_lora(mn_serve *srv, const char *name) {
 }
 
 static json_t *adapter_json(mn_serve *srv, const mn_lora *l) {
+    int32_t slot = mn_lora_registry_find(srv->adapters, l->name);
     json_t *targets = json_array(), *ranks = json_object();
     for (int t = 0; t < MN_LORA_N_TARGETS; t++) {
         if (!(l->targets & (1u << t))) continue;
@@ -60,7 +61,8 @@ static json_t *adapter_json(mn_serve *srv, const mn_lora *l) {
     int32_t users = srv->et ? mn_engine_adapter_users(mn_et_engine(srv->et), l->name) : 0;
     return json_pack("{s:s, s:s, s:s, s:i, s:o, s:o, s:I, s:s, s:i, s:s, s:f, s:O?, s:O?}", "id", l->name, "object",
                      "adapter", "parent", srv->model_name, "rank", l->r_max, "ranks", ranks, "targets", targets,
-                     "bytes", (json_int_t)l->bytes, "residency", "host", "sessions", users, "fingerprint", fp,
+                     "bytes", (json_int_t)l->bytes, "residency",
+                     mn_lora_registry_resident(srv->adapters, slot) ? "device" : "host", "sessions", users, "fingerprint", fp,
                      "load_seconds", l->load_seconds, "path", json_object_get(info, "path"), "created",
                      json_object_get(info, "created"));
 }
