@@ -19,7 +19,7 @@ import pytest
 
 openai = pytest.importorskip("openai", reason="pip install openai (tools/setup.sh installs it)")
 
-from server_util import Server  # noqa: E402
+from server_util import WS, Server  # noqa: E402
 
 S = "/v1/sessions"
 SYSTEM = "You are a terse assistant."
@@ -105,6 +105,28 @@ def test_adapter_output_differs_from_base_and_equals_session(server, client):
     assert session_reply(server, "a") == a
     assert session_reply(server, None) == base
     assert chat(client, "a", stream=True) == a
+
+
+def test_websocket_on_an_adapter_session(server, client):
+    """The WebSocket generates with the session's adapter; a frame naming another is refused."""
+    sid = server.json("POST", S, {"system": SYSTEM, "adapter": "b"})["id"]
+    ws = WS(server.port, f"{S}/{sid}/stream")
+    try:
+        assert ws.status == 101 and ws.recv()["adapter"] == "b"
+        ws.send({"type": "append", "role": "user", "content": QUESTION})
+        assert ws.recv()["type"] == "appended"
+        ws.send({"type": "generate", "max_tokens": 12, "temperature": 0, "model": "a"})
+        m = ws.recv()
+        assert m["type"] == "error" and "cannot change its adapter" in m["error"]["message"]
+        ws.send({"type": "generate", "max_tokens": 12, "temperature": 0})
+        text = ""
+        while (m := ws.recv())["type"] == "token":
+            text += m["text"]
+        assert m["type"] == "done", m
+    finally:
+        ws.close()
+    assert text == chat(client, "b")
+    server.json("DELETE", f"{S}/{sid}")
 
 
 def test_three_concurrent_streams_equal_alone(server, client):
