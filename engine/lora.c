@@ -570,6 +570,12 @@ mn_err mn_lora_registry_load(mn_lora_registry *r, const char *name, const char *
     mn_lora *l;
     mn_err e = mn_lora_load(dir, name, r->m, &l, eb);
     if (e != MN_OK) return e;
+    if (r->be && r->budget && l->bytes > r->budget) {
+        e = mn_errf(eb, MN_ELIMIT, "lora registry: adapter '%s' needs %llu bytes on the device, over the whole adapter "
+                    "budget of %zu bytes", name, (unsigned long long)l->bytes, r->budget);
+        mn_lora_free(l);
+        return e;
+    }
     r->slots[slot] = (lora_slot){.host = l};
     r->table[slot] = l;
     if (index) *index = slot;
@@ -597,6 +603,10 @@ const mn_lora *const *mn_lora_registry_table(const mn_lora_registry *r, int32_t 
 /* ---- residency ---- */
 
 mn_err mn_lora_registry_set_budget(mn_lora_registry *r, mn_backend *be, size_t bytes, mn_errbuf *eb) {
+    for (int32_t i = 0; be && bytes && i < r->n_slots; i++)
+        if (r->slots[i].host && r->slots[i].host->bytes > bytes)
+            return mn_errf(eb, MN_ELIMIT, "lora registry: a device budget of %zu bytes is smaller than adapter '%s' "
+                           "(%llu bytes)", bytes, r->slots[i].host->name, (unsigned long long)r->slots[i].host->bytes);
     for (int32_t i = 0; i < r->n_slots; i++)
         if (r->slots[i].pins)
             return mn_errf(eb, MN_EBUSY, "lora registry: budget changed while '%s' is in a batch in flight",

@@ -129,7 +129,8 @@ typedef struct mn_lora_stats {
 
 /** Attach backend be (NULL: detach, batches read the host copies) with a budget of bytes
  *  for device copies (0 = unlimited). Copies over a smaller budget are evicted at once (LRU
- *  first). MN_EBUSY while any adapter is pinned. The buffers come from be's MN_MEM_DEVICE
+ *  first). MN_EBUSY while any adapter is pinned; MN_ELIMIT, naming both sizes, if a loaded
+ *  adapter is larger than the whole budget (and a later load of one is refused the same way). The buffers come from be's MN_MEM_DEVICE
  *  memory (its own budget applies too); be must outlive the registry or be detached. */
 mn_err mn_lora_registry_set_budget(mn_lora_registry *r, mn_backend *be, size_t bytes, mn_errbuf *eb);
 /** Make the adapters of per-token indices adapter[0..n_tokens) (-1 = none) resident and

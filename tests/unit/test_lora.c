@@ -639,15 +639,29 @@ static void test_lora_paging(void **state) {
     mn_lora_registry_release_batch(reg, two, 4);
 
     mn_lora_stats st;
-    /* a budget smaller than one adapter: a clear error naming both sizes */
-    assert_int_equal(mn_lora_registry_set_budget(reg, fx.be, one - 1, &eb), MN_OK);
-    const int32_t t1[1] = {3};
-    assert_int_equal(mn_lora_registry_acquire_batch(reg, t1, 1, &tab, &n_tab, &eb), MN_ELIMIT);
-    char need[64];
-    snprintf(need, sizeof need, "needs %zu bytes", one);
+    /* a budget smaller than one adapter: a clear error naming both sizes, the budget kept;
+     * with the budget set, loading a larger adapter is refused the same way */
+    char need[96];
+    assert_int_equal(mn_lora_registry_set_budget(reg, fx.be, one - 1, &eb), MN_ELIMIT);
+    snprintf(need, sizeof need, "budget of %zu bytes is smaller than adapter 'a0' (%zu bytes)", one - 1, one);
     assert_non_null(strstr(eb.msg, need));
-    assert_non_null(strstr(eb.msg, "budget"));
-    assert_false(mn_lora_registry_pinned(reg, 3));
+    mn_lora_registry_stats(reg, &st);
+    assert_int_equal(st.budget, 2 * one);
+    assert_int_equal(mn_lora_registry_unload(reg, "a3", &eb), MN_OK);
+    assert_int_equal(mn_lora_registry_unload(reg, "a2", &eb), MN_OK);
+    assert_int_equal(mn_lora_registry_unload(reg, "a1", &eb), MN_OK);
+    assert_int_equal(mn_lora_registry_unload(reg, "a0", &eb), MN_OK);
+    assert_int_equal(mn_lora_registry_set_budget(reg, fx.be, one - 1, &eb), MN_OK);
+    assert_int_equal(mn_lora_registry_load(reg, "big", dirs[0], NULL, &eb), MN_ELIMIT);
+    snprintf(need, sizeof need, "needs %zu bytes on the device, over the whole adapter budget of %zu bytes", one, one - 1);
+    assert_non_null(strstr(eb.msg, need));
+    assert_int_equal(mn_lora_registry_find(reg, "big"), -1);
+    for (int a = 0; a < NA; a++) {
+        char name[16];
+        snprintf(name, sizeof name, "a%d", a);
+        assert_int_equal(mn_lora_registry_set_budget(reg, fx.be, 0, &eb), MN_OK);
+        if (mn_lora_registry_load(reg, name, dirs[a], NULL, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    }
     /* a bad slot */
     const int32_t t9[1] = {9};
     assert_int_equal(mn_lora_registry_acquire_batch(reg, t9, 1, &tab, &n_tab, &eb), MN_EINVALID);
