@@ -365,6 +365,9 @@ static void on_done(void *ud, const mn_gen_result *res, mn_err err, const char *
             g->err.status = 409;
             g->err.type = "conflict_error";
             snprintf(g->err.code, sizeof g->err.code, "adapter_unloaded");
+            if (g->temp) /* the temporary session's id means nothing to the client */
+                snprintf(g->err.message, sizeof g->err.message, "the adapter '%s' was unloaded during this request",
+                         g->adapter);
         }
         if (err == MN_ELIMIT ||
             err == MN_ENOMEM) { /* a step could not get KV memory: over capacity, not the client's fault */

@@ -287,3 +287,20 @@ def test_running_request_holds_its_adapter(server, adapters):
     while (st := server.request("DELETE", "/v1/adapters/held")[0]) == 409 and time.time() < end:
         time.sleep(0.05)
     assert st == 200
+
+    # forced while a stream runs: the stream ends with the error, the server goes on
+    server.json("POST", "/v1/adapters", {"name": "held", "path": str(adapters["c"])})
+    c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    c.request("POST", "/v1/completions", json.dumps({"model": "held", "prompt": "Once upon a time",
+                                                      "max_tokens": 2000, "temperature": 0, "stream": True}),
+              {"Content-Type": "application/json"})
+    r = c.getresponse()
+    while not r.fp.readline().startswith(b"data: "):
+        pass
+    assert server.json("DELETE", "/v1/adapters/held?force=true")["sessions_stranded"] == 1
+    rest = ""   # raw chunked framing read line by line: enough to find the events
+    while "data: [DONE]" not in rest and (line := r.fp.readline()):
+        rest += line.decode()
+    c.close()
+    assert '"code":"adapter_unloaded"' in rest and "'held' was unloaded during this request" in rest, rest[-500:]
+    assert "data: [DONE]" in rest
