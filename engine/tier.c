@@ -379,6 +379,7 @@ mn_err mn__tier_ensure_resident(mn_engine *e, mn_session *s, mn_errbuf *eb) {
 }
 
 mn_err mn_engine_demote_idle(mn_engine *e, double idle_seconds, double now, mn_errbuf *eb) {
+    mn__tier_collect(e); /* an idle server calls this without steps: install finished work here too */
     for (int32_t i = 0; i < e->n_sessions; i++) {
         mn_session *s = e->sessions[i];
         if (s->gen || s->n_computed != s->n_tokens) continue;
