@@ -166,7 +166,7 @@ mn_err mn_session_demote(mn_engine *e, mn_session *s, int tier, mn_errbuf *eb);
 /** Demote sessions idle for longer than idle_seconds (T1), twice that (T2), four times
  *  (T3 when there is a persist directory); now is mn-style monotonic seconds. T0 -> T1 is
  *  a copy done here; T1 -> T2/T3 (compression, file write) runs on a worker thread and is
- *  installed by a later engine step (or mn_engine_tier_wait). */
+ *  installed by a later engine step, the next call of this, or mn_engine_tier_wait. */
 mn_err mn_engine_demote_idle(mn_engine *e, double idle_seconds, double now, mn_errbuf *eb);
 
 /* ---- non-blocking use (a server's engine thread) ----
