@@ -17,8 +17,9 @@
  * host memory from the backend, so this is a memcpy; on CUDA a copy over PCIe).
  * Single-adapter fast path: the Q/K/V lora op of layer 0 (one shrink of r_q + r_k + r_v
  * rows, three expands) over 32 and 256 rows that all use one adapter, as one segment (the
- * fast path: four rows per pass over A) and as the same rows split into two segments of
- * the same adapter (the general path; identical bits), one thread, best of 20.
+ * row-blocked path: four rows per pass over A and B^T) and as the same rows split into
+ * segments of 3 rows of the same adapter (the per-row path that segments of under 4 rows
+ * take; identical bits), one thread, best of 20.
  * The adapter is written once by tools/gen_lora.py (F16, rank 16) into DIR (default
  * /tmp/mneme_bench_lora) and loaded under 32 names: 32 separate copies in memory, so the
  * kernels touch 32 adapters' weights exactly as with 32 different files.
@@ -131,18 +132,23 @@ static void bench_single(const mn_lora *l) {
             one.b[o] = mt->b, one.r_off[o] = one.r, one.r_out[o] = mt->r, one.scale[o] = mt->scale;
             one.r += mt->r;
         }
-        mn_lora_seg two[2] = {one, one};
-        two[0].n_rows = T / 2;
-        two[1].start = T / 2, two[1].n_rows = T - T / 2;
+        const int n3 = (T + 2) / 3;
+        mn_lora_seg *three = mn_malloc((size_t)n3 * sizeof *three);
+        for (int k = 0; k < n3; k++) {
+            three[k] = one;
+            three[k].start = 3 * k;
+            three[k].n_rows = T - 3 * k < 3 ? T - 3 * k : 3;
+        }
         mn_lora_desc d = {.K = K, .x = x, .x_stride = K, .n_out = 3, .n_seg = 1, .seg = &one, .rows = rows};
         for (int o = 0; o < 3; o++) d.N[o] = N[o], d.y[o] = y[o], d.y_stride[o] = N[o];
         mn_lora_desc d2 = d;
-        d2.n_seg = 2, d2.seg = two;
+        d2.n_seg = n3, d2.seg = three;
         void *work = mn_malloc(mn_cpu_lora_work_bytes(&d) + 64);
         double fast = time_op(&d, work), general = time_op(&d2, work);
-        printf("single-adapter fast path, qkv op, %3d rows, rank %d x3, K %lld: %.1f us (general path %.1f us): "
+        printf("single-adapter fast path, qkv op, %3d rows, rank %d x3, K %lld: %.1f us (per-row path %.1f us): "
                "%.2fx\n", T, ly->t[MN_LORA_Q].r, (long long)K, fast * 1e6, general * 1e6, general / fast);
         mn_free(work);
+        mn_free(three);
         mn_free(x);
         mn_free(rows);
         for (int o = 0; o < 3; o++) mn_free(y[o]);

@@ -5,8 +5,8 @@
  *
  * lora_dot and lora_axpy (below) are the only SIMD parts; each compilation unit gives its own.
  * Two phases separated by one barrier:
- *   shrink: the (segment, row, j) dot products x_t . a_j, split evenly over the threads,
- *           written to v in work (segment by segment, row-major [n_rows, r]);
+ *   shrink: the (segment, row or block of rows, j) dot products x_t . a_j, split evenly
+ *           over the threads, written to v in work (segment by segment, row-major [n_rows, r]);
  *   expand: the output columns of all outputs, split over the threads; for a chunk of
  *           columns and each adapted row, acc[n] = sum_j v_j * bt[j][n] in j order (rows of
  *           bt are contiguous: pure vector multiply-adds, no reductions), then
@@ -15,6 +15,8 @@
  */
 #ifndef MN_CPU_LORA_IMPL_H
 #define MN_CPU_LORA_IMPL_H
+
+#include <stdbool.h>
 
 #include "kernels/ops.h"
 
@@ -36,94 +38,101 @@
  *       order, y[q][n] += sc * acc (the general expand's operations per element);
  * w holds n elements of type t (F32, F16, BF16), converted exactly to f32.
  *
- * Single-adapter fast path: a batch with one segment of at least 4 rows shrinks four rows
- * per pass over each row of A (A is read n_rows / 4 times, not n_rows times) and expands
- * four rows per pass over B^T with the sums in registers; no per-segment bookkeeping.
- * Every element takes the general path's operations in its order: the same bits. */
+ * Row-blocked path (a segment of at least LORA_BLOCK_MIN rows; a batch whose tokens all use
+ * one adapter is the extreme case, one segment of every row): the shrink does four rows
+ * per pass over each row of A (A is read n_rows / 4 times, not n_rows times) and the
+ * expand four rows per pass over B^T with the sums in registers. Segments of fewer rows
+ * (decode, each sequence its own adapter) take the per-row path: blocking would compute
+ * lanes for rows that do not exist. Every element takes the same operations in the same
+ * order on both paths: the same bits, whatever the grouping. */
 
 static inline int64_t lora_esz(mn_dtype t) { return t == MN_F32 ? 4 : 2; }
 
-/* shrink of one segment in blocks of four rows: item i = (block i / r, j = i % r); v is
- * [n_rows, r] as the general shrink writes it */
-static inline void lora_single_shrink(const mn_lora_desc *d, float *v, const mn_par *par) {
-    const mn_lora_seg *g = &d->seg[0];
-    const int64_t nb = (g->n_rows + 3) / 4, esz = lora_esz(g->type);
-    int64_t lo, hi;
-    mn_par_range(par, nb * g->r, &lo, &hi);
-    for (int64_t i = lo; i < hi; i++) {
-        const int64_t blk = i / g->r, j = i % g->r, r0 = blk * 4;
-        const char *a = (const char *)g->a + j * d->K * esz;
-        if (r0 + 4 <= g->n_rows) {
-            const float *x[4];
-            float out[4];
-            for (int q = 0; q < 4; q++) x[q] = d->x + (int64_t)d->rows[g->start + r0 + q] * d->x_stride;
-            lora_dot4(x, a, g->type, d->K, out);
-            for (int q = 0; q < 4; q++) v[(r0 + q) * g->r + j] = out[q];
-        } else {
-            for (int64_t row = r0; row < g->n_rows; row++)
-                v[row * g->r + j] = lora_dot(d->x + (int64_t)d->rows[g->start + row] * d->x_stride, a, g->type, d->K);
-        }
-    }
+#define LORA_BLOCK_MIN 4
+
+static inline bool lora_blocked(const mn_lora_seg *g) { return g->n_rows >= LORA_BLOCK_MIN; }
+
+/* shrink work items of a segment: (block of 4 rows, j) blocked, else (row, j) */
+static inline int64_t lora_items(const mn_lora_seg *g) {
+    return (int64_t)(lora_blocked(g) ? (g->n_rows + 3) / 4 : g->n_rows) * g->r;
 }
 
-/* shrink of every segment: the (segment, row, j) items split evenly over the threads */
+/* shrink: every segment's items split evenly over the threads; v is segment by segment,
+ * row-major [n_rows, r] on both paths */
 static inline void lora_shrink(const mn_lora_desc *d, float *v, const mn_par *par) {
     int64_t total = 0;
-    for (int32_t s = 0; s < d->n_seg; s++) total += (int64_t)d->seg[s].n_rows * d->seg[s].r;
+    for (int32_t s = 0; s < d->n_seg; s++) total += lora_items(&d->seg[s]);
     int64_t lo, hi;
     mn_par_range(par, total, &lo, &hi);
-    /* shrink: item i of a segment is (row i / r, j = i % r); base = the segment's first item */
-    int64_t base = 0;
+    int64_t base = 0;   /* the segment's first item */
+    float *vs = v;      /* the segment's v */
     for (int32_t s = 0; s < d->n_seg && base < hi; s++) {
         const mn_lora_seg *g = &d->seg[s];
-        int64_t n = (int64_t)g->n_rows * g->r;
-        int64_t a = lo > base ? lo - base : 0, b = hi - base < n ? hi - base : n;
+        const int64_t n = lora_items(g), esz = lora_esz(g->type);
+        const int64_t a = lo > base ? lo - base : 0, b = hi - base < n ? hi - base : n;
         for (int64_t i = a; i < b; i++) {
-            int64_t row = i / g->r, j = i % g->r;
-            const float *x = d->x + (int64_t)d->rows[g->start + row] * d->x_stride;
-            v[base + i] = lora_dot(x, (const char *)g->a + j * d->K * lora_esz(g->type), g->type, d->K);
+            const int64_t j = i % g->r, r0 = lora_blocked(g) ? i / g->r * 4 : i / g->r;
+            const char *aj = (const char *)g->a + j * d->K * esz;
+            if (lora_blocked(g) && r0 + 4 <= g->n_rows) {
+                const float *x[4];
+                float out[4];
+                for (int q = 0; q < 4; q++) x[q] = d->x + (int64_t)d->rows[g->start + r0 + q] * d->x_stride;
+                lora_dot4(x, aj, g->type, d->K, out);
+                for (int q = 0; q < 4; q++) vs[(r0 + q) * g->r + j] = out[q];
+            } else {
+                const int64_t r1 = lora_blocked(g) ? g->n_rows : r0 + 1;   /* a block's tail rows one by one */
+                for (int64_t row = r0; row < r1; row++) {
+                    const float *x = d->x + (int64_t)d->rows[g->start + row] * d->x_stride;
+                    vs[row * g->r + j] = lora_dot(x, aj, g->type, d->K);
+                }
+            }
         }
         base += n;
+        vs += (int64_t)g->n_rows * g->r;
     }
 }
 
-/* expand of one segment, this thread's columns of every output, four rows at a time */
-static inline void lora_single_expand(const mn_lora_desc *d, const float *v, const mn_par *par) {
-    const mn_lora_seg *g = &d->seg[0];
-    int64_t lo, hi, cols = 0;
-    for (int32_t o = 0; o < d->n_out; o++) cols += d->N[o];
-    mn_par_range(par, cols, &lo, &hi);
-    int64_t c0 = 0;
-    for (int32_t o = 0; o < d->n_out && c0 < hi; o++) {
-        const int64_t N = d->N[o];
-        int64_t n0 = lo > c0 ? lo - c0 : 0, n1 = hi - c0 < N ? hi - c0 : N;
-        c0 += N;
-        if (!g->b[o] || n0 >= n1) continue;
-        for (int32_t r0 = 0; r0 < g->n_rows; r0 += 4) {
-            const int nr = g->n_rows - r0 < 4 ? g->n_rows - r0 : 4;
-            float *y[4];
-            const float *vr[4];
-            for (int q = 0; q < 4; q++) {
-                const int32_t row = r0 + (q < nr ? q : 0);   /* rows past nr are read, not written */
-                y[q] = d->y[o] + (int64_t)d->rows[g->start + row] * d->y_stride[o];
-                vr[q] = v + (int64_t)row * g->r + g->r_off[o];
-            }
-            lora_expand4(y, vr, nr, g->scale[o], g->b[o], g->type, N, g->r_out[o], n0, n1);
+/* expand of a blocked segment over columns [n0, n1) of output o */
+static inline void lora_expand_blocked(const mn_lora_desc *d, const mn_lora_seg *g, const float *vs, int o, int64_t n0,
+                                       int64_t n1) {
+    for (int32_t r0 = 0; r0 < g->n_rows; r0 += 4) {
+        const int nr = g->n_rows - r0 < 4 ? g->n_rows - r0 : 4;
+        float *y[4];
+        const float *vr[4];
+        for (int q = 0; q < 4; q++) {
+            const int32_t row = r0 + (q < nr ? q : 0);   /* rows past nr are read, not written */
+            y[q] = d->y[o] + (int64_t)d->rows[g->start + row] * d->y_stride[o];
+            vr[q] = vs + (int64_t)row * g->r + g->r_off[o];
+        }
+        lora_expand4(y, vr, nr, g->scale[o], g->b[o], g->type, d->N[o], g->r_out[o], n0, n1);
+    }
+}
+
+/* expand of a per-row segment: chunks of columns, each row's acc over the chunk */
+static inline void lora_expand_rows(const mn_lora_desc *d, const mn_lora_seg *g, const float *vs, int o, int64_t n0,
+                                    int64_t n1) {
+    const char *bt = g->b[o];
+    const int64_t esz = lora_esz(g->type), N = d->N[o];
+    for (int64_t cb = n0; cb < n1; cb += LORA_CHUNK) {
+        const int64_t cn = n1 - cb < LORA_CHUNK ? n1 - cb : LORA_CHUNK;
+        for (int32_t i = 0; i < g->n_rows; i++) {
+            const float *vr = vs + (int64_t)i * g->r + g->r_off[o];
+            float acc[LORA_CHUNK];
+            for (int64_t n = 0; n < cn; n++) acc[n] = 0.0f;
+            for (int32_t j = 0; j < g->r_out[o]; j++)
+                lora_axpy(acc, vr[j], bt + ((int64_t)j * N + cb) * esz, g->type, cn);
+            float *y = d->y[o] + (int64_t)d->rows[g->start + i] * d->y_stride[o] + cb;
+            const float sc = g->scale[o];
+            for (int64_t n = 0; n < cn; n++) y[n] += sc * acc[n];
         }
     }
 }
 
 static inline void lora_body(const mn_lora_desc *d, void *work, const mn_par *par) {
     float *v = work;
-    if (d->n_seg == 1 && d->seg[0].n_rows >= 4) {
-        lora_single_shrink(d, v, par);
-        mn_par_barrier(par);
-        lora_single_expand(d, v, par);
-        return;
-    }
     lora_shrink(d, v, par);
     mn_par_barrier(par);
-    /* expand: columns of output 0, then output 1, ... */
+    /* expand: columns of output 0, then output 1, ... split over the threads */
     int64_t lo, hi, cols = 0;
     for (int32_t o = 0; o < d->n_out; o++) cols += d->N[o];
     mn_par_range(par, cols, &lo, &hi);
@@ -132,24 +141,13 @@ static inline void lora_body(const mn_lora_desc *d, void *work, const mn_par *pa
         const int64_t N = d->N[o];
         int64_t n0 = lo > c0 ? lo - c0 : 0, n1 = hi - c0 < N ? hi - c0 : N;
         c0 += N;
-        /* segment-outer: one adapter's b rows are streamed chunk after chunk (a few
-         * sequential streams the prefetcher follows) before the next adapter's */
+        /* segment-outer: one adapter's b rows are streamed before the next adapter's */
         const float *vs = v;
         for (int32_t s = 0; s < d->n_seg; s++) {
             const mn_lora_seg *g = &d->seg[s];
-            const char *bt = g->b[o];
-            const int64_t esz = lora_esz(g->type);
-            for (int64_t cb = n0; bt && cb < n1; cb += LORA_CHUNK) {
-                const int64_t cn = n1 - cb < LORA_CHUNK ? n1 - cb : LORA_CHUNK;
-                for (int32_t i = 0; i < g->n_rows; i++) {
-                    const float *vr = vs + (int64_t)i * g->r + g->r_off[o];
-                    float acc[LORA_CHUNK];
-                    for (int64_t n = 0; n < cn; n++) acc[n] = 0.0f;
-                    for (int32_t j = 0; j < g->r_out[o]; j++) lora_axpy(acc, vr[j], bt + ((int64_t)j * N + cb) * esz, g->type, cn);
-                    float *y = d->y[o] + (int64_t)d->rows[g->start + i] * d->y_stride[o] + cb;
-                    const float sc = g->scale[o];
-                    for (int64_t n = 0; n < cn; n++) y[n] += sc * acc[n];
-                }
+            if (g->b[o] && n0 < n1) {
+                if (lora_blocked(g)) lora_expand_blocked(d, g, vs, o, n0, n1);
+                else lora_expand_rows(d, g, vs, o, n0, n1);
             }
             vs += (int64_t)g->n_rows * g->r;
         }

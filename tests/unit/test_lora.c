@@ -257,9 +257,9 @@ static void test_lora_op(void **state) {
     run_case("no segments", 5, 96, 3, N3, NULL, 0, 5);
 }
 
-/* The single-adapter fast path (one segment: four rows per pass over A) gives the bits of
- * the general path, which the same rows split into two segments of the same adapter take;
- * every type, both SIMD levels, 1 and 2 threads, a row count and K with tails. */
+/* The row-blocked path (one segment of every row: a single-adapter batch) gives the bits
+ * of the per-row path, which the same rows split into segments of 3 rows of the same
+ * adapter take; every type, both SIMD levels, 1 and 2 threads, a row count and K with tails. */
 static void test_lora_single_path(void **state) {
     enum { T = 41, K = 150, N = 100, R = 16 };
     const mn_dtype types[3] = {MN_F32, MN_F16, MN_BF16};
@@ -283,13 +283,16 @@ static void test_lora_single_path(void **state) {
         }
         mn_lora_seg one = {.start = 0, .n_rows = T, .r = R, .type = types[ty], .a = pa, .b = {pb}, .r_out = {R},
                            .scale = {1.5f}};
-        mn_lora_seg two[2] = {one, one};
-        two[0].n_rows = 21;
-        two[1].start = 21, two[1].n_rows = T - 21;
+        mn_lora_seg three[(T + 2) / 3];
+        for (int k = 0; k < (T + 2) / 3; k++) {
+            three[k] = one;
+            three[k].start = 3 * k;
+            three[k].n_rows = T - 3 * k < 3 ? T - 3 * k : 3;
+        }
         mn_lora_desc d1 = {.K = K, .x = x, .x_stride = K, .n_out = 1, .N = {N}, .y = {y1}, .y_stride = {N}, .n_seg = 1,
                            .seg = &one, .rows = rows};
         mn_lora_desc d2 = d1;
-        d2.y[0] = y2, d2.n_seg = 2, d2.seg = two;
+        d2.y[0] = y2, d2.n_seg = (T + 2) / 3, d2.seg = three;
         for (int lv = 0; lv < 2; lv++)
             for (int nth = 1; nth <= 2; nth++) {
                 assert_true(mn_cpu_set_simd(levels[lv]));
