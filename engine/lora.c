@@ -600,6 +600,12 @@ const mn_lora *const *mn_lora_registry_table(const mn_lora_registry *r, int32_t 
     return r->table;
 }
 
+const mn_lora *mn_lora_registry_adapter(const mn_lora_registry *r, int32_t slot) {
+    return slot >= 0 && slot < r->n_slots ? r->slots[slot].host : NULL;
+}
+
+int32_t mn_lora_registry_n_slots(const mn_lora_registry *r) { return r->n_slots; }
+
 /* ---- residency ---- */
 
 mn_err mn_lora_registry_set_budget(mn_lora_registry *r, mn_backend *be, size_t bytes, mn_errbuf *eb) {

@@ -100,6 +100,10 @@ int32_t mn_lora_registry_find(const mn_lora_registry *r, const char *name);
  *  the entries of slots acquired for a batch are valid for it (device views); use
  *  mn_lora_registry_acquire_batch rather than this. */
 const mn_lora *const *mn_lora_registry_table(const mn_lora_registry *r, int32_t *n);
+/** The host adapter in slot (its name, fingerprint, shapes), NULL for a free slot: valid
+ *  whatever the residency, until that slot is unloaded. */
+const mn_lora *mn_lora_registry_adapter(const mn_lora_registry *r, int32_t slot);
+int32_t mn_lora_registry_n_slots(const mn_lora_registry *r);
 
 /* ---- residency: device copies under a byte budget, LRU, pinning ----
  * Engine protocol per batch (the engine thread; one registry per model):

@@ -392,10 +392,10 @@ void mn__session_bind_adapter(mn_session *s, const mn_lora *lora) {
 
 const mn_lora *mn__engine_find_adapter(const mn_engine *e, const uint8_t fp[16]) {
     if (!e->adapters) return NULL;
-    int32_t n;
-    const mn_lora *const *t = mn_lora_registry_table(e->adapters, &n);
-    for (int32_t i = 0; i < n; i++)
-        if (t[i] && memcmp(t[i]->fingerprint, fp, 16) == 0) return t[i];
+    for (int32_t i = 0, n = mn_lora_registry_n_slots(e->adapters); i < n; i++) {
+        const mn_lora *l = mn_lora_registry_adapter(e->adapters, i);
+        if (l && memcmp(l->fingerprint, fp, 16) == 0) return l;
+    }
     return NULL;
 }
 
@@ -407,11 +407,10 @@ mn_err mn_session_set_adapter(mn_engine *e, mn_session *s, const char *name, mn_
     }
     int32_t i = e->adapters ? mn_lora_registry_find(e->adapters, name) : -1;
     if (i < 0) return mn_errf(eb, MN_ENOT_FOUND, "adapter '%s' is not loaded", name);
-    int32_t n;
-    const mn_lora *const *t = mn_lora_registry_table(e->adapters, &n);
-    mn_err err = mn_lora_check_model(t[i], e->m, eb);
+    const mn_lora *l = mn_lora_registry_adapter(e->adapters, i);
+    mn_err err = mn_lora_check_model(l, e->m, eb);
     if (err != MN_OK) return err;
-    mn__session_bind_adapter(s, t[i]);
+    mn__session_bind_adapter(s, l);
     return MN_OK;
 }
 
@@ -430,13 +429,14 @@ int32_t mn_engine_adapter_users(const mn_engine *e, const char *name) {
 static mn_err adapter_index(const mn_engine *e, const mn_session *s, int32_t *out, mn_errbuf *eb) {
     *out = -1;
     if (!s->lora) return MN_OK;
-    int32_t n = 0;
-    const mn_lora *const *t = e->adapters ? mn_lora_registry_table(e->adapters, &n) : NULL;
-    for (int32_t i = 0; i < n; i++)
-        if (t[i] == s->lora && memcmp(t[i]->fingerprint, s->adapter_fp, 16) == 0) {
+    int32_t n = e->adapters ? mn_lora_registry_n_slots(e->adapters) : 0;
+    for (int32_t i = 0; i < n; i++) {
+        const mn_lora *l = mn_lora_registry_adapter(e->adapters, i);
+        if (l == s->lora && memcmp(l->fingerprint, s->adapter_fp, 16) == 0) {
             *out = i;
             return MN_OK;
         }
+    }
     return mn_errf(eb, MN_EMISMATCH, "session %s: its adapter '%s' is no longer loaded", s->id, s->lora_name);
 }
 
@@ -541,9 +541,10 @@ static mn_err step_compute(mn_engine *e, int32_t *ns_out, bool *did_work, mn_err
     }
     mn_batch b = {.n_tokens = n, .tokens = e->b_tok, .seq = e->b_seq, .pos = e->b_pos, .n_out = n_out, .out_rows = e->b_rows};
     mn_batch_lora lora = {0}, *lp = NULL;
-    if (any_adapter) {
+    if (any_adapter) { /* page in and pin the batch's adapters (device budget, LRU) */
+        err = mn_lora_registry_acquire_batch(e->adapters, e->b_adapter, n, &lora.adapters, &lora.n_adapters, eb);
+        if (err != MN_OK) return err;
         lora.adapter = e->b_adapter;
-        lora.adapters = mn_lora_registry_table(e->adapters, &lora.n_adapters);
         lp = &lora;
     }
     err = mn_forward_run_lora(e->f, e->b_seqs, ns, &b, lp, e->b_logits, eb);
@@ -551,6 +552,8 @@ static mn_err step_compute(mn_engine *e, int32_t *ns_out, bool *did_work, mn_err
         mn__prefix_evict_unused(e);
         err = mn_forward_run_lora(e->f, e->b_seqs, ns, &b, lp, e->b_logits, eb);
     }
+    /* the logits are on the host now (the forward synchronised): the copies may go */
+    if (lp) mn_lora_registry_release_batch(e->adapters, e->b_adapter, n);
     if (err != MN_OK) return err;
     e->computed_tokens += n;
     for (int32_t o = 0; o < n_out; o++) {

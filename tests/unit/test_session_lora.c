@@ -174,6 +174,33 @@ static void test_adapters_in_one_batch(void **state) {
         assert_memory_equal(together[i].tok, alone[i].tok, (size_t)alone[i].n * sizeof(int32_t));
         free(first[i]);
     }
+    /* the same batch again with the adapters paged into "device" memory under a budget
+     * that holds exactly both: same tokens, and the registry counts the page-ins */
+    {
+        const mn_lora *la = mn_lora_registry_adapter(r, mn_lora_registry_find(r, "A"));
+        const mn_lora *lb = mn_lora_registry_adapter(r, mn_lora_registry_find(r, "B"));
+        assert_int_equal(mn_lora_registry_set_budget(r, be, (size_t)(la->bytes + lb->bytes), &eb), MN_OK);
+        mn_engine *e2 = engine(r);
+        stream paged[3];
+        for (int i = 0; i < 3; i++) {
+            mn_session *ps = session(e2, names[i], NULL);
+            if (mn_session_submit_text(e2, ps, MN_ROLE_NONE, prompt, strlen(prompt), &eb) != MN_OK) fail_msg("%s", eb.msg);
+            memset(&paged[i], 0, sizeof paged[i]);
+            mn_gen_params g = greedy(10);
+            if (mn_session_generate_start(e2, ps, &g, on_token, on_done, &paged[i], &eb) != MN_OK) fail_msg("%s", eb.msg);
+        }
+        drain(e2);
+        for (int i = 0; i < 3; i++) {
+            assert_int_equal(paged[i].err, MN_OK);
+            assert_memory_equal(paged[i].tok, alone[i].tok, (size_t)alone[i].n * sizeof(int32_t));
+        }
+        mn_lora_stats st;
+        mn_lora_registry_stats(r, &st);
+        assert_int_equal(st.resident, 2);
+        assert_true(st.page_ins >= 2);
+        mn_engine_free(e2);
+        assert_int_equal(mn_lora_registry_set_budget(r, NULL, 0, &eb), MN_OK);
+    }
     assert_string_equal(mn_session_adapter(s[0]), "A");
     assert_null(mn_session_adapter(s[2]));
     assert_int_equal(mn_engine_adapter_users(e, "A"), 1);
