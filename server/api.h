@@ -71,6 +71,8 @@ typedef struct mn_serve {
 void api_hist_add(api_hist *h, double v);
 /** Record one answered request for /metrics. */
 void api_metrics_request(mn_serve *srv, const char *route, int status);
+/** 405 with an Allow header, counted in the metrics. */
+void api_respond_405(mn_serve *srv, mn_http_res *res, const char *route, const char *allow);
 /** A fresh "prefix-<hex>" id for responses. */
 void api_new_id(mn_serve *srv, const char *prefix, char *out, size_t cap);
 

@@ -202,17 +202,6 @@ static void fail(mn_serve *srv, mn_http_res *res, const char *route, const api_e
     api_metrics_request(srv, route, e->status);
 }
 
-static void respond_405(mn_serve *srv, mn_http_res *res, const char *route, const char *allow) {
-    api_err e;
-    api_errf(&e, 405, "invalid_request_error", NULL, "method not allowed on %s (allowed: %s)", route, allow);
-    size_t len = 0;
-    char *body = api_err_body(&e, &len);
-    mn_http_header h[] = {{"Allow", allow}};
-    mn_http_respond(res, 405, "application/json", body ? body : "{}", body ? len : 2, h, 1);
-    mn_free(body);
-    api_metrics_request(srv, route, 405);
-}
-
 /* Queue op for the engine thread; steals in. name NULL: none (models: the whole list). */
 static void ad_post(mn_serve *srv, ad_op op, const char *route, const char *name, json_t *in, bool force,
                     mn_http_res *res) {
@@ -272,7 +261,7 @@ void api_adapters(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const
     if (*rest == 0 || !strcmp(rest, "/")) {
         const char *route = "/v1/adapters";
         if (get) { ad_post(srv, AD_LIST, route, NULL, NULL, false, res); return; }
-        if (!post) { respond_405(srv, res, route, "GET, POST"); return; }
+        if (!post) { api_respond_405(srv, res, route, "GET, POST"); return; }
         json_t *in = NULL;
         const char *name = NULL, *path = NULL;
         size_t name_len = 0;
@@ -296,7 +285,7 @@ void api_adapters(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const
         return;
     }
     if (get) { ad_post(srv, AD_GET, route, name, NULL, false, res); return; }
-    if (!del) { respond_405(srv, res, route, "GET, DELETE"); return; }
+    if (!del) { api_respond_405(srv, res, route, "GET, DELETE"); return; }
     bool force = false;
     const char *q = req->query ? req->query : "";
     for (const char *p = q; *p;) { /* force=true|false|1|0 among &-separated parameters */

@@ -519,17 +519,6 @@ static bool is_session_id(const char *s, size_t n) {
     return true;
 }
 
-static void respond_405(mn_serve *srv, mn_http_res *res, const char *route, const char *allow) {
-    api_err e;
-    api_errf(&e, 405, "invalid_request_error", NULL, "method not allowed on %s (allowed: %s)", route, allow);
-    size_t len = 0;
-    char *body = api_err_body(&e, &len);
-    mn_http_header h[] = {{"Allow", allow}};
-    mn_http_respond(res, 405, "application/json", body ? body : "{}", body ? len : 2, h, 1);
-    mn_free(body);
-    api_metrics_request(srv, route, 405);
-}
-
 static void fail(mn_serve *srv, mn_http_res *res, const char *route, api_err *e, json_t *body) {
     api_err_respond(res, e);
     api_metrics_request(srv, route, e->status);
@@ -593,7 +582,7 @@ void api_sessions(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const
     if (*rest == 0 || !strcmp(rest, "/")) {
         const char *route = "/v1/sessions";
         if (get) { rpc_post(srv, OP_LIST, route, NULL, owner, NULL, res); return; }
-        if (!post) { respond_405(srv, res, route, "GET, POST"); return; }
+        if (!post) { api_respond_405(srv, res, route, "GET, POST"); return; }
         if (!body_object(req, &in, &err)) { fail(srv, res, route, &err, in); return; }
         const char *sys = NULL, *adapter = NULL;
         size_t adapter_len = 0;
@@ -614,7 +603,7 @@ void api_sessions(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const
     }
     if (!strcmp(rest, "/import")) {
         const char *route = "/v1/sessions/import";
-        if (!post) { respond_405(srv, res, route, "POST"); return; }
+        if (!post) { api_respond_405(srv, res, route, "POST"); return; }
         uint8_t *blob = mn_malloc(req->body_len ? req->body_len : 1);
         if (!blob) {
             api_errf(&err, 503, "server_error", NULL, "out of memory");
@@ -640,7 +629,7 @@ void api_sessions(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const
         const char *route = "/v1/sessions/{id}";
         if (get) rpc_post(srv, OP_GET, route, sid, owner, NULL, res);
         else if (del) rpc_post(srv, OP_DELETE, route, sid, owner, NULL, res);
-        else respond_405(srv, res, route, "GET, DELETE");
+        else api_respond_405(srv, res, route, "GET, DELETE");
         return;
     }
     static const struct { const char *name; op o; bool is_get; const char *route;
@@ -654,7 +643,7 @@ void api_sessions(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const
     for (size_t i = 0; i < sizeof acts / sizeof acts[0]; i++) {
         if (strcmp(action, acts[i].name) != 0) continue;
         const char *rroute = acts[i].route;   /* a static string for metrics */
-        if (acts[i].is_get ? !get : !post) { respond_405(srv, res, rroute, acts[i].is_get ? "GET" : "POST"); return; }
+        if (acts[i].is_get ? !get : !post) { api_respond_405(srv, res, rroute, acts[i].is_get ? "GET" : "POST"); return; }
         if (acts[i].o == OP_WS_OPEN && !mn_http_ws_is_upgrade(req)) {
             api_errf(&err, 400, NULL, NULL, "%s is a WebSocket: send a valid Upgrade: websocket request", rroute);
             fail(srv, res, rroute, &err, NULL);

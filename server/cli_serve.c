@@ -198,7 +198,7 @@ static void route_error(mn_serve *srv, mn_http_res *res, const char *route, int 
     api_metrics_request(srv, route, status);
 }
 
-static void method_not_allowed(mn_serve *srv, mn_http_res *res, const char *route, const char *allow) {
+void api_respond_405(mn_serve *srv, mn_http_res *res, const char *route, const char *allow) {
     api_err e;
     api_errf(&e, 405, "invalid_request_error", NULL, "method not allowed on %s (allowed: %s)", route, allow);
     size_t len = 0;
@@ -214,7 +214,7 @@ static void handle(void *ud, const mn_http_req *req, mn_http_res *res) {
     const char *p = req->path, *m = req->method;
     bool get = !strcmp(m, "GET"), post = !strcmp(m, "POST");
     if (!strcmp(p, "/health")) {
-        if (!get) { method_not_allowed(srv, res, "/health", "GET"); return; }
+        if (!get) { api_respond_405(srv, res, "/health", "GET"); return; }
         mn_et_stats st;
         mn_et_stats_get(srv->et, &st);
         api_metrics_request(srv, "/health", 200);
@@ -225,7 +225,7 @@ static void handle(void *ud, const mn_http_req *req, mn_http_res *res) {
         return;
     }
     if (!strcmp(p, "/metrics")) {
-        if (!get) { method_not_allowed(srv, res, "/metrics", "GET"); return; }
+        if (!get) { api_respond_405(srv, res, "/metrics", "GET"); return; }
         respond_metrics(srv, res);
         return;
     }
@@ -257,13 +257,13 @@ static void handle(void *ud, const mn_http_req *req, mn_http_res *res) {
         }
     }
     if (!strcmp(p, "/v1/models") || !strncmp(p, "/v1/models/", 11)) {
-        if (!get) { method_not_allowed(srv, res, "/v1/models", "GET"); return; }
+        if (!get) { api_respond_405(srv, res, "/v1/models", "GET"); return; }
         api_models(srv, req, res);
         return;
     }
     if (!strcmp(p, "/v1/completions") || !strcmp(p, "/v1/chat/completions")) {
         bool chat = p[4] == 'c' && p[5] == 'h';
-        if (!post) { method_not_allowed(srv, res, p, "POST"); return; }
+        if (!post) { api_respond_405(srv, res, p, "POST"); return; }
         api_completions(srv, req, res, owner, chat);
         return;
     }
