@@ -207,6 +207,9 @@ static bool parse_prompt(mn_serve *srv, json_t *body, json_t **out, api_err *err
     if (!json_is_array(p))
         return api_errf(err, 400, NULL, "prompt", "'prompt' must be a string or an array of token ids");
     if (json_array_size(p) == 0) return api_errf(err, 400, NULL, "prompt", "'prompt' must not be empty");
+    if (json_array_size(p) > (size_t)srv->n_ctx) /* before any copy: the engine would refuse it anyway */
+        return api_errf(err, 400, NULL, "prompt", "'prompt' has %zu tokens, more than the context length %d",
+                        json_array_size(p), srv->n_ctx);
     size_t i;
     json_t *v;
     json_array_foreach(p, i, v) {
@@ -780,7 +783,12 @@ static void gen_on_event(void *ud) {
             count_token(g, ev);
             json_t *x = json_object_get(ev, "x");
             if (g->o.stream) {
-                if (!stream_token(g, ev)) { g->aborted = true; post_cancel(g); break; }
+                if (!stream_token(g, ev)) { /* never reached the client: not delivered */
+                    g->delivered--;
+                    g->aborted = true;
+                    post_cancel(g);
+                    break;
+                }
             } else {
                 if (g->o.logprobs && json_object_get(ev, "lp")) {
                     if (!g->lp) g->lp = new_lp_acc(g);

@@ -363,8 +363,14 @@ struct ws_conn {
     mn_http_ws *ws;          /* NULL once closed */
     char sid[40], owner[API_OWNER_LEN];
     int refs;                /* the socket, each pending rpc, the running generation */
+    int appends;             /* append frames posted and not yet answered */
     api_gen *gen;
 };
+
+/* Append frames a connection may have in flight: each one is an engine job, and the
+ * transport does not stop reading a WebSocket that gets no answers, so without a cap one
+ * client could queue jobs without bound and stall every stream. */
+#define WS_MAX_APPENDS_IN_FLIGHT 8
 
 static void wc_unref(ws_conn *c) {
     if (--c->refs == 0) mn_free(c);
@@ -387,6 +393,7 @@ static void ws_send_error(ws_conn *c, const api_err *e) {
 }
 
 static void ws_rpc_done(rpc *r) {
+    if (r->op == OP_MESSAGES) r->wc->appends--;
     if (r->err.status) ws_send_error(r->wc, &r->err);
     else {
         json_object_set_new(r->out, "type", json_string("appended"));
@@ -433,7 +440,11 @@ static void ws_on_text(void *ud, mn_http_ws *ws, const char *data, size_t len) {
         return;
     }
     if (!strcmp(type, "append")) {
-        if (!check_message(srv, in, &err)) ws_send_error(c, &err);
+        if (c->appends >= WS_MAX_APPENDS_IN_FLIGHT) {
+            api_errf(&err, 429, "rate_limit_error", NULL, "%d append frames are already in flight on this stream: "
+                     "wait for their 'appended' answers", WS_MAX_APPENDS_IN_FLIGHT);
+            ws_send_error(c, &err);
+        } else if (!check_message(srv, in, &err)) ws_send_error(c, &err);
         else {
             rpc *r = mn_calloc(1, sizeof *r);
             if (!r) {
@@ -447,6 +458,7 @@ static void ws_on_text(void *ud, mn_http_ws *ws, const char *data, size_t len) {
                 r->job = (mn_et_item){NULL, rpc_job, r};
                 r->ev = (mn_et_item){NULL, rpc_done, r};
                 c->refs++;
+                c->appends++;
                 mn_et_post_job(srv->et, &r->job);
             }
         }

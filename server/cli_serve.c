@@ -400,6 +400,12 @@ static int load_keys(const char *path, mn_serve *srv) {
     int n = 0, cap = 0;
     while (fgets(line, sizeof line, f)) {
         size_t len = strlen(line);
+        if (len == sizeof line - 1 && line[len - 1] != '\n') { /* never split a long key into two valid ones */
+            fprintf(stderr, "mneme serve: --api-key-file %s: key %d is longer than %zu bytes\n", path, n + 1,
+                    sizeof line - 2);
+            fclose(f);
+            return -1;
+        }
         while (len && (line[len - 1] == '\n' || line[len - 1] == '\r' || line[len - 1] == ' ' || line[len - 1] == '\t'))
             len--;
         size_t s = 0;

@@ -181,6 +181,25 @@ def test_serve_refuses_bad_flags(mneme_bin, model_path, args, code, msg):
     assert msg in p.stderr
 
 
+def test_overlong_api_key_is_refused(mneme_bin, model_path, tmp_path):
+    """A key longer than the reader's line is an error, never two keys (its tail would
+    otherwise become a valid key of its own)."""
+    import subprocess
+    keys = tmp_path / "keys"
+    keys.write_text("k" * 1500 + "\n")
+    p = subprocess.run([str(mneme_bin), "serve", "-m", str(model_path), "--api-key-file", str(keys), "--port", "0"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0
+    assert "key 1 is longer than" in p.stderr, p.stderr
+
+
+def test_prompt_longer_than_context_is_400(server):
+    status, body, _ = server.request("POST", C, comp(prompt=[1] * 9000, max_tokens=1))
+    assert status == 400, body
+    err = json.loads(body)["error"]
+    assert err["param"] == "prompt" and "more than the context length" in err["message"], err
+
+
 def test_port_in_use(mneme_bin, model_path, server):
     import subprocess
     p = subprocess.run([str(mneme_bin), "serve", "-m", str(model_path), "--port", str(server.port)], capture_output=True,
