@@ -18,6 +18,7 @@
 #include "engine/forward.h"
 #include "engine/kv.h"
 #include "engine/model.h"
+#include "tests/unit/test_model.h"
 
 #define N_SEQ 8
 static const int32_t seq_len[N_SEQ] = {1, 3, 7, 12, 17, 24, 31, 40};
@@ -30,15 +31,7 @@ typedef struct fixture {
     int32_t V;
 } fixture;
 
-static const char *model_path(void) {
-    static char buf[4096];
-    const char *p = getenv("MNEME_MODEL");
-    if (p && *p) return p;
-    const char *d = getenv("MNEME_MODELS");
-    if (d && *d) snprintf(buf, sizeof buf, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", d);
-    else snprintf(buf, sizeof buf, "%s/.cache/mneme/SmolLM2-135M-Instruct.Q4_1.gguf", getenv("HOME"));
-    return buf;
-}
+static const char *model_path(void) { return mn_test_model_path(); }
 
 static int open_fixture(fixture *fx, int threads) {
     mn_errbuf eb = {{0}};

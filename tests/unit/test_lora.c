@@ -36,6 +36,7 @@
 #include "engine/forward.h"
 #include "engine/lora.h"
 #include "kernels/ops.h"
+#include "tests/unit/test_model.h"
 
 #define GUARD 16
 
@@ -309,15 +310,7 @@ static void test_lora_single_path(void **state) {
 }
 
 /* ---- through the forward pass ---- */
-static const char *model_path(void) {
-    static char buf[4096];
-    const char *p = getenv("MNEME_MODEL");
-    if (p && *p) return p;
-    const char *d = getenv("MNEME_MODELS");
-    if (d && *d) snprintf(buf, sizeof buf, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", d);
-    else snprintf(buf, sizeof buf, "%s/.cache/mneme/SmolLM2-135M-Instruct.Q4_1.gguf", getenv("HOME"));
-    return buf;
-}
+static const char *model_path(void) { return mn_test_model_path(); }
 
 /* Write a PEFT directory: q_proj rank 2 and down_proj rank 3 on every layer, F32. */
 static void write_adapter(const char *dir, const mn_model_config *c, uint32_t seed) {

@@ -18,19 +18,12 @@
 #include "engine/chat.h"
 #include "engine/tokenizer.h"
 #include "engine/session.h"
+#include "tests/unit/test_model.h"
 
 static mn_backend *be;
 static mn_model *model;
 
-static const char *model_path(void) {
-    static char buf[4096];
-    const char *p = getenv("MNEME_MODEL");
-    if (p && *p) return p;
-    const char *d = getenv("MNEME_MODELS");
-    if (d && *d) snprintf(buf, sizeof buf, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", d);
-    else snprintf(buf, sizeof buf, "%s/.cache/mneme/SmolLM2-135M-Instruct.Q4_1.gguf", getenv("HOME"));
-    return buf;
-}
+static const char *model_path(void) { return mn_test_model_path(); }
 
 static int setup(void **state) {
     mn_errbuf eb;

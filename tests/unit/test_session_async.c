@@ -14,16 +14,14 @@
 #include <string.h>
 
 #include "engine/session.h"
+#include "tests/unit/test_model.h"
 
 static mn_backend *be;
 static mn_model *model;
 
 static int setup(void **state) {
     (void)state;
-    char path[4096];
-    const char *p = getenv("MNEME_MODEL");
-    if (p && *p) snprintf(path, sizeof path, "%s", p);
-    else snprintf(path, sizeof path, "%s/.cache/mneme/SmolLM2-135M-Instruct.Q4_1.gguf", getenv("HOME"));
+    const char *path = mn_test_model_path();
     mn_errbuf eb;
     mn_backend_params bp = {.device = "cpu", .n_threads = 2};
     if (mn_backend_cpu_new(&bp, &be, &eb) != MN_OK) return -1;

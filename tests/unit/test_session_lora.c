@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "engine/session.h"
+#include "tests/unit/test_model.h"
 
 static mn_backend *be;
 static mn_model *model;
@@ -34,9 +35,7 @@ static void gen_adapter(const char *name, int seed, int r) {
 
 static int setup(void **state) {
     (void)state;
-    const char *p = getenv("MNEME_MODEL");
-    if (p && *p) snprintf(model_path, sizeof model_path, "%s", p);
-    else snprintf(model_path, sizeof model_path, "%s/.cache/mneme/SmolLM2-135M-Instruct.Q4_1.gguf", getenv("HOME"));
+    snprintf(model_path, sizeof model_path, "%s", mn_test_model_path());
     mn_errbuf eb;
     mn_backend_params bp = {.device = "cpu", .n_threads = 2};
     if (mn_backend_cpu_new(&bp, &be, &eb) != MN_OK) return -1;

@@ -31,6 +31,7 @@
 #include "engine/kv.h"
 #include "engine/model.h"
 #include "engine/tp.h"
+#include "tests/unit/test_model.h"
 
 enum { MAX_RANKS = 4, STEPS = 16, MAX_PROMPT = 64 };
 
@@ -159,15 +160,7 @@ typedef struct group {
     int32_t V;
 } group;
 
-static const char *smollm2_path(void) {
-    static char buf[4096];
-    const char *p = getenv("MNEME_MODEL");
-    if (p && *p) return p;
-    const char *d = getenv("MNEME_MODELS");
-    if (d && *d) snprintf(buf, sizeof buf, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", d);
-    else snprintf(buf, sizeof buf, "%s/.cache/mneme/SmolLM2-135M-Instruct.Q4_1.gguf", getenv("HOME"));
-    return buf;
-}
+static const char *smollm2_path(void) { return mn_test_model_path(); }
 
 static void group_close(group *g) {
     for (int i = 0; i < (g->P ? g->P : 1); i++) {
