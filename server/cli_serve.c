@@ -321,11 +321,7 @@ static void idle_job(void *ud) {
     serve_state *ss = ud;
     mn_errbuf eb = {{0}};
     mn_engine *e = mn_et_engine(ss->srv.et);
-    /* demotions below T1 finish on a worker thread and are installed by an engine step; the
-     * engine thread steps only while sessions are busy, so an idle server steps here */
-    bool did = false;
-    if (!mn_engine_has_work(e) && mn_engine_step(e, &did, &eb) != MN_OK)
-        fprintf(stderr, "mneme serve: idle step: %s\n", eb.msg);
+    /* also installs the background demotions that finished since the last call */
     if (mn_engine_demote_idle(e, ss->idle_seconds, mono(), &eb) != MN_OK)
         fprintf(stderr, "mneme serve: idle demotion: %s\n", eb.msg);
     atomic_store(&ss->idle_queued, false);
