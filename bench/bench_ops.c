@@ -1,8 +1,8 @@
 /* bench/bench_ops.c — time the non-matmul ops of the forward pass on the CPU.
  *
  * Shapes are SmolLM2-135M's (n_embd 576, 9 heads / 3 KV heads, head_dim 64, ff 1536):
- *   attention, decode of one token at context 512 / 2048 / 8192 (paged cache, block 16,
- *   shuffled block ids), and rmsnorm / silu_mul / rope at T = 1 and T = 512.
+ *   attention, decode of one token and an append of 5 at context 512 / 2048 / 8192 (paged
+ *   cache, block 16, shuffled block ids), and rmsnorm / silu_mul / rope at T = 1 and T = 512.
  * Each op runs on the engine's thread pool with 1 and 2 threads and prints microseconds
  * per call (mean over a time-boxed loop after one warm-up call). The kernels timed are
  * the same ones the engine calls; their correctness is checked by tests/unit/test_ops.c.
@@ -23,12 +23,13 @@ enum { B_ATTN, B_RMSNORM, B_SILU, B_ROPE };
 typedef struct bjob {
     int op;
     const void *desc;
+    void *work; /* attention: mn_cpu_attention_work_bytes for 2 threads */
 } bjob;
 
 static void bjob_run(void *arg, const mn_par *par) {
     const bjob *j = arg;
     switch (j->op) {
-    case B_ATTN: mn_cpu_attention(j->desc, NULL, par); break;
+    case B_ATTN: mn_cpu_attention(j->desc, j->work, par); break;
     case B_RMSNORM: mn_cpu_rmsnorm(j->desc, NULL, par); break;
     case B_SILU: mn_cpu_silu_mul(j->desc, NULL, par); break;
     case B_ROPE: mn_cpu_rope(j->desc, NULL, par); break;
@@ -107,9 +108,10 @@ int main(int argc, char **argv) {
 
     /* ---- attention decode: one sequence of ctx tokens, shuffled blocks ---- */
     printf("%-34s %12s %12s %12s\n", "op", "1 thread us", "(cpu us)", "2 threads us");
-    static const int ctxs[] = {512, 2048, 8192};
-    for (int ci = 0; ci < 3; ci++) {
-        int ctx = ctxs[ci], nb = ctx / bs;
+    /* decode (1 token) and a 5-token append, the cost of a turn on a long session */
+    static const int ctxs[] = {512, 2048, 8192, 512, 2048, 8192};
+    for (int ci = 0; ci < 6; ci++) {
+        int ctx = ctxs[ci], nb = ctx / bs, T = ci < 3 ? 1 : 5;
         int64_t stride = (int64_t)bs * n_kv * hd;
         uint16_t *k = xalloc((size_t)(nb * stride) * 2), *v = xalloc((size_t)(nb * stride) * 2);
         for (int64_t i = 0; i < nb * stride; i++) {
@@ -124,18 +126,22 @@ int main(int argc, char **argv) {
             ind[i] = ind[j];
             ind[j] = tmp;
         }
-        float *q = rand_f32((size_t)n_head * hd), *out = rand_f32((size_t)n_head * hd);
-        int32_t seq = 0, pos = ctx - 1;
-        mn_attention_desc d = {.T = 1, .n_head = n_head, .n_kv_head = n_kv, .head_dim = hd, .q = q,
-                               .q_stride = n_head * hd, .seq = &seq, .pos = &pos, .scale = 0.125f, .out = out,
+        float *q = rand_f32((size_t)T * n_head * hd), *out = rand_f32((size_t)T * n_head * hd);
+        int32_t seq[5] = {0}, pos[5];
+        for (int t = 0; t < T; t++) pos[t] = ctx - T + t;
+        mn_attention_desc d = {.T = T, .n_head = n_head, .n_kv_head = n_kv, .head_dim = hd, .q = q,
+                               .q_stride = n_head * hd, .seq = seq, .pos = pos, .scale = 0.125f, .out = out,
                                .out_stride = n_head * hd};
         d.kv = (mn_kv_view){.k = k, .v = v, .block_stride = stride, .block_size = bs, .n_kv_head = n_kv,
                             .head_dim = hd, .block_indptr = indptr, .block_indices = ind};
-        bjob job = {B_ATTN, &d};
+        size_t wb = mn_cpu_attention_work_bytes(&d, 2);
+        void *work = wb ? xalloc(wb) : NULL;
+        bjob job = {B_ATTN, &d, work};
         char name[64];
-        snprintf(name, sizeof name, "attention decode ctx=%d", ctx);
+        snprintf(name, sizeof name, "attention %s ctx=%d", T == 1 ? "decode" : "append 5", ctx);
         double c1, t1 = time_us(pools[0], &job, secs, &c1), t2 = time_us(pools[1], &job, secs, NULL);
         printf("%-34s %12.1f %12.1f %12.1f\n", name, t1, c1, t2);
+        if (work) mn_free(work);
         mn_free(k);
         mn_free(v);
         mn_free(ind);
@@ -157,7 +163,7 @@ int main(int argc, char **argv) {
         mn_rope_desc rp = {.T = T, .n_head = n_head, .head_dim = hd, .n_rot = hd, .mode = MN_ROPE_NORM, .x = y,
                            .x_stride = n_head * hd, .pos = pos, .inv_freq = inv, .attn_factor = 1.0f};
         struct { const char *name; bjob job; } jobs[] = {
-            {"rmsnorm D=576", {B_RMSNORM, &rn}}, {"silu_mul F=1536", {B_SILU, &sm}}, {"rope 9x64", {B_ROPE, &rp}}};
+            {"rmsnorm D=576", {B_RMSNORM, &rn, NULL}}, {"silu_mul F=1536", {B_SILU, &sm, NULL}}, {"rope 9x64", {B_ROPE, &rp, NULL}}};
         for (int j = 0; j < 3; j++) {
             char name[64];
             snprintf(name, sizeof name, "%s T=%d", jobs[j].name, T);

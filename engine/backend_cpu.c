@@ -67,6 +67,7 @@ static bool cpu_supports_op(mn_backend *be, const mn_op *op) { return (unsigned)
 static size_t cpu_op_work_bytes(mn_backend *be, const mn_op *op) {
     if (op->kind == MN_OP_MATMUL) return mn_cpu_matmul_work_bytes(&op->u.matmul, be->n_threads);
     if (op->kind == MN_OP_LORA) return mn_cpu_lora_work_bytes(&op->u.lora);
+    if (op->kind == MN_OP_ATTENTION) return mn_cpu_attention_work_bytes(&op->u.attention, be->n_threads);
     return 0;
 }
 

@@ -240,6 +240,9 @@ void mn_cpu_matmul(const mn_matmul_desc *d, void *work, const mn_par *par);
 void mn_cpu_rope(const mn_rope_desc *d, void *work, const mn_par *par);
 void mn_cpu_kv_store(const mn_kv_store_desc *d, void *work, const mn_par *par);
 void mn_cpu_attention(const mn_attention_desc *d, void *work, const mn_par *par);
+/* Scratch for nth threads: non-zero when a few tokens over a long context are split by
+ * segments across threads. With work == NULL the op runs unsplit (same bits, slower). */
+size_t mn_cpu_attention_work_bytes(const mn_attention_desc *d, int nth);
 void mn_cpu_silu_mul(const mn_silu_mul_desc *d, void *work, const mn_par *par);
 void mn_cpu_add(const mn_add_desc *d, void *work, const mn_par *par);
 size_t mn_cpu_lora_work_bytes(const mn_lora_desc *d);

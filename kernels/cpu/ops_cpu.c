@@ -6,6 +6,8 @@
  * (tile of tokens of one sequence, heads of one KV group) round-robin) and never inside
  * a reduction, so an output element's
  * value depends neither on the thread count nor on the other tokens of the batch.
+ * Attention's one exception, decode over a long context, splits a token's positions into
+ * fixed segments whose states every path folds in the same order (see MN__ATTN_SEG).
  * The per-unit work is done by the scalar functions below or, by mn__cpu_simd(), by
  * their AVX2 / AVX-512 twins in ops_cpu_avx2.c / ops_cpu_avx512.c.
  *
@@ -148,12 +150,14 @@ void mn_cpu_kv_store(const mn_kv_store_desc *d, void *work, const mn_par *par) {
 
 /* ---- attention ----------------------------------------------------------------------- */
 
-/* Scalar attention (one token at a time): online softmax over chunks of MN__ATTN_CHUNK
- * positions for heads h0..h0+nh-1 of one KV group of token t. */
-static void attn_heads_scalar(const mn_attention_desc *d, int64_t t, int32_t h0, int32_t nh) {
+/* Scalar segment state (one token at a time): online softmax over chunks of
+ * MN__ATTN_CHUNK positions of [p0, min(p1, pos+1)) for heads h0..h0+nh-1 of one KV group
+ * of token t; writes acc[j*hd ..], m[j], l[j] (see mn__attn_part). */
+static void attn_heads_scalar(const mn_attention_desc *d, int64_t t, int32_t h0, int32_t nh, int32_t p0, int32_t p1,
+                              float *out_acc, float *out_m, float *out_l) {
     const mn_kv_view *kv = &d->kv;
     int32_t hd = d->head_dim, g = h0 / (d->n_head / d->n_kv_head);
-    int32_t s = d->seq[t], n_pos = d->pos[t] + 1;
+    int32_t s = d->seq[t], n_pos = d->pos[t] + 1 < p1 ? d->pos[t] + 1 : p1;
     float acc[MN__ATTN_MAX_HEADS][MN__ATTN_MAX_HD];
     float sc[MN__ATTN_MAX_HEADS][MN__ATTN_CHUNK];
     float m[MN__ATTN_MAX_HEADS], l[MN__ATTN_MAX_HEADS];
@@ -164,7 +168,7 @@ static void attn_heads_scalar(const mn_attention_desc *d, int64_t t, int32_t h0,
         l[j] = 0.0f;
         for (int32_t i = 0; i < hd; i++) acc[j][i] = 0.0f;
     }
-    for (int32_t c0 = 0; c0 < n_pos; c0 += MN__ATTN_CHUNK) {
+    for (int32_t c0 = p0; c0 < n_pos; c0 += MN__ATTN_CHUNK) {
         int32_t n = n_pos - c0 < MN__ATTN_CHUNK ? n_pos - c0 : MN__ATTN_CHUNK;
         for (int32_t p = 0; p < n; p++) {
             const uint16_t *k = kv->k + mn_kv_offset(kv, s, c0 + p, g);
@@ -195,59 +199,192 @@ static void attn_heads_scalar(const mn_attention_desc *d, int64_t t, int32_t h0,
         }
     }
     for (int32_t j = 0; j < nh; j++) {
-        float *o = d->out + t * d->out_stride + (int64_t)(h0 + j) * hd;
-        float inv = 1.0f / l[j];
-        for (int32_t i = 0; i < hd; i++) o[i] = acc[j][i] * inv;
+        memcpy(out_acc + (int64_t)j * hd, acc[j], (size_t)hd * sizeof(float));
+        out_m[j] = m[j];
+        out_l[j] = l[j];
     }
 }
 
-/* Heads h0..h0+nh-1 of one KV group for tokens t0..t0+nt-1 of one sequence. */
+/* Segment state of a unit: tokens t0..t0+nt-1 (one sequence), heads h0..h0+nh-1 (one
+ * KV group), positions [p0, p1). */
+static void attn_part(mn__simd simd, const mn_attention_desc *d, int64_t t0, int32_t nt, int32_t h0, int32_t nh,
+                      int32_t p0, int32_t p1, mn__attn_part *out) {
+    if (simd >= MN__SIMD_AVX512) {
+        mn__attn_part_avx512(d, t0, nt, h0, nh, p0, p1, out);
+    } else if (simd >= MN__SIMD_AVX2) {
+        mn__attn_part_avx2(d, t0, nt, h0, nh, p0, p1, out);
+    } else {
+        for (int32_t i = 0; i < nt; i++)
+            attn_heads_scalar(d, t0 + i, h0, nh, p0, p1, out->acc + (int64_t)i * nh * d->head_dim, out->m[i],
+                              out->l[i]);
+    }
+}
+
+/* Folds one segment's state (pacc, pm, pl) into a token-head's running state, segments
+ * in ascending order; the first segment (which always holds position 0) is copied. The
+ * one place where states meet, so the split and the sequential paths agree bit for bit. */
+static void attn_fold(float *acc, float *m, float *l, const float *pacc, float pm, float pl, int32_t hd, int first) {
+    if (first) {
+        memcpy(acc, pacc, (size_t)hd * sizeof(float));
+        *m = pm;
+        *l = pl;
+        return;
+    }
+    float mx = pm > *m ? pm : *m;
+    float a = expf(*m - mx), b = expf(pm - mx);
+    *l = *l * a + pl * b;
+    *m = mx;
+    for (int32_t x = 0; x < hd; x++) acc[x] = acc[x] * a + pacc[x] * b;
+}
+
+static void attn_write(const float *acc, float l, float *o, int32_t hd) {
+    float inv = 1.0f / l;
+    for (int32_t x = 0; x < hd; x++) o[x] = acc[x] * inv;
+}
+
+/* A unit computed by one thread from start to end: its segments in order, folded as
+ * they come. */
 static void attn_unit(mn__simd simd, const mn_attention_desc *d, int64_t t0, int32_t nt, int32_t h0, int32_t nh) {
-    if (simd >= MN__SIMD_AVX512)
-        mn__attn_tile_avx512(d, t0, nt, h0, nh);
-    else if (simd >= MN__SIMD_AVX2)
-        mn__attn_tile_avx2(d, t0, nt, h0, nh);
-    else
-        for (int64_t t = t0; t < t0 + nt; t++) attn_heads_scalar(d, t, h0, nh);
+    float pacc[MN__ATTN_TILE * MN__ATTN_MAX_HEADS * MN__ATTN_MAX_HD];
+    float tacc[MN__ATTN_TILE * MN__ATTN_MAX_HEADS * MN__ATTN_MAX_HD];
+    float tm[MN__ATTN_TILE][MN__ATTN_MAX_HEADS], tl[MN__ATTN_TILE][MN__ATTN_MAX_HEADS];
+    mn__attn_part part = {.acc = pacc};
+    int32_t hd = d->head_dim, max_pos = 0;
+    for (int32_t i = 0; i < nt; i++) max_pos = d->pos[t0 + i] + 1 > max_pos ? d->pos[t0 + i] + 1 : max_pos;
+    for (int32_t p0 = 0; p0 < max_pos; p0 += MN__ATTN_SEG) {
+        attn_part(simd, d, t0, nt, h0, nh, p0, p0 + MN__ATTN_SEG, &part);
+        for (int32_t i = 0; i < nt; i++) {
+            if (d->pos[t0 + i] < p0) continue;
+            for (int32_t j = 0; j < nh; j++) {
+                int64_t r = (int64_t)(i * nh + j) * hd;
+                attn_fold(tacc + r, &tm[i][j], &tl[i][j], pacc + r, part.m[i][j], part.l[i][j], hd, p0 == 0);
+            }
+        }
+    }
+    for (int32_t i = 0; i < nt; i++)
+        for (int32_t j = 0; j < nh; j++)
+            attn_write(tacc + (int64_t)(i * nh + j) * hd, tl[i][j], d->out + (t0 + i) * d->out_stride + (int64_t)(h0 + j) * hd,
+                       hd);
+}
+
+/* How the threads share an attention call. Tiles are runs of up to MN__ATTN_TILE
+ * consecutive tokens of one sequence (they share each K/V chunk conversion); a unit is
+ * (tile, run of heads of one KV group). When there are few units (decode, a short append)
+ * and the context spans several segments, the segments themselves are spread over the
+ * threads (split): their states go to work memory and are folded after a barrier.
+ * Every thread, and mn_cpu_attention_work_bytes, computes the same plan. */
+typedef struct attn_plan {
+    int64_t n_tiles;
+    int32_t per, run;   /* runs of heads per KV group, heads per run */
+    int32_t nseg_max;   /* segments of the longest token */
+    int split;
+} attn_plan;
+
+/* Work bytes of the split (0 where it is never used: one segment, many tokens, or over
+ * MN__ATTN_SPLIT_MAX bytes). Independent of the thread count, so memory reserved for one
+ * count fits any other. */
+#define MN__ATTN_SPLIT_MAX ((size_t)64 << 20)
+static size_t attn_split_bytes(const mn_attention_desc *d, int32_t nseg_max) {
+    if (nseg_max < 2 || d->T > 64) return 0;
+    size_t b = (size_t)d->T * (size_t)d->n_head * (size_t)nseg_max * (size_t)(d->head_dim + 2) * sizeof(float);
+    return b <= MN__ATTN_SPLIT_MAX ? b : 0;
+}
+
+static attn_plan attn_plan_for(const mn_attention_desc *d, int nth) {
+    attn_plan pl = {0};
+    int32_t group = d->n_head / d->n_kv_head, max_pos = 0;
+    for (int64_t t = 0, len = 0; t < d->T; t++, len++) {
+        if (t == 0 || len == MN__ATTN_TILE || d->seq[t] != d->seq[t - 1]) {
+            pl.n_tiles++;
+            len = 0;
+        }
+        max_pos = d->pos[t] + 1 > max_pos ? d->pos[t] + 1 : max_pos;
+    }
+    pl.nseg_max = (max_pos + MN__ATTN_SEG - 1) / MN__ATTN_SEG;
+    pl.per = (group + MN__ATTN_MAX_HEADS - 1) / MN__ATTN_MAX_HEADS;
+    pl.run = (group + pl.per - 1) / pl.per;
+    int64_t units = pl.n_tiles * d->n_kv_head * pl.per;
+    if (nth > 1 && units < 4 * (int64_t)nth && attn_split_bytes(d, pl.nseg_max)) {
+        pl.split = 1;
+    } else if (units < 2 * (int64_t)nth) {
+        /* short context, few units: each head its own unit so the threads stay busy */
+        pl.per = group;
+        pl.run = 1;
+    }
+    return pl;
+}
+
+size_t mn_cpu_attention_work_bytes(const mn_attention_desc *d, int nth) {
+    return nth > 1 ? attn_split_bytes(d, attn_plan_for(d, 1).nseg_max) : 0;
 }
 
 void mn_cpu_attention(const mn_attention_desc *d, void *work, const mn_par *par) {
     assert(d->head_dim <= MN__ATTN_MAX_HD && d->n_head % d->n_kv_head == 0);
-    int32_t group = d->n_head / d->n_kv_head;
-    /* Tiles are runs of up to MN__ATTN_TILE consecutive tokens of one sequence: they
-     * share each K/V chunk conversion. Every thread finds the same tiles. */
-    int64_t n_tiles = 0;
-    for (int64_t t = 0, len = 0; t < d->T; t++, len++) {
-        if (t == 0 || len == MN__ATTN_TILE || d->seq[t] != d->seq[t - 1]) {
-            n_tiles++;
-            len = 0;
-        }
-    }
-    /* A unit is (tile, a run of heads of one KV group): those heads share each K/V row
-     * conversion. With few units per thread (decode) each head is its own unit so the
-     * threads stay busy. Either way a head's float sequence is the same. */
-    int32_t per = (group + MN__ATTN_MAX_HEADS - 1) / MN__ATTN_MAX_HEADS; /* runs per group */
-    int32_t run = (group + per - 1) / per;                               /* heads per run */
-    if (n_tiles * d->n_kv_head * per < 2 * (int64_t)par->nth) {
-        per = group;
-        run = 1;
-    }
+    int32_t group = d->n_head / d->n_kv_head, hd = d->head_dim;
+    attn_plan pl = attn_plan_for(d, par->nth);
+    int32_t per = pl.per, run = pl.run;
     int64_t units_per_tile = (int64_t)d->n_kv_head * per;
     mn__simd simd = mn__cpu_simd();
-    /* Units go round-robin over the threads: under the causal mask later tokens cost
-     * more, and interleaving keeps prefill balanced where contiguous ranges would not. */
+    if (!pl.split || !work) {
+        /* Units go round-robin over the threads: under the causal mask later tokens cost
+         * more, and interleaving keeps prefill balanced where contiguous ranges would not. */
+        int64_t u = 0;
+        for (int64_t t0 = 0; t0 < d->T;) {
+            int32_t nt = 1;
+            while (nt < MN__ATTN_TILE && t0 + nt < d->T && d->seq[t0 + nt] == d->seq[t0]) nt++;
+            for (int64_t r = 0; r < units_per_tile; r++, u++) {
+                if (u % par->nth != par->ith) continue;
+                int32_t g = (int32_t)(r / per), k = (int32_t)(r % per);
+                int32_t h0 = g * group + k * run;
+                int32_t nh = group - k * run < run ? group - k * run : run;
+                attn_unit(simd, d, t0, nt, h0, nh);
+            }
+            t0 += nt;
+        }
+        return;
+    }
+    /* split: state of (token t, head h, segment k) at work + ((t*n_head + h)*nseg_max + k)*(hd + 2) */
+    float *st = work;
+    int64_t ld = hd + 2;
+    float pacc[MN__ATTN_TILE * MN__ATTN_MAX_HEADS * MN__ATTN_MAX_HD];
+    mn__attn_part part = {.acc = pacc};
     int64_t u = 0;
     for (int64_t t0 = 0; t0 < d->T;) {
-        int32_t nt = 1;
-        while (nt < MN__ATTN_TILE && t0 + nt < d->T && d->seq[t0 + nt] == d->seq[t0]) nt++;
-        for (int64_t r = 0; r < units_per_tile; r++, u++) {
-            if (u % par->nth != par->ith) continue;
+        int32_t nt = 1, max_pos = d->pos[t0] + 1;
+        while (nt < MN__ATTN_TILE && t0 + nt < d->T && d->seq[t0 + nt] == d->seq[t0]) {
+            max_pos = d->pos[t0 + nt] + 1 > max_pos ? d->pos[t0 + nt] + 1 : max_pos;
+            nt++;
+        }
+        for (int64_t r = 0; r < units_per_tile; r++) {
             int32_t g = (int32_t)(r / per), k = (int32_t)(r % per);
             int32_t h0 = g * group + k * run;
             int32_t nh = group - k * run < run ? group - k * run : run;
-            attn_unit(simd, d, t0, nt, h0, nh);
+            for (int32_t p0 = 0; p0 < max_pos; p0 += MN__ATTN_SEG, u++) {
+                if (u % par->nth != par->ith) continue;
+                attn_part(simd, d, t0, nt, h0, nh, p0, p0 + MN__ATTN_SEG, &part);
+                for (int32_t i = 0; i < nt; i++) {
+                    if (d->pos[t0 + i] < p0) continue;
+                    for (int32_t j = 0; j < nh; j++) {
+                        float *o = st + (((t0 + i) * d->n_head + h0 + j) * pl.nseg_max + p0 / MN__ATTN_SEG) * ld;
+                        memcpy(o, pacc + (int64_t)(i * nh + j) * hd, (size_t)hd * sizeof(float));
+                        o[hd] = part.m[i][j];
+                        o[hd + 1] = part.l[i][j];
+                    }
+                }
+            }
         }
         t0 += nt;
+    }
+    mn_par_barrier(par);
+    int64_t lo, hi;
+    mn_par_range(par, d->T * d->n_head, &lo, &hi);
+    for (int64_t th = lo; th < hi; th++) {
+        int64_t t = th / d->n_head, h = th % d->n_head;
+        float acc[MN__ATTN_MAX_HD], m = 0.0f, l = 0.0f;
+        const float *s0 = st + th * pl.nseg_max * ld;
+        for (int32_t k = 0; k <= d->pos[t] / MN__ATTN_SEG; k++)
+            attn_fold(acc, &m, &l, s0 + k * ld, s0[k * ld + hd], s0[k * ld + hd + 1], hd, k == 0);
+        attn_write(acc, l, d->out + t * d->out_stride + h * hd, hd);
     }
 }
 

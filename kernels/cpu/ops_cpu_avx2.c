@@ -128,10 +128,12 @@ static inline __m256 reduce8x8(const __m256 s[8]) {
  * tile. Per (token, head) the float sequence is fixed: score of position p = scale *
  * tree-sum (reduce8x8) of the 8-lane FMA chain over head_dim; positions past the
  * token's own are -inf; chunk max, w = exp8(score - max), l = l*alpha + sum,
- * acc = acc*alpha + sum_p w_p V_p (p ascending). None of it depends on nt, nh or the
+ * acc = acc*alpha + sum_p w_p V_p (p ascending), over the positions of one segment
+ * [p0, p1); the caller folds segments (ops_cpu.c). None of it depends on nt, nh or the
  * other tokens, so a token alone (decode) gets the same bits as inside a prefill tile. */
-static inline __attribute__((always_inline)) void attn_tile(const mn_attention_desc *d, int64_t t0, int32_t nt,
-                                                             int32_t h0, const int32_t nh, const int32_t nvc) {
+static inline __attribute__((always_inline)) void attn_part(const mn_attention_desc *d, int64_t t0, int32_t nt,
+                                                             int32_t h0, const int32_t nh, const int32_t nvc,
+                                                             int32_t p0, int32_t p1, mn__attn_part *out) {
     const mn_kv_view *kv = &d->kv;
     const int32_t hd = d->head_dim, nv = nvc ? nvc : (hd + 7) / 8, g = h0 / (d->n_head / d->n_kv_head);
     const int32_t ld = nv * 8, s = d->seq[t0];
@@ -155,9 +157,14 @@ static inline __attribute__((always_inline)) void attn_tile(const mn_attention_d
         }
     }
     for (int32_t x = hd; x < ld; x++) qb[x] = 0.0f;
-    for (int32_t c0 = 0; c0 < max_pos; c0 += MN__ATTN_CHUNK) {
+    if (max_pos > p1) max_pos = p1;
+    for (int32_t c0 = p0; c0 < max_pos; c0 += MN__ATTN_CHUNK) {
         int32_t nc = max_pos - c0 < MN__ATTN_CHUNK ? max_pos - c0 : MN__ATTN_CHUNK;
         mn__kv_chunk_rows(kv, s, c0, nc, g, kp, vp);
+        if (c0 + MN__ATTN_CHUNK < max_pos) {
+            int32_t nn = max_pos - c0 - MN__ATTN_CHUNK;
+            mn__kv_prefetch_rows(kv, s, c0 + MN__ATTN_CHUNK, nn < MN__ATTN_CHUNK ? nn : MN__ATTN_CHUNK, g);
+        }
         for (int32_t p = 0; p < nc; p++) {
             for (int32_t v = 0; v < nfull; v++) {
                 _mm256_store_ps(kf + p * ld + 8 * v, load_h8(kp[p] + 8 * v));
@@ -227,10 +234,11 @@ static inline __attribute__((always_inline)) void attn_tile(const mn_attention_d
     }
     for (int32_t i = 0; i < nt; i++) {
         for (int32_t j = 0; j < nh; j++) {
-            float *o = d->out + (t0 + i) * d->out_stride + (int64_t)(h0 + j) * hd;
             const float *ac = acc + (int64_t)(i * nh + j) * ld;
-            float inv = 1.0f / l[i][j];
-            for (int32_t x = 0; x < hd; x++) o[x] = ac[x] * inv;
+            float *o = out->acc + (int64_t)(i * nh + j) * hd;
+            for (int32_t x = 0; x < hd; x++) o[x] = ac[x];
+            out->m[i][j] = m[i][j];
+            out->l[i][j] = l[i][j];
         }
     }
 }
@@ -240,12 +248,13 @@ static inline __attribute__((always_inline)) void attn_tile(const mn_attention_d
  * same float operations per head, so the choice cannot change a result. */
 #define ATTN_CASE(NH)                                                       \
     case NH:                                                                \
-        if (d->head_dim == 64) attn_tile(d, t0, nt, h0, NH, 64 / 8);         \
-        else if (d->head_dim == 128) attn_tile(d, t0, nt, h0, NH, 128 / 8);  \
-        else attn_tile(d, t0, nt, h0, NH, 0);                               \
+        if (d->head_dim == 64) attn_part(d, t0, nt, h0, NH, 64 / 8, p0, p1, out);         \
+        else if (d->head_dim == 128) attn_part(d, t0, nt, h0, NH, 128 / 8, p0, p1, out);  \
+        else attn_part(d, t0, nt, h0, NH, 0, p0, p1, out);                               \
         break;
 
-void mn__attn_tile_avx2(const mn_attention_desc *d, int64_t t0, int32_t nt, int32_t h0, int32_t nh) {
+void mn__attn_part_avx2(const mn_attention_desc *d, int64_t t0, int32_t nt, int32_t h0, int32_t nh, int32_t p0,
+                       int32_t p1, mn__attn_part *out) {
     switch (nh) {
     ATTN_CASE(1)
     ATTN_CASE(2)
@@ -254,6 +263,6 @@ void mn__attn_tile_avx2(const mn_attention_desc *d, int64_t t0, int32_t nt, int3
     ATTN_CASE(5)
     ATTN_CASE(6)
     ATTN_CASE(7)
-    default: attn_tile(d, t0, nt, h0, 8, d->head_dim == 64 ? 64 / 8 : d->head_dim == 128 ? 128 / 8 : 0); break;
+    default: attn_part(d, t0, nt, h0, 8, d->head_dim == 64 ? 64 / 8 : d->head_dim == 128 ? 128 / 8 : 0, p0, p1, out); break;
     }
 }

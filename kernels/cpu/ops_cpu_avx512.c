@@ -99,10 +99,12 @@ static inline __m512 reduce16x16(const __m512 s[16]) {
  * sequence is fixed: score of position p = scale * tree-sum (reduce16x16) of the
  * 16-lane FMA chain over head_dim; positions past the token's own are -inf; chunk max,
  * w = exp16(score - max), l = l*alpha + sum, acc = acc*alpha + sum_p w_p V_p (p
- * ascending). None of it depends on nt, nh or the other tokens, so a token alone
+ * ascending), over the positions of one segment [p0, p1); the caller folds segments
+ * (ops_cpu.c). None of it depends on nt, nh or the other tokens, so a token alone
  * (decode) gets the same bits as inside a prefill tile. */
-static inline __attribute__((always_inline)) void attn_tile(const mn_attention_desc *d, int64_t t0, int32_t nt,
-                                                             int32_t h0, const int32_t nh, const int32_t nvc) {
+static inline __attribute__((always_inline)) void attn_part(const mn_attention_desc *d, int64_t t0, int32_t nt,
+                                                             int32_t h0, const int32_t nh, const int32_t nvc,
+                                                             int32_t p0, int32_t p1, mn__attn_part *out) {
     const mn_kv_view *kv = &d->kv;
     const int32_t hd = d->head_dim, nv = nvc ? nvc : (hd + 15) / 16, g = h0 / (d->n_head / d->n_kv_head);
     const int32_t ld = nv * 16, s = d->seq[t0];
@@ -123,9 +125,14 @@ static inline __attribute__((always_inline)) void attn_tile(const mn_attention_d
             for (int32_t x = 0; x < ld; x++) acc[(i * nh + j) * ld + x] = 0.0f;
         }
     }
-    for (int32_t c0 = 0; c0 < max_pos; c0 += MN__ATTN_CHUNK) {
+    if (max_pos > p1) max_pos = p1;
+    for (int32_t c0 = p0; c0 < max_pos; c0 += MN__ATTN_CHUNK) {
         int32_t nc = max_pos - c0 < MN__ATTN_CHUNK ? max_pos - c0 : MN__ATTN_CHUNK;
         mn__kv_chunk_rows(kv, s, c0, nc, g, kp, vp);
+        if (c0 + MN__ATTN_CHUNK < max_pos) {
+            int32_t nn = max_pos - c0 - MN__ATTN_CHUNK;
+            mn__kv_prefetch_rows(kv, s, c0 + MN__ATTN_CHUNK, nn < MN__ATTN_CHUNK ? nn : MN__ATTN_CHUNK, g);
+        }
         for (int32_t p = 0; p < nc; p++) {
             for (int32_t v = 0; v < nv; v++) {
                 __mmask16 k = tail_mask(hd - 16 * v);
@@ -188,10 +195,11 @@ static inline __attribute__((always_inline)) void attn_tile(const mn_attention_d
     }
     for (int32_t i = 0; i < nt; i++) {
         for (int32_t j = 0; j < nh; j++) {
-            float *o = d->out + (t0 + i) * d->out_stride + (int64_t)(h0 + j) * hd;
             const float *ac = acc + (int64_t)(i * nh + j) * ld;
-            float inv = 1.0f / l[i][j];
-            for (int32_t x = 0; x < hd; x++) o[x] = ac[x] * inv;
+            float *o = out->acc + (int64_t)(i * nh + j) * hd;
+            for (int32_t x = 0; x < hd; x++) o[x] = ac[x];
+            out->m[i][j] = m[i][j];
+            out->l[i][j] = l[i][j];
         }
     }
 }
@@ -201,12 +209,13 @@ static inline __attribute__((always_inline)) void attn_tile(const mn_attention_d
  * same float operations per head, so the choice cannot change a result. */
 #define ATTN_CASE(NH)                                                        \
     case NH:                                                                 \
-        if (d->head_dim == 64) attn_tile(d, t0, nt, h0, NH, 64 / 16);         \
-        else if (d->head_dim == 128) attn_tile(d, t0, nt, h0, NH, 128 / 16);  \
-        else attn_tile(d, t0, nt, h0, NH, 0);                                \
+        if (d->head_dim == 64) attn_part(d, t0, nt, h0, NH, 64 / 16, p0, p1, out);         \
+        else if (d->head_dim == 128) attn_part(d, t0, nt, h0, NH, 128 / 16, p0, p1, out);  \
+        else attn_part(d, t0, nt, h0, NH, 0, p0, p1, out);                                \
         break;
 
-void mn__attn_tile_avx512(const mn_attention_desc *d, int64_t t0, int32_t nt, int32_t h0, int32_t nh) {
+void mn__attn_part_avx512(const mn_attention_desc *d, int64_t t0, int32_t nt, int32_t h0, int32_t nh, int32_t p0,
+                       int32_t p1, mn__attn_part *out) {
     switch (nh) {
     ATTN_CASE(1)
     ATTN_CASE(2)
@@ -215,6 +224,6 @@ void mn__attn_tile_avx512(const mn_attention_desc *d, int64_t t0, int32_t nt, in
     ATTN_CASE(5)
     ATTN_CASE(6)
     ATTN_CASE(7)
-    default: attn_tile(d, t0, nt, h0, 8, d->head_dim == 64 ? 64 / 16 : d->head_dim == 128 ? 128 / 16 : 0); break;
+    default: attn_part(d, t0, nt, h0, 8, d->head_dim == 64 ? 64 / 16 : d->head_dim == 128 ? 128 / 16 : 0, p0, p1, out); break;
     }
 }

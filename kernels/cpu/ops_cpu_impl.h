@@ -37,10 +37,31 @@ void mn__f32_to_f16_row_avx2(const float *x, uint16_t *y, int64_t n);
 /* f16 -> f32 (exact). */
 void mn__f16_to_f32_row_avx2(const uint16_t *x, float *y, int64_t n);
 
-/* Attention for tokens t0 .. t0+nt-1 (nt <= MN__ATTN_TILE, all of one sequence), heads
- * h0 .. h0+nh-1 of one KV group; each token's result is independent of the others. */
-void mn__attn_tile_avx2(const mn_attention_desc *d, int64_t t0, int32_t nt, int32_t h0, int32_t nh);
-void mn__attn_tile_avx512(const mn_attention_desc *d, int64_t t0, int32_t nt, int32_t h0, int32_t nh);
+/* Positions per attention segment. A token's positions are cut into segments
+ * [k*SEG, (k+1)*SEG) at fixed boundaries; each segment's softmax state (max, sum,
+ * unnormalised V sum) is computed on its own, and the states are folded in segment order.
+ * Decode spreads one token's segments over threads (flash-decoding); prefill folds them
+ * as it goes. Both run the same float operations, so the bits never depend on which. */
+#define MN__ATTN_SEG 256
+
+/* The softmax state of one segment for the tokens and heads of a unit: for token i and
+ * head j of the unit, acc[(i*nh + j)*head_dim ..] = sum_p w_p V_p (unnormalised),
+ * m = max score, l = sum_p w_p with w_p = exp(score_p - m). A token with no position in
+ * the segment has m = -inf, l = 0. */
+typedef struct mn__attn_part {
+    float *acc; /* [nt * nh][head_dim] */
+    float m[MN__ATTN_TILE][MN__ATTN_MAX_HEADS];
+    float l[MN__ATTN_TILE][MN__ATTN_MAX_HEADS];
+} mn__attn_part;
+
+/* The segment state over positions [p0, min(p1, pos+1)) for tokens t0 .. t0+nt-1
+ * (nt <= MN__ATTN_TILE, all of one sequence) and heads h0 .. h0+nh-1 of one KV group;
+ * p0 and p1 are multiples of MN__ATTN_CHUNK. Each token's state is independent of the
+ * others in the unit. */
+void mn__attn_part_avx2(const mn_attention_desc *d, int64_t t0, int32_t nt, int32_t h0, int32_t nh, int32_t p0,
+                        int32_t p1, mn__attn_part *out);
+void mn__attn_part_avx512(const mn_attention_desc *d, int64_t t0, int32_t nt, int32_t h0, int32_t nh, int32_t p0,
+                          int32_t p1, mn__attn_part *out);
 
 /* Cache row pointers of positions p0 .. p0+n-1 of sequence s, KV head g: walks the block
  * table once per block instead of dividing once per position. */
@@ -54,6 +75,24 @@ static inline void mn__kv_chunk_rows(const mn_kv_view *kv, int32_t s, int32_t p0
         for (; left > 0 && i < n; left--, i++, off += row) {
             kp[i] = kv->k + off;
             vp[i] = kv->v + off;
+        }
+    }
+}
+
+/* Asks for the K and V rows of positions p0 .. p0+n-1 (sequence s, KV head g) to be
+ * brought into cache while the current chunk computes: blocks sit in pool order, not
+ * position order, so the hardware prefetcher cannot follow a long context. */
+static inline void mn__kv_prefetch_rows(const mn_kv_view *kv, int32_t s, int32_t p0, int32_t n, int32_t g) {
+    int64_t row = (int64_t)kv->n_kv_head * kv->head_dim, bytes = (int64_t)kv->head_dim * 2;
+    int32_t i = 0;
+    while (i < n) {
+        int64_t off = mn_kv_offset(kv, s, p0 + i, g);
+        int32_t left = kv->block_size - (p0 + i) % kv->block_size;
+        for (; left > 0 && i < n; left--, i++, off += row) {
+            for (int64_t b = 0; b < bytes; b += 64) {
+                __builtin_prefetch((const char *)(kv->k + off) + b);
+                __builtin_prefetch((const char *)(kv->v + off) + b);
+            }
         }
     }
 }

@@ -72,6 +72,9 @@ static const tcase cases[] = {
     AT(1, 70, 9, 3, 64, 16, 100), AT(3, 45, 4, 4, 128, 32, 101), AT(17, 70, 12, 4, 80, 16, 102),
     AT(17, 100, 16, 4, 64, 32, 103), AT(9, 50, 16, 2, 128, 16, 104), AT(5, 40, 12, 1, 64, 16, 105),
     AT(3, 33, 6, 2, 40, 16, 106), AT(2, 600, 9, 3, 64, 32, 107), AT(3, 20, 8, 1, 256, 16, 108),
+    /* contexts of several MN__ATTN_SEG segments: with 3 threads the segments are split
+     * over threads (flash-decoding), with 1 they are folded in one pass; same bits */
+    AT(1, 2000, 9, 3, 64, 16, 109), AT(5, 1100, 8, 2, 128, 16, 110), AT(4, 700, 6, 2, 40, 32, 111),
     SM(1, 1536, 0, 120), SM(3, 1537, F_INPLACE, 121), SM(17, 333, F_STRIDE, 122), SM(3, 5, F_INPLACE | F_STRIDE, 123),
     AD(1, 576, 0, 140), AD(3, 577, F_STRIDE, 141), AD(17, 1001, 0, 142),
 };
@@ -424,6 +427,10 @@ static void setup(ctx *cx, const tcase *c) {
         size_t w1 = mn_cpu_matmul_work_bytes(&cx->d.mm, 1), w3 = mn_cpu_matmul_work_bytes(&cx->d.mm, 3);
         cx->work = ctx_alloc(cx, w1 > w3 ? w1 : w3);
     }
+    if (c->op == OP_ATTENTION) {
+        size_t w = mn_cpu_attention_work_bytes(&cx->d.at, 3);
+        cx->work = w ? ctx_alloc(cx, w) : NULL;
+    }
 }
 
 static void teardown(ctx *cx) {
@@ -706,7 +713,8 @@ static void test_harness_catches_errors(void **state) {
 static void test_attention_prefill_tiles(void **state) {
     (void)state;
     static const tcase cases[] = {AT(45, 70, 9, 3, 64, 16, 901), AT(21, 50, 6, 2, 40, 16, 902),
-                                  AT(13, 40, 8, 1, 128, 32, 903), AT(11, 37, 4, 2, 36, 16, 904)};
+                                  AT(13, 40, 8, 1, 128, 32, 903), AT(11, 37, 4, 2, 36, 16, 904),
+                                  AT(45, 700, 9, 3, 64, 16, 905)};
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
         ctx cx;
         setup(&cx, &cases[ci]);
@@ -743,6 +751,14 @@ static void test_attention_prefill_tiles(void **state) {
                 mn_par par = {.ith = 0, .nth = 1};
                 mn_cpu_attention(&one, NULL, &par);
                 n_diff += memcmp(alone, d->out + t * d->out_stride, (size_t)hn * sizeof(float)) != 0;
+                /* alone on 3 threads: past one segment it is split over the threads */
+                float split[8 * 128];
+                mn_attention_desc saved = *d;
+                one.out = split;
+                *d = one;
+                run_cpu_threads(&cx, 3);
+                *d = saved;
+                n_diff += memcmp(split, alone, (size_t)hn * sizeof(float)) != 0;
             }
             printf("attention prefill tiles [%s] T=%d hd=%d: %d bad vs ref (max err %.3g), %d tokens differ alone\n",
                    simd_levels[lv], (int)d->T, d->head_dim, (int)bad, max_err, n_diff);
