@@ -9,7 +9,10 @@
  *   T1/T2/T3  the session demoted to that tier first (host image, lz4 host bytes, file
  *             in the page cache), so the turn includes bringing its KV back
  * and prints ms, the ratios to resident, the restore GB/s and the T2 compression ratio.
- *   usage: bench_session [-m MODEL] [-t THREADS] [L ...]
+ * and the append-only cost (5 tokens, no generation) of the resident session against a new
+ * one: appending to a long session should cost about what appending to a short one does.
+ *   usage: bench_session [-m MODEL] [-t THREADS] [--quick] [L ...]
+ *   --quick  resident and new only (skips the tiers and the recompute)
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,13 +46,22 @@ static double turn(mn_engine *e, mn_session *s, const int32_t *toks, int32_t n) 
     return now_s() - t0;
 }
 
+/* append n tokens (computed, no generation); returns seconds */
+static double append_only(mn_engine *e, mn_session *s, const int32_t *toks, int32_t n) {
+    mn_errbuf eb;
+    double t0 = now_s();
+    if (mn_session_append_tokens(e, s, toks, n, MN_ROLE_USER, &eb) != MN_OK) die("append", &eb);
+    return now_s() - t0;
+}
+
 int main(int argc, char **argv) {
     const char *model_path = NULL;
     int threads = 0;
     int32_t lens[16];
-    int n_lens = 0;
+    int n_lens = 0, quick = 0;
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "-m") && i + 1 < argc) model_path = argv[++i];
+        if (!strcmp(argv[i], "--quick")) quick = 1;
+        else if (!strcmp(argv[i], "-m") && i + 1 < argc) model_path = argv[++i];
         else if (!strcmp(argv[i], "-t") && i + 1 < argc) threads = atoi(argv[++i]);
         else if (n_lens < 16) lens[n_lens++] = atoi(argv[i]);
     }
@@ -74,6 +86,7 @@ int main(int argc, char **argv) {
     if (mn_engine_new(m, &ep, &e, &eb) != MN_OK) die("engine", &eb);
     int32_t *toks = malloc((size_t)(max_len + 16) * sizeof(int32_t));
     for (int32_t i = 0; i < max_len + 16; i++) toks[i] = 100 + (int32_t)((i * 7919u) % 40000u);
+    double appends[16][2];
     printf("%7s %9s %8s %8s %8s %8s %10s %7s %7s %7s %9s %6s %6s %6s %7s\n", "history", "resident", "T1", "T2", "T3",
            "new", "recompute", "T1/res", "T2/res", "T3/res", "recomp/T1", "T1GB/s", "T2GB/s", "T3GB/s", "lz4");
     for (int li = 0; li < n_lens; li++) {
@@ -81,7 +94,7 @@ int main(int argc, char **argv) {
         mn_session *s, *fresh, *blank;
         if (mn_session_create(e, NULL, &s, &eb) != MN_OK) die("create", &eb);
         if (mn_session_append_tokens(e, s, toks, L, MN_ROLE_USER, &eb) != MN_OK) die("prefill", &eb);
-        double best_res = 1e9, best_new = 1e9;
+        double best_res = 1e9, best_new = 1e9, app_res = 1e9, app_new = 1e9;
         for (int r = 0; r < 3; r++) {
             int32_t n0;
             mn_session_tokens(s, NULL, &n0);
@@ -92,6 +105,22 @@ int main(int argc, char **argv) {
             t = turn(e, blank, toks + L, 5);
             best_new = t < best_new ? t : best_new;
             mn_session_delete(e, blank);
+            /* append only */
+            t = append_only(e, s, toks + L, 5);
+            app_res = t < app_res ? t : app_res;
+            if (mn_session_rewind(e, s, n0, &eb) != MN_OK) die("rewind", &eb);
+            if (mn_session_create(e, NULL, &blank, &eb) != MN_OK) die("create", &eb);
+            t = append_only(e, blank, toks + L, 5);
+            app_new = t < app_new ? t : app_new;
+            mn_session_delete(e, blank);
+        }
+        appends[li][0] = app_res;
+        appends[li][1] = app_new;
+        if (quick) {
+            printf("%7d %9.2f %8s %8s %8s %8.2f %10s %7s %7s %7s %9s %6s %6s %6s %7s\n", L, best_res * 1e3, "-", "-", "-",
+                   best_new * 1e3, "-", "-", "-", "-", "-", "-", "-", "-", "-");
+            mn_session_delete(e, s);
+            continue;
         }
         /* the same turn after a demotion to each tier (best of 3) */
         double tier_ms[4] = {0};
@@ -134,6 +163,9 @@ int main(int argc, char **argv) {
                tier_ms[2] / best_res, tier_ms[3] / best_res, rec / tier_ms[1], gbs[1], gbs[2], gbs[3], ratio);
         fflush(stdout);
     }
+    printf("\nappend 5 tokens, no generation (ms, best of 3)\n%7s %9s %8s %8s\n", "history", "resident", "new", "res/new");
+    for (int li = 0; li < n_lens; li++)
+        printf("%7d %9.2f %8.2f %8.2f\n", lens[li], appends[li][0] * 1e3, appends[li][1] * 1e3, appends[li][0] / appends[li][1]);
     mn_engine_stats st;
     mn_engine_stats_get(e, &st);
     printf("KV bytes per token: %lld (f16); GB/s = raw KV bytes / (tier turn - resident turn)\n", (long long)st.bytes_per_token);

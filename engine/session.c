@@ -463,6 +463,8 @@ void mn_session_info_get(const mn_engine *e, const mn_session *s, mn_session_inf
 /* ---- the engine step ------------------------------------------------------------------------ */
 
 static bool wants_compute(const mn_session *s) { return s->n_computed < s->n_tokens; }
+/* pending tokens and its KV in the pool: a step can take it */
+static bool ready(const mn_session *s) { return wants_compute(s) && s->tier == 0; }
 
 /* Sample the next token for a generating session whose pending tokens are all computed. */
 static mn_err gen_advance(mn_engine *e, mn_session *s, mn_errbuf *eb) {
@@ -507,7 +509,7 @@ static mn_err step_compute(mn_engine *e, int32_t *ns_out, bool *did_work, mn_err
         for (int32_t i = 0; i < e->n_sessions && n < e->max_batch; i++) {
             mn_session *s = e->sessions[i];
             int32_t pending = s->n_tokens - s->n_computed;
-            if (pending <= 0 || (pass == 0) != (pending == 1)) continue;
+            if (pending <= 0 || s->tier != 0 || (pass == 0) != (pending == 1)) continue;
             int32_t take = pending < e->max_batch - n ? pending : e->max_batch - n;
             e->b_sess[ns] = s;
             *ns_out = ns + 1;
@@ -572,7 +574,7 @@ static mn_err step_compute(mn_engine *e, int32_t *ns_out, bool *did_work, mn_err
 }
 
 /* A step failed for s: drop its pending tokens (and any KV written for them). */
-static void fail_session(mn_engine *e, mn_session *s, mn_err err, const char *msg) {
+void mn__session_fail(mn_engine *e, mn_session *s, mn_err err, const char *msg) {
     s->fail_err = err;
     snprintf(s->fail_msg, sizeof s->fail_msg, "%s", msg ? msg : mn_err_name(err));
     mn_kv_seq_truncate(e->kv, &s->seq, s->n_computed);
@@ -615,19 +617,32 @@ mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb) {
         mn_session *s = e->sessions[i];
         if (s->gen && s->gen->finish == MN_FINISH_NONE && !wants_compute(s) && s->logits_valid) {
             *did_work = true;
-            if ((err = gen_advance(e, s, eb)) != MN_OK) fail_session(e, s, err, eb ? eb->msg : NULL);
+            if ((err = gen_advance(e, s, eb)) != MN_OK) mn__session_fail(e, s, err, eb ? eb->msg : NULL);
         }
     }
+    /* sessions whose lift finished (now T1), or that were left in T1: into the pool */
+    bool lifting = false;
+    for (int32_t i = 0; i < e->n_sessions && err == MN_OK; i++) {
+        mn_session *s = e->sessions[i];
+        if (!wants_compute(s) || s->tier == 0) continue;
+        if (mn__tier_lifting(s)) {
+            lifting = true;
+            continue;
+        }
+        mn_errbuf peb;
+        mn_err perr = mn__tier_ensure_resident(e, s, &peb);
+        if (perr != MN_OK) mn__session_fail(e, s, perr, peb.msg);
+    }
     for (int32_t i = 0; i < e->n_sessions && err == MN_OK; i++)
-        if (wants_compute(e->sessions[i]) && (err = attach_cached(e, e->sessions[i], eb)) != MN_OK)
-            fail_session(e, e->sessions[i], err, eb ? eb->msg : NULL);
+        if (ready(e->sessions[i]) && (err = attach_cached(e, e->sessions[i], eb)) != MN_OK)
+            mn__session_fail(e, e->sessions[i], err, eb ? eb->msg : NULL);
     /* a session whose adapter was unloaded fails alone, before it can fail a batch */
     for (int32_t i = 0; i < e->n_sessions && err == MN_OK; i++) {
         mn_session *s = e->sessions[i];
         int32_t ai;
         mn_errbuf aeb;
         mn_err aerr;
-        if (wants_compute(s) && (aerr = adapter_index(e, s, &ai, &aeb)) != MN_OK) fail_session(e, s, aerr, aeb.msg);
+        if (ready(s) && (aerr = adapter_index(e, s, &ai, &aeb)) != MN_OK) mn__session_fail(e, s, aerr, aeb.msg);
     }
     if (err == MN_OK) {
         /* blocks this step may need (new positions, plus one copy-on-write each): swap idle
@@ -635,7 +650,7 @@ mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb) {
         int32_t need = 0;
         for (int32_t i = 0; i < e->n_sessions; i++) {
             mn_session *s = e->sessions[i];
-            if (wants_compute(s)) need += (s->n_tokens + e->bs - 1) / e->bs - s->seq.n_blocks + 1;
+            if (ready(s)) need += (s->n_tokens + e->bs - 1) / e->bs - s->seq.n_blocks + 1;
         }
         if (need > e->kv->n_free) {
             mn_errbuf ignore;
@@ -644,8 +659,10 @@ mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb) {
         int32_t ns = 0;
         err = step_compute(e, &ns, did_work, eb);
         if (err != MN_OK)
-            for (int32_t k = 0; k < ns; k++) fail_session(e, e->b_sess[k], err, eb ? eb->msg : NULL);
+            for (int32_t k = 0; k < ns; k++) mn__session_fail(e, e->b_sess[k], err, eb ? eb->msg : NULL);
     }
+    /* nothing to run but a lift on the way: wait for it a little rather than spin */
+    if (err == MN_OK && !*did_work && lifting) mn__tier_wait_any(e, 0.002);
     step_notify(e);
     return err;
 }
@@ -667,13 +684,15 @@ void mn_session_on_computed(mn_engine *e, mn_session *s, mn_computed_cb cb, void
 
 /* Run steps until s has nothing pending (and, if generating, until it finished). */
 mn_err mn__session_run_until_done(mn_engine *e, mn_session *s, mn_errbuf *eb) {
+    s->fail_err = MN_OK;
     for (;;) {
         bool busy = wants_compute(s) || (s->gen && s->gen->finish == MN_FINISH_NONE);
         if (!busy) return MN_OK;
         bool did;
         mn_err err = mn_engine_step(e, &did, eb);
         if (err != MN_OK) return err;
-        if (!did) return mn_errf(eb, MN_EINVALID, "session %s: no progress possible", s->id);
+        if (s->fail_err != MN_OK) return mn_errf(eb, s->fail_err, "%s", s->fail_msg); /* e.g. its lift failed */
+        if (!did && s->tier == 0) return mn_errf(eb, MN_EINVALID, "session %s: no progress possible", s->id);
     }
 }
 
@@ -690,7 +709,8 @@ mn_err mn_session_submit_tokens(mn_engine *e, mn_session *s, const int32_t *toke
     if ((int64_t)s->n_tokens + n > e->m->cfg.n_ctx)
         return mn_errf(eb, MN_ELIMIT, "session %s: %d + %d tokens exceed the context length %d", s->id, s->n_tokens, n,
                        e->m->cfg.n_ctx);
-    mn_err err = mn__tier_ensure_resident(e, s, eb);
+    /* below T1 the worker brings it up while the engine steps the others */
+    mn_err err = s->tier >= 2 ? mn__tier_lift_start(e, s, eb) : mn__tier_ensure_resident(e, s, eb);
     if (err != MN_OK) return err;
     return mn__session_add_tokens(s, tokens, n, role, eb);
 }
@@ -846,7 +866,8 @@ static mn_err gen_begin(mn_engine *e, mn_session *s, const mn_gen_params *p, mn_
     if (s->gen) return mn_errf(eb, MN_EBUSY, "session %s is already generating", s->id);
     if (p->max_tokens < 1) return mn_errf(eb, MN_ERANGE, "max_tokens must be >= 1, got %d", p->max_tokens);
     mn_err err = mn_sampling_validate(&p->sampling, e->m->cfg.n_vocab, eb);
-    if (err == MN_OK) err = mn__tier_ensure_resident(e, s, eb);
+    if (err == MN_OK) /* with tokens pending, a lift may go on: the step waits for it */
+        err = s->tier >= 2 && wants_compute(s) ? mn__tier_lift_start(e, s, eb) : mn__tier_ensure_resident(e, s, eb);
     if (err != MN_OK) return err;
     int32_t *h = NULL;
     int64_t nh = 0;

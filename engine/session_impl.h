@@ -57,7 +57,7 @@ struct mn_session {
     size_t packed_len;
     char *file;            /* T3: path of the session file */
     int64_t host_bytes;    /* bytes it holds in T1 or T2 */
-    struct mn__tier_job *job;  /* a background demotion of its T1 image in flight */
+    struct mn__tier_job *job;  /* background work in flight: a demotion of its T1 image, or a lift */
 };
 
 struct mn_engine {
@@ -111,7 +111,15 @@ const char *mn__tier_name(int t);
 void mn__tier_collect(mn_engine *e);
 /* stop the background worker, dropping queued work (mn_engine_free) */
 void mn__tier_worker_free(mn_engine *e);
+/* start bringing a T2/T3 session up to T1 on the worker (no-op if not below T1 or already
+ * on its way); the step promotes it to T0 once the lift is installed */
+mn_err mn__tier_lift_start(mn_engine *e, mn_session *s, mn_errbuf *eb);
+bool mn__tier_lifting(const mn_session *s);
+/* wait up to `seconds` for any background job to finish, then install what finished */
+void mn__tier_wait_any(mn_engine *e, double seconds);
 /* session.c */
 void mn__prefix_evict_unused(mn_engine *e);
+/* a step (or a lift) failed for s: drop its pending tokens; reported at the end of the step */
+void mn__session_fail(mn_engine *e, mn_session *s, mn_err err, const char *msg);
 
 #endif

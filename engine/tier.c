@@ -8,7 +8,10 @@
  * Demotion takes the least recently used idle sessions (no pending tokens, not
  * generating) when the pool needs blocks, and cascades down when a host tier passes its
  * budget. Promotion happens on access (append, generate, fork, rewind, save) and brings
- * the exact KV bits back, so a promoted session continues bit-identically. */
+ * the exact KV bits back, so a promoted session continues bit-identically.
+ * Tokens submitted to a session in T2 or T3 start its promotion at once: the worker
+ * reads and decompresses it into a T1 image (a lift) while the engine keeps stepping the
+ * other sessions; the step that finds the lift done copies the image into the pool. */
 #include <dirent.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -30,7 +33,12 @@ static const char *const tier_names[] = {"T0", "T1", "T2", "T3"};
 typedef struct mn__tier_job {
     struct mn__tier_job *next;
     mn_session *s;            /* NULL: orphaned */
-    int to;                   /* 2 or 3 */
+    int to;                   /* 2 or 3: demotion of a T1 image; 1: a lift from T2/T3 */
+    int from;                 /* lift: 2 (reads packed) or 3 (reads path) */
+    const uint8_t *model_fp;  /* lift: the model fingerprint the stream must carry */
+    mn_session_loaded *ld;    /* lift result */
+    bool finished;            /* set by the worker (under mu) */
+    char msg[512];            /* why it failed */
     mn_session_image img;     /* points at the copies below and at the T1 image */
     int32_t *tokens;
     uint8_t *roles;
@@ -63,9 +71,13 @@ static void *worker_main(void *arg) {
         if (!w->queue) w->queue_tail = NULL;
         pthread_mutex_unlock(&w->mu);
         mn_errbuf eb;
-        if (j->to == 2) j->err = mn_session_write_mem(&j->img, &j->packed, &j->packed_len, &eb);
+        if (j->to == 1 && j->from == 2) j->err = mn_session_read_mem(j->packed, j->packed_len, j->model_fp, &j->ld, &eb);
+        else if (j->to == 1) j->err = mn_session_read_file(j->path, j->model_fp, &j->ld, &eb);
+        else if (j->to == 2) j->err = mn_session_write_mem(&j->img, &j->packed, &j->packed_len, &eb);
         else j->err = mn_session_write_file(j->path, &j->img, &eb);
+        if (j->err != MN_OK) snprintf(j->msg, sizeof j->msg, "%s", eb.msg);
         pthread_mutex_lock(&w->mu);
+        j->finished = true;
         j->next = w->done;
         w->done = j;
         w->n_busy--;
@@ -81,8 +93,9 @@ static void job_free(tier_job *j) {
     mn_free(j->roles);
     mn_free(j->kv_owned);
     mn_free(j->packed);
+    mn_session_loaded_free(j->ld);
     if (j->path) {
-        if (!j->s && j->err == MN_OK) unlink(j->path); /* written for a session that moved on */
+        if (j->to >= 2 && !j->s && j->err == MN_OK) unlink(j->path); /* written for a session that moved on */
         mn_free(j->path);
     }
     mn_free(j);
@@ -98,7 +111,7 @@ static void job_orphan(mn_session *s) {
     s->job = NULL;
 }
 
-static mn_err start_async(mn_engine *e, mn_session *s, int to, mn_errbuf *eb) {
+static mn_err worker_start(mn_engine *e, mn_errbuf *eb) {
     if (!e->worker) {
         tier_worker *w = mn_calloc(1, sizeof *w);
         if (!w) return mn_errf(eb, MN_ENOMEM, "tier worker: out of memory");
@@ -111,6 +124,22 @@ static mn_err start_async(mn_engine *e, mn_session *s, int to, mn_errbuf *eb) {
         }
         e->worker = w;
     }
+    return MN_OK;
+}
+
+static void worker_push(tier_worker *w, tier_job *j) {
+    pthread_mutex_lock(&w->mu);
+    if (w->queue_tail) w->queue_tail->next = j;
+    else w->queue = j;
+    w->queue_tail = j;
+    w->n_busy++;
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+}
+
+static mn_err start_async(mn_engine *e, mn_session *s, int to, mn_errbuf *eb) {
+    mn_err err = worker_start(e, eb);
+    if (err != MN_OK) return err;
     tier_job *j = mn_calloc(1, sizeof *j);
     int32_t n = s->n_computed;
     if (j) {
@@ -131,15 +160,68 @@ static mn_err start_async(mn_engine *e, mn_session *s, int to, mn_errbuf *eb) {
     j->s = s;
     j->to = to;
     s->job = j;
-    tier_worker *w = e->worker;
-    pthread_mutex_lock(&w->mu);
-    if (w->queue_tail) w->queue_tail->next = j;
-    else w->queue = j;
-    w->queue_tail = j;
-    w->n_busy++;
-    pthread_cond_signal(&w->cv);
-    pthread_mutex_unlock(&w->mu);
+    worker_push(e->worker, j);
     return MN_OK;
+}
+
+bool mn__tier_lifting(const mn_session *s) { return s->job && s->job->to == 1; }
+
+mn_err mn__tier_lift_start(mn_engine *e, mn_session *s, mn_errbuf *eb) {
+    if (s->tier < 2 || mn__tier_lifting(s)) return MN_OK;
+    mn_err err = worker_start(e, eb);
+    if (err != MN_OK) return err;
+    tier_job *j = mn_calloc(1, sizeof *j);
+    if (j && s->tier == 3 && !(j->path = mn_malloc(strlen(s->file) + 1))) {
+        mn_free(j);
+        j = NULL;
+    }
+    if (!j) return mn_errf(eb, MN_ENOMEM, "tier worker: out of memory");
+    j->s = s;
+    j->to = 1;
+    j->from = s->tier;
+    j->model_fp = e->m->fingerprint;
+    if (s->tier == 2) { /* the job owns the stream while it reads; accounting stays with s */
+        j->packed = s->packed;
+        j->packed_len = s->packed_len;
+        s->packed = NULL;
+    } else {
+        strcpy(j->path, s->file);
+    }
+    s->job = j;
+    worker_push(e->worker, j);
+    return MN_OK;
+}
+
+/* Install a finished lift: s becomes a T1 session holding the loaded image. On failure s
+ * keeps its tier (and gets its T2 stream back) and *err / msg say why. */
+static void lift_install(mn_engine *e, tier_job *j) {
+    mn_session *s = j->s;
+    s->job = NULL;
+    if (j->err != MN_OK) {
+        if (j->from == 2) {
+            s->packed = j->packed;
+            j->packed = NULL;
+        }
+        mn__session_fail(e, s, j->err, j->msg);
+        return;
+    }
+    if (j->from == 2) { /* the stream is done with: job_free frees it */
+        e->tier_used[2] -= s->host_bytes;
+    } else if (s->file) {
+        unlink(s->file);
+        mn_free(s->file);
+        s->file = NULL;
+    }
+    int32_t n_blocks = j->ld->img.n_blocks;
+    int64_t bytes = (int64_t)n_blocks * e->kv->n_layer * 2 * e->kv->block_elems * (int64_t)sizeof(uint16_t);
+    e->swapped_in[j->from] += j->from == 2 ? s->host_bytes : bytes;
+    s->packed_len = 0;
+    s->host_kv = j->ld->kv;
+    j->ld->kv = NULL;
+    s->host_blocks = n_blocks;
+    s->host_bytes = bytes;
+    s->tier = 1;
+    e->tier_used[1] += bytes;
 }
 
 void mn__tier_collect(mn_engine *e) {
@@ -154,7 +236,9 @@ void mn__tier_collect(mn_engine *e) {
         tier_job *j = list;
         list = j->next;
         mn_session *s = j->s;
-        if (s && j->err == MN_OK) { /* install: the T1 image gives way to the new copy */
+        if (s && j->to == 1) {
+            lift_install(e, j);
+        } else if (s && j->err == MN_OK) { /* install: the T1 image gives way to the new copy */
             s->job = NULL;
             e->tier_used[1] -= s->host_bytes;
             mn_free(s->host_kv);
@@ -181,6 +265,31 @@ void mn_engine_tier_wait(mn_engine *e) {
     if (!w) return;
     pthread_mutex_lock(&w->mu);
     while (w->n_busy > 0) pthread_cond_wait(&w->idle, &w->mu);
+    pthread_mutex_unlock(&w->mu);
+    mn__tier_collect(e);
+}
+
+void mn__tier_wait_any(mn_engine *e, double seconds) {
+    tier_worker *w = e->worker;
+    if (!w) return;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    long ns = ts.tv_nsec + (long)(seconds * 1e9);
+    ts.tv_sec += ns / 1000000000L;
+    ts.tv_nsec = ns % 1000000000L;
+    pthread_mutex_lock(&w->mu);
+    if (w->n_busy > 0 && atomic_load(&w->n_done) == 0) pthread_cond_timedwait(&w->idle, &w->mu, &ts);
+    pthread_mutex_unlock(&w->mu);
+    mn__tier_collect(e);
+}
+
+/* Wait for s's lift (if any) and install it. */
+static void lift_settle(mn_engine *e, mn_session *s) {
+    if (!mn__tier_lifting(s)) return;
+    tier_job *j = s->job;
+    tier_worker *w = e->worker;
+    pthread_mutex_lock(&w->mu);
+    while (!j->finished) pthread_cond_wait(&w->idle, &w->mu);
     pthread_mutex_unlock(&w->mu);
     mn__tier_collect(e);
 }
@@ -320,7 +429,7 @@ static void rebalance(mn_engine *e, const mn_session *keep) {
             mn_session *lru = NULL;
             for (int32_t i = 0; i < e->n_sessions; i++) {
                 mn_session *s = e->sessions[i];
-                if (s->tier == t && s != keep && (!lru || s->last_use < lru->last_use)) lru = s;
+                if (s->tier == t && s != keep && !mn__tier_lifting(s) && (!lru || s->last_use < lru->last_use)) lru = s;
             }
             mn_errbuf eb;
             if (!lru || demote(e, lru, t + 1, &eb) != MN_OK) return;
@@ -331,6 +440,7 @@ static void rebalance(mn_engine *e, const mn_session *keep) {
 mn_err mn_session_demote(mn_engine *e, mn_session *s, int tier, mn_errbuf *eb) {
     if (tier < 1 || tier > 3) return mn_errf(eb, MN_ERANGE, "tier must be 1, 2 or 3, got %d", tier);
     if (s->gen) return mn_errf(eb, MN_EBUSY, "session %s is generating", s->id);
+    lift_settle(e, s);
     mn_err err = MN_OK;
     if (s->tier == 0) err = mn__session_run_until_done(e, s, eb); /* compute pending tokens first */
     if (err == MN_OK) err = demote(e, s, tier, eb);
@@ -363,6 +473,7 @@ mn_err mn__tier_make_room(mn_engine *e, int32_t blocks, const mn_session *keep, 
 }
 
 mn_err mn__tier_ensure_resident(mn_engine *e, mn_session *s, mn_errbuf *eb) {
+    lift_settle(e, s); /* a failed lift leaves s where it was: read again below, for the error */
     if (s->tier == 0) return MN_OK;
     const uint16_t *kv;
     mn_session_loaded *ld = NULL;

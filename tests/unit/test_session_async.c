@@ -12,6 +12,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <unistd.h>
 
 #include "engine/session.h"
 #include "tests/unit/test_model.h"
@@ -305,12 +307,156 @@ static void test_step_failure(void **state) {
     mn_engine_free(e);
 }
 
+/* ---- promotion in the background (a lift) ---------------------------------------------- */
+
+/* Steps until nothing is left; a step may find nothing to run while a lift is on the way. */
+static void run_steps_lifting(mn_engine *e) {
+    mn_errbuf eb;
+    for (int32_t n = 0; mn_engine_has_work(e); n++) {
+        bool did;
+        if (mn_engine_step(e, &did, &eb) != MN_OK) fail_msg("step: %s", eb.msg);
+        assert_true(n < 100000);
+    }
+}
+
+static const char *const more = " and then, after a long pause, it";
+
+/* Greedy tokens after prompt p plus `more` on a fresh engine, never demoted. */
+static void alone_then_more(const char *p, int32_t n, stream *out) {
+    mn_engine *e = engine(256, 256);
+    mn_errbuf eb;
+    mn_session *s;
+    memset(out, 0, sizeof *out);
+    if (mn_session_create(e, NULL, &s, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    if (mn_session_append_text(e, s, MN_ROLE_NONE, p, strlen(p), &eb) != MN_OK) fail_msg("%s", eb.msg);
+    if (mn_session_append_text(e, s, MN_ROLE_NONE, more, strlen(more), &eb) != MN_OK) fail_msg("%s", eb.msg);
+    mn_gen_params g = greedy(n);
+    if (mn_session_generate(e, s, &g, on_token, out, &out->res, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    mn_engine_free(e);
+}
+
+static mn_session *demoted(mn_engine *e, const char *p, int tier) {
+    mn_errbuf eb;
+    mn_session *s;
+    if (mn_session_create(e, NULL, &s, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    if (mn_session_append_text(e, s, MN_ROLE_NONE, p, strlen(p), &eb) != MN_OK) fail_msg("%s", eb.msg);
+    if (mn_session_demote(e, s, tier, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    return s;
+}
+
+static const char *tier_of(mn_engine *e, mn_session *s) {
+    mn_session_info info;
+    mn_session_info_get(e, s, &info);
+    return info.tier;
+}
+
+/* Tokens submitted to sessions in T2 and T3 return at once (the read and decompression
+ * run on the tier worker, the session stays where it is until a step installs it), the
+ * resident session keeps decoding meanwhile, and every stream equals the same
+ * conversation run on an engine where nothing ever moved. */
+static void test_lift_in_background(void **state) {
+    (void)state;
+    char dir[] = "/tmp/mneme-lift-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    mn_engine *e;
+    mn_errbuf eb;
+    mn_engine_params p = {.block_size = 16, .n_blocks = 256, .max_batch_tokens = 256, .persist_dir = dir};
+    if (mn_engine_new(model, &p, &e, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    mn_session *a = demoted(e, prompts[1], 3), *b = demoted(e, prompts[2], 2), *c;
+    assert_string_equal(tier_of(e, a), "T3");
+    assert_string_equal(tier_of(e, b), "T2");
+    if (mn_session_create(e, NULL, &c, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    if (mn_session_submit_text(e, c, MN_ROLE_NONE, prompts[0], strlen(prompts[0]), &eb) != MN_OK) fail_msg("%s", eb.msg);
+    stream sa = {0}, sb = {0}, sc = {0};
+    mn_gen_params g = greedy(8);
+    if (mn_session_generate_start(e, c, &g, on_token, on_done, &sc, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    if (mn_session_submit_text(e, a, MN_ROLE_NONE, more, strlen(more), &eb) != MN_OK) fail_msg("%s", eb.msg);
+    if (mn_session_submit_text(e, b, MN_ROLE_NONE, more, strlen(more), &eb) != MN_OK) fail_msg("%s", eb.msg);
+    /* submitted, not promoted: only a step installs the lift */
+    assert_string_equal(tier_of(e, a), "T3");
+    assert_string_equal(tier_of(e, b), "T2");
+    if (mn_session_generate_start(e, a, &g, on_token, on_done, &sa, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    if (mn_session_generate_start(e, b, &g, on_token, on_done, &sb, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    assert_string_equal(tier_of(e, a), "T3");
+    run_steps_lifting(e);
+    stream ra, rb, rc;
+    alone_then_more(prompts[1], 8, &ra);
+    alone_then_more(prompts[2], 8, &rb);
+    alone(prompts[0], 8, &rc);
+    stream *got[3] = {&sa, &sb, &sc}, *want[3] = {&ra, &rb, &rc};
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(got[i]->n_done, 1);
+        assert_int_equal(got[i]->err, MN_OK);
+        assert_int_equal(got[i]->n_tokens, want[i]->n_tokens);
+        assert_memory_equal(got[i]->tokens, want[i]->tokens, (size_t)want[i]->n_tokens * sizeof(int32_t));
+    }
+    assert_string_equal(tier_of(e, a), "T0");
+    assert_string_equal(tier_of(e, b), "T0");
+    /* the T3 file went away with the promotion */
+    char path[256];
+    snprintf(path, sizeof path, "%s/%s.mns", dir, mn_session_id(a));
+    assert_int_equal(access(path, F_OK), -1);
+
+    /* deleted while its lift is on the way: nothing leaks, nothing is installed */
+    mn_session *d = demoted(e, prompts[3], 3), *d2 = demoted(e, prompts[3], 2);
+    if (mn_session_submit_text(e, d, MN_ROLE_NONE, more, strlen(more), &eb) != MN_OK) fail_msg("%s", eb.msg);
+    if (mn_session_submit_text(e, d2, MN_ROLE_NONE, more, strlen(more), &eb) != MN_OK) fail_msg("%s", eb.msg);
+    snprintf(path, sizeof path, "%s/%s.mns", dir, mn_session_id(d));
+    mn_session_delete(e, d);
+    mn_session_delete(e, d2);
+    mn_engine_tier_wait(e);
+    assert_int_equal(access(path, F_OK), -1);
+    assert_false(mn_engine_has_work(e));
+
+    /* a damaged file: the lift fails, the session's generation reports why, the others
+     * are untouched and the engine goes on */
+    mn_session *bad = demoted(e, prompts[3], 3);
+    snprintf(path, sizeof path, "%s/%s.mns", dir, mn_session_id(bad));
+    FILE *f = fopen(path, "r+b");
+    assert_non_null(f);
+    fseek(f, 0, SEEK_END);
+    long len = ftell(f);
+    fseek(f, len / 2, SEEK_SET);
+    int ch = fgetc(f);
+    fseek(f, len / 2, SEEK_SET);
+    fputc(ch ^ 0x5a, f);
+    fclose(f);
+    stream sbad = {0}, sc2 = {0};
+    if (mn_session_submit_text(e, bad, MN_ROLE_NONE, more, strlen(more), &eb) != MN_OK) fail_msg("%s", eb.msg);
+    if (mn_session_generate_start(e, bad, &g, on_token, on_done, &sbad, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    if (mn_session_submit_text(e, c, MN_ROLE_NONE, more, strlen(more), &eb) != MN_OK) fail_msg("%s", eb.msg);
+    if (mn_session_generate_start(e, c, &g, on_token, on_done, &sc2, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    run_steps_lifting(e);
+    assert_int_equal(sbad.n_done, 1);
+    assert_int_not_equal(sbad.err, MN_OK);
+    assert_int_equal(sbad.n_tokens, 0);
+    assert_int_equal(sc2.n_done, 1);
+    assert_int_equal(sc2.err, MN_OK);
+    assert_int_equal(sc2.n_tokens, 8);
+    /* the blocking API reports the same failure */
+    int32_t one = 200;
+    assert_int_not_equal(mn_session_append_tokens(e, bad, &one, 1, MN_ROLE_NONE, &eb), MN_OK);
+    printf("damaged T3 file, lift refused: %s\n", eb.msg);
+    mn_engine_free(e);
+    DIR *dd = opendir(dir);
+    struct dirent *de;
+    while (dd && (de = readdir(dd))) {
+        if (de->d_name[0] == '.') continue;
+        char fp[512];
+        snprintf(fp, sizeof fp, "%s/%s", dir, de->d_name);
+        unlink(fp);
+    }
+    if (dd) closedir(dd);
+    rmdir(dir);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_concurrent_equals_alone),
         cmocka_unit_test(test_prefill_does_not_starve_decode),
         cmocka_unit_test(test_cancel_and_delete),
         cmocka_unit_test(test_step_failure),
+        cmocka_unit_test(test_lift_in_background),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
