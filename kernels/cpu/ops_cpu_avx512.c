@@ -74,6 +74,42 @@ static inline __m512 load_h16(const uint16_t *p, __mmask16 k) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
 }
 
+/* ---- attention --------------------------------------------------------------------------
+ * Per (row = token, head) the float sequence is fixed, whichever of the two layouts below
+ * computes it (so a token decoded alone gets the bits it gets inside a prefill tile):
+ *   score_p = scale * reduce16x16-tree over l < 16 of P_l, P_l = q[l]*k_p[l] then
+ *     fma(q[d], k_p[d], P_l) for d = l+16, l+32, ... (head_dim zero-padded to 16s);
+ *     positions past the token's own are -inf
+ *   per chunk of 32 positions: mx = max(m, max_p score_p); alpha = exp16(m - mx);
+ *     e_p = exp16(score_p - mx); z = pairwise tree over the 32 e_p (p + 16, + 8, + 4,
+ *     + 2, + 1); l = l*alpha + z; acc[d] = acc[d]*alpha, then acc[d] = fma(e_p, v_p[d],
+ *     acc[d]) for each valid p ascending; m = mx
+ * Layout "head dims in lanes" suits decode, where a unit has only a KV group's few heads:
+ * P_l are the lanes of one FMA chain, and the tree is a transpose-and-add over 16
+ * positions. Layout "rows in lanes" (16 rows of a unit per vector) suits prefill and
+ * appends: P_l are 16 vectors and every softmax step is vertical, with no shuffles. */
+
+#define CH MN__ATTN_CHUNK
+
+/* K and V rows of positions c0 .. c0+nc-1 as f32, row stride ld (zero past hd and for
+ * rows nc .. CH-1, so every row that is read is finite). */
+static inline void convert_chunk(const uint16_t *const *kp, const uint16_t *const *vp, int32_t nc, int32_t hd,
+                                 int32_t nv, float *kf, float *vf) {
+    const int32_t ld = nv * 16;
+    for (int32_t p = 0; p < nc; p++) {
+        for (int32_t v = 0; v < nv; v++) {
+            __mmask16 k = tail_mask(hd - 16 * v);
+            _mm512_store_ps(kf + p * ld + 16 * v, load_h16(kp[p] + 16 * v, k));
+            _mm512_store_ps(vf + p * ld + 16 * v, load_h16(vp[p] + 16 * v, k));
+        }
+    }
+    for (int32_t p = nc; p < CH; p++)
+        for (int32_t v = 0; v < nv; v++) {
+            _mm512_store_ps(kf + p * ld + 16 * v, _mm512_setzero_ps());
+            _mm512_store_ps(vf + p * ld + 16 * v, _mm512_setzero_ps());
+        }
+}
+
 /* Sum of the 16 lanes of each of s[0..15], returned as lane p = sum of s[p]: a fixed
  * transpose-and-add tree (pairs of vectors, then 64-bit pairs, then 128-bit quarters
  * twice), about 3 instructions per result instead of a full horizontal reduction each.
@@ -93,16 +129,20 @@ static inline __m512 reduce16x16(const __m512 s[16]) {
                          _mm512_shuffle_f32x4(f[0], f[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-/* Online softmax over chunks of MN__ATTN_CHUNK positions for tokens t0 .. t0+nt-1 (one
- * sequence) and heads h0 .. h0+nh-1 (one KV group). Each K/V chunk is converted to f32
- * once and shared by every token and head of the tile. Per (token, head) the float
- * sequence is fixed: score of position p = scale * tree-sum (reduce16x16) of the
- * 16-lane FMA chain over head_dim; positions past the token's own are -inf; chunk max,
- * w = exp16(score - max), l = l*alpha + sum, acc = acc*alpha + sum_p w_p V_p (p
- * ascending), over the positions of one segment [p0, p1); the caller folds segments
- * (ops_cpu.c). None of it depends on nt, nh or the other tokens, so a token alone
- * (decode) gets the same bits as inside a prefill tile. */
-static inline __attribute__((always_inline)) void attn_part(const mn_attention_desc *d, int64_t t0, int32_t nt,
+/* The sum of 32 softmax weights given as t[i] = e[i] + e[i+16] (one vector): the
+ * pairwise tree (+8, +4, +2, +1) both layouts use. */
+static inline float sum_tree16(__m512 t16) {
+    float t[16];
+    _mm512_storeu_ps(t, t16);
+    for (int32_t w = 8; w >= 1; w /= 2)
+        for (int32_t p = 0; p < w; p++) t[p] = t[p] + t[p + w];
+    return t[0];
+}
+
+/* Head dims in lanes (decode: a unit holds a KV group's few heads). Each K/V chunk is
+ * converted to f32 once and shared by every token and head of the unit; a score is the
+ * 16-lane FMA chain over head_dim, then reduce16x16. */
+static inline __attribute__((always_inline)) void part_lanes(const mn_attention_desc *d, int64_t t0, int32_t nt,
                                                              int32_t h0, const int32_t nh, const int32_t nvc,
                                                              int32_t p0, int32_t p1, mn__attn_part *out) {
     const mn_kv_view *kv = &d->kv;
@@ -177,8 +217,8 @@ static inline __attribute__((always_inline)) void attn_part(const mn_attention_d
                     _mm512_store_ps(&sc[j][p], e);
                     vs = _mm512_add_ps(vs, e);
                 }
-                alpha[j] = m[i][j] == -INFINITY ? 0.0f : expf(m[i][j] - cm);
-                l[i][j] = l[i][j] * alpha[j] + _mm512_reduce_add_ps(vs);
+                alpha[j] = _mm512_cvtss_f32(exp16(_mm512_set1_ps(m[i][j] - cm)));
+                l[i][j] = l[i][j] * alpha[j] + sum_tree16(vs);
                 m[i][j] = cm;
             }
             for (int32_t v = 0; v < nv; v++) {
@@ -204,26 +244,140 @@ static inline __attribute__((always_inline)) void attn_part(const mn_attention_d
     }
 }
 
-/* One instance per group size (and for head_dim 64 and 128 per vector count), so the
- * per-head accumulators live in registers and the loops unroll; every instance does the
- * same float operations per head, so the choice cannot change a result. */
-#define ATTN_CASE(NH)                                                        \
-    case NH:                                                                 \
-        if (d->head_dim == 64) attn_part(d, t0, nt, h0, NH, 64 / 16, p0, p1, out);         \
-        else if (d->head_dim == 128) attn_part(d, t0, nt, h0, NH, 128 / 16, p0, p1, out);  \
-        else attn_part(d, t0, nt, h0, NH, 0, p0, p1, out);                                \
-        break;
+/* Rows in lanes: up to 64 rows (token i = r / nh, head h0 + r % nh) in groups of 16. */
+static inline __attribute__((always_inline)) void part_rows(const mn_attention_desc *d, int64_t t0, int32_t nt,
+                                                             int32_t h0, int32_t nh, int32_t p0, int32_t p1,
+                                                             mn__attn_part *out, const int32_t nvc) {
+    const mn_kv_view *kv = &d->kv;
+    const int32_t hd = d->head_dim, nv = nvc ? nvc : (hd + 15) / 16, ld = nv * 16;
+    const int32_t g = h0 / (d->n_head / d->n_kv_head), s = d->seq[t0], R = nt * nh, ng = (R + 15) / 16;
+    float kf[CH * MN__ATTN_MAX_HD] __attribute__((aligned(64)));
+    float vf[CH * MN__ATTN_MAX_HD] __attribute__((aligned(64)));
+    float qt[4][MN__ATTN_MAX_HD * 16] __attribute__((aligned(64)));  /* [group][d][lane] */
+    float acct[4][MN__ATTN_MAX_HD * 16] __attribute__((aligned(64))); /* [group][d][lane] */
+    __m512 m[4], l[4];
+    __m512i npos[4];
+    const uint16_t *kp[CH], *vp[CH];
+    int32_t max_pos = 0;
+    for (int32_t i = 0; i < nt; i++) max_pos = d->pos[t0 + i] + 1 > max_pos ? d->pos[t0 + i] + 1 : max_pos;
+    for (int32_t G = 0; G < ng; G++) {
+        int32_t np[16];
+        for (int32_t k = 0; k < 16; k++) {
+            int32_t r = G * 16 + k;
+            np[k] = r < R ? d->pos[t0 + r / nh] + 1 : 0;
+            const float *q = r < R ? d->q + (t0 + r / nh) * d->q_stride + (int64_t)(h0 + r % nh) * hd : NULL;
+            for (int32_t x = 0; x < ld; x++) qt[G][x * 16 + k] = q && x < hd ? q[x] : 0.0f;
+        }
+        npos[G] = _mm512_loadu_si512(np);
+        m[G] = _mm512_set1_ps(-INFINITY);
+        l[G] = _mm512_setzero_ps();
+        for (int32_t x = 0; x < ld * 16; x++) acct[G][x] = 0.0f;
+    }
+    const __m512 vscale = _mm512_set1_ps(d->scale), ninf = _mm512_set1_ps(-INFINITY);
+    if (max_pos > p1) max_pos = p1;
+    for (int32_t c0 = p0; c0 < max_pos; c0 += CH) {
+        int32_t nc = max_pos - c0 < CH ? max_pos - c0 : CH;
+        mn__kv_chunk_rows(kv, s, c0, nc, g, kp, vp);
+        if (c0 + CH < max_pos) {
+            int32_t nn = max_pos - c0 - CH;
+            mn__kv_prefetch_rows(kv, s, c0 + CH, nn < CH ? nn : CH, g);
+        }
+        convert_chunk(kp, vp, nc, hd, nv, kf, vf);
+        for (int32_t G = 0; G < ng; G++) {
+            __m512 e[CH];
+            __mmask16 valid[CH];
+            /* valid[p]: rows whose token reaches position c0 + p */
+            __m512i rel = _mm512_sub_epi32(npos[G], _mm512_set1_epi32(c0));
+            for (int32_t p = 0; p < CH; p++) valid[p] = _mm512_cmpgt_epi32_mask(rel, _mm512_set1_epi32(p));
+            /* score of position p for the 16 rows: 16 partial chains P_l over d = l, l+16,
+             * ... (the lanes of the other layout), then reduce16x16's tree */
+            const float *qg = qt[G];
+            for (int32_t p = 0; p < nc; p++) {
+                const float *kr = kf + p * ld;
+                __m512 P[16];
+#pragma GCC unroll 16
+                for (int32_t x = 0; x < 16; x++) P[x] = _mm512_mul_ps(_mm512_load_ps(qg + x * 16), _mm512_set1_ps(kr[x]));
+                for (int32_t v = 1; v < nv; v++) {
+#pragma GCC unroll 16
+                    for (int32_t x = 0; x < 16; x++)
+                        P[x] = _mm512_fmadd_ps(_mm512_load_ps(qg + (16 * v + x) * 16), _mm512_set1_ps(kr[16 * v + x]), P[x]);
+                }
+                __m512 Q[4];
+#pragma GCC unroll 4
+                for (int32_t j = 0; j < 4; j++)
+                    Q[j] = _mm512_add_ps(_mm512_add_ps(P[4 * j], P[4 * j + 2]), _mm512_add_ps(P[4 * j + 1], P[4 * j + 3]));
+                __m512 sc = _mm512_add_ps(_mm512_add_ps(Q[0], Q[1]), _mm512_add_ps(Q[2], Q[3]));
+                e[p] = _mm512_mask_mov_ps(ninf, valid[p], _mm512_mul_ps(sc, vscale));
+            }
+            for (int32_t p = nc; p < CH; p++) e[p] = ninf;
+            __m512 mx = m[G];
+            for (int32_t p = 0; p < CH; p++) mx = _mm512_max_ps(mx, e[p]);
+            __m512 alpha = exp16(_mm512_sub_ps(m[G], mx));
+            for (int32_t p = 0; p < CH; p++) e[p] = exp16(_mm512_sub_ps(e[p], mx));
+            __m512 t[16];
+            for (int32_t p = 0; p < 16; p++) t[p] = _mm512_add_ps(e[p], e[p + 16]);
+            for (int32_t w = 8; w >= 1; w /= 2)
+                for (int32_t p = 0; p < w; p++) t[p] = _mm512_add_ps(t[p], t[p + w]);
+            l[G] = _mm512_add_ps(_mm512_mul_ps(l[G], alpha), t[0]);
+            m[G] = mx;
+            for (int32_t v = 0; v < nv; v++) {
+                __m512 a[16];
+                float *at = &acct[G][v * 16 * 16];
+#pragma GCC unroll 16
+                for (int32_t k = 0; k < 16; k++) a[k] = _mm512_mul_ps(_mm512_load_ps(at + k * 16), alpha);
+                for (int32_t p = 0; p < nc; p++) {
+                    const float *vr = vf + p * ld + v * 16;
+                    __m512 ep = e[p];
+                    __mmask16 vp_ = valid[p];
+#pragma GCC unroll 16
+                    for (int32_t k = 0; k < 16; k++) a[k] = _mm512_mask3_fmadd_ps(ep, _mm512_set1_ps(vr[k]), a[k], vp_);
+                }
+#pragma GCC unroll 16
+                for (int32_t k = 0; k < 16; k++) _mm512_store_ps(at + k * 16, a[k]);
+            }
+        }
+    }
+    for (int32_t G = 0; G < ng; G++) {
+        float mm[16], ll[16];
+        _mm512_storeu_ps(mm, m[G]);
+        _mm512_storeu_ps(ll, l[G]);
+        for (int32_t k = 0; k < 16 && G * 16 + k < R; k++) {
+            int32_t r = G * 16 + k, i = r / nh, j = r % nh;
+            float *o = out->acc + (int64_t)r * hd;
+            for (int32_t x = 0; x < hd; x++) o[x] = acct[G][x * 16 + k];
+            out->m[i][j] = mm[k];
+            out->l[i][j] = ll[k];
+        }
+    }
+}
+
+/* Units of fewer rows (tokens x heads) than this take the head-dims-in-lanes layout. */
+#define ROWS_LAYOUT_MIN 8
 
 void mn__attn_part_avx512(const mn_attention_desc *d, int64_t t0, int32_t nt, int32_t h0, int32_t nh, int32_t p0,
-                       int32_t p1, mn__attn_part *out) {
-    switch (nh) {
-    ATTN_CASE(1)
-    ATTN_CASE(2)
-    ATTN_CASE(3)
-    ATTN_CASE(4)
-    ATTN_CASE(5)
-    ATTN_CASE(6)
-    ATTN_CASE(7)
-    default: attn_part(d, t0, nt, h0, 8, d->head_dim == 64 ? 64 / 16 : d->head_dim == 128 ? 128 / 16 : 0, p0, p1, out); break;
+                          int32_t p1, mn__attn_part *out) {
+    int32_t nvc = d->head_dim == 64 ? 4 : d->head_dim == 128 ? 8 : 0;
+    if (nt * nh >= ROWS_LAYOUT_MIN) {
+        if (nvc == 4) part_rows(d, t0, nt, h0, nh, p0, p1, out, 4);
+        else if (nvc == 8) part_rows(d, t0, nt, h0, nh, p0, p1, out, 8);
+        else part_rows(d, t0, nt, h0, nh, p0, p1, out, 0);
+    } else {
+        switch (nh) {
+#define LANES_CASE(NH)                                                           \
+    case NH:                                                                     \
+        if (nvc == 4) part_lanes(d, t0, nt, h0, NH, 4, p0, p1, out);             \
+        else if (nvc == 8) part_lanes(d, t0, nt, h0, NH, 8, p0, p1, out);        \
+        else part_lanes(d, t0, nt, h0, NH, 0, p0, p1, out);                      \
+        break;
+        LANES_CASE(1)
+        LANES_CASE(2)
+        LANES_CASE(3)
+        LANES_CASE(4)
+        LANES_CASE(5)
+        LANES_CASE(6)
+        LANES_CASE(7)
+        default: LANES_CASE(8)
+#undef LANES_CASE
+        }
     }
 }
