@@ -609,9 +609,9 @@ int cmd_serve(int argc, char **argv) {
     }
     uv_run(loop, UV_RUN_DEFAULT);   /* close callbacks */
     if (srv->http) mn_http_server_free(srv->http);
+    mn_engine_free(e);   /* a generation still alive ends here: its callbacks post to the stopped et (no-ops) */
     mn_et_free(srv->et);
     uv_loop_close(loop);
-    mn_engine_free(e);
     api_adapters_free(srv);
     mn_lora_registry_free(srv->adapters);   /* after the engine that borrowed it */
     for (int i = 0; persist && i < srv->n_saved_engine_ids; i++) { /* saved: their T3 copies are redundant */
