@@ -56,6 +56,7 @@ typedef struct mn_serve {
     bool draining;               /* shutting down: new generations get 503 */
     int64_t streams_active;      /* loop thread */
     int max_streams;             /* generations in progress beyond which requests get 429 (0: no limit) */
+    int max_sessions_per_key;    /* registered sessions one key may hold; beyond: 429 (0: no limit) */
     api_metrics metrics;
     api_registry *reg;           /* engine thread */
     char (*saved_engine_ids)[33];  /* engine ids of the sessions saved at shutdown: their T3 files

@@ -437,6 +437,8 @@ static void serve_usage(void) {
             "  --max-body BYTES         request body limit (default 8 MiB)\n"
             "  --max-connections N      (default 4096)\n"
             "  --max-streams N          generations in progress at once; beyond: 429 (default 256, 0: no limit)\n"
+            "  --max-sessions-per-key N sessions one API key may hold (all clients together without keys);\n"
+            "                           creating, forking or importing beyond: 429 (default 256, 0: no limit)\n"
             "  --max-pending-write B    bytes queued to a client before its stream counts as stalled (default 1 MiB)\n"
             "  --drain-timeout S        seconds streams may run on after SIGTERM (default 10)\n"
             "  --idle-demote S          move a session's KV down a tier after S idle seconds (T1), 2S (T2),\n"
@@ -450,7 +452,7 @@ static bool is_serve_value_flag(const char *a) {
     static const char *const flags[] = {"--host", "--port", "--api-key-file", "--persist-dir", "--max-batch-tokens",
                                         "--kv-blocks", "--t1-budget", "--t2-budget", "--max-body", "--max-connections",
                                         "--drain-timeout", "--idle-demote", "--max-streams", "--max-pending-write",
-                                        "--lora"};
+                                        "--lora", "--max-sessions-per-key"};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         if (!strcmp(a, flags[i])) return true;
     return false;
@@ -469,7 +471,7 @@ static void model_stem(const char *path, char *out, size_t cap) {
 int cmd_serve(int argc, char **argv) {
     cli_model_opts mo = {0};
     const char *host = "127.0.0.1", *key_file = NULL, *persist = NULL;
-    long max_streams = 256, max_pending = 0;
+    long max_streams = 256, max_pending = 0, max_sessions = 256;
     long port = 8080, max_batch = 0, kv_blocks = 0, max_conn = 0, t1 = 0, t2 = 0, max_body = 0;
     double drain = 10, idle = 60;
     const char *loras[64];
@@ -499,6 +501,7 @@ int cmd_serve(int argc, char **argv) {
         else if (!strcmp(a, "--drain-timeout")) { if (cli_float(a, v, 0, 3600, &drain)) return 2; }
         else if (!strcmp(a, "--idle-demote")) { if (cli_float(a, v, 0, 1e6, &idle)) return 2; }
         else if (!strcmp(a, "--max-streams")) { if (cli_int(a, v, 0, 1 << 20, &max_streams)) return 2; }
+        else if (!strcmp(a, "--max-sessions-per-key")) { if (cli_int(a, v, 0, 1 << 24, &max_sessions)) return 2; }
         else if (!strcmp(a, "--max-pending-write")) { if (cli_int(a, v, 1, 1L << 32, &max_pending)) return 2; }
         else if (!strcmp(a, "--lora")) {
             if (!strchr(v, '=') || v[0] == '=' || !strchr(v, '=')[1]) {
@@ -520,6 +523,7 @@ int cmd_serve(int argc, char **argv) {
     ss.drain_timeout = drain;
     ss.idle_seconds = idle;
     srv->max_streams = (int)max_streams;
+    srv->max_sessions_per_key = (int)max_sessions;
     srv->created = (int64_t)time(NULL);
     srv->persist_dir = persist;
     if (key_file && load_keys(key_file, srv)) return 2;
