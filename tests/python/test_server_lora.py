@@ -12,6 +12,7 @@ import http.client
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -481,3 +482,51 @@ def test_adapter_files_are_read_off_the_engine_thread(server, adapters):
         fifo.unlink()
         (slow / "adapter_model.safetensors").unlink()
         slow.rmdir()
+
+
+def test_shutdown_during_an_adapter_load(mneme_bin, model_path, adapters, tmp_path):
+    """SIGTERM while a load is still reading (a FIFO config nobody has written): the engine
+    thread stops meanwhile; when the read completes the parsed adapter is dropped, not
+    installed into a stopped engine, and the server exits 0 (leak-free under ASan)."""
+    d = tmp_path / "loras"
+    slow = d / "slow"
+    slow.mkdir(parents=True)
+    (slow / "adapter_model.safetensors").write_bytes((adapters["c"] / "adapter_model.safetensors").read_bytes())
+    fifo = slow / "adapter_config.json"
+    os.mkfifo(fifo)
+    srv = Server(mneme_bin, model_path, "--lora-dir", str(d), "--drain-timeout", "0")
+    result = {}
+
+    def post():
+        try:
+            result["r"] = srv.request("POST", "/v1/adapters", {"name": "slow", "path": "slow"}, timeout=60)
+        except OSError as e:   # the server closed the connection while shutting down
+            result["r"] = e
+
+    loader = threading.Thread(target=post)
+    loader.start()
+    try:
+        end, wfd = time.time() + 20, None
+        while wfd is None and time.time() < end:
+            try:
+                wfd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.02)
+        assert wfd is not None, "the load never opened adapter_config.json"
+        srv.proc.send_signal(signal.SIGTERM)
+        end = time.time() + 20
+        while "shutting down" not in srv.stderr() and time.time() < end:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert srv.proc.poll() is None   # still waiting for the read
+        os.write(wfd, (adapters["c"] / "adapter_config.json").read_bytes())
+        os.close(wfd)
+        wfd = None
+        assert srv.proc.wait(timeout=30) == 0, srv.stderr()
+        loader.join(30)
+        r = result.get("r")
+        assert isinstance(r, OSError) or r[0] == 503, r
+    finally:
+        if wfd is not None:
+            os.close(wfd)
+        srv.close()
