@@ -546,11 +546,15 @@ int32_t mn_lora_registry_find(const mn_lora_registry *r, const char *name) {
     return -1;
 }
 
-mn_err mn_lora_registry_load(mn_lora_registry *r, const char *name, const char *dir, int32_t *index, mn_errbuf *eb) {
-    if (!name || !name[0] || strlen(name) >= sizeof(((mn_lora *)0)->name))
-        return mn_errf(eb, MN_EINVALID, "lora registry: adapter name must be 1..127 bytes");
-    if (mn_lora_registry_find(r, name) >= 0)
-        return mn_errf(eb, MN_EINVALID, "lora registry: '%s' is already loaded", name);
+mn_err mn_lora_registry_add(mn_lora_registry *r, mn_lora *l, int32_t *index, mn_errbuf *eb) {
+    if (!l->name[0]) return mn_errf(eb, MN_EINVALID, "lora registry: adapter name must be 1..127 bytes");
+    if (mn_lora_registry_find(r, l->name) >= 0)
+        return mn_errf(eb, MN_EINVALID, "lora registry: '%s' is already loaded", l->name);
+    mn_err e = mn_lora_check_model(l, r->m, eb);
+    if (e != MN_OK) return e;
+    if (r->be && r->budget && l->bytes > r->budget)
+        return mn_errf(eb, MN_ELIMIT, "lora registry: adapter '%s' needs %llu bytes on the device, over the whole "
+                       "adapter budget of %zu bytes", l->name, (unsigned long long)l->bytes, r->budget);
     int32_t slot = 0;
     while (slot < r->n_slots && r->slots[slot].host) slot++;
     if (slot == r->n_slots) {
@@ -567,19 +571,22 @@ mn_err mn_lora_registry_load(mn_lora_registry *r, const char *name, const char *
         r->mark[r->n_slots] = 0;
         r->n_slots++;
     }
-    mn_lora *l;
-    mn_err e = mn_lora_load(dir, name, r->m, &l, eb);
-    if (e != MN_OK) return e;
-    if (r->be && r->budget && l->bytes > r->budget) {
-        e = mn_errf(eb, MN_ELIMIT, "lora registry: adapter '%s' needs %llu bytes on the device, over the whole adapter "
-                    "budget of %zu bytes", name, (unsigned long long)l->bytes, r->budget);
-        mn_lora_free(l);
-        return e;
-    }
     r->slots[slot] = (lora_slot){.host = l};
     r->table[slot] = l;
     if (index) *index = slot;
     return MN_OK;
+}
+
+mn_err mn_lora_registry_load(mn_lora_registry *r, const char *name, const char *dir, int32_t *index, mn_errbuf *eb) {
+    if (!name || !name[0] || strlen(name) >= sizeof(((mn_lora *)0)->name))
+        return mn_errf(eb, MN_EINVALID, "lora registry: adapter name must be 1..127 bytes");
+    if (mn_lora_registry_find(r, name) >= 0) /* before reading the files */
+        return mn_errf(eb, MN_EINVALID, "lora registry: '%s' is already loaded", name);
+    mn_lora *l;
+    mn_err e = mn_lora_load(dir, name, r->m, &l, eb);
+    if (e != MN_OK) return e;
+    if ((e = mn_lora_registry_add(r, l, index, eb)) != MN_OK) mn_lora_free(l);
+    return e;
 }
 
 mn_err mn_lora_registry_unload(mn_lora_registry *r, const char *name, mn_errbuf *eb) {

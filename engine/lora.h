@@ -89,8 +89,18 @@ typedef struct mn_lora_registry mn_lora_registry;
 
 mn_err mn_lora_registry_new(const mn_model *m, mn_lora_registry **out, mn_errbuf *eb);
 void mn_lora_registry_free(mn_lora_registry *r);
-/** Load dir under name; a name already loaded is MN_EINVALID and keeps the old adapter. */
+/** Load dir under name; a name already loaded is MN_EINVALID and keeps the old adapter.
+ *  Reads the files on the calling thread: mn_lora_registry_load = mn_lora_load +
+ *  mn_lora_registry_add. */
 mn_err mn_lora_registry_load(mn_lora_registry *r, const char *name, const char *dir, int32_t *index, mn_errbuf *eb);
+/** Install l, an adapter mn_lora_load made (on any thread: loading needs only the model,
+ *  which is immutable), under l->name. Reads no file, so a server can parse off the thread
+ *  that owns the registry and install on it. On MN_OK the registry owns l (slot in *index).
+ *  On failure l stays the caller's (free it with mn_lora_free) and the registry is
+ *  unchanged: MN_EINVALID for an empty name or one already loaded, MN_EMISMATCH if l was
+ *  loaded for a model of another shape, MN_ELIMIT if l is larger than the whole device
+ *  budget, MN_ENOMEM. */
+mn_err mn_lora_registry_add(mn_lora_registry *r, mn_lora *l, int32_t *index, mn_errbuf *eb);
 /** Unload name; MN_ENOT_FOUND if not loaded, MN_EBUSY while pinned (a batch in flight). */
 mn_err mn_lora_registry_unload(mn_lora_registry *r, const char *name, mn_errbuf *eb);
 /** Index of name, or -1. */

@@ -248,6 +248,7 @@ void mn_engine_stats_get(const mn_engine *e, mn_engine_stats *st) {
     st->n_sessions = e->n_sessions;
     st->blocks_total = e->kv->n_blocks;
     st->blocks_free = e->kv->n_free;
+    st->block_size = e->bs;
     st->prefix_entries = e->prefix_count;
     st->prefix_hit_tokens = e->hit_tokens;
     st->computed_tokens = e->computed_tokens;

@@ -63,6 +63,7 @@ const mn_model *mn_engine_model(const mn_engine *e);
 typedef struct mn_engine_stats {
     int32_t n_sessions;
     int32_t blocks_total, blocks_free;
+    int32_t block_size;            /* tokens per block: the pool holds blocks_total * block_size */
     int32_t prefix_entries;        /* blocks registered in the prefix cache */
     int64_t prefix_hit_tokens;     /* tokens attached from the cache instead of computed */
     int64_t computed_tokens;       /* tokens run through the model */

@@ -48,14 +48,18 @@ typedef struct mn_serve {
     const mn_model *model;       /* immutable after load: the loop thread may read names only */
     char model_name[128];
     int64_t created;             /* unix seconds at start */
-    char (*keys)[API_OWNER_LEN]; /* hashes of the API keys; NULL: no auth */
+    char (*keys)[API_OWNER_LEN]; /* hashes of the API keys, admin keys included; NULL: no auth */
     int n_keys;
+    char (*admin_keys)[API_OWNER_LEN]; /* hashes of the admin keys (--admin-key-file) */
+    int n_admin_keys;
+    char *lora_dir;              /* realpath of --lora-dir (mn_malloc); NULL: POST /v1/adapters refused */
     const char *persist_dir;
     size_t max_pending_write;    /* a stream with more unsent bytes is stalled */
     int32_t n_ctx;
     bool draining;               /* shutting down: new generations get 503 */
     int64_t streams_active;      /* loop thread */
     int max_streams;             /* generations in progress beyond which requests get 429 (0: no limit) */
+    int max_sessions_per_key;    /* registered sessions one key may hold; beyond: 429 (0: no limit) */
     api_metrics metrics;
     api_registry *reg;           /* engine thread */
     char (*saved_engine_ids)[33];  /* engine ids of the sessions saved at shutdown: their T3 files
@@ -76,12 +80,34 @@ void api_respond_405(mn_serve *srv, mn_http_res *res, const char *route, const c
 /** A fresh "prefix-<hex>" id for responses. */
 void api_new_id(mn_serve *srv, const char *prefix, char *out, size_t cap);
 
+/* ---- keys and permissions (server/api_auth.c) ---- */
+/** The owner id (hex XXH3-128) of an API key of n bytes. */
+void api_owner_of_key(const char *key, size_t n, char out[API_OWNER_LEN]);
+/** Append the hashes of the keys in file path (one per line, blank lines and '#' comments
+ *  skipped) to *keys / *n_keys (mn_realloc; the caller frees *keys). -1 with a message on
+ *  stderr naming flag: unreadable file, an over-long key, no key at all. */
+int api_keys_load(const char *flag, const char *path, char (**keys)[API_OWNER_LEN], int *n_keys);
+/** The caller's owner id ("" without keys) and whether its key is an admin key; false with
+ *  401 (code invalid_api_key) for a missing or unknown key. */
+bool api_authenticate(mn_serve *srv, const mn_http_req *req, char owner[API_OWNER_LEN], bool *admin, api_err *err);
+/** May this caller load (load true) or unload adapters over HTTP? false with 403 (code
+ *  admin_required, or path_not_allowed naming path for a load without --lora-dir); the
+ *  policy is in api_auth.c's header comment and docs/api.md. */
+bool api_adapter_admin_check(const mn_serve *srv, bool admin, bool load, api_err *err);
+/** Resolve the path a client gave for an adapter (relative: against dir) with realpath into
+ *  out; false with 403 naming path unless it, and for a directory its adapter_config.json and
+ *  adapter_model.safetensors, resolve to inside dir (dir: a realpath). Missing is the same
+ *  403 as outside. Touches the file system: call it off the loop thread. */
+bool api_adapter_path_resolve(const char *dir, const char *given, char *out, size_t cap, api_err *err);
+
 /* ---- adapters and models (server/api_adapters.c) ---- */
 /** GET /v1/models and /v1/models/{id}: the base model and every loaded adapter. */
 void api_models(mn_serve *srv, const mn_http_req *req, mn_http_res *res);
-/** Route /v1/adapters...; rest is the path after "/v1/adapters". */
-void api_adapters(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const char *rest);
-/** Engine thread (or before it starts): load path under name into srv->adapters. 409 for a
+/** Route /v1/adapters...; rest is the path after "/v1/adapters"; admin: the caller's key is
+ *  an admin key. A load reads and parses the files on a libuv worker thread and only
+ *  installs the adapter on the engine thread. */
+void api_adapters(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const char *rest, bool admin);
+/** Before the engine thread starts: load path under name into srv->adapters. 409 for a
  *  name already loaded or the base model's, 400 with the loader's message for a bad file. */
 bool api_adapter_load(mn_serve *srv, const char *name, const char *path, api_err *err);
 /** A name usable for an adapter (1..127 bytes, no spaces, control characters, '/', '?', '%',

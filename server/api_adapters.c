@@ -5,11 +5,15 @@
  * The registry (engine/lora.h) belongs to the engine, which reads it in every step, so it is
  * read and changed only on the engine thread: each request here is a job that runs there
  * between two steps (never while a batch is in flight) and answers through an event, like the
- * session rpcs. A load reads the files inside that job; steps wait for it.
+ * session rpcs. A load first resolves and checks the path and reads and parses the files on a
+ * libuv worker thread (uv_queue_work: megabytes of reading would otherwise stall every
+ * stream); only the install (mn_lora_registry_add: name checks, a slot) runs as a job.
+ * Who may load and unload, and from where: server/api_auth.c.
  *
  * srv->adapter_info (engine thread) maps a loaded adapter's name to what the registry does not
  * keep: the path it came from and when it was loaded.
  */
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +37,9 @@ typedef struct ad_rpc {
     int status;
     json_t *out;
     api_err err;
+    uv_work_t work;          /* load: path check and parse on a worker thread */
+    mn_lora *lora;           /* load: parsed, not yet installed (owned here until then) */
+    char path[PATH_MAX];     /* load: the resolved path */
 } ad_rpc;
 
 /* ---- engine thread ----------------------------------------------------------------------------- */
@@ -135,15 +142,27 @@ static void ad_job(void *ud) {
         r->status = 200;
         break;
     }
-    case AD_LOAD: {
-        const char *name = json_string_value(json_object_get(r->in, "name"));
-        const char *path = json_string_value(json_object_get(r->in, "path"));
+    case AD_LOAD: { /* install what load_work parsed */
         if (!srv->adapters) {
             api_errf(&r->err, 503, "server_error", NULL, "this server has no adapter registry");
             break;
         }
-        if (!api_adapter_load(srv, name, path, &r->err)) break;
-        r->out = adapter_json(srv, find_lora(srv, name));
+        if (find_lora(srv, r->name)) {
+            api_errf(&r->err, 409, "conflict_error", "name", "'%s' is already loaded (DELETE /v1/adapters/{name} first)",
+                     r->name);
+            break;
+        }
+        mn_errbuf eb = {{0}};
+        mn_err e = mn_lora_registry_add(srv->adapters, r->lora, NULL, &eb);
+        if (e != MN_OK) {
+            api_err_from_mn(&r->err, e, eb.msg, "path");
+            break;
+        }
+        r->lora = NULL;   /* the registry's now */
+        if (!srv->adapter_info) srv->adapter_info = json_object();
+        json_object_set_new(srv->adapter_info, r->name,
+                            json_pack("{s:s, s:I}", "path", r->path, "created", (json_int_t)time(NULL)));
+        r->out = adapter_json(srv, find_lora(srv, r->name));
         r->status = 200;
         break;
     }
@@ -194,12 +213,40 @@ static void ad_done(void *ud) {
     }
     json_decref(r->out);
     json_decref(r->in);
+    mn_lora_free(r->lora);
     mn_free(r);
 }
 
 static void fail(mn_serve *srv, mn_http_res *res, const char *route, const api_err *e) {
     api_err_respond(res, e);
     api_metrics_request(srv, route, e->status);
+}
+
+/* Worker thread: check the path, read and parse the files. Touches only r, srv->lora_dir and
+ * srv->model (immutable while serving). */
+static void load_work(uv_work_t *w) {
+    ad_rpc *r = w->data;
+    const char *given = json_string_value(json_object_get(r->in, "path"));
+    if (!api_adapter_path_resolve(r->srv->lora_dir, given, r->path, sizeof r->path, &r->err)) return;
+    mn_errbuf eb = {{0}};
+    mn_err e = mn_lora_load(r->path, r->name, r->srv->model, &r->lora, &eb);
+    if (e != MN_OK) {
+        r->lora = NULL;
+        api_err_from_mn(&r->err, e, eb.msg, "path");
+        if (e != MN_ENOMEM) r->err.status = 400, r->err.type = "invalid_request_error";   /* the file, not the server */
+    }
+}
+
+/* Loop thread: hand the parsed adapter to the engine thread, or answer the error. */
+static void load_after(uv_work_t *w, int status) {
+    ad_rpc *r = w->data;
+    if (!r->err.status && (status != 0 || r->srv->draining)) /* the engine thread may be gone */
+        api_errf(&r->err, 503, "server_error", NULL, "the server is shutting down");
+    if (r->err.status) {
+        ad_done(r);
+        return;
+    }
+    mn_et_post_job(r->srv->et, &r->job);
 }
 
 /* Queue op for the engine thread; steals in. name NULL: none (models: the whole list). */
@@ -223,7 +270,16 @@ static void ad_post(mn_serve *srv, ad_op op, const char *route, const char *name
     r->res = res;
     r->job = (mn_et_item){NULL, ad_job, r};
     r->ev = (mn_et_item){NULL, ad_done, r};
-    mn_et_post_job(srv->et, &r->job);
+    if (op != AD_LOAD) {
+        mn_et_post_job(srv->et, &r->job);
+        return;
+    }
+    r->work.data = r;
+    int rc = uv_queue_work(srv->loop, &r->work, load_work, load_after);
+    if (rc != 0) {
+        api_errf(&r->err, 503, "server_error", NULL, "cannot queue the load: %s", uv_strerror(rc));
+        ad_done(r);
+    }
 }
 
 bool api_adapter_name_check(const char *name, size_t len, const char *field, api_err *err) {
@@ -254,7 +310,7 @@ void api_models(mn_serve *srv, const mn_http_req *req, mn_http_res *res) {
     ad_post(srv, AD_MODELS, "/v1/models", NULL, NULL, false, res);
 }
 
-void api_adapters(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const char *rest) {
+void api_adapters(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const char *rest, bool admin) {
     const char *m = req->method;
     bool get = !strcmp(m, "GET"), post = !strcmp(m, "POST"), del = !strcmp(m, "DELETE");
     api_err err = {0};
@@ -262,6 +318,7 @@ void api_adapters(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const
         const char *route = "/v1/adapters";
         if (get) { ad_post(srv, AD_LIST, route, NULL, NULL, false, res); return; }
         if (!post) { api_respond_405(srv, res, route, "GET, POST"); return; }
+        if (!api_adapter_admin_check(srv, admin, true, &err)) { fail(srv, res, route, &err); return; }
         json_t *in = NULL;
         const char *name = NULL, *path = NULL;
         size_t name_len = 0;
@@ -269,7 +326,10 @@ void api_adapters(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const
             !ju_req_string(in, "name", &name, &name_len, &err) ||
             !api_adapter_name_check(name, name_len, "name", &err) ||
             !ju_req_string(in, "path", &path, NULL, &err) ||
-            (!*path && !api_errf(&err, 400, NULL, "path", "'path' must not be empty"))) {
+            (!*path && !api_errf(&err, 400, NULL, "path", "'path' must not be empty")) ||
+            (!strcmp(name, srv->model_name) &&
+             !api_errf(&err, 409, "conflict_error", "name", "'%s' is already loaded: it is the base model", name)) ||
+            (srv->draining && !api_errf(&err, 503, "server_error", NULL, "the server is shutting down"))) {
             json_decref(in);
             fail(srv, res, route, &err);
             return;
@@ -286,6 +346,7 @@ void api_adapters(mn_serve *srv, const mn_http_req *req, mn_http_res *res, const
     }
     if (get) { ad_post(srv, AD_GET, route, name, NULL, false, res); return; }
     if (!del) { api_respond_405(srv, res, route, "GET, DELETE"); return; }
+    if (!api_adapter_admin_check(srv, admin, false, &err)) { fail(srv, res, route, &err); return; }
     bool force = false;
     const char *q = req->query ? req->query : "";
     for (const char *p = q; *p;) { /* force=true|false|1|0 among &-separated parameters */

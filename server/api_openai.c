@@ -453,6 +453,19 @@ static void gen_start_job(void *ud) {
     }
     int32_t n_tok = 0;
     mn_session_tokens(g->s, NULL, &n_tok);
+    mn_engine_stats es;
+    mn_engine_stats_get(e, &es);
+    int64_t pool = (int64_t)es.blocks_total * es.block_size;
+    if (n_tok > pool) { /* would fail at every retry (503 is for a pool that is full now) */
+        api_errf(&ae, 400, "invalid_request_error",
+                 g->kind == API_GEN_CHAT ? "messages" : g->kind == API_GEN_COMPLETION ? "prompt" : NULL,
+                 "the %s (%d tokens) is larger than the whole KV pool of this server (%lld tokens: %d blocks of %d); "
+                 "it can never be computed", g->kind == API_GEN_SESSION ? "session" : "prompt", n_tok,
+                 (long long)pool, es.blocks_total, es.block_size);
+        snprintf(ae.code, sizeof ae.code, "kv_pool_exceeded");
+        start_failed(g, &ae);
+        return;
+    }
     if (g->o.gp.max_tokens == 0) { /* default: what fits, capped */
         int32_t cap = g->kind == API_GEN_COMPLETION ? DEFAULT_MAX_TOKENS_COMPLETION : DEFAULT_MAX_TOKENS_CHAT;
         int32_t room = srv->n_ctx - n_tok - 8;   /* 8: the assistant header */

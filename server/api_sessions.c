@@ -168,6 +168,22 @@ static void register_new(rpc *r, mn_session *s) {
     r->out = session_json(srv, reg_find(srv, mn_session_id(s)), false);
 }
 
+/* false with 429 when owner already holds --max-sessions-per-key sessions (0: no limit).
+ * Counted here, on the engine thread, where the registry changes: no race with a create in flight. */
+static bool under_session_limit(rpc *r) {
+    mn_serve *srv = r->srv;
+    if (srv->max_sessions_per_key <= 0 || !srv->reg) return true;
+    int32_t n = 0;
+    for (int32_t i = 0; i < srv->reg->n; i++) n += !strcmp(srv->reg->v[i].owner, r->owner);
+    if (n < srv->max_sessions_per_key) return true;
+    api_errf(&r->err, 429, "rate_limit_error", NULL,
+             "%s already holds %d sessions, the limit of this server (--max-sessions-per-key %d): delete one "
+             "(DELETE /v1/sessions/{id}) before creating, forking or importing another",
+             srv->keys ? "this API key" : "this server", n, srv->max_sessions_per_key);
+    snprintf(r->err.code, sizeof r->err.code, "session_limit_reached");
+    return false;
+}
+
 static void rpc_job(void *ud) {
     rpc *r = ud;
     mn_serve *srv = r->srv;
@@ -178,6 +194,7 @@ static void rpc_job(void *ud) {
     mn_session *s = NULL;
     switch (r->op) {
     case OP_CREATE: {
+        if (!under_session_limit(r)) break;
         const char *system = NULL;
         json_t *sv = json_object_get(r->in, "system");
         if (sv && json_is_string(sv)) system = json_string_value(sv);
@@ -254,7 +271,7 @@ static void rpc_job(void *ud) {
         break;
     }
     case OP_FORK:
-        if (!rpc_lookup(r, &re)) break;
+        if (!rpc_lookup(r, &re) || !under_session_limit(r)) break;
         if ((err = mn_session_fork(e, re->s, &s, &eb)) != MN_OK) { rpc_fail_mn(r, err, eb.msg, NULL); break; }
         register_new(r, s);
         break;
@@ -286,6 +303,7 @@ static void rpc_job(void *ud) {
         else r->status = 200;
         break;
     case OP_IMPORT:
+        if (!under_session_limit(r)) break;
         if ((err = mn_session_import(e, r->blob, r->blob_len, &s, &eb)) != MN_OK) {
             rpc_fail_mn(r, err, eb.msg, "body");
             break;

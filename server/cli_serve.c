@@ -7,14 +7,15 @@
  * generations are cancelled), save every session to --persist-dir, and exit 0.
  */
 #include <errno.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-#include <xxhash.h>
 
 #include "engine/alloc.h"
 #include "server/api.h"
@@ -185,11 +186,6 @@ static void respond_metrics(mn_serve *srv, mn_http_res *res) {
 
 /* ---- routing --------------------------------------------------------------------------------------- */
 
-static void owner_of_key(const char *key, size_t n, char out[API_OWNER_LEN]) {
-    XXH128_hash_t h = XXH3_128bits(key, n);
-    snprintf(out, API_OWNER_LEN, "%016llx%016llx", (unsigned long long)h.high64, (unsigned long long)h.low64);
-}
-
 static void route_error(mn_serve *srv, mn_http_res *res, const char *route, int status, const char *type,
                         const char *fmt, const char *a, const char *b) {
     api_err e;
@@ -234,27 +230,13 @@ static void handle(void *ud, const mn_http_req *req, mn_http_res *res) {
         return;
     }
     /* everything under /v1 needs a key when keys are configured */
-    char owner[API_OWNER_LEN] = "";
-    if (srv->keys) {
-        const char *auth = mn_http_req_header(req, "authorization");
-        bool ok = false;
-        if (auth && !strncasecmp(auth, "Bearer ", 7)) {
-            const char *k = auth + 7;
-            while (*k == ' ') k++;
-            size_t n = strlen(k);
-            while (n && (k[n - 1] == ' ' || k[n - 1] == '\t')) n--;
-            owner_of_key(k, n, owner);
-            for (int i = 0; i < srv->n_keys && !ok; i++) ok = !strcmp(srv->keys[i], owner);
-        }
-        if (!ok) {
-            api_err e;
-            api_errf(&e, 401, "authentication_error", NULL,
-                     auth ? "invalid API key" : "missing API key: send 'Authorization: Bearer <key>'");
-            snprintf(e.code, sizeof e.code, "invalid_api_key");
-            api_err_respond(res, &e);
-            api_metrics_request(srv, "unauthorized", 401);
-            return;
-        }
+    char owner[API_OWNER_LEN];
+    bool admin = false;
+    api_err ae = {0};
+    if (!api_authenticate(srv, req, owner, &admin, &ae)) {
+        api_err_respond(res, &ae);
+        api_metrics_request(srv, "unauthorized", 401);
+        return;
     }
     if (!strcmp(p, "/v1/models") || !strncmp(p, "/v1/models/", 11)) {
         if (!get) { api_respond_405(srv, res, "/v1/models", "GET"); return; }
@@ -268,7 +250,7 @@ static void handle(void *ud, const mn_http_req *req, mn_http_res *res) {
         return;
     }
     if (!strncmp(p, "/v1/adapters", 12) && (p[12] == 0 || p[12] == '/')) {
-        api_adapters(srv, req, res, p + 12);
+        api_adapters(srv, req, res, p + 12, admin);
         return;
     }
     if (!strncmp(p, "/v1/sessions", 12) && (p[12] == 0 || p[12] == '/')) {
@@ -386,50 +368,15 @@ static void on_signal(uv_signal_t *h, int signum) {
     uv_timer_start(&ss->timer, on_shutdown_tick, 0, 20);
 }
 
-static int load_keys(const char *path, mn_serve *srv) {
-    FILE *f = fopen(path, "r");
-    if (!f) {
-        fprintf(stderr, "mneme serve: --api-key-file %s: %s\n", path, strerror(errno));
-        return -1;
-    }
-    char line[1024];
-    int n = 0, cap = 0;
-    while (fgets(line, sizeof line, f)) {
-        size_t len = strlen(line);
-        if (len == sizeof line - 1 && line[len - 1] != '\n') { /* never split a long key into two valid ones */
-            fprintf(stderr, "mneme serve: --api-key-file %s: key %d is longer than %zu bytes\n", path, n + 1,
-                    sizeof line - 2);
-            fclose(f);
-            return -1;
-        }
-        while (len && (line[len - 1] == '\n' || line[len - 1] == '\r' || line[len - 1] == ' ' || line[len - 1] == '\t'))
-            len--;
-        size_t s = 0;
-        while (s < len && (line[s] == ' ' || line[s] == '\t')) s++;
-        if (s == len || line[s] == '#') continue;
-        if (n == cap) {
-            cap = cap ? cap * 2 : 8;
-            char (*k)[API_OWNER_LEN] = mn_realloc(srv->keys, (size_t)cap * API_OWNER_LEN);
-            if (!k) { fclose(f); return -1; }
-            srv->keys = k;
-        }
-        owner_of_key(line + s, len - s, srv->keys[n++]);
-    }
-    fclose(f);
-    if (n == 0) {
-        fprintf(stderr, "mneme serve: --api-key-file %s holds no keys\n", path);
-        return -1;
-    }
-    srv->n_keys = n;
-    return 0;
-}
-
 static void serve_usage(void) {
     fprintf(stderr,
             "usage: mneme serve [-m FILE] [options]\n"
             "  --host ADDR              bind address (default 127.0.0.1)\n"
             "  --port N                 port (default 8080; 0 picks a free one)\n"
             "  --api-key-file F         one API key per line; requests need 'Authorization: Bearer KEY'\n"
+            "  --admin-key-file F       keys (one per line) that may also load and unload adapters over HTTP\n"
+            "  --lora-dir D             POST /v1/adapters loads only paths that resolve to inside D (without it:\n"
+            "                           refused); with no keys at all, any client may load and unload adapters\n"
             "  --persist-dir D          sessions are saved here on shutdown and loaded on start (also tier T3)\n"
             "  --max-batch-tokens N     tokens per engine step (default 512)\n"
             "  --kv-blocks N            KV pool size in blocks of 16 tokens (default: 4 full contexts)\n"
@@ -437,6 +384,8 @@ static void serve_usage(void) {
             "  --max-body BYTES         request body limit (default 8 MiB)\n"
             "  --max-connections N      (default 4096)\n"
             "  --max-streams N          generations in progress at once; beyond: 429 (default 256, 0: no limit)\n"
+            "  --max-sessions-per-key N sessions one API key may hold (all clients together without keys);\n"
+            "                           creating, forking or importing beyond: 429 (default 256, 0: no limit)\n"
             "  --max-pending-write B    bytes queued to a client before its stream counts as stalled (default 1 MiB)\n"
             "  --drain-timeout S        seconds streams may run on after SIGTERM (default 10)\n"
             "  --idle-demote S          move a session's KV down a tier after S idle seconds (T1), 2S (T2),\n"
@@ -450,10 +399,43 @@ static bool is_serve_value_flag(const char *a) {
     static const char *const flags[] = {"--host", "--port", "--api-key-file", "--persist-dir", "--max-batch-tokens",
                                         "--kv-blocks", "--t1-budget", "--t2-budget", "--max-body", "--max-connections",
                                         "--drain-timeout", "--idle-demote", "--max-streams", "--max-pending-write",
-                                        "--lora"};
+                                        "--lora", "--max-sessions-per-key", "--admin-key-file", "--lora-dir"};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         if (!strcmp(a, flags[i])) return true;
     return false;
+}
+
+/* Keys, admin keys (also valid API keys) and the adapter directory; -1 with a message. */
+static int serve_access(mn_serve *srv, const char *key_file, const char *admin_file, const char *lora_dir) {
+    if (key_file && api_keys_load("--api-key-file", key_file, &srv->keys, &srv->n_keys)) return -1;
+    if (admin_file) {
+        if (api_keys_load("--admin-key-file", admin_file, &srv->admin_keys, &srv->n_admin_keys)) return -1;
+        char (*k)[API_OWNER_LEN] = mn_realloc(srv->keys, (size_t)(srv->n_keys + srv->n_admin_keys) * API_OWNER_LEN);
+        if (!k) return -1;
+        memcpy(k + srv->n_keys, srv->admin_keys, (size_t)srv->n_admin_keys * API_OWNER_LEN);
+        srv->keys = k;
+        srv->n_keys += srv->n_admin_keys;
+    }
+    if (lora_dir) {
+        char real[PATH_MAX];
+        struct stat st;
+        errno = 0;
+        if (!realpath(lora_dir, real) || stat(real, &st) != 0 || !S_ISDIR(st.st_mode)) {
+            fprintf(stderr, "mneme serve: --lora-dir %s: %s\n", lora_dir, errno ? strerror(errno) : "not a directory");
+            return -1;
+        }
+        if (!(srv->lora_dir = mn_malloc(strlen(real) + 1))) return -1;
+        memcpy(srv->lora_dir, real, strlen(real) + 1);
+    }
+    return 0;
+}
+
+static void serve_access_free(mn_serve *srv) {
+    mn_free(srv->keys);
+    mn_free(srv->admin_keys);
+    mn_free(srv->lora_dir);
+    srv->keys = srv->admin_keys = NULL;
+    srv->lora_dir = NULL;
 }
 
 static void model_stem(const char *path, char *out, size_t cap) {
@@ -468,8 +450,8 @@ static void model_stem(const char *path, char *out, size_t cap) {
 
 int cmd_serve(int argc, char **argv) {
     cli_model_opts mo = {0};
-    const char *host = "127.0.0.1", *key_file = NULL, *persist = NULL;
-    long max_streams = 256, max_pending = 0;
+    const char *host = "127.0.0.1", *key_file = NULL, *persist = NULL, *admin_file = NULL, *lora_dir = NULL;
+    long max_streams = 256, max_pending = 0, max_sessions = 256;
     long port = 8080, max_batch = 0, kv_blocks = 0, max_conn = 0, t1 = 0, t2 = 0, max_body = 0;
     double drain = 10, idle = 60;
     const char *loras[64];
@@ -489,6 +471,8 @@ int cmd_serve(int argc, char **argv) {
         if (!strcmp(a, "--host")) host = v;
         else if (!strcmp(a, "--port")) { if (cli_int(a, v, 0, 65535, &port)) return 2; }
         else if (!strcmp(a, "--api-key-file")) key_file = v;
+        else if (!strcmp(a, "--admin-key-file")) admin_file = v;
+        else if (!strcmp(a, "--lora-dir")) lora_dir = v;
         else if (!strcmp(a, "--persist-dir")) persist = v;
         else if (!strcmp(a, "--max-batch-tokens")) { if (cli_int(a, v, 1, 1 << 16, &max_batch)) return 2; }
         else if (!strcmp(a, "--kv-blocks")) { if (cli_int(a, v, 1, 1 << 24, &kv_blocks)) return 2; }
@@ -499,6 +483,7 @@ int cmd_serve(int argc, char **argv) {
         else if (!strcmp(a, "--drain-timeout")) { if (cli_float(a, v, 0, 3600, &drain)) return 2; }
         else if (!strcmp(a, "--idle-demote")) { if (cli_float(a, v, 0, 1e6, &idle)) return 2; }
         else if (!strcmp(a, "--max-streams")) { if (cli_int(a, v, 0, 1 << 20, &max_streams)) return 2; }
+        else if (!strcmp(a, "--max-sessions-per-key")) { if (cli_int(a, v, 0, 1 << 24, &max_sessions)) return 2; }
         else if (!strcmp(a, "--max-pending-write")) { if (cli_int(a, v, 1, 1L << 32, &max_pending)) return 2; }
         else if (!strcmp(a, "--lora")) {
             if (!strchr(v, '=') || v[0] == '=' || !strchr(v, '=')[1]) {
@@ -520,13 +505,17 @@ int cmd_serve(int argc, char **argv) {
     ss.drain_timeout = drain;
     ss.idle_seconds = idle;
     srv->max_streams = (int)max_streams;
+    srv->max_sessions_per_key = (int)max_sessions;
     srv->created = (int64_t)time(NULL);
     srv->persist_dir = persist;
-    if (key_file && load_keys(key_file, srv)) return 2;
+    if (serve_access(srv, key_file, admin_file, lora_dir)) {
+        serve_access_free(srv);
+        return 2;
+    }
 
     mn_backend *be;
     mn_model *m;
-    if (cli_load(&mo, &be, &m)) { mn_free(srv->keys); return 1; }
+    if (cli_load(&mo, &be, &m)) { serve_access_free(srv); return 1; }
     srv->model = m;
     srv->n_ctx = m->cfg.n_ctx;
     model_stem(mo.model ? mo.model : cli_default_model(), srv->model_name, sizeof srv->model_name);
@@ -536,7 +525,7 @@ int cmd_serve(int argc, char **argv) {
     if (mn_lora_registry_new(m, &srv->adapters, &eb) != MN_OK) {
         fprintf(stderr, "mneme serve: %s\n", eb.msg);
         cli_unload(be, m);
-        mn_free(srv->keys);
+        serve_access_free(srv);
         return 1;
     }
     for (int i = 0; i < n_loras; i++) {
@@ -553,7 +542,7 @@ int cmd_serve(int argc, char **argv) {
         api_adapters_free(srv);
         mn_lora_registry_free(srv->adapters);
         cli_unload(be, m);
-        mn_free(srv->keys);
+        serve_access_free(srv);
         return 1;
     }
     srv->n_adapters = n_loras;
@@ -566,7 +555,7 @@ int cmd_serve(int argc, char **argv) {
         api_adapters_free(srv);
         mn_lora_registry_free(srv->adapters);
         cli_unload(be, m);
-        mn_free(srv->keys);
+        serve_access_free(srv);
         return 1;
     }
     uv_loop_t *loop = uv_default_loop();
@@ -609,9 +598,9 @@ int cmd_serve(int argc, char **argv) {
     }
     uv_run(loop, UV_RUN_DEFAULT);   /* close callbacks */
     if (srv->http) mn_http_server_free(srv->http);
+    mn_engine_free(e);   /* a generation still alive ends here: its callbacks post to the stopped et (no-ops) */
     mn_et_free(srv->et);
     uv_loop_close(loop);
-    mn_engine_free(e);
     api_adapters_free(srv);
     mn_lora_registry_free(srv->adapters);   /* after the engine that borrowed it */
     for (int i = 0; persist && i < srv->n_saved_engine_ids; i++) { /* saved: their T3 copies are redundant */
@@ -621,7 +610,7 @@ int cmd_serve(int argc, char **argv) {
     }
     mn_free(srv->saved_engine_ids);
     cli_unload(be, m);
-    mn_free(srv->keys);
+    serve_access_free(srv);
     if (!rc) fprintf(stderr, "mneme serve: stopped\n");
     return rc;
 }

@@ -25,6 +25,7 @@ struct mn_et {
     fifo jobs, events;   /* under mu */
     fifo deferred;       /* engine thread only */
     bool stop;           /* under mu */
+    bool stopped;        /* under mu: mn_et_stop returned; posts and defers are dropped */
     bool started;
     mn_et_stats st;      /* under mu */
 };
@@ -164,6 +165,10 @@ mn_err mn_et_start(uv_loop_t *loop, mn_engine *e, mn_et **out, mn_errbuf *eb) {
 
 void mn_et_post_job(mn_et *et, mn_et_item *it) {
     uv_mutex_lock(&et->mu);
+    if (et->stopped) { /* no thread left to run it */
+        uv_mutex_unlock(&et->mu);
+        return;
+    }
     fifo_push(&et->jobs, it);
     et->st.jobs_queued = et->jobs.n;
     uv_cond_signal(&et->cv);
@@ -172,13 +177,22 @@ void mn_et_post_job(mn_et *et, mn_et_item *it) {
 
 void mn_et_post_event(mn_et *et, mn_et_item *it) {
     uv_mutex_lock(&et->mu);
+    if (et->stopped) { /* the async handle is closed: nothing would run it */
+        uv_mutex_unlock(&et->mu);
+        return;
+    }
     bool first = !et->events.head;
     fifo_push(&et->events, it);
     uv_mutex_unlock(&et->mu);
     if (first) uv_async_send(&et->async);   /* coalesced by libuv anyway; skip the syscall when pending */
 }
 
-void mn_et_defer(mn_et *et, mn_et_item *it) { fifo_push(&et->deferred, it); }
+void mn_et_defer(mn_et *et, mn_et_item *it) {
+    uv_mutex_lock(&et->mu);
+    bool stopped = et->stopped;
+    uv_mutex_unlock(&et->mu);
+    if (!stopped) fifo_push(&et->deferred, it);   /* after stop (mn_engine_free's callbacks): dropped */
+}
 
 mn_engine *mn_et_engine(mn_et *et) { return et->e; }
 
@@ -198,6 +212,9 @@ void mn_et_stop(mn_et *et) {
     uv_thread_join(&et->thread);
     et->started = false;
     on_async(&et->async);   /* events the last jobs posted */
+    uv_mutex_lock(&et->mu);
+    et->stopped = true;
+    uv_mutex_unlock(&et->mu);
     uv_close((uv_handle_t *)&et->async, NULL);
 }
 

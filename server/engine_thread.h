@@ -55,9 +55,12 @@ void mn_et_defer(mn_et *et, mn_et_item *it);
 mn_engine *mn_et_engine(mn_et *et);
 void mn_et_stats_get(mn_et *et, mn_et_stats *out);
 /** Loop thread: ask the engine thread to exit once its job queue is empty, join it, close
- *  the async handle (events still queued are run first). Then mn_et_free after the loop
- *  has run the close callback (uv_run). */
+ *  the async handle (events still queued are run first). From then on mn_et_post_job,
+ *  mn_et_post_event and mn_et_defer are no-ops (their items never run: callbacks that fire
+ *  while the engine is freed may still post). */
 void mn_et_stop(mn_et *et);
+/** After mn_et_stop, after the loop has run the close callback (uv_run), and after
+ *  mn_engine_free (whose callbacks may still post to it). */
 void mn_et_free(mn_et *et);
 
 #endif

@@ -80,7 +80,10 @@ bool mn_http_stream_write(mn_http_res *res, const char *data, size_t len);
 /** End the streamed body; res must not be used afterwards. */
 void mn_http_stream_end(mn_http_res *res);
 /** Bytes queued to this client and not yet written to the socket. A producer that sees
- *  more than limits.max_pending_write treats the client as stalled (backpressure). */
+ *  more than limits.max_pending_write treats the client as stalled (backpressure). A
+ *  response pipelined behind an unfinished one does not count what it buffered meanwhile
+ *  (that waits for the earlier answer, not for the reader; it is bounded by the answer's
+ *  own size and by the requests in flight per connection), only the socket's backlog. */
 size_t mn_http_res_pending(const mn_http_res *res);
 /** cb(ud) once if the client disconnects (or the server closes) before res ended. After
  *  it, stream writes return false; the owner must still end res. */

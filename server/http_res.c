@@ -218,7 +218,9 @@ void mn_http_stream_end(mn_http_res *res) {
 
 size_t mn_http_res_pending(const mn_http_res *res) {
     if (!res->c) return 0;
-    return res->out.len + res->c->pending;
+    /* Bytes a pipelined response buffers while an earlier one is still going wait for that
+     * answer, not for the client: only the socket's backlog says whether it reads. */
+    return (res->c->qhead == res ? res->out.len : 0) + res->c->pending;
 }
 
 void mn_http_res_on_abort(mn_http_res *res, void (*cb)(void *ud), void *ud) {

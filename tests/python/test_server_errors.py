@@ -237,12 +237,22 @@ def test_random_bodies_never_hurt_the_server(server):
 
 
 def test_kv_pool_full_is_503_and_server_goes_on(mneme_bin, model_path):
+    """A pool that fills up while generating is 503 (retryable); a prompt larger than the whole
+    pool (6 blocks of 16 = 96 tokens) is 400 naming both sizes: a retry could never succeed."""
     srv = Server(mneme_bin, model_path, "--kv-blocks", "6")
     try:
-        got, data, headers = srv.request("POST", C, comp(prompt="hello world " * 100, max_tokens=4))
+        got, data, headers = srv.request("POST", C, comp(prompt="hello world " * 30, max_tokens=60, temperature=0))
         assert got == 503 and headers.get("retry-after") == "1", data
         err = json.loads(data)["error"]
         assert err["code"] == "over_capacity" and "kv pool full" in err["message"]
+        got, data, headers = srv.request("POST", C, comp(prompt="hello world " * 100, max_tokens=4))
+        assert got == 400 and "retry-after" not in headers, data
+        err = json.loads(data)["error"]
+        assert err["code"] == "kv_pool_exceeded" and err["param"] == "prompt", err
+        assert "(201 tokens)" in err["message"] and "(96 tokens: 6 blocks of 16)" in err["message"], err
+        got, data, _ = srv.request("POST", CH, {"messages": [{"role": "user", "content": "hi " * 120}], "max_tokens": 1})
+        err = json.loads(data)["error"]
+        assert got == 400 and err["param"] == "messages" and "96 tokens" in err["message"], data
         assert srv.json("POST", C, comp(prompt="hello", max_tokens=2))["usage"]["completion_tokens"] == 2
     finally:
         srv.close()

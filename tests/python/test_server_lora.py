@@ -11,6 +11,8 @@ from __future__ import annotations
 import http.client
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -50,7 +52,8 @@ def adapters(gen_lora, model_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(mneme_bin, model_path, adapters):
-    s = Server(mneme_bin, model_path, "--lora", f"a={adapters['a']}", "--lora", f"b={adapters['b']}")
+    s = Server(mneme_bin, model_path, "--lora", f"a={adapters['a']}", "--lora", f"b={adapters['b']}",
+               "--lora-dir", str(adapters["a"].parent))
     yield s
     s.close()
 
@@ -173,8 +176,10 @@ def test_adapter_load_list_unload(server, client, adapters):
 
     assert "already loaded" in err("POST", A, {"name": "c", "path": str(adapters["a"])}, 409)["message"]
     assert "base model" in err("POST", A, {"name": server.model, "path": str(adapters["a"])}, 409)["message"]
-    e = err("POST", A, {"name": "x", "path": str(adapters["c"] / "nowhere")}, 400)
-    assert e["param"] == "path" and "nowhere" in e["message"]
+    e = err("POST", A, {"name": "x", "path": str(adapters["c"] / "nowhere")}, 403)
+    assert e["param"] == "path" and "nowhere" in e["message"] and e["code"] == "path_not_allowed"
+    e = err("POST", A, {"name": "x", "path": str(adapters["c"] / "adapter_config.json")}, 400)
+    assert e["param"] == "path" and "adapter_config.json" in e["message"]
     e = err("POST", A, {"name": "x", "path": str(adapters["bad"])}, 400)
     assert "adapter_model.safetensors" in e["message"] and e["param"] == "path"
     assert err("POST", A, {"path": str(adapters["c"])}, 400)["param"] == "name"
@@ -255,7 +260,7 @@ def test_adapter_session_survives_restart(mneme_bin, model_path, adapters, tmp_p
         srv2.close()
     assert (d / f"saved-{sid}.mns").is_file()
 
-    srv3 = Server(mneme_bin, model_path, "--persist-dir", str(d), *lora_a)
+    srv3 = Server(mneme_bin, model_path, "--persist-dir", str(d), *lora_a, "--lora-dir", str(adapters["a"].parent))
     try:
         assert "1 sessions loaded" in srv3.stderr()
         got = srv3.json("GET", f"{S}/{sid}")
@@ -304,3 +309,224 @@ def test_running_request_holds_its_adapter(server, adapters):
     c.close()
     assert '"code":"adapter_unloaded"' in rest and "'held' was unloaded during this request" in rest, rest[-500:]
     assert "data: [DONE]" in rest
+
+
+def test_adapter_admin_policy(mneme_bin, model_path, adapters, tmp_path):
+    """Who may POST / DELETE /v1/adapters: with admin keys only they; with API keys but no admin
+    keys nobody; with no keys at all anyone, but only with --lora-dir; a load always needs
+    --lora-dir. GET stays open to every valid key."""
+    A, lora_dir = "/v1/adapters", str(adapters["a"].parent)
+    keys, admins = tmp_path / "keys", tmp_path / "admins"
+    keys.write_text("key-user\n")
+    admins.write_text("# operators\nkey-admin\n")
+    U, ADM = {"Authorization": "Bearer key-user"}, {"Authorization": "Bearer key-admin"}
+    load = {"name": "c", "path": str(adapters["c"])}
+
+    def refused(srv, method, path, body, headers=None, code="admin_required", param=None):
+        st, data, _ = srv.request(method, path, body, headers)
+        assert st == 403, (method, path, st, data)
+        e = json.loads(data)["error"]
+        assert e["type"] == "permission_error" and e["code"] == code and e["param"] == param, e
+        return e["message"]
+
+    # no keys, no --lora-dir: nobody, not even to unload a start-up adapter
+    srv = Server(mneme_bin, model_path, "--lora", f"a={adapters['a']}")
+    try:
+        assert "--lora-dir" in refused(srv, "POST", A, load)
+        assert "--lora-dir" in refused(srv, "DELETE", f"{A}/a", None)
+        assert [x["id"] for x in srv.json("GET", A)["data"]] == ["a"]
+    finally:
+        srv.close()
+
+    # API keys without admin keys: nobody, whatever the key and even with --lora-dir
+    srv = Server(mneme_bin, model_path, "--api-key-file", str(keys), "--lora-dir", lora_dir,
+                 "--lora", f"a={adapters['a']}")
+    try:
+        assert "--admin-key-file" in refused(srv, "POST", A, load, U)
+        refused(srv, "DELETE", f"{A}/a", None, U)
+        assert srv.request("POST", A, load)[0] == 401
+        assert [x["id"] for x in srv.json("GET", A, headers=U)["data"]] == ["a"]
+    finally:
+        srv.close()
+
+    # admin keys: only they; an admin key is also an API key
+    srv = Server(mneme_bin, model_path, "--api-key-file", str(keys), "--admin-key-file", str(admins),
+                 "--lora-dir", lora_dir, "--lora", f"a={adapters['a']}")
+    try:
+        assert "admin key" in refused(srv, "POST", A, load, U)
+        refused(srv, "DELETE", f"{A}/a", None, U)
+        assert srv.request("POST", A, load)[0] == 401
+        assert srv.request("POST", A, load, {"Authorization": "Bearer key-nobody"})[0] == 401
+        assert srv.json("POST", A, load, ADM)["id"] == "c"
+        assert {x["id"] for x in srv.json("GET", A, headers=U)["data"]} == {"a", "c"}
+        r = srv.json("POST", "/v1/completions", {"model": "c", "prompt": "x", "max_tokens": 1}, U)
+        assert r["usage"]["completion_tokens"] == 1
+        assert srv.json("POST", S, {}, ADM)["object"] == "session"
+        assert srv.json("DELETE", f"{A}/c", headers=ADM)["deleted"] is True
+    finally:
+        srv.close()
+
+    # admin keys without --lora-dir: unloading yes, loading no (no directory to confine it to)
+    srv = Server(mneme_bin, model_path, "--admin-key-file", str(admins), "--lora", f"a={adapters['a']}")
+    try:
+        assert "--lora-dir" in refused(srv, "POST", A, load, ADM, code="path_not_allowed", param="path")
+        assert srv.json("DELETE", f"{A}/a", headers=ADM)["deleted"] is True
+        assert srv.request("GET", A)[0] == 401   # admin keys alone turn authentication on
+    finally:
+        srv.close()
+
+    for flags, msg in ((["--admin-key-file", str(tmp_path / "none")], "--admin-key-file"),
+                       (["--lora-dir", str(tmp_path / "none")], "--lora-dir"),
+                       (["--lora-dir", str(keys)], "--lora-dir")):
+        r = subprocess.run([str(mneme_bin), "serve", "-m", str(model_path), "--port", "0", *flags],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and msg in r.stderr, (flags, r.stderr)
+
+
+def test_lora_dir_confines_paths(server, gen_lora, model_path, adapters, tmp_path):
+    """A path must resolve (realpath) to inside --lora-dir: absolute paths outside, `..`
+    escapes, symlinks pointing out (the directory or one of its files) are 403 naming `path`,
+    the same as a missing path; relative paths are taken against the directory; links that
+    stay inside are followed."""
+    A, d = "/v1/adapters", adapters["a"].parent
+    outside = tmp_path / "outside"
+    gen_lora.generate(str(outside), gen_lora.model_shape(str(model_path)), r=4, targets=("q_proj",), seed=9)
+    links = {"link-out": outside, "link-in": adapters["c"]}
+    mixed = d / "mixed"   # a real directory inside whose weights file points out
+    mixed.mkdir()
+    (mixed / "adapter_config.json").write_bytes((outside / "adapter_config.json").read_bytes())
+    (mixed / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+    for name, target in links.items():
+        (d / name).symlink_to(target)
+    try:
+        for path in (str(outside), f"../{outside.parent.name}/outside", str(d / ".." / outside.parent.name / "outside"),
+                     "link-out", str(d / "link-out"), "mixed", "/etc", "does-not-exist"):
+            st, data, _ = server.request("POST", A, {"name": "x", "path": path})
+            assert st == 403, (path, st, data)
+            e = json.loads(data)["error"]
+            assert e["param"] == "path" and e["code"] == "path_not_allowed" and str(d) in e["message"], (path, e)
+        assert "adapter_model.safetensors" in json.loads(server.request("POST", A, {"name": "x", "path": "mixed"})[1])[
+            "error"]["message"]
+        assert "x" not in {x["id"] for x in server.json("GET", A)["data"]}
+        got = server.json("POST", A, {"name": "x", "path": "link-in"})   # a link that stays inside
+        assert got["path"] == str(adapters["c"].resolve())
+        server.json("DELETE", f"{A}/x")
+        assert server.json("POST", A, {"name": "x", "path": "c"})["path"] == str(adapters["c"].resolve())
+        server.json("DELETE", f"{A}/x")
+    finally:
+        for name in links:
+            (d / name).unlink()
+        for f in mixed.iterdir():
+            f.unlink()
+        mixed.rmdir()
+
+
+def test_adapter_files_are_read_off_the_engine_thread(server, adapters):
+    """The load's adapter_config.json is a FIFO nobody writes yet, so reading it blocks: a
+    stream running meanwhile must keep getting tokens and other engine requests must answer
+    (the engine thread is free). Then the config is written and the load completes."""
+    A, d = "/v1/adapters", adapters["a"].parent
+    slow = d / "slow"
+    slow.mkdir()
+    (slow / "adapter_model.safetensors").symlink_to(adapters["c"] / "adapter_model.safetensors")
+    fifo = slow / "adapter_config.json"
+    os.mkfifo(fifo)
+    result = {}
+
+    def post():
+        result["r"] = server.request("POST", A, {"name": "slow", "path": "slow"}, timeout=120)
+
+    loader = threading.Thread(target=post)
+    c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)   # a stalled stream fails fast
+    try:
+        c.request("POST", "/v1/completions", json.dumps({"prompt": "Once upon a time", "max_tokens": 3000,
+                                                         "temperature": 0, "stream": True}),
+                  {"Content-Type": "application/json"})
+        r = c.getresponse()
+        assert r.status == 200
+        loader.start()
+        # wait until the loader has the FIFO open for reading (a writer can open it then)
+        end, wfd = time.time() + 20, None
+        while wfd is None and time.time() < end:
+            try:
+                wfd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.02)
+        assert wfd is not None, "the load never opened adapter_config.json"
+        # the loader is blocked reading: tokens must keep flowing and the engine must answer
+        n, t_end = 0, time.time() + 1.0
+        while time.time() < t_end:
+            if r.fp.readline().startswith(b"data: {"):
+                n += 1
+        assert n >= 5, f"only {n} tokens in 1 s while an adapter load was blocked"
+        t0 = time.time()
+        st, _, _ = server.request("GET", "/v1/sessions", timeout=10)
+        assert st == 200 and time.time() - t0 < 5
+        assert loader.is_alive()
+        os.write(wfd, (adapters["c"] / "adapter_config.json").read_bytes())
+        os.close(wfd)
+        loader.join(60)
+        st, data, _ = result["r"]
+        assert st == 200 and json.loads(data)["id"] == "slow", data
+    finally:
+        c.close()
+        if loader.is_alive():   # unblock a load that is still waiting, whatever failed
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                os.write(fd, b"{}")
+                os.close(fd)
+            except OSError:
+                pass
+            loader.join(60)
+        server.request("DELETE", f"{A}/slow")
+        fifo.unlink()
+        (slow / "adapter_model.safetensors").unlink()
+        slow.rmdir()
+
+
+def test_shutdown_during_an_adapter_load(mneme_bin, model_path, adapters, tmp_path):
+    """SIGTERM while a load is still reading (a FIFO config nobody has written): the engine
+    thread stops meanwhile; when the read completes the parsed adapter is dropped, not
+    installed into a stopped engine, and the server exits 0 (leak-free under ASan)."""
+    d = tmp_path / "loras"
+    slow = d / "slow"
+    slow.mkdir(parents=True)
+    (slow / "adapter_model.safetensors").write_bytes((adapters["c"] / "adapter_model.safetensors").read_bytes())
+    fifo = slow / "adapter_config.json"
+    os.mkfifo(fifo)
+    srv = Server(mneme_bin, model_path, "--lora-dir", str(d), "--drain-timeout", "0")
+    result = {}
+
+    def post():
+        try:
+            result["r"] = srv.request("POST", "/v1/adapters", {"name": "slow", "path": "slow"}, timeout=60)
+        except OSError as e:   # the server closed the connection while shutting down
+            result["r"] = e
+
+    loader = threading.Thread(target=post)
+    loader.start()
+    try:
+        end, wfd = time.time() + 20, None
+        while wfd is None and time.time() < end:
+            try:
+                wfd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.02)
+        assert wfd is not None, "the load never opened adapter_config.json"
+        srv.proc.send_signal(signal.SIGTERM)
+        end = time.time() + 20
+        while "shutting down" not in srv.stderr() and time.time() < end:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert srv.proc.poll() is None   # still waiting for the read
+        os.write(wfd, (adapters["c"] / "adapter_config.json").read_bytes())
+        os.close(wfd)
+        wfd = None
+        assert srv.proc.wait(timeout=30) == 0, srv.stderr()
+        loader.join(30)
+        r = result.get("r")
+        assert isinstance(r, OSError) or r[0] == 503, r
+    finally:
+        if wfd is not None:
+            os.close(wfd)
+        srv.close()

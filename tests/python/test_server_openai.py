@@ -177,3 +177,37 @@ def test_disconnect_cancels_completion(server):
     assert h["streams"] == 0 and h["sessions"] == 0   # the temporary session is gone too
     _, data, _ = server.request("GET", "/metrics")
     assert b"mneme_streams_cancelled_total 1" in data
+
+
+def test_pipelined_stream_is_not_a_stalled_reader(mneme_bin, model_path):
+    """Two streams pipelined on one keep-alive connection: the second's events wait in the
+    server until the first has ended. Waiting behind an earlier answer is not a client that
+    stopped reading, even when more than --max-pending-write bytes pile up meanwhile: both
+    streams run to the end (finish_reason length) and none counts as stalled."""
+    import re
+    import socket
+    srv = Server(mneme_bin, model_path, "--max-pending-write", "4096")
+    try:
+        def req(n):
+            body = json.dumps({"prompt": "Once upon a time", "max_tokens": n, "temperature": 0, "stream": True})
+            return (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n{body}").encode()
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=20)
+        s.sendall(req(160) + req(80))   # 80 events of ~150 bytes: far over 4096 while waiting
+        data = b""
+        try:
+            while data.count(b"data: [DONE]") < 2:
+                d = s.recv(65536)
+                if not d:
+                    break
+                data += d
+        except socket.timeout:
+            pass
+        s.close()
+        assert data.count(b"data: [DONE]") == 2, data[-600:]
+        finishes = re.findall(rb'"finish_reason":"(\w+)"', data)
+        assert len(finishes) == 2 and set(finishes) <= {b"length", b"stop"}, finishes
+        _, metrics, _ = srv.request("GET", "/metrics")
+        assert b"\nmneme_streams_stalled_total 0\n" in metrics
+    finally:
+        srv.close()

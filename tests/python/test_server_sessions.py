@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import time
 
 import pytest
@@ -184,6 +185,41 @@ def test_api_keys_isolate_sessions(mneme_bin, model_path, tmp_path):
         assert r["usage"]["completion_tokens"] == 1
     finally:
         srv.close()
+
+
+def test_session_limit_per_key(mneme_bin, model_path, tmp_path):
+    """--max-sessions-per-key 2: a third create, a fork and an import are 429 naming the limit,
+    for that key only; a delete makes room again."""
+    keys = tmp_path / "keys"
+    keys.write_text("key-alice\nkey-bob\n")
+    srv = Server(mneme_bin, model_path, "--api-key-file", str(keys), "--max-sessions-per-key", "2")
+    try:
+        A = {"Authorization": "Bearer key-alice"}
+        B = {"Authorization": "Bearer key-bob"}
+        a1 = srv.json("POST", S, {"system": "hi"}, A)["id"]
+        a2 = srv.json("POST", f"{S}/{a1}/fork", {}, A)["id"]
+        st, blob, _ = srv.request("GET", f"{S}/{a1}/export", headers=A)
+        assert st == 200
+        for method, path, body in (("POST", S, {}), ("POST", f"{S}/{a1}/fork", {}),
+                                   ("POST", f"{S}/import", blob)):
+            st, data, headers = srv.request(method, path, body, A)
+            assert st == 429, (path, st, data[:300])
+            err = json.loads(data)["error"]
+            assert err["code"] == "session_limit_reached", err
+            assert "already holds 2 sessions" in err["message"] and "--max-sessions-per-key 2" in err["message"], err
+        assert sorted(x["id"] for x in srv.json("GET", S, headers=A)["data"]) == sorted([a1, a2])
+        b = [srv.json("POST", S, {}, B)["id"] for _ in range(2)]   # another key has its own count
+        assert srv.request("POST", S, {}, B)[0] == 429
+        srv.json("DELETE", f"{S}/{a2}", headers=A)
+        a3 = srv.json("POST", f"{S}/import", blob, A)["id"]
+        assert srv.json("GET", f"{S}/{a3}", headers=A)["tokens"] == srv.json("GET", f"{S}/{a1}", headers=A)["tokens"]
+        for sid in b:
+            srv.json("DELETE", f"{S}/{sid}", headers=B)
+    finally:
+        srv.close()
+    r = subprocess.run([str(mneme_bin), "serve", "-m", str(model_path), "--max-sessions-per-key", "-1"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--max-sessions-per-key" in r.stderr, r.stderr
 
 
 def test_sessions_survive_restart(mneme_bin, model_path, tmp_path):

@@ -16,7 +16,9 @@
  *   - a sequence with the adapter gives the same bits alone and in a mixed batch, and
  *     different logits from the base model;
  *   - bad adapter indices are refused with nothing computed; the registry refuses a
- *     duplicate name and an unknown one; a load whose N-th allocation fails leaks nothing.
+ *     duplicate name and an unknown one; a load whose N-th allocation fails leaks nothing;
+ *   - an adapter parsed on another thread (mn_lora_load) installs with mn_lora_registry_add;
+ *     refused adds leave it with the caller and the registry unchanged.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -500,6 +502,89 @@ static void test_lora_forward(void **state) {
     fwd_close(&fx);
 }
 
+/* ---- parse off-thread, install on the owner's thread (mn_lora_load + mn_lora_registry_add) ----
+ * What `mneme serve` does: the files are read on a worker thread, the registry only installs
+ * the result. Checked: an adapter loaded on another thread installs and equals one the
+ * registry loads itself (fingerprint, shapes); a refused add (duplicate name, other model
+ * shape) leaves the adapter with the caller and the registry unchanged; an add whose slot
+ * allocation fails leaks nothing and changes nothing. */
+typedef struct load_arg {
+    const char *dir;
+    const mn_model *m;
+    mn_lora *out;
+    mn_err err;
+    mn_errbuf eb;
+} load_arg;
+
+static void *load_thread(void *p) {
+    load_arg *a = p;
+    a->err = mn_lora_load(a->dir, "parsed", a->m, &a->out, &a->eb);
+    return NULL;
+}
+
+static void test_lora_registry_add(void **state) {
+    fwd_fixture fx;
+    if (access(model_path(), R_OK) != 0 && getenv("MNEME_ALLOW_NO_MODEL") && !strcmp(getenv("MNEME_ALLOW_NO_MODEL"), "1")) {
+        fprintf(stderr, "model %s missing and MNEME_ALLOW_NO_MODEL=1: skipping\n", model_path());
+        skip();
+    }
+    if (fwd_open(&fx)) fail_msg("model missing");
+    mn_errbuf eb = {{0}};
+    mn_lora_registry *reg;
+    assert_int_equal(mn_lora_registry_new(fx.m, &reg, &eb), MN_OK);
+    int32_t idx = -1;
+    if (mn_lora_registry_load(reg, "direct", fx.dir, &idx, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    assert_int_equal(idx, 0);
+
+    load_arg a = {.dir = fx.dir, .m = fx.m};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, load_thread, &a), 0);
+    assert_int_equal(pthread_join(th, NULL), 0);
+    if (a.err != MN_OK) fail_msg("%s", a.eb.msg);
+    assert_int_equal(mn_lora_registry_n_slots(reg), 1);   /* loading touched no registry */
+    if (mn_lora_registry_add(reg, a.out, &idx, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    assert_int_equal(idx, 1);
+    assert_int_equal(mn_lora_registry_find(reg, "parsed"), 1);
+    const mn_lora *d = mn_lora_registry_adapter(reg, 0), *p = mn_lora_registry_adapter(reg, 1);
+    assert_ptr_equal(p, a.out);   /* installed as is: nothing re-read or copied */
+    assert_memory_equal(d->fingerprint, p->fingerprint, 16);
+    assert_int_equal(d->bytes, p->bytes);
+    assert_int_equal(d->targets, p->targets);
+
+    /* a duplicate name: refused, the adapter stays the caller's, the registry unchanged */
+    mn_lora *dup = NULL;
+    if (mn_lora_load(fx.dir, "parsed", fx.m, &dup, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    assert_int_equal(mn_lora_registry_add(reg, dup, &idx, &eb), MN_EINVALID);
+    assert_non_null(strstr(eb.msg, "'parsed' is already loaded"));
+    assert_int_equal(mn_lora_registry_n_slots(reg), 2);
+    assert_ptr_equal(mn_lora_registry_adapter(reg, 1), a.out);
+
+    /* made for a model of another shape */
+    snprintf(dup->name, sizeof dup->name, "other-shape");
+    dup->n_layer++;
+    assert_int_equal(mn_lora_registry_add(reg, dup, NULL, &eb), MN_EMISMATCH);
+    assert_non_null(strstr(eb.msg, "other-shape"));
+    assert_int_equal(mn_lora_registry_find(reg, "other-shape"), -1);
+    dup->n_layer--;
+
+    /* the slot table cannot grow: an error, nothing installed, nothing leaked */
+    long live = mn_alloc_live();
+    for (long k = 0;; k++) {
+        mn_alloc_fail_after(k);
+        mn_err e = mn_lora_registry_add(reg, dup, &idx, &eb);
+        mn_alloc_fail_after(-1);
+        if (e == MN_OK) break;
+        assert_int_equal(e, MN_ENOMEM);
+        assert_int_equal(mn_lora_registry_find(reg, "other-shape"), -1);
+        assert_int_equal(mn_alloc_live(), live);
+    }
+    assert_int_equal(mn_lora_registry_find(reg, "other-shape"), idx);
+    assert_int_equal(mn_lora_registry_unload(reg, "parsed", &eb), MN_OK);
+    assert_int_equal(mn_lora_registry_find(reg, "parsed"), -1);
+    mn_lora_registry_free(reg);   /* frees "direct" and "other-shape" */
+    fwd_close(&fx);
+}
+
 /* ---- residency: a device budget, LRU paging, pinning ----
  * Four adapters (different weights, same shapes: the same bytes each) in four directories.
  * The same steps run once reading the host copies and once through the registry's device
@@ -720,6 +805,7 @@ int main(void) {
         cmocka_unit_test(test_lora_op),
         cmocka_unit_test(test_lora_single_path),
         cmocka_unit_test(test_lora_forward),
+        cmocka_unit_test(test_lora_registry_add),
         cmocka_unit_test(test_lora_paging),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
