@@ -52,9 +52,13 @@ mn_err mn_forward_new(const mn_model *m, mn_kv_pool *kv, mn_forward **out, mn_er
  *  into m's (nothing copied). m is this rank's model (on this rank's backend); comm NULL
  *  or of size 1 is mn_forward_new. Every rank must run the same batches on sequences in
  *  the same state, each from its own thread. A P that does not divide the heads, or a
- *  slice that would cut a quantized block, is MN_EINVALID naming the sizes; adapters are
- *  MN_EUNSUPPORTED with P > 1. Logits differ from P = 1 by the reordered sums of o and
- *  down (f32 rounding), and are bit-identical across ranks and runs (local comm). */
+ *  slice that would cut a quantized block, is MN_EINVALID naming the sizes. Adapters work
+ *  at any P: every rank does the whole shrink of q/k/v and gate/up and expands into its
+ *  own output features; for o and down each rank shrinks its input features, and the
+ *  partial v is all-reduced together with the partial sums before every rank adds the
+ *  expand (views into the adapter's A and B, nothing copied). Logits differ from P = 1 by
+ *  the reordered sums of o and down and of their lora shrink (f32 rounding), and are
+ *  bit-identical across ranks and runs (local comm). */
 mn_err mn_forward_new_tp(const mn_model *m, mn_kv_pool *kv, mn_comm *comm, mn_forward **out, mn_errbuf *eb);
 void mn_forward_free(mn_forward *f);
 
