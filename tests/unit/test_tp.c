@@ -2,8 +2,9 @@
  *
  * Each rank is a thread with its own CPU backend (1 thread), its own load of the model
  * (the same mmapped file), its own KV pool holding only its kv heads, and a forward made
- * by mn_forward_new_tp over an in-process communicator. The reference is the plain
- * forward (TP = 1) on a 1-thread backend.
+ * by mn_forward_new_tp over an in-process communicator (tests/unit/tp_group.h). The
+ * reference is the plain forward (TP = 1) on a 1-thread backend. Adapters with TP:
+ * test_tp_lora.c.
  *
  * Tolerance. The row-parallel O and down are summed per rank and then across ranks, so
  * their f32 sums are reordered against TP = 1: logits are not bit-identical. We measure
