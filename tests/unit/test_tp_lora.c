@@ -16,7 +16,9 @@
  *   - the adapters matter: without them the logits of adapted sequences move by far more
  *     than the bound (so a TP bug in the adapter path cannot hide under it);
  *   - bit-identical between ranks (group_run_lora), between two fresh TP groups, and, for
- *     the sequence without an adapter, with the same TP group run without adapters.
+ *     the sequence without an adapter, with the same TP group run without adapters;
+ *   - engine/tp.h's mn_tp_run_lora (adapters shared by the ranks) gives the thread
+ *     group's bits, and refuses a bad adapter index on every rank alike.
  * Bounds (x86-64 AVX2, 2026-11): see the measured values in each test's comment.
  */
 #include <stdarg.h>
@@ -33,6 +35,7 @@
 
 #include "engine/alloc.h"
 #include "engine/tokenizer.h"
+#include "engine/tp.h"
 #include "tests/unit/tp_group.h"
 
 enum { STEPS = 12, MAX_LEN = 64, MAX_ROWS = MAX_SEQS * MAX_LEN };
@@ -50,14 +53,10 @@ static int workload_rows(const workload *w) {
     return n;
 }
 
-/* Prefill every prompt in one batch (row i of each prompt, then row i + 1, ...), then STEPS
- * steps of one row per sequence. with_adapters false: the same batches without adapters.
- * logits: [workload_rows][V] of rank 0, prefill rows in batch order then the steps;
- * toks[s][k]: greedy token k of sequence s. The sequences are emptied afterwards. */
-static void run_workload(group *g, const workload *w, bool with_adapters, float *logits, int32_t toks[][STEPS]) {
-    const int32_t V = g->V;
-    int32_t tok[MAX_ROWS], sq[MAX_ROWS], pos[MAX_ROWS], rows[MAX_ROWS], ad[MAX_ROWS];
-    int n = 0, last[MAX_SEQS];
+/* The prefill batch of w: row i of each prompt, then row i + 1, ...; every row's logits
+ * wanted; last[s]: the row of sequence s's last prompt token. Returns the row count. */
+static int prefill_rows(const workload *w, int32_t *tok, int32_t *sq, int32_t *pos, int32_t *rows, int32_t *ad, int *last) {
+    int n = 0;
     for (int i = 0; i < MAX_LEN; i++)
         for (int s = 0; s < w->ns; s++)
             if (i < w->len[s]) {
@@ -68,6 +67,18 @@ static void run_workload(group *g, const workload *w, bool with_adapters, float 
                 rows[n] = n;
                 last[s] = n++;
             }
+    return n;
+}
+
+/* Prefill every prompt in one batch (row i of each prompt, then row i + 1, ...), then STEPS
+ * steps of one row per sequence. with_adapters false: the same batches without adapters.
+ * logits: [workload_rows][V] of rank 0, prefill rows in batch order then the steps;
+ * toks[s][k]: greedy token k of sequence s. The sequences are emptied afterwards. */
+static void run_workload(group *g, const workload *w, bool with_adapters, float *logits, int32_t toks[][STEPS]) {
+    const int32_t V = g->V;
+    int32_t tok[MAX_ROWS], sq[MAX_ROWS], pos[MAX_ROWS], rows[MAX_ROWS], ad[MAX_ROWS];
+    int last[MAX_SEQS];
+    int n = prefill_rows(w, tok, sq, pos, rows, ad, last);
     g->n_seqs = w->ns;
     mn_batch b = {n, tok, sq, pos, n, rows};
     group_run_lora(g, &b, with_adapters ? ad : NULL);
@@ -219,6 +230,45 @@ static void check_tp_lora(const char *path, const adapters *a, const workload *w
     free(lb);
 }
 
+/* engine/tp.h (what `mneme generate --tp` runs) with adapters: one host copy of each,
+ * loaded against rank 0's model and shared by the ranks, 2 threads per rank; the prefill
+ * gives the bits of the thread group above (1 thread per rank: ops are thread-count
+ * invariant). An adapter index past the table is refused by every rank alike (nothing
+ * stored, the group stays usable). */
+static void check_tp_api(const char *path, const adapters *a, const workload *w) {
+    mn_errbuf eb;
+    mn_tp *t;
+    mn_tp_params p = {.n_ranks = 2, .n_threads = 2, .block_size = 16, .n_blocks = 64, .n_seqs = w->ns};
+    if (mn_tp_new(path, &p, &t, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    mn_lora *ad[MAX_ADAPTERS] = {0};
+    for (int i = 0; i < a->n; i++)
+        if (mn_lora_load(a->dir[i], a->dir[i], mn_tp_model(t), &ad[i], &eb) != MN_OK) fail_msg("%s", eb.msg);
+    int32_t tok[MAX_ROWS], sq[MAX_ROWS], pos[MAX_ROWS], rows[MAX_ROWS], adv[MAX_ROWS];
+    int last[MAX_SEQS];
+    const int n = prefill_rows(w, tok, sq, pos, rows, adv, last);
+    mn_batch b = {n, tok, sq, pos, n, rows};
+    group g;
+    open_with(&g, path, 2, a);
+    g.n_seqs = w->ns;
+    group_run_lora(&g, &b, adv);
+    float *got = malloc((size_t)n * g.V * sizeof(float));
+    const int32_t keep = adv[0];
+    adv[0] = a->n;
+    mn_batch_lora lb = {adv, (const mn_lora *const *)ad, a->n};
+    assert_int_equal(mn_tp_run_lora(t, &b, &lb, got, &eb), MN_ERANGE);
+    printf("  mn_tp_run_lora with adapter index %d of %d: %s\n", a->n, a->n, eb.msg);
+    assert_int_equal(mn_tp_seq_len(t, 0), 0);
+    adv[0] = keep;
+    if (mn_tp_run_lora(t, &b, &lb, got, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    if (memcmp(got, g.r[0].logits, (size_t)n * g.V * sizeof(float)) != 0)
+        fail_msg("mn_tp_run_lora differs from the thread group with the same adapters");
+    printf("  mn_tp_run_lora (2 ranks x 2 threads, shared adapters): the thread group's bits\n");
+    free(got);
+    group_close(&g);
+    for (int i = 0; i < a->n; i++) mn_lora_free(ad[i]);
+    mn_tp_free(t);
+}
+
 /* TP = 1 logits and tokens of w, with and without adapters. */
 static void reference(const char *path, const adapters *a, const workload *w, float **ref, int32_t toks[][STEPS],
                       float **base) {
@@ -266,6 +316,7 @@ static void test_synthetic_mixed(void **state) {
     reference(path, &a, &w, &ref, rt, &base);
     check_tp_lora(path, &a, &w, 2, ref, rt, base, 1e-5, 1e-6, 5e-3, "synthetic F32");
     check_tp_lora(path, &a, &w, 4, ref, rt, base, 1e-5, 1e-6, 5e-3, "synthetic F32");
+    check_tp_api(path, &a, &w);
     free(ref);
     free(base);
     adapters_rm(&a);
