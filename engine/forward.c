@@ -251,12 +251,19 @@ static mn_err validate(const mn_forward *f, mn_kv_seq *const *seqs, int32_t n_se
         else if (p > end[s]) e = mn_errf(eb, MN_EINVALID, "batch row %d: position %d leaves a gap (sequence %d has %d positions)", i, p, s, end[s]);
         else if (p == end[s]) end[s]++;
     }
+    /* the CPU backend reads host memory: host copies and any registry's views will do */
+    const bool host_mem = strcmp(mn_backend_name(f->be), "cpu") == 0;
     for (int32_t i = 0; lb && lb->adapter && i < b->n_tokens && e == MN_OK; i++) {
         int32_t a = lb->adapter[i];
         if (a < -1 || a >= lb->n_adapters)
             e = mn_errf(eb, MN_ERANGE, "batch row %d: adapter %d not in [-1, %d)", i, a, lb->n_adapters);
         else if (a >= 0 && !lb->adapters[a])
             e = mn_errf(eb, MN_EINVALID, "batch row %d: adapter %d is not loaded", i, a);
+        else if (a >= 0 && !host_mem && lb->adapters[a]->backend != f->be)
+            e = mn_errf(eb, MN_EINVALID,
+                        "batch row %d: adapter %d ('%.128s') is not in the %s backend's memory: on this backend "
+                        "adapters come from a registry attached to it (mn_lora_registry_set_budget)",
+                        i, a, lb->adapters[a]->name, mn_backend_name(f->be));
         else if (a >= 0 && (e = mn_lora_check_model(lb->adapters[a], f->m, eb)) != MN_OK && eb) {
             char why[sizeof eb->msg];
             memcpy(why, eb->msg, sizeof why);

@@ -67,8 +67,10 @@ void mn_forward_free(mn_forward *f);
  *  position may not be past the end of its sequence (counting tokens earlier in the batch):
  *  that and every other bad field (token id, seq index, out row, context length, adapter
  *  index, an adapter loaded for another model) is MN_EINVALID/MN_ERANGE/MN_EMISMATCH naming
- *  the batch row, with nothing computed. Adapters run on the CPU backend only for now
- *  (the CUDA backend reports MN_OP_LORA unsupported). */
+ *  the batch row, with nothing computed. On a backend other than cpu an adapter must be a
+ *  view from a registry attached to that backend (mn_lora_registry_set_budget), else
+ *  MN_EINVALID naming the row: host copies would be read by device kernels. The segment
+ *  and row arrays of the lora ops are uploaded with the batch's metadata. */
 mn_err mn_forward_run(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b, float *logits,
                       mn_errbuf *eb);
 /** mn_forward_run with adapters (lora may be NULL: the same as mn_forward_run). */
