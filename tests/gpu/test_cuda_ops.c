@@ -763,6 +763,7 @@ done:
 }
 
 int gt_backend_smoke(void); /* tests/gpu/test_cuda_backend.c */
+int gt_lora_e2e(const char *device); /* tests/gpu/test_cuda_lora_e2e.c */
 
 int main(void) {
     int count = 0;
@@ -788,6 +789,7 @@ int main(void) {
     n += nl;
     printf("ops: %d/%d passed\n", pass, n);
     int smoke = gt_backend_smoke();
+    smoke = gt_lora_e2e("cuda") && smoke;
     cublasDestroy(blas);
     cudaStreamDestroy(s);
     printf("%s\n", pass == n && smoke ? "ALL PASSED" : "FAILED");
