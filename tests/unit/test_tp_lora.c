@@ -377,10 +377,58 @@ static void test_smollm2_tp3(void **state) {
     adapters_rm(&a);
 }
 
+/* The N-th allocation fails during a TP group's first batch with adapters, for every N
+ * (the lora plan, its device copy, the room for the all-reduced v): an error every time,
+ * never a hang, nothing leaked, and a run that succeeds gives the bits of one without
+ * failures. */
+static void test_alloc_failures_lora(void **state) {
+    (void)state;
+    char path[256];
+    gen_model(path, sizeof path, "loraoom",
+              "--type Q8_0 --n-layer 1 --n-embd 64 --n-head 4 --n-kv-head 2 --head-dim 16 --n-ff 64 --n-vocab 260");
+    static const char *const args[2] = {"--r 3 --seed 41", "--r 5 --targets o_proj,down_proj --dtype F16 --seed 42"};
+    adapters a;
+    adapters_gen(&a, path, args, 2);
+    const mn_tp_params p = {.n_ranks = 2, .n_threads = 1, .block_size = 16, .n_blocks = 8, .n_seqs = 1};
+    mn_errbuf eb;
+    mn_tp *t;
+    assert_int_equal(mn_tp_new(path, &p, &t, &eb), MN_OK);
+    mn_lora *ad[2];
+    for (int i = 0; i < 2; i++) assert_int_equal(mn_lora_load(a.dir[i], a.dir[i], mn_tp_model(t), &ad[i], &eb), MN_OK);
+    int32_t tok[4] = {1, 2, 3, 4}, sq[4] = {0}, pos[4] = {0, 1, 2, 3}, rows[4] = {0, 1, 2, 3}, adv[4] = {0, 1, -1, 0};
+    mn_batch b = {4, tok, sq, pos, 4, rows};
+    mn_batch_lora lb = {adv, (const mn_lora *const *)ad, 2};
+    float want[4 * 260], got[4 * 260];
+    assert_int_equal(mn_tp_run_lora(t, &b, &lb, want, &eb), MN_OK);
+    mn_tp_free(t);
+    int n_fail = 0;
+    for (long k = 0; k < 5000; k++) {
+        const long live = mn_alloc_live();
+        assert_int_equal(mn_tp_new(path, &p, &t, &eb), MN_OK);
+        mn_alloc_fail_after(k);
+        mn_err e = mn_tp_run_lora(t, &b, &lb, got, &eb);
+        mn_alloc_fail_after(-1);
+        mn_tp_free(t);
+        assert_int_equal(mn_alloc_live(), live);
+        if (e == MN_OK) {
+            assert_memory_equal(got, want, sizeof want);
+            break;
+        }
+        if (e != MN_ENOMEM) fail_msg("fail after %ld: %s %s", k, mn_err_name(e), eb.msg);
+        n_fail++;
+    }
+    printf("  %d allocation failures in a first TP batch with adapters, each MN_ENOMEM\n", n_fail);
+    assert_true(n_fail > 0);
+    for (int i = 0; i < 2; i++) mn_lora_free(ad[i]);
+    adapters_rm(&a);
+    unlink(path);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_synthetic_mixed),
         cmocka_unit_test(test_smollm2_tp3),
+        cmocka_unit_test(test_alloc_failures_lora),
     };
     if (getenv("MNEME_TEST_SKIP")) cmocka_set_skip_filter(getenv("MNEME_TEST_SKIP"));
     return cmocka_run_group_tests(tests, NULL, NULL);
