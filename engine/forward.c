@@ -25,14 +25,16 @@ struct mn_forward {
     int32_t *host_meta;  /* staging for meta */
     mn_op *ops;
     int cap_ops;
-    /* LoRA plan of the current batch, host memory (the CPU backend reads it in place):
-     * adapted rows grouped by adapter, the used adapters' ranges, one segment per
-     * (layer, linear group, adapter) */
+    /* LoRA plan of the current batch, staged in host memory: adapted rows grouped by
+     * adapter, the used adapters' ranges, one segment per (layer, linear group, adapter).
+     * The ops read the copy in lora_dev (segments, then rows), uploaded with the batch's
+     * metadata: device memory on CUDA, a host copy on the CPU backend. */
     int32_t *lora_rows, cap_lora_rows;
     lora_use *lora_act;
     int32_t cap_lora_act;
     mn_lora_seg *lora_segs;
     int32_t cap_lora_segs;
+    mn_buffer *lora_dev;
     /* Tensor parallelism: this rank's share of the heads and of the ffn (the model's own
      * sizes when tp == 1), its weight slices, and where the op list stops for an
      * all-reduce of the partial sums of O and down (cuts[i]: ops before it run first). */
@@ -41,14 +43,21 @@ struct mn_forward {
     int32_t n_head, n_kv_head, n_ff;
     mn_layer *shard;     /* [n_layer] views into m->layers' weights; NULL when tp == 1 */
     int *cuts;           /* [2 * n_layer] */
+    size_t *cut_n;       /* [2 * n_layer] floats all-reduced at each cut (partial sums, then lora v) */
+    /* This rank's feature ranges in the full q, kv and ffn widths (LoRA views of A and B) */
+    int64_t q0, kv0, f0;
+    /* tp > 1: what is all-reduced, one contiguous range: [T][E] partial sums of O / down,
+     * then the partial LoRA shrink of the same linear (mn_lora_v_floats of its segments) */
+    mn_buffer *red;
+    size_t cap_red;      /* floats */
 };
 
 /* activation row widths, in floats (this rank's share of q, k, v, gate, up) */
 static int64_t act_floats_per_token(const mn_forward *f) {
     const mn_model_config *c = &f->m->cfg;
     int64_t E = c->n_embd, Q = (int64_t)f->n_head * c->head_dim, KV = (int64_t)f->n_kv_head * c->head_dim;
-    /* x xn q att k v gate up xo, and with tp > 1 the partial sum of O / down */
-    return 2 * E + 2 * Q + 2 * KV + 2 * (int64_t)f->n_ff + E + (f->tp > 1 ? E : 0);
+    /* x xn q att k v gate up xo (with tp > 1 the partial sums of O / down are in f->red) */
+    return 2 * E + 2 * Q + 2 * KV + 2 * (int64_t)f->n_ff + E;
 }
 
 /* Rows [n0, n1) of w (output features): a pointer into the same bytes. */
@@ -89,6 +98,9 @@ static mn_err make_shard(mn_forward *f, mn_errbuf *eb) {
     const int64_t q0 = (int64_t)r * f->n_head * hd, q1 = q0 + (int64_t)f->n_head * hd;
     const int64_t kv0 = (int64_t)r * f->n_kv_head * hd, kv1 = kv0 + (int64_t)f->n_kv_head * hd;
     f->n_ff = (int32_t)(f1 - f0);
+    f->q0 = q0;
+    f->kv0 = kv0;
+    f->f0 = f0;
     f->shard = mn_calloc((size_t)c->n_layer, sizeof *f->shard);
     if (!f->shard) return mn_errf(eb, MN_ENOMEM, "forward: out of memory");
     for (int32_t l = 0; l < c->n_layer; l++) {
@@ -145,7 +157,8 @@ mn_err mn_forward_new_tp(const mn_model *m, mn_kv_pool *kv, mn_comm *comm, mn_fo
     f->n_ff = c->n_ff;
     if (P > 1) {
         mn_err e = make_shard(f, eb);
-        if (e == MN_OK && !(f->cuts = mn_malloc((size_t)c->n_layer * 2 * sizeof *f->cuts)))
+        if (e == MN_OK && (!(f->cuts = mn_malloc((size_t)c->n_layer * 2 * sizeof *f->cuts)) ||
+                           !(f->cut_n = mn_malloc((size_t)c->n_layer * 2 * sizeof *f->cut_n))))
             e = mn_errf(eb, MN_ENOMEM, "forward: out of memory");
         if (e != MN_OK) { mn_forward_free(f); return e; }
     }
@@ -163,8 +176,11 @@ void mn_forward_free(mn_forward *f) {
     mn_free(f->lora_rows);
     mn_free(f->lora_act);
     mn_free(f->lora_segs);
+    mn_buffer_free(f->lora_dev);
+    mn_buffer_free(f->red);
     mn_free(f->shard);
     mn_free(f->cuts);
+    mn_free(f->cut_n);
     mn_free(f);
 }
 
@@ -206,7 +222,8 @@ static mn_err ensure_capacity(mn_forward *f, int32_t T, int32_t n_out, int32_t n
         f->meta = nb;
         f->host_meta = hm;
     }
-    int need_ops = 1 + c->n_layer * (14 + 4 + 2) + n_out + 1;   /* + up to 4 lora ops, 2 tp adds per layer */
+    /* + up to 6 lora ops (o and down split in two with tp > 1) and 2 tp adds per layer */
+    int need_ops = 1 + c->n_layer * (14 + 6 + 2) + n_out + 1;
     if (need_ops > f->cap_ops) {
         mn_op *no = mn_realloc(f->ops, (size_t)need_ops * sizeof(mn_op));
         if (!no) return mn_errf(eb, MN_ENOMEM, "forward: out of memory");
@@ -234,12 +251,19 @@ static mn_err validate(const mn_forward *f, mn_kv_seq *const *seqs, int32_t n_se
         else if (p > end[s]) e = mn_errf(eb, MN_EINVALID, "batch row %d: position %d leaves a gap (sequence %d has %d positions)", i, p, s, end[s]);
         else if (p == end[s]) end[s]++;
     }
+    /* the CPU backend reads host memory: host copies and any registry's views will do */
+    const bool host_mem = strcmp(mn_backend_name(f->be), "cpu") == 0;
     for (int32_t i = 0; lb && lb->adapter && i < b->n_tokens && e == MN_OK; i++) {
         int32_t a = lb->adapter[i];
         if (a < -1 || a >= lb->n_adapters)
             e = mn_errf(eb, MN_ERANGE, "batch row %d: adapter %d not in [-1, %d)", i, a, lb->n_adapters);
         else if (a >= 0 && !lb->adapters[a])
             e = mn_errf(eb, MN_EINVALID, "batch row %d: adapter %d is not loaded", i, a);
+        else if (a >= 0 && !host_mem && lb->adapters[a]->backend != f->be)
+            e = mn_errf(eb, MN_EINVALID,
+                        "batch row %d: adapter %d ('%.128s') is not in the %s backend's memory: on this backend "
+                        "adapters come from a registry attached to it (mn_lora_registry_set_budget)",
+                        i, a, lb->adapters[a]->name, mn_backend_name(f->be));
         else if (a >= 0 && (e = mn_lora_check_model(lb->adapters[a], f->m, eb)) != MN_OK && eb) {
             char why[sizeof eb->msg];
             memcpy(why, eb->msg, sizeof why);
@@ -301,7 +325,33 @@ static mn_err plan_lora(mn_forward *f, const mn_batch *b, const mn_batch_lora *l
         f->lora_segs = ns;
         f->cap_lora_segs = need;
     }
+    /* the ops' copy of segments and rows: segments first (they hold pointers) */
+    size_t dev_need = (size_t)f->cap_lora_segs * sizeof(mn_lora_seg) + (size_t)f->cap_lora_rows * sizeof(int32_t);
+    if (!f->lora_dev || f->lora_dev->size < dev_need) {
+        mn_buffer *nb;
+        mn_err e = mn_buffer_alloc(f->be, MN_MEM_DEVICE, dev_need, &nb, eb);
+        if (e != MN_OK) return e;
+        mn_buffer_free(f->lora_dev);
+        f->lora_dev = nb;
+    }
     *n_act = k;
+    return MN_OK;
+}
+
+/* tp > 1: room in f->red for the partial sums of T rows and, after them, the largest
+ * partial LoRA shrink of O or down (each used adapter's rows times its widest rank: a
+ * bound on mn_lora_v_floats of any one linear's segments). */
+static mn_err ensure_red(mn_forward *f, int32_t T, int32_t n_act, mn_errbuf *eb) {
+    size_t need = (size_t)T * f->m->cfg.n_embd;
+    for (int32_t u = 0; u < n_act; u++) need += (size_t)f->lora_act[u].n * (size_t)f->lora_act[u].l->r_max;
+    if (need <= f->cap_red) return MN_OK;
+    size_t cap = need + need / 2;
+    mn_buffer *nb;
+    mn_err e = mn_buffer_alloc(f->be, MN_MEM_DEVICE, cap * sizeof(float), &nb, eb);
+    if (e != MN_OK) return e;
+    mn_buffer_free(f->red);
+    f->red = nb;
+    f->cap_red = cap;
     return MN_OK;
 }
 
@@ -309,53 +359,133 @@ static mn_err plan_lora(mn_forward *f, const mn_batch *b, const mn_batch_lora *l
 static const int lora_groups[4][MN_LORA_MAX_OUT] = {
     {MN_LORA_Q, MN_LORA_K, MN_LORA_V}, {MN_LORA_O, -1, -1}, {MN_LORA_GATE, MN_LORA_UP, -1}, {MN_LORA_DOWN, -1, -1}};
 
-/* Append the lora op of group g of layer l to ops (if any used adapter adapts it). x, y and
- * N describe the group's input and outputs; segments go to f->lora_segs[*n_segs ..). */
-static int emit_lora(mn_forward *f, int32_t n_act, int32_t l, int g, const float *x, int64_t K, int64_t xs,
-                     float *const y[MN_LORA_MAX_OUT], const int64_t N[MN_LORA_MAX_OUT], mn_op *op, int32_t *n_segs) {
+/* The lora op of group g of layer l over this rank's share, if any used adapter adapts
+ * the group: x [T][K] (stride xs) is its input, y[o] its outputs of N[o] features each.
+ * Views for tensor parallelism (kernels/ops.h, a_ld / b_ld), nothing copied:
+ *   column-parallel (q, k, v; gate, up): x is replicated, so every rank does the whole
+ *     shrink with all of A; the expand takes the columns of B^T ([r, out]) of this rank's
+ *     output features: b + n0, row stride the full width;
+ *   row-parallel (o, down): x holds this rank's input features [k0, k0 + K), so the shrink
+ *     reads those columns of A ([r, in]): a + k0, row stride the full width, giving a
+ *     partial v that the caller sums over ranks before the expand (with all of B^T).
+ * Segments go to f->lora_segs[*n_segs ..); d points at the ops' copy of them (lora_dev).
+ * Returns 0 when no used adapter adapts the group (no op). */
+static int lora_desc(mn_forward *f, int32_t n_act, int32_t l, int g, const float *x, int64_t K, int64_t xs,
+                     float *const y[MN_LORA_MAX_OUT], const int64_t N[MN_LORA_MAX_OUT], mn_lora_desc *d, int32_t *n_segs) {
+    const mn_model_config *c = &f->m->cfg;
+    const int64_t Qf = (int64_t)c->n_head * c->head_dim, KVf = (int64_t)c->n_kv_head * c->head_dim, Ff = c->n_ff;
+    /* full input width of A, this rank's first input feature, and per output the full
+     * width of B^T and this rank's first output feature */
+    static const int col[4] = {1, 0, 1, 0};
+    const int64_t in_full = g == 1 ? Qf : g == 3 ? Ff : c->n_embd;
+    const int64_t k0 = f->tp == 1 || col[g] ? 0 : g == 1 ? f->q0 : f->f0;
+    int64_t out_full[MN_LORA_MAX_OUT] = {0}, n0[MN_LORA_MAX_OUT] = {0};
+    for (int o = 0; o < MN_LORA_MAX_OUT && lora_groups[g][o] >= 0; o++) {
+        switch (lora_groups[g][o]) {
+        case MN_LORA_Q: out_full[o] = Qf; n0[o] = f->q0; break;
+        case MN_LORA_K: case MN_LORA_V: out_full[o] = KVf; n0[o] = f->kv0; break;
+        case MN_LORA_GATE: case MN_LORA_UP: out_full[o] = Ff; n0[o] = f->f0; break;
+        default: out_full[o] = c->n_embd; n0[o] = 0; break;
+        }
+        if (f->tp == 1) n0[o] = 0;
+    }
     mn_lora_seg *segs = f->lora_segs + *n_segs;
-    int32_t ns = 0;
+    int32_t ns = 0, max_rows = 0, max_r = 0;
     int n_out = 0;
     while (n_out < MN_LORA_MAX_OUT && lora_groups[g][n_out] >= 0) n_out++;
     for (int32_t u = 0; u < n_act; u++) {
         const lora_use *use = &f->lora_act[u];
         mn_lora_seg s = {.start = use->start, .n_rows = use->n, .type = use->l->wtype};
         const int64_t esz = use->l->wtype == MN_F32 ? 4 : 2;
-        (void)esz;   /* only the assert reads it */
+        const char *a_full = NULL;
         for (int o = 0; o < n_out; o++) {
             const mn_lora_mat *mt = &use->l->layers[l].t[lora_groups[g][o]];
             if (!mt->r) continue;
-            if (!s.a) s.a = mt->a;
-            assert((const char *)mt->a == (const char *)s.a + (int64_t)s.r * K * esz);   /* A's of a group are adjacent rows */
-            s.b[o] = mt->b;
+            if (!a_full) a_full = mt->a;
+            /* A's of a group are adjacent rows */
+            assert((const char *)mt->a == a_full + (int64_t)s.r * in_full * esz);
+            s.b[o] = (const char *)mt->b + n0[o] * esz;
             s.r_off[o] = s.r;
             s.r_out[o] = mt->r;
             s.scale[o] = mt->scale;
             s.r += mt->r;
         }
-        if (s.r) segs[ns++] = s;
+        if (!s.r) continue;
+        s.a = a_full + k0 * esz;
+        if (s.n_rows > max_rows) max_rows = s.n_rows;
+        if (s.r > max_r) max_r = s.r;
+        segs[ns++] = s;
     }
     if (!ns) return 0;
-    mn_lora_desc d = {.K = K, .x = x, .x_stride = xs, .n_out = n_out, .n_seg = ns, .seg = segs, .rows = f->lora_rows};
+    mn_lora_seg *dev_segs = f->lora_dev->ptr;
+    const int32_t *dev_rows = (const int32_t *)(dev_segs + f->cap_lora_segs);
+    *d = (mn_lora_desc){.K = K, .x = x, .x_stride = xs, .n_out = n_out, .n_seg = ns, .seg = dev_segs + *n_segs,
+                        .rows = dev_rows, .max_rows = max_rows, .max_r = max_r, .a_ld = in_full};
     for (int o = 0; o < n_out; o++) {
-        d.N[o] = N[o];
-        d.y[o] = y[o];
-        d.y_stride[o] = N[o];
+        d->N[o] = N[o];
+        d->y[o] = y[o];
+        d->y_stride[o] = N[o];
+        d->b_ld[o] = out_full[o];
     }
-    *op = (mn_op){MN_OP_LORA, .u.lora = d};
     *n_segs += ns;
     return 1;
 }
 
-/* Run the op list; with tp > 1 stop at each cut to all-reduce the partial sums in part
- * (rows [0, T) are contiguous: stride E). The CPU backend has finished a run when it
- * returns; the CUDA backend has only enqueued it, and NCCL enqueues on the same stream. */
-static mn_err run_ops(mn_forward *f, const mn_op *ops, int n, int n_cuts, float *part, size_t n_part, mn_errbuf *eb) {
+/* Column-parallel (or tp == 1) lora op of group g: append it to ops. */
+static int emit_lora(mn_forward *f, int32_t n_act, int32_t l, int g, const float *x, int64_t K, int64_t xs,
+                     float *const y[MN_LORA_MAX_OUT], const int64_t N[MN_LORA_MAX_OUT], mn_op *op, int32_t *n_segs) {
+    mn_lora_desc d;
+    if (!lora_desc(f, n_act, l, g, x, K, xs, y, N, &d, n_segs)) return 0;
+    *op = (mn_op){MN_OP_LORA, .u.lora = d};
+    return 1;
+}
+
+/* The rest of a row-parallel linear (o: g = 1, down: g = 3) after its matmul wrote this
+ * rank's partial sum into part: the partial lora shrink of this rank's input features
+ * into lv (right after part), one cut that all-reduces both at once, the residual add,
+ * then the lora expand from the summed v into x.
+ * The expand runs on every rank after the all-reduce, not on one rank before it: every
+ * rank then holds the same x and the same v, so each computes the same bits with no
+ * further collective; the term is added after the linear exactly as with tp == 1
+ * (x + W x, then + s v B^T), not folded into the cross-rank sum; and the wall time is the
+ * same either way (the ranks would wait for the one doing it at the all-reduce). The price
+ * is the expand's r x E multiply-adds per adapted row repeated on each rank: small next
+ * to the linear. v rides in the partial sums' collective, so adapters add no collective
+ * per linear, only n_rows x r floats to it. Returns the new op count. */
+static int row_parallel(mn_forward *f, mn_op *ops, int n, int *n_cuts, int32_t T, int32_t n_act, int32_t l, int g,
+                        const float *xin, int64_t K, float *x, float *part, float *lv, int32_t *n_segs) {
+    const int64_t E = f->m->cfg.n_embd;
+    mn_lora_desc d;
+    const int has = n_act && lora_desc(f, n_act, l, g, xin, K, K, (float *const[]){x, NULL, NULL},
+                                        (const int64_t[]){E, 0, 0}, &d, n_segs);
+    size_t n_red = (size_t)T * E;
+    if (has) {
+        d.phase = MN_LORA_SHRINK;
+        d.v = lv;
+        ops[n++] = (mn_op){MN_OP_LORA, .u.lora = d};
+        n_red += (size_t)mn_lora_v_floats(f->lora_segs + (*n_segs - d.n_seg), d.n_seg);
+        assert(n_red <= f->cap_red);
+    }
+    f->cut_n[*n_cuts] = n_red;
+    f->cuts[(*n_cuts)++] = n;
+    ops[n++] = (mn_op){MN_OP_ADD, .u.add = {T, E, x, E, part, E}};
+    if (has) {
+        d.phase = MN_LORA_EXPAND;
+        ops[n++] = (mn_op){MN_OP_LORA, .u.lora = d};
+    }
+    return n;
+}
+
+/* Run the op list; with tp > 1 stop at each cut to all-reduce cut_n[i] floats of red: the
+ * partial sums (rows [0, T) are contiguous: stride E) and the partial LoRA v after them.
+ * The CPU backend has finished a run when it returns; the CUDA backend has only enqueued
+ * it, and NCCL enqueues on the same stream. */
+static mn_err run_ops(mn_forward *f, const mn_op *ops, int n, int n_cuts, float *red, mn_errbuf *eb) {
     mn_err e = MN_OK;
     int at = 0;
     for (int i = 0; i < n_cuts && e == MN_OK; i++) {
         e = mn_backend_run(f->be, ops + at, f->cuts[i] - at, eb);
-        if (e == MN_OK) e = mn_comm_all_reduce_sum(f->comm, part, n_part, eb);
+        if (e == MN_OK) e = mn_comm_all_reduce_sum(f->comm, red, f->cut_n[i], eb);
         at = f->cuts[i];
     }
     if (e == MN_OK) e = mn_backend_run(f->be, ops + at, n - at, eb);
@@ -388,8 +518,6 @@ static mn_err run_batch(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, c
     mn_err e = validate(f, seqs, n_seqs, b, lb, eb);
     *alike = e != MN_ENOMEM;
     if (e != MN_OK) return e;
-    if (f->tp > 1 && lb && lb->adapter && lb->n_adapters > 0)
-        return mn_errf(eb, MN_EUNSUPPORTED, "batch: adapters with tensor parallelism (size %d) are not supported yet", f->tp);
     *alike = false;
     const int32_t T = b->n_tokens;
 
@@ -408,6 +536,7 @@ static mn_err run_batch(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, c
     if (e == MN_OK) e = ensure_capacity(f, T, b->n_out, n_seqs, total_blocks, eb);
     int32_t n_act = 0, n_segs = 0;
     if (e == MN_OK) e = plan_lora(f, b, lb, &n_act, eb);
+    if (e == MN_OK && f->tp > 1) e = ensure_red(f, T, n_act, eb);
     if (e != MN_OK) { mn_free(new_len); return e; }
 
     /* metadata: tokens | seq | pos | indptr | indices, staged on the host and copied over */
@@ -433,7 +562,9 @@ static mn_err run_batch(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, c
     const int64_t E = c->n_embd, Q = (int64_t)nh * c->head_dim, KV = (int64_t)nkv * c->head_dim, F = f->n_ff;
     float *a = f->act->ptr;
     float *x = a, *xn = x + ct * E, *q = xn + ct * E, *att = q + ct * Q, *k = att + ct * Q, *v = k + ct * KV;
-    float *gate = v + ct * KV, *up = gate + ct * F, *xo = up + ct * F, *part = xo + ct * E;
+    float *gate = v + ct * KV, *up = gate + ct * F, *xo = up + ct * F;
+    /* tp > 1: partial sums [T][E], then the partial lora v of the same linear */
+    float *part = f->tp > 1 ? f->red->ptr : NULL, *lv = part ? part + (int64_t)T * E : NULL;
     int n_cuts = 0;
 
     mn_op *ops = f->ops;
@@ -456,12 +587,11 @@ static mn_err run_batch(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, c
         if (f->tp > 1) {
             /* row-parallel: this rank's partial sum, all-reduced, then the residual add */
             ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->wo, att, Q, part, E, T, NULL, 0)};
-            f->cuts[n_cuts++] = n;
-            ops[n++] = (mn_op){MN_OP_ADD, .u.add = {T, E, x, E, part, E}};
+            n = row_parallel(f, ops, n, &n_cuts, T, n_act, l, 1, att, Q, x, part, lv, &n_segs);
         } else {
             ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->wo, att, Q, x, E, T, NULL, 1)};
+            if (n_act) n += emit_lora(f, n_act, l, 1, att, Q, Q, (float *const[]){x, NULL, NULL}, (const int64_t[]){E, 0, 0}, &ops[n], &n_segs);
         }
-        if (n_act) n += emit_lora(f, n_act, l, 1, att, Q, Q, (float *const[]){x, NULL, NULL}, (const int64_t[]){E, 0, 0}, &ops[n], &n_segs);
         ops[n++] = (mn_op){MN_OP_RMSNORM, .u.rmsnorm = {T, E, x, E, L->ffn_norm, c->rms_eps, xn, E}};
         ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->w_gate, xn, E, gate, F, T, NULL, 0)};
         ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->w_up, xn, E, up, F, T, NULL, 0)};
@@ -469,12 +599,11 @@ static mn_err run_batch(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, c
         ops[n++] = (mn_op){MN_OP_SILU_MUL, .u.silu_mul = {T, F, gate, F, up, F, gate, F}};
         if (f->tp > 1) {
             ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->w_down, gate, F, part, E, T, NULL, 0)};
-            f->cuts[n_cuts++] = n;
-            ops[n++] = (mn_op){MN_OP_ADD, .u.add = {T, E, x, E, part, E}};
+            n = row_parallel(f, ops, n, &n_cuts, T, n_act, l, 3, gate, F, x, part, lv, &n_segs);
         } else {
             ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->w_down, gate, F, x, E, T, NULL, 1)};
+            if (n_act) n += emit_lora(f, n_act, l, 3, gate, F, F, (float *const[]){x, NULL, NULL}, (const int64_t[]){E, 0, 0}, &ops[n], &n_segs);
         }
-        if (n_act) n += emit_lora(f, n_act, l, 3, gate, F, F, (float *const[]){x, NULL, NULL}, (const int64_t[]){E, 0, 0}, &ops[n], &n_segs);
     }
     for (int32_t i = 0; i < b->n_out; i++)
         ops[n++] = (mn_op){MN_OP_RMSNORM, .u.rmsnorm = {1, E, x + (int64_t)b->out_rows[i] * E, E, m->output_norm, c->rms_eps, xo + (int64_t)i * E, E}};
@@ -483,10 +612,18 @@ static mn_err run_batch(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, c
 
     /* the ops read the metadata: wait for its copy (a no-op on the CPU backend) */
     mn_event meta_ready = {0};
+    if (e == MN_OK && n_segs > 0) {
+        /* the lora plan is complete only now: its segments and rows go with the metadata */
+        char *dev = f->lora_dev->ptr;
+        e = mn_backend_copy_async(f->be, MN_COPY_H2D, dev, f->lora_segs, (size_t)n_segs * sizeof(mn_lora_seg), eb);
+        if (e == MN_OK)
+            e = mn_backend_copy_async(f->be, MN_COPY_H2D, dev + (size_t)f->cap_lora_segs * sizeof(mn_lora_seg), f->lora_rows,
+                                      (size_t)T * sizeof(int32_t), eb);
+    }
     if (e == MN_OK) e = mn_backend_event_record(f->be, &meta_ready, eb);
     if (e == MN_OK) e = mn_backend_event_wait(f->be, &meta_ready, eb);
     if (e == MN_OK) e = mn_backend_reserve(f->be, ops, n, eb);
-    if (e == MN_OK) e = run_ops(f, ops, n, n_cuts, part, (size_t)T * E, eb);
+    if (e == MN_OK) e = run_ops(f, ops, n, n_cuts, part, eb);
     *alike = false;
     if (e == MN_OK && b->n_out > 0)
         e = mn_backend_copy_async(f->be, MN_COPY_D2H, logits, d_logits, (size_t)b->n_out * c->n_vocab * sizeof(float), eb);

@@ -52,9 +52,13 @@ mn_err mn_forward_new(const mn_model *m, mn_kv_pool *kv, mn_forward **out, mn_er
  *  into m's (nothing copied). m is this rank's model (on this rank's backend); comm NULL
  *  or of size 1 is mn_forward_new. Every rank must run the same batches on sequences in
  *  the same state, each from its own thread. A P that does not divide the heads, or a
- *  slice that would cut a quantized block, is MN_EINVALID naming the sizes; adapters are
- *  MN_EUNSUPPORTED with P > 1. Logits differ from P = 1 by the reordered sums of o and
- *  down (f32 rounding), and are bit-identical across ranks and runs (local comm). */
+ *  slice that would cut a quantized block, is MN_EINVALID naming the sizes. Adapters work
+ *  at any P: every rank does the whole shrink of q/k/v and gate/up and expands into its
+ *  own output features; for o and down each rank shrinks its input features, and the
+ *  partial v is all-reduced together with the partial sums before every rank adds the
+ *  expand (views into the adapter's A and B, nothing copied). Logits differ from P = 1 by
+ *  the reordered sums of o and down and of their lora shrink (f32 rounding), and are
+ *  bit-identical across ranks and runs (local comm). */
 mn_err mn_forward_new_tp(const mn_model *m, mn_kv_pool *kv, mn_comm *comm, mn_forward **out, mn_errbuf *eb);
 void mn_forward_free(mn_forward *f);
 
@@ -63,8 +67,10 @@ void mn_forward_free(mn_forward *f);
  *  position may not be past the end of its sequence (counting tokens earlier in the batch):
  *  that and every other bad field (token id, seq index, out row, context length, adapter
  *  index, an adapter loaded for another model) is MN_EINVALID/MN_ERANGE/MN_EMISMATCH naming
- *  the batch row, with nothing computed. Adapters run on the CPU backend only for now
- *  (the CUDA backend reports MN_OP_LORA unsupported). */
+ *  the batch row, with nothing computed. On a backend other than cpu an adapter must be a
+ *  view from a registry attached to that backend (mn_lora_registry_set_budget), else
+ *  MN_EINVALID naming the row: host copies would be read by device kernels. The segment
+ *  and row arrays of the lora ops are uploaded with the batch's metadata. */
 mn_err mn_forward_run(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b, float *logits,
                       mn_errbuf *eb);
 /** mn_forward_run with adapters (lora may be NULL: the same as mn_forward_run). */

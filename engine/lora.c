@@ -722,6 +722,7 @@ static mn_err page_in(mn_lora_registry *r, int32_t i, mn_errbuf *eb) {
     s->view = *l;
     s->view.layers = vl;
     s->view.arena = s->dev->ptr;
+    s->view.backend = r->be;
     s->view_layers = vl;
     s->copying = true;
     r->st.page_ins++;

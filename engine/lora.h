@@ -71,6 +71,8 @@ typedef struct mn_lora {
     double load_seconds;
     uint8_t fingerprint[16]; /* XXH3-128 of the resolved ranks, scales and f32 tensor bytes:
                                 equal content <=> equal fingerprint, whatever the name */
+    const mn_backend *backend; /* whose memory holds A and B: NULL for a host copy
+                                  (mn_lora_load), the registry's backend for its device view */
 } mn_lora;
 
 /** Load the PEFT adapter in directory dir (or the GGUF LoRA file dir, if it ends in .gguf)

@@ -22,6 +22,7 @@ typedef struct tp_rank {
     int32_t cap_out;
     /* the call in flight */
     const mn_batch *b;
+    const mn_batch_lora *lora;
     float *out;
     mn_err e;
     mn_errbuf eb;
@@ -111,11 +112,15 @@ void mn_tp_seq_release(mn_tp *t, int32_t s) {
 
 static void *rank_main(void *arg) {
     tp_rank *r = arg;
-    r->e = mn_forward_run(r->f, r->seq_ptrs, r->t->n_seqs, r->b, r->out, &r->eb);
+    r->e = mn_forward_run_lora(r->f, r->seq_ptrs, r->t->n_seqs, r->b, r->lora, r->out, &r->eb);
     return NULL;
 }
 
 mn_err mn_tp_run(mn_tp *t, const mn_batch *b, float *logits, mn_errbuf *eb) {
+    return mn_tp_run_lora(t, b, NULL, logits, eb);
+}
+
+mn_err mn_tp_run_lora(mn_tp *t, const mn_batch *b, const mn_batch_lora *lora, float *logits, mn_errbuf *eb) {
     if (t->broken) return mn_errf(eb, MN_EINVALID, "tensor parallel: the group is unusable after a failed run");
     const int32_t V = t->r[0].m->cfg.n_vocab;
     for (int i = 1; i < t->P; i++) {
@@ -132,6 +137,7 @@ mn_err mn_tp_run(mn_tp *t, const mn_batch *b, float *logits, mn_errbuf *eb) {
     for (int i = 0; i < t->P; i++) {
         tp_rank *r = &t->r[i];
         r->b = b;
+        r->lora = lora;
         r->out = i == 0 ? logits : r->logits;
         r->e = MN_OK;
     }

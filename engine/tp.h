@@ -47,6 +47,10 @@ int mn_tp_size(const mn_tp *t);
  *  A bad batch is refused by every rank alike and leaves the group usable; a failure inside
  *  the run (after which ranks may disagree) leaves it unusable: later runs are MN_EINVALID. */
 mn_err mn_tp_run(mn_tp *t, const mn_batch *b, float *logits, mn_errbuf *eb);
+/** mn_tp_run with adapters (lora NULL: mn_tp_run). Every rank reads the same adapters:
+ *  host copies (mn_lora_load against mn_tp_model(t), or a registry without a backend),
+ *  which the CPU ranks share read-only; each rank takes its share through views. */
+mn_err mn_tp_run_lora(mn_tp *t, const mn_batch *b, const mn_batch_lora *lora, float *logits, mn_errbuf *eb);
 /** Positions stored in slot s. */
 int32_t mn_tp_seq_len(const mn_tp *t, int32_t s);
 /** Empty slot s on every rank. */

@@ -179,7 +179,17 @@ typedef struct mn_add_desc {
  * is required there, <= MN_CUDA_LORA_MAX_R; max_rows == 1 picks the gathered decode
  * variant, 0 = unknown); ref and cpu ignore them.
  * Tolerance against ref (which accumulates in double):
- *   |y - y_ref| <= 1e-4 * (|y_in| + |scale| * sum_j (sum_k |x_k a_jk|) |b_nj|). */
+ *   |y - y_ref| <= 1e-4 * (|y_in| + |scale| * sum_j (sum_k |x_k a_jk|) |b_nj|).
+ * Strided views (tensor parallelism, engine/forward.c): a_ld is the element distance
+ * between rows of every a (0: K), b_ld[o] between rows of every b_o (0: N_o). A rank that
+ * holds input features [k0, k0 + K) of a wider linear passes a + k0 with a_ld = the full
+ * input width; one that holds output features [n0, n0 + N_o) passes b_o + n0 with
+ * b_ld[o] = the full output width: views into the adapter, nothing copied.
+ * Split phases (phase, v): MN_LORA_FUSED does both halves with v in scratch. MN_LORA_SHRINK
+ * only writes v to d->v and touches no y; MN_LORA_EXPAND only reads v from d->v (as the
+ * shrink wrote it, or summed over ranks) and adds the expand to y. d->v holds, segment by
+ * segment in seg order, row-major [n_rows, r] floats: mn_lora_v_floats() in all. The
+ * expand's bits from a given v are the fused op's bits from the same v. */
 #define MN_LORA_MAX_OUT 3
 /* Widest shrink (r_q + r_k + r_v) the CUDA kernels keep in shared memory. */
 #define MN_CUDA_LORA_MAX_R 1024
@@ -204,7 +214,20 @@ typedef struct mn_lora_desc {
     const mn_lora_seg *seg;                           /* [n_seg] */
     const int32_t *rows;                              /* batch rows, grouped by segment */
     int32_t max_rows, max_r;                          /* plan: max over seg of n_rows, r */
+    int64_t a_ld;                                     /* row stride of a, elements; 0: K */
+    int64_t b_ld[MN_LORA_MAX_OUT];                    /* row stride of b_o, elements; 0: N_o */
+    int32_t phase;                                    /* mn_lora_phase; 0: fused */
+    float *v;                                         /* [mn_lora_v_floats] for SHRINK / EXPAND, else NULL */
 } mn_lora_desc;
+
+typedef enum mn_lora_phase { MN_LORA_FUSED = 0, MN_LORA_SHRINK = 1, MN_LORA_EXPAND = 2 } mn_lora_phase;
+
+/* Floats of v for seg[0 .. n_seg): sum of n_rows * r; also the offset of segment n_seg in v. */
+MN_HD int64_t mn_lora_v_floats(const mn_lora_seg *seg, int32_t n_seg) {
+    int64_t n = 0;
+    for (int32_t s = 0; s < n_seg; s++) n += (int64_t)seg[s].n_rows * seg[s].r;
+    return n;
+}
 
 /* ---- dequantization (shared by get_rows, tests and the CUDA load path) --------------
  * y[0:n] = values of the n elements at src (n a multiple of the block size). */

@@ -41,11 +41,11 @@ static void lora_dot4(const float *const x[4], const void *w, mn_dtype t, int64_
 
 /* y[q][n] += sc * sum_j v[q][j] * bt[j][n], n in [n0, n1), rows q < nr; j in order */
 static void lora_expand4(float *const y[4], const float *const v[4], int nr, float sc, const void *bt, mn_dtype t,
-                         int64_t N, int32_t r, int64_t n0, int64_t n1) {
+                         int64_t ldb, int32_t r, int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; n++)
         for (int q = 0; q < nr; q++) {
             float acc = 0.0f;
-            for (int32_t j = 0; j < r; j++) acc += v[q][j] * w_at(bt, t, (int64_t)j * N + n);
+            for (int32_t j = 0; j < r; j++) acc += v[q][j] * w_at(bt, t, (int64_t)j * ldb + n);
             y[q][n] += sc * acc;
         }
 }
@@ -55,9 +55,8 @@ static void lora_expand4(float *const y[4], const float *const v[4], int nr, flo
 void mn__cpu_lora_avx2(const mn_lora_desc *d, void *work, const mn_par *par);
 
 size_t mn_cpu_lora_work_bytes(const mn_lora_desc *d) {
-    size_t n = 0;
-    for (int32_t s = 0; s < d->n_seg; s++) n += (size_t)d->seg[s].n_rows * (size_t)d->seg[s].r;
-    return n * sizeof(float);
+    /* split phases keep v in d->v */
+    return d->phase == MN_LORA_FUSED ? (size_t)mn_lora_v_floats(d->seg, d->n_seg) * sizeof(float) : 0;
 }
 
 void mn_cpu_lora(const mn_lora_desc *d, void *work, const mn_par *par) {

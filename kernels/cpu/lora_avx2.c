@@ -83,13 +83,13 @@ static void lora_dot4(const float *const x[4], const void *w, mn_dtype t, int64_
  * expand does, so the bits are the same; the accumulators stay in registers and each bt
  * element is loaded and converted once for the four rows. */
 static void lora_expand4(float *const y[4], const float *const v[4], int nr, float sc, const void *bt, mn_dtype t,
-                         int64_t N, int32_t r, int64_t n0, int64_t n1) {
+                         int64_t ldb, int32_t r, int64_t n0, int64_t n1) {
     int64_t n = n0;
     const __m256 scv = _mm256_set1_ps(sc);
     for (; n + 8 <= n1; n += 8) {
         __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
         for (int32_t j = 0; j < r; j++) {
-            const __m256 wv = load8(bt, t, (int64_t)j * N + n);
+            const __m256 wv = load8(bt, t, (int64_t)j * ldb + n);
             s0 = _mm256_add_ps(s0, _mm256_mul_ps(_mm256_set1_ps(v[0][j]), wv));
             s1 = _mm256_add_ps(s1, _mm256_mul_ps(_mm256_set1_ps(v[1][j]), wv));
             s2 = _mm256_add_ps(s2, _mm256_mul_ps(_mm256_set1_ps(v[2][j]), wv));
@@ -102,7 +102,7 @@ static void lora_expand4(float *const y[4], const float *const v[4], int nr, flo
     for (; n < n1; n++)
         for (int q = 0; q < nr; q++) {
             float acc = 0.0f;
-            for (int32_t j = 0; j < r; j++) acc += v[q][j] * w_at(bt, t, (int64_t)j * N + n);
+            for (int32_t j = 0; j < r; j++) acc += v[q][j] * w_at(bt, t, (int64_t)j * ldb + n);
             y[q][n] += sc * acc;
         }
 }

@@ -33,8 +33,8 @@
  *   void lora_dot4(const float *const x[4], const void *w, mn_dtype t, int64_t n, float out[4])
  *       out[r] = lora_dot(x[r], w, t, n), bit for bit, loading and converting w once;
  *   void lora_expand4(float *const y[4], const float *const v[4], int nr, float sc, const void *bt,
- *                     mn_dtype t, int64_t N, int32_t r, int64_t n0, int64_t n1)
- *       for rows q < nr and n in [n0, n1): acc = 0, acc += v[q][j] * bt[j][n] for j < r in
+ *                     mn_dtype t, int64_t ldb, int32_t r, int64_t n0, int64_t n1)
+ *       for rows q < nr and n in [n0, n1): acc = 0, acc += v[q][j] * bt[j*ldb + n] for j < r in
  *       order, y[q][n] += sc * acc (the general expand's operations per element);
  * w holds n elements of type t (F32, F16, BF16), converted exactly to f32.
  *
@@ -68,11 +68,11 @@ static inline void lora_shrink(const mn_lora_desc *d, float *v, const mn_par *pa
     float *vs = v;      /* the segment's v */
     for (int32_t s = 0; s < d->n_seg && base < hi; s++) {
         const mn_lora_seg *g = &d->seg[s];
-        const int64_t n = lora_items(g), esz = lora_esz(g->type);
+        const int64_t n = lora_items(g), esz = lora_esz(g->type), lda = d->a_ld ? d->a_ld : d->K;
         const int64_t a = lo > base ? lo - base : 0, b = hi - base < n ? hi - base : n;
         for (int64_t i = a; i < b; i++) {
             const int64_t j = i % g->r, r0 = lora_blocked(g) ? i / g->r * 4 : i / g->r;
-            const char *aj = (const char *)g->a + j * d->K * esz;
+            const char *aj = (const char *)g->a + j * lda * esz;
             if (lora_blocked(g) && r0 + 4 <= g->n_rows) {
                 const float *x[4];
                 float out[4];
@@ -92,6 +92,9 @@ static inline void lora_shrink(const mn_lora_desc *d, float *v, const mn_par *pa
     }
 }
 
+/* Strided views (d->a_ld, d->b_ld: tensor-parallel shards) only change the addresses;
+ * split phases (d->phase) run one half each, v in d->v instead of work. */
+
 /* expand of a blocked segment over columns [n0, n1) of output o */
 static inline void lora_expand_blocked(const mn_lora_desc *d, const mn_lora_seg *g, const float *vs, int o, int64_t n0,
                                        int64_t n1) {
@@ -104,7 +107,7 @@ static inline void lora_expand_blocked(const mn_lora_desc *d, const mn_lora_seg 
             y[q] = d->y[o] + (int64_t)d->rows[g->start + row] * d->y_stride[o];
             vr[q] = vs + (int64_t)row * g->r + g->r_off[o];
         }
-        lora_expand4(y, vr, nr, g->scale[o], g->b[o], g->type, d->N[o], g->r_out[o], n0, n1);
+        lora_expand4(y, vr, nr, g->scale[o], g->b[o], g->type, d->b_ld[o] ? d->b_ld[o] : d->N[o], g->r_out[o], n0, n1);
     }
 }
 
@@ -112,7 +115,7 @@ static inline void lora_expand_blocked(const mn_lora_desc *d, const mn_lora_seg 
 static inline void lora_expand_rows(const mn_lora_desc *d, const mn_lora_seg *g, const float *vs, int o, int64_t n0,
                                     int64_t n1) {
     const char *bt = g->b[o];
-    const int64_t esz = lora_esz(g->type), N = d->N[o];
+    const int64_t esz = lora_esz(g->type), ldb = d->b_ld[o] ? d->b_ld[o] : d->N[o];
     for (int64_t cb = n0; cb < n1; cb += LORA_CHUNK) {
         const int64_t cn = n1 - cb < LORA_CHUNK ? n1 - cb : LORA_CHUNK;
         for (int32_t i = 0; i < g->n_rows; i++) {
@@ -120,7 +123,7 @@ static inline void lora_expand_rows(const mn_lora_desc *d, const mn_lora_seg *g,
             float acc[LORA_CHUNK];
             for (int64_t n = 0; n < cn; n++) acc[n] = 0.0f;
             for (int32_t j = 0; j < g->r_out[o]; j++)
-                lora_axpy(acc, vr[j], bt + ((int64_t)j * N + cb) * esz, g->type, cn);
+                lora_axpy(acc, vr[j], bt + ((int64_t)j * ldb + cb) * esz, g->type, cn);
             float *y = d->y[o] + (int64_t)d->rows[g->start + i] * d->y_stride[o] + cb;
             const float sc = g->scale[o];
             for (int64_t n = 0; n < cn; n++) y[n] += sc * acc[n];
@@ -129,9 +132,10 @@ static inline void lora_expand_rows(const mn_lora_desc *d, const mn_lora_seg *g,
 }
 
 static inline void lora_body(const mn_lora_desc *d, void *work, const mn_par *par) {
-    float *v = work;
-    lora_shrink(d, v, par);
-    mn_par_barrier(par);
+    float *v = d->phase == MN_LORA_FUSED ? work : d->v;
+    if (d->phase != MN_LORA_EXPAND) lora_shrink(d, v, par);
+    if (d->phase == MN_LORA_SHRINK) return;   /* the backend's barrier after the op orders v */
+    if (d->phase == MN_LORA_FUSED) mn_par_barrier(par);
     /* expand: columns of output 0, then output 1, ... split over the threads */
     int64_t lo, hi, cols = 0;
     for (int32_t o = 0; o < d->n_out; o++) cols += d->N[o];

@@ -12,6 +12,9 @@
  *     element they load, so a segment of n rows reads its weights n / ROWS times.
  * Inside a block each warp shrinks rows j of A (lanes stride K, a butterfly sum); then
  * each thread expands columns n, reading one row of B^T at a time (coalesced).
+ * Split phases (tensor parallelism, ops.h): SHRINK stores v from shared memory to d.v
+ * and stops; EXPAND loads v from d.v instead of computing it. a_ld / b_ld are the row
+ * strides of sharded views of A and B^T.
  * Sums are f32 (the reference's are double): within the ops.h tolerance for the K and r
  * the models have (see tests/gpu/test_cuda_ops.c).
  */
@@ -31,33 +34,43 @@ __global__ static void lora_kernel(mn_lora_desc d) {
     const mn_lora_seg g = d.seg[blockIdx.x];
     if (g.r > MN_CUDA_LORA_MAX_R) __trap(); /* the launcher checked the plan's max_r; a bad seg array is a bug */
     const int warp = (int)(threadIdx.x >> 5), lane = (int)(threadIdx.x & 31), n_warp = (int)(blockDim.x >> 5);
+    const int64_t lda = d.a_ld ? d.a_ld : d.K;
+    /* split phases: this segment's v in d.v (segments in order, [n_rows, r] each) */
+    float *vg = d.phase != MN_LORA_FUSED ? d.v + mn_lora_v_floats(d.seg, (int32_t)blockIdx.x) : NULL;
     for (int32_t base = (int32_t)blockIdx.y * ROWS; base < g.n_rows; base += (int32_t)gridDim.y * ROWS) {
         const int nr = g.n_rows - base < ROWS ? g.n_rows - base : ROWS;
         int64_t t[ROWS];
         for (int i = 0; i < ROWS; i++) t[i] = i < nr ? d.rows[g.start + base + i] : 0;
-        for (int32_t j = warp; j < g.r; j += n_warp) {
+        if (d.phase == MN_LORA_EXPAND) {
+            /* v from the shrink phase (summed over ranks): this tile's rows */
+            for (int i = 0; i < nr; i++)
+                for (int32_t j = (int32_t)threadIdx.x; j < g.r; j += (int32_t)blockDim.x) v[i][j] = vg[(int64_t)(base + i) * g.r + j];
+        }
+        for (int32_t j = warp; d.phase != MN_LORA_EXPAND && j < g.r; j += n_warp) {
             float acc[ROWS];
             for (int i = 0; i < ROWS; i++) acc[i] = 0.0f;
             for (int64_t k = lane; k < d.K; k += 32) {
-                float a = lora_elem(g.a, g.type, (int64_t)j * d.K + k);
+                float a = lora_elem(g.a, g.type, (int64_t)j * lda + k);
                 for (int i = 0; i < ROWS; i++)
                     if (i < nr) acc[i] += d.x[t[i] * d.x_stride + k] * a;
             }
             for (int i = 0; i < ROWS; i++) {
                 float s = mn__warp_sum(acc[i]);
                 if (lane == 0) v[i][j] = s;
+                /* shrink phase: one column slice stores v for the expand phase */
+                if (lane == 0 && d.phase == MN_LORA_SHRINK && blockIdx.z == 0 && i < nr) vg[(int64_t)(base + i) * g.r + j] = s;
             }
         }
         __syncthreads();
-        for (int o = 0; o < d.n_out; o++) {
+        for (int o = 0; d.phase != MN_LORA_SHRINK && o < d.n_out; o++) {
             if (!g.b[o]) continue;
-            const int64_t N = d.N[o];
+            const int64_t N = d.N[o], ldb = d.b_ld[o] ? d.b_ld[o] : N;
             const int64_t step = (int64_t)gridDim.z * blockDim.x;
             for (int64_t n = (int64_t)blockIdx.z * blockDim.x + threadIdx.x; n < N; n += step) {
                 float acc[ROWS];
                 for (int i = 0; i < ROWS; i++) acc[i] = 0.0f;
                 for (int32_t j = 0; j < g.r_out[o]; j++) {
-                    float b = lora_elem(g.b[o], g.type, (int64_t)j * N + n);
+                    float b = lora_elem(g.b[o], g.type, (int64_t)j * ldb + n);
                     for (int i = 0; i < ROWS; i++)
                         if (i < nr) acc[i] += v[i][g.r_off[o] + j] * b;
                 }
@@ -75,6 +88,8 @@ mn_err mn_cuda_lora(const mn_lora_desc *d, cudaStream_t s, mn_errbuf *eb) {
     if (d->max_r <= 0 || d->max_r > MN_CUDA_LORA_MAX_R)
         return mn_errf(eb, MN_EUNSUPPORTED, "cuda lora: plan max_r %d not in 1..%d (the shrink width is kept in "
                        "shared memory)", d->max_r, MN_CUDA_LORA_MAX_R);
+    if (d->phase != MN_LORA_FUSED && ((d->phase != MN_LORA_SHRINK && d->phase != MN_LORA_EXPAND) || !d->v))
+        return mn_errf(eb, MN_EINVALID, "cuda lora: phase %d needs a v buffer (1 shrink, 2 expand)", d->phase);
     if (d->n_seg > 65535 * 1024)
         return mn_errf(eb, MN_EUNSUPPORTED, "cuda lora: %d segments", d->n_seg);
     int64_t n_max = 1;
@@ -89,6 +104,7 @@ mn_err mn_cuda_lora(const mn_lora_desc *d, cudaStream_t s, mn_errbuf *eb) {
     int64_t z = blocks >= 512 ? 1 : (512 + blocks - 1) / blocks;
     if (z > zmax) z = zmax;
     if (z > 64) z = 64;
+    if (d->phase == MN_LORA_SHRINK) z = 1;   /* no columns to share out */
     dim3 grid((unsigned)d->n_seg, (unsigned)tiles, (unsigned)z);
     if (gathered) {
         lora_kernel<1><<<grid, MN__CUDA_THREADS, 0, s>>>(*d);

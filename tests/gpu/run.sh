@@ -5,7 +5,8 @@
 #   MNEME_GPU_BUILD=1 tests/gpu/run.sh   # build even without a GPU (the test then skips)
 #
 # Env: MNEME_GPU_NO_CMOCKA=1 (configure as if libcmocka were absent), MNEME_CUDA_ARCHS (default 90), MNEME_GPU_BUILD_DIR (default <repo>/build-gpu),
-#      MNEME_GPU_JOBS (default: all cores).
+#      MNEME_GPU_JOBS (default: all cores), MNEME_GPU_E2E_DIR (inputs of the LoRA e2e check; default: made
+#      by tests/gpu/make_e2e_data.sh into the build directory, or .gpu-data/).
 # Exit 0: everything passed, or no CUDA device ("skipped: no CUDA device (reason)").
 set -euo pipefail
 
@@ -54,7 +55,20 @@ cmake --build "$BUILD" --target test_cuda_ops -j "$JOBS" ||
 t1=$(date +%s)
 echo "built test_cuda_ops in $((t1 - t0)) s ($BUILD)"
 
-# (2) every op against the reference, then the backend smoke test; prints a table
+# inputs of the end-to-end LoRA check (tests/gpu/test_cuda_lora_e2e.c): made here when
+# python3 has numpy and gguf, else taken from .gpu-data/ carried with the working tree
+if [[ -z "${MNEME_GPU_E2E_DIR:-}" ]]; then
+  if python3 -c 'import numpy, gguf' >/dev/null 2>&1 && "$SRC/tests/gpu/make_e2e_data.sh" "$BUILD/e2e" >/dev/null; then
+    export MNEME_GPU_E2E_DIR="$BUILD/e2e"
+  elif [[ -f "$SRC/.gpu-data/model.gguf" ]]; then
+    export MNEME_GPU_E2E_DIR="$SRC/.gpu-data"
+  else
+    echo "note: no inputs for the lora e2e check (no python3 numpy/gguf, no .gpu-data/): it will be skipped"
+  fi
+fi
+
+# (2) every op against the reference, then the backend smoke test and the end-to-end
+# LoRA check; prints a table
 rc=0
 "$BUILD/test_cuda_ops" || rc=$?
 echo "test_cuda_ops finished in $(( $(date +%s) - t1 )) s"

@@ -541,6 +541,51 @@ static double lora_elem_h(const void *p, mn_dtype t, int64_t i) {
     return t == MN_F16 ? mn_fp16_to_fp32(h) : mn_bf16_to_fp32(h);
 }
 
+/* Split phases (ops.h, tensor parallelism): on the device outputs left by the fused op,
+ * SHRINK (v to global memory) then EXPAND from init must give the fused op's bits, and
+ * SHRINK alone must leave every output byte as it was. Leaves the fused result in place. */
+static int lora_split_check(const gt_arena *a, const mn_lora_desc *d, const mn_lora_desc *dd, const int *yi,
+                            uint8_t *const *init, cudaStream_t s, char *why, size_t nwhy) {
+    const int64_t nv = mn_lora_v_floats(d->seg, d->n_seg);
+    uint8_t *fused[MN_LORA_MAX_OUT] = {0}, *now = NULL;
+    float *v = NULL;
+    int ok = cudaMalloc((void **)&v, (size_t)(nv > 0 ? nv : 1) * sizeof(float)) == cudaSuccess;
+    if (!ok) snprintf(why, nwhy, "split phases: cudaMalloc of v");
+    for (int o = 0; o < d->n_out && ok; o++) {
+        size_t bytes = a->bytes[yi[o]];
+        fused[o] = malloc(bytes);
+        ok = cudaMemcpy(fused[o], a->dev[yi[o]], bytes, cudaMemcpyDeviceToHost) == cudaSuccess &&
+             cudaMemcpy(a->dev[yi[o]], init[o], bytes, cudaMemcpyHostToDevice) == cudaSuccess;
+    }
+    mn_lora_desc ds = *dd;
+    ds.v = v;
+    mn_errbuf eb = {{0}};
+    for (int phase = MN_LORA_SHRINK; phase <= MN_LORA_EXPAND && ok; phase++) {
+        ds.phase = phase;
+        mn_err e = mn_cuda_lora(&ds, s, &eb);
+        cudaError_t ce = cudaStreamSynchronize(s);
+        if (e != MN_OK || ce != cudaSuccess) {
+            snprintf(why, nwhy, "split phase %d: %s", phase, e != MN_OK ? eb.msg : cudaGetErrorString(ce));
+            ok = 0;
+        }
+        for (int o = 0; o < d->n_out && ok; o++) {
+            size_t bytes = a->bytes[yi[o]];
+            now = realloc(now, bytes);
+            cudaMemcpy(now, a->dev[yi[o]], bytes, cudaMemcpyDeviceToHost);
+            const uint8_t *want = phase == MN_LORA_SHRINK ? init[o] : fused[o];
+            if (memcmp(now, want, bytes) != 0) {
+                snprintf(why, nwhy, "out %d: %s", o,
+                         phase == MN_LORA_SHRINK ? "the shrink phase wrote to y" : "shrink + expand differ from the fused op");
+                ok = 0;
+            }
+        }
+    }
+    for (int o = 0; o < d->n_out; o++) free(fused[o]);
+    free(now);
+    cudaFree(v);
+    return ok;
+}
+
 static int lora_case(const lcase *c, cudaStream_t s) {
     gt_arena a;
     gt_arena_init(&a);
@@ -578,7 +623,7 @@ static int lora_case(const lcase *c, cudaStream_t s) {
         q->n_rows = c->rows_per_seg;
         covered += q->n_rows;
         size_t es = q->type == MN_F32 ? 4 : 2;
-        void *arrs[1 + MN_LORA_MAX_OUT];
+        void *arrs[1 + MN_LORA_MAX_OUT] = {0};
         int64_t lens[1 + MN_LORA_MAX_OUT];
         lens[0] = (int64_t)q->r * c->K;
         for (int o = 0; o < c->n_out; o++) {
@@ -689,6 +734,7 @@ static int lora_case(const lcase *c, cudaStream_t s) {
             if (tol > 0 && err / tol > worst) worst = err / tol;
         }
     }
+    if (ok) ok = lora_split_check(&a, &d, &dd, yi, init, s, why, sizeof why);
     if (ok) { /* only a correct op is timed (y keeps accumulating: harmless) */
         cudaEvent_t e0, e1;
         float ms = 0;
@@ -717,6 +763,7 @@ done:
 }
 
 int gt_backend_smoke(void); /* tests/gpu/test_cuda_backend.c */
+int gt_lora_e2e(const char *device); /* tests/gpu/test_cuda_lora_e2e.c */
 
 int main(void) {
     int count = 0;
@@ -742,6 +789,7 @@ int main(void) {
     n += nl;
     printf("ops: %d/%d passed\n", pass, n);
     int smoke = gt_backend_smoke();
+    smoke = gt_lora_e2e("cuda") && smoke;
     cublasDestroy(blas);
     cudaStreamDestroy(s);
     printf("%s\n", pass == n && smoke ? "ALL PASSED" : "FAILED");

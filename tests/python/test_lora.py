@@ -3,7 +3,8 @@
 A synthetic llama GGUF with F32 weights (tools/gen_gguf.py) and four PEFT adapters
 (tools/gen_lora.py) of ranks 4, 8, 16 and 64 — F32, F16 and BF16 files, all seven or a few
 targets, one with use_rslora, rank_pattern and alpha_pattern — run in ONE batch with
-sequences that use no adapter, by build/lora_logits (engine/forward.c with MN_OP_LORA).
+sequences that use no adapter, by build/lora_logits (engine/forward.c with MN_OP_LORA), on
+one CPU rank and on two (tensor parallelism, engine/tp.h: the bound is the same).
 The prompts are interleaved round-robin, so every adapter's rows are scattered through the
 batch; then three decode steps batch one token per sequence.
 
@@ -95,7 +96,10 @@ def row_rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(a - b).max(axis=-1) / np.abs(b).max(axis=-1)
 
 
-def test_mixed_batch_matches_merged_reference(synth_model, gen_lora, tool, tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_mixed_batch_matches_merged_reference(synth_model, gen_lora, tool, tmp_path, tp):
+    # tp 2: the same batches on two CPU ranks (engine/tp.h): each rank 2 of the 4 query heads,
+    # 1 of the 2 kv heads, half the ffn; its share of every adapter through views of A and B
     model = synth_model(**MODEL_OPTS)
     dirs, deltas = [], []
     for i, opts in enumerate(ADAPTERS):
@@ -107,7 +111,7 @@ def test_mixed_batch_matches_merged_reference(synth_model, gen_lora, tool, tmp_p
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, MODEL_OPTS["n_vocab"], n).tolist() for _, n in SEQS]
     out = tmp_path / "logits.f32"
-    cmd = [str(tool), "run", str(model), str(out), "--threads", "2", "--decode", str(N_DECODE)]
+    cmd = [str(tool), "run", str(model), str(out), "--threads", "2", "--decode", str(N_DECODE), "--tp", str(tp)]
     for d in dirs:
         cmd += ["--adapter", str(d)]
     for (a, _), p in zip(SEQS, prompts):
@@ -149,7 +153,8 @@ def test_mixed_batch_matches_merged_reference(synth_model, gen_lora, tool, tmp_p
             moved.append(float(row_rel(base[:n], mine_ref[:n]).max()))
     # the adapters must matter: each moves its logits by far more than the tolerance
     assert min(moved) > 100 * FLOAT_TOL, f"adapters barely change the logits ({moved}); the test would prove nothing"
-    print(f"\nworst row error {worst:.2e} of row max (bound {FLOAT_TOL:g}); adapter effect {min(moved):.2e}..{max(moved):.2e}")
+    print(f"\ntp {tp}: worst row error {worst:.2e} of row max (bound {FLOAT_TOL:g}); "
+          f"adapter effect {min(moved):.2e}..{max(moved):.2e}")
 
 
 def check(tool, model, d) -> tuple[int, str]:

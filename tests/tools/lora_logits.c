@@ -4,13 +4,15 @@
  *   lora_logits check MODEL DIR
  *       load the adapter in DIR for MODEL; print "ok rank_max=R bytes=B fingerprint=HEX
  *       load_ms=T" and exit 0, or print "error MN_E...: message" and exit 1.
- *   lora_logits run MODEL OUT [--threads N] [--decode N] [--adapter DIR]... [--seq A:t0,t1,...]...
+ *   lora_logits run MODEL OUT [--threads N] [--decode N] [--tp P] [--adapter DIR]... [--seq A:t0,t1,...]...
  *       one sequence per --seq, using adapter number A (in --adapter order; -1 = none).
  *       Step 0 is ONE batch holding every prompt, interleaved round-robin (so each
  *       adapter's rows are scattered through the batch); each of the N decode steps is one
  *       batch of one greedy (argmax) token per sequence. OUT receives f32 logits: first
  *       every prompt position of sequence 0, then of 1, ...; then per decode step, one row
- *       per sequence. stdout gets "decode STEP SEQ TOKEN" per chosen token.
+ *       per sequence. stdout gets "decode STEP SEQ TOKEN" per chosen token. --tp P runs
+ *       the batches on P CPU ranks (engine/tp.h, mn_tp_run_lora; N threads each), with
+ *       the adapters loaded once and shared by the ranks.
  * Exit 2 on usage errors or a failed forward.
  */
 #include <stdio.h>
@@ -23,13 +25,14 @@
 #include "engine/kv.h"
 #include "engine/lora.h"
 #include "engine/model.h"
+#include "engine/tp.h"
 
 #define MAX_SEQ 64
 #define MAX_ADAPTERS 16
 
 static int usage(void) {
-    fprintf(stderr, "usage: lora_logits check MODEL DIR | run MODEL OUT [--threads N] [--decode N] [--adapter DIR]... "
-                    "[--seq A:t0,t1,...]...\n");
+    fprintf(stderr, "usage: lora_logits check MODEL DIR | run MODEL OUT [--threads N] [--decode N] [--tp P] "
+                    "[--adapter DIR]... [--seq A:t0,t1,...]...\n");
     return 2;
 }
 
@@ -45,7 +48,7 @@ int main(int argc, char **argv) {
     const int check = strcmp(argv[1], "check") == 0;
     if (!check && strcmp(argv[1], "run") != 0) return usage();
     mn_errbuf eb = {{0}};
-    int threads = 2, n_decode = 0, n_ad = 0, n_seq = 0;
+    int threads = 2, n_decode = 0, n_ad = 0, n_seq = 0, tp = 1;
     const char *dirs[MAX_ADAPTERS];
     int32_t seq_ad[MAX_SEQ], seq_len[MAX_SEQ];
     int32_t *seq_tok[MAX_SEQ];
@@ -53,6 +56,7 @@ int main(int argc, char **argv) {
         if (i + 1 >= argc) return usage();
         if (strcmp(argv[i], "--threads") == 0) threads = atoi(argv[++i]);
         else if (strcmp(argv[i], "--decode") == 0) n_decode = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--tp") == 0) tp = atoi(argv[++i]);
         else if (strcmp(argv[i], "--adapter") == 0 && n_ad < MAX_ADAPTERS) dirs[n_ad++] = argv[++i];
         else if (strcmp(argv[i], "--seq") == 0 && n_seq < MAX_SEQ) {
             char *s = argv[++i], *end;
@@ -92,8 +96,23 @@ int main(int argc, char **argv) {
         mn_backend_free(be);
         return 0;
     }
+    const mn_model_config *c = &m->cfg;
+    int32_t total = 0, longest = 0;
+    for (int s = 0; s < n_seq; s++) {
+        total += seq_len[s];
+        if (seq_len[s] > longest) longest = seq_len[s];
+    }
+    int32_t bs = 16, blocks = (total + n_seq * (n_decode + bs)) / bs + n_seq + 1;
+    mn_tp *t = NULL;
+    if (tp > 1) {
+        mn_tp_params tpp = {.n_ranks = tp, .n_threads = threads, .block_size = bs, .n_blocks = blocks, .n_seqs = n_seq};
+        if (mn_tp_new(argv[2], &tpp, &t, &eb) != MN_OK) {
+            fprintf(stderr, "%s\n", eb.msg);
+            return 2;
+        }
+    }
     mn_lora_registry *reg;
-    if (mn_lora_registry_new(m, &reg, &eb) != MN_OK) return 2;
+    if (mn_lora_registry_new(t ? mn_tp_model(t) : m, &reg, &eb) != MN_OK) return 2;
     for (int a = 0; a < n_ad; a++) {
         char name[32];
         snprintf(name, sizeof name, "a%d", a);
@@ -103,15 +122,8 @@ int main(int argc, char **argv) {
             return 2;
         }
     }
-    const mn_model_config *c = &m->cfg;
-    int32_t total = 0, longest = 0;
-    for (int s = 0; s < n_seq; s++) {
-        total += seq_len[s];
-        if (seq_len[s] > longest) longest = seq_len[s];
-    }
     mn_kv_pool *kv;
     mn_forward *f;
-    int32_t bs = 16, blocks = (total + n_seq * (n_decode + bs)) / bs + n_seq + 1;
     if (mn_kv_pool_new(be, c->n_layer, c->n_kv_head, c->head_dim, bs, blocks, &kv, &eb) != MN_OK ||
         mn_forward_new(m, kv, &f, &eb) != MN_OK) {
         fprintf(stderr, "%s\n", eb.msg);
@@ -143,7 +155,7 @@ int main(int argc, char **argv) {
                 if (sq[i] == s && pos[i] == p) rows[k++] = i;
     mn_batch b = {.n_tokens = n, .tokens = tok, .seq = sq, .pos = pos, .n_out = n, .out_rows = rows};
     FILE *out = fopen(argv[3], "wb");
-    if (!out || mn_forward_run_lora(f, sp, n_seq, &b, &lb, lg, &eb) != MN_OK) {
+    if (!out || (t ? mn_tp_run_lora(t, &b, &lb, lg, &eb) : mn_forward_run_lora(f, sp, n_seq, &b, &lb, lg, &eb)) != MN_OK) {
         fprintf(stderr, "step 0: %s\n", out ? eb.msg : "cannot open OUT");
         return 2;
     }
@@ -159,7 +171,7 @@ int main(int argc, char **argv) {
             tok[s] = next[s], sq[s] = s, pos[s] = seq_len[s] + step, ad[s] = seq_ad[s], rows[s] = s;
         }
         mn_batch d = {.n_tokens = n_seq, .tokens = tok, .seq = sq, .pos = pos, .n_out = n_seq, .out_rows = rows};
-        if (mn_forward_run_lora(f, sp, n_seq, &d, &lb, lg, &eb) != MN_OK) {
+        if ((t ? mn_tp_run_lora(t, &d, &lb, lg, &eb) : mn_forward_run_lora(f, sp, n_seq, &d, &lb, lg, &eb)) != MN_OK) {
             fprintf(stderr, "decode step %d: %s\n", step, eb.msg);
             return 2;
         }
@@ -175,6 +187,7 @@ int main(int argc, char **argv) {
     mn_forward_free(f);
     mn_kv_pool_free(kv);
     mn_lora_registry_free(reg);
+    mn_tp_free(t);
     mn_model_free(m);
     mn_backend_free(be);
     return 0;

@@ -9,7 +9,9 @@
  *   - rows in no segment keep their exact bytes, and so do guard floats after each output;
  *   - 1 thread of scalar code and 3 threads of the best SIMD level give the same bits; a row
  *     computed alone (one segment of one row) gives the same bits as inside the batch
- *     (batch invariance).
+ *     (batch invariance);
+ *   - strided views of a wider A / B^T (a_ld, b_ld: tensor-parallel shards) give the bits of
+ *     dense copies, and split shrink / expand phases the bits of the fused op.
  * And through the forward pass of the real model (SmolLM2, as test_forward.c) with a small
  * adapter this file writes (rank 2 on q_proj, rank 3 on down_proj):
  *   - rows without an adapter in a mixed batch give the bits of a batch without adapters;
@@ -309,6 +311,120 @@ static void test_lora_single_path(void **state) {
     }
     assert_true(mn_cpu_set_simd(best_simd));
     free(x), free(y0), free(y1), free(y2), free(a), free(b), free(a16), free(b16);
+}
+
+/* Tensor-parallel views and split phases (kernels/ops.h: a_ld, b_ld, phase, v). A wide
+ * adapter (A [r, KF], B^T [r, NF]) is read through a window of input features [k0, k0 + K)
+ * and output features [n0, n0 + N) with the full row strides; the same op on dense copies
+ * of those windows must give the same bits (ref and cpu, scalar and SIMD, 1 and 3
+ * threads: only addresses change). SHRINK then EXPAND must give the fused op's bits and
+ * SHRINK alone must leave y untouched; v written by the ref shrink equals the cpu's. Two
+ * segments of different rank and type, one with two rows (blocked path below 4: per row)
+ * and one with five (blocked). */
+static void test_lora_views_phases(void **state) {
+    (void)state;
+    enum { T = 9, KF = 70, NF = 90, K = 33, N = 41, K0 = 21, N0 = 37 };
+    const int32_t R[2] = {3, 12}, nrows[2] = {2, 5};
+    const mn_dtype types[2] = {MN_F16, MN_F32};
+    rng_state = 4242;
+    float *x = malloc(T * K * sizeof(float)), *y0 = malloc((T * N + GUARD) * sizeof(float));
+    for (int i = 0; i < T * K; i++) x[i] = frand();
+    for (int i = 0; i < T * N + GUARD; i++) y0[i] = frand();
+    int32_t rows[7] = {8, 1, 4, 0, 6, 2, 5};
+    void *wide_a[2], *wide_b[2], *dense_a[2], *dense_b[2];
+    mn_lora_seg sv[2], sd[2];
+    for (int s = 0; s < 2; s++) {
+        const int64_t esz = types[s] == MN_F32 ? 4 : 2;
+        wide_a[s] = malloc((size_t)(R[s] * KF * esz));
+        wide_b[s] = malloc((size_t)(R[s] * NF * esz));
+        dense_a[s] = malloc((size_t)(R[s] * K * esz));
+        dense_b[s] = malloc((size_t)(R[s] * N * esz));
+        for (int64_t i = 0; i < R[s] * KF; i++) {
+            float v = frand() * 0.3f;
+            if (esz == 4) ((float *)wide_a[s])[i] = v;
+            else ((uint16_t *)wide_a[s])[i] = mn_fp32_to_fp16(v);
+        }
+        for (int64_t i = 0; i < R[s] * NF; i++) {
+            float v = frand() * 0.3f;
+            if (esz == 4) ((float *)wide_b[s])[i] = v;
+            else ((uint16_t *)wide_b[s])[i] = mn_fp32_to_fp16(v);
+        }
+        for (int j = 0; j < R[s]; j++) {
+            memcpy((char *)dense_a[s] + j * K * esz, (char *)wide_a[s] + (j * KF + K0) * esz, (size_t)(K * esz));
+            memcpy((char *)dense_b[s] + j * N * esz, (char *)wide_b[s] + (j * NF + N0) * esz, (size_t)(N * esz));
+        }
+        sd[s] = (mn_lora_seg){.start = s ? nrows[0] : 0, .n_rows = nrows[s], .r = R[s], .type = types[s], .a = dense_a[s],
+                              .b = {dense_b[s]}, .r_out = {R[s]}, .scale = {0.75f + (float)s}};
+        sv[s] = sd[s];
+        sv[s].a = (char *)wide_a[s] + K0 * esz;
+        sv[s].b[0] = (char *)wide_b[s] + N0 * esz;
+    }
+    mn_lora_desc dd = {.K = K, .x = x, .x_stride = K, .n_out = 1, .N = {N}, .y_stride = {N}, .n_seg = 2, .seg = sd,
+                       .rows = rows};
+    mn_lora_desc dv = dd;
+    dv.seg = sv;
+    dv.a_ld = KF;
+    dv.b_ld[0] = NF;
+    const int64_t nv = mn_lora_v_floats(sv, 2);
+    assert_int_equal(nv, 2 * 3 + 5 * 12);
+    float *want = malloc((T * N + GUARD) * sizeof(float)), *got = malloc((T * N + GUARD) * sizeof(float));
+    float *v = malloc((size_t)nv * sizeof(float)), *v_ref = malloc((size_t)nv * sizeof(float));
+    const size_t yb = (T * N + GUARD) * sizeof(float);
+    /* ref: view == dense, split == fused */
+    memcpy(want, y0, yb);
+    dd.y[0] = want;
+    mn_ref_lora(&dd);
+    memcpy(got, y0, yb);
+    dv.y[0] = got;
+    mn_ref_lora(&dv);
+    assert_memory_equal(got, want, yb);
+    memcpy(got, y0, yb);
+    dv.v = v_ref;
+    dv.phase = MN_LORA_SHRINK;
+    mn_ref_lora(&dv);
+    assert_memory_equal(got, y0, yb);
+    dv.phase = MN_LORA_EXPAND;
+    mn_ref_lora(&dv);
+    assert_memory_equal(got, want, yb);
+    /* cpu: every SIMD level and thread count */
+    const char *levels[2] = {"scalar", best_simd};
+    for (int lv = 0; lv < 2; lv++)
+        for (int nth = 1; nth <= 3; nth += 2) {
+            assert_true(mn_cpu_set_simd(levels[lv]));
+            memcpy(want, y0, yb);
+            dd.y[0] = want;
+            run_cpu(&dd, nth);
+            memcpy(got, y0, yb);
+            dv.phase = MN_LORA_FUSED;
+            dv.v = NULL;
+            run_cpu(&dv, nth);
+            if (memcmp(got, want, yb) != 0) fail_msg("%s, %d threads: strided views differ from dense copies", levels[lv], nth);
+            memcpy(got, y0, yb);
+            dv.phase = MN_LORA_SHRINK;
+            dv.v = v;
+            assert_int_equal(mn_cpu_lora_work_bytes(&dv), 0);
+            run_cpu(&dv, nth);
+            assert_memory_equal(got, y0, yb);
+            for (int64_t i = 0; i < nv; i++)
+                if (fabsf(v[i] - v_ref[i]) > 1e-5f * (1.0f + fabsf(v_ref[i])))
+                    fail_msg("%s: shrink v[%lld] = %g, ref %g", levels[lv], (long long)i, v[i], v_ref[i]);
+            dv.phase = MN_LORA_EXPAND;
+            run_cpu(&dv, nth);
+            if (memcmp(got, want, yb) != 0) fail_msg("%s, %d threads: shrink + expand differ from the fused op", levels[lv], nth);
+        }
+    assert_true(mn_cpu_set_simd(best_simd));
+    for (int s = 0; s < 2; s++) {
+        free(wide_a[s]);
+        free(wide_b[s]);
+        free(dense_a[s]);
+        free(dense_b[s]);
+    }
+    free(x);
+    free(y0);
+    free(want);
+    free(got);
+    free(v);
+    free(v_ref);
 }
 
 /* ---- through the forward pass ---- */
@@ -804,6 +920,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_lora_op),
         cmocka_unit_test(test_lora_single_path),
+        cmocka_unit_test(test_lora_views_phases),
         cmocka_unit_test(test_lora_forward),
         cmocka_unit_test(test_lora_registry_add),
         cmocka_unit_test(test_lora_paging),

@@ -2,8 +2,9 @@
  *
  * Each rank is a thread with its own CPU backend (1 thread), its own load of the model
  * (the same mmapped file), its own KV pool holding only its kv heads, and a forward made
- * by mn_forward_new_tp over an in-process communicator. The reference is the plain
- * forward (TP = 1) on a 1-thread backend.
+ * by mn_forward_new_tp over an in-process communicator (tests/unit/tp_group.h). The
+ * reference is the plain forward (TP = 1) on a 1-thread backend. Adapters with TP:
+ * test_tp_lora.c.
  *
  * Tolerance. The row-parallel O and down are summed per rank and then across ranks, so
  * their f32 sums are reordered against TP = 1: logits are not bit-identical. We measure
@@ -32,8 +33,9 @@
 #include "engine/model.h"
 #include "engine/tp.h"
 #include "tests/unit/test_model.h"
+#include "tests/unit/tp_group.h"
 
-enum { MAX_RANKS = 4, STEPS = 16, MAX_PROMPT = 64 };
+enum { STEPS = 16, MAX_PROMPT = 64 };
 
 /* Bounds: row-max relative error (TOL_*) and mean KL divergence of the softmax (KL_*).
  * Measured on x86-64 AVX2 (2026-11), with what a real sharding bug gives for scale (rank r
@@ -139,106 +141,6 @@ static void test_local_abort(void **state) {
     mn_comm_free(c[0]);
 }
 
-/* ---- a group of ranks running the model ------------------------------------------------ */
-
-typedef struct rank {
-    mn_backend *be;
-    mn_model *m;
-    mn_kv_pool *kv;
-    mn_forward *f;
-    mn_comm *comm;
-    mn_kv_seq seq;
-    const mn_batch *b;   /* the call in flight */
-    float *logits;
-    mn_err e;
-    mn_errbuf eb;
-} rank;
-
-typedef struct group {
-    int P;               /* 0: the plain forward (reference), else the TP size */
-    rank r[MAX_RANKS];
-    int32_t V;
-} group;
-
-static const char *smollm2_path(void) { return mn_test_model_path(); }
-
-static void group_close(group *g) {
-    for (int i = 0; i < (g->P ? g->P : 1); i++) {
-        rank *r = &g->r[i];
-        if (r->kv) mn_kv_seq_release(r->kv, &r->seq);
-        mn_forward_free(r->f);
-        mn_kv_pool_free(r->kv);
-        mn_model_free(r->m);
-        mn_backend_free(r->be);
-        mn_comm_free(r->comm);
-        free(r->logits);
-    }
-    memset(g, 0, sizeof *g);
-}
-
-/* Open P ranks on the model at path (P = 0: the reference). Returns the first error of
- * mn_forward_new_tp (the rest already opened is closed) with its message in eb. */
-static mn_err group_open(group *g, const char *path, int P, mn_errbuf *eb) {
-    memset(g, 0, sizeof *g);
-    g->P = P;
-    int n = P ? P : 1;
-    mn_comm *comm[MAX_RANKS] = {0};
-    if (P) assert_int_equal(mn_comm_local_group_new(P, comm, eb), MN_OK);
-    for (int i = 0; i < n; i++) {
-        rank *r = &g->r[i];
-        r->comm = comm[i];
-        mn_backend_params bp = {.device = "cpu", .n_threads = 1};
-        if (mn_backend_cpu_new(&bp, &r->be, eb) != MN_OK) fail_msg("%s", eb->msg);
-        if (mn_model_load(path, r->be, NULL, &r->m, eb) != MN_OK)
-            fail_msg("cannot load %s: %s (run tools/setup.sh)", path, eb->msg);
-        const mn_model_config *c = &r->m->cfg;
-        int32_t nkv = c->n_kv_head % n == 0 ? c->n_kv_head / n : c->n_kv_head;
-        assert_int_equal(mn_kv_pool_new(r->be, c->n_layer, nkv, c->head_dim, 16, 64, &r->kv, eb), MN_OK);
-        mn_err e = P ? mn_forward_new_tp(r->m, r->kv, r->comm, &r->f, eb) : mn_forward_new(r->m, r->kv, &r->f, eb);
-        if (e != MN_OK) {
-            for (int j = i + 1; j < n; j++) g->r[j].comm = comm[j];
-            g->P = P;
-            group_close(g);
-            return e;
-        }
-        g->V = c->n_vocab;
-    }
-    return MN_OK;
-}
-
-static void *rank_main(void *arg) {
-    rank *r = arg;
-    mn_kv_seq *seqs[1] = {&r->seq};
-    r->e = mn_forward_run(r->f, seqs, 1, r->b, r->logits, &r->eb);
-    return NULL;
-}
-
-/* Run b on every rank at once; logits of rank i in g->r[i].logits ([n_out][V]). */
-static void group_run(group *g, const mn_batch *b) {
-    int n = g->P ? g->P : 1;
-    pthread_t th[MAX_RANKS];
-    for (int i = 0; i < n; i++) {
-        g->r[i].b = b;
-        free(g->r[i].logits);
-        g->r[i].logits = malloc((size_t)(b->n_out ? b->n_out : 1) * g->V * sizeof(float));
-    }
-    for (int i = 0; i < n; i++) pthread_create(&th[i], NULL, rank_main, &g->r[i]);
-    for (int i = 0; i < n; i++) pthread_join(th[i], NULL);
-    for (int i = 0; i < n; i++)
-        if (g->r[i].e != MN_OK) fail_msg("rank %d: %s", i, g->r[i].eb.msg);
-    /* replicated output head over all-reduced activations: the same bits on every rank */
-    for (int i = 1; i < n; i++)
-        if (memcmp(g->r[0].logits, g->r[i].logits, (size_t)b->n_out * g->V * sizeof(float)) != 0)
-            fail_msg("TP %d: logits of rank %d differ from rank 0", g->P, i);
-}
-
-static int32_t argmax(const float *x, int32_t n) {
-    int32_t best = 0;
-    for (int32_t i = 1; i < n; i++)
-        if (x[i] > x[best]) best = i;
-    return best;
-}
-
 /* The prompt (every row's logits kept), then STEPS greedy steps.
  * logits: [(n + STEPS)][V] of rank 0; toks: the STEPS generated tokens. */
 static void generate(group *g, const int32_t *prompt, int n, float *logits, int32_t *toks) {
@@ -261,41 +163,6 @@ static void generate(group *g, const int32_t *prompt, int n, float *logits, int3
         memcpy(logits + (size_t)(n + s) * V, g->r[0].logits, (size_t)V * sizeof(float));
         next = argmax(g->r[0].logits, V);
     }
-}
-
-/* max over rows of max|a - b| / max|b| */
-static double max_rel_err(const float *a, const float *b, int rows, int32_t V) {
-    double worst = 0;
-    for (int i = 0; i < rows; i++) {
-        double scale = 0, diff = 0;
-        for (int32_t v = 0; v < V; v++) {
-            const float x = a[(size_t)i * V + v], y = b[(size_t)i * V + v];
-            if (!isfinite(x) || !isfinite(y)) return INFINITY;
-            if (fabs(y) > scale) scale = fabs(y);
-            if (fabs(x - y) > diff) diff = fabs(x - y);
-        }
-        if (diff / scale > worst) worst = diff / scale;
-    }
-    return worst;
-}
-
-/* mean over rows of KL(softmax(ref) || softmax(a)) */
-static double mean_kl(const float *a, const float *ref, int rows, int32_t V) {
-    double sum = 0;
-    for (int i = 0; i < rows; i++) {
-        const float *x = a + (size_t)i * V, *y = ref + (size_t)i * V;
-        double mx = x[argmax(x, V)], my = y[argmax(y, V)], zx = 0, zy = 0, kl = 0;
-        for (int32_t v = 0; v < V; v++) {
-            zx += exp(x[v] - mx);
-            zy += exp(y[v] - my);
-        }
-        for (int32_t v = 0; v < V; v++) {
-            double ly = y[v] - my - log(zy), lx = x[v] - mx - log(zx);
-            kl += exp(ly) * (ly - lx);
-        }
-        sum += kl;
-    }
-    return sum / rows;
 }
 
 /* TP = P against TP = 1 on path with the prompt: the error bound (row-max relative, and
@@ -341,25 +208,6 @@ static void check_tp(const char *path, const int32_t *prompt, int n, int P, doub
     free(lr);
     free(lt);
     free(lt2);
-}
-
-/* A synthetic model at a temporary path (removed by the caller), "sharpened": gen_gguf.py
- * draws weights of std 0.02, with which the layers add only a few percent to the
- * residual stream and a sharding error could hide in the noise; scaling the RMSNorm gains
- * (attn x4, ffn x2, as tests/python/test_logits.py does) makes every layer matter. */
-static void gen_model(char *path, size_t cap, const char *tag, const char *args) {
-    snprintf(path, cap, "/tmp/mneme_test_tp_%d_%s.gguf", (int)getpid(), tag);
-    char cmd[4096];
-    const char *src = getenv("MNEME_SOURCE_DIR") ? getenv("MNEME_SOURCE_DIR") : ".";
-    snprintf(cmd, sizeof cmd,
-             "python3 %s/tools/gen_gguf.py %s %s >/dev/null 2>&1 && "
-             "python3 -c \"import sys; from gguf import GGUFReader\n"
-             "r = GGUFReader(sys.argv[1], 'r+')\nfor t in r.tensors:\n"
-             "    if t.name.endswith('attn_norm.weight'): t.data[...] *= 4\n"
-             "    if t.name.endswith('ffn_norm.weight'): t.data[...] *= 2\n"
-             "r.data.flush()\" %s",
-             src, path, args, path);
-    if (system(cmd) != 0) fail_msg("cannot make a synthetic model (python3 with the gguf package is needed): %s", cmd);
 }
 
 /* F32 weights, GQA 8/4 heads: TP 2 and TP 4 (2 query heads and 1 kv head per rank). */
