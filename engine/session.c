@@ -260,6 +260,14 @@ void mn_engine_stats_get(const mn_engine *e, mn_engine_stats *st) {
         st->swapped_in[t] = e->swapped_in[t];
     }
     for (int32_t i = 0; i < e->n_sessions; i++) st->tier_sessions[e->sessions[i]->tier]++;
+    st->adapter_budget = st->adapter_resident_bytes = st->adapter_page_ins = 0;
+    if (e->adapters) {
+        mn_lora_stats ls;
+        mn_lora_registry_stats(e->adapters, &ls);
+        st->adapter_budget = (int64_t)ls.budget;
+        st->adapter_resident_bytes = (int64_t)ls.resident_bytes;
+        st->adapter_page_ins = (int64_t)ls.page_ins;
+    }
 }
 
 /* ---- sessions ------------------------------------------------------------------------------ */

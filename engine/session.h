@@ -71,6 +71,9 @@ typedef struct mn_engine_stats {
     int64_t tier_bytes[4];         /* bytes held in T1, T2 (T0: see blocks; T3: on disk) */
     int32_t tier_sessions[4];      /* sessions whose KV is in each tier */
     int64_t swapped_out[4], swapped_in[4];  /* bytes moved to / from each tier */
+    int64_t adapter_budget;        /* device bytes for adapter copies (0: none or unlimited) */
+    int64_t adapter_resident_bytes;
+    int64_t adapter_page_ins;
 } mn_engine_stats;
 void mn_engine_stats_get(const mn_engine *e, mn_engine_stats *st);
 

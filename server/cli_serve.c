@@ -173,12 +173,18 @@ static void respond_metrics(mn_serve *srv, mn_http_res *res) {
     metric_head(&b, "mneme_kv_blocks", "gauge", "KV blocks of the pool.");
     sb_printf(&b, "mneme_kv_blocks{state=\"total\"} %d\nmneme_kv_blocks{state=\"free\"} %d\n", es->blocks_total,
               es->blocks_free);
+    metric_i(&b, "mneme_kv_block_tokens", "gauge", "Tokens per KV block.", es->block_size);
+    metric_i(&b, "mneme_kv_bytes_per_token", "gauge", "KV bytes per token (all layers, K and V).", es->bytes_per_token);
     metric_i(&b, "mneme_prefix_hit_tokens_total", "counter", "Tokens attached from the prefix cache.",
              es->prefix_hit_tokens);
     metric_i(&b, "mneme_computed_tokens_total", "counter", "Tokens run through the model.", es->computed_tokens);
     metric_i(&b, "mneme_http_connections", "gauge", "Open client connections.",
              mn_http_server_n_connections(srv->http));
     metric_i(&b, "mneme_adapters_loaded", "gauge", "LoRA adapters loaded.", srv->n_adapters);
+    metric_head(&b, "mneme_adapter_device_bytes", "gauge", "Adapter copies in device memory, and their budget (0: none).");
+    sb_printf(&b, "mneme_adapter_device_bytes{state=\"resident\"} %lld\nmneme_adapter_device_bytes{state=\"budget\"} %lld\n",
+              (long long)es->adapter_resident_bytes, (long long)es->adapter_budget);
+    metric_i(&b, "mneme_adapter_page_ins_total", "counter", "Adapter copies made host to device.", es->adapter_page_ins);
     api_metrics_request(srv, "/metrics", 200);
     mn_http_respond(res, 200, "text/plain; version=0.0.4", b.p ? b.p : "", b.n, NULL, 0);
     mn_free(b.p);
@@ -380,6 +386,8 @@ static void serve_usage(void) {
             "  --persist-dir D          sessions are saved here on shutdown and loaded on start (also tier T3)\n"
             "  --max-batch-tokens N     tokens per engine step (default 512)\n"
             "  --kv-blocks N            KV pool size in blocks of 16 tokens (default: 4 full contexts)\n"
+            "  --mem-budget BYTES       device memory for the KV pool and adapter copies together (instead of\n"
+            "                           --kv-blocks); --adapter-share F of it (default 0.1) holds adapters\n"
             "  --t1-budget BYTES --t2-budget BYTES   host tier budgets (0: unlimited)\n"
             "  --max-body BYTES         request body limit (default 8 MiB)\n"
             "  --max-connections N      (default 4096)\n"
@@ -399,10 +407,51 @@ static bool is_serve_value_flag(const char *a) {
     static const char *const flags[] = {"--host", "--port", "--api-key-file", "--persist-dir", "--max-batch-tokens",
                                         "--kv-blocks", "--t1-budget", "--t2-budget", "--max-body", "--max-connections",
                                         "--drain-timeout", "--idle-demote", "--max-streams", "--max-pending-write",
-                                        "--lora", "--max-sessions-per-key", "--admin-key-file", "--lora-dir"};
+                                        "--lora", "--max-sessions-per-key", "--admin-key-file", "--lora-dir",
+                                        "--mem-budget", "--adapter-share"};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         if (!strcmp(a, flags[i])) return true;
     return false;
+}
+
+/* One device memory budget for the KV pool and the adapters' device copies. With
+ * --mem-budget B: adapters get share*B (paged LRU within it, see mn_lora_registry_set_budget)
+ * and the pool the blocks that fit in the rest. Without it, a GPU backend still holds the
+ * adapters it runs in its own memory (no budget) and the CPU reads the host copies.
+ * -1 with a message. */
+static int serve_memory_split(mn_serve *srv, mn_backend *be, const mn_model *m, long budget, double share,
+                              long *kv_blocks) {
+    mn_errbuf eb = {{0}};
+    bool cpu = !strcmp(mn_backend_name(be), "cpu");
+    if (!budget) {
+        if (!cpu && mn_lora_registry_set_budget(srv->adapters, be, 0, &eb) != MN_OK) {
+            fprintf(stderr, "mneme serve: adapters on %s: %s\n", mn_backend_name(be), eb.msg);
+            return -1;
+        }
+        return 0;
+    }
+    if (share < 0) share = 0.1;
+    const mn_model_config *c = &m->cfg;
+    int64_t block_bytes = (int64_t)16 * c->n_layer * c->n_kv_head * c->head_dim * 2 * (int64_t)sizeof(uint16_t);
+    int64_t adapter_bytes = (int64_t)((double)budget * share);
+    int64_t blocks = (budget - adapter_bytes) / block_bytes;
+    if (blocks < 1) {
+        fprintf(stderr,
+                "mneme serve: --mem-budget %ld leaves %lld bytes for the KV pool after the adapters' share, "
+                "less than one block (%lld bytes)\n",
+                budget, (long long)(budget - adapter_bytes), (long long)block_bytes);
+        return -1;
+    }
+    if (blocks > (1 << 24)) blocks = 1 << 24;
+    *kv_blocks = (long)blocks;
+    if (adapter_bytes > 0 && mn_lora_registry_set_budget(srv->adapters, be, (size_t)adapter_bytes, &eb) != MN_OK) {
+        fprintf(stderr, "mneme serve: --mem-budget %ld, adapter share %lld bytes: %s\n", budget,
+                (long long)adapter_bytes, eb.msg);
+        return -1;
+    }
+    fprintf(stderr, "mneme serve: memory budget %ld bytes: KV pool %lld blocks (%lld bytes), adapters %lld bytes\n",
+            budget, (long long)blocks, (long long)(blocks * block_bytes), (long long)adapter_bytes);
+    return 0;
 }
 
 /* Keys, admin keys (also valid API keys) and the adapter directory; -1 with a message. */
@@ -453,7 +502,8 @@ int cmd_serve(int argc, char **argv) {
     const char *host = "127.0.0.1", *key_file = NULL, *persist = NULL, *admin_file = NULL, *lora_dir = NULL;
     long max_streams = 256, max_pending = 0, max_sessions = 256;
     long port = 8080, max_batch = 0, kv_blocks = 0, max_conn = 0, t1 = 0, t2 = 0, max_body = 0;
-    double drain = 10, idle = 60;
+    long mem_budget = 0;
+    double drain = 10, idle = 60, adapter_share = -1;
     const char *loras[64];
     int n_loras = 0;
     for (int i = 1; i < argc; i++) {
@@ -476,6 +526,8 @@ int cmd_serve(int argc, char **argv) {
         else if (!strcmp(a, "--persist-dir")) persist = v;
         else if (!strcmp(a, "--max-batch-tokens")) { if (cli_int(a, v, 1, 1 << 16, &max_batch)) return 2; }
         else if (!strcmp(a, "--kv-blocks")) { if (cli_int(a, v, 1, 1 << 24, &kv_blocks)) return 2; }
+        else if (!strcmp(a, "--mem-budget")) { if (cli_int(a, v, 1, 0x7fffffffffffffffL, &mem_budget)) return 2; }
+        else if (!strcmp(a, "--adapter-share")) { if (cli_float(a, v, 0, 0.9, &adapter_share)) return 2; }
         else if (!strcmp(a, "--t1-budget")) { if (cli_int(a, v, 0, 0x7fffffffffffffffL, &t1)) return 2; }
         else if (!strcmp(a, "--t2-budget")) { if (cli_int(a, v, 0, 0x7fffffffffffffffL, &t2)) return 2; }
         else if (!strcmp(a, "--max-body")) { if (cli_int(a, v, 1024, 1L << 32, &max_body)) return 2; }
@@ -507,6 +559,14 @@ int cmd_serve(int argc, char **argv) {
     srv->max_streams = (int)max_streams;
     srv->max_sessions_per_key = (int)max_sessions;
     srv->created = (int64_t)time(NULL);
+    if (mem_budget && kv_blocks) {
+        fprintf(stderr, "mneme serve: --mem-budget and --kv-blocks both size the KV pool: give one\n");
+        return 2;
+    }
+    if (adapter_share >= 0 && !mem_budget) {
+        fprintf(stderr, "mneme serve: --adapter-share is a share of --mem-budget, which is not given\n");
+        return 2;
+    }
     srv->persist_dir = persist;
     if (serve_access(srv, key_file, admin_file, lora_dir)) {
         serve_access_free(srv);
@@ -547,6 +607,13 @@ int cmd_serve(int argc, char **argv) {
     }
     srv->n_adapters = n_loras;
     if (n_loras) fprintf(stderr, "mneme serve: %d adapter%s loaded\n", n_loras, n_loras == 1 ? "" : "s");
+    if (serve_memory_split(srv, be, m, mem_budget, adapter_share, &kv_blocks)) {
+        api_adapters_free(srv);
+        mn_lora_registry_free(srv->adapters);
+        cli_unload(be, m);
+        serve_access_free(srv);
+        return 1;
+    }
     mn_engine_params ep = {.max_batch_tokens = (int32_t)max_batch, .n_blocks = (int32_t)kv_blocks, .t1_budget = t1,
                            .t2_budget = t2, .persist_dir = persist, .adapters = srv->adapters};
     mn_engine *e = NULL;

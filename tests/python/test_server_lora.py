@@ -530,3 +530,53 @@ def test_shutdown_during_an_adapter_load(mneme_bin, model_path, adapters, tmp_pa
         if wfd is not None:
             os.close(wfd)
         srv.close()
+
+
+def metric(server, name):
+    _, body, _ = server.request("GET", "/metrics")
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_memory_budget_split_pages_adapters(mneme_bin, model_path, adapters, server, client):
+    """--mem-budget B --adapter-share F: the KV pool gets the blocks that fit in B - F*B and the
+    adapters' device copies F*B, paged LRU within it. With room for one of a and b, requests
+    alternating between them page each in every time and still answer exactly as a server
+    without a budget does."""
+    sizes = {a["id"]: a["bytes"] for a in server.json("GET", "/v1/adapters")["data"]}
+    want = {name: chat(client, name, n=8) for name in ("a", "b")}
+    block = int(metric(server, "mneme_kv_block_tokens") * metric(server, "mneme_kv_bytes_per_token"))
+    share_bytes = max(sizes["a"], sizes["b"]) + 64          # one fits, both do not
+    assert share_bytes < sizes["a"] + sizes["b"]
+    budget = 96 * block + share_bytes
+    share = share_bytes / budget
+    s = Server(mneme_bin, model_path, "--lora", f"a={adapters['a']}", "--lora", f"b={adapters['b']}",
+               "--mem-budget", str(budget), "--adapter-share", repr(share))
+    try:
+        c = openai.OpenAI(base_url=s.base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for name in ("a", "b", "a", "b"):
+            assert chat(c, name, n=8) == want[name]
+        adapter_budget = metric(s, 'mneme_adapter_device_bytes{state="budget"}')
+        assert adapter_budget == int(budget * share)
+        assert metric(s, 'mneme_adapter_device_bytes{state="resident"}') <= adapter_budget
+        assert metric(s, "mneme_adapter_page_ins_total") >= 4
+        assert metric(s, 'mneme_kv_blocks{state="total"}') == (budget - int(budget * share)) // block
+        assert "KV pool" in s.stderr()
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("flags,status,words", [
+    (["--mem-budget", "100000000", "--kv-blocks", "64"], 2, "give one"),
+    (["--adapter-share", "0.2"], 2, "--adapter-share is a share of --mem-budget"),
+    (["--mem-budget", "100000000", "--adapter-share", "0.95"], 2, "--adapter-share"),
+    (["--mem-budget", "1000"], 1, "less than one block"),
+    (["--mem-budget", "100000000", "--adapter-share", "0.00001"], 1, "adapter share"),
+])
+def test_memory_budget_bad_flags(mneme_bin, model_path, adapters, flags, status, words):
+    r = subprocess.run([str(mneme_bin), "serve", "-m", str(model_path), "--port", "0", "-t", "1",
+                        "--lora", f"a={adapters['a']}", *flags], capture_output=True, text=True, timeout=60)
+    assert r.returncode == status, r.stderr
+    assert words in r.stderr, r.stderr
