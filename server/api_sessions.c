@@ -265,6 +265,18 @@ static void rpc_job(void *ud) {
         }
         int32_t after = 0;
         mn_session_tokens(re->s, NULL, &after);
+        mn_engine_stats es;
+        mn_engine_stats_get(e, &es);
+        int64_t pool = (int64_t)es.blocks_total * es.block_size;
+        if (after > pool) { /* could never be computed: refuse now rather than fail in the background */
+            mn_errbuf rb;
+            mn_session_rewind(e, re->s, before, &rb);
+            api_errf(&r->err, 400, "invalid_request_error", c && json_is_string(c) ? "content" : "tokens",
+                     "the session would hold %d tokens, more than the whole KV pool of this server (%lld tokens: "
+                     "%d blocks of %d); nothing was appended", after, (long long)pool, es.blocks_total, es.block_size);
+            snprintf(r->err.code, sizeof r->err.code, "kv_pool_exceeded");
+            break;
+        }
         r->out = session_json(srv, re, false);
         json_object_set_new(r->out, "appended", json_integer(after - before));
         r->status = 200;

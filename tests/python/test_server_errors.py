@@ -254,5 +254,18 @@ def test_kv_pool_full_is_503_and_server_goes_on(mneme_bin, model_path):
         err = json.loads(data)["error"]
         assert got == 400 and err["param"] == "messages" and "96 tokens" in err["message"], data
         assert srv.json("POST", C, comp(prompt="hello", max_tokens=2))["usage"]["completion_tokens"] == 2
+        # a session append past the whole pool is refused up front and leaves the session as it was
+        sid = srv.json("POST", S, {})["id"]
+        srv.json("POST", f"{S}/{sid}/messages", {"role": "user", "content": "hello there"})
+        n0 = srv.json("GET", f"{S}/{sid}")["n_tokens"]
+        for body, param in (({"role": "user", "content": "hi " * 120}, "content"),
+                            ({"role": "user", "tokens": [100] * 97}, "tokens")):
+            got, data, _ = srv.request("POST", f"{S}/{sid}/messages", body)
+            err = json.loads(data)["error"]
+            assert got == 400 and err["code"] == "kv_pool_exceeded" and err["param"] == param, data
+            assert "96 tokens: 6 blocks of 16" in err["message"] and "nothing was appended" in err["message"], data
+            assert srv.json("GET", f"{S}/{sid}")["n_tokens"] == n0
+        r = srv.json("POST", f"{S}/{sid}/generate", {"max_tokens": 3, "temperature": 0, "stream": False})
+        assert r["text"] is not None
     finally:
         srv.close()
