@@ -160,11 +160,7 @@ static inline __attribute__((always_inline)) void attn_part(const mn_attention_d
     if (max_pos > p1) max_pos = p1;
     for (int32_t c0 = p0; c0 < max_pos; c0 += MN__ATTN_CHUNK) {
         int32_t nc = max_pos - c0 < MN__ATTN_CHUNK ? max_pos - c0 : MN__ATTN_CHUNK;
-        mn__kv_chunk_rows(kv, s, c0, nc, g, kp, vp);
-        if (c0 + MN__ATTN_CHUNK < max_pos) {
-            int32_t nn = max_pos - c0 - MN__ATTN_CHUNK;
-            mn__kv_prefetch_rows(kv, s, c0 + MN__ATTN_CHUNK, nn < MN__ATTN_CHUNK ? nn : MN__ATTN_CHUNK, g);
-        }
+        mn__kv_chunk_begin(kv, s, c0, nc, max_pos, g, kp, vp);
         for (int32_t p = 0; p < nc; p++) {
             for (int32_t v = 0; v < nfull; v++) {
                 _mm256_store_ps(kf + p * ld + 8 * v, load_h8(kp[p] + 8 * v));

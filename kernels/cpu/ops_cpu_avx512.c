@@ -168,11 +168,7 @@ static inline __attribute__((always_inline)) void part_lanes(const mn_attention_
     if (max_pos > p1) max_pos = p1;
     for (int32_t c0 = p0; c0 < max_pos; c0 += MN__ATTN_CHUNK) {
         int32_t nc = max_pos - c0 < MN__ATTN_CHUNK ? max_pos - c0 : MN__ATTN_CHUNK;
-        mn__kv_chunk_rows(kv, s, c0, nc, g, kp, vp);
-        if (c0 + MN__ATTN_CHUNK < max_pos) {
-            int32_t nn = max_pos - c0 - MN__ATTN_CHUNK;
-            mn__kv_prefetch_rows(kv, s, c0 + MN__ATTN_CHUNK, nn < MN__ATTN_CHUNK ? nn : MN__ATTN_CHUNK, g);
-        }
+        mn__kv_chunk_begin(kv, s, c0, nc, max_pos, g, kp, vp);
         for (int32_t p = 0; p < nc; p++) {
             for (int32_t v = 0; v < nv; v++) {
                 __mmask16 k = tail_mask(hd - 16 * v);
@@ -277,11 +273,7 @@ static inline __attribute__((always_inline)) void part_rows(const mn_attention_d
     if (max_pos > p1) max_pos = p1;
     for (int32_t c0 = p0; c0 < max_pos; c0 += CH) {
         int32_t nc = max_pos - c0 < CH ? max_pos - c0 : CH;
-        mn__kv_chunk_rows(kv, s, c0, nc, g, kp, vp);
-        if (c0 + CH < max_pos) {
-            int32_t nn = max_pos - c0 - CH;
-            mn__kv_prefetch_rows(kv, s, c0 + CH, nn < CH ? nn : CH, g);
-        }
+        mn__kv_chunk_begin(kv, s, c0, nc, max_pos, g, kp, vp);
         convert_chunk(kp, vp, nc, hd, nv, kf, vf);
         for (int32_t G = 0; G < ng; G++) {
             __m512 e[CH];

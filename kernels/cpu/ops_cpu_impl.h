@@ -97,4 +97,15 @@ static inline void mn__kv_prefetch_rows(const mn_kv_view *kv, int32_t s, int32_t
     }
 }
 
+/* The rows of chunk [c0, c0+nc) (into kp/vp) and a prefetch of the next chunk's rows up
+ * to end: what every SIMD attention does at the top of a chunk. */
+static inline void mn__kv_chunk_begin(const mn_kv_view *kv, int32_t s, int32_t c0, int32_t nc, int32_t end, int32_t g,
+                                      const uint16_t **kp, const uint16_t **vp) {
+    mn__kv_chunk_rows(kv, s, c0, nc, g, kp, vp);
+    if (c0 + MN__ATTN_CHUNK < end) {
+        int32_t nn = end - c0 - MN__ATTN_CHUNK;
+        mn__kv_prefetch_rows(kv, s, c0 + MN__ATTN_CHUNK, nn < MN__ATTN_CHUNK ? nn : MN__ATTN_CHUNK, g);
+    }
+}
+
 #endif

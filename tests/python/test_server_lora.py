@@ -73,6 +73,17 @@ def chat(client, model, n=12, stream=False):
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
+def open_fifo_writer(fifo, timeout=20.0):
+    """Wait until a reader (the adapter loader) has the FIFO open; return a write descriptor."""
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            time.sleep(0.02)
+    raise AssertionError("the load never opened adapter_config.json")
+
+
 def session_reply(server, adapter, n=12):
     body = {"system": SYSTEM} if adapter is None else {"system": SYSTEM, "adapter": adapter}
     s = server.json("POST", S, body)
@@ -446,13 +457,7 @@ def test_adapter_files_are_read_off_the_engine_thread(server, adapters):
         assert r.status == 200
         loader.start()
         # wait until the loader has the FIFO open for reading (a writer can open it then)
-        end, wfd = time.time() + 20, None
-        while wfd is None and time.time() < end:
-            try:
-                wfd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:
-                time.sleep(0.02)
-        assert wfd is not None, "the load never opened adapter_config.json"
+        wfd = open_fifo_writer(fifo)
         # the loader is blocked reading: tokens must keep flowing and the engine must answer
         n, t_end = 0, time.time() + 1.0
         while time.time() < t_end:
@@ -506,13 +511,7 @@ def test_shutdown_during_an_adapter_load(mneme_bin, model_path, adapters, tmp_pa
     loader = threading.Thread(target=post)
     loader.start()
     try:
-        end, wfd = time.time() + 20, None
-        while wfd is None and time.time() < end:
-            try:
-                wfd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:
-                time.sleep(0.02)
-        assert wfd is not None, "the load never opened adapter_config.json"
+        wfd = open_fifo_writer(fifo)
         srv.proc.send_signal(signal.SIGTERM)
         end = time.time() + 20
         while "shutting down" not in srv.stderr() and time.time() < end:

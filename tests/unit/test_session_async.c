@@ -119,18 +119,22 @@ static const char *prompts[4] = {
     "List three colours:",
 };
 
-/* Greedy tokens of prompt p generated alone with the blocking API on a fresh engine. */
-static void alone(const char *p, int32_t n, stream *out) {
+/* Greedy tokens of prompt p (then text `then`, if not NULL) generated alone with the
+ * blocking API on a fresh engine. */
+static void alone_then(const char *p, const char *then, int32_t n, stream *out) {
     mn_engine *e = engine(256, 256);
     mn_errbuf eb;
     mn_session *s;
     memset(out, 0, sizeof *out);
     if (mn_session_create(e, NULL, &s, &eb) != MN_OK) fail_msg("%s", eb.msg);
     if (mn_session_append_text(e, s, MN_ROLE_NONE, p, strlen(p), &eb) != MN_OK) fail_msg("%s", eb.msg);
+    if (then && mn_session_append_text(e, s, MN_ROLE_NONE, then, strlen(then), &eb) != MN_OK) fail_msg("%s", eb.msg);
     mn_gen_params g = greedy(n);
     if (mn_session_generate(e, s, &g, on_token, out, &out->res, &eb) != MN_OK) fail_msg("%s", eb.msg);
     mn_engine_free(e);
 }
+
+static void alone(const char *p, int32_t n, stream *out) { alone_then(p, NULL, n, out); }
 
 static void test_concurrent_equals_alone(void **state) {
     (void)state;
@@ -321,20 +325,6 @@ static void run_steps_lifting(mn_engine *e) {
 
 static const char *const more = " and then, after a long pause, it";
 
-/* Greedy tokens after prompt p plus `more` on a fresh engine, never demoted. */
-static void alone_then_more(const char *p, int32_t n, stream *out) {
-    mn_engine *e = engine(256, 256);
-    mn_errbuf eb;
-    mn_session *s;
-    memset(out, 0, sizeof *out);
-    if (mn_session_create(e, NULL, &s, &eb) != MN_OK) fail_msg("%s", eb.msg);
-    if (mn_session_append_text(e, s, MN_ROLE_NONE, p, strlen(p), &eb) != MN_OK) fail_msg("%s", eb.msg);
-    if (mn_session_append_text(e, s, MN_ROLE_NONE, more, strlen(more), &eb) != MN_OK) fail_msg("%s", eb.msg);
-    mn_gen_params g = greedy(n);
-    if (mn_session_generate(e, s, &g, on_token, out, &out->res, &eb) != MN_OK) fail_msg("%s", eb.msg);
-    mn_engine_free(e);
-}
-
 static mn_session *demoted(mn_engine *e, const char *p, int tier) {
     mn_errbuf eb;
     mn_session *s;
@@ -380,8 +370,8 @@ static void test_lift_in_background(void **state) {
     assert_string_equal(tier_of(e, a), "T3");
     run_steps_lifting(e);
     stream ra, rb, rc;
-    alone_then_more(prompts[1], 8, &ra);
-    alone_then_more(prompts[2], 8, &rb);
+    alone_then(prompts[1], more, 8, &ra);
+    alone_then(prompts[2], more, 8, &rb);
     alone(prompts[0], 8, &rc);
     stream *got[3] = {&sa, &sb, &sc}, *want[3] = {&ra, &rb, &rc};
     for (int i = 0; i < 3; i++) {
