@@ -80,6 +80,18 @@ size_t mn_backend_used(const mn_backend *be, mn_mem_kind kind) { return be->used
 mn_err mn_backend_copy_async(mn_backend *be, mn_copy_dir dir, void *dst, const void *src, size_t n, mn_errbuf *eb) {
     return be->iface->copy_async(be, dir, dst, src, n, eb);
 }
+mn_err mn_backend_copy_2d_async(mn_backend *be, mn_copy_dir dir, void *dst, size_t dpitch, const void *src,
+                                size_t spitch, size_t width, size_t height, mn_errbuf *eb) {
+    if (width == 0 || height == 0) return MN_OK;
+    if (dpitch < width || spitch < width)
+        return mn_errf(eb, MN_EINVALID, "2d copy: pitches %zu / %zu smaller than the row width %zu", dpitch, spitch, width);
+    if (be->iface->copy_2d_async) return be->iface->copy_2d_async(be, dir, dst, dpitch, src, spitch, width, height, eb);
+    for (size_t r = 0; r < height; r++) {
+        mn_err err = be->iface->copy_async(be, dir, (char *)dst + r * dpitch, (const char *)src + r * spitch, width, eb);
+        if (err != MN_OK) return err;
+    }
+    return MN_OK;
+}
 mn_err mn_backend_event_record(mn_backend *be, mn_event *ev, mn_errbuf *eb) { return be->iface->event_record(be, ev, eb); }
 bool mn_backend_event_done(mn_backend *be, const mn_event *ev) { return be->iface->event_done(be, ev); }
 mn_err mn_backend_event_wait(mn_backend *be, const mn_event *ev, mn_errbuf *eb) { return be->iface->event_wait(be, ev, eb); }

@@ -80,6 +80,10 @@ typedef struct mn_backend_iface {
     void (*mem_free)(mn_backend *be, mn_mem_kind kind, void *ptr, size_t size);
     /* Enqueue a copy on the copy queue; record an event after everything enqueued. */
     mn_err (*copy_async)(mn_backend *be, mn_copy_dir dir, void *dst, const void *src, size_t n, mn_errbuf *eb);
+    /* Enqueue height rows of width bytes, rows dpitch / spitch bytes apart (optional: NULL
+     * means one copy_async per row). */
+    mn_err (*copy_2d_async)(mn_backend *be, mn_copy_dir dir, void *dst, size_t dpitch, const void *src, size_t spitch,
+                            size_t width, size_t height, mn_errbuf *eb);
     mn_err (*event_record)(mn_backend *be, mn_event *ev, mn_errbuf *eb);
     bool (*event_done)(mn_backend *be, const mn_event *ev);
     mn_err (*event_wait)(mn_backend *be, const mn_event *ev, mn_errbuf *eb);
@@ -130,6 +134,11 @@ size_t mn_backend_used(const mn_backend *be, mn_mem_kind kind);
 
 /* ---- copy queue ---- */
 mn_err mn_backend_copy_async(mn_backend *be, mn_copy_dir dir, void *dst, const void *src, size_t n, mn_errbuf *eb);
+/** Strided copy: height rows of width bytes from src (rows spitch bytes apart) to dst (rows
+ *  dpitch apart), one enqueue instead of height: what makes a session's KV move in
+ *  megabyte units rather than one block at a time. */
+mn_err mn_backend_copy_2d_async(mn_backend *be, mn_copy_dir dir, void *dst, size_t dpitch, const void *src,
+                                size_t spitch, size_t width, size_t height, mn_errbuf *eb);
 mn_err mn_backend_event_record(mn_backend *be, mn_event *ev, mn_errbuf *eb);
 bool mn_backend_event_done(mn_backend *be, const mn_event *ev);
 mn_err mn_backend_event_wait(mn_backend *be, const mn_event *ev, mn_errbuf *eb);

@@ -48,6 +48,16 @@ static mn_err cpu_copy_async(mn_backend *be, mn_copy_dir dir, void *dst, const v
     return MN_OK;
 }
 
+static mn_err cpu_copy_2d_async(mn_backend *be, mn_copy_dir dir, void *dst, size_t dpitch, const void *src, size_t spitch,
+                                size_t width, size_t height, mn_errbuf *eb) {
+    if (dpitch == width && spitch == width) {
+        memmove(dst, src, width * height);
+        return MN_OK;
+    }
+    for (size_t r = 0; r < height; r++) memmove((char *)dst + r * dpitch, (const char *)src + r * spitch, width);
+    return MN_OK;
+}
+
 static mn_err cpu_event_record(mn_backend *be, mn_event *ev, mn_errbuf *eb) {
     cpu_impl *c = be->impl;
     ev->ticket = ++c->tickets;
@@ -145,6 +155,7 @@ static const mn_backend_iface cpu_iface = {
     .mem_alloc = cpu_mem_alloc,
     .mem_free = cpu_mem_free,
     .copy_async = cpu_copy_async,
+    .copy_2d_async = cpu_copy_2d_async,
     .event_record = cpu_event_record,
     .event_done = cpu_event_done,
     .event_wait = cpu_event_wait,

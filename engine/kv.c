@@ -1,6 +1,7 @@
 /* engine/kv.c — block pool with a free stack and reference counts. */
 #include "engine/kv.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #include "engine/alloc.h"
@@ -115,6 +116,16 @@ mn_err mn_kv_seq_clone(mn_kv_pool *p, const mn_kv_seq *src, mn_kv_seq *dst, mn_e
     dst->n_blocks = src->n_blocks;
     dst->n_tokens = src->n_tokens;
     return MN_OK;
+}
+
+static int cmp_desc(const void *a, const void *b) {
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x < y) - (x > y);
+}
+
+void mn_kv_pool_sort_free(mn_kv_pool *p) {
+    /* the free list is a stack popped from the end: descending order hands out ascending ids */
+    qsort(p->free_ids, (size_t)p->n_free, sizeof(int32_t), cmp_desc);
 }
 
 mn_err mn_kv_seq_reserve(mn_kv_pool *p, mn_kv_seq *seq, int32_t n_tokens, mn_errbuf *eb) {

@@ -40,6 +40,9 @@ void mn_kv_pool_free(mn_kv_pool *p);
 /** Bytes of KV per token (all layers, K and V, f16). */
 int64_t mn_kv_bytes_per_token(const mn_kv_pool *p);
 
+/** Order the free blocks so the next reservations take ascending ids: runs of adjacent
+ *  blocks, which a restore copies in one piece per layer. O(free log free). */
+void mn_kv_pool_sort_free(mn_kv_pool *p);
 /** Make seq own blocks for positions [0, n_tokens). MN_ELIMIT (pool full) leaves seq as it was. */
 mn_err mn_kv_seq_reserve(mn_kv_pool *p, mn_kv_seq *seq, int32_t n_tokens, mn_errbuf *eb);
 /** Drop every block reference of seq and reset it to empty. */

@@ -17,18 +17,36 @@ static uint16_t *pool_block(const mn_kv_pool *p, int32_t id, int32_t layer, int 
     return (uint16_t *)p->buf->ptr + ((int64_t)layer * 2 + kind) * per_kind + (int64_t)id * p->block_elems;
 }
 
+/* Copy a session's blocks between the pool and a block-major image ([block][layer][K|V]),
+ * one strided copy per (layer, K|V, run of consecutive pool ids): the pool keeps each
+ * (layer, kind) as one array of blocks, so a run is contiguous there, and the image rows
+ * of a run are n_layer*2 blocks apart. */
+static mn_err copy_runs(const mn_kv_pool *p, const int32_t *ids, int32_t n_blocks, uint16_t *img, mn_copy_dir dir,
+                        mn_errbuf *eb) {
+    size_t blk = (size_t)p->block_elems * sizeof(uint16_t), img_pitch = (size_t)p->n_layer * 2 * blk;
+    mn_err err = MN_OK;
+    for (int32_t b0 = 0; b0 < n_blocks && err == MN_OK;) {
+        int32_t n = 1;
+        while (b0 + n < n_blocks && ids[b0 + n] == ids[b0] + n) n++;
+        for (int32_t l = 0; l < p->n_layer && err == MN_OK; l++)
+            for (int k = 0; k < 2 && err == MN_OK; k++) {
+                uint16_t *pool = pool_block(p, ids[b0], l, k);
+                uint16_t *im = img + ((size_t)b0 * p->n_layer + l) * 2 * p->block_elems + (size_t)k * p->block_elems;
+                err = dir == MN_COPY_H2D ? mn_backend_copy_2d_async(p->backend, dir, pool, blk, im, img_pitch, blk, (size_t)n, eb)
+                                         : mn_backend_copy_2d_async(p->backend, dir, im, img_pitch, pool, blk, blk, (size_t)n, eb);
+            }
+        b0 += n;
+    }
+    return err;
+}
+
 mn_err mn__session_gather_kv(mn_engine *e, const mn_session *s, uint16_t **kv_out, int32_t *n_blocks_out, mn_errbuf *eb) {
     const mn_kv_pool *p = e->kv;
     int32_t n_blocks = (s->n_computed + p->block_size - 1) / p->block_size;
     size_t block_all = (size_t)p->n_layer * 2 * (size_t)p->block_elems;
     uint16_t *kv = mn_aligned_alloc(64, (n_blocks ? (size_t)n_blocks : 1) * block_all * sizeof(uint16_t));
     if (!kv) return mn_errf(eb, MN_ENOMEM, "session %s: out of memory for a %d-block image", s->id, n_blocks);
-    mn_err err = MN_OK;
-    for (int32_t b = 0; b < n_blocks && err == MN_OK; b++)
-        for (int32_t l = 0; l < p->n_layer && err == MN_OK; l++)
-            for (int k = 0; k < 2 && err == MN_OK; k++)
-                err = mn_backend_copy_async(p->backend, MN_COPY_D2H, kv + ((size_t)b * p->n_layer + l) * 2 * p->block_elems + (size_t)k * p->block_elems,
-                                            pool_block(p, s->seq.blocks[b], l, k), (size_t)p->block_elems * sizeof(uint16_t), eb);
+    mn_err err = copy_runs(p, s->seq.blocks, n_blocks, kv, MN_COPY_D2H, eb);
     if (err == MN_OK) err = mn_backend_synchronize(p->backend, eb);
     if (err != MN_OK) {
         mn_free(kv);
@@ -69,14 +87,10 @@ static mn_err build_image(mn_engine *e, mn_session *s, mn_session_image *img, ui
 
 mn_err mn__session_scatter_kv(mn_engine *e, mn_session *s, const uint16_t *kv, int32_t n_tokens, mn_errbuf *eb) {
     mn_kv_pool *p = e->kv;
+    mn_kv_pool_sort_free(p); /* fresh blocks in ascending runs: few, large copies */
     mn_err err = mn_kv_seq_reserve(p, &s->seq, n_tokens, eb);
     int32_t n_blocks = (n_tokens + p->block_size - 1) / p->block_size;
-    for (int32_t b = 0; b < n_blocks && err == MN_OK; b++)
-        for (int32_t l = 0; l < p->n_layer && err == MN_OK; l++)
-            for (int k = 0; k < 2 && err == MN_OK; k++)
-                err = mn_backend_copy_async(p->backend, MN_COPY_H2D, pool_block(p, s->seq.blocks[b], l, k),
-                                            kv + ((size_t)b * p->n_layer + l) * 2 * p->block_elems + (size_t)k * p->block_elems,
-                                            (size_t)p->block_elems * sizeof(uint16_t), eb);
+    if (err == MN_OK) err = copy_runs(p, s->seq.blocks, n_blocks, (uint16_t *)kv, MN_COPY_H2D, eb);
     if (err == MN_OK) err = mn_backend_synchronize(p->backend, eb);
     if (err != MN_OK) {
         mn_kv_seq_release(p, &s->seq);

@@ -111,6 +111,18 @@ static mn_err cuda_copy_async(mn_backend *be, mn_copy_dir dir, void *dst, const 
     return MN_OK;
 }
 
+static mn_err cuda_copy_2d_async(mn_backend *be, mn_copy_dir dir, void *dst, size_t dpitch, const void *src,
+                                 size_t spitch, size_t width, size_t height, mn_errbuf *eb) {
+    cuda_impl *c = be->impl;
+    if ((unsigned)dir > MN_COPY_D2D) return mn_errf(eb, MN_EINVALID, "copy direction %d unknown", (int)dir);
+    static const enum cudaMemcpyKind kinds[] = {cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost,
+                                                cudaMemcpyDeviceToDevice};
+    MN_CUDA_CHECK(eb, cudaEventRecord(c->compute_mark, c->compute));
+    MN_CUDA_CHECK(eb, cudaStreamWaitEvent(c->copy, c->compute_mark, 0));
+    MN_CUDA_CHECK(eb, cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, kinds[dir], c->copy));
+    return MN_OK;
+}
+
 static mn_err cuda_event_record(mn_backend *be, mn_event *ev, mn_errbuf *eb) {
     cuda_impl *c = be->impl;
     uint64_t t = c->next_ticket + 1;
@@ -284,6 +296,7 @@ static const mn_backend_iface cuda_iface = {
     .mem_alloc = cuda_mem_alloc,
     .mem_free = cuda_mem_free,
     .copy_async = cuda_copy_async,
+    .copy_2d_async = cuda_copy_2d_async,
     .event_record = cuda_event_record,
     .event_done = cuda_event_done,
     .event_wait = cuda_event_wait,
