@@ -180,6 +180,8 @@ mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn
         e->tier_budget[1] = p->t1_budget;
         e->tier_budget[2] = p->t2_budget;
         e->adapters = p->adapters;
+        e->t1_pinned = p->t1_memory == MN_T1_PINNED ||
+                       (p->t1_memory == MN_T1_AUTO && strcmp(mn_backend_name(m->backend), "cpu") != 0);
         if (p->persist_dir && access(p->persist_dir, W_OK | X_OK) != 0) {
             mn_free(e);
             return mn_errf(eb, MN_EINVALID, "persist directory '%s' is not a writable directory", p->persist_dir);

@@ -43,6 +43,15 @@ const char *mn_role_name(mn_role r);
 /** Parse "system", "user", "assistant", "thought" or "none"; MN_EINVALID otherwise. */
 mn_err mn_role_parse(const char *s, mn_role *out, mn_errbuf *eb);
 
+/* Host memory of T1 images. Pinned (page-locked) memory lets a GPU copy at full PCIe
+ * speed and asynchronously; an image that does not fit the backend's pinned budget falls
+ * back to pageable memory. */
+typedef enum mn_t1_memory {
+    MN_T1_AUTO = 0,       /* pinned unless the backend is the CPU one */
+    MN_T1_PINNED = 1,
+    MN_T1_PAGEABLE = 2,
+} mn_t1_memory;
+
 typedef struct mn_engine_params {
     int32_t block_size;        /* tokens per KV block (default 16) */
     int32_t n_blocks;          /* KV pool size in blocks (default: enough for 4 full contexts) */
@@ -51,6 +60,7 @@ typedef struct mn_engine_params {
     int64_t t2_budget;         /* bytes of compressed host KV (T2); 0 = unlimited */
     const char *persist_dir;   /* T3 directory (copied); NULL = no disk tier */
     mn_lora_registry *adapters; /* LoRA adapters sessions may use (borrowed); NULL = none */
+    mn_t1_memory t1_memory;    /* where T1 images live (default: pinned on a GPU backend) */
 } mn_engine_params;
 
 typedef struct mn_engine mn_engine;

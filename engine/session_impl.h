@@ -52,6 +52,7 @@ struct mn_session {
     /* tiering: where the KV of [0, n_computed) lives when it is not in the pool (T0) */
     int tier;              /* 0 resident; 1 host image; 2 compressed host bytes; 3 file */
     uint16_t *host_kv;     /* T1: block-major image (session_file.h layout) */
+    mn_buffer *host_buf;   /* T1: the pinned buffer holding host_kv (NULL: mn_aligned_alloc'd) */
     int32_t host_blocks;
     uint8_t *packed;       /* T2: a session stream (lz4 chunks, checksums) */
     size_t packed_len;
@@ -80,6 +81,7 @@ struct mn_engine {
     mn_lora_registry *adapters;
     int32_t cap_notify;
     /* tiers */
+    bool t1_pinned;                         /* T1 images in pinned host memory when there is room */
     int64_t tier_budget[4], tier_used[4];   /* [1] T1, [2] T2 bytes (0 = unlimited) */
     char *persist_dir;                      /* T3; NULL: no disk tier */
     int64_t swapped_out[4], swapped_in[4];  /* bytes moved to / from each tier */
@@ -92,7 +94,11 @@ mn_err mn__session_new(mn_engine *e, mn_session **out, mn_errbuf *eb);
 mn_err mn__session_add_tokens(mn_session *s, const int32_t *toks, int32_t n, mn_role role, mn_errbuf *eb);
 mn_err mn__session_run_until_done(mn_engine *e, mn_session *s, mn_errbuf *eb);
 /* session_io.c: move a session's KV between the pool and a block-major host image */
-mn_err mn__session_gather_kv(mn_engine *e, const mn_session *s, uint16_t **kv_out, int32_t *n_blocks, mn_errbuf *eb);
+/* s's KV as a block-major image. With pinned non-NULL and the engine's T1 images pinned,
+ * the image goes into a pinned buffer if the backend's pinned budget has room (*pinned set;
+ * else NULL and the image is mn_aligned_alloc'd). */
+mn_err mn__session_gather_kv(mn_engine *e, const mn_session *s, uint16_t **kv_out, int32_t *n_blocks, mn_buffer **pinned,
+                             mn_errbuf *eb);
 mn_err mn__session_scatter_kv(mn_engine *e, mn_session *s, const uint16_t *kv, int32_t n_tokens, mn_errbuf *eb);
 /* checks an image against e; *lora gets the loaded adapter it was made with (NULL: none) */
 mn_err mn__session_check_image(const mn_engine *e, const mn_session_loaded *ld, const mn_lora **lora, mn_errbuf *eb);

@@ -40,18 +40,28 @@ static mn_err copy_runs(const mn_kv_pool *p, const int32_t *ids, int32_t n_block
     return err;
 }
 
-mn_err mn__session_gather_kv(mn_engine *e, const mn_session *s, uint16_t **kv_out, int32_t *n_blocks_out, mn_errbuf *eb) {
+mn_err mn__session_gather_kv(mn_engine *e, const mn_session *s, uint16_t **kv_out, int32_t *n_blocks_out, mn_buffer **pinned,
+                             mn_errbuf *eb) {
     const mn_kv_pool *p = e->kv;
     int32_t n_blocks = (s->n_computed + p->block_size - 1) / p->block_size;
     size_t block_all = (size_t)p->n_layer * 2 * (size_t)p->block_elems;
-    uint16_t *kv = mn_aligned_alloc(64, (n_blocks ? (size_t)n_blocks : 1) * block_all * sizeof(uint16_t));
-    if (!kv) return mn_errf(eb, MN_ENOMEM, "session %s: out of memory for a %d-block image", s->id, n_blocks);
+    size_t bytes = (n_blocks ? (size_t)n_blocks : 1) * block_all * sizeof(uint16_t);
+    mn_buffer *buf = NULL;
+    uint16_t *kv = NULL;
+    if (pinned && e->t1_pinned) {
+        mn_errbuf ignore; /* over the pinned budget: pageable memory below */
+        if (mn_buffer_alloc(p->backend, MN_MEM_HOST_PINNED, bytes, &buf, &ignore) == MN_OK) kv = buf->ptr;
+    }
+    if (!kv && !(kv = mn_aligned_alloc(64, bytes)))
+        return mn_errf(eb, MN_ENOMEM, "session %s: out of memory for a %d-block image", s->id, n_blocks);
     mn_err err = copy_runs(p, s->seq.blocks, n_blocks, kv, MN_COPY_D2H, eb);
     if (err == MN_OK) err = mn_backend_synchronize(p->backend, eb);
     if (err != MN_OK) {
-        mn_free(kv);
+        if (buf) mn_buffer_free(buf);
+        else mn_free(kv);
         return err;
     }
+    if (pinned) *pinned = buf;
     *kv_out = kv;
     *n_blocks_out = n_blocks;
     return MN_OK;
@@ -79,7 +89,7 @@ static mn_err build_image(mn_engine *e, mn_session *s, mn_session_image *img, ui
     mn_err err = mn__tier_ensure_resident(e, s, eb);
     if (err == MN_OK) err = mn__session_run_until_done(e, s, eb); /* pending tokens get their KV first */
     int32_t n_blocks = 0;
-    if (err == MN_OK) err = mn__session_gather_kv(e, s, kv_out, &n_blocks, eb);
+    if (err == MN_OK) err = mn__session_gather_kv(e, s, kv_out, &n_blocks, NULL, eb);
     if (err != MN_OK) return err;
     mn__session_fill_image(e, s, *kv_out, n_blocks, img);
     return MN_OK;

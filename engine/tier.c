@@ -43,6 +43,7 @@ typedef struct mn__tier_job {
     int32_t *tokens;
     uint8_t *roles;
     uint16_t *kv_owned;       /* the T1 image, once orphaned */
+    mn_buffer *buf_owned;     /* its pinned buffer, if it has one */
     char *path;               /* T3 */
     uint8_t *packed;          /* T2 result */
     size_t packed_len;
@@ -88,10 +89,19 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
+/* Free s's T1 image, wherever it lives. */
+static void t1_free(mn_session *s) {
+    if (s->host_buf) mn_buffer_free(s->host_buf);
+    else mn_free(s->host_kv);
+    s->host_kv = NULL;
+    s->host_buf = NULL;
+}
+
 static void job_free(tier_job *j) {
     mn_free(j->tokens);
     mn_free(j->roles);
-    mn_free(j->kv_owned);
+    if (j->buf_owned) mn_buffer_free(j->buf_owned);
+    else mn_free(j->kv_owned);
     mn_free(j->packed);
     mn_session_loaded_free(j->ld);
     if (j->path) {
@@ -107,7 +117,9 @@ static void job_orphan(mn_session *s) {
     if (!j) return;
     j->s = NULL;
     j->kv_owned = s->host_kv;
+    j->buf_owned = s->host_buf;
     s->host_kv = NULL;
+    s->host_buf = NULL;
     s->job = NULL;
 }
 
@@ -241,8 +253,7 @@ void mn__tier_collect(mn_engine *e) {
         } else if (s && j->err == MN_OK) { /* install: the T1 image gives way to the new copy */
             s->job = NULL;
             e->tier_used[1] -= s->host_bytes;
-            mn_free(s->host_kv);
-            s->host_kv = NULL;
+            t1_free(s);
             s->tier = j->to;
             int64_t bytes = j->to == 2 ? (int64_t)j->packed_len : 0;
             s->packed = j->packed;
@@ -315,7 +326,7 @@ void mn__tier_worker_free(mn_engine *e) {
 void mn__tier_drop(mn_engine *e, mn_session *s) {
     job_orphan(s);
     e->tier_used[s->tier] -= s->host_bytes;
-    mn_free(s->host_kv);
+    t1_free(s);
     mn_free(s->packed);
     if (s->file) {
         unlink(s->file);
@@ -353,12 +364,13 @@ static mn_err demote(mn_engine *e, mn_session *s, int to, mn_errbuf *eb) {
     if (to <= s->tier) return MN_OK;
     if (to == 3 && !e->persist_dir) return mn_errf(eb, MN_EUNSUPPORTED, "no persist directory: tier T3 (disk) is off");
     uint16_t *gathered = NULL;
+    mn_buffer *gathered_buf = NULL; /* gathered is pinned: this buffer holds it */
     const uint16_t *kv = NULL;
     mn_session_loaded *ld = NULL;
     int32_t n_blocks = (s->n_computed + e->bs - 1) / e->bs;
     mn_err err;
     if (s->tier == 0) {
-        err = mn__session_gather_kv(e, s, &gathered, &n_blocks, eb);
+        err = mn__session_gather_kv(e, s, &gathered, &n_blocks, to == 1 ? &gathered_buf : NULL, eb);
         kv = gathered;
     } else {
         err = read_tier(e, s, &kv, &ld, eb);
@@ -394,7 +406,8 @@ static mn_err demote(mn_engine *e, mn_session *s, int to, mn_errbuf *eb) {
     if (err != MN_OK) {
         mn_free(packed);
         mn_free(path);
-        if (gathered) mn_free(gathered);
+        if (gathered_buf) mn_buffer_free(gathered_buf);
+        else if (gathered) mn_free(gathered);
         return err;
     }
     /* the new copy is complete: now drop the old one */
@@ -410,7 +423,8 @@ static mn_err demote(mn_engine *e, mn_session *s, int to, mn_errbuf *eb) {
     e->swapped_out[to] += bytes ? bytes : 0;
     s->tier = to;
     s->host_kv = to == 1 ? gathered : NULL;
-    if (to != 1) mn_free(gathered);
+    s->host_buf = to == 1 ? gathered_buf : NULL;
+    if (to != 1) mn_free(gathered); /* only a T1 image is ever pinned */
     s->host_blocks = n_blocks;
     s->packed = packed;
     s->packed_len = packed_len;

@@ -421,6 +421,52 @@ static void test_tier_round_trips(void **state) {
     assert_int_equal(rmdir(dir), 0); /* no session file left behind */
 }
 
+/* T1 images in pinned host memory (what a GPU backend does by default), forced here on the
+ * CPU backend: an image that fits the pinned budget is pinned, the next one falls back to
+ * pageable memory, both come back bit-identical, and promotion, demotion further down and
+ * deletion give every pinned byte back. */
+static void test_tier_pinned_t1(void **state) {
+    char dir[] = "/tmp/mneme-test-pinned-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    mn_engine *e, *ref = engine(256);
+    mn_errbuf eb;
+    mn_engine_params p = {.block_size = 16, .n_blocks = 256, .max_batch_tokens = 256, .persist_dir = dir,
+                          .t1_memory = MN_T1_PINNED};
+    if (mn_engine_new(model, &p, &e, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    mn_session *a, *b;
+    assert_int_equal(mn_session_create(e, NULL, &a, &eb), MN_OK);
+    assert_int_equal(mn_session_create(e, NULL, &b, &eb), MN_OK);
+    append(e, a, MN_ROLE_USER, "Pinned tier test: name three rivers.");
+    append(e, b, MN_ROLE_USER, "Pageable tier test: name three mountains and a lake.");
+    mn_session_info ia;
+    mn_session_info_get(e, a, &ia);
+    size_t saved_budget = be->budget[MN_MEM_HOST_PINNED];
+    be->budget[MN_MEM_HOST_PINNED] = mn_backend_used(be, MN_MEM_HOST_PINNED) + (size_t)ia.kv_bytes; /* room for a */
+    assert_int_equal(mn_backend_used(be, MN_MEM_HOST_PINNED), 0);
+    assert_int_equal(mn_session_demote(e, a, 1, &eb), MN_OK);
+    size_t one = mn_backend_used(be, MN_MEM_HOST_PINNED);
+    assert_true(one > 0);                                           /* a's image is pinned */
+    assert_int_equal(mn_session_demote(e, b, 1, &eb), MN_OK);      /* over the budget: pageable */
+    assert_int_equal(mn_backend_used(be, MN_MEM_HOST_PINNED), one);
+    append(e, a, MN_ROLE_USER, "And one sea.");
+    append(e, b, MN_ROLE_USER, "And one sea.");
+    assert_logits_equal(ref, a, "after a round trip through pinned T1");
+    assert_logits_equal(ref, b, "after a round trip through pageable T1");
+    assert_int_equal(mn_backend_used(be, MN_MEM_HOST_PINNED), 0);  /* promotion gave it back */
+    assert_int_equal(mn_session_demote(e, a, 1, &eb), MN_OK);
+    assert_true(mn_backend_used(be, MN_MEM_HOST_PINNED) > 0);
+    assert_int_equal(mn_session_demote(e, a, 2, &eb), MN_OK);      /* T1 -> T2 frees the pinned image */
+    assert_int_equal(mn_backend_used(be, MN_MEM_HOST_PINNED), 0);
+    assert_int_equal(mn_session_demote(e, b, 1, &eb), MN_OK);
+    assert_true(mn_backend_used(be, MN_MEM_HOST_PINNED) > 0);
+    mn_session_delete(e, b);                                        /* and so does deletion */
+    assert_int_equal(mn_backend_used(be, MN_MEM_HOST_PINNED), 0);
+    be->budget[MN_MEM_HOST_PINNED] = saved_budget;
+    mn_engine_free(e);
+    mn_engine_free(ref);
+    assert_int_equal(rmdir(dir), 0);
+}
+
 /* Idle demotion below T1 runs on the tier worker: the sessions are T1 until a step (or
  * tier_wait) installs the result; promoting or deleting a session whose job is still in
  * flight is safe; every session still equals a fresh one. */
@@ -633,6 +679,7 @@ int main(void) {
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_save_load),
         cmocka_unit_test(test_tier_round_trips),
+        cmocka_unit_test(test_tier_pinned_t1),
         cmocka_unit_test(test_tier_budgets),
         cmocka_unit_test(test_restart_adopts_persisted),
         cmocka_unit_test(test_framing_matches_template),
