@@ -395,7 +395,7 @@ static mn_err run_cuda(const mn_op *op, void *work, size_t work_bytes, cublasHan
     case MN_OP_MATMUL: return mn_cuda_matmul(&op->u.matmul, work, work_bytes, blas, s, eb);
     case MN_OP_ROPE: return mn_cuda_rope(&op->u.rope, s, eb);
     case MN_OP_KV_STORE: return mn_cuda_kv_store(&op->u.kv_store, s, eb);
-    case MN_OP_ATTENTION: return mn_cuda_attention(&op->u.attention, s, eb);
+    case MN_OP_ATTENTION: return mn_cuda_attention(&op->u.attention, work, work_bytes, s, eb);
     case MN_OP_SILU_MUL: return mn_cuda_silu_mul(&op->u.silu_mul, s, eb);
     case MN_OP_ADD: return mn_cuda_add(&op->u.add, s, eb);
     case MN_OP_LORA: case MN_OP_COUNT: break;
@@ -465,7 +465,9 @@ static int run_case(const tcase *c, cublasHandle_t blas, cudaStream_t s) {
     mn_errbuf eb = {{0}};
     mn_op dop = op;
     void *work = NULL;
-    size_t work_bytes = op.kind == MN_OP_MATMUL ? mn_cuda_matmul_work_bytes(&op.u.matmul) : 0;
+    size_t work_bytes = op.kind == MN_OP_MATMUL      ? mn_cuda_matmul_work_bytes(&op.u.matmul)
+                        : op.kind == MN_OP_ATTENTION ? mn_cuda_attention_work_bytes(&op.u.attention)
+                                                     : 0;
     if (!init || !got) {
         snprintf(why, sizeof why, "out of host memory");
         goto done;
