@@ -124,8 +124,10 @@ __global__ static void attention_kernel(mn_attention_desc d, att_shape sh, float
         for (int32_t c0 = p_seg; c0 < p_end; c0 += ATT_CHUNK) {
             const int32_t n_load = min(ATT_CHUNK, p_end - c0);
             __syncthreads(); /* the previous chunk is no longer read */
-            if (threadIdx.x < ATT_CHUNK)
-                off_s[threadIdx.x] = threadIdx.x < n_load ? mn_kv_offset(&d.kv, seq, c0 + threadIdx.x, g) : 0;
+            if (threadIdx.x < ATT_CHUNK) {
+                const int32_t p = (int32_t)threadIdx.x;
+                off_s[p] = p < n_load ? mn_kv_offset(&d.kv, seq, c0 + p, g) : 0;
+            }
             __syncthreads();
             if (sh.vec2) {
                 const int32_t hp = hd / 2;
