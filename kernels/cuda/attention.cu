@@ -1,7 +1,8 @@
 /* kernels/cuda/attention.cu — causal attention over the paged KV cache (mn_kv_view):
  * one kernel for decode and prefill, split over segments of positions, and a fold.
  *
- * Work unit (one thread block): a tile of up to `tq` consecutive tokens of one sequence,
+ * Work unit (one thread block): a tile of up to `tq` tokens that are adjacent in the batch
+ * and belong to one sequence (any positions),
  * a run of up to ATT_ROWS heads of one KV group, and one or all segments of ATT_SEG
  * positions. Its "rows" are (token of the tile, head of the run) pairs, row
  * r = token * nh + head. The block walks its positions in chunks of ATT_CHUNK (= 32, one
@@ -18,7 +19,7 @@
  *   another token's later positions touch it).
  * A row's segment state therefore depends only on its token, head and segment, never on
  * which tokens or heads share the block: decode and prefill, any batch, give the same
- * bits. Segments are folded in ascending order by att_fold (the first one is copied),
+ * bits. Segments are folded in ascending order with att_fold_scales (the first is copied),
  * then acc * (1 / l) is written:
  *   split   grid y = segments; each block writes its rows' state to scratch
  *           [T][n_head][nseg_max][head_dim + 2] (acc..., m, l); attention_fold_kernel
@@ -31,7 +32,11 @@
  *
  * Tiles are found without a host plan: token b starts a tile when b % tq == 0 or its
  * sequence differs from token b-1's; the tile runs to the next start. Grid x enumerates
- * every token as a possible start and the other blocks return at once.
+ * every token as a possible start and the other blocks return at once; grid z is
+ * (KV head, run of heads). The block shape (tq, heads per run) follows the device's
+ * shared memory and changes speed only, never a result.
+ * Precision: f32 online softmax, within the ops.h tolerance 1e-4 * max|V| + 1e-5 of the
+ * reference for decode and prefill alike (tests/gpu/test_cuda_attention.c).
  */
 #include "kernels/cuda/cuda_common.cuh"
 
