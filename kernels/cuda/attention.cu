@@ -329,6 +329,13 @@ mn_err mn_cuda_attention(const mn_attention_desc *d, void *work, size_t work_byt
     const int32_t tq_cap = sh.nseg_max ? ATT_TQ_SPLIT : ATT_TQ;
     if (sh.tq > tq_cap) sh.tq = tq_cap;
     if (sh.tq > d->T) sh.tq = (int32_t)d->T;
+    /* unsplit with few blocks (a prefill chunk of one sequence over a long context, too
+     * many states for the scratch): smaller tiles give more blocks, at the price of more
+     * K/V reads */
+    int sms = 0;
+    MN_CUDA_CHECK(eb, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    while (!sh.nseg_max && sh.tq > 1 && (d->T + sh.tq - 1) / sh.tq * d->n_kv_head * sh.runs < 2 * (int64_t)sms)
+        sh.tq = (sh.tq + 1) / 2;
     if ((int64_t)d->n_kv_head * sh.runs > 65535)
         return mn_errf(eb, MN_EUNSUPPORTED, "cuda attention: %d KV heads x %d head runs (max 65535 blocks in z)",
                        d->n_kv_head, sh.runs);
