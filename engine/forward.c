@@ -572,6 +572,9 @@ static mn_err run_batch(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, c
     ops[n++] = (mn_op){MN_OP_GET_ROWS, .u.get_rows = {.T = T, .D = E, .ids = d_tok, .table = m->tok_embd.data,
                                                        .type = m->tok_embd.type, .row_bytes = m->tok_embd.row_bytes, .y = x, .y_stride = E}};
     const float scale = 1.0f / sqrtf((float)c->head_dim);
+    int32_t max_pos = 0; /* attention's plan hint: backends with device-side pos size scratch from it */
+    for (int32_t i = 0; i < T; i++)
+        if (b->pos[i] + 1 > max_pos) max_pos = b->pos[i] + 1;
     for (int32_t l = 0; l < c->n_layer; l++) {
         const mn_layer *L = f->shard ? &f->shard[l] : &m->layers[l];
         mn_kv_view kv = mn_kv_pool_view(f->kv, l, d_indptr, d_indices);
@@ -583,7 +586,7 @@ static mn_err run_batch(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, c
         ops[n++] = (mn_op){MN_OP_ROPE, .u.rope = {T, nh, c->head_dim, c->n_rot, c->rope_mode, q, Q, d_pos, m->inv_freq, 1.0f}};
         ops[n++] = (mn_op){MN_OP_ROPE, .u.rope = {T, nkv, c->head_dim, c->n_rot, c->rope_mode, k, KV, d_pos, m->inv_freq, 1.0f}};
         ops[n++] = (mn_op){MN_OP_KV_STORE, .u.kv_store = {T, k, KV, v, KV, d_seq, d_pos, kv}};
-        ops[n++] = (mn_op){MN_OP_ATTENTION, .u.attention = {T, nh, nkv, c->head_dim, q, Q, d_seq, d_pos, kv, scale, att, Q}};
+        ops[n++] = (mn_op){MN_OP_ATTENTION, .u.attention = {T, nh, nkv, c->head_dim, q, Q, d_seq, d_pos, kv, scale, att, Q, max_pos}};
         if (f->tp > 1) {
             /* row-parallel: this rank's partial sum, all-reduced, then the residual add */
             ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&L->wo, att, Q, part, E, T, NULL, 0)};

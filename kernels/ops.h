@@ -135,7 +135,10 @@ typedef struct mn_kv_store_desc {
 /* attention (causal, paged): for token t and head h (kv head g = h / (n_head/n_kv_head)),
  *   out[t, h*hd:(h+1)*hd] = sum_{p<=pos[t]} softmax_p(scale * q[t,h]·K[seq[t],p,g]) V[seq[t],p,g]
  * with K/V f16 from the cache (kv_store of every position <= pos[t] done before).
- * Softmax in f32 with max subtraction. Tolerance against ref: 1e-4 * max|V| + 1e-5. */
+ * Softmax in f32 with max subtraction. Tolerance against ref: 1e-4 * max|V| + 1e-5.
+ * max_pos is a plan hint: max over t of pos[t] + 1 (0 = unknown). Backends whose pos is
+ * device memory (CUDA) size their split scratch from it; ref and cpu ignore it. A pos[t]
+ * past it is a caller bug (the CUDA split writes NaN for that token). */
 typedef struct mn_attention_desc {
     int64_t T;
     int32_t n_head, n_kv_head, head_dim;
@@ -144,6 +147,7 @@ typedef struct mn_attention_desc {
     mn_kv_view kv;
     float scale;                       /* usually 1/sqrt(head_dim) */
     float *out; int64_t out_stride;    /* [T, n_head*head_dim] */
+    int32_t max_pos;                   /* plan: max pos[t] + 1, or 0 = unknown */
 } mn_attention_desc;
 
 /* silu_mul: y[t,i] = silu(gate[t,i]) * up[t,i], silu(g) = g / (1 + expf(-g)). y may equal gate. */

@@ -27,7 +27,7 @@ typedef struct cuda_impl {
     cudaStream_t compute, copy;
     cudaEvent_t compute_mark;       /* recorded on compute before each copy; the copy waits on it */
     cublasHandle_t blas;
-    void *work;                     /* matmul scratch (device), work_size bytes */
+    void *work;                     /* matmul / attention scratch (device), work_size bytes */
     size_t work_size;
     cudaEvent_t ring[EV_RING];
     uint64_t ring_ticket[EV_RING];  /* ticket recorded in each slot, 0 = never */
@@ -213,7 +213,9 @@ static bool cuda_supports_op(mn_backend *be, const mn_op *op) {
 }
 
 static size_t cuda_op_work_bytes(mn_backend *be, const mn_op *op) {
-    return op->kind == MN_OP_MATMUL ? mn_cuda_matmul_work_bytes(&op->u.matmul) : 0;
+    if (op->kind == MN_OP_MATMUL) return mn_cuda_matmul_work_bytes(&op->u.matmul);
+    if (op->kind == MN_OP_ATTENTION) return mn_cuda_attention_work_bytes(&op->u.attention);
+    return 0;
 }
 
 static mn_err cuda_reserve_work(mn_backend *be, size_t bytes, mn_errbuf *eb) {
@@ -248,7 +250,7 @@ static mn_err run_op(cuda_impl *c, const mn_op *op, mn_errbuf *eb) {
     case MN_OP_MATMUL: return mn_cuda_matmul(&op->u.matmul, c->work, c->work_size, c->blas, s, eb);
     case MN_OP_ROPE: return mn_cuda_rope(&op->u.rope, s, eb);
     case MN_OP_KV_STORE: return mn_cuda_kv_store(&op->u.kv_store, s, eb);
-    case MN_OP_ATTENTION: return mn_cuda_attention(&op->u.attention, s, eb);
+    case MN_OP_ATTENTION: return mn_cuda_attention(&op->u.attention, c->work, c->work_size, s, eb);
     case MN_OP_SILU_MUL: return mn_cuda_silu_mul(&op->u.silu_mul, s, eb);
     case MN_OP_ADD: return mn_cuda_add(&op->u.add, s, eb);
     case MN_OP_LORA: return mn_cuda_lora(&op->u.lora, s, eb);

@@ -9,8 +9,8 @@
  * outside mn_dtype_is_weight_type, head_dim > MN_CUDA_MAX_HEAD_DIM, an F32 weight row
  * not a whole number of floats). Errors raised while a kernel runs surface at the next
  * synchronisation (mn_backend_synchronize).
- * Ownership: nothing here allocates; matmul's scratch is the caller's (sized by
- * mn_cuda_matmul_work_bytes, plan per batch).
+ * Ownership: nothing here allocates; matmul's and attention's scratch is the caller's
+ * (sized by mn_cuda_matmul_work_bytes / mn_cuda_attention_work_bytes, plan per batch).
  * Header usable from C and CUDA C++.
  */
 #ifndef MN_KERNELS_OPS_CUDA_H
@@ -75,7 +75,16 @@ mn_err mn_cuda_matmul(const mn_matmul_desc *d, void *work, size_t work_bytes, cu
                       cudaStream_t s, mn_errbuf *eb);
 mn_err mn_cuda_rope(const mn_rope_desc *d, cudaStream_t s, mn_errbuf *eb);
 mn_err mn_cuda_kv_store(const mn_kv_store_desc *d, cudaStream_t s, mn_errbuf *eb);
-mn_err mn_cuda_attention(const mn_attention_desc *d, cudaStream_t s, mn_errbuf *eb);
+/** attention (kernels/cuda/attention.cu): one kernel for decode and prefill (tiles of
+ *  consecutive tokens of one sequence share each K/V chunk; a KV group's heads share it
+ *  too), split over segments of 256 positions when work holds
+ *  mn_cuda_attention_work_bytes(d) bytes, else each block walks its segments itself. Both
+ *  give the same bits for a token whatever else is in the batch. Within the ops.h
+ *  tolerance (f32 online softmax). */
+mn_err mn_cuda_attention(const mn_attention_desc *d, void *work, size_t work_bytes, cudaStream_t s, mn_errbuf *eb);
+/** Scratch bytes for the split path of d: non-zero when d->max_pos spans two or more
+ *  segments, d->T <= 64 and the states fit in 64 MiB. */
+size_t mn_cuda_attention_work_bytes(const mn_attention_desc *d);
 mn_err mn_cuda_silu_mul(const mn_silu_mul_desc *d, cudaStream_t s, mn_errbuf *eb);
 mn_err mn_cuda_add(const mn_add_desc *d, cudaStream_t s, mn_errbuf *eb);
 /** lora (kernels/cuda/lora.cu): seg, rows and every a / b device memory; d->max_r (the

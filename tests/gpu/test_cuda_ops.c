@@ -17,6 +17,8 @@
  * rmsnorm 1e-7 + 1e-5|ref|; silu_mul 1e-7 + 2e-6|ref| and rope 4e-6 + 1e-6|ref| (device
  * expf / cosf / sinf are within 2 ulp, not glibc's bits).
  * lora has its own table (lcases): several outputs and a device segment array.
+ * Attention at long contexts (2K..32K positions), its split / unsplit / token-alone bit
+ * identity and the decode timing lines live in test_cuda_attention.c (called from main).
  * Exit status: 0 all pass (or no device: prints "skipped: no CUDA device (reason)"), 1 if
  * anything fails.
  */
@@ -309,6 +311,7 @@ static void build(gt_arena *a, const tcase *c, mn_op *op, judge *j) {
         }
         d->seq = seq;
         d->pos = pos;
+        for (int64_t t = 0; t < T; t++) d->max_pos = pos[t] + 1 > d->max_pos ? pos[t] + 1 : d->max_pos;
         d->out_stride = (int64_t)c->nh * c->hd + 3;
         d->out = gt_out(a, T, (int64_t)c->nh * c->hd, d->out_stride, &j->out);
         j->rows = T, j->cols = (int64_t)c->nh * c->hd, j->stride = d->out_stride;
@@ -395,7 +398,7 @@ static mn_err run_cuda(const mn_op *op, void *work, size_t work_bytes, cublasHan
     case MN_OP_MATMUL: return mn_cuda_matmul(&op->u.matmul, work, work_bytes, blas, s, eb);
     case MN_OP_ROPE: return mn_cuda_rope(&op->u.rope, s, eb);
     case MN_OP_KV_STORE: return mn_cuda_kv_store(&op->u.kv_store, s, eb);
-    case MN_OP_ATTENTION: return mn_cuda_attention(&op->u.attention, s, eb);
+    case MN_OP_ATTENTION: return mn_cuda_attention(&op->u.attention, work, work_bytes, s, eb);
     case MN_OP_SILU_MUL: return mn_cuda_silu_mul(&op->u.silu_mul, s, eb);
     case MN_OP_ADD: return mn_cuda_add(&op->u.add, s, eb);
     case MN_OP_LORA: case MN_OP_COUNT: break;
@@ -465,7 +468,9 @@ static int run_case(const tcase *c, cublasHandle_t blas, cudaStream_t s) {
     mn_errbuf eb = {{0}};
     mn_op dop = op;
     void *work = NULL;
-    size_t work_bytes = op.kind == MN_OP_MATMUL ? mn_cuda_matmul_work_bytes(&op.u.matmul) : 0;
+    size_t work_bytes = op.kind == MN_OP_MATMUL      ? mn_cuda_matmul_work_bytes(&op.u.matmul)
+                        : op.kind == MN_OP_ATTENTION ? mn_cuda_attention_work_bytes(&op.u.attention)
+                                                     : 0;
     if (!init || !got) {
         snprintf(why, sizeof why, "out of host memory");
         goto done;
@@ -764,6 +769,7 @@ done:
 
 int gt_backend_smoke(void); /* tests/gpu/test_cuda_backend.c */
 int gt_lora_e2e(const char *device); /* tests/gpu/test_cuda_lora_e2e.c */
+int gt_attention_long(cudaStream_t s); /* tests/gpu/test_cuda_attention.c */
 
 int main(void) {
     int count = 0;
@@ -788,7 +794,8 @@ int main(void) {
     for (int i = 0; i < nl; i++) pass += lora_case(&lcases[i], s);
     n += nl;
     printf("ops: %d/%d passed\n", pass, n);
-    int smoke = gt_backend_smoke();
+    int attn = gt_attention_long(s);
+    int smoke = gt_backend_smoke() && attn;
     smoke = gt_lora_e2e("cuda") && smoke;
     cublasDestroy(blas);
     cudaStreamDestroy(s);
