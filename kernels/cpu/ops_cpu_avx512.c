@@ -132,11 +132,12 @@ static inline __m512 reduce16x16(const __m512 s[16]) {
 /* The sum of 32 softmax weights given as t[i] = e[i] + e[i+16] (one vector): the
  * pairwise tree (+8, +4, +2, +1) both layouts use. */
 static inline float sum_tree16(__m512 t16) {
-    float t[16];
-    _mm512_storeu_ps(t, t16);
-    for (int32_t w = 8; w >= 1; w /= 2)
-        for (int32_t p = 0; p < w; p++) t[p] = t[p] + t[p + w];
-    return t[0];
+    /* in registers (a store then 16 scalar loads stalls store forwarding) */
+    __m512 u = _mm512_add_ps(t16, _mm512_shuffle_f32x4(t16, t16, _MM_SHUFFLE(3, 2, 3, 2))); /* t_i + t_{i+8} */
+    __m512 v = _mm512_add_ps(u, _mm512_shuffle_f32x4(u, u, _MM_SHUFFLE(1, 1, 1, 1)));       /* u_i + u_{i+4} */
+    __m512 w = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(3, 2, 3, 2)));             /* v_i + v_{i+2} */
+    __m512 z = _mm512_add_ps(w, _mm512_permute_ps(w, _MM_SHUFFLE(1, 1, 1, 1)));             /* w_0 + w_1 */
+    return _mm512_cvtss_f32(z);
 }
 
 /* Head dims in lanes (decode: a unit holds a KV group's few heads). Each K/V chunk is
