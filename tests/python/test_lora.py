@@ -96,25 +96,24 @@ def row_rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(a - b).max(axis=-1) / np.abs(b).max(axis=-1)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_mixed_batch_matches_merged_reference(synth_model, gen_lora, tool, tmp_path, tp):
-    # tp 2: the same batches on two CPU ranks (engine/tp.h): each rank 2 of the 4 query heads,
-    # 1 of the 2 kv heads, half the ffn; its share of every adapter through views of A and B
+def run_mixed(synth_model, gen_lora, tool, tmp_path, adapters, seqs, extra=()):
+    """Run SEQS (adapter index, prompt length) through lora_logits with these adapters, check
+    every row against the merged-weight numpy reference; returns (worst error, stderr)."""
     model = synth_model(**MODEL_OPTS)
     dirs, deltas = [], []
-    for i, opts in enumerate(ADAPTERS):
+    for i, opts in enumerate(adapters):
         d = tmp_path / f"ad{i}"
         o = dict(opts)
         vals = gen_lora.generate(str(d), SHAPE, **o)
         dirs.append(d)
         deltas.append(merged_deltas(vals, o["targets"]))
     rng = np.random.default_rng(3)
-    prompts = [rng.integers(0, MODEL_OPTS["n_vocab"], n).tolist() for _, n in SEQS]
+    prompts = [rng.integers(0, MODEL_OPTS["n_vocab"], n).tolist() for _, n in seqs]
     out = tmp_path / "logits.f32"
-    cmd = [str(tool), "run", str(model), str(out), "--threads", "2", "--decode", str(N_DECODE), "--tp", str(tp)]
+    cmd = [str(tool), "run", str(model), str(out), "--threads", "2", "--decode", str(N_DECODE), *extra]
     for d in dirs:
         cmd += ["--adapter", str(d)]
-    for (a, _), p in zip(SEQS, prompts):
+    for (a, _), p in zip(seqs, prompts):
         cmd += ["--seq", f"{a}:" + ",".join(map(str, p))]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"lora_logits failed: {r.stderr}"
@@ -125,16 +124,16 @@ def test_mixed_batch_matches_merged_reference(synth_model, gen_lora, tool, tmp_p
         if line.startswith("decode "):
             _, step, s, t = line.split()
             chosen[(int(step), int(s))] = int(t)
-    n_prompt = sum(n for _, n in SEQS)
-    assert got.shape[0] == n_prompt + N_DECODE * len(SEQS)
+    n_prompt = sum(n for _, n in seqs)
+    assert got.shape[0] == n_prompt + N_DECODE * len(seqs)
 
     worst, moved = 0.0, []
     row = 0
-    for s, ((a, n), p) in enumerate(zip(SEQS, prompts)):
+    for s, ((a, n), p) in enumerate(zip(seqs, prompts)):
         toks = p + [chosen[(k, s)] for k in range(N_DECODE)]
         ref = ref_forward.forward(str(model), toks, kv_f16=True, deltas=deltas[a] if a >= 0 else None)
         mine = np.concatenate([got[row:row + n]] +
-                              [got[n_prompt + k * len(SEQS) + s][None] for k in range(N_DECODE)])
+                              [got[n_prompt + k * len(seqs) + s][None] for k in range(N_DECODE)])
         row += n
         mine_ref = ref[:n + N_DECODE]
         rel = row_rel(mine, mine_ref)
@@ -153,8 +152,41 @@ def test_mixed_batch_matches_merged_reference(synth_model, gen_lora, tool, tmp_p
             moved.append(float(row_rel(base[:n], mine_ref[:n]).max()))
     # the adapters must matter: each moves its logits by far more than the tolerance
     assert min(moved) > 100 * FLOAT_TOL, f"adapters barely change the logits ({moved}); the test would prove nothing"
+    return worst, moved, r.stderr
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_mixed_batch_matches_merged_reference(synth_model, gen_lora, tool, tmp_path, tp):
+    # tp 2: the same batches on two CPU ranks (engine/tp.h): each rank 2 of the 4 query heads,
+    # 1 of the 2 kv heads, half the ffn; its share of every adapter through views of A and B
+    worst, moved, _ = run_mixed(synth_model, gen_lora, tool, tmp_path, ADAPTERS, SEQS, ("--tp", str(tp)))
     print(f"\ntp {tp}: worst row error {worst:.2e} of row max (bound {FLOAT_TOL:g}); "
           f"adapter effect {min(moved):.2e}..{max(moved):.2e}")
+
+
+def test_mixed_batches_under_eviction(synth_model, gen_lora, tool, tmp_path):
+    """Eight adapters (the four above and four more), a device budget that holds one half of
+    them: every step runs as two batches of four adapters each (ranks 4, 8, 16, 64, plus rows
+    without an adapter), so each batch evicts the other half's copies and pages its own back
+    in. Every row must still match the merged-weight reference."""
+    more = [dict(o, seed=o["seed"] + 100) for o in ADAPTERS]
+    adapters = ADAPTERS + more
+    seqs = SEQS + [(4, 4), (5, 3), (6, 6), (7, 5), (-1, 2)]
+    sizes = []
+    for i, o in enumerate(adapters):
+        d = tmp_path / f"size{i}"
+        gen_lora.generate(str(d), SHAPE, **dict(o))
+        code, msg = check(tool, synth_model(**MODEL_OPTS), d)
+        assert code == 0, msg
+        sizes.append(int(msg.split("bytes=")[1].split()[0]))
+    budget = max(sum(sizes[:4]), sum(sizes[4:]))
+    assert budget < sum(sizes)
+    worst, moved, err = run_mixed(synth_model, gen_lora, tool, tmp_path, adapters, seqs,
+                                  ("--budget", str(budget), "--halves"))
+    page_ins, evictions = (int(x) for x in err.split("page_ins ")[1].split(" evictions "))
+    steps = 1 + N_DECODE
+    assert page_ins >= 8 * steps - 4 and evictions >= 8 * steps - 8, err   # each half reloaded every step
+    print(f"\neviction: worst row error {worst:.2e}; {page_ins} page-ins, {evictions} evictions")
 
 
 def check(tool, model, d) -> tuple[int, str]:

@@ -13,6 +13,12 @@
  *       per sequence. stdout gets "decode STEP SEQ TOKEN" per chosen token. --tp P runs
  *       the batches on P CPU ranks (engine/tp.h, mn_tp_run_lora; N threads each), with
  *       the adapters loaded once and shared by the ranks.
+ *       --budget BYTES attaches the registry to the backend with that device budget and
+ *       pages each batch's adapters in (acquire/release, LRU eviction); with --halves every
+ *       step runs as two batches, the sequences of the first half of the adapters (and
+ *       those without one) then the rest, so a budget that holds one half evicts and
+ *       reloads adapters between batches. The logits file has the same layout either way;
+ *       stderr ends with "page_ins N evictions N".
  * Exit 2 on usage errors or a failed forward.
  */
 #include <stdio.h>
@@ -48,13 +54,16 @@ int main(int argc, char **argv) {
     const int check = strcmp(argv[1], "check") == 0;
     if (!check && strcmp(argv[1], "run") != 0) return usage();
     mn_errbuf eb = {{0}};
-    int threads = 2, n_decode = 0, n_ad = 0, n_seq = 0, tp = 1;
+    int threads = 2, n_decode = 0, n_ad = 0, n_seq = 0, tp = 1, halves = 0;
+    long long budget = 0;
     const char *dirs[MAX_ADAPTERS];
     int32_t seq_ad[MAX_SEQ], seq_len[MAX_SEQ];
     int32_t *seq_tok[MAX_SEQ];
     for (int i = 4; !check && i < argc; i++) {
-        if (i + 1 >= argc) return usage();
+        if (i + 1 >= argc && strcmp(argv[i], "--halves") != 0) return usage();
+        if (strcmp(argv[i], "--halves") == 0) { halves = 1; continue; }
         if (strcmp(argv[i], "--threads") == 0) threads = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--budget") == 0) budget = atoll(argv[++i]);
         else if (strcmp(argv[i], "--decode") == 0) n_decode = atoi(argv[++i]);
         else if (strcmp(argv[i], "--tp") == 0) tp = atoi(argv[++i]);
         else if (strcmp(argv[i], "--adapter") == 0 && n_ad < MAX_ADAPTERS) dirs[n_ad++] = argv[++i];
@@ -135,49 +144,79 @@ int main(int argc, char **argv) {
     int32_t rows_cap = total > n_seq ? total : n_seq;
     int32_t *tok = malloc(rows_cap * sizeof(int32_t)), *sq = malloc(rows_cap * sizeof(int32_t));
     int32_t *pos = malloc(rows_cap * sizeof(int32_t)), *ad = malloc(rows_cap * sizeof(int32_t));
-    int32_t *rows = malloc(rows_cap * sizeof(int32_t)), *first = malloc((n_seq + 1) * sizeof(int32_t));
+    int32_t *rows = malloc(rows_cap * sizeof(int32_t));
     float *lg = malloc((size_t)rows_cap * c->n_vocab * sizeof(float));
-    int32_t n_ad_table;
-    const mn_lora *const *table = mn_lora_registry_table(reg, &n_ad_table);
-    mn_batch_lora lb = {.adapter = ad, .adapters = table, .n_adapters = n_ad_table};
-    /* step 0: prompts round-robin; out rows listed sequence by sequence */
-    int32_t n = 0;
-    for (int32_t p = 0; p < longest; p++)
-        for (int s = 0; s < n_seq; s++)
-            if (p < seq_len[s]) {
-                tok[n] = seq_tok[s][p], sq[n] = s, pos[n] = p, ad[n] = seq_ad[s];
-                n++;
-            }
-    int32_t k = 0;
-    for (int s = 0; s < n_seq; s++)
-        for (int32_t p = 0; p < seq_len[s]; p++)
-            for (int32_t i = 0; i < n; i++)
-                if (sq[i] == s && pos[i] == p) rows[k++] = i;
-    mn_batch b = {.n_tokens = n, .tokens = tok, .seq = sq, .pos = pos, .n_out = n, .out_rows = rows};
-    FILE *out = fopen(argv[3], "wb");
-    if (!out || (t ? mn_tp_run_lora(t, &b, &lb, lg, &eb) : mn_forward_run_lora(f, sp, n_seq, &b, &lb, lg, &eb)) != MN_OK) {
-        fprintf(stderr, "step 0: %s\n", out ? eb.msg : "cannot open OUT");
+    if (budget > 0 && (t || mn_lora_registry_set_budget(reg, be, (size_t)budget, &eb) != MN_OK)) {
+        fprintf(stderr, "--budget: %s\n", t ? "not with --tp" : eb.msg);
         return 2;
     }
-    fwrite(lg, sizeof(float), (size_t)n * c->n_vocab, out);
-    /* the last prompt row of each sequence: where its first decode token comes from */
+    int32_t n_ad_table;
+    const mn_lora *const *table = mn_lora_registry_table(reg, &n_ad_table);
+    float *lg_all = malloc((size_t)(total + n_seq) * c->n_vocab * sizeof(float));
+    int32_t *first = malloc((n_seq + 1) * sizeof(int32_t));
     first[0] = 0;
     for (int s = 0; s < n_seq; s++) first[s + 1] = first[s] + seq_len[s];
-    int32_t next[MAX_SEQ];
-    for (int s = 0; s < n_seq; s++) next[s] = argmax(lg + (size_t)(first[s + 1] - 1) * c->n_vocab, c->n_vocab);
-    for (int step = 0; step < n_decode; step++) {
-        for (int s = 0; s < n_seq; s++) {
-            printf("decode %d %d %d\n", step, s, next[s]);
-            tok[s] = next[s], sq[s] = s, pos[s] = seq_len[s] + step, ad[s] = seq_ad[s], rows[s] = s;
-        }
-        mn_batch d = {.n_tokens = n_seq, .tokens = tok, .seq = sq, .pos = pos, .n_out = n_seq, .out_rows = rows};
-        if ((t ? mn_tp_run_lora(t, &d, &lb, lg, &eb) : mn_forward_run_lora(f, sp, n_seq, &d, &lb, lg, &eb)) != MN_OK) {
-            fprintf(stderr, "decode step %d: %s\n", step, eb.msg);
-            return 2;
-        }
-        fwrite(lg, sizeof(float), (size_t)n_seq * c->n_vocab, out);
-        for (int s = 0; s < n_seq; s++) next[s] = argmax(lg + (size_t)s * c->n_vocab, c->n_vocab);
+    FILE *out = fopen(argv[3], "wb");
+    if (!out) {
+        fprintf(stderr, "cannot open OUT\n");
+        return 2;
     }
+    int32_t next[MAX_SEQ];
+    /* step -1: the prompts; then the decode steps. Each as one batch, or two with --halves. */
+    for (int step = -1; step < n_decode; step++) {
+        for (int half = 0; half < (halves ? 2 : 1); half++) {
+            int32_t n = 0, n_out = 0;
+            int in[MAX_SEQ];
+            for (int s = 0; s < n_seq; s++) in[s] = !halves || ((seq_ad[s] >= (n_ad + 1) / 2) == half);
+            if (step < 0) { /* prompts round-robin; out rows sequence by sequence */
+                for (int32_t p = 0; p < longest; p++)
+                    for (int s = 0; s < n_seq; s++)
+                        if (in[s] && p < seq_len[s]) {
+                            tok[n] = seq_tok[s][p], sq[n] = s, pos[n] = p, ad[n] = seq_ad[s];
+                            n++;
+                        }
+                for (int s = 0; s < n_seq; s++)
+                    for (int32_t p = 0; in[s] && p < seq_len[s]; p++)
+                        for (int32_t i = 0; i < n; i++)
+                            if (sq[i] == s && pos[i] == p) rows[n_out++] = i;
+            } else {
+                for (int s = 0; s < n_seq; s++)
+                    if (in[s]) {
+                        if (half == 0 || halves) printf("decode %d %d %d\n", step, s, next[s]);
+                        tok[n] = next[s], sq[n] = s, pos[n] = seq_len[s] + step, ad[n] = seq_ad[s], rows[n_out++] = n;
+                        n++;
+                    }
+            }
+            if (n == 0) continue;
+            mn_batch b = {.n_tokens = n, .tokens = tok, .seq = sq, .pos = pos, .n_out = n_out, .out_rows = rows};
+            mn_batch_lora lb = {.adapter = ad, .adapters = table, .n_adapters = n_ad_table};
+            if (budget > 0 &&
+                mn_lora_registry_acquire_batch(reg, ad, n, &lb.adapters, &lb.n_adapters, &eb) != MN_OK) {
+                fprintf(stderr, "step %d: %s\n", step, eb.msg);
+                return 2;
+            }
+            mn_err e = t ? mn_tp_run_lora(t, &b, &lb, lg, &eb) : mn_forward_run_lora(f, sp, n_seq, &b, &lb, lg, &eb);
+            if (budget > 0) mn_lora_registry_release_batch(reg, ad, n);
+            if (e != MN_OK) {
+                fprintf(stderr, "step %d: %s\n", step, eb.msg);
+                return 2;
+            }
+            /* place the rows where the one-batch layout has them */
+            for (int32_t o = 0; o < n_out; o++) {
+                int32_t i = rows[o], s = sq[i];
+                int32_t dst = step < 0 ? first[s] + pos[i] : s;
+                memcpy(lg_all + (size_t)dst * c->n_vocab, lg + (size_t)o * c->n_vocab, (size_t)c->n_vocab * sizeof(float));
+            }
+        }
+        int32_t n_rows = step < 0 ? total : n_seq;
+        fwrite(lg_all, sizeof(float), (size_t)n_rows * c->n_vocab, out);
+        for (int s = 0; s < n_seq; s++)
+            next[s] = argmax(lg_all + (size_t)(step < 0 ? first[s + 1] - 1 : s) * c->n_vocab, c->n_vocab);
+    }
+    mn_lora_stats ls;
+    mn_lora_registry_stats(reg, &ls);
+    fprintf(stderr, "page_ins %llu evictions %llu\n", (unsigned long long)ls.page_ins, (unsigned long long)ls.evictions);
+    free(lg_all);
     fclose(out);
     for (int s = 0; s < n_seq; s++) {
         mn_kv_seq_release(kv, &seqs[s]);
