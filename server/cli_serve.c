@@ -414,6 +414,9 @@ static bool is_serve_value_flag(const char *a) {
     return false;
 }
 
+/* Tokens per KV block of the server's engine (the pool and --mem-budget both count in these). */
+enum { SERVE_BLOCK_TOKENS = 16 };
+
 /* One device memory budget for the KV pool and the adapters' device copies. With
  * --mem-budget B: adapters get share*B (paged LRU within it, see mn_lora_registry_set_budget)
  * and the pool the blocks that fit in the rest. Without it, a GPU backend still holds the
@@ -432,7 +435,7 @@ static int serve_memory_split(mn_serve *srv, mn_backend *be, const mn_model *m, 
     }
     if (share < 0) share = 0.1;
     const mn_model_config *c = &m->cfg;
-    int64_t block_bytes = (int64_t)16 * c->n_layer * c->n_kv_head * c->head_dim * 2 * (int64_t)sizeof(uint16_t);
+    int64_t block_bytes = (int64_t)SERVE_BLOCK_TOKENS * c->n_layer * c->n_kv_head * c->head_dim * 2 * (int64_t)sizeof(uint16_t);
     int64_t adapter_bytes = (int64_t)((double)budget * share);
     int64_t blocks = (budget - adapter_bytes) / block_bytes;
     if (blocks < 1) {
@@ -614,7 +617,7 @@ int cmd_serve(int argc, char **argv) {
         serve_access_free(srv);
         return 1;
     }
-    mn_engine_params ep = {.max_batch_tokens = (int32_t)max_batch, .n_blocks = (int32_t)kv_blocks, .t1_budget = t1,
+    mn_engine_params ep = {.block_size = SERVE_BLOCK_TOKENS, .max_batch_tokens = (int32_t)max_batch, .n_blocks = (int32_t)kv_blocks, .t1_budget = t1,
                            .t2_budget = t2, .persist_dir = persist, .adapters = srv->adapters};
     mn_engine *e = NULL;
     if (mn_engine_new(m, &ep, &e, &eb) != MN_OK) {

@@ -71,6 +71,18 @@ static inline void *gt_host(gt_arena *a, size_t bytes, int *idx) {
     return p;
 }
 
+/* A random permutation of 0 .. n-1 in arena a (block ids scattered through a pool). */
+static inline int32_t *gt_shuffled(gt_arena *a, int32_t n) {
+    int32_t *perm = (int32_t *)gt_host(a, (size_t)n * sizeof(int32_t), NULL);
+    for (int32_t i = 0; i < n; i++) perm[i] = i;
+    for (int32_t i = n - 1; i > 0; i--) {
+        int32_t j = gt_rnd_int(i + 1), t = perm[i];
+        perm[i] = perm[j];
+        perm[j] = t;
+    }
+    return perm;
+}
+
 /* rows x cols floats with row stride `stride`, uniform in [lo, hi); stride gaps are NaN. */
 static inline float *gt_matrix(gt_arena *a, int64_t rows, int64_t cols, int64_t stride, float lo, float hi, int *idx) {
     float *m = gt_host(a, (size_t)(rows * stride) * sizeof(float), idx);

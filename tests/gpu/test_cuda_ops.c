@@ -102,13 +102,7 @@ static mn_kv_view make_pool(gt_arena *a, const tcase *c, int32_t L[3], int *idx)
         nb[s] = (L[s] + c->bs - 1) / c->bs;
         total += nb[s];
     }
-    int32_t *perm = gt_host(a, (size_t)total * sizeof(int32_t), NULL);
-    for (int32_t i = 0; i < total; i++) perm[i] = i;
-    for (int32_t i = total - 1; i > 0; i--) {
-        int32_t j = gt_rnd_int(i + 1), t = perm[i];
-        perm[i] = perm[j];
-        perm[j] = t;
-    }
+    int32_t *perm = gt_shuffled(a, total);
     int32_t *indptr = gt_host(a, 4 * sizeof(int32_t), NULL);
     int32_t *indices = gt_host(a, (size_t)(total - 3) * sizeof(int32_t), NULL);
     indptr[0] = 0;

@@ -182,7 +182,7 @@ int main(int argc, char **argv) {
             } else {
                 for (int s = 0; s < n_seq; s++)
                     if (in[s]) {
-                        if (half == 0 || halves) printf("decode %d %d %d\n", step, s, next[s]);
+                        printf("decode %d %d %d\n", step, s, next[s]);
                         tok[n] = next[s], sq[n] = s, pos[n] = seq_len[s] + step, ad[n] = seq_ad[s], rows[n_out++] = n;
                         n++;
                     }

@@ -502,6 +502,16 @@ static int fwd_open(fwd_fixture *fx) {
     return 0;
 }
 
+/* fwd_open, or skip the test when the model is missing and MNEME_ALLOW_NO_MODEL=1. */
+static void fwd_open_or_skip(fwd_fixture *fx) {
+    const char *allow = getenv("MNEME_ALLOW_NO_MODEL");
+    if (access(model_path(), R_OK) != 0 && allow && !strcmp(allow, "1")) {
+        fprintf(stderr, "model %s missing and MNEME_ALLOW_NO_MODEL=1: skipping\n", model_path());
+        skip();
+    }
+    if (fwd_open(fx)) fail_msg("model missing");
+}
+
 static void fwd_close(fwd_fixture *fx) {
     char p[200];
     snprintf(p, sizeof p, "%s/adapter_config.json", fx->dir);
@@ -544,11 +554,7 @@ static mn_err run_batch(fwd_fixture *fx, const int32_t *ad, const mn_lora *const
 
 static void test_lora_forward(void **state) {
     fwd_fixture fx;
-    if (access(model_path(), R_OK) != 0 && getenv("MNEME_ALLOW_NO_MODEL") && !strcmp(getenv("MNEME_ALLOW_NO_MODEL"), "1")) {
-        fprintf(stderr, "model %s missing and MNEME_ALLOW_NO_MODEL=1: skipping\n", model_path());
-        skip();
-    }
-    if (fwd_open(&fx)) fail_msg("model missing");
+    fwd_open_or_skip(&fx);
     mn_errbuf eb = {{0}};
     mn_lora_registry *reg;
     assert_int_equal(mn_lora_registry_new(fx.m, &reg, &eb), MN_OK);
@@ -640,11 +646,7 @@ static void *load_thread(void *p) {
 
 static void test_lora_registry_add(void **state) {
     fwd_fixture fx;
-    if (access(model_path(), R_OK) != 0 && getenv("MNEME_ALLOW_NO_MODEL") && !strcmp(getenv("MNEME_ALLOW_NO_MODEL"), "1")) {
-        fprintf(stderr, "model %s missing and MNEME_ALLOW_NO_MODEL=1: skipping\n", model_path());
-        skip();
-    }
-    if (fwd_open(&fx)) fail_msg("model missing");
+    fwd_open_or_skip(&fx);
     mn_errbuf eb = {{0}};
     mn_lora_registry *reg;
     assert_int_equal(mn_lora_registry_new(fx.m, &reg, &eb), MN_OK);
@@ -745,12 +747,7 @@ static void run_schedule(fwd_fixture *fx, mn_lora_registry *reg, bool pairs, flo
 
 static void test_lora_paging(void **state) {
     fwd_fixture fx;
-    const char *allow = getenv("MNEME_ALLOW_NO_MODEL");
-    if (access(model_path(), R_OK) != 0 && allow && !strcmp(allow, "1")) {
-        fprintf(stderr, "model %s missing and MNEME_ALLOW_NO_MODEL=1: skipping\n", model_path());
-        skip();
-    }
-    if (fwd_open(&fx)) fail_msg("model missing");
+    fwd_open_or_skip(&fx);
     mn_errbuf eb = {{0}};
     char dirs[NA][64];
     mn_lora_registry *reg;
