@@ -11,7 +11,7 @@
 #endif
 
 static const char *const op_names[MN_OP_COUNT] = {
-    "get_rows", "rmsnorm", "matmul", "rope", "kv_store", "attention", "silu_mul", "add", "lora",
+    "get_rows", "rmsnorm", "matmul", "rope", "kv_store", "attention", "silu_mul", "add", "lora", "wait_copy",
 };
 
 const char *mn_op_name(mn_op_kind k) { return (unsigned)k < MN_OP_COUNT ? op_names[k] : "?"; }
@@ -92,6 +92,17 @@ mn_err mn_backend_copy_2d_async(mn_backend *be, mn_copy_dir dir, void *dst, size
     }
     return MN_OK;
 }
+mn_err mn_backend_copy_compute_async(mn_backend *be, mn_copy_dir dir, void *dst, const void *src, size_t n, mn_errbuf *eb) {
+    if ((unsigned)dir > MN_COPY_D2D) return mn_errf(eb, MN_EINVALID, "copy direction %d unknown", (int)dir);
+    if (be->iface->copy_compute_async) return be->iface->copy_compute_async(be, dir, dst, src, n, eb);
+    /* without one: the copy queue, and the host waits (correct, but behind queued copies) */
+    mn_event ev = {0};
+    mn_err e = be->iface->copy_async(be, dir, dst, src, n, eb);
+    if (e == MN_OK) e = be->iface->event_record(be, &ev, eb);
+    if (e == MN_OK) e = be->iface->event_wait(be, &ev, eb);
+    return e;
+}
+
 mn_err mn_backend_event_record(mn_backend *be, mn_event *ev, mn_errbuf *eb) { return be->iface->event_record(be, ev, eb); }
 bool mn_backend_event_done(mn_backend *be, const mn_event *ev) { return be->iface->event_done(be, ev); }
 mn_err mn_backend_event_wait(mn_backend *be, const mn_event *ev, mn_errbuf *eb) { return be->iface->event_wait(be, ev, eb); }

@@ -6,7 +6,8 @@
  *   - memory: buffers in device memory (host memory for the CPU backend) under a byte
  *     budget, and pinned host buffers (tier T1) under their own budget;
  *   - a copy queue: asynchronous host<->device copies ordered on the queue, with events
- *     to wait on or poll, so swapping can overlap compute;
+ *     to wait on or poll (host side), or to make compute wait for (MN_OP_WAIT_COPY), so
+ *     swapping overlaps compute. The CPU backend runs it on its own thread too;
  *   - compute: mn_backend_run executes a list of ops (kernels/ops.h descriptors whose
  *     pointers are backend memory) in order. The CPU backend runs them on its thread pool
  *     and returns when done; the CUDA backend enqueues them on its compute stream.
@@ -25,9 +26,17 @@
 #include "engine/err.h"
 #include "kernels/ops.h"
 
+/* Completion marker of copies enqueued before it on the copy queue. Caller-owned storage;
+ * zero-initialise (ticket 0: nothing to wait for). */
+typedef struct mn_event { uint64_t ticket; } mn_event;
+
 typedef enum mn_op_kind {
     MN_OP_GET_ROWS, MN_OP_RMSNORM, MN_OP_MATMUL, MN_OP_ROPE,
     MN_OP_KV_STORE, MN_OP_ATTENTION, MN_OP_SILU_MUL, MN_OP_ADD, MN_OP_LORA,
+    /* ops after it wait until the copy queue has passed the event: how a layer-wise
+     * restore lets layer l compute once layer l's KV is back (CUDA: cudaStreamWaitEvent,
+     * the host does not wait; CPU: the pool waits for the copy thread) */
+    MN_OP_WAIT_COPY,
     MN_OP_COUNT
 } mn_op_kind;
 
@@ -44,6 +53,7 @@ typedef struct mn_op {
         mn_silu_mul_desc silu_mul;
         mn_add_desc add;
         mn_lora_desc lora;
+        mn_event wait_copy;
     } u;
 } mn_op;
 
@@ -65,10 +75,6 @@ typedef struct mn_buffer {
     size_t size;
 } mn_buffer;
 
-/* Completion marker of copies enqueued before it on the copy queue. Caller-owned storage;
- * zero-initialise. */
-typedef struct mn_event { uint64_t ticket; } mn_event;
-
 typedef enum mn_copy_dir { MN_COPY_H2D, MN_COPY_D2H, MN_COPY_D2D } mn_copy_dir;
 
 /* ---- the vtable a backend implements (private to engine/backend*.c) ---- */
@@ -84,6 +90,10 @@ typedef struct mn_backend_iface {
      * means one copy_async per row). */
     mn_err (*copy_2d_async)(mn_backend *be, mn_copy_dir dir, void *dst, size_t dpitch, const void *src, size_t spitch,
                             size_t width, size_t height, mn_errbuf *eb);
+    /* Enqueue a copy ordered with compute rather than on the copy queue: after the ops run
+     * before it, before the ops run after it. For the small per-step tables (token ids,
+     * positions, block tables), which must not wait behind a restore in flight. */
+    mn_err (*copy_compute_async)(mn_backend *be, mn_copy_dir dir, void *dst, const void *src, size_t n, mn_errbuf *eb);
     mn_err (*event_record)(mn_backend *be, mn_event *ev, mn_errbuf *eb);
     bool (*event_done)(mn_backend *be, const mn_event *ev);
     mn_err (*event_wait)(mn_backend *be, const mn_event *ev, mn_errbuf *eb);
@@ -123,6 +133,13 @@ typedef struct mn_backend_params {
  *  MN_OK returned and *fell_back set, if fell_back is not NULL). */
 mn_err mn_backend_new(const mn_backend_params *p, mn_backend **out, bool *fell_back, mn_errbuf *eb);
 mn_err mn_backend_cpu_new(const mn_backend_params *p, mn_backend **out, mn_errbuf *eb);
+/** Tests: with usec > 0 every copy of the CPU backend's queue runs on its copy thread, usec
+ *  late, so compute that does not wait for a copy it needs reads the old bytes (and a test
+ *  fails) instead of winning the race. 0 restores normal operation. */
+void mn_backend_cpu_slow_copies(mn_backend *be, unsigned usec);
+/** CPU backend counters: copies enqueued, and MN_OP_WAIT_COPY ops that found their copy
+ *  unfinished and blocked (compute had overtaken the copy queue). */
+void mn_backend_cpu_copy_stats(mn_backend *be, uint64_t *copies, uint64_t *waits_blocked);
 void mn_backend_free(mn_backend *be);
 const char *mn_backend_name(const mn_backend *be);
 
@@ -139,6 +156,9 @@ mn_err mn_backend_copy_async(mn_backend *be, mn_copy_dir dir, void *dst, const v
  *  megabyte units rather than one block at a time. */
 mn_err mn_backend_copy_2d_async(mn_backend *be, mn_copy_dir dir, void *dst, size_t dpitch, const void *src,
                                 size_t spitch, size_t width, size_t height, mn_errbuf *eb);
+/** A copy ordered with compute (see the vtable): the source may change once the next
+ *  mn_backend_synchronize returns. */
+mn_err mn_backend_copy_compute_async(mn_backend *be, mn_copy_dir dir, void *dst, const void *src, size_t n, mn_errbuf *eb);
 mn_err mn_backend_event_record(mn_backend *be, mn_event *ev, mn_errbuf *eb);
 bool mn_backend_event_done(mn_backend *be, const mn_event *ev);
 mn_err mn_backend_event_wait(mn_backend *be, const mn_event *ev, mn_errbuf *eb);

@@ -50,6 +50,8 @@ struct mn_forward {
      * then the partial LoRA shrink of the same linear (mn_lora_v_floats of its segments) */
     mn_buffer *red;
     size_t cap_red;      /* floats */
+    /* mn_forward_wait_layers: [n_layer] copy events the next run's layers wait for */
+    mn_event *layer_ready;
 };
 
 /* activation row widths, in floats (this rank's share of q, k, v, gate, up) */
@@ -173,6 +175,7 @@ void mn_forward_free(mn_forward *f) {
     mn_buffer_free(f->logits);
     mn_free(f->host_meta);
     mn_free(f->ops);
+    mn_free(f->layer_ready);
     mn_free(f->lora_rows);
     mn_free(f->lora_act);
     mn_free(f->lora_segs);
@@ -222,8 +225,8 @@ static mn_err ensure_capacity(mn_forward *f, int32_t T, int32_t n_out, int32_t n
         f->meta = nb;
         f->host_meta = hm;
     }
-    /* + up to 6 lora ops (o and down split in two with tp > 1) and 2 tp adds per layer */
-    int need_ops = 1 + c->n_layer * (14 + 6 + 2) + n_out + 1;
+    /* + up to 6 lora ops (o and down split in two with tp > 1), 2 tp adds and a copy wait per layer */
+    int need_ops = 1 + c->n_layer * (14 + 6 + 2 + 1) + n_out + 1;
     if (need_ops > f->cap_ops) {
         mn_op *no = mn_realloc(f->ops, (size_t)need_ops * sizeof(mn_op));
         if (!no) return mn_errf(eb, MN_ENOMEM, "forward: out of memory");
@@ -492,6 +495,15 @@ static mn_err run_ops(mn_forward *f, const mn_op *ops, int n, int n_cuts, float 
     return e;
 }
 
+mn_err mn_forward_wait_layers(mn_forward *f, const mn_event *ready, mn_errbuf *eb) {
+    int32_t nl = f->m->cfg.n_layer;
+    if (!f->layer_ready && !(f->layer_ready = mn_calloc((size_t)nl, sizeof(mn_event))))
+        return mn_errf(eb, MN_ENOMEM, "forward: out of memory");
+    for (int32_t l = 0; l < nl; l++)
+        if (ready[l].ticket > f->layer_ready[l].ticket) f->layer_ready[l] = ready[l];
+    return MN_OK;
+}
+
 mn_err mn_forward_run(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b, float *logits, mn_errbuf *eb) {
     return mn_forward_run_lora(f, seqs, n_seqs, b, NULL, logits, eb);
 }
@@ -507,6 +519,7 @@ mn_err mn_forward_run_lora(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs
                            const mn_batch_lora *lb, float *logits, mn_errbuf *eb) {
     bool alike = false;
     mn_err e = run_batch(f, seqs, n_seqs, b, lb, logits, &alike, eb);
+    if (f->layer_ready) memset(f->layer_ready, 0, (size_t)f->m->cfg.n_layer * sizeof(mn_event)); /* one run's */
     if (e != MN_OK && !alike && f->comm) mn_comm_abort(f->comm);
     return e;
 }
@@ -553,7 +566,8 @@ static mn_err run_batch(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, c
         indptr[s + 1] = indptr[s] + seqs[s]->n_blocks;
     }
     size_t meta_n = (size_t)(3 * ct + n_seqs + 1 + total_blocks);
-    e = mn_backend_copy_async(f->be, MN_COPY_H2D, dm, hm, meta_n * 4, eb);
+    /* ordered with compute: never behind a restore's copies on the copy queue */
+    e = mn_backend_copy_compute_async(f->be, MN_COPY_H2D, dm, hm, meta_n * 4, eb);
     const int32_t *d_tok = dm, *d_seq = dm + ct, *d_pos = dm + 2 * ct;
     const int32_t *d_indptr = dm + 3 * ct, *d_indices = d_indptr + n_seqs + 1;
 
@@ -585,6 +599,8 @@ static mn_err run_batch(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, c
         if (n_act) n += emit_lora(f, n_act, l, 0, xn, E, E, (float *const[]){q, k, v}, (const int64_t[]){Q, KV, KV}, &ops[n], &n_segs);
         ops[n++] = (mn_op){MN_OP_ROPE, .u.rope = {T, nh, c->head_dim, c->n_rot, c->rope_mode, q, Q, d_pos, m->inv_freq, 1.0f}};
         ops[n++] = (mn_op){MN_OP_ROPE, .u.rope = {T, nkv, c->head_dim, c->n_rot, c->rope_mode, k, KV, d_pos, m->inv_freq, 1.0f}};
+        if (f->layer_ready && f->layer_ready[l].ticket) /* this layer's KV is still being restored */
+            ops[n++] = (mn_op){MN_OP_WAIT_COPY, .u.wait_copy = f->layer_ready[l]};
         ops[n++] = (mn_op){MN_OP_KV_STORE, .u.kv_store = {T, k, KV, v, KV, d_seq, d_pos, kv}};
         ops[n++] = (mn_op){MN_OP_ATTENTION, .u.attention = {T, nh, nkv, c->head_dim, q, Q, d_seq, d_pos, kv, scale, att, Q, max_pos}};
         if (f->tp > 1) {
@@ -613,18 +629,14 @@ static mn_err run_batch(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, c
     float *d_logits = b->n_out > 0 ? f->logits->ptr : NULL;
     if (b->n_out > 0) ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&m->output, xo, E, d_logits, c->n_vocab, b->n_out, NULL, 0)};
 
-    /* the ops read the metadata: wait for its copy (a no-op on the CPU backend) */
-    mn_event meta_ready = {0};
     if (e == MN_OK && n_segs > 0) {
         /* the lora plan is complete only now: its segments and rows go with the metadata */
         char *dev = f->lora_dev->ptr;
-        e = mn_backend_copy_async(f->be, MN_COPY_H2D, dev, f->lora_segs, (size_t)n_segs * sizeof(mn_lora_seg), eb);
+        e = mn_backend_copy_compute_async(f->be, MN_COPY_H2D, dev, f->lora_segs, (size_t)n_segs * sizeof(mn_lora_seg), eb);
         if (e == MN_OK)
-            e = mn_backend_copy_async(f->be, MN_COPY_H2D, dev + (size_t)f->cap_lora_segs * sizeof(mn_lora_seg), f->lora_rows,
-                                      (size_t)T * sizeof(int32_t), eb);
+            e = mn_backend_copy_compute_async(f->be, MN_COPY_H2D, dev + (size_t)f->cap_lora_segs * sizeof(mn_lora_seg),
+                                              f->lora_rows, (size_t)T * sizeof(int32_t), eb);
     }
-    if (e == MN_OK) e = mn_backend_event_record(f->be, &meta_ready, eb);
-    if (e == MN_OK) e = mn_backend_event_wait(f->be, &meta_ready, eb);
     if (e == MN_OK) e = mn_backend_reserve(f->be, ops, n, eb);
     if (e == MN_OK) e = run_ops(f, ops, n, n_cuts, part, eb);
     *alike = false;

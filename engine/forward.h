@@ -73,6 +73,12 @@ void mn_forward_free(mn_forward *f);
  *  and row arrays of the lora ops are uploaded with the batch's metadata. */
 mn_err mn_forward_run(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b, float *logits,
                       mn_errbuf *eb);
+/** Layer-wise restore: the next run's layer l waits (on the device, not the host) for
+ *  ready[l] (an event of f's backend's copy queue; ticket 0: nothing) before it stores or
+ *  reads KV, so layers whose KV is back compute while the rest is still copying. Calls
+ *  before one run combine (the later ticket of each layer); the run consumes them, also
+ *  when it fails. */
+mn_err mn_forward_wait_layers(mn_forward *f, const mn_event *ready, mn_errbuf *eb);
 /** mn_forward_run with adapters (lora may be NULL: the same as mn_forward_run). */
 mn_err mn_forward_run_lora(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b,
                            const mn_batch_lora *lora, float *logits, mn_errbuf *eb);

@@ -227,6 +227,9 @@ void mn_engine_free(mn_engine *e) {
     }
     while (e->n_sessions) mn_session_delete(e, e->sessions[e->n_sessions - 1]);
     mn__tier_worker_free(e); /* after the sessions: their jobs are orphaned by then */
+    mn__tier_restore_finish(e);
+    mn_free(e->retired);
+    mn_free(e->restore_ready);
     mn_free(e->sessions);
     for (int32_t i = 0; i < e->prefix_cap; i++)
         if (e->prefix[i].block != PREFIX_EMPTY) {
@@ -641,7 +644,7 @@ mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb) {
             continue;
         }
         mn_errbuf peb;
-        mn_err perr = mn__tier_ensure_resident(e, s, &peb);
+        mn_err perr = mn__tier_restore_pipelined(e, s, &peb);
         if (perr != MN_OK) mn__session_fail(e, s, perr, peb.msg);
     }
     for (int32_t i = 0; i < e->n_sessions && err == MN_OK; i++)
@@ -674,6 +677,7 @@ mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb) {
     }
     /* nothing to run but a lift on the way: wait for it a little rather than spin */
     if (err == MN_OK && !*did_work && lifting) mn__tier_wait_any(e, 0.002);
+    mn__tier_restore_finish(e);
     step_notify(e);
     return err;
 }
@@ -720,8 +724,9 @@ mn_err mn_session_submit_tokens(mn_engine *e, mn_session *s, const int32_t *toke
     if ((int64_t)s->n_tokens + n > e->m->cfg.n_ctx)
         return mn_errf(eb, MN_ELIMIT, "session %s: %d + %d tokens exceed the context length %d", s->id, s->n_tokens, n,
                        e->m->cfg.n_ctx);
-    /* below T1 the worker brings it up while the engine steps the others */
-    mn_err err = s->tier >= 2 ? mn__tier_lift_start(e, s, eb) : mn__tier_ensure_resident(e, s, eb);
+    /* below T1 the worker brings it up while the engine steps the others; from T1 the step
+     * restores it layer by layer, overlapping its forward */
+    mn_err err = s->tier >= 2 ? mn__tier_lift_start(e, s, eb) : s->tier == 1 && n > 0 ? MN_OK : mn__tier_ensure_resident(e, s, eb);
     if (err != MN_OK) return err;
     return mn__session_add_tokens(s, tokens, n, role, eb);
 }
@@ -877,8 +882,10 @@ static mn_err gen_begin(mn_engine *e, mn_session *s, const mn_gen_params *p, mn_
     if (s->gen) return mn_errf(eb, MN_EBUSY, "session %s is already generating", s->id);
     if (p->max_tokens < 1) return mn_errf(eb, MN_ERANGE, "max_tokens must be >= 1, got %d", p->max_tokens);
     mn_err err = mn_sampling_validate(&p->sampling, e->m->cfg.n_vocab, eb);
-    if (err == MN_OK) /* with tokens pending, a lift may go on: the step waits for it */
-        err = s->tier >= 2 && wants_compute(s) ? mn__tier_lift_start(e, s, eb) : mn__tier_ensure_resident(e, s, eb);
+    if (err == MN_OK && wants_compute(s) && s->tier >= 1) /* with tokens pending the step brings it up */
+        err = s->tier >= 2 ? mn__tier_lift_start(e, s, eb) : MN_OK;
+    else if (err == MN_OK)
+        err = mn__tier_ensure_resident(e, s, eb);
     if (err != MN_OK) return err;
     int32_t *h = NULL;
     int64_t nh = 0;

@@ -86,6 +86,11 @@ struct mn_engine {
     char *persist_dir;                      /* T3; NULL: no disk tier */
     int64_t swapped_out[4], swapped_in[4];  /* bytes moved to / from each tier */
     struct mn__tier_worker *worker;         /* background T1 -> T2/T3 demotion (tier.c) */
+    /* layer-wise restore (tier.c): the step's restores' per-layer copy events, and the T1
+     * images they read, freed once the copies are done */
+    mn_event *restore_ready;                /* [n_layer] */
+    struct { uint16_t *kv; mn_buffer *buf; } *retired;
+    int32_t n_retired, cap_retired;
 };
 
 
@@ -99,7 +104,11 @@ mn_err mn__session_run_until_done(mn_engine *e, mn_session *s, mn_errbuf *eb);
  * else NULL and the image is mn_aligned_alloc'd). */
 mn_err mn__session_gather_kv(mn_engine *e, const mn_session *s, uint16_t **kv_out, int32_t *n_blocks, mn_buffer **pinned,
                              mn_errbuf *eb);
-mn_err mn__session_scatter_kv(mn_engine *e, mn_session *s, const uint16_t *kv, int32_t n_tokens, mn_errbuf *eb);
+/* kv into freshly reserved blocks of s. layer_done NULL: returns when the copies are done;
+ * else [n_layer] events, layer l's recorded after its copies, and kv must stay alive until
+ * the last is done. */
+mn_err mn__session_scatter_kv(mn_engine *e, mn_session *s, const uint16_t *kv, int32_t n_tokens, mn_event *layer_done,
+                              mn_errbuf *eb);
 /* checks an image against e; *lora gets the loaded adapter it was made with (NULL: none) */
 mn_err mn__session_check_image(const mn_engine *e, const mn_session_loaded *ld, const mn_lora **lora, mn_errbuf *eb);
 /* binds s (empty or being restored) to lora (may be NULL) */
@@ -121,6 +130,12 @@ void mn__tier_worker_free(mn_engine *e);
  * on its way); the step promotes it to T0 once the lift is installed */
 mn_err mn__tier_lift_start(mn_engine *e, mn_session *s, mn_errbuf *eb);
 bool mn__tier_lifting(const mn_session *s);
+/* T1 -> T0 for the step: copies enqueued layer by layer, the next forward's layer l waits
+ * for layer l's (falls back to mn__tier_ensure_resident off T1 or with a job in flight) */
+mn_err mn__tier_restore_pipelined(mn_engine *e, mn_session *s, mn_errbuf *eb);
+/* end of the step: wait for the restores' copies (done already if the forward ran) and
+ * free the images they read */
+void mn__tier_restore_finish(mn_engine *e);
 /* wait up to `seconds` for any background job to finish, then install what finished */
 void mn__tier_wait_any(mn_engine *e, double seconds);
 /* session.c */

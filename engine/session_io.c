@@ -20,22 +20,22 @@ static uint16_t *pool_block(const mn_kv_pool *p, int32_t id, int32_t layer, int 
 /* Copy a session's blocks between the pool and a block-major image ([block][layer][K|V]),
  * one strided copy per (layer, K|V, run of consecutive pool ids): the pool keeps each
  * (layer, kind) as one array of blocks, so a run is contiguous there, and the image rows
- * of a run are n_layer*2 blocks apart. */
+ * of a run are n_layer*2 blocks apart. Layer by layer, so that with layer_done non-NULL
+ * an event after each layer lets layer l compute while later layers still copy. */
 static mn_err copy_runs(const mn_kv_pool *p, const int32_t *ids, int32_t n_blocks, uint16_t *img, mn_copy_dir dir,
-                        mn_errbuf *eb) {
+                        mn_event *layer_done, mn_errbuf *eb) {
     size_t blk = (size_t)p->block_elems * sizeof(uint16_t), img_pitch = (size_t)p->n_layer * 2 * blk;
     mn_err err = MN_OK;
-    for (int32_t b0 = 0; b0 < n_blocks && err == MN_OK;) {
-        int32_t n = 1;
-        while (b0 + n < n_blocks && ids[b0 + n] == ids[b0] + n) n++;
-        for (int32_t l = 0; l < p->n_layer && err == MN_OK; l++)
-            for (int k = 0; k < 2 && err == MN_OK; k++) {
+    for (int32_t l = 0; l < p->n_layer && err == MN_OK; l++) {
+        for (int k = 0; k < 2 && err == MN_OK; k++)
+            for (int32_t b0 = 0, n; b0 < n_blocks && err == MN_OK; b0 += n) {
+                for (n = 1; b0 + n < n_blocks && ids[b0 + n] == ids[b0] + n;) n++;
                 uint16_t *pool = pool_block(p, ids[b0], l, k);
                 uint16_t *im = img + ((size_t)b0 * p->n_layer + l) * 2 * p->block_elems + (size_t)k * p->block_elems;
                 err = dir == MN_COPY_H2D ? mn_backend_copy_2d_async(p->backend, dir, pool, blk, im, img_pitch, blk, (size_t)n, eb)
                                          : mn_backend_copy_2d_async(p->backend, dir, im, img_pitch, pool, blk, blk, (size_t)n, eb);
             }
-        b0 += n;
+        if (err == MN_OK && layer_done) err = mn_backend_event_record(p->backend, &layer_done[l], eb);
     }
     return err;
 }
@@ -54,7 +54,7 @@ mn_err mn__session_gather_kv(mn_engine *e, const mn_session *s, uint16_t **kv_ou
     }
     if (!kv && !(kv = mn_aligned_alloc(64, bytes)))
         return mn_errf(eb, MN_ENOMEM, "session %s: out of memory for a %d-block image", s->id, n_blocks);
-    mn_err err = copy_runs(p, s->seq.blocks, n_blocks, kv, MN_COPY_D2H, eb);
+    mn_err err = copy_runs(p, s->seq.blocks, n_blocks, kv, MN_COPY_D2H, NULL, eb);
     if (err == MN_OK) err = mn_backend_synchronize(p->backend, eb);
     if (err != MN_OK) {
         if (buf) mn_buffer_free(buf);
@@ -95,14 +95,19 @@ static mn_err build_image(mn_engine *e, mn_session *s, mn_session_image *img, ui
     return MN_OK;
 }
 
-mn_err mn__session_scatter_kv(mn_engine *e, mn_session *s, const uint16_t *kv, int32_t n_tokens, mn_errbuf *eb) {
+mn_err mn__session_scatter_kv(mn_engine *e, mn_session *s, const uint16_t *kv, int32_t n_tokens, mn_event *layer_done,
+                              mn_errbuf *eb) {
     mn_kv_pool *p = e->kv;
     mn_kv_pool_sort_free(p); /* fresh blocks in ascending runs: few, large copies */
     mn_err err = mn_kv_seq_reserve(p, &s->seq, n_tokens, eb);
     int32_t n_blocks = (n_tokens + p->block_size - 1) / p->block_size;
-    if (err == MN_OK) err = copy_runs(p, s->seq.blocks, n_blocks, (uint16_t *)kv, MN_COPY_H2D, eb);
-    if (err == MN_OK) err = mn_backend_synchronize(p->backend, eb);
+    if (err == MN_OK) err = copy_runs(p, s->seq.blocks, n_blocks, (uint16_t *)kv, MN_COPY_H2D, layer_done, eb);
+    if (err == MN_OK && !layer_done) err = mn_backend_synchronize(p->backend, eb);
     if (err != MN_OK) {
+        if (layer_done) { /* some copies may be queued: they must not land in reused blocks */
+            mn_errbuf ignore;
+            mn_backend_synchronize(p->backend, &ignore);
+        }
         mn_kv_seq_release(p, &s->seq);
         return err;
     }
@@ -171,7 +176,7 @@ static mn_err restore(mn_engine *e, mn_session_loaded *ld, mn_session **out, mn_
     err = mn__session_add_tokens(s, img->tokens, img->n_tokens, MN_ROLE_NONE, eb);
     if (err == MN_OK && img->n_tokens) memcpy(s->roles, img->roles, (size_t)img->n_tokens);
     if (err == MN_OK) err = mn__tier_make_room(e, (img->n_tokens + p->block_size - 1) / p->block_size, s, eb);
-    if (err == MN_OK) err = mn__session_scatter_kv(e, s, img->kv, img->n_tokens, eb);
+    if (err == MN_OK) err = mn__session_scatter_kv(e, s, img->kv, img->n_tokens, NULL, eb);
     if (err != MN_OK) {
         mn_session_delete(e, s);
         return err;

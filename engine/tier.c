@@ -494,13 +494,56 @@ mn_err mn__tier_ensure_resident(mn_engine *e, mn_session *s, mn_errbuf *eb) {
     int32_t n_blocks = (s->n_computed + e->bs - 1) / e->bs;
     mn_err err = mn__tier_make_room(e, n_blocks, s, eb);
     if (err == MN_OK) err = read_tier(e, s, &kv, &ld, eb);
-    if (err == MN_OK) err = mn__session_scatter_kv(e, s, kv, s->n_computed, eb);
+    if (err == MN_OK) err = mn__session_scatter_kv(e, s, kv, s->n_computed, NULL, eb);
     mn_session_loaded_free(ld);
     if (err != MN_OK) return err;
     e->swapped_in[s->tier] += s->tier == 3 ? (int64_t)n_blocks * e->bs * mn_kv_bytes_per_token(e->kv) : s->host_bytes;
     mn__tier_drop(e, s);
     s->tier = 0;
     return MN_OK;
+}
+
+/* Layer-wise restore. The image's copies go on the copy queue layer by layer; the next
+ * forward's layer l waits (MN_OP_WAIT_COPY) only for layer l's, so the first layers
+ * compute while the rest is in flight, and the engine thread only enqueues. The image
+ * leaves the session at once (it is T0 now) and is retired: freed at the end of the step,
+ * once the copies are surely done. */
+mn_err mn__tier_restore_pipelined(mn_engine *e, mn_session *s, mn_errbuf *eb) {
+    if (s->tier != 1 || s->job) return mn__tier_ensure_resident(e, s, eb); /* a job reads the image: keep it simple */
+    int32_t n_blocks = (s->n_computed + e->bs - 1) / e->bs, nl = e->m->cfg.n_layer;
+    if (!e->restore_ready && !(e->restore_ready = mn_calloc((size_t)nl, sizeof(mn_event))))
+        return mn_errf(eb, MN_ENOMEM, "out of memory");
+    if (e->n_retired == e->cap_retired) {
+        int32_t cap = e->cap_retired ? 2 * e->cap_retired : 8;
+        void *r = mn_realloc(e->retired, (size_t)cap * sizeof *e->retired);
+        if (!r) return mn_errf(eb, MN_ENOMEM, "out of memory");
+        e->retired = r;
+        e->cap_retired = cap;
+    }
+    mn_err err = mn__tier_make_room(e, n_blocks, s, eb);
+    if (err == MN_OK) err = mn__session_scatter_kv(e, s, s->host_kv, s->n_computed, e->restore_ready, eb);
+    if (err != MN_OK) return err; /* nothing reserved, nothing queued */
+    if (mn_forward_wait_layers(e->f, e->restore_ready, eb) != MN_OK)
+        mn_backend_synchronize(e->kv->backend, eb); /* cannot arm the waits (out of memory): wait here */
+    e->retired[e->n_retired].kv = s->host_kv;
+    e->retired[e->n_retired++].buf = s->host_buf;
+    s->host_kv = NULL; /* the retired list owns it now */
+    s->host_buf = NULL;
+    e->swapped_in[1] += s->host_bytes;
+    mn__tier_drop(e, s);
+    s->tier = 0;
+    return MN_OK;
+}
+
+void mn__tier_restore_finish(mn_engine *e) {
+    if (!e->n_retired) return;
+    mn_errbuf ignore;
+    mn_backend_synchronize(e->kv->backend, &ignore); /* a no-op wait when the forward ran */
+    for (int32_t i = 0; i < e->n_retired; i++) {
+        if (e->retired[i].buf) mn_buffer_free(e->retired[i].buf);
+        else mn_free(e->retired[i].kv);
+    }
+    e->n_retired = 0;
 }
 
 mn_err mn_engine_demote_idle(mn_engine *e, double idle_seconds, double now, mn_errbuf *eb) {

@@ -123,6 +123,27 @@ static mn_err cuda_copy_2d_async(mn_backend *be, mn_copy_dir dir, void *dst, siz
     return MN_OK;
 }
 
+/* On the compute stream: ordered with the ops, never behind the copy queue. */
+static mn_err cuda_copy_compute_async(mn_backend *be, mn_copy_dir dir, void *dst, const void *src, size_t n,
+                                      mn_errbuf *eb) {
+    cuda_impl *c = be->impl;
+    if (n == 0) return MN_OK;
+    static const enum cudaMemcpyKind kinds[] = {cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost,
+                                                cudaMemcpyDeviceToDevice};
+    MN_CUDA_CHECK(eb, cudaMemcpyAsync(dst, src, n, kinds[dir], c->compute));
+    return MN_OK;
+}
+
+/* MN_OP_WAIT_COPY: the compute stream waits (on the device) for ticket t of the copy
+ * stream. The wait binds to the slot's record as of now, so a later reuse of the slot
+ * cannot change what it waits for. */
+static mn_err wait_copy(cuda_impl *c, uint64_t t, mn_errbuf *eb) {
+    if (t > c->next_ticket) return mn_errf(eb, MN_EINVALID, "wait_copy: event ticket %llu was never recorded", (unsigned long long)t);
+    if (t <= c->done_ticket) return MN_OK;
+    MN_CUDA_CHECK(eb, cudaStreamWaitEvent(c->compute, c->ring[t % EV_RING], 0));
+    return MN_OK;
+}
+
 static mn_err cuda_event_record(mn_backend *be, mn_event *ev, mn_errbuf *eb) {
     cuda_impl *c = be->impl;
     uint64_t t = c->next_ticket + 1;
@@ -207,6 +228,7 @@ static bool cuda_supports_op(mn_backend *be, const mn_op *op) {
     case MN_OP_ROPE: return op->u.rope.n_rot <= op->u.rope.head_dim && op->u.rope.n_rot % 2 == 0;
     case MN_OP_RMSNORM: case MN_OP_KV_STORE: case MN_OP_SILU_MUL: case MN_OP_ADD: return true;
     case MN_OP_LORA: return op->u.lora.max_r > 0 && op->u.lora.max_r <= MN_CUDA_LORA_MAX_R;
+    case MN_OP_WAIT_COPY: return true;
     case MN_OP_COUNT: break;
     }
     return false;
@@ -254,6 +276,7 @@ static mn_err run_op(cuda_impl *c, const mn_op *op, mn_errbuf *eb) {
     case MN_OP_SILU_MUL: return mn_cuda_silu_mul(&op->u.silu_mul, s, eb);
     case MN_OP_ADD: return mn_cuda_add(&op->u.add, s, eb);
     case MN_OP_LORA: return mn_cuda_lora(&op->u.lora, s, eb);
+    case MN_OP_WAIT_COPY: return wait_copy(c, op->u.wait_copy.ticket, eb);
     case MN_OP_COUNT: break;
     }
     return mn_errf(eb, MN_EINVALID, "op kind %d unknown", (int)op->kind);
@@ -299,6 +322,7 @@ static const mn_backend_iface cuda_iface = {
     .mem_free = cuda_mem_free,
     .copy_async = cuda_copy_async,
     .copy_2d_async = cuda_copy_2d_async,
+    .copy_compute_async = cuda_copy_compute_async,
     .event_record = cuda_event_record,
     .event_done = cuda_event_done,
     .event_wait = cuda_event_wait,

@@ -131,6 +131,48 @@ out:
     return ok;
 }
 
+/* Layer-wise restore's device side: a large H2D copy on the copy stream, its event, then
+ * a compute list [WAIT_COPY(event), ADD y += x]: y must see the copied x although the host
+ * never waited; and the per-step table copy (copy_compute_async) does not queue behind. */
+static int wait_copy_op(mn_backend *be) {
+    int ok = 0;
+    mn_errbuf eb = {{0}};
+    enum { N = 16 << 20 }; /* 64 MB: long enough on PCIe that compute would overtake it */
+    mn_buffer *x = NULL, *y = NULL, *p = NULL, *m = NULL;
+    CHECK(mn_buffer_alloc(be, MN_MEM_DEVICE, N * sizeof(float), &x, &eb) == MN_OK, "%s", eb.msg);
+    CHECK(mn_buffer_alloc(be, MN_MEM_DEVICE, N * sizeof(float), &y, &eb) == MN_OK, "%s", eb.msg);
+    CHECK(mn_buffer_alloc(be, MN_MEM_HOST_PINNED, N * sizeof(float), &p, &eb) == MN_OK, "%s", eb.msg);
+    CHECK(mn_buffer_alloc(be, MN_MEM_DEVICE, 64, &m, &eb) == MN_OK, "%s", eb.msg);
+    float *h = p->ptr;
+    for (int64_t i = 0; i < N; i++) h[i] = (float)(i % 1000);
+    CHECK(cudaMemset(x->ptr, 0, N * sizeof(float)) == cudaSuccess && cudaMemset(y->ptr, 0, N * sizeof(float)) == cudaSuccess,
+          "memset");
+    CHECK(cudaDeviceSynchronize() == cudaSuccess, "sync");
+    mn_event ev = {0};
+    CHECK(mn_backend_copy_async(be, MN_COPY_H2D, x->ptr, h, N * sizeof(float), &eb) == MN_OK, "%s", eb.msg);
+    CHECK(mn_backend_event_record(be, &ev, &eb) == MN_OK, "%s", eb.msg);
+    static int32_t table[16] = {42};
+    CHECK(mn_backend_copy_compute_async(be, MN_COPY_H2D, m->ptr, table, sizeof table, &eb) == MN_OK, "%s", eb.msg);
+    mn_op ops[2] = {{MN_OP_WAIT_COPY, .u.wait_copy = ev},
+                    {MN_OP_ADD, .u.add = {.T = 1, .D = N, .y = y->ptr, .y_stride = N, .x = x->ptr, .x_stride = N}}};
+    CHECK(mn_backend_reserve(be, ops, 2, &eb) == MN_OK, "%s", eb.msg);
+    CHECK(mn_backend_run(be, ops, 2, &eb) == MN_OK, "%s", eb.msg);
+    CHECK(mn_backend_synchronize(be, &eb) == MN_OK, "%s", eb.msg);
+    static float back[4096];
+    CHECK(cudaMemcpy(back, (float *)y->ptr + (N - 4096), sizeof back, cudaMemcpyDeviceToHost) == cudaSuccess, "copy back");
+    for (int i = 0; i < 4096; i++) CHECK(back[i] == (float)((N - 4096 + i) % 1000), "y[%d] = %g: the add ran before the copy", N - 4096 + i, back[i]);
+    int32_t t0 = 0;
+    CHECK(cudaMemcpy(&t0, m->ptr, 4, cudaMemcpyDeviceToHost) == cudaSuccess && t0 == 42, "compute-ordered copy: %d", t0);
+    printf("backend   compute waits for a copy event on the device (MN_OP_WAIT_COPY), 64 MB  ok\n");
+    ok = 1;
+out:
+    mn_buffer_free(x);
+    mn_buffer_free(y);
+    mn_buffer_free(p);
+    mn_buffer_free(m);
+    return ok;
+}
+
 static int budget(void) {
     int ok = 0;
     mn_errbuf eb = {{0}};
@@ -162,6 +204,7 @@ int gt_backend_smoke(void) {
     }
     int ok = layer_piece(be);
     ok &= event_ring(be);
+    ok &= wait_copy_op(be);
     mn_backend_free(be);
     ok &= budget();
     return ok;

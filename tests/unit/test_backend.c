@@ -1,4 +1,5 @@
-/* tests/unit/test_backend.c — thread pool, barrier, buffer budgets, KV pool accounting. */
+/* tests/unit/test_backend.c — thread pool, barrier, buffer budgets, KV pool accounting,
+ * the CPU backend's asynchronous copy queue. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -160,12 +161,76 @@ static void test_copy_2d(void **state) {
     mn_backend_free(be);
 }
 
+/* The CPU copy queue runs on its own thread: with slow copies an event is not done right
+ * after its copy is enqueued, copies land in order (the later of two to the same bytes
+ * wins), event_wait / synchronize wait for them, a compute list's MN_OP_WAIT_COPY holds
+ * the ops after it until the copy landed, and copy_compute_async does not queue behind. */
+static void test_copy_queue_async(void **state) {
+    mn_backend *be;
+    mn_errbuf eb;
+    mn_backend_params bp = {.device = "cpu", .n_threads = 2};
+    assert_int_equal(mn_backend_cpu_new(&bp, &be, &eb), MN_OK);
+    enum { N = 1024 };
+    mn_buffer *y, *x;
+    assert_int_equal(mn_buffer_alloc(be, MN_MEM_DEVICE, N * sizeof(float), &y, &eb), MN_OK);
+    assert_int_equal(mn_buffer_alloc(be, MN_MEM_DEVICE, N * sizeof(float), &x, &eb), MN_OK);
+    static float ones[N], twos[N], out[N], meta[4], meta_dev[4];
+    for (int i = 0; i < N; i++) { ones[i] = 1.0f; twos[i] = 2.0f; }
+    memset(y->ptr, 0, N * sizeof(float));
+    memset(x->ptr, 0, N * sizeof(float));
+    mn_backend_cpu_slow_copies(be, 20000);
+    mn_event first = {0}, second = {0}, none = {0};
+    assert_true(mn_backend_event_done(be, &none));  /* ticket 0: nothing to wait for */
+    assert_int_equal(mn_backend_copy_async(be, MN_COPY_H2D, x->ptr, ones, sizeof ones, &eb), MN_OK);
+    assert_int_equal(mn_backend_event_record(be, &first, &eb), MN_OK);
+    assert_int_equal(mn_backend_copy_async(be, MN_COPY_H2D, x->ptr, twos, sizeof twos, &eb), MN_OK);
+    assert_int_equal(mn_backend_event_record(be, &second, &eb), MN_OK);
+    assert_false(mn_backend_event_done(be, &second));           /* 40 ms of copies still queued */
+    meta[0] = 7.0f;
+    assert_int_equal(mn_backend_copy_compute_async(be, MN_COPY_H2D, meta_dev, meta, sizeof meta, &eb), MN_OK);
+    assert_true(meta_dev[0] == 7.0f);                           /* not behind the queue */
+    assert_false(mn_backend_event_done(be, &second));
+    /* y += x after waiting for the second copy: y must be all 2 */
+    mn_op ops[2] = {{MN_OP_WAIT_COPY, .u.wait_copy = second},
+                    {MN_OP_ADD, .u.add = {.T = 1, .D = N, .y = y->ptr, .y_stride = N, .x = x->ptr, .x_stride = N}}};
+    assert_int_equal(mn_backend_reserve(be, ops, 2, &eb), MN_OK);
+    assert_int_equal(mn_backend_run(be, ops, 2, &eb), MN_OK);
+    assert_true(mn_backend_event_done(be, &first) && mn_backend_event_done(be, &second));
+    for (int i = 0; i < N; i++) assert_true(((float *)y->ptr)[i] == 2.0f);
+    uint64_t copies, blocked;
+    mn_backend_cpu_copy_stats(be, &copies, &blocked);
+    assert_int_equal(copies, 2);
+    assert_int_equal(blocked, 1);
+    /* D2H, then a wait on its event */
+    assert_int_equal(mn_backend_copy_async(be, MN_COPY_D2H, out, y->ptr, sizeof out, &eb), MN_OK);
+    mn_event back = {0};
+    assert_int_equal(mn_backend_event_record(be, &back, &eb), MN_OK);
+    assert_false(mn_backend_event_done(be, &back));
+    assert_int_equal(mn_backend_event_wait(be, &back, &eb), MN_OK);
+    assert_true(out[0] == 2.0f && out[N - 1] == 2.0f);
+    /* synchronize drains the queue */
+    assert_int_equal(mn_backend_copy_async(be, MN_COPY_D2D, y->ptr, ones, sizeof ones, &eb), MN_OK);
+    assert_int_equal(mn_backend_synchronize(be, &eb), MN_OK);
+    assert_true(((float *)y->ptr)[N - 1] == 1.0f);
+    mn_event bogus = {.ticket = 1000};
+    assert_int_equal(mn_backend_event_wait(be, &bogus, &eb), MN_EINVALID);
+    assert_non_null(strstr(eb.msg, "never recorded"));
+    /* freeing waits for a queued copy that still reads the buffer */
+    assert_int_equal(mn_backend_copy_async(be, MN_COPY_D2H, out, x->ptr, sizeof out, &eb), MN_OK);
+    mn_buffer_free(x);
+    assert_true(out[5] == 2.0f);
+    mn_backend_cpu_slow_copies(be, 0);
+    mn_buffer_free(y);
+    mn_backend_free(be);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_threadpool_barrier),
         cmocka_unit_test(test_budget),
         cmocka_unit_test(test_kv_pool),
         cmocka_unit_test(test_copy_2d),
+        cmocka_unit_test(test_copy_queue_async),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

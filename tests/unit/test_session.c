@@ -421,6 +421,49 @@ static void test_tier_round_trips(void **state) {
     assert_int_equal(rmdir(dir), 0); /* no session file left behind */
 }
 
+/* Layer-wise restore from T1: the copies go on the copy queue layer by layer and layer l
+ * of the forward waits only for its own. With every copy made late (slow copies), the
+ * forward overtakes the queue (some wait blocks: compute started before the restore was
+ * done) and the logits still equal a session that never moved: a missing or misplaced
+ * wait would read blocks the copy has not filled yet. */
+static void test_tier_layerwise_restore(void **state) {
+    mn_engine *e = engine(256), *ref = engine(256);
+    mn_errbuf eb;
+    mn_session *s, *other;
+    assert_int_equal(mn_session_create(e, NULL, &s, &eb), MN_OK);
+    assert_int_equal(mn_session_create(e, NULL, &other, &eb), MN_OK);
+    append(e, s, MN_ROLE_USER, "Layer-wise restore: tell me about the rivers of Europe, the Danube and the Rhine first, "
+                               "then the Loire, the Elbe and the Vistula, with one fact about each.");
+    append(e, other, MN_ROLE_USER, "A resident session in the same batch.");
+    assert_int_equal(mn_session_demote(e, s, 1, &eb), MN_OK);
+    uint64_t c0, w0, c1, w1;
+    mn_backend_cpu_copy_stats(be, &c0, &w0);
+    mn_backend_cpu_slow_copies(be, 3000);
+    /* both get tokens, so the restored session decodes in a batch with a resident one */
+    assert_int_equal(mn_session_submit_text(e, s, MN_ROLE_USER, "And the Seine?", 14, &eb), MN_OK);
+    assert_int_equal(mn_session_submit_text(e, other, MN_ROLE_USER, "Yes.", 4, &eb), MN_OK);
+    mn_session_info info;
+    mn_session_info_get(e, s, &info);
+    assert_string_equal(info.tier, "T1"); /* submit leaves the restore to the step */
+    while (mn_engine_has_work(e)) {
+        bool did;
+        assert_int_equal(mn_engine_step(e, &did, &eb), MN_OK);
+    }
+    mn_backend_cpu_copy_stats(be, &c1, &w1);
+    mn_backend_cpu_slow_copies(be, 0);
+    mn_session_info_get(e, s, &info);
+    assert_string_equal(info.tier, "T0");
+    assert_logits_equal(ref, s, "after a layer-wise restore");
+    assert_logits_equal(ref, other, "resident, batched with a restore");
+    assert_true(c1 - c0 >= (uint64_t)model->cfg.n_layer * 2); /* at least a copy per layer and K/V */
+    assert_true(w1 > w0);                                     /* compute overtook the copies, and waited */
+    mn_gen_params g = greedy(4);
+    assert_int_equal(mn_session_generate(e, s, &g, NULL, NULL, NULL, &eb), MN_OK);
+    assert_logits_equal(ref, s, "generating after a layer-wise restore");
+    mn_engine_free(e);
+    mn_engine_free(ref);
+}
+
 /* T1 images in pinned host memory (what a GPU backend does by default), forced here on the
  * CPU backend: an image that fits the pinned budget is pinned, the next one falls back to
  * pageable memory, both come back bit-identical, and promotion, demotion further down and
@@ -680,6 +723,7 @@ int main(void) {
         cmocka_unit_test(test_save_load),
         cmocka_unit_test(test_tier_round_trips),
         cmocka_unit_test(test_tier_pinned_t1),
+        cmocka_unit_test(test_tier_layerwise_restore),
         cmocka_unit_test(test_tier_budgets),
         cmocka_unit_test(test_restart_adopts_persisted),
         cmocka_unit_test(test_framing_matches_template),
