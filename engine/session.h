@@ -232,6 +232,17 @@ void mn_engine_tier_wait(mn_engine *e);
  *  directory cannot be read. */
 mn_err mn_engine_adopt_persisted(mn_engine *e, int32_t *n_adopted, int32_t *n_refused, mn_errbuf *eb);
 
+/** List the session saved in path (mn_session_save) without loading its KV: validated now
+ *  like mn_session_load (checksums, model, adapter, geometry), then in tier T3 reading
+ *  from path, restored on first use (in the background for submitted work, like any T3
+ *  session). It gets a fresh id. keep_file: path stays the caller's, never deleted or
+ *  written here (a server's saved copy); false: the engine deletes it once the session
+ *  is promoted or deleted, as with its own T3 files. Errors as mn_session_load. */
+mn_err mn_session_adopt_file(mn_engine *e, const char *path, bool keep_file, mn_session **out, mn_errbuf *eb);
+/** The caller's file s still stands for (adopted with keep_file and not promoted since:
+ *  its state is exactly that file's), else NULL. */
+const char *mn_session_source_file(const mn_session *s);
+
 /** Run one engine step. *did_work is false when no session had anything to do. */
 mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb);
 

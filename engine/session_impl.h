@@ -57,6 +57,7 @@ struct mn_session {
     uint8_t *packed;       /* T2: a session stream (lz4 chunks, checksums) */
     size_t packed_len;
     char *file;            /* T3: path of the session file */
+    bool file_kept;        /* the file is the caller's (mn_session_adopt_file): never deleted here */
     int64_t host_bytes;    /* bytes it holds in T1 or T2 */
     struct mn__tier_job *job;  /* background work in flight: a demotion of its T1 image, or a lift */
 };

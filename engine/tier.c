@@ -204,6 +204,15 @@ mn_err mn__tier_lift_start(mn_engine *e, mn_session *s, mn_errbuf *eb) {
     return MN_OK;
 }
 
+/* s no longer needs its T3 file: delete it, unless it is the caller's. */
+static void drop_file(mn_session *s) {
+    if (!s->file) return;
+    if (!s->file_kept) unlink(s->file);
+    mn_free(s->file);
+    s->file = NULL;
+    s->file_kept = false;
+}
+
 /* Install a finished lift: s becomes a T1 session holding the loaded image. On failure s
  * keeps its tier (and gets its T2 stream back) and *err / msg say why. */
 static void lift_install(mn_engine *e, tier_job *j) {
@@ -219,10 +228,8 @@ static void lift_install(mn_engine *e, tier_job *j) {
     }
     if (j->from == 2) { /* the stream is done with: job_free frees it */
         e->tier_used[2] -= s->host_bytes;
-    } else if (s->file) {
-        unlink(s->file);
-        mn_free(s->file);
-        s->file = NULL;
+    } else {
+        drop_file(s);
     }
     int32_t n_blocks = j->ld->img.n_blocks;
     int64_t bytes = (int64_t)n_blocks * e->kv->n_layer * 2 * e->kv->block_elems * (int64_t)sizeof(uint16_t);
@@ -328,13 +335,9 @@ void mn__tier_drop(mn_engine *e, mn_session *s) {
     e->tier_used[s->tier] -= s->host_bytes;
     t1_free(s);
     mn_free(s->packed);
-    if (s->file) {
-        unlink(s->file);
-        mn_free(s->file);
-    }
+    drop_file(s);
     s->host_kv = NULL;
     s->packed = NULL;
-    s->file = NULL;
     s->packed_len = 0;
     s->host_bytes = 0;
     s->host_blocks = 0;
@@ -574,6 +577,52 @@ static bool persisted_name(const char *name) {
     return true;
 }
 
+/* List the session saved in path (owned by this call) as a T3 session of e, restored on
+ * first use. id: its id (NULL: a fresh one). */
+static mn_err adopt_file(mn_engine *e, char *path, const char *id, bool keep, mn_session **out, mn_errbuf *eb) {
+    /* read whole: the file is validated now (checksums, model, geometry) so a session that
+     * is listed can be restored; its KV is read again on first use */
+    mn_session_loaded *ld = NULL;
+    mn_err err = mn_session_read_file(path, e->m->fingerprint, &ld, eb);
+    const mn_lora *lora = NULL;
+    if (err == MN_OK) err = mn__session_check_image(e, ld, &lora, eb);
+    mn_session *s = NULL;
+    if (err == MN_OK) err = mn__session_new(e, &s, eb);
+    if (err == MN_OK) {
+        if (id) memcpy(s->id, id, 33);
+        mn__session_bind_adapter(s, lora);
+        err = mn__session_add_tokens(s, ld->img.tokens, ld->img.n_tokens, MN_ROLE_NONE, eb);
+        if (err == MN_OK && ld->img.n_tokens) memcpy(s->roles, ld->img.roles, (size_t)ld->img.n_tokens);
+        if (err != MN_OK) mn_session_delete(e, s); /* s->file not set yet: the file stays */
+    }
+    if (err == MN_OK) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        s->n_computed = ld->img.n_tokens;
+        s->logits_valid = false; /* the next generate recomputes the last token */
+        s->tier = 3;
+        s->file = path;
+        s->file_kept = keep;
+        s->host_blocks = ld->img.n_blocks;
+        s->last_use = (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+        *out = s;
+    } else {
+        mn_free(path);
+    }
+    mn_session_loaded_free(ld);
+    return err;
+}
+
+mn_err mn_session_adopt_file(mn_engine *e, const char *path, bool keep_file, mn_session **out, mn_errbuf *eb) {
+    size_t n = strlen(path) + 1;
+    char *own = mn_malloc(n);
+    if (!own) return mn_errf(eb, MN_ENOMEM, "out of memory");
+    memcpy(own, path, n);
+    return adopt_file(e, own, NULL, keep_file, out, eb);
+}
+
+const char *mn_session_source_file(const mn_session *s) { return s->tier == 3 && s->file_kept ? s->file : NULL; }
+
 mn_err mn_engine_adopt_persisted(mn_engine *e, int32_t *n_adopted, int32_t *n_refused, mn_errbuf *eb) {
     *n_adopted = *n_refused = 0;
     if (!e->persist_dir) return mn_errf(eb, MN_EUNSUPPORTED, "no persist directory to adopt sessions from");
@@ -581,8 +630,6 @@ mn_err mn_engine_adopt_persisted(mn_engine *e, int32_t *n_adopted, int32_t *n_re
     if (!d) return mn_errf(eb, MN_EIO, "persist directory %s: cannot open", e->persist_dir);
     mn_err err = MN_OK;
     struct dirent *de;
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
     while (err != MN_ENOMEM && (de = readdir(d)) != NULL) {
         if (!persisted_name(de->d_name)) continue;
         char id[33];
@@ -593,40 +640,16 @@ mn_err mn_engine_adopt_persisted(mn_engine *e, int32_t *n_adopted, int32_t *n_re
         char *path = mn_malloc(n);
         if (!path) { err = mn_errf(eb, MN_ENOMEM, "out of memory"); break; }
         snprintf(path, n, "%s/%s", e->persist_dir, de->d_name);
-        /* read whole: the file is validated now (checksums, model, geometry) so a session
-         * that is listed can be restored; its KV is read again on first use */
-        mn_session_loaded *ld = NULL;
+        mn_session *s;
         mn_errbuf feb;
-        mn_err ferr = mn_session_read_file(path, e->m->fingerprint, &ld, &feb);
-        const mn_lora *lora = NULL;
-        if (ferr == MN_OK) ferr = mn__session_check_image(e, ld, &lora, &feb);
-        mn_session *s = NULL;
-        if (ferr == MN_OK) ferr = mn__session_new(e, &s, &feb);
+        mn_err ferr = adopt_file(e, path, id, false, &s, &feb);
         if (ferr == MN_OK) {
-            memcpy(s->id, id, 33);
-            mn__session_bind_adapter(s, lora);
-            ferr = mn__session_add_tokens(s, ld->img.tokens, ld->img.n_tokens, MN_ROLE_NONE, &feb);
-            if (ferr == MN_OK && ld->img.n_tokens) memcpy(s->roles, ld->img.roles, (size_t)ld->img.n_tokens);
-            if (ferr != MN_OK) {
-                mn_session_delete(e, s); /* s->file not set yet: the file stays */
-                s = NULL;
-            }
-        }
-        if (ferr == MN_OK) {
-            s->n_computed = ld->img.n_tokens;
-            s->logits_valid = false; /* the next generate recomputes the last token */
-            s->tier = 3;
-            s->file = path;
-            s->host_blocks = ld->img.n_blocks;
-            s->last_use = (double)ts.tv_sec + ts.tv_nsec * 1e-9;
             (*n_adopted)++;
         } else {
-            mn_free(path);
             (*n_refused)++;
             if (ferr == MN_ENOMEM) err = MN_ENOMEM;
             mn_errf(eb, ferr, "%s: %s", de->d_name, feb.msg); /* the last refusal, for the caller's log */
         }
-        mn_session_loaded_free(ld);
     }
     closedir(d);
     return err;

@@ -740,7 +740,9 @@ int api_sessions_save_all(mn_serve *srv) {
         saved_path(srv, re->id, path, sizeof path);
         mn_errbuf eb = {{0}};
         if (mn_session_busy(re->s)) mn_session_generate_cancel(e, re->s);
-        mn_err err = mn_session_save(e, re->s, path, &eb);
+        const char *src = mn_session_source_file(re->s);
+        /* untouched since it was listed from this very file: the file is already its state */
+        mn_err err = src && !mn_session_busy(re->s) && !strcmp(src, path) ? MN_OK : mn_session_save(e, re->s, path, &eb);
         if (err != MN_OK) {
             fprintf(stderr, "mneme serve: cannot save session %s: %s\n", re->id, eb.msg);
             failed++;
@@ -798,7 +800,9 @@ int api_sessions_load_all(mn_serve *srv) {
         snprintf(fp, sizeof fp, "%s/%s", srv->persist_dir, file);
         mn_session *s = NULL;
         mn_errbuf eb = {{0}};
-        if (mn_session_load(e, fp, &s, &eb) != MN_OK) { /* kept in the map and on disk for a later run */
+        /* listed, not loaded: its KV is read on first use (T3), so a restart costs no pool
+         * memory and no time per session beyond validating its file */
+        if (mn_session_adopt_file(e, fp, true, &s, &eb) != MN_OK) { /* kept in the map and on disk for a later run */
             fprintf(stderr, "mneme serve: session %s not loaded (kept in %s): %s\n", id, srv->persist_dir, eb.msg);
             const char *adapter = json_string_value(json_object_get(v, "adapter"));
             const char *from = json_string_value(json_object_get(v, "adapter_path"));

@@ -244,19 +244,34 @@ def test_sessions_survive_restart(mneme_bin, model_path, tmp_path):
         rc = srv.stop()
     assert rc == 0, srv.stderr()
     assert "1 sessions saved" in srv.stderr()
+    saved = d / f"saved-{sid}.mns"
+    st0 = saved.stat()
     srv2 = Server(mneme_bin, model_path, "--persist-dir", str(d), "--api-key-file", str(keys))
     try:
         assert "1 sessions loaded" in srv2.stderr()
         after = srv2.json("GET", f"{S}/{sid}", headers=K1)
         assert after["tokens"] == before["tokens"] and after["id"] == sid
+        assert after["tier"] == "T3"  # listed from its file, KV not read until first use
         st, _, _ = srv2.request("GET", f"{S}/{sid}", headers=K2)
         assert st == 404
         st, _, _ = srv2.request("GET", f"{S}/{gone}", headers=K1)
         assert st == 404
-        toks, _ = generate(srv2, sid, K1, max_tokens=6)
-        assert [t["token"] for t in toks] == [t["token"] for t in ref]
     finally:
-        srv2.close()
+        rc = srv2.stop()
+    assert rc == 0, srv2.stderr()
+    # an untouched session is not rewritten at shutdown: its saved file is already its state
+    st1 = saved.stat()
+    assert (st1.st_mtime_ns, st1.st_size, st1.st_ino) == (st0.st_mtime_ns, st0.st_size, st0.st_ino)
+    srv3 = Server(mneme_bin, model_path, "--persist-dir", str(d), "--api-key-file", str(keys))
+    try:
+        assert srv3.json("GET", f"{S}/{sid}", headers=K1)["tier"] == "T3"
+        toks, _ = generate(srv3, sid, K1, max_tokens=6)  # restored from the file on first use
+        assert [t["token"] for t in toks] == [t["token"] for t in ref]
+        assert srv3.json("GET", f"{S}/{sid}", headers=K1)["tier"] == "T0"
+        st2 = saved.stat()
+        assert (st2.st_mtime_ns, st2.st_ino) == (st0.st_mtime_ns, st0.st_ino)  # read, never written
+    finally:
+        srv3.close()
 
 
 def start_stream(srv, sid, headers, max_tokens):

@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "engine/alloc.h"
@@ -421,6 +422,75 @@ static void test_tier_round_trips(void **state) {
     assert_int_equal(rmdir(dir), 0); /* no session file left behind */
 }
 
+/* A saved file listed lazily (what a restarted server does with its saved sessions): T3
+ * until first use, equal to a fresh session after it; a kept file stays the caller's
+ * (still there after promotion and deletion, never rewritten); an unkept one goes once
+ * the session is promoted; a damaged file is refused and nothing is listed. */
+static void test_adopt_file(void **state) {
+    char dir[] = "/tmp/mneme-test-adopt-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char kept[256], given[256], bad[256];
+    snprintf(kept, sizeof kept, "%s/kept.mns", dir);
+    snprintf(given, sizeof given, "%s/given.mns", dir);
+    snprintf(bad, sizeof bad, "%s/bad.mns", dir);
+    mn_engine *e = engine(256), *ref = engine(256);
+    mn_errbuf eb;
+    mn_session *s;
+    assert_int_equal(mn_session_create(e, NULL, &s, &eb), MN_OK);
+    append(e, s, MN_ROLE_USER, "Adopt me lazily: the capital of France is Paris.");
+    assert_int_equal(mn_session_save(e, s, kept, &eb), MN_OK);
+    assert_int_equal(mn_session_save(e, s, given, &eb), MN_OK);
+    mn_session_delete(e, s);
+    FILE *f = fopen(kept, "rb"), *g = fopen(bad, "wb");
+    static char buf[1 << 22];
+    size_t n = fread(buf, 1, sizeof buf, f);
+    fclose(f);
+    assert_true(n > 0 && n < sizeof buf);
+    buf[n / 2] ^= 0x5a; /* one flipped byte in the middle: a block checksum fails */
+    fwrite(buf, 1, n, g);
+    fclose(g);
+    struct stat st0, st1;
+    assert_int_equal(stat(kept, &st0), 0);
+
+    mn_engine_stats a, b;
+    mn_engine_stats_get(e, &a);
+    mn_session *k, *u, *x = NULL;
+    assert_int_equal(mn_session_adopt_file(e, kept, true, &k, &eb), MN_OK);
+    assert_int_equal(mn_session_adopt_file(e, given, false, &u, &eb), MN_OK);
+    mn_engine_stats_get(e, &b);
+    assert_int_equal(b.blocks_free, a.blocks_free); /* listed, not loaded */
+    mn_session_info info;
+    mn_session_info_get(e, k, &info);
+    assert_string_equal(info.tier, "T3");
+    assert_string_equal(mn_session_source_file(k), kept);
+    assert_null(mn_session_source_file(u)); /* not the caller's */
+    assert_int_not_equal(mn_session_adopt_file(e, bad, true, &x, &eb), MN_OK);
+    assert_null(x);
+    assert_non_null(strstr(eb.msg, "checksum"));
+    append(e, k, MN_ROLE_USER, "And of Italy?");
+    append(e, u, MN_ROLE_USER, "And of Italy?");
+    assert_logits_equal(ref, k, "adopted with the file kept");
+    assert_logits_equal(ref, u, "adopted with the file given");
+    assert_null(mn_session_source_file(k)); /* promoted: it has moved on from the file */
+    assert_int_equal(access(kept, R_OK), 0);
+    assert_int_equal(stat(kept, &st1), 0);
+    assert_int_equal(st1.st_size, st0.st_size);
+    assert_true(st1.st_mtim.tv_sec == st0.st_mtim.tv_sec && st1.st_mtim.tv_nsec == st0.st_mtim.tv_nsec);
+    assert_int_equal(access(given, F_OK), -1); /* the engine's to delete: gone on promotion */
+    mn_session_delete(e, k);
+    assert_int_equal(access(kept, R_OK), 0);
+    mn_session *k2;
+    assert_int_equal(mn_session_adopt_file(e, kept, true, &k2, &eb), MN_OK);
+    mn_session_delete(e, k2); /* deleting a listed session leaves the caller's file */
+    assert_int_equal(access(kept, R_OK), 0);
+    mn_session_delete(e, u);
+    mn_engine_free(e);
+    mn_engine_free(ref);
+    unlink(kept);
+    unlink(bad);
+    assert_int_equal(rmdir(dir), 0);
+}
+
 /* Layer-wise restore from T1: the copies go on the copy queue layer by layer and layer l
  * of the forward waits only for its own. With every copy made late (slow copies), the
  * forward overtakes the queue (some wait blocks: compute started before the restore was
@@ -724,6 +794,7 @@ int main(void) {
         cmocka_unit_test(test_tier_round_trips),
         cmocka_unit_test(test_tier_pinned_t1),
         cmocka_unit_test(test_tier_layerwise_restore),
+        cmocka_unit_test(test_adopt_file),
         cmocka_unit_test(test_tier_budgets),
         cmocka_unit_test(test_restart_adopts_persisted),
         cmocka_unit_test(test_framing_matches_template),
