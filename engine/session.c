@@ -228,6 +228,8 @@ void mn_engine_free(mn_engine *e) {
     while (e->n_sessions) mn_session_delete(e, e->sessions[e->n_sessions - 1]);
     mn__tier_worker_free(e); /* after the sessions: their jobs are orphaned by then */
     mn__tier_restore_finish(e);
+    mn__tier_drain(e, true);
+    mn_free(e->draining);
     mn_free(e->retired);
     mn_free(e->restore_ready);
     mn_free(e->sessions);

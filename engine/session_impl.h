@@ -53,6 +53,7 @@ struct mn_session {
     int tier;              /* 0 resident; 1 host image; 2 compressed host bytes; 3 file */
     uint16_t *host_kv;     /* T1: block-major image (session_file.h layout) */
     mn_buffer *host_buf;   /* T1: the pinned buffer holding host_kv (NULL: mn_aligned_alloc'd) */
+    mn_event host_ready;   /* T1: host_kv is complete once this copy event is (ticket 0: it is) */
     int32_t host_blocks;
     uint8_t *packed;       /* T2: a session stream (lz4 chunks, checksums) */
     size_t packed_len;
@@ -92,6 +93,10 @@ struct mn_engine {
     mn_event *restore_ready;                /* [n_layer] */
     struct { uint16_t *kv; mn_buffer *buf; } *retired;
     int32_t n_retired, cap_retired;
+    /* background demotion T0 -> T1 (tier.c): blocks whose copy out is in flight, given
+     * back to the pool once it is done */
+    struct { int32_t *blocks; int32_t n; mn_event done; } *draining;
+    int32_t n_draining, cap_draining;
 };
 
 
@@ -102,9 +107,10 @@ mn_err mn__session_run_until_done(mn_engine *e, mn_session *s, mn_errbuf *eb);
 /* session_io.c: move a session's KV between the pool and a block-major host image */
 /* s's KV as a block-major image. With pinned non-NULL and the engine's T1 images pinned,
  * the image goes into a pinned buffer if the backend's pinned budget has room (*pinned set;
- * else NULL and the image is mn_aligned_alloc'd). */
+ * else NULL and the image is mn_aligned_alloc'd). done NULL: returns when the image is
+ * complete; else the copies are only enqueued and *done is their event. */
 mn_err mn__session_gather_kv(mn_engine *e, const mn_session *s, uint16_t **kv_out, int32_t *n_blocks, mn_buffer **pinned,
-                             mn_errbuf *eb);
+                             mn_event *done, mn_errbuf *eb);
 /* kv into freshly reserved blocks of s. layer_done NULL: returns when the copies are done;
  * else [n_layer] events, layer l's recorded after its copies, and kv must stay alive until
  * the last is done. */
@@ -137,6 +143,8 @@ mn_err mn__tier_restore_pipelined(mn_engine *e, mn_session *s, mn_errbuf *eb);
 /* end of the step: wait for the restores' copies (done already if the forward ran) and
  * free the images they read */
 void mn__tier_restore_finish(mn_engine *e);
+/* give finished background demotions' blocks back to the pool; wait: also the others */
+void mn__tier_drain(mn_engine *e, bool wait);
 /* wait up to `seconds` for any background job to finish, then install what finished */
 void mn__tier_wait_any(mn_engine *e, double seconds);
 /* session.c */

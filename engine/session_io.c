@@ -41,7 +41,7 @@ static mn_err copy_runs(const mn_kv_pool *p, const int32_t *ids, int32_t n_block
 }
 
 mn_err mn__session_gather_kv(mn_engine *e, const mn_session *s, uint16_t **kv_out, int32_t *n_blocks_out, mn_buffer **pinned,
-                             mn_errbuf *eb) {
+                             mn_event *done, mn_errbuf *eb) {
     const mn_kv_pool *p = e->kv;
     int32_t n_blocks = (s->n_computed + p->block_size - 1) / p->block_size;
     size_t block_all = (size_t)p->n_layer * 2 * (size_t)p->block_elems;
@@ -55,8 +55,12 @@ mn_err mn__session_gather_kv(mn_engine *e, const mn_session *s, uint16_t **kv_ou
     if (!kv && !(kv = mn_aligned_alloc(64, bytes)))
         return mn_errf(eb, MN_ENOMEM, "session %s: out of memory for a %d-block image", s->id, n_blocks);
     mn_err err = copy_runs(p, s->seq.blocks, n_blocks, kv, MN_COPY_D2H, NULL, eb);
-    if (err == MN_OK) err = mn_backend_synchronize(p->backend, eb);
+    if (err == MN_OK) err = done ? mn_backend_event_record(p->backend, done, eb) : mn_backend_synchronize(p->backend, eb);
     if (err != MN_OK) {
+        if (done) { /* queued copies must not land in freed memory */
+            mn_errbuf ignore;
+            mn_backend_synchronize(p->backend, &ignore);
+        }
         if (buf) mn_buffer_free(buf);
         else mn_free(kv);
         return err;
@@ -89,7 +93,7 @@ static mn_err build_image(mn_engine *e, mn_session *s, mn_session_image *img, ui
     mn_err err = mn__tier_ensure_resident(e, s, eb);
     if (err == MN_OK) err = mn__session_run_until_done(e, s, eb); /* pending tokens get their KV first */
     int32_t n_blocks = 0;
-    if (err == MN_OK) err = mn__session_gather_kv(e, s, kv_out, &n_blocks, NULL, eb);
+    if (err == MN_OK) err = mn__session_gather_kv(e, s, kv_out, &n_blocks, NULL, NULL, eb);
     if (err != MN_OK) return err;
     mn__session_fill_image(e, s, *kv_out, n_blocks, img);
     return MN_OK;

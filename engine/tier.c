@@ -89,8 +89,17 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
+/* Wait until s's T1 image is complete (its copy out of the pool may be in flight). */
+static void wait_image(mn_engine *e, mn_session *s) {
+    if (!s->host_ready.ticket) return;
+    mn_errbuf ignore;
+    mn_backend_event_wait(e->kv->backend, &s->host_ready, &ignore);
+    s->host_ready.ticket = 0;
+}
+
 /* Free s's T1 image, wherever it lives. */
-static void t1_free(mn_session *s) {
+static void t1_free(mn_engine *e, mn_session *s) {
+    wait_image(e, s);
     if (s->host_buf) mn_buffer_free(s->host_buf);
     else mn_free(s->host_kv);
     s->host_kv = NULL;
@@ -244,6 +253,7 @@ static void lift_install(mn_engine *e, tier_job *j) {
 }
 
 void mn__tier_collect(mn_engine *e) {
+    if (e->n_draining) mn__tier_drain(e, false);
     tier_worker *w = e->worker;
     if (!w || atomic_load_explicit(&w->n_done, memory_order_acquire) == 0) return;
     pthread_mutex_lock(&w->mu);
@@ -260,7 +270,7 @@ void mn__tier_collect(mn_engine *e) {
         } else if (s && j->err == MN_OK) { /* install: the T1 image gives way to the new copy */
             s->job = NULL;
             e->tier_used[1] -= s->host_bytes;
-            t1_free(s);
+            t1_free(e, s);
             s->tier = j->to;
             int64_t bytes = j->to == 2 ? (int64_t)j->packed_len : 0;
             s->packed = j->packed;
@@ -333,7 +343,7 @@ void mn__tier_worker_free(mn_engine *e) {
 void mn__tier_drop(mn_engine *e, mn_session *s) {
     job_orphan(s);
     e->tier_used[s->tier] -= s->host_bytes;
-    t1_free(s);
+    t1_free(e, s);
     mn_free(s->packed);
     drop_file(s);
     s->host_kv = NULL;
@@ -348,7 +358,10 @@ void mn__tier_drop(mn_engine *e, mn_session *s) {
 static mn_err read_tier(mn_engine *e, mn_session *s, const uint16_t **kv, mn_session_loaded **ld, mn_errbuf *eb) {
     *ld = NULL;
     switch (s->tier) {
-    case 1: *kv = s->host_kv; return MN_OK;
+    case 1:
+        wait_image(e, s);
+        *kv = s->host_kv;
+        return MN_OK;
     case 2: {
         mn_err err = mn_session_read_mem(s->packed, s->packed_len, e->m->fingerprint, ld, eb);
         if (err == MN_OK) *kv = (*ld)->kv;
@@ -363,7 +376,49 @@ static mn_err read_tier(mn_engine *e, mn_session *s, const uint16_t **kv, mn_ses
     }
 }
 
-static mn_err demote(mn_engine *e, mn_session *s, int to, mn_errbuf *eb) {
+/* Hold seq's blocks (and their references) until `done`, then give them back: a block
+ * must not be reused while its copy out may still read it. Without room to remember
+ * them, wait here instead. */
+static void drain_push(mn_engine *e, mn_kv_seq *seq, mn_event done) {
+    if (e->n_draining == e->cap_draining) {
+        int32_t cap = e->cap_draining ? 2 * e->cap_draining : 8;
+        void *d = mn_realloc(e->draining, (size_t)cap * sizeof *e->draining);
+        if (!d) {
+            mn_errbuf ignore;
+            mn_backend_event_wait(e->kv->backend, &done, &ignore);
+            mn_kv_seq_release(e->kv, seq);
+            return;
+        }
+        e->draining = d;
+        e->cap_draining = cap;
+    }
+    e->draining[e->n_draining].blocks = seq->blocks;
+    e->draining[e->n_draining].n = seq->n_blocks;
+    e->draining[e->n_draining++].done = done;
+    memset(seq, 0, sizeof *seq); /* the entry owns the block list now */
+}
+
+void mn__tier_drain(mn_engine *e, bool wait) {
+    int32_t k = 0;
+    for (int32_t i = 0; i < e->n_draining; i++) {
+        mn_event *ev = &e->draining[i].done;
+        mn_errbuf ignore;
+        if (wait) mn_backend_event_wait(e->kv->backend, ev, &ignore);
+        if (wait || mn_backend_event_done(e->kv->backend, ev)) {
+            for (int32_t b = 0; b < e->draining[i].n; b++) mn_kv_block_release(e->kv, e->draining[i].blocks[b]);
+            mn_free(e->draining[i].blocks);
+        } else {
+            e->draining[k++] = e->draining[i];
+        }
+    }
+    e->n_draining = k;
+}
+
+/* Demote s to tier `to`. background (T0 -> T1 only): the copy out of the pool is only
+ * enqueued: s is T1 at once, its image complete when s->host_ready is, and its blocks go
+ * back to the pool when the copy is done (mn__tier_drain), so the engine thread does not
+ * wait for it. */
+static mn_err demote(mn_engine *e, mn_session *s, int to, bool background, mn_errbuf *eb) {
     if (to <= s->tier) return MN_OK;
     if (to == 3 && !e->persist_dir) return mn_errf(eb, MN_EUNSUPPORTED, "no persist directory: tier T3 (disk) is off");
     uint16_t *gathered = NULL;
@@ -372,8 +427,10 @@ static mn_err demote(mn_engine *e, mn_session *s, int to, mn_errbuf *eb) {
     mn_session_loaded *ld = NULL;
     int32_t n_blocks = (s->n_computed + e->bs - 1) / e->bs;
     mn_err err;
+    mn_event copied = {0};
+    background = background && s->tier == 0 && to == 1;
     if (s->tier == 0) {
-        err = mn__session_gather_kv(e, s, &gathered, &n_blocks, to == 1 ? &gathered_buf : NULL, eb);
+        err = mn__session_gather_kv(e, s, &gathered, &n_blocks, to == 1 ? &gathered_buf : NULL, background ? &copied : NULL, eb);
         kv = gathered;
     } else {
         err = read_tier(e, s, &kv, &ld, eb);
@@ -415,7 +472,10 @@ static mn_err demote(mn_engine *e, mn_session *s, int to, mn_errbuf *eb) {
     }
     /* the new copy is complete: now drop the old one */
     int from = s->tier;
-    if (from == 0) {
+    if (from == 0 && background) {
+        drain_push(e, &s->seq, copied);
+        s->host_ready = copied;
+    } else if (from == 0) {
         mn_kv_seq_release(e->kv, &s->seq);
     } else {
         char *keep_file = s->file;
@@ -449,7 +509,7 @@ static void rebalance(mn_engine *e, const mn_session *keep) {
                 if (s->tier == t && s != keep && !mn__tier_lifting(s) && (!lru || s->last_use < lru->last_use)) lru = s;
             }
             mn_errbuf eb;
-            if (!lru || demote(e, lru, t + 1, &eb) != MN_OK) return;
+            if (!lru || demote(e, lru, t + 1, false, &eb) != MN_OK) return;
         }
     }
 }
@@ -460,13 +520,15 @@ mn_err mn_session_demote(mn_engine *e, mn_session *s, int tier, mn_errbuf *eb) {
     lift_settle(e, s);
     mn_err err = MN_OK;
     if (s->tier == 0) err = mn__session_run_until_done(e, s, eb); /* compute pending tokens first */
-    if (err == MN_OK) err = demote(e, s, tier, eb);
+    if (err == MN_OK) err = demote(e, s, tier, false, eb);
     if (err == MN_OK) rebalance(e, NULL);
     return err;
 }
 
 mn_err mn__tier_make_room(mn_engine *e, int32_t blocks, const mn_session *keep, mn_errbuf *eb) {
     bool evicted_prefix = false;
+    if (e->kv->n_free < blocks) mn__tier_drain(e, false);
+    if (e->kv->n_free < blocks && e->n_draining) mn__tier_drain(e, true); /* copies in flight: wait for them first */
     while (e->kv->n_free < blocks) {
         mn_session *lru = NULL;
         for (int32_t i = 0; i < e->n_sessions; i++) {
@@ -475,7 +537,7 @@ mn_err mn__tier_make_room(mn_engine *e, int32_t blocks, const mn_session *keep, 
             if (!lru || s->last_use < lru->last_use) lru = s;
         }
         if (lru) {
-            mn_err err = demote(e, lru, 1, eb);
+            mn_err err = demote(e, lru, 1, false, eb);
             if (err != MN_OK) return err;
             continue;
         }
@@ -558,9 +620,11 @@ mn_err mn_engine_demote_idle(mn_engine *e, double idle_seconds, double now, mn_e
         int want = idle > 4 * idle_seconds ? (e->persist_dir ? 3 : 2) : idle > 2 * idle_seconds ? 2 : idle > idle_seconds ? 1 : 0;
         if (want <= s->tier || s->job) continue;
         mn_err err = MN_OK;
-        if (s->tier == 0) err = demote(e, s, 1, eb); /* a copy: fast */
-        if (err == MN_OK && want > 1) /* compression or a disk write: off the engine thread */
-            err = s->tier == 1 ? start_async(e, s, want, eb) : demote(e, s, want, eb);
+        if (s->tier == 0) err = demote(e, s, 1, true, eb); /* a copy, on the copy queue */
+        if (err == MN_OK && want > 1) { /* compression or a disk write: off the engine thread */
+            if (s->tier == 1) wait_image(e, s); /* the worker reads the image */
+            err = s->tier == 1 ? start_async(e, s, want, eb) : demote(e, s, want, false, eb);
+        }
         if (err != MN_OK) return err;
     }
     rebalance(e, NULL);

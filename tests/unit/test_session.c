@@ -422,6 +422,55 @@ static void test_tier_round_trips(void **state) {
     assert_int_equal(rmdir(dir), 0); /* no session file left behind */
 }
 
+/* Idle demotion T0 -> T1 in the background: the copies out of the pool are only enqueued,
+ * so with slow copies the session is T1 at once while its blocks are still held (not yet
+ * free: the copy reads them), and they come back to the pool at a step after the copy.
+ * A session promoted, one deleted and a new one that needs the pool while the copies are
+ * in flight all stay correct. */
+static void test_idle_demotion_t1_background(void **state) {
+    mn_engine *e = engine(96), *ref = engine(256);
+    mn_errbuf eb;
+    enum { N = 3 };
+    mn_session *s[N];
+    for (int i = 0; i < N; i++) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "Background copy test %d: list %d capitals in Europe and one river in each of them.", i, i + 3);
+        assert_int_equal(mn_session_create(e, NULL, &s[i], &eb), MN_OK);
+        append(e, s[i], MN_ROLE_USER, msg);
+    }
+    mn_engine_stats a, b;
+    mn_engine_stats_get(e, &a);
+    mn_session_info info;
+    mn_session_info_get(e, s[N - 1], &info);
+    mn_backend_cpu_slow_copies(be, 3000);
+    assert_int_equal(mn_engine_demote_idle(e, 1000.0, info.last_use + 1500.0, &eb), MN_OK); /* T1 wanted */
+    mn_engine_stats_get(e, &b);
+    assert_int_equal(b.tier_sessions[1], N);
+    assert_int_equal(b.blocks_free, a.blocks_free); /* held: their copies are still queued */
+    mn_session_delete(e, s[1]);                       /* deleted while its copy is queued */
+    s[1] = NULL;
+    mn_session *big;                                  /* needs most of the pool: must wait for the drains */
+    assert_int_equal(mn_session_create(e, NULL, &big, &eb), MN_OK);
+    static int32_t toks[1400];
+    for (int i = 0; i < 1400; i++) toks[i] = 200 + (i * 37) % 5000;
+    assert_int_equal(mn_session_append_tokens(e, big, toks, 1400, MN_ROLE_USER, &eb), MN_OK);
+    append(e, s[0], MN_ROLE_USER, "And in Asia?");    /* promoted from T1 */
+    mn_backend_cpu_slow_copies(be, 0);
+    assert_logits_equal(ref, s[0], "promoted after a background demotion");
+    assert_logits_equal(ref, big, "a session that needed the draining blocks");
+    mn_session_delete(e, big);
+    append(e, s[2], MN_ROLE_USER, "And in Africa?");
+    assert_logits_equal(ref, s[2], "after a background demotion");
+    mn_session_delete(e, s[0]);
+    mn_session_delete(e, s[2]);
+    bool did;
+    assert_int_equal(mn_engine_step(e, &did, &eb), MN_OK);
+    mn_engine_stats_get(e, &b);
+    assert_int_equal(b.blocks_free + b.prefix_entries, 96); /* every block came back (or is cached) */
+    mn_engine_free(e);
+    mn_engine_free(ref);
+}
+
 /* A saved file listed lazily (what a restarted server does with its saved sessions): T3
  * until first use, equal to a fresh session after it; a kept file stays the caller's
  * (still there after promotion and deletion, never rewritten); an unkept one goes once
@@ -795,6 +844,7 @@ int main(void) {
         cmocka_unit_test(test_tier_pinned_t1),
         cmocka_unit_test(test_tier_layerwise_restore),
         cmocka_unit_test(test_adopt_file),
+        cmocka_unit_test(test_idle_demotion_t1_background),
         cmocka_unit_test(test_tier_budgets),
         cmocka_unit_test(test_restart_adopts_persisted),
         cmocka_unit_test(test_framing_matches_template),
