@@ -162,13 +162,15 @@ __global__ static void __launch_bounds__(GEMV_WARPS * 32) gemv_kernel(mn_matmul_
 
 mn_err mn_cuda_matmul_gemv(const mn_matmul_desc *d, void *work, size_t work_bytes, cudaStream_t s, mn_errbuf *eb) {
     int64_t be = mn_dtype_block_elems(d->w_type);
+    /* element / block alignment the loads assume: 4 bytes for F32, 2 for everything else */
+    int64_t al = d->w_type == MN_F32 ? 4 : 2;
     if (!mn_dtype_is_weight_type(d->w_type) || d->K <= 0 || d->K % be != 0 || d->T > MN_CUDA_GEMV_MAX_T ||
-        (d->w_type == MN_F32 && d->w_row_bytes % 4 != 0) || (be > 1 && d->w_row_bytes % 2 != 0))
+        d->w_row_bytes % al != 0 || (uintptr_t)d->w % (uintptr_t)al != 0)
         return mn_errf(eb, MN_EUNSUPPORTED, "cuda gemv: weight type %s, T=%lld, K=%lld, row %lld bytes",
                        mn_dtype_name(d->w_type), (long long)d->T, (long long)d->K, (long long)d->w_row_bytes);
     if (d->T <= 0 || d->N <= 0) return MN_OK;
     size_t need = mn_cuda_matmul_gemv_work_bytes(d);
-    if (work_bytes < need || (need && !work))
+    if (work_bytes < need || (need && (!work || (uintptr_t)work % 4 != 0))) /* 4-byte reads of xq */
         return mn_errf(eb, MN_EINVALID, "cuda gemv: %zu scratch bytes given, %zu needed", work_bytes, need);
     if (be > 1) {
         int64_t ng = d->K / be;
