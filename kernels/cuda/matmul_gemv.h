@@ -16,8 +16,9 @@
  *                 (integers: exact, so equal to summing j = 0..7 in one lane), and lane 8g
  *                 adds mn_kq_block_value (the reference's bits per super-block) to its f32;
  *                 the other lanes keep 0.
- *   Then the 32 lane values are summed by the xor butterfly 16, 8, 4, 2, 1 (mn__warp_sum;
- *   mn_gemv_tree32 here), and the bias / accumulate store is the reference's.
+ *   Then the 32 lane values are summed by the xor butterfly 16, 8, 4, 2, 1 (the warp code
+ *   of kernels/cuda/matmul_gemv_warp.cuh; mn_gemv_tree32 here), and the bias / accumulate
+ *   store is the reference's.
  * For quantized weights x is first quantized once per call into q8_1 / q8_K blocks in the
  * scratch, with the reference's formula (amax and the integer sums are exact in any order,
  * the rounding is mn_q8_value), so those blocks equal mn_ref_quantize_row_q8_1 / _q8_K's.
@@ -36,6 +37,10 @@
 
 /* Units (of 32 elements) per K-quant super-block, and lanes per super-block at a step. */
 #define MN_GEMV_KQ_UNITS 8
+
+/* Token accumulators per lane the kernel is compiled for, for a call of T tokens
+ * (1 <= T <= MN_CUDA_GEMV_MAX_T): 1, 2, 4 or 8. Tokens past T are skipped, never computed. */
+MN_HD int mn_gemv_nt(int64_t T) { return T <= 1 ? 1 : T == 2 ? 2 : T <= 4 ? 4 : 8; }
 
 /* Weight element k of a float row. */
 MN_HD float mn_gemv_weight(mn_dtype t, const char *row, int64_t k) {
@@ -123,8 +128,7 @@ MN_HD void mn_gemv_store(const mn_matmul_desc *d, int64_t t, int64_t n, float v)
     *y = d->accumulate ? *y + v : v;
 }
 
-#ifndef __CUDACC__
-/* ---- host emulation of the whole kernel ------------------------------------------------ */
+/* ---- host emulation of the whole kernel (host code only) --------------------------------- */
 
 /* The warp's xor butterfly on 32 lane values: at offset o lane l gets v[l] + v[l ^ o]. */
 static inline float mn_gemv_tree32(float *v) {
@@ -167,6 +171,4 @@ static inline void mn_gemv_emulate(const mn_matmul_desc *d, void *work) {
         }
     }
 }
-#endif
-
 #endif
