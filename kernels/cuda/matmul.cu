@@ -16,8 +16,9 @@
  *     3. one cublasGemmEx bf16 x bf16 -> f32 with f32 accumulation;
  *   then the bias, if any, is added by a small kernel.
  * Scratch layout: [Wb: N*K bf16, padded to 256 bytes][xb: T*K bf16].
- * Known limit: cuBLAS picks its algorithm by shape, so a row's result may depend on T
- * (the batch-invariance contract of ops.h is not met here yet).
+ * Known limit: cuBLAS picks its algorithm by shape, so past MN_CUDA_GEMV_MAX_T a row's
+ * result may depend on T, and it differs from the GEMV's bits for the same row (the
+ * batch-invariance contract of ops.h holds for 1 <= T <= MN_CUDA_GEMV_MAX_T only).
  */
 #include "kernels/cuda/cuda_common.cuh"
 
