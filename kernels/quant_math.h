@@ -113,4 +113,124 @@ MN_HD void mn_dequant_block_q6_K(const mn_block_q6_K *b, float *y) {
     }
 }
 
+/* ---- integer block dots for the fused GEMV (kernels/cuda/matmul_gemv.cu) ---------------
+ * The matmul contract (kernels/ops.h) with the reference's arithmetic, block by block:
+ * the integer dot is exact in any order, the float scaling is the reference's sequence of
+ * roundings (kernels/ref/ref_matmul.c), so a block's value here has the reference's bits.
+ * Four bytes at a time (__dp4a on the device). Blocks of every weight type are at least
+ * 2-byte aligned, so 4 quant bytes are read as two 16-bit halves. */
+
+/* One activation value of a q8 group: nearest integer of x/d, ties to even (nearbyintf
+ * under the default rounding mode, rint on the device); d == 0 gives 0. */
+MN_HD int8_t mn_q8_value(float x, float d) { return d == 0.0f ? (int8_t)0 : (int8_t)nearbyintf(x / d); }
+
+/* c + sum over the 4 bytes of a and b taken as signed int8 (CUDA's __dp4a). */
+MN_HD int mn_dp4a(uint32_t a, uint32_t b, int c) {
+#ifdef __CUDA_ARCH__
+    return __dp4a((int)a, (int)b, c);
+#else
+    for (int i = 0; i < 4; i++) c += (int)(int8_t)(uint8_t)(a >> (8 * i)) * (int)(int8_t)(uint8_t)(b >> (8 * i));
+    return c;
+#endif
+}
+
+/* 4 bytes at p (p 2-byte aligned), little-endian. */
+MN_HD uint32_t mn_ld4_a2(const void *p) {
+#ifdef __CUDA_ARCH__
+    const uint16_t *h = (const uint16_t *)p;
+    return (uint32_t)h[0] | ((uint32_t)h[1] << 16);
+#else
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+#endif
+}
+
+/* 4 bytes at p (p 4-byte aligned: activation blocks). */
+MN_HD uint32_t mn_ld4(const void *p) {
+#ifdef __CUDA_ARCH__
+    return *(const uint32_t *)p;
+#else
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+#endif
+}
+
+/* Q4_0 x q8_1: (d*dx) * sum (q-8)*xq, with sum (q-8)*xq = sum q*xq - 8*sum xq. */
+MN_HD float mn_vdot_q4_0_q8_1(const mn_block_q4_0 *b, const mn_block_q8_1 *x) {
+    int si = 0, sx = 0;
+    for (int i = 0; i < 4; i++) {
+        uint32_t q = mn_ld4_a2(b->qs + 4 * i), x0 = mn_ld4(x->qs + 4 * i), x1 = mn_ld4(x->qs + 16 + 4 * i);
+        si = mn_dp4a(q & 0x0f0f0f0fu, x0, si);
+        si = mn_dp4a((q >> 4) & 0x0f0f0f0fu, x1, si);
+        sx = mn_dp4a(0x01010101u, x0, sx);
+        sx = mn_dp4a(0x01010101u, x1, sx);
+    }
+    return (mn_fp16_to_fp32(b->d) * x->d) * (float)(si - 8 * sx);
+}
+
+/* Q4_1 x q8_1: (d*dx) * sum q*xq + m * s (s = dx * sum xq, from the activation block). */
+MN_HD float mn_vdot_q4_1_q8_1(const mn_block_q4_1 *b, const mn_block_q8_1 *x) {
+    int si = 0;
+    for (int i = 0; i < 4; i++) {
+        uint32_t q = mn_ld4_a2(b->qs + 4 * i);
+        si = mn_dp4a(q & 0x0f0f0f0fu, mn_ld4(x->qs + 4 * i), si);
+        si = mn_dp4a((q >> 4) & 0x0f0f0f0fu, mn_ld4(x->qs + 16 + 4 * i), si);
+    }
+    return (mn_fp16_to_fp32(b->d) * x->d) * (float)si + mn_fp16_to_fp32(b->m) * x->s;
+}
+
+MN_HD float mn_vdot_q8_0_q8_1(const mn_block_q8_0 *b, const mn_block_q8_1 *x) {
+    int si = 0;
+    for (int i = 0; i < 8; i++) si = mn_dp4a(mn_ld4_a2(b->qs + 4 * i), mn_ld4(x->qs + 4 * i), si);
+    return (mn_fp16_to_fp32(b->d) * x->d) * (float)si;
+}
+
+/* A K-quant super-block as 8 units of 32 elements (unit j = elements 32j .. 32j+31).
+ * Unit j's integer share of the super-block dot: *isum += sc_j * sum q*xq (Q6_K: the two
+ * 16-element groups of the unit, each with its own int8 scale, q - 32), *imin += m_j *
+ * (bsums of the unit) (Q4_K / Q5_K). Summed over j = 0..7 in any order these are the
+ * reference's isum / imin exactly; mn_kq_block_value scales them as the reference does. */
+MN_HD void mn_kq_unit(mn_dtype t, const void *wb, const mn_block_q8_K *x, int j, int *isum, int *imin) {
+    const int8_t *xq = x->qs + 32 * j;
+    if (t == MN_Q6_K) {
+        const mn_block_q6_K *b = (const mn_block_q6_K *)wb;
+        int h = j >> 2, quad = j & 3;
+        const uint8_t *ql = b->ql + 64 * h + 32 * (quad & 1), *qh = b->qh + 32 * h;
+        int lsh = 4 * (quad >> 1), hsh = 2 * quad, ss[2] = {0, 0}, sx[2] = {0, 0};
+        for (int i = 0; i < 8; i++) {
+            uint32_t lo = (mn_ld4_a2(ql + 4 * i) >> lsh) & 0x0f0f0f0fu;
+            uint32_t hi = ((mn_ld4_a2(qh + 4 * i) >> hsh) & 0x03030303u) << 4;
+            uint32_t xv = mn_ld4(xq + 4 * i);
+            ss[i >> 2] = mn_dp4a(lo | hi, xv, ss[i >> 2]); /* q in 0..63: a non-negative int8 */
+            sx[i >> 2] = mn_dp4a(0x01010101u, xv, sx[i >> 2]);
+        }
+        *isum += b->scales[2 * j] * (ss[0] - 32 * sx[0]) + b->scales[2 * j + 1] * (ss[1] - 32 * sx[1]);
+        return;
+    }
+    /* Q4_K / Q5_K: header (d, dmin, scales[12]) shared; qs at different offsets */
+    const mn_block_q4_K *b4 = (const mn_block_q4_K *)wb;
+    const mn_block_q5_K *b5 = (const mn_block_q5_K *)wb;
+    const uint8_t *qs = (t == MN_Q4_K ? b4->qs : b5->qs) + 32 * (j >> 1);
+    int sh = 4 * (j & 1), ss = 0;
+    for (int i = 0; i < 8; i++) {
+        uint32_t v = (mn_ld4_a2(qs + 4 * i) >> sh) & 0x0f0f0f0fu;
+        if (t == MN_Q5_K) v |= ((mn_ld4_a2(b5->qh + 4 * i) >> j) & 0x01010101u) << 4;
+        ss = mn_dp4a(v, mn_ld4(xq + 4 * i), ss);
+    }
+    uint8_t sc, m;
+    mn_k4_scale_min(b4->scales, j, &sc, &m);
+    *isum += sc * ss;
+    *imin += m * (x->bsums[2 * j] + x->bsums[2 * j + 1]);
+}
+
+/* The super-block's value from the summed unit shares (the reference's scaling). */
+MN_HD float mn_kq_block_value(mn_dtype t, const void *wb, const mn_block_q8_K *x, int isum, int imin) {
+    float dx = x->d;
+    if (t == MN_Q6_K) return (mn_fp16_to_fp32(((const mn_block_q6_K *)wb)->d) * dx) * (float)isum;
+    const mn_block_q4_K *b = (const mn_block_q4_K *)wb;
+    return (mn_fp16_to_fp32(b->d) * dx) * (float)isum - (mn_fp16_to_fp32(b->dmin) * dx) * (float)imin;
+}
+
 #endif

@@ -1,6 +1,10 @@
-/* kernels/cuda/matmul.cu — y[t,n] (+)= sum_k x[t,k] W[n,k] (+ b[n]) with cuBLAS.
+/* kernels/cuda/matmul.cu — y[t,n] (+)= sum_k x[t,k] W[n,k] (+ b[n]).
  *
- * Version 1, simple and correct first:
+ * mn_cuda_matmul: T <= MN_CUDA_GEMV_MAX_T (decode) runs the fused dequant GEMV of
+ * kernels/cuda/matmul_gemv.cu (W read once, ops.h tolerance, batch invariant); larger T
+ * the cuBLAS path below.
+ *
+ * cuBLAS path (mn_cuda_matmul_cublas), simple and correct first:
  *   F32 weights: one cublasGemmEx, f32 inputs, f32 compute (no TF32), W read in place.
  *   every other weight type:
  *     1. W is dequantized block by block (kernels/quant_math.h, the reference's bits) and
@@ -12,14 +16,15 @@
  *     3. one cublasGemmEx bf16 x bf16 -> f32 with f32 accumulation;
  *   then the bias, if any, is added by a small kernel.
  * Scratch layout: [Wb: N*K bf16, padded to 256 bytes][xb: T*K bf16].
- * Known limit: cuBLAS picks its algorithm by shape, so a row's result may depend on T
- * (the batch-invariance contract of ops.h is not met here yet).
+ * Known limit: cuBLAS picks its algorithm by shape, so past MN_CUDA_GEMV_MAX_T a row's
+ * result may depend on T, and it differs from the GEMV's bits for the same row (the
+ * batch-invariance contract of ops.h holds for 1 <= T <= MN_CUDA_GEMV_MAX_T only).
  */
 #include "kernels/cuda/cuda_common.cuh"
 
 static size_t pad256(size_t n) { return (n + 255) & ~(size_t)255; }
 
-size_t mn_cuda_matmul_work_bytes(const mn_matmul_desc *d) {
+size_t mn_cuda_matmul_cublas_work_bytes(const mn_matmul_desc *d) {
     if (d->w_type == MN_F32 || d->T <= 0 || d->N <= 0 || d->K <= 0) return 0;
     return pad256((size_t)d->N * (size_t)d->K * 2) + pad256((size_t)d->T * (size_t)d->K * 2);
 }
@@ -52,8 +57,7 @@ __global__ static void quant_x_kernel(mn_matmul_desc d, int64_t group, uint16_t 
         for (int64_t j = 0; j < group; j++) amax = fmaxf(amax, fabsf(x[j]));
         float dq = amax / 127.0f;
         for (int64_t j = 0; j < group; j++) {
-            float q = dq == 0.0f ? 0.0f : rintf(x[j] / dq);
-            o[j] = mn_fp32_to_bf16(dq * q);
+            o[j] = mn_fp32_to_bf16(dq * (float)mn_q8_value(x[j], dq));
         }
     }
 }
@@ -65,8 +69,18 @@ __global__ static void bias_kernel(mn_matmul_desc d) {
     }
 }
 
+size_t mn_cuda_matmul_work_bytes(const mn_matmul_desc *d) {
+    return d->T <= MN_CUDA_GEMV_MAX_T ? mn_cuda_matmul_gemv_work_bytes(d) : mn_cuda_matmul_cublas_work_bytes(d);
+}
+
 mn_err mn_cuda_matmul(const mn_matmul_desc *d, void *work, size_t work_bytes, cublasHandle_t blas,
                       cudaStream_t s, mn_errbuf *eb) {
+    if (d->T > 0 && d->T <= MN_CUDA_GEMV_MAX_T) return mn_cuda_matmul_gemv(d, work, work_bytes, s, eb);
+    return mn_cuda_matmul_cublas(d, work, work_bytes, blas, s, eb);
+}
+
+mn_err mn_cuda_matmul_cublas(const mn_matmul_desc *d, void *work, size_t work_bytes, cublasHandle_t blas,
+                             cudaStream_t s, mn_errbuf *eb) {
     int64_t be = mn_dtype_block_elems(d->w_type);
     if (!mn_dtype_is_weight_type(d->w_type) || d->K % be != 0)
         return mn_errf(eb, MN_EUNSUPPORTED, "cuda matmul: weight type %s with K=%lld", mn_dtype_name(d->w_type),
@@ -76,7 +90,7 @@ mn_err mn_cuda_matmul(const mn_matmul_desc *d, void *work, size_t work_bytes, cu
     if (d->T > 0x7fffffffLL || d->N > 0x7fffffffLL || d->K > 0x7fffffffLL || d->x_stride > 0x7fffffffLL ||
         d->y_stride > 0x7fffffffLL)
         return mn_errf(eb, MN_EUNSUPPORTED, "cuda matmul: a dimension or stride past 2^31");
-    size_t need = mn_cuda_matmul_work_bytes(d);
+    size_t need = mn_cuda_matmul_cublas_work_bytes(d);
     if (work_bytes < need || (need && !work))
         return mn_errf(eb, MN_EINVALID, "cuda matmul: %zu scratch bytes given, %zu needed", work_bytes, need);
     MN_CUBLAS_CHECK(eb, cublasSetStream(blas, s));

@@ -60,17 +60,48 @@ extern "C" {
 /** Largest head_dim attention handles (the per-lane accumulators are registers). */
 #define MN_CUDA_MAX_HEAD_DIM 256
 
-/** Scratch bytes mn_cuda_matmul needs for d (0 for F32 weights: cuBLAS reads them in place). */
+/** Largest T of the fused GEMV (mn_cuda_matmul sends larger batches to bf16 + cuBLAS). Why 8:
+ * the GEMV's weight traffic is one read of W whatever T is, but its arithmetic and its
+ * activation reads (from L1/L2) grow with T, and each token keeps one f32 accumulator per
+ * lane in registers (compile-time NT = 1, 2, 4, 8). The bf16 path writes and re-reads a
+ * bf16 copy of W on every call (about 4.5 bytes per weight against 0.56 for Q4_0), so up
+ * to 8 tokens the GEMV is expected to win by a wide margin at every type; past that the
+ * per-token integer dots start to rival the memory time of a warp step. Not yet measured
+ * on a GPU: tests/gpu prints both paths at T = 1 and 8 to move this cut-off. */
+#define MN_CUDA_GEMV_MAX_T 8
+
+/** Scratch bytes mn_cuda_matmul needs for d: T <= MN_CUDA_GEMV_MAX_T, the GEMV's (the
+ *  quantized activations; 0 for float weights); else the bf16 path's (0 for F32 weights:
+ *  cuBLAS reads them in place). */
 size_t mn_cuda_matmul_work_bytes(const mn_matmul_desc *d);
+/** Scratch bytes of mn_cuda_matmul_gemv: T * K/32 q8_1 blocks (Q4_0, Q4_1, Q8_0), T * K/256
+ *  q8_K blocks (K-quants), 0 for F32 / F16 / BF16. */
+size_t mn_cuda_matmul_gemv_work_bytes(const mn_matmul_desc *d);
+/** Fused dequant GEMV (kernels/cuda/matmul_gemv.cu) for 1 <= T <= MN_CUDA_GEMV_MAX_T, any
+ *  weight type: x quantized once (q8_1 / q8_K, the reference's blocks) into work, then one
+ *  warp per output row reads the row once for all T tokens; integer block dots scaled as
+ *  the reference does. A row's bits do not depend on T or the other tokens, and equal the
+ *  host emulation mn_gemv_emulate (kernels/cuda/matmul_gemv.h). Within the ops.h
+ *  tolerance 1e-4 * (sum|x w| + |b|) of the reference (only the f32 order over blocks
+ *  differs). MN_EUNSUPPORTED for T > MN_CUDA_GEMV_MAX_T. */
+mn_err mn_cuda_matmul_gemv(const mn_matmul_desc *d, void *work, size_t work_bytes, cudaStream_t s, mn_errbuf *eb);
+/** The bf16 + cuBLAS path of mn_cuda_matmul for any T (mn_cuda_matmul uses it past
+ *  MN_CUDA_GEMV_MAX_T); scratch mn_cuda_matmul_cublas_work_bytes. Kept callable for the
+ *  timing comparison in tests/gpu. */
+size_t mn_cuda_matmul_cublas_work_bytes(const mn_matmul_desc *d);
+mn_err mn_cuda_matmul_cublas(const mn_matmul_desc *d, void *work, size_t work_bytes, cublasHandle_t blas,
+                             cudaStream_t s, mn_errbuf *eb);
 
 mn_err mn_cuda_get_rows(const mn_get_rows_desc *d, cudaStream_t s, mn_errbuf *eb);
 mn_err mn_cuda_rmsnorm(const mn_rmsnorm_desc *d, cudaStream_t s, mn_errbuf *eb);
-/** matmul: quantized / F16 / BF16 weights are dequantized to bf16 into work, x is
- *  rounded to bf16 (after the q8_1 / q8_K round trip of the contract for quantized
- *  weights), then one cublasGemmEx with f32 accumulation. F32 weights: f32 GEMM in place.
- *  Precision: f32 weights within the ops.h tolerance; others within
- *  (1e-4 + 2^-7) * (sum_k |x_k w_k| + |b|) of the reference (two bf16 roundings).
- *  blas must be bound to nothing else concurrently; it is set to stream s. */
+/** matmul: T <= MN_CUDA_GEMV_MAX_T runs the fused GEMV (mn_cuda_matmul_gemv: ops.h
+ *  tolerance, batch invariant for T in that range). Larger T: quantized / F16 / BF16
+ *  weights are dequantized to bf16 into work, x is rounded to bf16 (after the q8_1 / q8_K
+ *  round trip of the contract for quantized weights), then one cublasGemmEx with f32
+ *  accumulation; F32 weights: f32 GEMM in place. Precision there: f32 weights within the
+ *  ops.h tolerance; others within (1e-4 + 2^-7) * (sum_k |x_k w_k| + |b|) of the reference
+ *  (two bf16 roundings). blas must be bound to nothing else concurrently; it is set to
+ *  stream s (only the cuBLAS path uses it). */
 mn_err mn_cuda_matmul(const mn_matmul_desc *d, void *work, size_t work_bytes, cublasHandle_t blas,
                       cudaStream_t s, mn_errbuf *eb);
 mn_err mn_cuda_rope(const mn_rope_desc *d, cudaStream_t s, mn_errbuf *eb);

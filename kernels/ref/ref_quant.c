@@ -53,7 +53,7 @@ static float quantize_group(const float *x, int8_t *q, int n) {
     float amax = 0.0f;
     for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(x[i]));
     float d = amax / 127.0f;
-    for (int i = 0; i < n; i++) q[i] = d == 0.0f ? 0 : (int8_t)nearbyintf(x[i] / d);
+    for (int i = 0; i < n; i++) q[i] = mn_q8_value(x[i], d); /* shared with the CUDA GEMV */
     return d;
 }
 

@@ -287,8 +287,9 @@ done:;
 }
 
 /* Device-to-device copy bandwidth (read + write bytes per second), the yardstick for the
- * attention decode lines; 0 if it cannot be measured. */
-static double copy_gbps(cudaStream_t s) {
+ * attention decode lines and the GEMV timing lines (test_cuda_gemv.c); 0 if it cannot be
+ * measured. */
+double gt_copy_gbps(cudaStream_t s) {
     const size_t n = (size_t)1 << 30;
     void *src = NULL, *dst = NULL;
     double gbps = 0.0;
@@ -418,7 +419,7 @@ int gt_attention_long(cudaStream_t s) {
     int n = (int)(sizeof acases / sizeof acases[0]), pass = 0;
     for (int i = 0; i < n; i++) pass += run_acase(&acases[i], s);
     printf("attention long-context: %d/%d passed\n", pass, n);
-    double copy = copy_gbps(s);
+    double copy = gt_copy_gbps(s);
     int timed = 1;
     static const int32_t ctx[2] = {8192, 32768}, batch[2] = {1, 16};
     for (int i = 0; i < 2; i++)

@@ -1,0 +1,80 @@
+/* kernels/cuda/matmul_gemv.cu — fused dequant GEMV for decode: y[t,n] (+)= x[t,:]·W[n,:]
+ * (+ b[n]) for T <= MN_CUDA_GEMV_MAX_T tokens, every weight type, reading W once per call.
+ *
+ * Two launches:
+ *   1. quantized weights only: x -> q8_1 blocks (Q4_0, Q4_1, Q8_0) or q8_K blocks (K-quants)
+ *      in the scratch, one warp per activation block, the reference's formula (ops.h);
+ *      xq layout [T][K / block] blocks;
+ *   2. one warp per output row (GEMV_WARPS rows per CTA), all T tokens at once: lanes walk
+ *      the row's blocks (the warp's code: kernels/cuda/matmul_gemv_warp.cuh; schedule and
+ *      per-lane arithmetic: kernels/cuda/matmul_gemv.h), integer
+ *      block dots with __dp4a against xq (float types: f32 dots against x itself), one f32
+ *      per lane and token, the warp's xor butterfly, the reference's bias / accumulate.
+ * A row's result depends only on its weights and its token's x: the same bits for any T
+ * and any other tokens (batch invariance), and the bits mn_gemv_emulate computes on the
+ * host. tests/unit/test_gemv.c checks that emulation against mn_ref_matmul;
+ * tests/unit/test_gemv_warp.cu runs this file's warp code (matmul_gemv_warp.cuh) on 32
+ * host threads in lockstep against both; tests/gpu checks the kernel against both. Against the reference only the order of the f32 sum over
+ * blocks (float types: elements) differs: well inside 1e-4 * sum|x w| (ops.h).
+ * Activations are read through L1/L2 (the GEMV_WARPS rows of a CTA walk the same x).
+ */
+#include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/matmul_gemv_warp.cuh"
+
+enum { GEMV_WARPS = 8 };
+
+size_t mn_cuda_matmul_gemv_work_bytes(const mn_matmul_desc *d) {
+    int64_t be = mn_dtype_block_elems(d->w_type);
+    if (be <= 1 || d->T <= 0 || d->K <= 0) return 0;
+    size_t blk = be == MN_QK ? sizeof(mn_block_q8_1) : sizeof(mn_block_q8_K);
+    return (size_t)d->T * (size_t)(d->K / be) * blk;
+}
+
+/* x -> activation blocks: one warp per block (mn__gemv_quant_block). */
+template <int G>
+__global__ static void __launch_bounds__(GEMV_WARPS * 32)
+    gemv_quant_x(const float *x, int64_t x_stride, int64_t T, int64_t ng, void *xq) {
+    int64_t gi = blockIdx.x * (int64_t)GEMV_WARPS + threadIdx.x / 32;
+    if (gi >= T * ng) return; /* whole warps */
+    mn__gemv_quant_block<G>(x, x_stride, ng, gi, xq, mn__gemv_dev_warp());
+}
+
+/* One warp per output row (mn__gemv_row), GEMV_WARPS rows per CTA. */
+template <int NT>
+__global__ static void __launch_bounds__(GEMV_WARPS * 32) gemv_kernel(mn_matmul_desc d, const void *xq) {
+    int64_t n = blockIdx.x * (int64_t)GEMV_WARPS + threadIdx.x / 32;
+    if (n >= d.N) return; /* whole warps */
+    mn__gemv_row<NT>(d, n, xq, mn__gemv_dev_warp());
+}
+
+mn_err mn_cuda_matmul_gemv(const mn_matmul_desc *d, void *work, size_t work_bytes, cudaStream_t s, mn_errbuf *eb) {
+    int64_t be = mn_dtype_block_elems(d->w_type);
+    /* element / block alignment the loads assume: 4 bytes for F32, 2 for everything else */
+    int64_t al = d->w_type == MN_F32 ? 4 : 2;
+    if (!mn_dtype_is_weight_type(d->w_type) || d->K <= 0 || d->K % be != 0 || d->T > MN_CUDA_GEMV_MAX_T ||
+        d->w_row_bytes % al != 0 || (uintptr_t)d->w % (uintptr_t)al != 0)
+        return mn_errf(eb, MN_EUNSUPPORTED, "cuda gemv: weight type %s, T=%lld, K=%lld, row %lld bytes",
+                       mn_dtype_name(d->w_type), (long long)d->T, (long long)d->K, (long long)d->w_row_bytes);
+    if (d->T <= 0 || d->N <= 0) return MN_OK;
+    size_t need = mn_cuda_matmul_gemv_work_bytes(d);
+    if (work_bytes < need || (need && (!work || (uintptr_t)work % 4 != 0))) /* 4-byte reads of xq */
+        return mn_errf(eb, MN_EINVALID, "cuda gemv: %zu scratch bytes given, %zu needed", work_bytes, need);
+    if (be > 1) {
+        int64_t ng = d->K / be;
+        unsigned grid = (unsigned)((d->T * ng + GEMV_WARPS - 1) / GEMV_WARPS);
+        if (be == MN_QK) gemv_quant_x<MN_QK><<<grid, GEMV_WARPS * 32, 0, s>>>(d->x, d->x_stride, d->T, ng, work);
+        else gemv_quant_x<MN_QK_K><<<grid, GEMV_WARPS * 32, 0, s>>>(d->x, d->x_stride, d->T, ng, work);
+        MN_CUDA_CHECK_LAUNCH(eb, "gemv_quant_x");
+    }
+    int64_t blocks = (d->N + GEMV_WARPS - 1) / GEMV_WARPS;
+    if (blocks > 0x7fffffffLL) return mn_errf(eb, MN_EUNSUPPORTED, "cuda gemv: N=%lld", (long long)d->N);
+    unsigned grid = (unsigned)blocks;
+    switch (mn_gemv_nt(d->T)) {
+    case 1: gemv_kernel<1><<<grid, GEMV_WARPS * 32, 0, s>>>(*d, work); break;
+    case 2: gemv_kernel<2><<<grid, GEMV_WARPS * 32, 0, s>>>(*d, work); break;
+    case 4: gemv_kernel<4><<<grid, GEMV_WARPS * 32, 0, s>>>(*d, work); break;
+    default: gemv_kernel<8><<<grid, GEMV_WARPS * 32, 0, s>>>(*d, work); break;
+    }
+    MN_CUDA_CHECK_LAUNCH(eb, "gemv_kernel");
+    return MN_OK;
+}

@@ -1,0 +1,241 @@
+/* tests/gpu/test_cuda_gemv.c — the fused dequant GEMV (mn_cuda_matmul at T <=
+ * MN_CUDA_GEMV_MAX_T, kernels/cuda/matmul_gemv.cu) on the device; linked into test_cuda_ops.
+ *
+ * Per weight type (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) and T = 1, 2, 5, 8,
+ * on N = 67 rows (not a multiple of the 8 rows of a CTA) and odd K (float: 1029, a K % 8
+ * tail; legacy: 45 blocks; K-quants: 5 super-blocks, a half-idle last warp step), with
+ * strided x / y, bias and accumulate in turn:
+ *   1. mn_cuda_matmul against mn_ref_matmul: |y - ref| <= 1e-4 * (sum|x w| + |b|) (ops.h;
+ *      plus the last rounding of an accumulate), NaN/inf fails;
+ *   2. the whole y allocation (stride gaps, guard bytes) bit-identical to the host
+ *      emulation mn_gemv_emulate (kernels/cuda/matmul_gemv.h), which tests/unit/test_gemv.c
+ *      checks against the reference on every CI run;
+ *   3. every token alone (T = 1) gives its batch row's bits (batch invariance).
+ * Then timing lines (not checks) per type at Llama-3-8B shapes, N x K = 4096 x 4096 (q/o)
+ * and 14336 x 4096 (gate/up): microseconds per call of the GEMV at T = 1 and 8, and of the
+ * bf16 + cuBLAS path (mn_cuda_matmul_cublas) at T = 1 and 8, with the weight bytes read per
+ * second of each next to the device-to-device copy bandwidth (read + write bytes).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/cuda/matmul_gemv.h"
+#include "kernels/cuda/ops_cuda.h"
+#include "tests/gpu/gpu_test_util.h"
+
+double gt_copy_gbps(cudaStream_t s); /* tests/gpu/test_cuda_attention.c */
+
+static const mn_dtype gtypes[] = {MN_F32, MN_F16, MN_BF16, MN_Q4_0, MN_Q4_1, MN_Q8_0, MN_Q4_K, MN_Q5_K, MN_Q6_K};
+enum { NGTYPES = sizeof gtypes / sizeof gtypes[0] };
+
+/* Random weights: random quant bytes, fp16 scales of both signs. */
+static void *gemv_weights(gt_arena *a, mn_dtype t, int64_t N, int64_t K, int64_t *row_bytes) {
+    *row_bytes = mn_dtype_row_bytes(t, K);
+    int64_t bb = mn_dtype_block_bytes(t), bytes = N * *row_bytes;
+    uint8_t *p = gt_host(a, (size_t)bytes, NULL);
+    for (int64_t i = 0; i < bytes; i++) p[i] = (uint8_t)gt_rnd_int(256);
+    for (int64_t b = 0; b < bytes / bb; b++) {
+        uint8_t *blk = p + b * bb;
+        uint16_t h1 = mn_fp32_to_fp16(gt_unif(-0.02f, 0.02f)), h2 = mn_fp32_to_fp16(gt_unif(0.0f, 0.02f));
+        switch (t) {
+        case MN_F32: { float f = gt_unif(-1, 1); memcpy(blk, &f, 4); break; }
+        case MN_F16: { uint16_t h = mn_fp32_to_fp16(gt_unif(-1, 1)); memcpy(blk, &h, 2); break; }
+        case MN_BF16: { uint16_t h = mn_fp32_to_bf16(gt_unif(-1, 1)); memcpy(blk, &h, 2); break; }
+        case MN_Q4_0: case MN_Q8_0: memcpy(blk, &h1, 2); break;
+        case MN_Q4_1: case MN_Q4_K: case MN_Q5_K: memcpy(blk, &h1, 2); memcpy(blk + 2, &h2, 2); break;
+        case MN_Q6_K: memcpy(blk + 208, &h1, 2); break; /* d after ql, qh, scales */
+        default: break;
+        }
+    }
+    return p;
+}
+
+/* One case; returns 1 on pass and prints one line. */
+static int gemv_case(mn_dtype t, int64_t T, int variant, uint32_t seed, cudaStream_t s) {
+    gt_arena a;
+    gt_arena_init(&a);
+    gt_seed(seed);
+    int64_t be = mn_dtype_block_elems(t), N = 67, K = be == 1 ? 1029 : be == MN_QK ? 45 * 32 : 5 * 256;
+    int strided = variant & 1, bias = variant != 0, acc = variant >= 2, yi;
+    mn_matmul_desc d = {.T = T, .N = N, .K = K, .w_type = t, .accumulate = acc};
+    d.x_stride = strided ? K + 3 : K;
+    d.y_stride = strided ? N + 5 : N;
+    float *x = gt_matrix(&a, T, K, d.x_stride, -1, 1, NULL);
+    if (T > 3)
+        for (int64_t k = 0; k < K; k++) x[3 * d.x_stride + k] = 0.0f; /* d = 0 in the q8 blocks */
+    d.x = x;
+    d.w = gemv_weights(&a, t, N, K, &d.w_row_bytes);
+    d.bias = bias ? gt_matrix(&a, 1, N, N, -1, 1, NULL) : NULL;
+    d.y = acc ? gt_matrix(&a, T, N, d.y_stride, -2, 2, &yi) : gt_out(&a, T, N, d.y_stride, &yi);
+    size_t ybytes = a.bytes[yi];
+    uint8_t *y0 = malloc(ybytes), *yemu = malloc(ybytes), *got = malloc(ybytes);
+    size_t wb = mn_gemv_emulate_work_bytes(&d);
+    void *hwork = malloc(wb ? wb : 1), *dwork = NULL, *dy1 = NULL;
+    float *y1 = malloc((size_t)N * sizeof(float)), *wrow = malloc((size_t)K * sizeof(float));
+    char why[640] = "";
+    double worst = 0;
+    int ok = 0;
+    mn_errbuf eb = {{0}};
+    memcpy(y0, a.host[yi], ybytes);
+    size_t need = mn_cuda_matmul_work_bytes(&d);
+    if (gt_upload(&a, &eb) != MN_OK || (need && cudaMalloc(&dwork, need) != cudaSuccess) ||
+        cudaMalloc(&dy1, (size_t)N * sizeof(float)) != cudaSuccess) {
+        snprintf(why, sizeof why, "upload: %s", eb.msg[0] ? eb.msg : "cudaMalloc failed");
+        goto done;
+    }
+    mn_matmul_desc dd = d;
+    dd.x = gt_dev_of(&a, d.x);
+    dd.w = gt_dev_of(&a, d.w);
+    dd.bias = gt_dev_of(&a, d.bias);
+    dd.y = gt_dev_of(&a, d.y);
+    mn_matmul_desc he = d; /* the emulation on a copy of y */
+    he.y = (float *)yemu;
+    memcpy(yemu, y0, ybytes);
+    mn_gemv_emulate(&he, hwork);
+    mn_ref_matmul(&d);
+    mn_err e = mn_cuda_matmul(&dd, dwork, need, NULL, s, &eb);
+    cudaError_t ce = cudaStreamSynchronize(s);
+    if (e == MN_OK && ce == cudaSuccess) ce = cudaMemcpy(got, a.dev[yi], ybytes, cudaMemcpyDeviceToHost);
+    if (e != MN_OK || ce != cudaSuccess) {
+        snprintf(why, sizeof why, "%s", e != MN_OK ? eb.msg : cudaGetErrorString(ce));
+        goto done;
+    }
+    /* 1. against the reference, the contract's tolerance */
+    const float *ref = a.host[yi], *g32 = (const float *)got, *in = (const float *)y0;
+    for (int64_t n = 0; n < N; n++) {
+        mn_ref_dequant_row(t, (const char *)d.w + n * d.w_row_bytes, wrow, K);
+        for (int64_t ti = 0; ti < T; ti++) {
+            double sum = bias ? fabs(d.bias[n]) : 0.0;
+            for (int64_t k = 0; k < K; k++) sum += fabs((double)x[ti * d.x_stride + k] * wrow[k]);
+            int64_t i = ti * d.y_stride + n;
+            double tol = 1e-4 * sum + (acc ? 2.4e-7 * (fabs(in[i]) + fabs(ref[i])) : 0.0) + 1e-30;
+            double err = fabs((double)g32[i] - ref[i]);
+            if (!isfinite(g32[i]) || !(err <= tol)) {
+                snprintf(why, sizeof why, "y[%lld,%lld] = %.9g, ref %.9g, tol %.3g", (long long)ti, (long long)n,
+                         g32[i], ref[i], tol);
+                goto done;
+            }
+            if (err / tol > worst) worst = err / tol;
+        }
+    }
+    /* 2. the host emulation's bits, gaps and guard included */
+    for (size_t i = 0; i < ybytes; i++)
+        if (got[i] != yemu[i]) {
+            snprintf(why, sizeof why, "byte %zu (float %zu) differs from the host emulation", i, i / 4);
+            goto done;
+        }
+    /* 3. every token alone */
+    for (int64_t ti = 0; ti < T; ti++) {
+        mn_matmul_desc one = dd;
+        one.T = 1;
+        one.x = dd.x + ti * d.x_stride;
+        one.y = dy1;
+        one.y_stride = N;
+        for (int64_t n = 0; n < N; n++) y1[n] = in[ti * d.y_stride + n];
+        if (cudaMemcpy(dy1, y1, (size_t)N * sizeof(float), cudaMemcpyHostToDevice) != cudaSuccess ||
+            mn_cuda_matmul(&one, dwork, need, NULL, s, &eb) != MN_OK || cudaStreamSynchronize(s) != cudaSuccess ||
+            cudaMemcpy(y1, dy1, (size_t)N * sizeof(float), cudaMemcpyDeviceToHost) != cudaSuccess) {
+            snprintf(why, sizeof why, "token %lld alone: %s", (long long)ti, eb.msg[0] ? eb.msg : "cuda error");
+            goto done;
+        }
+        if (memcmp(y1, g32 + ti * d.y_stride, (size_t)N * sizeof(float)) != 0) {
+            snprintf(why, sizeof why, "token %lld alone differs from its row in the T=%lld batch", (long long)ti,
+                     (long long)T);
+            goto done;
+        }
+    }
+    ok = 1;
+done:
+    printf("gemv      %-5s T=%lld N=%lld K=%lld %-22s r=%-7.3g =emulation, =alone %s%s\n", mn_dtype_name(t), (long long)T,
+           (long long)N, (long long)K, variant == 0 ? "" : variant == 1 ? "stride bias" : variant == 2 ? "acc bias" : "stride acc bias",
+           worst, ok ? "ok" : "FAIL: ", ok ? "" : why);
+    free(y0), free(yemu), free(got), free(hwork), free(y1), free(wrow);
+    if (dwork) cudaFree(dwork);
+    if (dy1) cudaFree(dy1);
+    gt_arena_free(&a);
+    return ok;
+}
+
+/* Microseconds per call of f over reps calls (after one warm-up); -1 on an error. */
+static double time_calls(const mn_matmul_desc *d, int cublas_path, void *work, size_t work_bytes,
+                         cublasHandle_t blas, cudaStream_t s) {
+    mn_errbuf eb = {{0}};
+    enum { REPS = 20 };
+    cudaEvent_t e0, e1;
+    float ms = 0;
+    for (int r = 0; r <= REPS; r++) {
+        if (r == 1) {
+            cudaEventCreate(&e0);
+            cudaEventCreate(&e1);
+            cudaEventRecord(e0, s);
+        }
+        mn_err e = cublas_path ? mn_cuda_matmul_cublas(d, work, work_bytes, blas, s, &eb)
+                               : mn_cuda_matmul_gemv(d, work, work_bytes, s, &eb);
+        if (e != MN_OK) {
+            printf("  timing: %s\n", eb.msg);
+            if (r >= 1) cudaEventDestroy(e0), cudaEventDestroy(e1);
+            return -1;
+        }
+    }
+    cudaEventRecord(e1, s);
+    cudaEventSynchronize(e1);
+    cudaEventElapsedTime(&ms, e0, e1);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    return cudaGetLastError() == cudaSuccess ? ms * 1000.0 / REPS : -1;
+}
+
+/* Timing lines at Llama-3-8B shapes; weights and x are a byte pattern (0x3c: small finite
+ * values in every type), the time does not depend on them. */
+static void gemv_timing(cudaStream_t s, cublasHandle_t blas) {
+    static const int64_t shapes[2][2] = {{4096, 4096}, {14336, 4096}};
+    double copy = gt_copy_gbps(s);
+    for (int si = 0; si < 2; si++) {
+        int64_t N = shapes[si][0], K = shapes[si][1];
+        void *w = NULL, *work = NULL;
+        float *x = NULL, *y = NULL;
+        size_t wmax = (size_t)N * (size_t)K * 4, workmax = 0;
+        for (int ti = 0; ti < NGTYPES; ti++) {
+            mn_matmul_desc d = {.T = 8, .N = N, .K = K, .w_type = gtypes[ti], .x_stride = K, .y_stride = N};
+            size_t a = mn_cuda_matmul_cublas_work_bytes(&d), b = mn_cuda_matmul_gemv_work_bytes(&d);
+            workmax = a > workmax ? a : workmax;
+            workmax = b > workmax ? b : workmax;
+        }
+        if (cudaMalloc(&w, wmax) != cudaSuccess || cudaMalloc(&work, workmax) != cudaSuccess ||
+            cudaMalloc((void **)&x, (size_t)(8 * K) * sizeof(float)) != cudaSuccess ||
+            cudaMalloc((void **)&y, (size_t)(8 * N) * sizeof(float)) != cudaSuccess) {
+            printf("gemv-time N=%lld K=%lld: skipped (device memory)\n", (long long)N, (long long)K);
+        } else {
+            cudaMemset(w, 0x3c, wmax);
+            cudaMemset(x, 0x3c, (size_t)(8 * K) * sizeof(float));
+            for (int ti = 0; ti < NGTYPES; ti++) {
+                mn_dtype t = gtypes[ti];
+                mn_matmul_desc d = {.N = N, .K = K, .x = x, .x_stride = K, .w = w, .w_type = t, .y = y, .y_stride = N};
+                d.w_row_bytes = mn_dtype_row_bytes(t, K);
+                double mb = (double)(N * d.w_row_bytes) / 1e6, us[4];
+                for (int c = 0; c < 4; c++) {
+                    d.T = c % 2 == 0 ? 1 : 8;
+                    us[c] = time_calls(&d, c >= 2, work, workmax, blas, s);
+                }
+                printf("gemv-time %-5s N=%-5lld K=%lld W %6.1f MB  gemv T=1 %7.1f us %5.0f GB/s  T=8 %7.1f us %5.0f GB/s"
+                       "  | bf16+cublas T=1 %7.1f us  T=8 %7.1f us  (d2d copy %.0f GB/s)\n",
+                       mn_dtype_name(t), (long long)N, (long long)K, mb, us[0], us[0] > 0 ? mb * 1e-3 / (us[0] * 1e-6) : 0,
+                       us[1], us[1] > 0 ? mb * 1e-3 / (us[1] * 1e-6) : 0, us[2], us[3], copy);
+            }
+        }
+        cudaFree(w), cudaFree(work), cudaFree(x), cudaFree(y);
+    }
+}
+
+/* All GEMV checks, then the timing lines; returns 1 if every check passed. */
+int gt_gemv(cudaStream_t s, cublasHandle_t blas) {
+    static const int64_t Ts[] = {1, 2, 5, 8};
+    int pass = 0, n = 0;
+    for (int ti = 0; ti < NGTYPES; ti++)
+        for (int k = 0; k < 4; k++, n++) pass += gemv_case(gtypes[ti], Ts[k], (ti + k) % 4, 300 + (uint32_t)n, s);
+    printf("gemv: %d/%d passed\n", pass, n);
+    if (pass == n) gemv_timing(s, blas);
+    return pass == n;
+}
