@@ -767,6 +767,7 @@ int gt_backend_smoke(void); /* tests/gpu/test_cuda_backend.c */
 int gt_lora_e2e(const char *device); /* tests/gpu/test_cuda_lora_e2e.c */
 int gt_attention_long(cudaStream_t s); /* tests/gpu/test_cuda_attention.c */
 int gt_gemv(cudaStream_t s, cublasHandle_t blas); /* tests/gpu/test_cuda_gemv.c */
+int gt_session_e2e(const char *device); /* tests/gpu/test_cuda_session.c */
 
 int main(void) {
     int count = 0;
@@ -795,6 +796,7 @@ int main(void) {
     int attn = gt_attention_long(s);
     int smoke = gt_backend_smoke() && attn && gemv;
     smoke = gt_lora_e2e("cuda") && smoke;
+    smoke = gt_session_e2e("cuda") && smoke;
     cublasDestroy(blas);
     cudaStreamDestroy(s);
     printf("%s\n", pass == n && smoke ? "ALL PASSED" : "FAILED");
