@@ -111,6 +111,11 @@ mn_err mn_backend_weights_map(mn_backend *be, const void *host, size_t n, void *
     return be->iface->weights_map(be, host, n, dev, eb);
 }
 
+mn_err mn_backend_weights_matrix(mn_backend *be, const void *dev, mn_dtype type, int64_t N, int64_t K, int64_t row_bytes,
+                                 mn_errbuf *eb) {
+    return be->iface->weights_matrix ? be->iface->weights_matrix(be, dev, type, N, K, row_bytes, eb) : MN_OK;
+}
+
 bool mn_backend_supports_op(mn_backend *be, const mn_op *op) { return be->iface->supports_op(be, op); }
 
 mn_err mn_backend_reserve(mn_backend *be, const mn_op *ops, int n_ops, mn_errbuf *eb) {

@@ -100,6 +100,11 @@ typedef struct mn_backend_iface {
     /* Make device memory hold the bytes of a weight tensor; may return host directly
      * (CPU: zero-copy from the mmapped file). */
     mn_err (*weights_map)(mn_backend *be, const void *host, size_t n, void **dev, mn_errbuf *eb);
+    /* Optional: dev (from weights_map) holds an [N][K] matrix of type, rows row_bytes
+     * apart; the backend may prepare a faster form for its matmuls (CUDA: a bf16 copy for
+     * cuBLAS, so a prefill does not dequantize W on every call). */
+    mn_err (*weights_matrix)(mn_backend *be, const void *dev, mn_dtype type, int64_t N, int64_t K, int64_t row_bytes,
+                             mn_errbuf *eb);
     bool (*supports_op)(mn_backend *be, const mn_op *op);
     /* Scratch bytes the op needs (0 if none). */
     size_t (*op_work_bytes)(mn_backend *be, const mn_op *op);
@@ -165,6 +170,10 @@ mn_err mn_backend_event_wait(mn_backend *be, const mn_event *ev, mn_errbuf *eb);
 
 /* ---- compute ---- */
 mn_err mn_backend_weights_map(mn_backend *be, const void *host, size_t n, void **dev, mn_errbuf *eb);
+/** Say that weights_map's dev is an [N][K] matrix (see the vtable); MN_OK when the backend
+ *  has nothing to prepare. Results do not change, only speed and device memory. */
+mn_err mn_backend_weights_matrix(mn_backend *be, const void *dev, mn_dtype type, int64_t N, int64_t K, int64_t row_bytes,
+                                 mn_errbuf *eb);
 bool mn_backend_supports_op(mn_backend *be, const mn_op *op);
 /** Make the scratch area big enough for every op of the list (call when planning a batch). */
 mn_err mn_backend_reserve(mn_backend *be, const mn_op *ops, int n_ops, mn_errbuf *eb);

@@ -87,6 +87,7 @@ static mn_err get_weight(mn_model *m, const char *name, int64_t K, int64_t N, bo
     if (rb < 0) return mn_errf(eb, MN_EFORMAT, "tensor '%s': row of %lld not a whole number of %s blocks", name, (long long)K, mn_dtype_name(t->type));
     void *dev;
     TRY(mn_backend_weights_map(m->backend, t->data, (size_t)(rb * N), &dev, eb));
+    TRY(mn_backend_weights_matrix(m->backend, dev, t->type, N, K, rb, eb));
     *w = (mn_weight){dev, t->type, K, N, rb};
     return MN_OK;
 }

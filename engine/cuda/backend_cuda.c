@@ -14,6 +14,7 @@
  */
 #include "engine/cuda/backend_cuda.h"
 
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -21,6 +22,17 @@
 #include "kernels/cuda/ops_cuda.h"
 
 enum { EV_RING = 256 };
+
+/* A weight matrix in device memory with its bf16 form for the cuBLAS path: a copy made
+ * at load (owned, counted in the device budget), or the weights themselves when they are
+ * bf16 rows already. */
+typedef struct prepared_mat {
+    const char *base;
+    mn_dtype type;
+    int64_t N, K, row_bytes;
+    uint16_t *bf16;     /* [N][K] */
+    bool owned;
+} prepared_mat;
 
 typedef struct cuda_impl {
     int device;
@@ -35,6 +47,8 @@ typedef struct cuda_impl {
     void **weights;                 /* device copies made by weights_map */
     size_t *weight_bytes;
     size_t n_weights, cap_weights;
+    prepared_mat *mats;             /* bf16 forms of weight matrices (weights_matrix) */
+    size_t n_mats, cap_mats;
 } cuda_impl;
 
 static double now_s(void) {
@@ -54,6 +68,12 @@ static void impl_release(mn_backend *be, cuda_impl *c) {
     }
     mn_free(c->weights);
     mn_free(c->weight_bytes);
+    for (size_t i = 0; i < c->n_mats; i++)
+        if (c->mats[i].owned) {
+            cudaFree(c->mats[i].bf16);
+            if (be) be->used[MN_MEM_DEVICE] -= (size_t)c->mats[i].N * (size_t)c->mats[i].K * 2;
+        }
+    mn_free(c->mats);
     if (c->work) {
         cudaFree(c->work);
         if (be) be->used[MN_MEM_DEVICE] -= c->work_size;
@@ -209,6 +229,68 @@ static mn_err cuda_weights_map(mn_backend *be, const void *host, size_t n, void 
     return MN_OK;
 }
 
+/* Whether to keep bf16 copies of quantized / f16 matrices: MNEME_CUDA_BF16_WEIGHTS=1
+ * always (within the budget), 0 never; unset: while the copy leaves at least half of the
+ * device's memory free (an 8B model's 16 GB of bf16 fit an H100 beside its KV, not a
+ * 24 GB card, which keeps dequantizing per call). */
+static bool want_bf16_copy(size_t bytes) {
+    const char *env = getenv("MNEME_CUDA_BF16_WEIGHTS");
+    if (env && *env) return env[0] != '0';
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) return false;
+    return free_b > bytes && free_b - bytes >= total_b / 2;
+}
+
+static mn_err cuda_weights_matrix(mn_backend *be, const void *dev, mn_dtype type, int64_t N, int64_t K, int64_t row_bytes,
+                                  mn_errbuf *eb) {
+    cuda_impl *c = be->impl;
+    if (type == MN_F32 || N <= 0 || K <= 0 || !mn_dtype_is_weight_type(type)) return MN_OK; /* cuBLAS reads F32 in place */
+    bool in_place = type == MN_BF16 && row_bytes == K * 2;
+    size_t bytes = (size_t)N * (size_t)K * 2;
+    if (!in_place && (!want_bf16_copy(bytes) || charge(be, bytes, "bf16 weights", eb) != MN_OK))
+        return MN_OK; /* no room: the per-call dequantization stays */
+    if (c->n_mats == c->cap_mats) {
+        size_t cap = c->cap_mats ? 2 * c->cap_mats : 64;
+        prepared_mat *m = mn_realloc(c->mats, cap * sizeof *m);
+        if (!m) return mn_errf(eb, MN_ENOMEM, "cuda weights_matrix: out of host memory");
+        c->mats = m;
+        c->cap_mats = cap;
+    }
+    uint16_t *bf = (uint16_t *)dev;
+    if (!in_place) {
+        MN_CUDA_CHECK(eb, cudaMalloc((void **)&bf, bytes));
+        mn_err e = mn_cuda_dequant_bf16(type, dev, N, K, row_bytes, bf, c->compute, eb);
+        if (e == MN_OK && cudaStreamSynchronize(c->compute) != cudaSuccess)
+            e = mn_errf(eb, MN_EDEVICE, "cuda weights_matrix: dequantizing %lld x %lld failed", (long long)N, (long long)K);
+        if (e != MN_OK) {
+            cudaFree(bf);
+            return e;
+        }
+        be->used[MN_MEM_DEVICE] += bytes;
+    }
+    c->mats[c->n_mats++] = (prepared_mat){(const char *)dev, type, N, K, row_bytes, bf, !in_place};
+    return MN_OK;
+}
+
+/* The prepared bf16 form of d's W (a whole matrix or a view of rows / whole blocks of one,
+ * as tensor parallelism makes), *ldw its row pitch; NULL if none. */
+static const uint16_t *prepared_bf16(const cuda_impl *c, const mn_matmul_desc *d, int64_t *ldw) {
+    const char *w = d->w;
+    for (size_t i = 0; i < c->n_mats; i++) {
+        const prepared_mat *m = &c->mats[i];
+        if (w < m->base || w >= m->base + m->N * m->row_bytes || m->type != d->w_type || m->row_bytes != d->w_row_bytes)
+            continue;
+        int64_t off = w - m->base, n0 = off / m->row_bytes, col = off % m->row_bytes;
+        int64_t bb = mn_dtype_block_bytes(m->type), be = mn_dtype_block_elems(m->type);
+        if (col % bb != 0) return NULL;
+        int64_t k0 = col / bb * be;
+        if (n0 + d->N > m->N || k0 + d->K > m->K) return NULL;
+        *ldw = m->K;
+        return m->bf16 + n0 * m->K + k0;
+    }
+    return NULL;
+}
+
 static bool cuda_supports_op(mn_backend *be, const mn_op *op) {
     switch (op->kind) {
     case MN_OP_GET_ROWS: {
@@ -235,6 +317,10 @@ static bool cuda_supports_op(mn_backend *be, const mn_op *op) {
 }
 
 static size_t cuda_op_work_bytes(mn_backend *be, const mn_op *op) {
+    int64_t ldw;
+    if (op->kind == MN_OP_MATMUL && op->u.matmul.T > MN_CUDA_GEMV_MAX_T && op->u.matmul.w_type != MN_F32 &&
+        prepared_bf16(be->impl, &op->u.matmul, &ldw))
+        return mn_cuda_matmul_prepared_work_bytes(&op->u.matmul);
     if (op->kind == MN_OP_MATMUL) return mn_cuda_matmul_work_bytes(&op->u.matmul);
     if (op->kind == MN_OP_ATTENTION) return mn_cuda_attention_work_bytes(&op->u.attention);
     return 0;
@@ -269,7 +355,13 @@ static mn_err run_op(cuda_impl *c, const mn_op *op, mn_errbuf *eb) {
     switch (op->kind) {
     case MN_OP_GET_ROWS: return mn_cuda_get_rows(&op->u.get_rows, s, eb);
     case MN_OP_RMSNORM: return mn_cuda_rmsnorm(&op->u.rmsnorm, s, eb);
-    case MN_OP_MATMUL: return mn_cuda_matmul(&op->u.matmul, c->work, c->work_size, c->blas, s, eb);
+    case MN_OP_MATMUL: {
+        const mn_matmul_desc *d = &op->u.matmul;
+        int64_t ldw;
+        const uint16_t *wb = d->T > MN_CUDA_GEMV_MAX_T && d->w_type != MN_F32 ? prepared_bf16(c, d, &ldw) : NULL;
+        if (wb) return mn_cuda_matmul_prepared(d, wb, ldw, c->work, c->work_size, c->blas, s, eb);
+        return mn_cuda_matmul(d, c->work, c->work_size, c->blas, s, eb);
+    }
     case MN_OP_ROPE: return mn_cuda_rope(&op->u.rope, s, eb);
     case MN_OP_KV_STORE: return mn_cuda_kv_store(&op->u.kv_store, s, eb);
     case MN_OP_ATTENTION: return mn_cuda_attention(&op->u.attention, c->work, c->work_size, s, eb);
@@ -327,6 +419,7 @@ static const mn_backend_iface cuda_iface = {
     .event_done = cuda_event_done,
     .event_wait = cuda_event_wait,
     .weights_map = cuda_weights_map,
+    .weights_matrix = cuda_weights_matrix,
     .supports_op = cuda_supports_op,
     .op_work_bytes = cuda_op_work_bytes,
     .reserve_work = cuda_reserve_work,

@@ -20,6 +20,8 @@
  * result may depend on T, and it differs from the GEMV's bits for the same row (the
  * batch-invariance contract of ops.h holds for 1 <= T <= MN_CUDA_GEMV_MAX_T only).
  */
+#include <string.h>
+
 #include "kernels/cuda/cuda_common.cuh"
 
 static size_t pad256(size_t n) { return (n + 255) & ~(size_t)255; }
@@ -79,8 +81,47 @@ mn_err mn_cuda_matmul(const mn_matmul_desc *d, void *work, size_t work_bytes, cu
     return mn_cuda_matmul_cublas(d, work, work_bytes, blas, s, eb);
 }
 
+mn_err mn_cuda_dequant_bf16(mn_dtype type, const void *w, int64_t N, int64_t K, int64_t row_bytes, uint16_t *out,
+                            cudaStream_t s, mn_errbuf *eb) {
+    int64_t be = mn_dtype_block_elems(type);
+    if (!mn_dtype_is_weight_type(type) || K % be != 0)
+        return mn_errf(eb, MN_EUNSUPPORTED, "cuda dequant: weight type %s with K=%lld", mn_dtype_name(type), (long long)K);
+    if (N <= 0 || K <= 0) return MN_OK;
+    mn_matmul_desc d;
+    memset(&d, 0, sizeof d);
+    d.N = N;
+    d.K = K;
+    d.w = w;
+    d.w_type = type;
+    d.w_row_bytes = row_bytes;
+    int64_t nb = K / be;
+    dequant_w_kernel<<<mn__cuda_blocks(N * nb), MN__CUDA_THREADS, 0, s>>>(d, be, nb, out);
+    MN_CUDA_CHECK_LAUNCH(eb, "dequant_w_kernel");
+    return MN_OK;
+}
+
+size_t mn_cuda_matmul_prepared_work_bytes(const mn_matmul_desc *d) {
+    return d->T > 0 && d->K > 0 ? pad256((size_t)d->T * (size_t)d->K * 2) : 0;
+}
+
+static mn_err cublas_path(const mn_matmul_desc *d, const uint16_t *wprep, int64_t ldw, void *work, size_t work_bytes,
+                          cublasHandle_t blas, cudaStream_t s, mn_errbuf *eb);
+
 mn_err mn_cuda_matmul_cublas(const mn_matmul_desc *d, void *work, size_t work_bytes, cublasHandle_t blas,
                              cudaStream_t s, mn_errbuf *eb) {
+    return cublas_path(d, NULL, 0, work, work_bytes, blas, s, eb);
+}
+
+mn_err mn_cuda_matmul_prepared(const mn_matmul_desc *d, const uint16_t *wb, int64_t ldw, void *work, size_t work_bytes,
+                               cublasHandle_t blas, cudaStream_t s, mn_errbuf *eb) {
+    if (!wb || ldw < d->K) return mn_errf(eb, MN_EINVALID, "cuda matmul: prepared bf16 weights need ldw >= K");
+    return cublas_path(d, wb, ldw, work, work_bytes, blas, s, eb);
+}
+
+/* wprep: the bf16 form of W prepared at load (rows ldw apart), or NULL: dequantize W into
+ * work on this call. Either way cuBLAS sees the same bf16 values. */
+static mn_err cublas_path(const mn_matmul_desc *d, const uint16_t *wprep, int64_t ldw, void *work, size_t work_bytes,
+                          cublasHandle_t blas, cudaStream_t s, mn_errbuf *eb) {
     int64_t be = mn_dtype_block_elems(d->w_type);
     if (!mn_dtype_is_weight_type(d->w_type) || d->K % be != 0)
         return mn_errf(eb, MN_EUNSUPPORTED, "cuda matmul: weight type %s with K=%lld", mn_dtype_name(d->w_type),
@@ -90,7 +131,7 @@ mn_err mn_cuda_matmul_cublas(const mn_matmul_desc *d, void *work, size_t work_by
     if (d->T > 0x7fffffffLL || d->N > 0x7fffffffLL || d->K > 0x7fffffffLL || d->x_stride > 0x7fffffffLL ||
         d->y_stride > 0x7fffffffLL)
         return mn_errf(eb, MN_EUNSUPPORTED, "cuda matmul: a dimension or stride past 2^31");
-    size_t need = mn_cuda_matmul_cublas_work_bytes(d);
+    size_t need = wprep ? mn_cuda_matmul_prepared_work_bytes(d) : mn_cuda_matmul_cublas_work_bytes(d);
     if (work_bytes < need || (need && !work))
         return mn_errf(eb, MN_EINVALID, "cuda matmul: %zu scratch bytes given, %zu needed", work_bytes, need);
     MN_CUBLAS_CHECK(eb, cublasSetStream(blas, s));
@@ -106,15 +147,21 @@ mn_err mn_cuda_matmul_cublas(const mn_matmul_desc *d, void *work, size_t work_by
                                          (int)(d->w_row_bytes / 4), d->x, CUDA_R_32F, (int)d->x_stride, &beta, d->y,
                                          CUDA_R_32F, (int)d->y_stride, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     } else {
-        uint16_t *wb = (uint16_t *)work;
-        uint16_t *xb = (uint16_t *)((char *)work + pad256((size_t)d->N * (size_t)d->K * 2));
-        int64_t nb = d->K / be;
-        dequant_w_kernel<<<mn__cuda_blocks(d->N * nb), MN__CUDA_THREADS, 0, s>>>(*d, be, nb, wb);
-        MN_CUDA_CHECK_LAUNCH(eb, "dequant_w_kernel");
+        const uint16_t *wb = wprep;
+        uint16_t *xb = (uint16_t *)work;
+        int lda = wprep ? (int)ldw : k;
+        if (!wprep) {
+            uint16_t *wtmp = (uint16_t *)work;
+            xb = (uint16_t *)((char *)work + pad256((size_t)d->N * (size_t)d->K * 2));
+            int64_t nb = d->K / be;
+            dequant_w_kernel<<<mn__cuda_blocks(d->N * nb), MN__CUDA_THREADS, 0, s>>>(*d, be, nb, wtmp);
+            MN_CUDA_CHECK_LAUNCH(eb, "dequant_w_kernel");
+            wb = wtmp;
+        }
         int64_t group = be; /* q8_1 groups of 32 for the legacy quants, q8_K of 256 for K-quants */
         quant_x_kernel<<<mn__cuda_blocks(d->T * (d->K / group)), MN__CUDA_THREADS, 0, s>>>(*d, group, xb);
         MN_CUDA_CHECK_LAUNCH(eb, "quant_x_kernel");
-        MN_CUBLAS_CHECK(eb, cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha, wb, CUDA_R_16BF, k, xb,
+        MN_CUBLAS_CHECK(eb, cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha, wb, CUDA_R_16BF, lda, xb,
                                          CUDA_R_16BF, k, &beta, d->y, CUDA_R_32F, (int)d->y_stride,
                                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     }

@@ -92,6 +92,19 @@ size_t mn_cuda_matmul_cublas_work_bytes(const mn_matmul_desc *d);
 mn_err mn_cuda_matmul_cublas(const mn_matmul_desc *d, void *work, size_t work_bytes, cublasHandle_t blas,
                              cudaStream_t s, mn_errbuf *eb);
 
+/** W [N][K] of type (rows row_bytes apart) as bf16 [N][K] into out, the values the bf16
+ *  path uses (dequantized, rounded to bf16): done once at load (the backend's
+ *  weights_matrix) so that a prefill does not dequantize on every call. Enqueued on s. */
+mn_err mn_cuda_dequant_bf16(mn_dtype type, const void *w, int64_t N, int64_t K, int64_t row_bytes, uint16_t *out,
+                            cudaStream_t s, mn_errbuf *eb);
+/** The bf16 + cuBLAS path with W already in bf16 (wb, rows ldw >= K apart; a view of a
+ *  prepared matrix may start inside it): the same bf16 values as mn_cuda_matmul_cublas, so
+ *  the same result within the same tolerance (bit-identical when ldw == K: the same call).
+ *  Scratch mn_cuda_matmul_prepared_work_bytes (x in bf16 only). Not for F32 weights. */
+size_t mn_cuda_matmul_prepared_work_bytes(const mn_matmul_desc *d);
+mn_err mn_cuda_matmul_prepared(const mn_matmul_desc *d, const uint16_t *wb, int64_t ldw, void *work, size_t work_bytes,
+                               cublasHandle_t blas, cudaStream_t s, mn_errbuf *eb);
+
 mn_err mn_cuda_get_rows(const mn_get_rows_desc *d, cudaStream_t s, mn_errbuf *eb);
 mn_err mn_cuda_rmsnorm(const mn_rmsnorm_desc *d, cudaStream_t s, mn_errbuf *eb);
 /** matmul: T <= MN_CUDA_GEMV_MAX_T runs the fused GEMV (mn_cuda_matmul_gemv: ops.h

@@ -7,6 +7,7 @@
  */
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "engine/cuda/backend_cuda.h"
@@ -98,6 +99,75 @@ out:
     mn_buffer_free(dh);
     mn_buffer_free(dy);
     mn_buffer_free(pin);
+    gt_arena_free(&a);
+    return ok;
+}
+
+/* bf16 weights prepared at load (weights_matrix): a prefill-sized matmul through the
+ * backend uses them and must give the same bits as the per-call dequantization (the same
+ * bf16 values, the same cuBLAS call), the copy is counted in the device budget, and a
+ * row view (what tensor parallelism makes) gives the same bits as its rows of the whole. */
+static int prepared_weights(mn_backend *be) {
+    int ok = 0;
+    mn_errbuf eb = {{0}};
+    gt_arena a;
+    gt_arena_init(&a);
+    gt_seed(4242);
+    enum { PT = 40, PK = 512, PN = 96 };
+    mn_buffer *dx = NULL, *dy = NULL, *dz = NULL;
+    float *x = gt_matrix(&a, PT, PK, PK, -2, 2, NULL);
+    int64_t rb = mn_dtype_row_bytes(MN_Q4_K, PK);
+    uint8_t *w = gt_host(&a, (size_t)(PN * rb), NULL);
+    for (int64_t i = 0; i < PN * rb; i++) w[i] = (uint8_t)gt_rnd_int(256);
+    for (int64_t b = 0; b < PN * rb / (int64_t)sizeof(mn_block_q4_K); b++) {
+        mn_block_q4_K *blk = (mn_block_q4_K *)w + b;
+        blk->d = mn_fp32_to_fp16(gt_unif(0.001f, 0.01f));
+        blk->dmin = mn_fp32_to_fp16(gt_unif(0.001f, 0.01f));
+    }
+    float *y1 = gt_host(&a, PT * PN * sizeof(float), NULL), *y2 = gt_host(&a, PT * PN * sizeof(float), NULL);
+    void *dw = NULL;
+    CHECK(mn_backend_weights_map(be, w, (size_t)(PN * rb), &dw, &eb) == MN_OK, "weights_map: %s", eb.msg);
+    CHECK(mn_buffer_alloc(be, MN_MEM_DEVICE, PT * PK * sizeof(float), &dx, &eb) == MN_OK, "alloc: %s", eb.msg);
+    CHECK(mn_buffer_alloc(be, MN_MEM_DEVICE, PT * PN * sizeof(float), &dy, &eb) == MN_OK, "alloc: %s", eb.msg);
+    CHECK(mn_buffer_alloc(be, MN_MEM_DEVICE, PT * PN * sizeof(float), &dz, &eb) == MN_OK, "alloc: %s", eb.msg);
+    CHECK(cudaMemcpy(dx->ptr, x, PT * PK * sizeof(float), cudaMemcpyHostToDevice) == cudaSuccess, "copy x");
+    mn_op op = {.kind = MN_OP_MATMUL};
+    op.u.matmul = (mn_matmul_desc){.T = PT, .N = PN, .K = PK, .x = dx->ptr, .x_stride = PK, .w = dw, .w_type = MN_Q4_K,
+                                   .w_row_bytes = rb, .y = dy->ptr, .y_stride = PN};
+    /* before weights_matrix: the per-call dequantization */
+    CHECK(mn_backend_reserve(be, &op, 1, &eb) == MN_OK && mn_backend_run(be, &op, 1, &eb) == MN_OK, "run: %s", eb.msg);
+    CHECK(mn_backend_synchronize(be, &eb) == MN_OK, "%s", eb.msg);
+    CHECK(cudaMemcpy(y1, dy->ptr, PT * PN * sizeof(float), cudaMemcpyDeviceToHost) == cudaSuccess, "copy y");
+    size_t used0 = mn_backend_used(be, MN_MEM_DEVICE);
+    setenv("MNEME_CUDA_BF16_WEIGHTS", "1", 1);
+    CHECK(mn_backend_weights_matrix(be, dw, MN_Q4_K, PN, PK, rb, &eb) == MN_OK, "weights_matrix: %s", eb.msg);
+    unsetenv("MNEME_CUDA_BF16_WEIGHTS");
+    CHECK(mn_backend_used(be, MN_MEM_DEVICE) == used0 + (size_t)PN * PK * 2, "bf16 copy not counted: %zu -> %zu", used0,
+          mn_backend_used(be, MN_MEM_DEVICE));
+    op.u.matmul.y = dz->ptr;
+    CHECK(mn_backend_reserve(be, &op, 1, &eb) == MN_OK && mn_backend_run(be, &op, 1, &eb) == MN_OK, "run: %s", eb.msg);
+    CHECK(mn_backend_synchronize(be, &eb) == MN_OK, "%s", eb.msg);
+    CHECK(cudaMemcpy(y2, dz->ptr, PT * PN * sizeof(float), cudaMemcpyDeviceToHost) == cudaSuccess, "copy y");
+    CHECK(memcmp(y1, y2, PT * PN * sizeof(float)) == 0, "prepared bf16 weights give other bits than per-call dequantization");
+    /* rows [32, 96) as a view: the same rows of the whole (ldw = K: the same values; cuBLAS
+     * may order a smaller N differently, so within 1e-6 relative rather than bits) */
+    op.u.matmul.w = (const char *)dw + 32 * rb;
+    op.u.matmul.N = PN - 32;
+    op.u.matmul.y_stride = PN - 32;
+    CHECK(mn_backend_reserve(be, &op, 1, &eb) == MN_OK && mn_backend_run(be, &op, 1, &eb) == MN_OK, "run: %s", eb.msg);
+    CHECK(mn_backend_synchronize(be, &eb) == MN_OK, "%s", eb.msg);
+    CHECK(cudaMemcpy(y2, dz->ptr, PT * (PN - 32) * sizeof(float), cudaMemcpyDeviceToHost) == cudaSuccess, "copy y");
+    for (int t = 0; t < PT; t++)
+        for (int n = 32; n < PN; n++) {
+            float want = y1[t * PN + n], got = y2[t * (PN - 32) + n - 32];
+            CHECK(fabsf(got - want) <= 1e-6f * (fabsf(want) + 1.0f), "view [%d,%d]: %.9g vs %.9g", t, n, got, want);
+        }
+    printf("backend   bf16 weights prepared at load: same bits as per-call dequant, row view  ok\n");
+    ok = 1;
+out:
+    mn_buffer_free(dx);
+    mn_buffer_free(dy);
+    mn_buffer_free(dz);
     gt_arena_free(&a);
     return ok;
 }
@@ -205,6 +275,7 @@ int gt_backend_smoke(void) {
     int ok = layer_piece(be);
     ok &= event_ring(be);
     ok &= wait_copy_op(be);
+    ok &= prepared_weights(be);
     mn_backend_free(be);
     ok &= budget();
     return ok;
