@@ -128,6 +128,7 @@ struct mn_backend {
 /* ---- creating backends ---- */
 typedef struct mn_backend_params {
     const char *device;          /* "cpu", "cuda", or "auto" (cuda if a GPU exists, else cpu) */
+    int device_index;            /* cuda: which GPU (0-based; tensor parallelism puts rank r on r) */
     int n_threads;               /* CPU backend threads; <= 0: number of cores */
     size_t device_budget;        /* bytes of MN_MEM_DEVICE; 0 = unlimited */
     size_t pinned_budget;        /* bytes of MN_MEM_HOST_PINNED; 0 = unlimited */

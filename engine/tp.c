@@ -1,4 +1,5 @@
-/* engine/tp.c — P CPU ranks as threads, each running its share of mn_forward_new_tp. */
+/* engine/tp.c — P ranks as threads, each running its share of mn_forward_new_tp: CPU
+ * backends over the in-process communicator, or one CUDA backend per GPU over NCCL. */
 #include "engine/tp.h"
 
 #include <pthread.h>
@@ -8,6 +9,9 @@
 #include "engine/alloc.h"
 #include "engine/comm.h"
 #include "engine/kv.h"
+#ifdef MNEME_HAVE_CUDA
+#include "engine/cuda/backend_cuda.h"
+#endif
 
 typedef struct tp_rank {
     mn_tp *t;
@@ -53,10 +57,41 @@ void mn_tp_free(mn_tp *t) {
     mn_free(t);
 }
 
+static bool on_cuda(const mn_tp_params *p) { return p->device && strcmp(p->device, "cpu") != 0; }
+
+/* Rank i's backend: a CPU backend, or GPU i. */
+static mn_err rank_backend(tp_rank *r, int i, const mn_tp_params *p, mn_errbuf *eb) {
+    mn_backend_params bp = {.device = on_cuda(p) ? p->device : "cpu", .device_index = on_cuda(p) ? i : 0,
+                            .n_threads = p->n_threads > 0 ? p->n_threads : 1};
+    return mn_backend_new(&bp, &r->be, NULL, eb);
+}
+
+/* The group's communicator, once every rank has its backend. */
+static mn_err group_comm(mn_tp *t, const mn_tp_params *p, mn_errbuf *eb) {
+    mn_comm *comm[64];
+    mn_err e;
+    if (!on_cuda(p)) {
+        e = mn_comm_local_group_new(t->P, comm, eb);
+    } else {
+#if defined(MNEME_HAVE_CUDA) && defined(MNEME_HAVE_NCCL)
+        int dev[64];
+        void *streams[64];
+        for (int i = 0; i < t->P; i++) {
+            dev[i] = mn_backend_cuda_device(t->r[i].be);
+            streams[i] = mn_backend_cuda_stream(t->r[i].be);
+        }
+        e = mn_comm_nccl_group_new(t->P, dev, streams, comm, eb);
+#else
+        e = mn_errf(eb, MN_EUNSUPPORTED, "tensor parallel on %s: this build has no NCCL", p->device);
+#endif
+    }
+    if (e == MN_OK)
+        for (int i = 0; i < t->P; i++) t->r[i].comm = comm[i];
+    return e;
+}
+
 static mn_err rank_open(mn_tp *t, tp_rank *r, const char *path, const mn_tp_params *p, mn_errbuf *eb) {
-    mn_backend_params bp = {.device = "cpu", .n_threads = p->n_threads > 0 ? p->n_threads : 1};
-    mn_err e = mn_backend_cpu_new(&bp, &r->be, eb);
-    if (e == MN_OK) e = mn_model_load(path, r->be, &p->model, &r->m, eb);
+    mn_err e = mn_model_load(path, r->be, &p->model, &r->m, eb);
     if (e != MN_OK) return e;
     const mn_model_config *c = &r->m->cfg;
     /* an indivisible head count is reported by mn_forward_new_tp; size the pool anyway */
@@ -83,14 +118,9 @@ mn_err mn_tp_new(const char *path, const mn_tp_params *p, mn_tp **out, mn_errbuf
     }
     t->P = p->n_ranks;
     t->n_seqs = p->n_seqs;
-    mn_comm *comm[64];
-    mn_err e = mn_comm_local_group_new(t->P, comm, eb);
-    if (e != MN_OK) {
-        mn_free(t->r);
-        mn_free(t);
-        return e;
-    }
-    for (int i = 0; i < t->P; i++) t->r[i].comm = comm[i];
+    mn_err e = MN_OK;
+    for (int i = 0; i < t->P && e == MN_OK; i++) e = rank_backend(&t->r[i], i, p, eb);
+    if (e == MN_OK) e = group_comm(t, p, eb);
     for (int i = 0; i < t->P && e == MN_OK; i++) e = rank_open(t, &t->r[i], path, p, eb);
     if (e != MN_OK) {
         mn_tp_free(t);

@@ -1,6 +1,7 @@
-/* engine/tp.h — a tensor-parallel group on the CPU: P ranks as threads of this process.
+/* engine/tp.h — a tensor-parallel group: P ranks as threads of this process.
  *
- * Rank r has its own CPU backend, its own load of the model file (the weights are mmapped,
+ * Rank r has its own backend (CPU ranks: a CPU backend each, an in-process communicator;
+ * "cuda": GPU r, an NCCL communicator whose collectives go on that GPU's compute stream), its own load of the model file (the weights are mmapped,
  * so the ranks share the page cache: nothing is copied), a KV pool holding only its
  * n_kv_head / P heads, and a forward from mn_forward_new_tp over an in-process
  * communicator (engine/comm.h). mn_tp_run hands one batch to every rank at once (rank 0
@@ -25,6 +26,7 @@ typedef struct mn_tp mn_tp;
 
 typedef struct mn_tp_params {
     int n_ranks;               /* P >= 1 */
+    const char *device;        /* NULL or "cpu": CPU ranks; "cuda": rank r on GPU r over NCCL */
     int n_threads;             /* CPU threads of each rank's backend; <= 0: 1 */
     mn_model_params model;
     int32_t block_size;        /* each rank's KV pool: blocks of block_size tokens */
@@ -33,7 +35,8 @@ typedef struct mn_tp_params {
 } mn_tp_params;
 
 /** Load the model at path P times and build the ranks. A P that does not divide the
- *  model's heads is MN_EINVALID naming the sizes (from mn_forward_new_tp). */
+ *  model's heads is MN_EINVALID naming the sizes (from mn_forward_new_tp). "cuda" needs P
+ *  GPUs (MN_ERANGE naming how many there are) and a build with NCCL (MN_EUNSUPPORTED). */
 mn_err mn_tp_new(const char *path, const mn_tp_params *p, mn_tp **out, mn_errbuf *eb);
 void mn_tp_free(mn_tp *t);
 
@@ -49,7 +52,9 @@ int mn_tp_size(const mn_tp *t);
 mn_err mn_tp_run(mn_tp *t, const mn_batch *b, float *logits, mn_errbuf *eb);
 /** mn_tp_run with adapters (lora NULL: mn_tp_run). Every rank reads the same adapters:
  *  host copies (mn_lora_load against mn_tp_model(t), or a registry without a backend),
- *  which the CPU ranks share read-only; each rank takes its share through views. */
+ *  which the CPU ranks share read-only; each rank takes its share through views. CUDA
+ *  ranks refuse host adapters (the forward's rule), so adapters with "cuda" ranks are not
+ *  supported yet. */
 mn_err mn_tp_run_lora(mn_tp *t, const mn_batch *b, const mn_batch_lora *lora, float *logits, mn_errbuf *eb);
 /** Positions stored in slot s. */
 int32_t mn_tp_seq_len(const mn_tp *t, int32_t s);

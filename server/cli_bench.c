@@ -4,7 +4,8 @@
  *   ppN  one sequence, N prompt tokens in batches of up to 512, from an empty cache
  *   tgN  N tokens decoded one step at a time from an empty cache; with -b B, B sequences
  *        decode together (one token each per step) and tokens/s is the aggregate.
- * --tp N runs the forward over N CPU ranks (engine/tp.h), each with T/N threads. */
+ * --tp N runs the forward over N ranks (engine/tp.h): CPU ranks with T/N threads each, or
+ * with --device cuda GPUs 0..N-1 over NCCL. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -122,7 +123,8 @@ static void bench_usage(void) {
             "  -p  prompt lengths (0 to skip)   -n  generation lengths (0 to skip)\n"
             "  -t  thread counts                -b  sequences decoding together (tg tests)\n"
             "  --profile  print where the time goes, per op kind (not with --tp)\n"
-            "  --tp N     tensor parallelism over N CPU ranks, T/N threads each\n");
+            "  --tp N     tensor parallelism over N ranks: CPU ranks with T/N threads each, or GPUs 0..N-1\n"
+            "             over NCCL with --device cuda\n");
 }
 
 int cmd_bench(int argc, char **argv) {
@@ -170,12 +172,11 @@ int cmd_bench(int argc, char **argv) {
         mn_errbuf eb = {{0}};
         int32_t n_blocks = (int32_t)(max_b * ((max_ctx + KV_BLOCK - 1) / KV_BLOCK + 1));
         if (tp > 1) {
-            mn_tp_params tpp = {.n_ranks = (int)tp, .n_threads = be->n_threads / tp > 0 ? (int)(be->n_threads / tp) : 1,
+            mn_tp_params tpp = {.n_ranks = (int)tp, .device = mn_backend_name(be),
+                                .n_threads = be->n_threads / tp > 0 ? (int)(be->n_threads / tp) : 1,
                                 .model = {.n_ctx = mo.n_ctx}, .block_size = KV_BLOCK, .n_blocks = n_blocks,
                                 .n_seqs = (int32_t)max_b};
-            if (strcmp(mn_backend_name(be), "cpu") != 0)
-                mn_errf(&eb, MN_EUNSUPPORTED, "--tp %ld: tensor parallelism runs CPU ranks only for now (use --device cpu)", tp);
-            if (strcmp(mn_backend_name(be), "cpu") != 0 || profile ||
+            if (profile ||
                 mn_tp_new(mo.model ? mo.model : cli_default_model(), &tpp, &b.tp, &eb) != MN_OK ||
                 !(b.logits = mn_malloc((size_t)m->cfg.n_vocab * 4))) {
                 fprintf(stderr, "mneme: %s\n", profile ? "--profile does not work with --tp" : eb.msg);

@@ -20,11 +20,12 @@ typedef struct runner {
     mn_forward *f;
     mn_kv_seq seq;
     float *logits;   /* [n_vocab] of the last token run */
-    mn_tp *tp;       /* --tp N > 1: N CPU ranks run the forward instead of kv/f */
+    mn_tp *tp;       /* --tp N > 1: N ranks run the forward instead of kv/f */
 } runner;
 
-/* tp > 1: tensor parallelism over tp CPU ranks, each with its own load of the model file
- * (mmapped) and be's threads shared out; m still supplies the tokenizer and config. */
+/* tp > 1: tensor parallelism over tp ranks of be's kind (CPU ranks: each its own load of
+ * the mmapped model file and a share of be's threads; cuda: GPU r for rank r); m still
+ * supplies the tokenizer and config. */
 static int runner_init(runner *r, mn_backend *be, mn_model *m, int32_t max_tokens, int tp, const cli_model_opts *mo) {
     mn_errbuf eb = {{0}};
     memset(r, 0, sizeof *r);
@@ -32,10 +33,9 @@ static int runner_init(runner *r, mn_backend *be, mn_model *m, int32_t max_token
     int32_t n_blocks = (max_tokens + KV_BLOCK - 1) / KV_BLOCK + 1;
     const mn_model_config *c = &m->cfg;
     mn_err e = MN_OK;
-    if (tp > 1 && strcmp(mn_backend_name(be), "cpu") != 0) {
-        e = mn_errf(&eb, MN_EUNSUPPORTED, "--tp %d: tensor parallelism runs CPU ranks only for now (use --device cpu)", tp);
-    } else if (tp > 1) {
-        mn_tp_params tpp = {.n_ranks = tp, .n_threads = be->n_threads / tp > 0 ? be->n_threads / tp : 1,
+    if (tp > 1) {
+        /* on cuda: rank r on GPU r over NCCL (m, on GPU 0, still holds a whole copy: a known waste) */
+        mn_tp_params tpp = {.n_ranks = tp, .device = mn_backend_name(be), .n_threads = be->n_threads / tp > 0 ? be->n_threads / tp : 1,
                             .model = {.n_ctx = mo->n_ctx}, .block_size = KV_BLOCK, .n_blocks = n_blocks, .n_seqs = 1};
         e = mn_tp_new(mo->model ? mo->model : cli_default_model(), &tpp, &r->tp, &eb);
     } else {
@@ -218,7 +218,8 @@ static void generate_usage(void) {
             "  --repeat-penalty R --repeat-last-n N --frequency-penalty F --presence-penalty P\n"
             "  --stop TEXT          stop string (repeatable)\n"
             "  --special            render special tokens in the output\n"
-            "  --tp N               tensor parallelism over N CPU ranks (threads; N divides the heads)\n"
+            "  --tp N               tensor parallelism over N ranks (N divides the heads): CPU threads, or\n"
+            "                       GPUs 0..N-1 over NCCL with --device cuda\n"
             "  -t THREADS  -c CTX  --device cpu|cuda|auto\n");
 }
 

@@ -87,7 +87,13 @@ static void impl_release(mn_backend *be, cuda_impl *c) {
     mn_free(c);
 }
 
+/* The CUDA runtime's current device is per host thread, and tensor-parallel ranks drive
+ * their backends from threads of their own: every entry point selects this backend's
+ * device first (cheap when it already is current). */
+static void on_device(const mn_backend *be) { cudaSetDevice(((const cuda_impl *)be->impl)->device); }
+
 static void cuda_destroy(mn_backend *be) {
+    on_device(be);
     impl_release(be, be->impl);
     mn_free(be);
 }
@@ -102,6 +108,7 @@ static mn_err charge(mn_backend *be, size_t n, const char *what, mn_errbuf *eb) 
 }
 
 static mn_err cuda_mem_alloc(mn_backend *be, mn_mem_kind kind, size_t size, void **ptr, mn_errbuf *eb) {
+    on_device(be);
     size_t n = size ? size : 256;
     *ptr = NULL;
     if (kind == MN_MEM_HOST_PINNED)
@@ -112,6 +119,7 @@ static mn_err cuda_mem_alloc(mn_backend *be, mn_mem_kind kind, size_t size, void
 }
 
 static void cuda_mem_free(mn_backend *be, mn_mem_kind kind, void *ptr, size_t size) {
+    on_device(be);
     if (!ptr) return;
     if (kind == MN_MEM_HOST_PINNED)
         cudaFreeHost(ptr);
@@ -120,6 +128,7 @@ static void cuda_mem_free(mn_backend *be, mn_mem_kind kind, void *ptr, size_t si
 }
 
 static mn_err cuda_copy_async(mn_backend *be, mn_copy_dir dir, void *dst, const void *src, size_t n, mn_errbuf *eb) {
+    on_device(be);
     cuda_impl *c = be->impl;
     if ((unsigned)dir > MN_COPY_D2D) return mn_errf(eb, MN_EINVALID, "copy direction %d unknown", (int)dir);
     if (n == 0) return MN_OK;
@@ -133,6 +142,7 @@ static mn_err cuda_copy_async(mn_backend *be, mn_copy_dir dir, void *dst, const 
 
 static mn_err cuda_copy_2d_async(mn_backend *be, mn_copy_dir dir, void *dst, size_t dpitch, const void *src,
                                  size_t spitch, size_t width, size_t height, mn_errbuf *eb) {
+    on_device(be);
     cuda_impl *c = be->impl;
     if ((unsigned)dir > MN_COPY_D2D) return mn_errf(eb, MN_EINVALID, "copy direction %d unknown", (int)dir);
     static const enum cudaMemcpyKind kinds[] = {cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost,
@@ -146,6 +156,7 @@ static mn_err cuda_copy_2d_async(mn_backend *be, mn_copy_dir dir, void *dst, siz
 /* On the compute stream: ordered with the ops, never behind the copy queue. */
 static mn_err cuda_copy_compute_async(mn_backend *be, mn_copy_dir dir, void *dst, const void *src, size_t n,
                                       mn_errbuf *eb) {
+    on_device(be);
     cuda_impl *c = be->impl;
     if (n == 0) return MN_OK;
     static const enum cudaMemcpyKind kinds[] = {cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost,
@@ -165,6 +176,7 @@ static mn_err wait_copy(cuda_impl *c, uint64_t t, mn_errbuf *eb) {
 }
 
 static mn_err cuda_event_record(mn_backend *be, mn_event *ev, mn_errbuf *eb) {
+    on_device(be);
     cuda_impl *c = be->impl;
     uint64_t t = c->next_ticket + 1;
     int slot = (int)(t % EV_RING);
@@ -181,6 +193,7 @@ static mn_err cuda_event_record(mn_backend *be, mn_event *ev, mn_errbuf *eb) {
 
 /* A query error counts as done, so no caller polls forever; event_wait reports it. */
 static bool cuda_event_done(mn_backend *be, const mn_event *ev) {
+    on_device(be);
     cuda_impl *c = be->impl;
     uint64_t t = ev->ticket;
     if (t <= c->done_ticket || t > c->next_ticket) return true;
@@ -192,6 +205,7 @@ static bool cuda_event_done(mn_backend *be, const mn_event *ev) {
 }
 
 static mn_err cuda_event_wait(mn_backend *be, const mn_event *ev, mn_errbuf *eb) {
+    on_device(be);
     cuda_impl *c = be->impl;
     uint64_t t = ev->ticket;
     if (t > c->next_ticket) return mn_errf(eb, MN_EINVALID, "event ticket %llu was never recorded", (unsigned long long)t);
@@ -202,6 +216,7 @@ static mn_err cuda_event_wait(mn_backend *be, const mn_event *ev, mn_errbuf *eb)
 }
 
 static mn_err cuda_weights_map(mn_backend *be, const void *host, size_t n, void **dev, mn_errbuf *eb) {
+    on_device(be);
     cuda_impl *c = be->impl;
     mn_err e = charge(be, n, "weights", eb);
     if (e != MN_OK) return e;
@@ -243,6 +258,7 @@ static bool want_bf16_copy(size_t bytes) {
 
 static mn_err cuda_weights_matrix(mn_backend *be, const void *dev, mn_dtype type, int64_t N, int64_t K, int64_t row_bytes,
                                   mn_errbuf *eb) {
+    on_device(be);
     cuda_impl *c = be->impl;
     if (type == MN_F32 || N <= 0 || K <= 0 || !mn_dtype_is_weight_type(type)) return MN_OK; /* cuBLAS reads F32 in place */
     bool in_place = type == MN_BF16 && row_bytes == K * 2;
@@ -327,6 +343,7 @@ static size_t cuda_op_work_bytes(mn_backend *be, const mn_op *op) {
 }
 
 static mn_err cuda_reserve_work(mn_backend *be, size_t bytes, mn_errbuf *eb) {
+    on_device(be);
     cuda_impl *c = be->impl;
     if (bytes <= c->work_size) return MN_OK;
     /* the old area may still be read by enqueued ops; cudaFree waits for the device */
@@ -375,6 +392,7 @@ static mn_err run_op(cuda_impl *c, const mn_op *op, mn_errbuf *eb) {
 }
 
 static mn_err cuda_run(mn_backend *be, const mn_op *ops, int n_ops, mn_errbuf *eb) {
+    on_device(be);
     cuda_impl *c = be->impl;
     for (int i = 0; i < n_ops; i++) {
         if (!cuda_supports_op(be, &ops[i]))
@@ -401,6 +419,7 @@ static mn_err cuda_run(mn_backend *be, const mn_op *ops, int n_ops, mn_errbuf *e
 }
 
 static mn_err cuda_synchronize(mn_backend *be, mn_errbuf *eb) {
+    on_device(be);
     cuda_impl *c = be->impl;
     MN_CUDA_CHECK(eb, cudaStreamSynchronize(c->compute));
     MN_CUDA_CHECK(eb, cudaStreamSynchronize(c->copy));
@@ -441,6 +460,9 @@ static mn_err impl_init(cuda_impl *c, mn_errbuf *eb) {
     return MN_OK;
 }
 
+void *mn_backend_cuda_stream(mn_backend *be) { return ((cuda_impl *)be->impl)->compute; }
+int mn_backend_cuda_device(const mn_backend *be) { return ((const cuda_impl *)be->impl)->device; }
+
 mn_err mn_backend_cuda_new(const mn_backend_params *p, mn_backend **out, mn_errbuf *eb) {
     int count = 0;
     cudaError_t ce = cudaGetDeviceCount(&count);
@@ -448,6 +470,9 @@ mn_err mn_backend_cuda_new(const mn_backend_params *p, mn_backend **out, mn_errb
         return mn_errf(eb, MN_EUNSUPPORTED, "cuda backend: no usable CUDA device: %s (%s)", cudaGetErrorString(ce),
                        cudaGetErrorName(ce));
     if (count == 0) return mn_errf(eb, MN_EUNSUPPORTED, "cuda backend: no CUDA device found");
+    if (p->device_index < 0 || p->device_index >= count)
+        return mn_errf(eb, MN_ERANGE, "cuda backend: device index %d, but %d device%s found", p->device_index, count,
+                       count == 1 ? "" : "s");
     mn_backend *be = mn_calloc(1, sizeof *be);
     cuda_impl *c = mn_calloc(1, sizeof *c);
     if (!be || !c) {
@@ -455,7 +480,7 @@ mn_err mn_backend_cuda_new(const mn_backend_params *p, mn_backend **out, mn_errb
         mn_free(c);
         return mn_errf(eb, MN_ENOMEM, "cuda backend: out of host memory");
     }
-    c->device = 0;
+    c->device = p->device_index;
     mn_err e = impl_init(c, eb);
     if (e != MN_OK) {
         impl_release(NULL, c);

@@ -19,9 +19,16 @@
 
 #include "engine/backend.h"
 
-/** Create the CUDA backend on device 0. Without a usable device (no driver, no GPU) it
+/** Create the CUDA backend on device p->device_index (MN_ERANGE naming the device count if
+ *  there is no such device); every entry point selects that device on the calling thread,
+ *  so backends of several GPUs can be driven from different threads. Without a usable device (no driver, no GPU) it
  *  returns MN_EUNSUPPORTED with the CUDA error text in eb; MN_EDEVICE / MN_ENOMEM if
  *  creating streams, events or the cuBLAS handle fails. */
 mn_err mn_backend_cuda_new(const mn_backend_params *p, mn_backend **out, mn_errbuf *eb);
+
+/** The compute stream (a cudaStream_t) and the device: what an NCCL communicator of a
+ *  tensor-parallel rank enqueues its collectives on. be must be a CUDA backend. */
+void *mn_backend_cuda_stream(mn_backend *be);
+int mn_backend_cuda_device(const mn_backend *be);
 
 #endif

@@ -768,6 +768,7 @@ int gt_lora_e2e(const char *device); /* tests/gpu/test_cuda_lora_e2e.c */
 int gt_attention_long(cudaStream_t s); /* tests/gpu/test_cuda_attention.c */
 int gt_gemv(cudaStream_t s, cublasHandle_t blas); /* tests/gpu/test_cuda_gemv.c */
 int gt_session_e2e(const char *device); /* tests/gpu/test_cuda_session.c */
+int gt_tp_e2e(void); /* tests/gpu/test_cuda_tp.c */
 
 int main(void) {
     int count = 0;
@@ -797,6 +798,9 @@ int main(void) {
     int smoke = gt_backend_smoke() && attn && gemv;
     smoke = gt_lora_e2e("cuda") && smoke;
     smoke = gt_session_e2e("cuda") && smoke;
+#ifdef MNEME_HAVE_NCCL
+    smoke = gt_tp_e2e() && smoke;
+#endif
     cublasDestroy(blas);
     cudaStreamDestroy(s);
     printf("%s\n", pass == n && smoke ? "ALL PASSED" : "FAILED");

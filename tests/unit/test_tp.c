@@ -449,6 +449,27 @@ static void test_alloc_failures_new(void **state) {
     unlink(path);
 }
 
+/* GPU ranks on a machine without a GPU (or a build without CUDA): a clear error, nothing
+ * leaked. Skipped where a CUDA device exists (tests/gpu covers that). */
+static void test_cuda_ranks_refused(void **state) {
+    (void)state;
+    mn_errbuf eb;
+    mn_backend *probe;
+    mn_backend_params bp = {.device = "cuda"};
+    if (mn_backend_new(&bp, &probe, NULL, &eb) == MN_OK) {
+        mn_backend_free(probe);
+        skip();
+    }
+    const long live = mn_alloc_live();
+    mn_tp *t = NULL;
+    mn_tp_params p = {.n_ranks = 2, .device = "cuda", .block_size = 16, .n_blocks = 8, .n_seqs = 1};
+    mn_err e = mn_tp_new(smollm2_path(), &p, &t, &eb);
+    assert_int_equal(e, MN_EUNSUPPORTED);
+    assert_null(t);
+    assert_non_null(strstr(eb.msg, "cuda"));
+    assert_int_equal(mn_alloc_live(), live);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_local_all_reduce),
@@ -461,6 +482,7 @@ int main(void) {
         cmocka_unit_test(test_tp_group),
         cmocka_unit_test(test_alloc_failures_run),
         cmocka_unit_test(test_alloc_failures_new),
+        cmocka_unit_test(test_cuda_ranks_refused),
     };
     /* e.g. MNEME_TEST_SKIP=test_alloc_failures_new: a sanitizer run past another module's bug */
     if (getenv("MNEME_TEST_SKIP")) cmocka_set_skip_filter(getenv("MNEME_TEST_SKIP"));
