@@ -238,10 +238,12 @@ void mn_model_free(mn_model *m) {
     if (m->has_chat_template) mn_chat_template_clear(&m->chat);
     mn_tokenizer_free(m->tok);
     mn_gguf_close(m->gguf);
+    mn_free(m->synth);
     mn_free(m);
 }
 
 uint64_t mn_model_weight_bytes(const mn_model *m) {
+    if (!m->gguf) return m->synth_bytes;
     uint64_t n = 0;
     for (int64_t i = 0; i < mn_gguf_n_tensors(m->gguf); i++) n += mn_gguf_tensor_at(m->gguf, i)->nbytes;
     return n;

@@ -60,6 +60,8 @@ typedef struct mn_model {
     char name[128];
     uint8_t fingerprint[16];     /* XXH3-128 of the whole model file: sessions saved under
                                     another model (or another version of it) are refused */
+    void *synth;                 /* mn_model_synthetic: the host arena of its weights */
+    uint64_t synth_bytes;
 } mn_model;
 
 typedef struct mn_model_params {
@@ -69,6 +71,13 @@ typedef struct mn_model_params {
 /** Load the model at path onto be. */
 mn_err mn_model_load(const char *path, mn_backend *be, const mn_model_params *p, mn_model **out, mn_errbuf *eb);
 void mn_model_free(mn_model *m);
+/** A llama model of the given shape (n_layer, n_embd, n_head, n_kv_head, head_dim, n_ff,
+ *  n_vocab, n_ctx_train; rope_base / rms_eps 0: llama3's 500000 / 1e-5) whose weights are
+ *  random blocks of type (F32, F16, BF16, Q8_0, Q4_0) drawn from seed, made in host memory
+ *  and mapped onto be: for benchmarks at shapes nobody downloads here (Llama-3-8B on a
+ *  GPU). No tokenizer: feed token ids. A bad shape is MN_EINVALID naming it. */
+mn_err mn_model_synthetic(mn_backend *be, const mn_model_config *shape, mn_dtype type, uint64_t seed, mn_model **out,
+                          mn_errbuf *eb);
 
 /** Bytes of weights (as stored) — for reports and the bandwidth floor. */
 uint64_t mn_model_weight_bytes(const mn_model *m);

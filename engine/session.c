@@ -812,6 +812,7 @@ static mn_err text_tokens(mn_engine *e, mn_session *s, mn_role role, const char 
     int64_t n = 0;
     mn_err err;
     *toks = NULL;
+    if (!e->m->tok) return mn_errf(eb, MN_EUNSUPPORTED, "model %s has no tokenizer: append token ids", e->m->name);
     if (role == MN_ROLE_NONE || role == MN_ROLE_THOUGHT)
         err = mn_tokenize(e->m->tok, text, len, s->n_tokens == 0 ? MN_TOK_ADD_BOS : 0, toks, &n, eb);
     else if ((unsigned)role > MN_ROLE_THOUGHT)
@@ -882,6 +883,7 @@ static mn_err assistant_header(mn_engine *e, int32_t **out, int64_t *n, mn_errbu
 static mn_err gen_begin(mn_engine *e, mn_session *s, const mn_gen_params *p, mn_token_cb cb, mn_gen_done_cb done,
                         void *ud, mn_errbuf *eb) {
     if (s->gen) return mn_errf(eb, MN_EBUSY, "session %s is already generating", s->id);
+    if (!e->m->tok) return mn_errf(eb, MN_EUNSUPPORTED, "model %s has no tokenizer: generation streams text", e->m->name);
     if (p->max_tokens < 1) return mn_errf(eb, MN_ERANGE, "max_tokens must be >= 1, got %d", p->max_tokens);
     mn_err err = mn_sampling_validate(&p->sampling, e->m->cfg.n_vocab, eb);
     if (err == MN_OK && wants_compute(s) && s->tier >= 1) /* with tokens pending the step brings it up */
