@@ -50,7 +50,7 @@ t0=$(date +%s)
 cmake -S "$SRC" -B "$BUILD" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DMNEME_CUDA=ON -DMNEME_SERVER=OFF \
   -DMNEME_CUDA_ARCHS="$ARCHS" -DCMAKE_CUDA_COMPILER="$NVCC" ${EXTRA[@]+"${EXTRA[@]}"} >"$BUILD/configure.log" 2>&1 ||
   { cat "$BUILD/configure.log"; echo "FAILED: cmake configure"; exit 1; }
-cmake --build "$BUILD" --target test_cuda_ops -j "$JOBS" ||
+cmake --build "$BUILD" --target test_cuda_ops bench_gpu -j "$JOBS" ||
   { echo "FAILED: build"; exit 1; }
 t1=$(date +%s)
 echo "built test_cuda_ops in $((t1 - t0)) s ($BUILD)"
@@ -70,6 +70,24 @@ fi
 # (2) every op against the reference, then the backend smoke test and the end-to-end
 # LoRA check; prints a table
 rc=0
-"$BUILD/test_cuda_ops" || rc=$?
-echo "test_cuda_ops finished in $(( $(date +%s) - t1 )) s"
+set +e
+"$BUILD/test_cuda_ops" | tee "$BUILD/test_cuda_ops.log"
+rc=${PIPESTATUS[0]}
+set -e
+t2=$(date +%s)
+grep -q '^skipped:' "$BUILD/test_cuda_ops.log" && MNEME_GPU_NO_BENCH=1 # no device: nothing to time
+echo "test_cuda_ops finished in $((t2 - t1)) s"
+
+# the speed numbers (Llama-3-8B shape, random weights made on the spot): bench/bench_gpu.c
+brc=0
+if [[ -z "${MNEME_GPU_NO_BENCH:-}" ]]; then
+  timeout "${MNEME_GPU_BENCH_TIMEOUT:-300}" "$BUILD/bench_gpu" --device cuda ${MNEME_GPU_BENCH_ARGS:-} >"$BUILD/bench_gpu.log" 2>&1 || brc=$?
+  sed -n '1,/== bench_gpu summary/p' "$BUILD/bench_gpu.log" | grep -v "== bench_gpu summary" || true
+  echo "bench_gpu finished in $(( $(date +%s) - t2 )) s (exit $brc; log $BUILD/bench_gpu.log)"
+fi
+echo
+if [[ -n "${MNEME_GPU_NO_BENCH:-}" ]]; then :
+elif [[ $brc -eq 0 ]]; then sed -n '/== bench_gpu summary/,$p' "$BUILD/bench_gpu.log"
+else echo "bench_gpu FAILED (exit $brc):"; tail -5 "$BUILD/bench_gpu.log"; rc=1
+fi
 exit $rc
