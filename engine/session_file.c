@@ -32,6 +32,10 @@ enum {
     HDR_MAX = 4096,           /* any version's header_bytes must be within [HDR_BYTES, HDR_MAX] */
     ENTRY_BYTES = 32,         /* chunk table entry: offset, compressed, raw, hash */
     CODEC_SHUFFLE16_LZ4 = 1,
+    /* header flag: a chunk whose compressed_bytes equals raw_bytes is stored as it is (no
+     * shuffle, no LZ4): what the writer does when LZ4 would save under 1/32 of the block,
+     * so reading such KV back costs a copy instead of a decode */
+    FLAG_STORED_CHUNKS = 1,
     /* field offsets in the header */
     O_VERSION = 8, O_HDRBYTES = 12, O_NLAYER = 16, O_NKVHEAD = 20, O_HEADDIM = 24, O_BLOCKSIZE = 28,
     O_NTOKENS = 32, O_NBLOCKS = 36, O_MODELFP = 40, O_ADAPTERFP = 56, O_RNG = 72, O_CODEC = 104, O_FLAGS = 108,
@@ -180,12 +184,17 @@ static mn_err write_image(const mn_session_image *im, sink *s, mn_errbuf *eb) {
         size_t cb;
         e = mn_kvcodec_compress_ex(src, (size_t)bb, comp, bound, scratch, 1, &cb, eb);
         if (e != MN_OK) break;
+        const uint8_t *chunk = comp;
+        if (cb >= bb - bb / 32) { /* LZ4 saves (almost) nothing: store the block (FLAG_STORED_CHUNKS) */
+            chunk = (const uint8_t *)src;
+            cb = (size_t)bb;
+        }
         uint8_t *t = tab + b * ENTRY_BYTES;
         put64(t, off);
         put64(t + 8, cb);
         put64(t + 16, bb);
-        put64(t + 24, mn_hash64(comp, cb, 0));
-        e = sink_put(s, off, comp, cb, eb);
+        put64(t + 24, mn_hash64(chunk, cb, 0));
+        e = sink_put(s, off, chunk, cb, eb);
         off += cb;
     }
     if (e != MN_OK) goto done;
@@ -208,7 +217,7 @@ static mn_err write_image(const mn_session_image *im, sink *s, mn_errbuf *eb) {
     memcpy(h + O_ADAPTERFP, im->adapter_fp, 16);
     for (int i = 0; i < 4; i++) put64(h + O_RNG + 8 * i, im->rng[i]);
     put32(h + O_CODEC, CODEC_SHUFFLE16_LZ4);
-    put32(h + O_FLAGS, 0);
+    put32(h + O_FLAGS, FLAG_STORED_CHUNKS);
     put64(h + O_TOKOFF, tok_off);
     put64(h + O_TOKBYTES, tok_bytes);
     put64(h + O_TOKHASH, mn_hash64(sec, (size_t)tok_bytes, 0));
@@ -330,7 +339,7 @@ void mn_session_loaded_free(mn_session_loaded *s) {
 /* Check the header; on success *im holds its fields (pointers NULL), *tab_off etc. the
  * layout, all consistent with each other and with s->len. */
 static mn_err read_header(const source *s, const uint8_t *expect, mn_session_image *im, uint64_t *tok_hash,
-                          uint64_t *tab_hash, uint64_t *block_bytes, mn_errbuf *eb) {
+                          uint64_t *tab_hash, uint64_t *block_bytes, uint32_t *flags_out, mn_errbuf *eb) {
     uint8_t buf[HDR_MAX];
     const uint8_t *h;
     const char *nm = s->name;
@@ -377,7 +386,10 @@ static mn_err read_header(const source *s, const uint8_t *expect, mn_session_ima
     uint32_t codec = get32(h + O_CODEC), flags = get32(h + O_FLAGS);
     if (codec != CODEC_SHUFFLE16_LZ4)
         return mn_errf(eb, MN_EFORMAT, "%s: header: codec %u at offset %d unknown (1 = shuffle16+lz4)", nm, codec, O_CODEC);
-    if (flags != 0) return mn_errf(eb, MN_EFORMAT, "%s: header: flags %#x at offset %d, must be 0", nm, flags, O_FLAGS);
+    if (flags & ~(uint32_t)FLAG_STORED_CHUNKS)
+        return mn_errf(eb, MN_EFORMAT, "%s: header: flags %#x at offset %d, only bit 0 (stored chunks) is defined", nm, flags,
+                       O_FLAGS);
+    *flags_out = flags;
     im->n_layer = (int32_t)get32(h + O_NLAYER);
     im->n_kv_head = (int32_t)get32(h + O_NKVHEAD);
     im->head_dim = (int32_t)get32(h + O_HEADDIM);
@@ -426,8 +438,9 @@ static mn_err read_header(const source *s, const uint8_t *expect, mn_session_ima
 static mn_err read_image(const source *s, const uint8_t *expect, mn_session_loaded **out, mn_errbuf *eb) {
     mn_session_image im;
     uint64_t tok_hash = 0, tab_hash = 0, bb = 0;
+    uint32_t flags = 0;
     const char *nm = s->name;
-    mn_err e = read_header(s, expect, &im, &tok_hash, &tab_hash, &bb, eb);
+    mn_err e = read_header(s, expect, &im, &tok_hash, &tab_hash, &bb, &flags, eb);
     if (e != MN_OK) return e;
     uint64_t n = (uint64_t)im.n_tokens, nb = (uint64_t)im.n_blocks;
     uint64_t tok_off = HDR_BYTES, tab_off = tok_off + 5 * n, data_off = tab_off + ENTRY_BYTES * nb;
@@ -503,15 +516,19 @@ static mn_err read_image(const source *s, const uint8_t *expect, mn_session_load
     for (uint64_t b = 0; b < nb; b++) {
         const uint8_t *t = table + b * ENTRY_BYTES;
         uint64_t co = get64(t), cb = get64(t + 8);
-        if ((e = src_get(s, co, (size_t)cb, tmp, &p, "a chunk", eb)) != MN_OK) goto fail;
+        uint16_t *dst = L->kv + b * (bb / 2);
+        int stored = (flags & FLAG_STORED_CHUNKS) && cb == bb;
+        /* a stored chunk is read straight into its place (one copy from the page cache) */
+        if ((e = src_get(s, co, (size_t)cb, stored ? (uint8_t *)dst : tmp, &p, "a chunk", eb)) != MN_OK) goto fail;
         if (mn_hash64(p, (size_t)cb, 0) != get64(t + 24)) {
             e = mn_errf(eb, MN_EFORMAT, "%s: chunk %" PRIu64 " at offset %" PRIu64 " (%" PRIu64 " bytes): checksum mismatch",
                         nm, b, co, cb);
             goto fail;
         }
-        uint16_t *dst = L->kv + b * (bb / 2);
         mn_errbuf ceb;
-        if (mn_kvcodec_decompress_ex(p, (size_t)cb, dst, (size_t)bb, scratch, &ceb) != MN_OK) {
+        if (stored) {
+            if (p != (const uint8_t *)dst) memcpy(dst, p, (size_t)bb);
+        } else if (mn_kvcodec_decompress_ex(p, (size_t)cb, dst, (size_t)bb, scratch, &ceb) != MN_OK) {
             e = mn_errf(eb, MN_EFORMAT, "%s: chunk %" PRIu64 " at offset %" PRIu64 ": %s", nm, b, co, ceb.msg);
             goto fail;
         }

@@ -219,6 +219,72 @@ static void test_roundtrip_and_layout(void **st) {
     tsess_free(&t);
 }
 
+/* KV that LZ4 cannot shrink (random bits) is stored: compressed_bytes == raw_bytes, the
+ * chunk is the block's bytes as they are, flags bit 0 is set; it reads back exactly, from
+ * memory and from a file; a flipped byte in a stored chunk fails its checksum; a file of
+ * the earlier writer (flags 0: every chunk LZ4) still reads; other flag bits are refused. */
+static void test_stored_chunks(void **st) {
+    (void)st;
+    tsess t;
+    tsess_make(&t, 2, 2, 16, 8, 20); /* 3 blocks, the last holds 4 of 8 slots */
+    size_t total = (size_t)t.im.n_blocks * 2 * 2 * t.block_elems;
+    for (size_t i = 0; i < total; i++) t.kv[i] = (uint16_t)rnd();
+    uint8_t *buf;
+    size_t len;
+    write_mem_ok(&t.im, &buf, &len);
+    assert_int_equal(rd32(buf + 108), 1);
+    size_t bb = 2 * 2 * t.block_elems * 2, tab = 176 + 5 * 20;
+    for (size_t b = 0; b < 2; b++) {
+        const uint8_t *ent = buf + tab + 32 * b;
+        assert_int_equal(rd64(ent + 8), bb);                          /* stored */
+        assert_memory_equal(buf + rd64(ent), t.kv + b * bb / 2, bb);  /* the block as it is */
+    }
+    assert_true(rd64(buf + tab + 64 + 8) < bb); /* the last block, half zeros, is LZ4: both kinds in one file */
+    mn_errbuf eb = {{0}};
+    mn_session_loaded *L = NULL;
+    assert_int_equal(mn_session_read_mem(buf, len, t.im.model_fp, &L, &eb), MN_OK);
+    check_loaded(&t, L);
+    mn_session_loaded_free(L);
+    char path[] = "/tmp/mn_sfile_stored_XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    assert_int_equal(mn_session_write_file(path, &t.im, &eb), MN_OK);
+    assert_int_equal(mn_session_read_file(path, t.im.model_fp, &L, &eb), MN_OK);
+    check_loaded(&t, L);
+    mn_session_loaded_free(L);
+    unlink(path);
+    /* a flipped byte inside the second stored chunk */
+    uint8_t *bad = malloc(len);
+    memcpy(bad, buf, len);
+    bad[rd64(buf + tab + 32) + 100] ^= 1;
+    assert_int_equal(mn_session_read_mem(bad, len, t.im.model_fp, &L, &eb), MN_EFORMAT);
+    assert_non_null(strstr(eb.msg, "chunk 1"));
+    assert_non_null(strstr(eb.msg, "checksum"));
+    /* flags 3: refused, naming the field */
+    memcpy(bad, buf, len);
+    wr32(bad + 108, 3);
+    wr64(bad + 168, mn_hash64(bad, 168, 0));
+    assert_int_equal(mn_session_read_mem(bad, len, t.im.model_fp, &L, &eb), MN_EFORMAT);
+    assert_non_null(strstr(eb.msg, "flags"));
+    free(bad);
+    free(buf);
+    tsess_free(&t);
+
+    /* compressible KV with flags cleared (what the earlier writer wrote): LZ4 chunks read */
+    tsess c;
+    tsess_make(&c, 3, 2, 8, 4, 10);
+    write_mem_ok(&c.im, &buf, &len);
+    for (size_t b = 0; b < 3; b++) assert_true(rd64(buf + 176 + 50 + 32 * b + 8) < 2 * 3 * c.block_elems * 2);
+    wr32(buf + 108, 0);
+    wr64(buf + 168, mn_hash64(buf, 168, 0));
+    assert_int_equal(mn_session_read_mem(buf, len, c.im.model_fp, &L, &eb), MN_OK);
+    check_loaded(&c, L);
+    mn_session_loaded_free(L);
+    free(buf);
+    tsess_free(&c);
+}
+
 static void test_shapes(void **st) {
     (void)st;
     /* empty session; a full last block; SmolLM2's geometry (30 layers, 3 x 64, block 16) */
@@ -546,6 +612,7 @@ int main(void) {
         cmocka_unit_test(test_invalid_image),             cmocka_unit_test(test_corruption_and_truncation),
         cmocka_unit_test(test_model_mismatch_and_version), cmocka_unit_test(test_huge_counts),
         cmocka_unit_test(test_atomic_write),              cmocka_unit_test(test_alloc_failures),
+        cmocka_unit_test(test_stored_chunks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
