@@ -63,6 +63,20 @@ static double time_copy(mn_backend *be, mn_copy_dir dir, void *dst, const void *
     return best;
 }
 
+/* seconds per run of ops[0:n] (reserved), synchronized, best of reps */
+static double time_ops(mn_backend *be, const mn_op *ops, int n, int reps) {
+    double best = 1e30;
+    for (int r = 0; r < reps; r++) {
+        TRY("sync", mn_backend_synchronize(be, &eb));
+        double t0 = now_s();
+        TRY("run", mn_backend_run(be, ops, n, &eb));
+        TRY("sync", mn_backend_synchronize(be, &eb));
+        double t = now_s() - t0;
+        best = t < best ? t : best;
+    }
+    return best;
+}
+
 /* fill a device buffer with random 16-bit values of small magnitude (f16 / bf16) */
 static void fill_dev(mn_backend *be, void *dev, size_t bytes, mn_dtype type, float amp) {
     size_t chunk = 16 << 20;
@@ -210,15 +224,7 @@ int main(int argc, char **argv) {
         op.u.matmul = (mn_matmul_desc){.T = T, .N = N, .K = K, .x = x->ptr, .x_stride = K, .w = w->ptr, .w_type = MN_BF16,
                                        .w_row_bytes = K * 2, .y = y->ptr, .y_stride = N};
         TRY("reserve", mn_backend_reserve(be, &op, 1, &eb));
-        double gbest = 1e30;
-        for (int r = 0; r < 5; r++) {
-            TRY("sync", mn_backend_synchronize(be, &eb));
-            double ts = now_s();
-            TRY("gemm", mn_backend_run(be, &op, 1, &eb));
-            TRY("sync", mn_backend_synchronize(be, &eb));
-            double t = now_s() - ts;
-            gbest = t < gbest ? t : gbest;
-        }
+        double gbest = time_ops(be, &op, 1, 5);
         double gemm_tf = 2.0 * T * N * K / gbest / 1e12, pre_tf = flops / best / 1e12;
         printf("prefill T=%d: %.1f ms  %.0f tok/s  %.2f TFLOP/s; matmul op GEMM [%lld x %lld] x %d: %.2f TFLOP/s (%.0f%%)\n",
                T, best * 1e3, T / best, pre_tf, (long long)N, (long long)K, T, gemm_tf, 100 * pre_tf / gemm_tf);
@@ -341,20 +347,7 @@ int main(int argc, char **argv) {
             }
             TRY("reserve", mn_backend_reserve(be, &lop, 1, &eb));
             TRY("reserve", mn_backend_reserve(be, bops, gn[g], &eb));
-            double lb = 1e30, bb = 1e30;
-            for (int r = 0; r < 5; r++) {
-                TRY("sync", mn_backend_synchronize(be, &eb));
-                double ts = now_s();
-                TRY("lora", mn_backend_run(be, &lop, 1, &eb));
-                TRY("sync", mn_backend_synchronize(be, &eb));
-                double t = now_s() - ts;
-                lb = t < lb ? t : lb;
-                ts = now_s();
-                TRY("base", mn_backend_run(be, bops, gn[g], &eb));
-                TRY("sync", mn_backend_synchronize(be, &eb));
-                t = now_s() - ts;
-                bb = t < bb ? t : bb;
-            }
+            double lb = time_ops(be, &lop, 1, 5), bb = time_ops(be, bops, gn[g], 5);
             lora_s += lb;
             base_s += bb;
             mn_buffer_free(meta);
