@@ -25,7 +25,9 @@
 # `uptime` before each. Per run each side gives its best of 3; the table shows, over the runs,
 # the median and (in brackets) the minimum of those, and the ratios are taken within a run
 # (llama.cpp's number over mneme's number of the same run), then their median (min).
-# Raw output goes to $OUT_DIR (default a new /tmp/mneme-lcpp-XXXXXX).
+# Raw output goes to $OUT_DIR (default a new /tmp/mneme-lcpp-XXXXXX). LCPP_FA=auto|on|off sets
+# llama.cpp's flash attention (default auto, llama-server's default, which resolves to on here; off
+# is faster for these small turns on this CPU).
 # Not part of CI: CI has no llama.cpp.
 set -euo pipefail
 
@@ -82,13 +84,14 @@ out=${OUT_DIR:-$(mktemp -d /tmp/mneme-lcpp-XXXXXX)}
 mkdir -p "$out"
 echo "raw output in $out"
 echo "llama.cpp: $LLAMA_CPP_DIR ($(git -C "$LLAMA_CPP_DIR" describe --always 2>/dev/null || echo 'sdist llama-cpp-python 0.3.36'))"
+echo "llama.cpp flash attention: ${LCPP_FA:-auto}"
 echo "mneme: $mneme_build ($(git -C "$here" rev-parse --short HEAD))"
 echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(nproc) cores"
 for t in $threads; do
     for r in $(seq 1 "$runs"); do
         lf=$out/lcpp-t$t-r$r.txt
         mf=$out/mneme-t$t-r$r.txt
-        run_l() { { echo "load: $(uptime | sed 's/.*load average: //')"; "$prog" -m "$model" -t "$t" -r 3 $lens; } > "$lf"; }
+        run_l() { { echo "load: $(uptime | sed 's/.*load average: //')"; "$prog" -m "$model" -t "$t" -r 3 --fa "${LCPP_FA:-auto}" $lens; } > "$lf"; }
         run_m() { { echo "load: $(uptime | sed 's/.*load average: //')"; "$mneme_build/bench_session" -m "$model" -t "$t" $lens; } > "$mf"; }
         if [ $((r % 2)) -eq 1 ]; then run_l; run_m; else run_m; run_l; fi
         echo "threads $t run $r: llama.cpp load $(head -1 "$lf" | cut -d' ' -f2-), mneme load $(head -1 "$mf" | cut -d' ' -f2-)"
