@@ -33,7 +33,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 if [ $# -lt 1 ]; then
-    sed -n '3,6p' "$0" >&2
+    sed -n '2,5p' "$0" >&2
     exit 2
 fi
 mneme_build=$(cd "$1" && pwd)
