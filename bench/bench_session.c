@@ -11,17 +11,30 @@
  * and prints ms, the ratios to resident, the restore GB/s and the T2 compression ratio.
  * and the append-only cost (5 tokens, no generation) of the resident session against a new
  * one: appending to a long session should cost about what appending to a short one does.
- *   usage: bench_session [-m MODEL] [-t THREADS] [--quick] [--no-recompute] [L ...]
+ *   usage: bench_session [-m MODEL] [-t THREADS] [--quick] [--no-recompute] [--split] [L ...]
  *   --quick         resident and new only (skips the tiers and the recompute)
  *   --no-recompute  skips the recompute (68 s at 8K on one core)
+ *   --split  then, for each L, where a T3 turn's time goes: the same stream saved to a file
+ *            in the page cache, its pieces timed one by one through the public calls (best of
+ *            5 each): pread of the whole file, the checksum over it, the byte unshuffle, LZ4
+ *            (read_mem - checksum - unshuffle), first touch of a fresh image-sized buffer,
+ *            mn_session_read_file (all of the worker's lift), the copy into the pool
+ *            (mn_session_load - read_file) and the compute (the resident turn, and its
+ *            append-only part); next to them the T1 and T3 turns measured at the same time, and
+ *            when their token callback saw the first token (before that token's KV is computed).
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "engine/alloc.h"
+#include "engine/kvcodec.h"
 #include "engine/session.h"
+#include "engine/session_file.h"
 
 static double now_s(void) {
     struct timespec ts;
@@ -47,6 +60,29 @@ static double turn(mn_engine *e, mn_session *s, const int32_t *toks, int32_t n) 
     return now_s() - t0;
 }
 
+/* the token callback of turn_ttft: when the first token was sampled and handed out */
+static bool first_cb(void *ud, int32_t token, const char *text, size_t len, const mn_sample_info *info) {
+    double *t = ud;
+    if (*t == 0) *t = now_s();
+    return true;
+}
+
+/* turn(), and *first = seconds until the token callback saw the first token (what a
+ * streaming client gets as its first token; turn() also counts that token's KV) */
+static double turn_ttft(mn_engine *e, mn_session *s, const int32_t *toks, int32_t n, double *first) {
+    mn_errbuf eb;
+    mn_gen_params g = {0};
+    g.sampling = mn_sampling_defaults();
+    g.sampling.temperature = 0;
+    g.max_tokens = 1;
+    double t_first = 0, t0 = now_s();
+    if (mn_session_append_tokens(e, s, toks, n, MN_ROLE_USER, &eb) != MN_OK) die("append", &eb);
+    if (mn_session_generate(e, s, &g, first_cb, &t_first, NULL, &eb) != MN_OK) die("generate", &eb);
+    double t = now_s() - t0;
+    *first = t_first - t0;
+    return t;
+}
+
 /* append n tokens (computed, no generation); returns seconds */
 static double append_only(mn_engine *e, mn_session *s, const int32_t *toks, int32_t n) {
     mn_errbuf eb;
@@ -55,14 +91,133 @@ static double append_only(mn_engine *e, mn_session *s, const int32_t *toks, int3
     return now_s() - t0;
 }
 
+static double mind(double a, double b) { return a < b ? a : b; }
+
+/* pread all of path into buf (len bytes); returns seconds */
+static double read_whole(const char *path, uint8_t *buf, size_t len) {
+    double t0 = now_s();
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) { perror(path); exit(1); }
+    for (size_t got = 0; got < len;) {
+        ssize_t r = pread(fd, buf + got, len - got, (off_t)got);
+        if (r <= 0) { perror("pread"); exit(1); }
+        got += (size_t)r;
+    }
+    close(fd);
+    return now_s() - t0;
+}
+
+enum { SPLIT_REPS = 5 };
+
+/* --split: the pieces of a T3 turn at history L, best of SPLIT_REPS each (see the top comment). */
+static void split(mn_engine *e, const int32_t *toks, int32_t L, const char *dir, int64_t bytes_per_token, int32_t bs) {
+    mn_errbuf eb;
+    mn_session *s, *s2;
+    if (mn_session_create(e, NULL, &s, &eb) != MN_OK) die("create", &eb);
+    if (mn_session_append_tokens(e, s, toks, L, MN_ROLE_USER, &eb) != MN_OK) die("prefill", &eb);
+    char path[4200];
+    snprintf(path, sizeof path, "%s/split.mns", dir);
+    if (mn_session_save(e, s, path, &eb) != MN_OK) die("save", &eb);
+    struct stat st;
+    if (stat(path, &st) != 0) { perror(path); exit(1); }
+    size_t flen = (size_t)st.st_size;
+    size_t n_blocks = (size_t)(L + bs - 1) / bs, chunk = (size_t)bs * (size_t)bytes_per_token, raw = n_blocks * chunk;
+    uint8_t *fbuf = malloc(flen), *a = malloc(raw), *b = malloc(raw);
+    if (!fbuf || !a || !b) { fprintf(stderr, "bench_session: out of memory\n"); exit(1); }
+    memset(a, 1, raw);
+    memset(b, 0, raw);
+    double t_read = 1e9, t_hash = 1e9, t_unshuf = 1e9, t_mem = 1e9, t_file = 1e9, t_load = 1e9, t_touch = 1e9,
+           t_retouch = 1e9, t_res = 1e9, t_app = 1e9, t_t1 = 1e9, t_t3 = 1e9, f_res = 1e9, f_t1 = 1e9, f_t3 = 1e9;
+    volatile uint64_t sink = 0;
+    for (int r = 0; r < SPLIT_REPS; r++) {
+        t_read = mind(t_read, read_whole(path, fbuf, flen));
+        double t0 = now_s();
+        sink += mn_hash64(fbuf, flen, 0);
+        t_hash = mind(t_hash, now_s() - t0);
+        t0 = now_s();
+        for (size_t c = 0; c < n_blocks; c++) mn_kvcodec_unshuffle(a + c * chunk, b + c * chunk, chunk);
+        t_unshuf = mind(t_unshuf, now_s() - t0);
+        mn_session_loaded *ld;
+        t0 = now_s();
+        if (mn_session_read_mem(fbuf, flen, NULL, &ld, &eb) != MN_OK) die("read_mem", &eb);
+        t_mem = mind(t_mem, now_s() - t0);
+        mn_session_loaded_free(ld);
+        t0 = now_s();
+        if (mn_session_read_file(path, NULL, &ld, &eb) != MN_OK) die("read_file", &eb);
+        t_file = mind(t_file, now_s() - t0);
+        mn_session_loaded_free(ld);
+        /* a fresh image-sized buffer, as every read allocates one: first touch vs a second */
+        uint8_t *f = mn_aligned_alloc(64, raw);
+        if (!f) { fprintf(stderr, "bench_session: out of memory\n"); exit(1); }
+        t0 = now_s();
+        memset(f, 2, raw);
+        t_touch = mind(t_touch, now_s() - t0);
+        t0 = now_s();
+        memset(f, 3, raw);
+        t_retouch = mind(t_retouch, now_s() - t0);
+        sink += f[raw / 2];
+        mn_free(f);
+        t0 = now_s();
+        if (mn_session_load(e, path, &s2, &eb) != MN_OK) die("load", &eb);
+        t_load = mind(t_load, now_s() - t0);
+        mn_session_delete(e, s2);
+        /* the turns, now */
+        int32_t n0;
+        mn_session_tokens(s, NULL, &n0);
+        double ft;
+        t_res = mind(t_res, turn_ttft(e, s, toks + L, 5, &ft));
+        f_res = mind(f_res, ft);
+        if (mn_session_rewind(e, s, n0, &eb) != MN_OK) die("rewind", &eb);
+        t_app = mind(t_app, append_only(e, s, toks + L, 5));
+        if (mn_session_rewind(e, s, n0, &eb) != MN_OK) die("rewind", &eb);
+        for (int t = 1; t <= 3; t += 2) {
+            if (mn_session_demote(e, s, t, &eb) != MN_OK) die("demote", &eb);
+            double tt = turn_ttft(e, s, toks + L, 5, &ft);
+            if (t == 1) t_t1 = mind(t_t1, tt), f_t1 = mind(f_t1, ft);
+            else t_t3 = mind(t_t3, tt), f_t3 = mind(f_t3, ft);
+            if (mn_session_rewind(e, s, n0, &eb) != MN_OK) die("rewind", &eb);
+        }
+    }
+    (void)sink;
+    double lz4 = t_mem - t_hash - t_unshuf, into_pool = t_load - t_file, sum = t_file + into_pool + t_res;
+    printf("\nT3 turn split at L=%d (ms, best of %d): file %.2f MB, raw KV %.2f MB in %zu chunks\n", L, SPLIT_REPS, flen / 1e6,
+           raw / 1e6, n_blocks);
+    printf("  %-52s %8.2f  (%.1f GB/s)\n", "pread of the whole file (page cache -> user)", t_read * 1e3, flen / t_read / 1e9);
+    printf("  %-52s %8.2f  (%.1f GB/s)\n", "checksum (mn_hash64 = XXH3 over the whole file)", t_hash * 1e3, flen / t_hash / 1e9);
+    printf("  %-52s %8.2f  (%.1f GB/s)\n", "byte unshuffle (all chunks, warm buffers)", t_unshuf * 1e3, raw / t_unshuf / 1e9);
+    printf("  %-52s %8.2f  (%.1f GB/s)\n", "first touch of a fresh image-sized buffer", t_touch * 1e3, raw / t_touch / 1e9);
+    printf("  %-52s %8.2f\n", "  (the same memset on touched pages)", t_retouch * 1e3);
+    printf("  %-52s %8.2f\n", "read_mem (checksums + LZ4 + unshuffle + image alloc)", t_mem * 1e3);
+    printf("  %-52s %8.2f\n", "  => LZ4 + alloc/touch (read_mem - checksum - unshuffle)", lz4 * 1e3);
+    printf("  %-52s %8.2f  (%.1f GB/s of raw KV)\n", "A read_file (the worker's lift: all of the above)", t_file * 1e3,
+           raw / t_file / 1e9);
+    printf("  %-52s %8.2f\n", "B into the pool (mn_session_load - read_file)", into_pool * 1e3);
+    printf("  %-52s %8.2f\n", "C compute: resident turn (append 5 + generate 1)", t_res * 1e3);
+    printf("  %-52s %8.2f\n", "    of which append 5 (no generation)", t_app * 1e3);
+    printf("  %-52s %8.2f\n", "    of which generate 1 (sample + the token's KV)", (t_res - t_app) * 1e3);
+    printf("  %-52s %8.2f\n", "A + B + C", sum * 1e3);
+    printf("  %-52s %8.2f  (T1 - resident %.2f)\n", "T1 turn measured", t_t1 * 1e3, (t_t1 - t_res) * 1e3);
+    printf("  %-52s %8.2f  (T3 - resident %.2f, T3 - (A+B+C) %.2f)\n", "T3 turn measured", t_t3 * 1e3,
+           (t_t3 - t_res) * 1e3, (t_t3 - sum) * 1e3);
+    printf("  first token handed out (token callback), not counting its KV: resident %.2f, T1 %.2f, T3 %.2f\n",
+           f_res * 1e3, f_t1 * 1e3, f_t3 * 1e3);
+    fflush(stdout);
+    unlink(path);
+    free(fbuf);
+    free(a);
+    free(b);
+    mn_session_delete(e, s);
+}
+
 int main(int argc, char **argv) {
     const char *model_path = NULL;
     int threads = 0;
     int32_t lens[16];
-    int n_lens = 0, quick = 0, no_recompute = 0;
+    int n_lens = 0, quick = 0, no_recompute = 0, do_split = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--quick")) quick = 1;
         else if (!strcmp(argv[i], "--no-recompute")) no_recompute = 1;
+        else if (!strcmp(argv[i], "--split")) do_split = 1;
         else if (!strcmp(argv[i], "-m") && i + 1 < argc) model_path = argv[++i];
         else if (!strcmp(argv[i], "-t") && i + 1 < argc) threads = atoi(argv[++i]);
         else if (n_lens < 16) lens[n_lens++] = atoi(argv[i]);
@@ -174,6 +329,8 @@ int main(int argc, char **argv) {
     mn_engine_stats st;
     mn_engine_stats_get(e, &st);
     printf("KV bytes per token: %lld (f16); GB/s = raw KV bytes / (tier turn - resident turn)\n", (long long)st.bytes_per_token);
+    if (do_split)
+        for (int li = 0; li < n_lens; li++) split(e, toks, lens[li], dir, st.bytes_per_token, ep.block_size);
     free(toks);
     mn_engine_free(e);
     rmdir(dir);
