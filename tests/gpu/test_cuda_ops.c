@@ -767,6 +767,7 @@ int gt_backend_smoke(void); /* tests/gpu/test_cuda_backend.c */
 int gt_lora_e2e(const char *device); /* tests/gpu/test_cuda_lora_e2e.c */
 int gt_attention_long(cudaStream_t s); /* tests/gpu/test_cuda_attention.c */
 int gt_gemv(cudaStream_t s, cublasHandle_t blas); /* tests/gpu/test_cuda_gemv.c */
+int gt_sample(cudaStream_t s); /* tests/gpu/test_cuda_sample.c */
 
 int main(void) {
     int count = 0;
@@ -791,7 +792,7 @@ int main(void) {
     for (int i = 0; i < nl; i++) pass += lora_case(&lcases[i], s);
     n += nl;
     printf("ops: %d/%d passed\n", pass, n);
-    int gemv = gt_gemv(s, blas);
+    int gemv = gt_gemv(s, blas) & gt_sample(s);
     int attn = gt_attention_long(s);
     int smoke = gt_backend_smoke() && attn && gemv;
     smoke = gt_lora_e2e("cuda") && smoke;
