@@ -12,9 +12,9 @@
  *   1. lmax / amax: a block reduction in the candidate order (logit desc, id asc); the
  *      top-n logprobs are n more such reductions, each over the tokens after the last.
  *   2. top-k: a radix select over the logits' order-preserving 32-bit keys, 8 bits per
- *      pass, a 256-bin histogram of counts (shared memory) per pass: after 4 passes the
- *      k-th key is known exactly; among tokens of that key the lowest ids are taken (a
- *      block scan of per-thread tie counts over contiguous id ranges).
+ *      pass, a 256-bin histogram of counts per pass (shared memory, one per warp, summed
+ *      after): after 4 passes the k-th key is known exactly; among tokens of that key the
+ *      lowest ids are taken (a block scan of per-thread tie counts over contiguous ids).
  *   3. top-p: the same select with the bins holding weight mass (double) instead of
  *      counts, over the top-k set, against top_p * Zk: the cut's key, then its id.
  *   4. min-p: a plain logit threshold; the draw: each thread sums the kept weights of its
@@ -35,12 +35,13 @@
 #define MN__SMP_MAX_THREADS 512
 #define MN__SMP_BINS 256
 
-/* The block's shared area (about 10 KiB). */
+/* The block's shared area (about 42 KiB). */
 struct mn__smp_smem {
     double d[MN__SMP_MAX_THREADS];   /* sums and scans */
     float f[MN__SMP_MAX_THREADS];    /* argmax: logit */
     int32_t i[MN__SMP_MAX_THREADS];  /* argmax: id; int reductions */
     double hist[MN__SMP_BINS];
+    double whist[MN__SMP_MAX_THREADS / 32][MN__SMP_BINS];   /* one histogram per warp */
     uint32_t prefix;                 /* select: broadcast from thread 0 */
     int32_t found;
     double above;
@@ -175,14 +176,36 @@ __host__ __device__ inline bool mn__smp_select(const float *lg, int32_t V, float
     double above = 0.0;
     for (int pass = 0; pass < 4; pass++) {
         int shift = 24 - 8 * pass;
-        for (int j = t; j < MN__SMP_BINS; j += n) sh->hist[j] = 0.0;
+        /* Most logits share a few bins (the first pass sees sign and exponent): a bin per
+         * warp, and each thread adding up a run of one bin before its atomic, keep the
+         * atomics on one address few. */
+        int nw = (n + 31) / 32;
+        for (int j = t; j < nw * MN__SMP_BINS; j += n) sh->whist[j / MN__SMP_BINS][j % MN__SMP_BINS] = 0.0;
         b.sync();
+        double *wh = sh->whist[t / 32];
+        int32_t run_bin = -1;
+        double run = 0.0;
         for (int32_t i = t; i < V; i += n) {
             float x = mn__smp_load(lg, i);
             if (mn__smp_before(sl, sid, x, i)) continue;   /* outside S */
             uint32_t k = mn__smp_key(x);
             if ((k & mask) != prefix) continue;
-            b.atomic_add(&sh->hist[(k >> shift) & 255u], MASS ? (double)mn__smp_w(x, lmax, invT) : 1.0);
+            int32_t bin = (int32_t)((k >> shift) & 255u);
+            double v = MASS ? (double)mn__smp_w(x, lmax, invT) : 1.0;
+            if (bin == run_bin) {
+                run += v;
+                continue;
+            }
+            if (run_bin >= 0) b.atomic_add(&wh[run_bin], run);
+            run_bin = bin;
+            run = v;
+        }
+        if (run_bin >= 0) b.atomic_add(&wh[run_bin], run);
+        b.sync();
+        for (int j = t; j < MN__SMP_BINS; j += n) {
+            double h = 0.0;
+            for (int w = 0; w < nw; w++) h += sh->whist[w][j];
+            sh->hist[j] = h;
         }
         b.sync();
         if (t == 0) {
