@@ -4,7 +4,7 @@
  * nvcc compiles this file, but only host code runs: the device kernel of
  * kernels/cuda/sample.cu is a thin wrapper (which row) around mn__sample_row of
  * kernels/cuda/sample_block.cuh, a __host__ __device__ template over the block. Here the
- * block is NT host threads (32 by default; 64 and 128 too) in lockstep: sync() is a
+ * block is NT host threads (32 by default; 64, 128 and the device's 512 too) in lockstep: sync() is a
  * pthread barrier over all of them, atomic_add a locked add on the shared area (in
  * whatever order the threads arrive, as on the device). Each thread runs exactly the
  * code a GPU thread runs: the radix selects, the scans, the draw.
@@ -132,6 +132,11 @@ int main(void) {
         for (int b = 0; b < 6; b++) run_batch(b < 3 ? 1001 : 4099, nt);
         run_batch(50001, nt);
         printf("sample block (%d threads) V 1001, 4099, 50001  %s\n", nt, n_fail == before ? "ok" : "FAIL");
+    }
+    {   /* the device's block size, once (512 host threads are slow in lockstep) */
+        long before = n_fail;
+        run_batch(4099, MN__SMP_MAX_THREADS);
+        printf("sample block (%d threads) V 4099  %s\n", MN__SMP_MAX_THREADS, n_fail == before ? "ok" : "FAIL");
     }
     printf("sample block: %ld rows, %ld boundary cases, %ld failures\n", n_rows_checked, n_boundary, n_fail);
     if (n_boundary * 100 > n_rows_checked) {
