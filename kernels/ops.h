@@ -238,7 +238,8 @@ MN_HD int64_t mn_lora_v_floats(const mn_lora_seg *seg, int32_t n_seg) {
  * crosses PCIe after the op is token[r], logprob[r] and the top-n pairs, never the logits.
  * Logit bias and the repetition / frequency / presence penalties are NOT part of the op:
  * the caller applies them to the logits first (engine/sampler.c does, on the host).
- * Logits are read-only; a NaN logit counts as -inf everywhere, and -0.0 equals +0.0.
+ * Logits are read-only; a NaN logit counts as -inf everywhere, and -0.0 equals +0.0;
+ * +inf is outside the contract (the weights would be NaN).
  *
  * Candidate order: (logit descending, id ascending), a strict total order, so every tie
  * goes to the lowest id. lmax = the largest logit, amax = the first token in that order.
