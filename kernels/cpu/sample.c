@@ -30,7 +30,13 @@ size_t mn_cpu_sample_work_bytes(const mn_sample_desc *d, int nth) {
     return (size_t)nth * 2 * (size_t)d->V * sizeof(cand);
 }
 
-static inline float logit_at(const float *l, int32_t i) { return l[i] != l[i] ? -INFINITY : l[i]; }
+/* Inlined into each caller twice, with nan a constant: rows without NaN (the lmax pass
+ * finds out) read the logits without the NaN test in every later pass. */
+#define MN__AI static inline __attribute__((always_inline))
+MN__AI float logit_at(const float *l, int32_t i, bool nan) {
+    float x = l[i];
+    return nan && x != x ? -INFINITY : x;
+}
 
 /* a before b in the candidate order */
 static inline bool before(cand a, cand b) { return a.l > b.l || (a.l == b.l && a.id < b.id); }
@@ -65,9 +71,9 @@ static void select_k(cand *c, int64_t n, int64_t k) {
 
 /* The k best of l[0..V) into c[0..k), sorted. A min-heap of the k best so far rejects
  * most tokens with one comparison against its root. */
-static void top_k_heap(const float *l, int32_t V, int32_t k, cand *c) {
+MN__AI void top_k_heap(const float *l, int32_t V, int32_t k, cand *c, bool nan) {
     for (int32_t i = 0; i < V; i++) {            /* c[0] is the worst kept candidate */
-        cand x = { logit_at(l, i), i };
+        cand x = { logit_at(l, i, nan), i };
         int64_t j;
         if (i < k) {
             j = i;
@@ -136,13 +142,13 @@ static int32_t draw_list(const cand *c, int64_t n, float lmax, float invT, doubl
 }
 
 /* Draw over the whole vocabulary. */
-static int32_t draw_all(const float *l, int32_t V, float lmax, float invT, double u) {
+MN__AI int32_t draw_all(const float *l, int32_t V, float lmax, float invT, double u, bool nan) {
     double zd = 0.0;
-    for (int32_t i = 0; i < V; i++) zd += expf((logit_at(l, i) - lmax) * invT);
+    for (int32_t i = 0; i < V; i++) zd += expf((logit_at(l, i, nan) - lmax) * invT);
     double target = u * zd, acc = 0.0;
     int32_t last = 0;
     for (int32_t i = 0; i < V; i++) {
-        float w = expf((logit_at(l, i) - lmax) * invT);
+        float w = expf((logit_at(l, i, nan) - lmax) * invT);
         acc += w;
         if (acc > target) return i;
         if (w > 0.0f) last = i;
@@ -152,35 +158,29 @@ static int32_t draw_all(const float *l, int32_t V, float lmax, float invT, doubl
 
 /* Sum of expf((l - lmax) * invT) in double; weights below e^-40 are skipped (under 1e-12
  * of Z at vocab 1e5). */
-static double softmax_z(const float *l, int32_t V, float lmax, float T, float invT) {
+MN__AI double softmax_z(const float *l, int32_t V, float lmax, float T, float invT, bool nan) {
     double z = 0.0;
     float floor_l = lmax - 40.0f * T;
     for (int32_t i = 0; i < V; i++) {
-        float x = logit_at(l, i);
+        float x = logit_at(l, i, nan);
         if (x >= floor_l) z += expf((x - lmax) * invT);
     }
     return z;
 }
 
-static void sample_row(const mn_sample_desc *d, int32_t r, cand *c) {
+/* The row after its lmax pass (lmax, amax; nan: the row holds a NaN). */
+MN__AI void sample_rest(const mn_sample_desc *d, int32_t r, cand *c, float lmax, int32_t amax, bool nan) {
     const int32_t V = d->V;
     const float *l = d->logits + (int64_t)r * d->logits_stride;
     const mn_sample_params *p = &d->params[r];
-
-    float lmax = -INFINITY;
-    int32_t amax = 0;
-    for (int32_t i = 0; i < V; i++) {
-        float x = logit_at(l, i);
-        if (x > lmax) { lmax = x; amax = i; }
-    }
     int32_t n_top = d->top_id ? (p->n_logprobs < V ? p->n_logprobs : V) : 0;
     double lse = 0.0;
-    if ((d->logprob || n_top > 0) && lmax > -INFINITY) lse = (double)lmax + log(softmax_z(l, V, lmax, 1.0f, 1.0f));
+    if ((d->logprob || n_top > 0) && lmax > -INFINITY) lse = (double)lmax + log(softmax_z(l, V, lmax, 1.0f, 1.0f, nan));
     if (n_top > 0) {                             /* a small insertion list, n <= 20 */
         cand top[MN_SAMPLE_MAX_TOP];
         int32_t m = 0;
         for (int32_t i = 0; i < V; i++) {
-            cand x = { logit_at(l, i), i };
+            cand x = { logit_at(l, i, nan), i };
             if (m == n_top && !before(x, top[m - 1])) continue;
             int32_t j = m < n_top ? m++ : m - 1;
             while (j > 0 && before(x, top[j - 1])) { top[j] = top[j - 1]; j--; }
@@ -201,9 +201,9 @@ static void sample_row(const mn_sample_desc *d, int32_t r, cand *c) {
         int64_t n;
         if (use_k) {
             if (p->top_k <= 4096) {
-                top_k_heap(l, V, p->top_k, c);
+                top_k_heap(l, V, p->top_k, c, nan);
             } else {
-                for (int32_t i = 0; i < V; i++) { c[i].l = logit_at(l, i); c[i].id = i; }
+                for (int32_t i = 0; i < V; i++) { c[i].l = logit_at(l, i, nan); c[i].id = i; }
                 select_k(c, V, p->top_k);
                 qsort(c, (size_t)p->top_k, sizeof *c, cmp_order);
             }
@@ -225,20 +225,34 @@ static void sample_row(const mn_sample_desc *d, int32_t r, cand *c) {
              * then cutting top-p (against the whole Z) inside them is the contract's order */
             n = 0;
             for (int32_t i = 0; i < V; i++) {
-                float x = logit_at(l, i);
+                float x = logit_at(l, i, nan);
                 if (x >= min_l) { c[n].l = x; c[n].id = i; n++; }
             }
             if (use_p) {
-                double want = (double)p->top_p * softmax_z(l, V, lmax, T, invT);
+                double want = (double)p->top_p * softmax_z(l, V, lmax, T, invT, nan);
                 n = top_p_buckets(c, n, c + V, lmax, invT, want);
             }
             chosen = draw_list(c, n, lmax, invT, p->u);
         } else {
-            chosen = draw_all(l, V, lmax, invT, p->u);
+            chosen = draw_all(l, V, lmax, invT, p->u, nan);
         }
     }
     d->token[r] = chosen;
-    if (d->logprob) d->logprob[r] = lmax == -INFINITY ? 0.0f : (float)((double)logit_at(l, chosen) - lse);
+    if (d->logprob) d->logprob[r] = lmax == -INFINITY ? 0.0f : (float)((double)logit_at(l, chosen, nan) - lse);
+}
+
+static void sample_row(const mn_sample_desc *d, int32_t r, cand *c) {
+    const float *l = d->logits + (int64_t)r * d->logits_stride;
+    float lmax = -INFINITY;
+    int32_t amax = 0;
+    bool nan = false;
+    for (int32_t i = 0; i < d->V; i++) {
+        float x = l[i];
+        nan |= x != x;
+        if (x > lmax) { lmax = x; amax = i; }     /* NaN is never > lmax */
+    }
+    if (nan) sample_rest(d, r, c, lmax, amax, true);
+    else sample_rest(d, r, c, lmax, amax, false);
 }
 
 void mn_cpu_sample(const mn_sample_desc *d, void *work, const mn_par *par) {
