@@ -11,7 +11,7 @@
 #endif
 
 static const char *const op_names[MN_OP_COUNT] = {
-    "get_rows", "rmsnorm", "matmul", "rope", "kv_store", "attention", "silu_mul", "add", "lora", "wait_copy",
+    "get_rows", "rmsnorm", "matmul", "rope", "kv_store", "attention", "silu_mul", "add", "lora", "wait_copy", "sample",
 };
 
 const char *mn_op_name(mn_op_kind k) { return (unsigned)k < MN_OP_COUNT ? op_names[k] : "?"; }

@@ -37,6 +37,9 @@ typedef enum mn_op_kind {
      * restore lets layer l compute once layer l's KV is back (CUDA: cudaStreamWaitEvent,
      * the host does not wait; CPU: the pool waits for the copy thread) */
     MN_OP_WAIT_COPY,
+    /* logits to tokens (kernels/ops.h mn_sample_desc): only token ids and logprobs are
+     * outputs, so only they need to cross PCIe */
+    MN_OP_SAMPLE,
     MN_OP_COUNT
 } mn_op_kind;
 
@@ -54,6 +57,7 @@ typedef struct mn_op {
         mn_add_desc add;
         mn_lora_desc lora;
         mn_event wait_copy;
+        mn_sample_desc sample;
     } u;
 } mn_op;
 

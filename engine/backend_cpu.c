@@ -254,6 +254,7 @@ static bool cpu_supports_op(mn_backend *be, const mn_op *op) { return (unsigned)
 static size_t cpu_op_work_bytes(mn_backend *be, const mn_op *op) {
     if (op->kind == MN_OP_MATMUL) return mn_cpu_matmul_work_bytes(&op->u.matmul, be->n_threads);
     if (op->kind == MN_OP_LORA) return mn_cpu_lora_work_bytes(&op->u.lora);
+    if (op->kind == MN_OP_SAMPLE) return mn_cpu_sample_work_bytes(&op->u.sample, be->n_threads);
     if (op->kind == MN_OP_ATTENTION) return mn_cpu_attention_work_bytes(&op->u.attention, be->n_threads);
     return 0;
 }
@@ -281,6 +282,7 @@ static void run_op(const mn_op *op, void *work, const mn_par *par) {
     case MN_OP_SILU_MUL: mn_cpu_silu_mul(&op->u.silu_mul, work, par); break;
     case MN_OP_ADD: mn_cpu_add(&op->u.add, work, par); break;
     case MN_OP_LORA: mn_cpu_lora(&op->u.lora, work, par); break;
+    case MN_OP_SAMPLE: mn_cpu_sample(&op->u.sample, work, par); break;
     case MN_OP_WAIT_COPY: case MN_OP_COUNT: break; /* the wait is run_task's */
     }
 }

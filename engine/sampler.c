@@ -1,24 +1,11 @@
 /* engine/sampler.c — logits to the next token.
  *
  * One call of mn_sampler_sample runs, in this order (see sampler.h):
- *   bias -> penalties -> [logprobs from here] -> greedy | (temperature, top-k, top-p,
- *   min-p, draw).
- * The logits array keeps the biased, penalised logits (never divided by the
- * temperature), so logprobs of the chosen token are read from it afterwards.
- *
- * Speed matters at vocab 150k: nothing here sorts the whole vocabulary unless the
- * parameters force it.
- *   - top_k set: a k-heap over the logits (quickselect for k > 4096), sort only k.
- *   - min_p set: every survivor has l >= l_max + T*log(min_p), so one O(V) pass keeps
- *     only those (survivors are a prefix of the sorted order).
- *   - top_p without top_k: top-p's mass is measured against the full normaliser Z (one
- *     O(V) pass of exp); the cut is found by bucketing weights (a histogram over
- *     (l_max - l)/T), so only the one bucket holding the cut is sorted. Draws need no
- *     order, so the kept set stays unsorted.
- *   - nothing: draw straight from the unsorted softmax.
- * Candidates are ordered by (logit descending, id ascending), a strict total order, so
- * ties break toward the lowest id everywhere, and results never depend on the
- * quickselect's pivots.
+ *   bias -> penalties (here, on the host, in place) -> the sample op (kernels/ops.h:
+ *   logprobs, greedy | temperature, top-k, top-p, min-p, draw), run by mn_cpu_sample on
+ *   one row with this sampler's scratch. The sampler's RNG draws the op's u (only when
+ *   temperature > 0), so the CPU, CUDA and reference ops pick the same token from the
+ *   same logits and RNG state. The logits array keeps the biased, penalised logits.
  *
  * Penalty bookkeeping: counts[v] holds how often token v occurs in the window; a ring
  * of the last repeat_last_n tokens lets the oldest leave it. With repeat_last_n == -1
@@ -33,8 +20,7 @@
 #include <string.h>
 
 #include "engine/alloc.h"
-
-typedef struct mn__cand { float logit; int32_t id; } mn__cand;
+#include "kernels/ops.h"
 
 struct mn_sampler {
     mn_sampling_params p;
@@ -44,7 +30,7 @@ struct mn_sampler {
     int32_t *counts;           /* [n_vocab] occurrences inside the window */
     int32_t *ring;             /* window > 0: [window] last tokens; window < 0: distinct tokens */
     int64_t ring_cap, ring_len, ring_pos;
-    mn__cand *cand;            /* [n_vocab] scratch */
+    void *work;                /* mn_cpu_sample_work_bytes for one row, one thread */
 };
 
 /* ---- parameters -------------------------------------------------------------------- */
@@ -141,7 +127,8 @@ mn_err mn_sampler_new(const mn_sampling_params *p, int32_t n_vocab, mn_sampler *
     s->p = *p;
     s->n_vocab = n_vocab;
     s->counts = mn_calloc((size_t)n_vocab, sizeof *s->counts);
-    s->cand = mn_malloc((size_t)n_vocab * sizeof *s->cand);
+    mn_sample_desc wd = { .n_rows = 1, .V = n_vocab };
+    s->work = mn_malloc(mn_cpu_sample_work_bytes(&wd, 1));
     if (p->n_bias > 0) {
         s->bias = mn_malloc((size_t)p->n_bias * sizeof *s->bias);
         if (s->bias) memcpy(s->bias, p->bias, (size_t)p->n_bias * sizeof *s->bias);
@@ -149,7 +136,7 @@ mn_err mn_sampler_new(const mn_sampling_params *p, int32_t n_vocab, mn_sampler *
     s->p.bias = s->bias;
     s->ring_cap = p->repeat_last_n > 0 ? p->repeat_last_n : (p->repeat_last_n < 0 ? 64 : 0);
     if (s->ring_cap) s->ring = mn_malloc((size_t)s->ring_cap * sizeof *s->ring);
-    if (!s->counts || !s->cand || (p->n_bias > 0 && !s->bias) || (s->ring_cap && !s->ring)) {
+    if (!s->counts || !s->work || (p->n_bias > 0 && !s->bias) || (s->ring_cap && !s->ring)) {
         mn_sampler_free(s);
         return mn_errf(eb, MN_ENOMEM, "sampler: out of memory for vocab %d", (int)n_vocab);
     }
@@ -164,7 +151,7 @@ void mn_sampler_free(mn_sampler *s) {
     mn_free(s->bias);
     mn_free(s->counts);
     mn_free(s->ring);
-    mn_free(s->cand);
+    mn_free(s->work);
     mn_free(s);
 }
 
@@ -215,229 +202,33 @@ static void apply_penalties(mn_sampler *s, float *logits) {
     }
 }
 
-/* a before b in the candidate order: higher logit, then lower id */
-static inline bool cand_before(mn__cand a, mn__cand b) {
-    return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
-}
-
-static void cand_swap(mn__cand *a, mn__cand *b) { mn__cand t = *a; *a = *b; *b = t; }
-
-/* Rearrange c[0..n) so that its first k are the k best (in any order). */
-static void cand_select(mn__cand *c, int64_t n, int64_t k) {
-    int64_t lo = 0, hi = n - 1;
-    uint64_t r = 0x2545F4914F6CDD1Dull;    /* fixed pivot stream: deterministic run time */
-    while (lo < hi) {
-        r ^= r << 13; r ^= r >> 7; r ^= r << 17;
-        int64_t pi = lo + (int64_t)(r % (uint64_t)(hi - lo + 1));
-        cand_swap(&c[pi], &c[hi]);
-        mn__cand pv = c[hi];
-        int64_t st = lo;
-        for (int64_t i = lo; i < hi; i++)
-            if (cand_before(c[i], pv)) cand_swap(&c[i], &c[st++]);
-        cand_swap(&c[st], &c[hi]);
-        if (st == k - 1 || st == k) return;
-        if (st < k) lo = st + 1; else hi = st - 1;
-    }
-}
-
-static int cand_cmp(const void *a, const void *b) {
-    const mn__cand *x = a, *y = b;
-    return cand_before(*x, *y) ? -1 : (cand_before(*y, *x) ? 1 : 0);
-}
-
-static void cand_sort(mn__cand *c, int64_t n) { qsort(c, (size_t)n, sizeof *c, cand_cmp); }
-
-/* The k best of logits[0..V) into c[0..k), sorted. A min-heap of the k best so far
- * rejects most tokens with one comparison against its root (about k*ln(V/k) inserts
- * on typical logits), far cheaper than partitioning all V for small k. */
-static void top_k_heap(const float *logits, int32_t V, int32_t k, mn__cand *c) {
-    /* heap order: c[0] is the worst kept candidate */
-    for (int32_t i = 0; i < V; i++) {
-        mn__cand x = { logits[i], i };
-        int64_t j;
-        if (i < k) {
-            j = i;                                   /* sift up */
-            while (j > 0 && cand_before(c[(j - 1) / 2], x)) { c[j] = c[(j - 1) / 2]; j = (j - 1) / 2; }
-            c[j] = x;
-            continue;
-        }
-        if (!cand_before(x, c[0])) continue;
-        j = 0;                                       /* replace the root, sift down */
-        for (;;) {
-            int64_t a = 2 * j + 1, b = a + 1, w = j;
-            mn__cand wv = x;
-            if (a < k && cand_before(wv, c[a])) { w = a; wv = c[a]; }
-            if (b < k && cand_before(wv, c[b])) { w = b; wv = c[b]; }
-            if (w == j) break;
-            c[j] = c[w];
-            j = w;
-        }
-        c[j] = x;
-    }
-    cand_sort(c, k);
-}
-
-/* Top-p over unsorted candidates c[0..n) whose mass is measured against z (the
- * normaliser of the whole set they came from). Without a full sort: bucket the
- * candidates by (lmax - l)/T, find the bucket where the running mass reaches p*z, keep
- * everything above it unsorted and sort only that bucket to place the exact cut.
- * Returns the new n; c[0..n) is the kept set (in no particular order). */
-enum { MN__TOPP_BUCKETS = 4096 };
-static int64_t top_p_buckets(mn__cand *c, int64_t n, float lmax, float T, double z, float p) {
-    static const double span = 40.0;                 /* weights below e^-40 share the last bucket */
-    double mass[MN__TOPP_BUCKETS] = { 0 };
-    double scale = MN__TOPP_BUCKETS / span, inv = 1.0 / T;
-    for (int64_t i = 0; i < n; i++) {
-        double x = ((double)lmax - c[i].logit) * inv;
-        int b = x < span ? (int)(x * scale) : MN__TOPP_BUCKETS - 1;
-        mass[b] += expf((float)-x);
-    }
-    double want = (double)p * z, acc = 0.0;
-    int bc = 0;
-    while (bc < MN__TOPP_BUCKETS && acc + mass[bc] < want) acc += mass[bc++];
-    if (bc == MN__TOPP_BUCKETS) return n;            /* rounding: p never reached, keep all */
-    /* partition: buckets < bc first, then bucket bc, the rest dropped */
-    int64_t m = 0;
-    for (int64_t i = 0; i < n; i++) {
-        double x = ((double)lmax - c[i].logit) * inv;
-        int b = x < span ? (int)(x * scale) : MN__TOPP_BUCKETS - 1;
-        if (b < bc) cand_swap(&c[i], &c[m++]);
-    }
-    int64_t t = m;
-    for (int64_t i = m; i < n; i++) {
-        double x = ((double)lmax - c[i].logit) * inv;
-        int b = x < span ? (int)(x * scale) : MN__TOPP_BUCKETS - 1;
-        if (b == bc) cand_swap(&c[i], &c[t++]);
-    }
-    cand_sort(c + m, t - m);
-    for (int64_t i = m; i < t; i++) {
-        acc += exp(((double)c[i].logit - lmax) * inv);
-        if (acc >= want) return i + 1;
-    }
-    return t;
-}
-
-/* Sum over logits of exp((l - lmax) / T) in double; terms below e^-40 are skipped (their
- * total is under 1e-12 of Z even at vocab 1e5). */
-static double softmax_z(const float *l, int64_t n, float lmax, float T) {
-    double z = 0.0;
-    float inv = 1.0f / T, floor_l = lmax - 40.0f * T;
-    for (int64_t i = 0; i < n; i++)
-        if (l[i] >= floor_l) z += expf((l[i] - lmax) * inv);   /* float exp: 2x faster, 1e-7 rel */
-    return z;
-}
-
-/* top-n logprobs: a small insertion list, since n <= 20 */
-static void fill_top_logprobs(const float *l, int32_t n_vocab, int32_t n, double lse, mn_sample_info *info) {
-    mn__cand top[20];
-    int32_t m = 0;
-    for (int32_t i = 0; i < n_vocab; i++) {
-        mn__cand c = { l[i], i };
-        if (m == n && !cand_before(c, top[m - 1])) continue;
-        int32_t j = m < n ? m++ : m - 1;
-        while (j > 0 && cand_before(c, top[j - 1])) { top[j] = top[j - 1]; j--; }
-        top[j] = c;
-    }
-    info->n_top = m;
-    for (int32_t i = 0; i < m; i++) {
-        info->top[i].token = top[i].id;
-        info->top[i].logprob = (float)((double)top[i].logit - lse);
-    }
-}
-
-/* Draw from c[0..n) with weights exp((l - lmax)/T). */
-static int32_t draw(mn_sampler *s, const mn__cand *c, int64_t n, float lmax, float T) {
-    float inv = 1.0f / T;
-    double z = 0.0;
-    for (int64_t i = 0; i < n; i++) z += expf((c[i].logit - lmax) * inv);
-    double target = rng_uniform(s->rng) * z, acc = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-        acc += expf((c[i].logit - lmax) * inv);
-        if (acc > target) return c[i].id;
-    }
-    /* rounding left target past the sum: the last token with any weight */
-    for (int64_t i = n - 1; i > 0; i--)
-        if (expf((c[i].logit - lmax) * inv) > 0.0f) return c[i].id;
-    return c[0].id;
-}
-
-/* Length of the shortest prefix of sorted c[0..n) whose mass (against Z) reaches p,
- * or -1 if the whole prefix falls short. */
-static int64_t top_p_cut(const mn__cand *c, int64_t n, float lmax, float T, double z, float p) {
-    double inv = 1.0 / T, acc = 0.0, want = (double)p * z;
-    for (int64_t i = 0; i < n; i++) {
-        acc += exp(((double)c[i].logit - lmax) * inv);
-        if (acc >= want) return i + 1;
-    }
-    return -1;
-}
-
 int32_t mn_sampler_sample(mn_sampler *s, float *logits, mn_sample_info *info) {
     const mn_sampling_params *p = &s->p;
-    const int32_t V = s->n_vocab;
-
     for (int32_t i = 0; i < p->n_bias; i++) logits[s->bias[i].token] += s->bias[i].bias;
     apply_penalties(s, logits);
 
-    /* NaN would poison every comparison below: it counts as -inf */
-    float lmax = -INFINITY;
-    int32_t amax = 0;
-    for (int32_t i = 0; i < V; i++) {
-        float l = logits[i];
-        if (l != l) { logits[i] = -INFINITY; continue; }
-        if (l > lmax) { lmax = l; amax = i; }
-    }
-
-    double lse = 0.0;
+    /* the rest is the sample op (kernels/ops.h), one row, one thread; u is drawn here,
+     * from the sampler's RNG, only when the row samples */
+    mn_sample_params sp = {
+        .temperature = p->temperature, .top_k = p->top_k, .top_p = p->top_p, .min_p = p->min_p,
+        .u = p->temperature > 0.0f ? rng_uniform(s->rng) : 0.0, .n_logprobs = info ? p->n_logprobs : 0,
+    };
+    int32_t token = 0, top_id[MN_SAMPLE_MAX_TOP];
+    float logprob = 0.0f, top_lp[MN_SAMPLE_MAX_TOP];
+    mn_sample_desc d = {
+        .n_rows = 1, .V = s->n_vocab, .logits = logits, .logits_stride = s->n_vocab, .params = &sp,
+        .token = &token, .logprob = info ? &logprob : NULL, .top_id = info ? top_id : NULL,
+        .top_logprob = info ? top_lp : NULL,
+    };
+    mn_par par = { 0, 1, NULL, NULL };
+    mn_cpu_sample(&d, s->work, &par);
     if (info) {
-        lse = lmax == -INFINITY ? 0.0 : (double)lmax + log(softmax_z(logits, V, lmax, 1.0f));
-        fill_top_logprobs(logits, V, p->n_logprobs, lse, info);
-    }
-
-    int32_t chosen = amax;
-    float T = p->temperature;
-    if (T > 0.0f && lmax > -INFINITY) {
-        mn__cand *c = s->cand;
-        int64_t n = 0;
-        bool use_k = p->top_k > 0 && p->top_k < V;
-        bool use_p = p->top_p < 1.0f;
-        bool use_min = p->min_p > 0.0f;
-        /* min-p's threshold in logit space; -inf when min_p is off */
-        float min_l = use_min ? lmax + T * logf(p->min_p) : -INFINITY;
-
-        if (use_k) {
-            if (p->top_k <= 4096) {
-                top_k_heap(logits, V, p->top_k, c);
-            } else {
-                for (int32_t i = 0; i < V; i++) { c[i].logit = logits[i]; c[i].id = i; }
-                cand_select(c, V, p->top_k);
-                cand_sort(c, p->top_k);
-            }
-            n = p->top_k;
-            if (use_p) {
-                double z = 0.0;
-                for (int64_t i = 0; i < n; i++) z += exp(((double)c[i].logit - lmax) / T);
-                int64_t cut = top_p_cut(c, n, lmax, T, z, p->top_p);
-                if (cut > 0) n = cut;
-            }
-            while (n > 1 && c[n - 1].logit < min_l) n--;
-        } else if (use_p || use_min) {
-            /* min-p survivors are a prefix of the sorted order, so pruning them first
-             * and then cutting top-p (against the full Z) inside them is exact */
-            for (int32_t i = 0; i < V; i++)
-                if (logits[i] >= min_l) { c[n].logit = logits[i]; c[n].id = i; n++; }
-            if (use_p) {
-                double z = softmax_z(logits, V, lmax, T);
-                n = top_p_buckets(c, n, lmax, T, z, p->top_p);
-            }
-        } else {
-            for (int32_t i = 0; i < V; i++) { c[i].logit = logits[i]; c[i].id = i; }
-            n = V;
+        info->logprob = logprob;
+        info->n_top = p->n_logprobs < s->n_vocab ? p->n_logprobs : s->n_vocab;
+        for (int32_t j = 0; j < info->n_top; j++) {
+            info->top[j].token = top_id[j];
+            info->top[j].logprob = top_lp[j];
         }
-        if (n < 1) n = 1;
-        chosen = draw(s, c, n, lmax, T);
     }
-
-    if (info) info->logprob = lmax == -INFINITY ? 0.0f : (float)((double)logits[chosen] - lse);
-    return chosen;
+    return token;
 }

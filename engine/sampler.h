@@ -5,6 +5,9 @@
  * temperature -> top-k -> top-p -> min-p -> draw with the sampler's own RNG
  * (xoshiro256**, seeded by splitmix64(seed)): same seed and inputs, same tokens.
  * Logprobs are log-softmax of the logits after bias and penalties, before temperature.
+ * Everything after the penalties is the sample op of kernels/ops.h (mn_cpu_sample here;
+ * the same contract on the device): one u in [0, 1) is drawn per call when temperature
+ * > 0, and the draw walks the kept tokens in ascending id order.
  */
 #ifndef MN_SAMPLER_H
 #define MN_SAMPLER_H

@@ -233,6 +233,65 @@ MN_HD int64_t mn_lora_v_floats(const mn_lora_seg *seg, int32_t n_seg) {
     return n;
 }
 
+/* sample (logits to tokens, kernels/ref/ref_sample.c, cpu/sample.c, cuda/sample.cu): for each
+ * row r < n_rows, logits l[0:V] = logits + r * logits_stride, parameters params[r]. What
+ * crosses PCIe after the op is token[r], logprob[r] and the top-n pairs, never the logits.
+ * Logit bias and the repetition / frequency / presence penalties are NOT part of the op:
+ * the caller applies them to the logits first (engine/sampler.c does, on the host).
+ * Logits are read-only; a NaN logit counts as -inf everywhere, and -0.0 equals +0.0;
+ * +inf is outside the contract (the weights would be NaN).
+ *
+ * Candidate order: (logit descending, id ascending), a strict total order, so every tie
+ * goes to the lowest id. lmax = the largest logit, amax = the first token in that order.
+ *   logprobs: Z1 = sum_i expf(l_i - lmax) (float expf, double sum), lse = lmax + log(Z1)
+ *     (double); logprob(i) = (float)((double)l_i - lse). logprob[r] is the chosen token's;
+ *     top_id / top_logprob [r * MN_SAMPLE_MAX_TOP + j], j < min(n_logprobs, V), are the
+ *     first tokens of the candidate order (highest first). All logits -inf: token 0,
+ *     logprob[r] = 0, top logprobs -inf.
+ *   greedy (temperature <= 0, or all logits -inf): token = amax.
+ *   sampling: invT = 1.0f / T (float), weight w_i = expf((l_i - lmax) * invT) (float).
+ *     The kept set is a prefix of the candidate order, of length n:
+ *       n = top_k if 0 < top_k < V, else V;                                    (top-k)
+ *       top_p < 1: Zk = sum of w over the first n (double); n = the shortest m <= n whose
+ *         prefix sum (double, in candidate order) >= (double)top_p * Zk; n unchanged if
+ *         no prefix reaches it (rounding);                                       (top-p)
+ *       min_p > 0: min_l = lmax + T * logf(min_p) (float); drop from the end of the prefix
+ *         while n > 1 and the last logit < min_l (the first token always stays).  (min-p)
+ *     Draw: Zd = sum of w over the kept set (double); target = u * Zd (double); walk the
+ *     kept tokens in ASCENDING ID order accumulating w (double) and take the first whose
+ *     running sum > target; if rounding leaves none, the kept token of highest id with
+ *     w > 0. (Id order, not candidate order: a device walks it with one scan, no sort.)
+ * Agreement (tolerance of all three implementations, and of the tests): the summation
+ * order of the double sums and expf / logf (ref and cpu: libm; CUDA: its expf, logf,
+ * within 2 ulp) are free, so the token must equal the reference's except in a boundary
+ * case, where a decision lies within MN_SAMPLE_TOL relative of a threshold:
+ *   draw:  |target - (a running sum of the walk)| <= MN_SAMPLE_TOL * Zd;
+ *   top-p: |(a prefix sum at the cut) - top_p * Zk| <= MN_SAMPLE_TOL * Zk;
+ *   min-p: |l_i - min_l| <= MN_SAMPLE_TOL * (1 + |min_l|) for a token i of the prefix.
+ * Logprobs: |lp - lp_ref| <= MN_SAMPLE_TOL * (1 + |lp_ref|); top ids are exact.
+ * Work (cpu): mn_cpu_sample_work_bytes(d, nth); rows are split across threads. CUDA: one
+ * block per row, no scratch. logprob, top_id and top_logprob may be NULL (not computed:
+ * logprob NULL skips the O(V) normaliser when every n_logprobs is 0). */
+#define MN_SAMPLE_MAX_TOP 20
+#define MN_SAMPLE_TOL 1e-5
+typedef struct mn_sample_params {
+    float temperature;       /* <= 0: greedy */
+    int32_t top_k;           /* <= 0 or >= V: off */
+    float top_p;             /* >= 1: off; in (0, 1] */
+    float min_p;             /* <= 0: off; in [0, 1] */
+    double u;                /* uniform draw in [0, 1), from the caller's RNG */
+    int32_t n_logprobs;      /* 0 .. MN_SAMPLE_MAX_TOP */
+} mn_sample_params;
+
+typedef struct mn_sample_desc {
+    int32_t n_rows, V;
+    const float *logits; int64_t logits_stride;   /* [n_rows, V] */
+    const mn_sample_params *params;              /* [n_rows] */
+    int32_t *token;                              /* [n_rows] */
+    float *logprob;                              /* [n_rows] or NULL */
+    int32_t *top_id; float *top_logprob;         /* [n_rows, MN_SAMPLE_MAX_TOP] or NULL */
+} mn_sample_desc;
+
 /* ---- dequantization (shared by get_rows, tests and the CUDA load path) --------------
  * y[0:n] = values of the n elements at src (n a multiple of the block size). */
 void mn_ref_dequant_row(mn_dtype type, const void *src, float *y, int64_t n);
@@ -250,6 +309,7 @@ void mn_ref_attention(const mn_attention_desc *d);
 void mn_ref_silu_mul(const mn_silu_mul_desc *d);
 void mn_ref_add(const mn_add_desc *d);
 void mn_ref_lora(const mn_lora_desc *d);
+void mn_ref_sample(const mn_sample_desc *d);
 
 /* ---- fast CPU implementations (kernels/cpu/) ------------------------------------------
  * Call mn_cpu_init() once (idempotent, thread-safe) before any of them: it picks the
@@ -274,5 +334,8 @@ void mn_cpu_silu_mul(const mn_silu_mul_desc *d, void *work, const mn_par *par);
 void mn_cpu_add(const mn_add_desc *d, void *work, const mn_par *par);
 size_t mn_cpu_lora_work_bytes(const mn_lora_desc *d);
 void mn_cpu_lora(const mn_lora_desc *d, void *work, const mn_par *par);
+/* Scratch of mn_cpu_sample: 2 * V (logit, id) pairs per thread. */
+size_t mn_cpu_sample_work_bytes(const mn_sample_desc *d, int nth);
+void mn_cpu_sample(const mn_sample_desc *d, void *work, const mn_par *par);
 
 #endif

@@ -327,6 +327,7 @@ static bool cuda_supports_op(mn_backend *be, const mn_op *op) {
     case MN_OP_RMSNORM: case MN_OP_KV_STORE: case MN_OP_SILU_MUL: case MN_OP_ADD: return true;
     case MN_OP_LORA: return op->u.lora.max_r > 0 && op->u.lora.max_r <= MN_CUDA_LORA_MAX_R;
     case MN_OP_WAIT_COPY: return true;
+    case MN_OP_SAMPLE: return op->u.sample.V > 0;
     case MN_OP_COUNT: break;
     }
     return false;
@@ -386,6 +387,7 @@ static mn_err run_op(cuda_impl *c, const mn_op *op, mn_errbuf *eb) {
     case MN_OP_ADD: return mn_cuda_add(&op->u.add, s, eb);
     case MN_OP_LORA: return mn_cuda_lora(&op->u.lora, s, eb);
     case MN_OP_WAIT_COPY: return wait_copy(c, op->u.wait_copy.ticket, eb);
+    case MN_OP_SAMPLE: return mn_cuda_sample(&op->u.sample, s, eb);
     case MN_OP_COUNT: break;
     }
     return mn_errf(eb, MN_EINVALID, "op kind %d unknown", (int)op->kind);

@@ -136,6 +136,13 @@ mn_err mn_cuda_add(const mn_add_desc *d, cudaStream_t s, mn_errbuf *eb);
  *  d->max_rows == 1 runs the gathered decode kernel, anything else the segmented one.
  *  f32 sums: within the ops.h tolerance. */
 mn_err mn_cuda_lora(const mn_lora_desc *d, cudaStream_t s, mn_errbuf *eb);
+/** sample (kernels/cuda/sample.cu, per-row code kernels/cuda/sample_block.cuh): one block
+ *  per row, no scratch; params and every output device memory. Radix selects over the
+ *  logits' float bits find the top-k and top-p thresholds (no sort), then one block scan
+ *  in id order draws. Agrees with mn_ref_sample within the ops.h contract (MN_SAMPLE_TOL
+ *  boundary cases); the double histograms use shared-memory atomics, so a token exactly
+ *  at such a boundary may also differ from run to run. */
+mn_err mn_cuda_sample(const mn_sample_desc *d, cudaStream_t s, mn_errbuf *eb);
 
 #ifdef __cplusplus
 }

@@ -367,7 +367,7 @@ static void to_device(gt_arena *a, mn_op *op) {
         break;
     case MN_OP_SILU_MUL: DEV(op->u.silu_mul.gate); DEV(op->u.silu_mul.up); DEV(op->u.silu_mul.y); break;
     case MN_OP_ADD: DEV(op->u.add.y); DEV(op->u.add.x); break;
-    case MN_OP_LORA: case MN_OP_WAIT_COPY: case MN_OP_COUNT: break;
+    case MN_OP_LORA: case MN_OP_WAIT_COPY: case MN_OP_SAMPLE: case MN_OP_COUNT: break;
     }
 #undef DEV
 }
@@ -383,7 +383,7 @@ static void run_ref(const mn_op *op) {
     case MN_OP_SILU_MUL: mn_ref_silu_mul(&op->u.silu_mul); break;
     case MN_OP_ADD: mn_ref_add(&op->u.add); break;
     case MN_OP_LORA: mn_ref_lora(&op->u.lora); break;
-    case MN_OP_WAIT_COPY: case MN_OP_COUNT: break;
+    case MN_OP_WAIT_COPY: case MN_OP_SAMPLE: case MN_OP_COUNT: break;
     }
 }
 
@@ -397,7 +397,7 @@ static mn_err run_cuda(const mn_op *op, void *work, size_t work_bytes, cublasHan
     case MN_OP_ATTENTION: return mn_cuda_attention(&op->u.attention, work, work_bytes, s, eb);
     case MN_OP_SILU_MUL: return mn_cuda_silu_mul(&op->u.silu_mul, s, eb);
     case MN_OP_ADD: return mn_cuda_add(&op->u.add, s, eb);
-    case MN_OP_LORA: case MN_OP_WAIT_COPY: case MN_OP_COUNT: break;
+    case MN_OP_LORA: case MN_OP_WAIT_COPY: case MN_OP_SAMPLE: case MN_OP_COUNT: break;
     }
     return MN_EINVALID;
 }
@@ -769,6 +769,7 @@ int gt_attention_long(cudaStream_t s); /* tests/gpu/test_cuda_attention.c */
 int gt_gemv(cudaStream_t s, cublasHandle_t blas); /* tests/gpu/test_cuda_gemv.c */
 int gt_session_e2e(const char *device); /* tests/gpu/test_cuda_session.c */
 int gt_tp_e2e(void); /* tests/gpu/test_cuda_tp.c */
+int gt_sample(cudaStream_t s); /* tests/gpu/test_cuda_sample.c */
 
 int main(void) {
     int count = 0;
@@ -793,7 +794,7 @@ int main(void) {
     for (int i = 0; i < nl; i++) pass += lora_case(&lcases[i], s);
     n += nl;
     printf("ops: %d/%d passed\n", pass, n);
-    int gemv = gt_gemv(s, blas);
+    int gemv = gt_gemv(s, blas) & gt_sample(s);
     int attn = gt_attention_long(s);
     int smoke = gt_backend_smoke() && attn && gemv;
     smoke = gt_lora_e2e("cuda") && smoke;
