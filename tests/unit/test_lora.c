@@ -264,7 +264,8 @@ static void test_lora_op(void **state) {
 
 /* The row-blocked path (one segment of every row: a single-adapter batch) gives the bits
  * of the per-row path, which the same rows split into segments of 3 rows of the same
- * adapter take; every type, both SIMD levels, 1 and 2 threads, a row count and K with tails. */
+ * adapter take; every type, both SIMD levels, 1 and 2 threads, segments of 41, 13 and 6
+ * rows (blocks of 4 with tails of 1 and 2 rows), K with a tail. */
 static void test_lora_single_path(void **state) {
     enum { T = 41, K = 150, N = 100, R = 16 };
     const mn_dtype types[3] = {MN_F32, MN_F16, MN_BF16};
@@ -286,28 +287,33 @@ static void test_lora_single_path(void **state) {
             for (int i = 0; i < R * N; i++) b16[i] = types[ty] == MN_F16 ? mn_fp32_to_fp16(b[i]) : mn_fp32_to_bf16(b[i]);
             pa = a16, pb = b16;
         }
-        mn_lora_seg one = {.start = 0, .n_rows = T, .r = R, .type = types[ty], .a = pa, .b = {pb}, .r_out = {R},
-                           .scale = {1.5f}};
-        mn_lora_seg three[(T + 2) / 3];
-        for (int k = 0; k < (T + 2) / 3; k++) {
-            three[k] = one;
-            three[k].start = 3 * k;
-            three[k].n_rows = T - 3 * k < 3 ? T - 3 * k : 3;
-        }
-        mn_lora_desc d1 = {.K = K, .x = x, .x_stride = K, .n_out = 1, .N = {N}, .y = {y1}, .y_stride = {N}, .n_seg = 1,
-                           .seg = &one, .rows = rows};
-        mn_lora_desc d2 = d1;
-        d2.y[0] = y2, d2.n_seg = (T + 2) / 3, d2.seg = three;
-        for (int lv = 0; lv < 2; lv++)
-            for (int nth = 1; nth <= 2; nth++) {
-                assert_true(mn_cpu_set_simd(levels[lv]));
-                memcpy(y1, y0, T * N * sizeof(float));
-                memcpy(y2, y0, T * N * sizeof(float));
-                run_cpu(&d1, nth);
-                run_cpu(&d2, nth);
-                assert_memory_equal(y1, y2, T * N * sizeof(float));
-                assert_memory_not_equal(y1, y0, T * N * sizeof(float));
+        /* segments of 41 and 13 rows (blocks of 4 and a tail row) and 6 (4 + 2) */
+        static const int sizes[3] = {T, 13, 6};
+        for (int si = 0; si < 3; si++) {
+            const int Tn = sizes[si];
+            mn_lora_seg one = {.start = 0, .n_rows = Tn, .r = R, .type = types[ty], .a = pa, .b = {pb}, .r_out = {R},
+                               .scale = {1.5f}};
+            mn_lora_seg three[(T + 2) / 3];
+            for (int k = 0; k < (Tn + 2) / 3; k++) {
+                three[k] = one;
+                three[k].start = 3 * k;
+                three[k].n_rows = Tn - 3 * k < 3 ? Tn - 3 * k : 3;
             }
+            mn_lora_desc d1 = {.K = K, .x = x, .x_stride = K, .n_out = 1, .N = {N}, .y = {y1}, .y_stride = {N},
+                               .n_seg = 1, .seg = &one, .rows = rows};
+            mn_lora_desc d2 = d1;
+            d2.y[0] = y2, d2.n_seg = (Tn + 2) / 3, d2.seg = three;
+            for (int lv = 0; lv < 2; lv++)
+                for (int nth = 1; nth <= 2; nth++) {
+                    assert_true(mn_cpu_set_simd(levels[lv]));
+                    memcpy(y1, y0, T * N * sizeof(float));
+                    memcpy(y2, y0, T * N * sizeof(float));
+                    run_cpu(&d1, nth);
+                    run_cpu(&d2, nth);
+                    assert_memory_equal(y1, y2, T * N * sizeof(float));
+                    assert_memory_not_equal(y1, y0, T * N * sizeof(float));
+                }
+        }
     }
     assert_true(mn_cpu_set_simd(best_simd));
     free(x), free(y0), free(y1), free(y2), free(a), free(b), free(a16), free(b16);
