@@ -24,31 +24,20 @@
 #include "kernels/cuda/matmul_gemv.h"
 #include "kernels/cuda/ops_cuda.h"
 #include "tests/gpu/gpu_test_util.h"
+#include "tests/unit/weight_fill.h"
 
 double gt_copy_gbps(cudaStream_t s); /* tests/gpu/test_cuda_attention.c */
 
 static const mn_dtype gtypes[] = {MN_F32, MN_F16, MN_BF16, MN_Q4_0, MN_Q4_1, MN_Q8_0, MN_Q4_K, MN_Q5_K, MN_Q6_K};
 enum { NGTYPES = sizeof gtypes / sizeof gtypes[0] };
 
-/* Random weights: random quant bytes, fp16 scales of both signs. */
+static uint32_t gemv_byte(void) { return (uint32_t)gt_rnd_int(256); }
+
+/* Random weights (tests/unit/weight_fill.h) in the arena */
 static void *gemv_weights(gt_arena *a, mn_dtype t, int64_t N, int64_t K, int64_t *row_bytes) {
     *row_bytes = mn_dtype_row_bytes(t, K);
-    int64_t bb = mn_dtype_block_bytes(t), bytes = N * *row_bytes;
-    uint8_t *p = gt_host(a, (size_t)bytes, NULL);
-    for (int64_t i = 0; i < bytes; i++) p[i] = (uint8_t)gt_rnd_int(256);
-    for (int64_t b = 0; b < bytes / bb; b++) {
-        uint8_t *blk = p + b * bb;
-        uint16_t h1 = mn_fp32_to_fp16(gt_unif(-0.02f, 0.02f)), h2 = mn_fp32_to_fp16(gt_unif(0.0f, 0.02f));
-        switch (t) {
-        case MN_F32: { float f = gt_unif(-1, 1); memcpy(blk, &f, 4); break; }
-        case MN_F16: { uint16_t h = mn_fp32_to_fp16(gt_unif(-1, 1)); memcpy(blk, &h, 2); break; }
-        case MN_BF16: { uint16_t h = mn_fp32_to_bf16(gt_unif(-1, 1)); memcpy(blk, &h, 2); break; }
-        case MN_Q4_0: case MN_Q8_0: memcpy(blk, &h1, 2); break;
-        case MN_Q4_1: case MN_Q4_K: case MN_Q5_K: memcpy(blk, &h1, 2); memcpy(blk + 2, &h2, 2); break;
-        case MN_Q6_K: memcpy(blk + 208, &h1, 2); break; /* d after ql, qh, scales */
-        default: break;
-        }
-    }
+    void *p = gt_host(a, (size_t)(N * *row_bytes), NULL);
+    mn_test_fill_weights(t, p, N, K, gemv_byte, gt_unif);
     return p;
 }
 

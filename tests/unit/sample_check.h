@@ -133,6 +133,17 @@ static double sc_boundary_u(const float *l, int32_t V, const mn_sample_params *p
     return u;
 }
 
+/* The draw u of a test row by mode: 0, the largest double below 1, random, or exactly on
+ * a boundary of the kept set (sc_boundary_u). */
+static double sc_u(int mode, const float *l, int32_t V, const mn_sample_params *p) {
+    switch (mode) {
+    case 0: return 0.0;
+    case 1: return 1.0 - 1.0 / 9007199254740992.0;
+    case 2: return sc_rand();
+    default: return sc_boundary_u(l, V, p, sc_rand());
+    }
+}
+
 /* 1 if (token, logprob, top) is what the contract allows for row l, p, given the
  * reference's top ids; else 0 with the reason in why. *boundary is set when the token
  * differs from ref_token (an allowed boundary case). */

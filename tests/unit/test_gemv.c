@@ -31,6 +31,7 @@
 #include <string.h>
 
 #include "kernels/cuda/matmul_gemv.h"
+#include "tests/unit/weight_fill.h"
 
 static const mn_dtype TYPES[] = {MN_F32, MN_F16, MN_BF16, MN_Q4_0, MN_Q4_1, MN_Q8_0, MN_Q4_K, MN_Q5_K, MN_Q6_K};
 enum { NTYPES = sizeof(TYPES) / sizeof(TYPES[0]), GUARD = 16 };
@@ -42,24 +43,6 @@ static uint32_t rnd(void) {
 }
 static float frand(float lo, float hi) { return lo + (hi - lo) * (float)(rnd() & 0xffffff) / 16777216.0f; }
 
-/* Random weights: random quant bytes, fp16 scales of both signs (like real files). */
-static void fill_weights(mn_dtype t, uint8_t *p, int64_t N, int64_t K) {
-    int64_t rb = mn_dtype_row_bytes(t, K), bb = mn_dtype_block_bytes(t);
-    for (int64_t i = 0; i < N * rb; i++) p[i] = (uint8_t)rnd();
-    for (int64_t b = 0; b < N * rb / bb; b++) {
-        uint8_t *blk = p + b * bb;
-        uint16_t h1 = mn_fp32_to_fp16(frand(-0.02f, 0.02f)), h2 = mn_fp32_to_fp16(frand(0.0f, 0.02f));
-        switch (t) {
-        case MN_F32: { float f = frand(-1, 1); memcpy(blk, &f, 4); break; }
-        case MN_F16: { uint16_t h = mn_fp32_to_fp16(frand(-1, 1)); memcpy(blk, &h, 2); break; }
-        case MN_BF16: { uint16_t h = mn_fp32_to_bf16(frand(-1, 1)); memcpy(blk, &h, 2); break; }
-        case MN_Q4_0: case MN_Q8_0: memcpy(blk, &h1, 2); break;
-        case MN_Q4_1: case MN_Q4_K: case MN_Q5_K: memcpy(blk, &h1, 2); memcpy(blk + 2, &h2, 2); break;
-        case MN_Q6_K: memcpy(blk + offsetof(mn_block_q6_K, d), &h1, 2); break;
-        default: break;
-        }
-    }
-}
 
 /* One problem: host buffers for x, W, bias and two copies of y (ref, emulation). */
 typedef struct prob {
@@ -84,7 +67,7 @@ static void prob_make(prob *p, mn_dtype t, int64_t T, int64_t N, int64_t K, int 
     if (T > 3)
         for (int64_t k = 0; k < K; k++) p->x[3 * d->x_stride + k] = 0.0f;
     p->w = malloc((size_t)(N * d->w_row_bytes));
-    fill_weights(t, p->w, N, K);
+    mn_test_fill_weights(t, p->w, N, K, rnd, frand);
     if (bias) {
         p->bias = malloc((size_t)N * sizeof(float));
         for (int64_t n = 0; n < N; n++) p->bias[n] = frand(-1, 1);

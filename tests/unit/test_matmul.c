@@ -20,6 +20,7 @@
 
 #include "engine/alloc.h"
 #include "kernels/ops.h"
+#include "tests/unit/weight_fill.h"
 
 static const mn_dtype TYPES[] = {MN_F32, MN_F16, MN_BF16, MN_Q4_0, MN_Q4_1, MN_Q8_0, MN_Q4_K, MN_Q5_K, MN_Q6_K};
 enum { NTYPES = sizeof(TYPES) / sizeof(TYPES[0]) };
@@ -32,26 +33,6 @@ static uint32_t rnd(void) {
 }
 static float frand(float lo, float hi) { return lo + (hi - lo) * (float)(rnd() & 0xffffff) / 16777216.0f; }
 
-/* Random weights: random quant bytes, sane fp16 scales (some negative, like real files). */
-static void fill_weights(mn_dtype t, void *w, int64_t N, int64_t K) {
-    int64_t rb = mn_dtype_row_bytes(t, K);
-    uint8_t *p = (uint8_t *)w;
-    for (int64_t i = 0; i < N * rb; i++) p[i] = (uint8_t)rnd();
-    int64_t nblk = N * rb / mn_dtype_block_bytes(t);
-    for (int64_t b = 0; b < nblk; b++) {
-        uint8_t *blk = p + b * mn_dtype_block_bytes(t);
-        uint16_t h1 = mn_fp32_to_fp16(frand(-0.02f, 0.02f)), h2 = mn_fp32_to_fp16(frand(0.0f, 0.02f));
-        switch (t) {
-        case MN_F32: { float f = frand(-1, 1); memcpy(blk, &f, 4); break; }
-        case MN_F16: { uint16_t h = mn_fp32_to_fp16(frand(-1, 1)); memcpy(blk, &h, 2); break; }
-        case MN_BF16: { uint16_t h = mn_fp32_to_bf16(frand(-1, 1)); memcpy(blk, &h, 2); break; }
-        case MN_Q4_0: case MN_Q8_0: memcpy(blk, &h1, 2); break;
-        case MN_Q4_1: case MN_Q4_K: case MN_Q5_K: memcpy(blk, &h1, 2); memcpy(blk + 2, &h2, 2); break;
-        case MN_Q6_K: memcpy(blk + offsetof(mn_block_q6_K, d), &h1, 2); break;
-        default: break;
-        }
-    }
-}
 
 /* ---- running the cpu op on nth real threads ----------------------------------------- */
 typedef struct job { const mn_matmul_desc *d; void *work; mn_par par; } job;
@@ -95,7 +76,7 @@ static void case_make(mcase *c, mn_dtype t, int64_t T, int64_t N, int64_t K, int
     c->y0 = mn_malloc(sizeof(float) * (size_t)(T * c->ys + 16));
     c->mag = mn_malloc(sizeof(double) * (size_t)(T * N));
     for (int64_t i = 0; i < T * c->xs; i++) c->x[i] = frand(-2, 2) * ((rnd() & 7) == 0 ? 4.0f : 1.0f);
-    fill_weights(t, c->w, N, K);
+    mn_test_fill_weights(t, c->w, N, K, rnd, frand);
     for (int64_t n = 0; n < N; n++) mn_ref_dequant_row(t, (char *)c->w + n * c->rb, c->ydeq + n * K, K);
     if (c->bias) for (int64_t n = 0; n < N; n++) c->bias[n] = frand(-1, 1);
     for (int64_t i = 0; i < T * c->ys + 16; i++) c->y0[i] = frand(-1, 1);

@@ -89,12 +89,7 @@ static void run_batch(int32_t V, int nt) {
     for (int r = 0; r < ROWS; r++) {
         sc_fill(l + r * stride, V, (int)(sc_rand() * SC_KINDS));
         ps[r] = sc_params((int)(sc_rand() * SC_NPARAMS), V);
-        switch ((int)(sc_rand() * 4)) {
-        case 0: ps[r].u = 0.0; break;
-        case 1: ps[r].u = 1.0 - 1.0 / 9007199254740992.0; break;
-        case 2: ps[r].u = sc_rand(); break;
-        default: ps[r].u = sc_boundary_u(l + r * stride, V, &ps[r], sc_rand()); break;
-        }
+        ps[r].u = sc_u((int)(sc_rand() * 4), l + r * stride, V, &ps[r]);
     }
     int32_t tok[2][ROWS], tid[2][ROWS * TOP];
     float lp[2][ROWS], tlp[2][ROWS * TOP];
