@@ -29,8 +29,7 @@ static layout plan(const mn_matmul_desc *d, int nth) {
     if (is_legacy(d->w_type)) {
         L.s = off; off += align64(T * nb * sizeof(float));
         L.xc = off; off += align64(T * nb * sizeof(int32_t));
-        L.scr_per_thread = align64(2 * MN__MM_RMAX * nb * sizeof(float));
-        if (d->w_type == MN_Q8_0 && L.scr_per_thread < MN__Q8_SCR_BYTES(nb)) L.scr_per_thread = align64(MN__Q8_SCR_BYTES(nb));
+        L.scr_per_thread = align64(MN__LQ_SCR_BYTES(nb));
         L.scr = off; off += (size_t)nth * L.scr_per_thread;
     } else {
         L.bsums = off; off += align64(T * nb * 16 * sizeof(int16_t));

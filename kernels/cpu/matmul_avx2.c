@@ -11,8 +11,6 @@
 
 
 #define MN__DOT(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1))
-#define MN__RT 2
-#define MN__CT 4
 #define MN__Q8_VNNI 0
 #define MN__Q8_CT 4
 #define MN__ROWS_FN mn__mm_rows_avx2

@@ -1,11 +1,9 @@
 /* kernels/cpu/matmul_avx512vnni.c — the avx512-vnni level of the matmul: the kernels of
- * matmul_x86.h with vpdpbusd (u8*s8, four products summed straight into i32) on 256-bit
- * vectors, 2 rows x 4 tokens register tiles (4x4 measured slower on Zen 4). 256-bit rather
- * than 512-bit vectors keep one 32-element block per vector, so the per-element sequence
- * is the same as at the avx2 level and the two levels agree bit for bit.
- * Q8_0 has its own kernels (matmul_x86.h): 8 rows per 256-bit vector for decode, 16 rows per
- * 512-bit vector for prefill, one lane per row, so both give the reference's bits.
- */
+ * matmul_x86.h with vpdpbusd (u8*s8, four products summed straight into i32). The legacy
+ * quants (Q4_0, Q4_1, Q8_0) run one lane per weight row: 8 rows per 256-bit vector for
+ * decode, 16 rows per 512-bit vector for prefill, so both give the reference's bits; the
+ * K-quants keep one 32-element block per 256-bit vector, the same per-element sequence as
+ * the avx2 level, so the two levels agree bit for bit. */
 #include <immintrin.h>
 #include <string.h>
 
@@ -14,8 +12,6 @@
 
 
 #define MN__DOT(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (u), (s))
-#define MN__RT 2
-#define MN__CT 4
 #define MN__Q8_VNNI 1
 #define MN__Q8_CT 8
 #define MN__ROWS_FN mn__mm_rows_avx512vnni

@@ -7,8 +7,8 @@
  *   s     f32   [T][nb]      q8_1 only: d * sum(qs of the block)
  *   xc    i32   [T][nb]      q8_1 only: -128 * sum(qs of the block) (the Q8_0 vnni offset)
  *   bsums i16   [T][nb*16]   q8_K only: sums of 16 consecutive qs
- *   scr   f32   [nth][2*MN__MM_RMAX*nb]  legacy quants only: per-thread weight-scale rows
- *                                  (Q8_0: MN__Q8_SCR_BYTES(nb), 8 rows repacked, see matmul_x86.h)
+ *   scr   [nth][MN__LQ_SCR_BYTES(nb)]  legacy quants only: per thread, up to 16 weight rows
+ *                                  interleaved, with their scales and mins (see matmul_x86.h)
  * Every output element is computed by one fixed per-element sequence that depends only
  * on (SIMD level, weight type, K), never on the tile it sits in: that is what makes the
  * op batch invariant (see kernels/ops.h).
@@ -21,8 +21,9 @@
 
 #define MN__MM_RMAX 4 /* most weight rows in one register tile (any level) */
 
-/* Q8_0 per-thread scratch: up to 16 rows' quants interleaved (512 bytes a block) + scales. */
-#define MN__Q8_SCR_BYTES(nb) ((size_t)(nb) * (512 + 16 * sizeof(float)))
+/* Legacy-quant per-thread scratch: up to 16 rows' quants interleaved (512 bytes a block),
+ * their scales and (Q4_1) mins (16 floats a block each). */
+#define MN__LQ_SCR_BYTES(nb) ((size_t)(nb) * (512 + 32 * sizeof(float)))
 
 /* Quantized activations of one call. */
 typedef struct mn__xq {
@@ -37,7 +38,7 @@ typedef struct mn__xq {
 typedef struct mn__mm_ctx {
     const mn_matmul_desc *d;
     mn__xq xq;
-    float *scr;            /* this thread's scratch: 2*MN__MM_RMAX*nb floats (legacy quants) */
+    float *scr;            /* this thread's scratch: MN__LQ_SCR_BYTES(nb) (legacy quants) */
 } mn__mm_ctx;
 
 /* Final step shared by every level: add the bias, then store or accumulate. */

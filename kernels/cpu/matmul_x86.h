@@ -1,20 +1,17 @@
 /* kernels/cpu/matmul_x86.h — the x86 SIMD matmul kernels, written once and compiled
  * twice: by matmul_avx2.c (integer dot = maddubs + madd) and by matmul_avx512vnni.c
- * (integer dot = vpdpbusd on 256-bit vectors, twice the registers, bigger tiles).
+ * (integer dot = vpdpbusd, 8 rows per 256-bit vector for decode, 16 per 512-bit for prefill).
  * The includer defines, before including this file:
  *   MN__DOT(u, s)   __m256i of 8 int32: lane i = sum of u8*s8 products of bytes 4i..4i+3
- *   MN__RT, MN__CT  row and token tile limits (MN__RT <= MN__MM_RMAX, both <= 4)
- *   MN__Q8_VNNI     1: Q8_0 uses vpdpbusd (256- and 512-bit); 0: maddubs with the sign trick
- *   MN__Q8_CT       Q8_0 token tile (<= 8); also the largest T that takes the decode tiles
+ *   MN__Q8_VNNI     1: the legacy quants use vpdpbusd (256- and 512-bit); 0: maddubs
+ *   MN__Q8_CT       legacy-quant token tile (<= 8); also the largest T that takes the decode tiles
  *   MN__ROWS_FN     the name of the entry point (declared in matmul_impl.h)
  * Both integer dots give the same exact sums, so both levels produce the same bits.
  *
  * Per-element sequences (fixed whatever the tile; that is the batch invariance):
- *   Q8_0: the reference's: exact int dot per block, acc = acc + (dw*dx)*(float)isum in
- *     block order (one lane per weight row; see the Q8_0 section), so it equals the ref.
- *   Q4_0/Q4_1: acc(8 lanes) = fma(dw*dx, cvt(int dot of the block), acc) per block,
- *     then hsum8(acc); Q4_1 adds its min term sum_b m_b*s_b (8-lane fma + hsum8 +
- *     scalar tail, in block order).
+ *   Q4_0/Q4_1/Q8_0: the reference's: exact int dot per block, acc = acc + (dw*dx)*(float)isum
+ *     (Q4_1: + mw*sx inside the parentheses) in block order (one lane per weight row; see
+ *     the legacy-quant section), so they equal the ref.
  *   K-quants: per super-block an exact int32 sum, then the scalar formula of the reference
  *     (so these equal mn_ref_matmul bit for bit).
  *   F32/F16/BF16: four 8-lane fma chains over k (32 at a time), a 8-lane chain for the
@@ -49,183 +46,126 @@ static inline __m256i x86_unpack_q4(const uint8_t *qs) {
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
 }
 
-/* ---- legacy quants (Q4_0, Q4_1, Q8_0) x q8_1: register tile of R rows x C tokens ------- */
-
-/* Weight scales (and Q4_1 mins) of rows n..n+R-1 as floats: dw[r*nb+b], mw[r*nb+b]. */
-static void x86_row_scales(const mn_matmul_desc *d, int64_t n, int R, int64_t nb, float *dw, float *mw) {
-    for (int r = 0; r < R; r++) {
-        const char *row = (const char *)d->w + (n + r) * d->w_row_bytes;
-        for (int64_t b = 0; b < nb; b++) {
-            if (d->w_type == MN_Q4_1) {
-                const mn_block_q4_1 *w = (const mn_block_q4_1 *)row + b;
-                dw[r * nb + b] = x86_h2f(w->d);
-                mw[r * nb + b] = x86_h2f(w->m);
-            } else if (d->w_type == MN_Q4_0) {
-                dw[r * nb + b] = x86_h2f(((const mn_block_q4_0 *)row + b)->d);
-            } else {
-                dw[r * nb + b] = x86_h2f(((const mn_block_q8_0 *)row + b)->d);
-            }
-        }
-    }
-}
-
-static inline float x86_dot_mins(const float *m, const float *s, int64_t nb) {
-    __m256 a = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(m + b), _mm256_loadu_ps(s + b), a);
-    float v = x86_hsum8(a);
-    for (; b < nb; b++) v += m[b] * s[b];
-    return v;
-}
-
-static inline __attribute__((always_inline)) void x86_tile_legacy(const mn__mm_ctx *c, const mn_dtype t, const int R,
-                                                                  const int C, int64_t n, int64_t tok, const float *dw,
-                                                                  const float *mw) {
-    const mn_matmul_desc *d = c->d;
-    const int64_t nb = c->xq.nb;
-    const char *row[MN__RT];
-    const int8_t *xq[MN__CT];
-    const float *xd[MN__CT];
-    __m256 acc[MN__RT][MN__CT];
-    for (int r = 0; r < R; r++) row[r] = (const char *)d->w + (n + r) * d->w_row_bytes;
-    for (int j = 0; j < C; j++) {
-        xq[j] = c->xq.qs + (tok + j) * nb * MN_QK;
-        xd[j] = c->xq.d + (tok + j) * nb;
-        for (int r = 0; r < R; r++) acc[r][j] = _mm256_setzero_ps();
-    }
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i wv[MN__RT];
-        for (int r = 0; r < R; r++) {
-            if (t == MN_Q8_0) {
-                wv[r] = _mm256_loadu_si256((const __m256i *)((const mn_block_q8_0 *)row[r] + b)->qs);
-            } else if (t == MN_Q4_0) { /* to signed q-8, then the same sign trick as Q8_0 */
-                wv[r] = _mm256_sub_epi8(x86_unpack_q4(((const mn_block_q4_0 *)row[r] + b)->qs), _mm256_set1_epi8(8));
-            } else {
-                wv[r] = x86_unpack_q4(((const mn_block_q4_1 *)row[r] + b)->qs);
-            }
-            _mm_prefetch(row[r] + (b + 8) * (t == MN_Q8_0 ? 34 : t == MN_Q4_0 ? 18 : 20), _MM_HINT_T0);
-        }
-        __m256 bdw[MN__RT];
-        for (int r = 0; r < R; r++) bdw[r] = _mm256_broadcast_ss(&dw[r * nb + b]);
-        for (int j = 0; j < C; j++) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[j] + b * MN_QK));
-            __m256 bdx = _mm256_broadcast_ss(&xd[j][b]);
-            for (int r = 0; r < R; r++) {
-                __m256i p = t == MN_Q4_1 ? MN__DOT(wv[r], xv)
-                                         : MN__DOT(_mm256_abs_epi8(wv[r]), _mm256_sign_epi8(xv, wv[r]));
-                /* scale dw*dx: one f32 rounding, the same in every lane and every tile */
-                acc[r][j] = _mm256_fmadd_ps(_mm256_mul_ps(bdw[r], bdx), _mm256_cvtepi32_ps(p), acc[r][j]);
-            }
-        }
-    }
-    for (int r = 0; r < R; r++) {
-        for (int j = 0; j < C; j++) {
-            float v = x86_hsum8(acc[r][j]);
-            if (t == MN_Q4_1) v += x86_dot_mins(mw + r * nb, c->xq.s + (tok + j) * nb, nb);
-            mn__mm_store(d, tok + j, n + r, v);
-        }
-    }
-}
-
-/* Type, R and C become constants in each case, so every tile shape is its own
- * straight-line loop body (same per-element operations, see the top of this file). */
-#define MN__TILE_CASE(T_, R_, C_) \
-    case (R_) * 8 + (C_): x86_tile_legacy(c, T_, R_, C_, n, tok, dw, mw); break;
-#if MN__RT > 2
-#define MN__TILE_CASES_R34(T_) \
-    MN__TILE_CASE(T_, 3, 1) MN__TILE_CASE(T_, 3, 2) MN__TILE_CASE(T_, 3, 3) MN__TILE_CASE(T_, 3, 4) \
-    MN__TILE_CASE(T_, 4, 1) MN__TILE_CASE(T_, 4, 2) MN__TILE_CASE(T_, 4, 3) MN__TILE_CASE(T_, 4, 4)
-#else
-#define MN__TILE_CASES_R34(T_)
-#endif
-#define MN__TILE_SWITCH(T_)                                                                          \
-    switch (R * 8 + C) {                                                                             \
-        MN__TILE_CASE(T_, 1, 1) MN__TILE_CASE(T_, 1, 2) MN__TILE_CASE(T_, 1, 3) MN__TILE_CASE(T_, 1, 4) \
-        MN__TILE_CASE(T_, 2, 1) MN__TILE_CASE(T_, 2, 2) MN__TILE_CASE(T_, 2, 3) MN__TILE_CASE(T_, 2, 4) \
-        MN__TILE_CASES_R34(T_)                                                                       \
-    default: break; /* unreachable: R <= MN__RT, C <= MN__CT */                                    \
-    }
-
-static void x86_rows_legacy(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
-    const mn_matmul_desc *d = c->d;
-    int64_t nb = c->xq.nb;
-    float *dw = c->scr, *mw = c->scr + MN__MM_RMAX * nb;
-    for (int64_t n = n0; n < n1; n += MN__RT) {
-        int R = n1 - n < MN__RT ? (int)(n1 - n) : MN__RT;
-        x86_row_scales(d, n, R, nb, dw, mw);
-        for (int64_t tok = 0; tok < d->T; tok += MN__CT) {
-            int C = d->T - tok < MN__CT ? (int)(d->T - tok) : MN__CT;
-            if (d->w_type == MN_Q4_1) {
-                MN__TILE_SWITCH(MN_Q4_1)
-            } else { /* Q4_0 (Q8_0 has its own kernels below) */
-                MN__TILE_SWITCH(MN_Q4_0)
-            }
-        }
-    }
-}
-
-/* ---- Q8_0 x q8_1: 8 weight rows interleaved, one vector lane per row ------------------
- * The 8 rows of a group are repacked once into the thread's scratch: per block, vector k
- * holds bytes 4k..4k+3 of rows 0..7, so one integer dot with the 4 activation bytes
- * 4k..4k+3 broadcast adds to each row's own lane, and after 8 of them lane r holds the
- * exact integer dot of row r's block: no horizontal sums, no per-(row, token) float work
- * beyond the scaling. Per element the sequence is the reference's, in block order:
- * acc = acc + (dw*dx) * (float)isum (separate mul and add), whatever the tile, T or
- * level, so Q8_0 equals mn_ref_matmul bit for bit.
- * vnni: vpdpbusd needs unsigned x signed, so the repacked weights are w + 128 (u8) and the
- * dot starts from -128 * sum(x) of the block (xq.xc): exact. avx2: maddubs would saturate
- * on w + 128, so it keeps signed weights and the abs/sign trick. */
+/* ---- legacy quants (Q4_0, Q4_1, Q8_0) x q8_1: 8 weight rows interleaved, one lane per row --
+ * The 8 rows of a group are interleaved block by block (Q4: nibbles unpacked to bytes
+ * 0..15 first): vector k holds bytes 4k..4k+3 of rows 0..7, so one integer dot with the 4
+ * activation bytes 4k..4k+3 broadcast adds to each row's own lane, and after 8 of them lane
+ * r holds the exact integer dot of row r's block: no horizontal sums, no per-(row, token)
+ * float work beyond the scaling. Per element the sequence is the reference's, in block
+ * order: acc = acc + (dw*dx) * (float)isum (Q4_1: acc = acc + ((dw*dx) * (float)isum +
+ * mw*sx)), separate mul and add, whatever the tile, T or level, so the three types equal
+ * mn_ref_matmul bit for bit.
+ * Integer dots: vpdpbusd and maddubs take unsigned x signed bytes. Q4 weights are 0..15
+ * already (Q4_0's -8 is folded into the start value -8 * sum(x) = xq.xc / 16). Q8_0: vnni
+ * repacks w + 128 and starts from -128 * sum(x) (xq.xc); avx2's maddubs would saturate on
+ * w + 128, so it keeps signed weights and the abs/sign trick. All exact. */
 #ifndef MN__Q8_CT
 #define MN__Q8_CT 4
 #endif
 
-/* Block b of 8 rows, interleaved: o[k] = bytes 4k..4k+3 of rows 0..7 (vnni: + 128);
- * returns the rows' scales (built in a register: 8 scalar stores read back as one vector
- * stall store forwarding). */
-static inline __attribute__((always_inline)) __m256 x86_q8_gather8(const mn_block_q8_0 *const *rows, int64_t b,
-                                                                   __m256i *o) {
-    __m256i v[8], t[8], u[8];
-    _Pragma("GCC unroll 8") for (int r = 0; r < 8; r++) v[r] = _mm256_loadu_si256((const __m256i *)rows[r][b].qs);
-    /* lane indices of _mm_insert_epi16 must be literals (a loop index is not one at -O1) */
-    __m128i h = _mm_setr_epi16((short)rows[0][b].d, (short)rows[1][b].d, (short)rows[2][b].d, (short)rows[3][b].d,
-                               (short)rows[4][b].d, (short)rows[5][b].d, (short)rows[6][b].d, (short)rows[7][b].d);
-    _Pragma("GCC unroll 8") for (int r = 0; r < 8; r += 2) { /* 8x8 transpose of 4-byte groups */
-        t[r] = _mm256_unpacklo_epi32(v[r], v[r + 1]);
-        t[r + 1] = _mm256_unpackhi_epi32(v[r], v[r + 1]);
+static inline int64_t x86_lq_block_bytes(mn_dtype t) {
+    return t == MN_Q8_0 ? (int64_t)sizeof(mn_block_q8_0) : t == MN_Q4_0 ? (int64_t)sizeof(mn_block_q4_0)
+                                                                        : (int64_t)sizeof(mn_block_q4_1);
+}
+
+/* Block b of 8 rows, interleaved: o[k] = bytes 4k..4k+3 of rows 0..7 (Q8_0 vnni: + 128);
+ * returns the rows' scales and, for Q4_1, their mins in *mw (built in registers: 8 scalar
+ * stores read back as one vector stall store forwarding). */
+static inline __attribute__((always_inline)) __m256 x86_lq_gather8(const mn_dtype t, const char *const *rows,
+                                                                   int64_t b, __m256i *o, __m256 *mw) {
+    __m256i v[8], tv[8], u[8];
+    uint16_t dh[8], mh[8];
+    _Pragma("GCC unroll 8") for (int r = 0; r < 8; r++) {
+        if (t == MN_Q8_0) {
+            const mn_block_q8_0 *w = (const mn_block_q8_0 *)rows[r] + b;
+            v[r] = _mm256_loadu_si256((const __m256i *)w->qs);
+            dh[r] = w->d;
+        } else if (t == MN_Q4_0) {
+            const mn_block_q4_0 *w = (const mn_block_q4_0 *)rows[r] + b;
+            v[r] = x86_unpack_q4(w->qs);
+            dh[r] = w->d;
+        } else {
+            const mn_block_q4_1 *w = (const mn_block_q4_1 *)rows[r] + b;
+            v[r] = x86_unpack_q4(w->qs);
+            dh[r] = w->d;
+            mh[r] = w->m;
+        }
     }
-    _Pragma("GCC unroll 8") for (int h = 0; h < 8; h += 4) {
-        u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);
-        u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);
-        u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);
-        u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);
+    /* lane indices of _mm_insert_epi16 must be literals (a loop index is not one at -O1) */
+    __m128i h = _mm_setr_epi16((short)dh[0], (short)dh[1], (short)dh[2], (short)dh[3], (short)dh[4], (short)dh[5],
+                               (short)dh[6], (short)dh[7]);
+    if (t == MN_Q4_1)
+        *mw = _mm256_cvtph_ps(_mm_setr_epi16((short)mh[0], (short)mh[1], (short)mh[2], (short)mh[3], (short)mh[4],
+                                             (short)mh[5], (short)mh[6], (short)mh[7]));
+    _Pragma("GCC unroll 8") for (int r = 0; r < 8; r += 2) { /* 8x8 transpose of 4-byte groups */
+        tv[r] = _mm256_unpacklo_epi32(v[r], v[r + 1]);
+        tv[r + 1] = _mm256_unpackhi_epi32(v[r], v[r + 1]);
+    }
+    _Pragma("GCC unroll 8") for (int q = 0; q < 8; q += 4) {
+        u[q] = _mm256_unpacklo_epi64(tv[q], tv[q + 2]);
+        u[q + 1] = _mm256_unpackhi_epi64(tv[q], tv[q + 2]);
+        u[q + 2] = _mm256_unpacklo_epi64(tv[q + 1], tv[q + 3]);
+        u[q + 3] = _mm256_unpackhi_epi64(tv[q + 1], tv[q + 3]);
     }
     _Pragma("GCC unroll 8") for (int k = 0; k < 4; k++) {
         o[k] = _mm256_permute2x128_si256(u[k], u[k + 4], 0x20);
         o[k + 4] = _mm256_permute2x128_si256(u[k], u[k + 4], 0x31);
 #if MN__Q8_VNNI
-        o[k] = _mm256_xor_si256(o[k], _mm256_set1_epi8((char)0x80));
-        o[k + 4] = _mm256_xor_si256(o[k + 4], _mm256_set1_epi8((char)0x80));
+        if (t == MN_Q8_0) {
+            o[k] = _mm256_xor_si256(o[k], _mm256_set1_epi8((char)0x80));
+            o[k + 4] = _mm256_xor_si256(o[k + 4], _mm256_set1_epi8((char)0x80));
+        }
 #endif
     }
     return _mm256_cvtph_ps(h);
 }
 
-/* Step b of nb of a group: prefetch the b-th 272 bytes (8 blocks' worth) of the next group,
+/* Step b of nb of a group: prefetch the b-th 8 blocks' worth of bytes of the next group,
  * which lies right after this one: one sequential stream, the whole next group requested
  * while this one is computed. 8 strided row streams left DRAM mostly idle otherwise. */
-static inline void x86_q8_prefetch(const char *next, int64_t b) {
-    const char *p = next + b * 8 * (int64_t)sizeof(mn_block_q8_0);
+static inline void x86_lq_prefetch(const mn_dtype t, const char *next, int64_t b) {
+    const int64_t span = 8 * x86_lq_block_bytes(t);
+    const char *p = next + b * span;
     /* asm: gcc dropped the builtin from the inlined decode tiles */
-    _Pragma("GCC unroll 8") for (int i = 0; i < 5; i++) __asm__ volatile("prefetcht0 %0" : : "m"(*(p + 64 * i)));
+    _Pragma("GCC unroll 8") for (int i = 0; i < (int)((span + 63) / 64) + 1; i++)
+        __asm__ volatile("prefetcht0 %0" : : "m"(*(p + 64 * i)));
 }
 
-/* The whole group into the scratch, once for all T tokens (prefill). */
-static void x86_q8_repack(const mn_matmul_desc *d, const mn_block_q8_0 *const *rows, int64_t nb, int8_t *wp,
-                          float *dwT) {
-    const char *next = (const char *)rows[0] + 8 * d->w_row_bytes;
+/* The integer dot's start value for (token row i, block b): see the top of this section. */
+static inline __attribute__((always_inline)) int32_t x86_lq_start(const mn_dtype t, const mn__mm_ctx *c, int64_t i) {
+    if (t == MN_Q4_1) return 0;
+    if (t == MN_Q4_0) return c->xq.xc[i] / 16; /* -8 * sum(x): xc = -128 * sum(x) */
+    return MN__Q8_VNNI ? c->xq.xc[i] : 0;
+}
+
+/* Adds one 4-byte column k of 8 (or 16) rows times the broadcast activation bytes. */
+#if MN__Q8_VNNI
+#define MN__LQ_ACC(t, p, w, xb) _mm256_dpbusd_epi32((p), (w), (xb))
+#else
+#define MN__LQ_ACC(t, p, w, xb) \
+    ((t) == MN_Q8_0 ? _mm256_add_epi32((p), MN__DOT(_mm256_abs_epi8(w), _mm256_sign_epi8((xb), (w)))) \
+                    : _mm256_add_epi32((p), MN__DOT((w), (xb))))
+#endif
+
+/* Scratch of a group: the interleaved blocks (up to 16 rows: 512 bytes a block), then the
+ * scales and the Q4_1 mins (16 floats a block each); MN__LQ_SCR_BYTES in matmul_impl.h. */
+typedef struct x86_lq_scr { int8_t *wp; float *dwT, *mwT; } x86_lq_scr;
+
+static inline x86_lq_scr x86_lq_scratch(const mn__mm_ctx *c) {
+    int8_t *wp = (int8_t *)c->scr;
+    float *dwT = (float *)(wp + c->xq.nb * 512);
+    return (x86_lq_scr){wp, dwT, dwT + c->xq.nb * 16};
+}
+
+/* The whole 8-row group into the scratch, once for all T tokens (prefill). */
+static inline __attribute__((always_inline)) void x86_lq_repack(const mn_dtype t, const mn_matmul_desc *d,
+                                                                const char *const *rows, int64_t nb, x86_lq_scr s) {
+    const char *next = rows[0] + 8 * d->w_row_bytes;
     for (int64_t b = 0; b < nb; b++) {
-        x86_q8_prefetch(next, b);
-        _mm256_storeu_ps(dwT + b * 8, x86_q8_gather8(rows, b, (__m256i *)(wp + b * 256)));
+        __m256 mw = _mm256_setzero_ps();
+        x86_lq_prefetch(t, next, b);
+        _mm256_storeu_ps(s.dwT + b * 8, x86_lq_gather8(t, rows, b, (__m256i *)(s.wp + b * 256), &mw));
+        if (t == MN_Q4_1) _mm256_storeu_ps(s.mwT + b * 8, mw);
     }
 }
 
@@ -233,9 +173,9 @@ static void x86_q8_repack(const mn_matmul_desc *d, const mn_block_q8_0 *const *r
  * interleaved in registers block by block, with the loads prefetched along each row, since
  * a separate repack pass leaves DRAM idle while computing; otherwise they come from the
  * repacked scratch. Either way the same integers and the same float operations. */
-static inline __attribute__((always_inline)) void x86_q8_tile(const mn__mm_ctx *c, const int direct, const int C,
-                                                              const mn_block_q8_0 *const *rows, int64_t n, int R,
-                                                              int64_t tok, const int8_t *wp, const float *dwT) {
+static inline __attribute__((always_inline)) void x86_lq_tile(const mn__mm_ctx *c, const mn_dtype t, const int direct,
+                                                              const int C, const char *const *rows, int64_t n, int R,
+                                                              int64_t tok, x86_lq_scr s) {
     const mn_matmul_desc *d = c->d;
     const int64_t nb = c->xq.nb;
     const int8_t *xq[MN__Q8_CT];
@@ -248,42 +188,31 @@ static inline __attribute__((always_inline)) void x86_q8_tile(const mn__mm_ctx *
     }
     for (int64_t b = 0; b < nb; b++) {
         __m256i Wd[8];
-        const __m256i *W = (const __m256i *)(wp + b * 256);
-        __m256 dwv;
+        const __m256i *W = (const __m256i *)(s.wp + b * 256);
+        __m256 dwv, mwv = _mm256_setzero_ps();
         if (direct) {
-            x86_q8_prefetch((const char *)rows[0] + 8 * d->w_row_bytes, b);
-            dwv = x86_q8_gather8(rows, b, Wd);
+            x86_lq_prefetch(t, rows[0] + 8 * d->w_row_bytes, b);
+            dwv = x86_lq_gather8(t, rows, b, Wd, &mwv);
             W = Wd;
         } else {
-            dwv = _mm256_loadu_ps(dwT + b * 8);
+            dwv = _mm256_loadu_ps(s.dwT + b * 8);
+            if (t == MN_Q4_1) mwv = _mm256_loadu_ps(s.mwT + b * 8);
         }
         __m256i p[MN__Q8_CT];
-        _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
-#if MN__Q8_VNNI
-            p[j] = _mm256_set1_epi32(c->xq.xc[(tok + j) * nb + b]);
-#else
-            p[j] = _mm256_setzero_si256();
-#endif
-        }
+        _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) p[j] = _mm256_set1_epi32(x86_lq_start(t, c, (tok + j) * nb + b));
         _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) {
             __m256i w = direct ? W[k] : _mm256_load_si256(W + k);
-#if !MN__Q8_VNNI
-            __m256i aw = _mm256_abs_epi8(w);
-#endif
             _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
                 int32_t x4;
                 memcpy(&x4, xq[j] + b * MN_QK + 4 * k, 4);
-                __m256i xb = _mm256_set1_epi32(x4);
-#if MN__Q8_VNNI
-                p[j] = _mm256_dpbusd_epi32(p[j], w, xb);
-#else
-                p[j] = _mm256_add_epi32(p[j], MN__DOT(aw, _mm256_sign_epi8(xb, w)));
-#endif
+                p[j] = MN__LQ_ACC(t, p[j], w, _mm256_set1_epi32(x4));
             }
         }
         _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
             __m256 sc = _mm256_mul_ps(dwv, _mm256_broadcast_ss(&xd[j][b]));
-            acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(sc, _mm256_cvtepi32_ps(p[j])));
+            __m256 v = _mm256_mul_ps(sc, _mm256_cvtepi32_ps(p[j]));
+            if (t == MN_Q4_1) v = _mm256_add_ps(v, _mm256_mul_ps(mwv, _mm256_broadcast_ss(&c->xq.s[(tok + j) * nb + b])));
+            acc[j] = _mm256_add_ps(acc[j], v);
         }
     }
     _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
@@ -297,23 +226,28 @@ static inline __attribute__((always_inline)) void x86_q8_tile(const mn__mm_ctx *
 /* vnni prefill: 16 rows per 512-bit vector (two gathered 8-row halves per block, 512
  * bytes). Lane r still runs exactly lane r's operations of the 8-row tile, so the bits
  * are those of the decode tiles; a 4-byte activation broadcast now feeds 16 rows. */
-static void x86_q8_repack16(const mn_matmul_desc *d, const mn_block_q8_0 *const *rows, int64_t nb, int8_t *wp,
-                            float *dwT) {
-    const char *next = (const char *)rows[0] + 16 * d->w_row_bytes;
+static inline __attribute__((always_inline)) void x86_lq_repack16(const mn_dtype t, const mn_matmul_desc *d,
+                                                                  const char *const *rows, int64_t nb, x86_lq_scr s) {
+    const char *next = rows[0] + 16 * d->w_row_bytes;
     for (int64_t b = 0; b < nb; b++) {
         __m256i lo[8], hi[8];
-        x86_q8_prefetch(next, 2 * b);
-        x86_q8_prefetch(next, 2 * b + 1);
-        _mm256_storeu_ps(dwT + b * 16, x86_q8_gather8(rows, b, lo));
-        _mm256_storeu_ps(dwT + b * 16 + 8, x86_q8_gather8(rows + 8, b, hi));
-        __m512i *o = (__m512i *)(wp + b * 512);
+        __m256 mlo = _mm256_setzero_ps(), mhi = _mm256_setzero_ps();
+        x86_lq_prefetch(t, next, 2 * b);
+        x86_lq_prefetch(t, next, 2 * b + 1);
+        _mm256_storeu_ps(s.dwT + b * 16, x86_lq_gather8(t, rows, b, lo, &mlo));
+        _mm256_storeu_ps(s.dwT + b * 16 + 8, x86_lq_gather8(t, rows + 8, b, hi, &mhi));
+        if (t == MN_Q4_1) {
+            _mm256_storeu_ps(s.mwT + b * 16, mlo);
+            _mm256_storeu_ps(s.mwT + b * 16 + 8, mhi);
+        }
+        __m512i *o = (__m512i *)(s.wp + b * 512);
         _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++)
             _mm512_store_si512(o + k, _mm512_inserti64x4(_mm512_castsi256_si512(lo[k]), hi[k], 1));
     }
 }
 
-static inline __attribute__((always_inline)) void x86_q8_tile16(const mn__mm_ctx *c, const int C, int64_t n, int R,
-                                                                int64_t tok, const int8_t *wp, const float *dwT) {
+static inline __attribute__((always_inline)) void x86_lq_tile16(const mn__mm_ctx *c, const mn_dtype t, const int C,
+                                                                int64_t n, int R, int64_t tok, x86_lq_scr s) {
     const mn_matmul_desc *d = c->d;
     const int64_t nb = c->xq.nb;
     const int8_t *xq[MN__Q8_CT];
@@ -325,9 +259,9 @@ static inline __attribute__((always_inline)) void x86_q8_tile16(const mn__mm_ctx
         acc[j] = _mm512_setzero_ps();
     }
     for (int64_t b = 0; b < nb; b++) {
-        const __m512i *W = (const __m512i *)(wp + b * 512);
+        const __m512i *W = (const __m512i *)(s.wp + b * 512);
         __m512i p[MN__Q8_CT];
-        _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) p[j] = _mm512_set1_epi32(c->xq.xc[(tok + j) * nb + b]);
+        _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) p[j] = _mm512_set1_epi32(x86_lq_start(t, c, (tok + j) * nb + b));
         _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) {
             __m512i w = _mm512_load_si512(W + k);
             _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
@@ -336,10 +270,13 @@ static inline __attribute__((always_inline)) void x86_q8_tile16(const mn__mm_ctx
                 p[j] = _mm512_dpbusd_epi32(p[j], w, _mm512_set1_epi32(x4));
             }
         }
-        __m512 dwv = _mm512_loadu_ps(dwT + b * 16);
+        __m512 dwv = _mm512_loadu_ps(s.dwT + b * 16);
+        __m512 mwv = t == MN_Q4_1 ? _mm512_loadu_ps(s.mwT + b * 16) : _mm512_setzero_ps();
         _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
             __m512 sc = _mm512_mul_ps(dwv, _mm512_set1_ps(xd[j][b]));
-            acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(sc, _mm512_cvtepi32_ps(p[j])));
+            __m512 v = _mm512_mul_ps(sc, _mm512_cvtepi32_ps(p[j]));
+            if (t == MN_Q4_1) v = _mm512_add_ps(v, _mm512_mul_ps(mwv, _mm512_set1_ps(c->xq.s[(tok + j) * nb + b])));
+            acc[j] = _mm512_add_ps(acc[j], v);
         }
     }
     _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
@@ -349,77 +286,86 @@ static inline __attribute__((always_inline)) void x86_q8_tile16(const mn__mm_ctx
     }
 }
 
-static void x86_rows_q8_16(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
+static inline __attribute__((always_inline)) void x86_rows_lq16(const mn__mm_ctx *c, const mn_dtype t, int64_t n0,
+                                                                int64_t n1) {
     const mn_matmul_desc *d = c->d;
     int64_t nb = c->xq.nb;
-    int8_t *wp = (int8_t *)c->scr;
-    float *dwT = (float *)(wp + nb * 512);
+    x86_lq_scr s = x86_lq_scratch(c);
     for (int64_t n = n0; n < n1; n += 16) {
         int R = n1 - n < 16 ? (int)(n1 - n) : 16;
-        const mn_block_q8_0 *rows[16];
+        const char *rows[16];
         for (int r = 0; r < 16; r++) /* a short group repeats its last row: those lanes are never stored */
-            rows[r] = (const mn_block_q8_0 *)((const char *)d->w + (n + (r < R ? r : R - 1)) * d->w_row_bytes);
-        x86_q8_repack16(d, rows, nb, wp, dwT);
+            rows[r] = (const char *)d->w + (n + (r < R ? r : R - 1)) * d->w_row_bytes;
+        x86_lq_repack16(t, d, rows, nb, s);
         for (int64_t tok = 0; tok < d->T; tok += MN__Q8_CT) {
             int C = d->T - tok < MN__Q8_CT ? (int)(d->T - tok) : MN__Q8_CT;
             switch (C) { /* C a constant in each case: straight-line bodies */
-            case 1: x86_q8_tile16(c, 1, n, R, tok, wp, dwT); break;
-            case 2: x86_q8_tile16(c, 2, n, R, tok, wp, dwT); break;
-            case 3: x86_q8_tile16(c, 3, n, R, tok, wp, dwT); break;
-            case 4: x86_q8_tile16(c, 4, n, R, tok, wp, dwT); break;
-            case 5: x86_q8_tile16(c, 5, n, R, tok, wp, dwT); break;
-            case 6: x86_q8_tile16(c, 6, n, R, tok, wp, dwT); break;
-            case 7: x86_q8_tile16(c, 7, n, R, tok, wp, dwT); break;
-            default: x86_q8_tile16(c, MN__Q8_CT, n, R, tok, wp, dwT); break;
+            case 1: x86_lq_tile16(c, t, 1, n, R, tok, s); break;
+            case 2: x86_lq_tile16(c, t, 2, n, R, tok, s); break;
+            case 3: x86_lq_tile16(c, t, 3, n, R, tok, s); break;
+            case 4: x86_lq_tile16(c, t, 4, n, R, tok, s); break;
+            case 5: x86_lq_tile16(c, t, 5, n, R, tok, s); break;
+            case 6: x86_lq_tile16(c, t, 6, n, R, tok, s); break;
+            case 7: x86_lq_tile16(c, t, 7, n, R, tok, s); break;
+            default: x86_lq_tile16(c, t, MN__Q8_CT, n, R, tok, s); break;
             }
         }
     }
 }
 #endif
 
-#define MN__Q8_CASE(D_, C_) case C_: x86_q8_tile(c, D_, C_, rows, n, R, tok, wp, dwT); break;
+#define MN__LQ_CASE(D_, C_) case C_: x86_lq_tile(c, t, D_, C_, rows, n, R, tok, s); break;
 #if MN__Q8_CT > 4
-#define MN__Q8_CASES(D_) MN__Q8_CASE(D_, 1) MN__Q8_CASE(D_, 2) MN__Q8_CASE(D_, 3) MN__Q8_CASE(D_, 4) \
-    MN__Q8_CASE(D_, 5) MN__Q8_CASE(D_, 6) MN__Q8_CASE(D_, 7)
+#define MN__LQ_CASES(D_) MN__LQ_CASE(D_, 1) MN__LQ_CASE(D_, 2) MN__LQ_CASE(D_, 3) MN__LQ_CASE(D_, 4) \
+    MN__LQ_CASE(D_, 5) MN__LQ_CASE(D_, 6) MN__LQ_CASE(D_, 7)
 #else
-#define MN__Q8_CASES(D_) MN__Q8_CASE(D_, 1) MN__Q8_CASE(D_, 2) MN__Q8_CASE(D_, 3)
+#define MN__LQ_CASES(D_) MN__LQ_CASE(D_, 1) MN__LQ_CASE(D_, 2) MN__LQ_CASE(D_, 3)
 #endif
 
-static void x86_rows_q8(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
+static inline __attribute__((always_inline)) void x86_rows_lq_t(const mn__mm_ctx *c, const mn_dtype t, int64_t n0,
+                                                                int64_t n1) {
     const mn_matmul_desc *d = c->d;
     int64_t nb = c->xq.nb;
-    int8_t *wp = (int8_t *)c->scr;
-    float *dwT = (float *)(wp + nb * 256);
+    x86_lq_scr s = x86_lq_scratch(c);
     const int direct = d->T <= MN__Q8_CT;
     if (direct) /* the first group: the later ones are prefetched one group ahead */
-        for (int64_t b = 0; b < nb; b++) x86_q8_prefetch((const char *)d->w + n0 * d->w_row_bytes, b);
+        for (int64_t b = 0; b < nb; b++) x86_lq_prefetch(t, (const char *)d->w + n0 * d->w_row_bytes, b);
 #if MN__Q8_VNNI
     if (!direct) {
-        x86_rows_q8_16(c, n0, n1);
+        x86_rows_lq16(c, t, n0, n1);
         return;
     }
 #endif
     for (int64_t n = n0; n < n1; n += 8) {
         int R = n1 - n < 8 ? (int)(n1 - n) : 8;
-        const mn_block_q8_0 *rows[8];
+        const char *rows[8];
         for (int r = 0; r < 8; r++) /* a short group repeats its last row: those lanes are never stored */
-            rows[r] = (const mn_block_q8_0 *)((const char *)d->w + (n + (r < R ? r : R - 1)) * d->w_row_bytes);
-        if (!direct) x86_q8_repack(d, rows, nb, wp, dwT);
+            rows[r] = (const char *)d->w + (n + (r < R ? r : R - 1)) * d->w_row_bytes;
+        if (!direct) x86_lq_repack(t, d, rows, nb, s);
         for (int64_t tok = 0; tok < d->T; tok += MN__Q8_CT) {
             int C = d->T - tok < MN__Q8_CT ? (int)(d->T - tok) : MN__Q8_CT;
             /* C a constant in each case: straight-line bodies, same per-element operations */
             if (direct) {
                 switch (C) {
-                MN__Q8_CASES(1)
-                default: x86_q8_tile(c, 1, MN__Q8_CT, rows, n, R, tok, wp, dwT); break;
+                MN__LQ_CASES(1)
+                default: x86_lq_tile(c, t, 1, MN__Q8_CT, rows, n, R, tok, s); break;
                 }
             } else {
                 switch (C) {
-                MN__Q8_CASES(0)
-                default: x86_q8_tile(c, 0, MN__Q8_CT, rows, n, R, tok, wp, dwT); break;
+                MN__LQ_CASES(0)
+                default: x86_lq_tile(c, t, 0, MN__Q8_CT, rows, n, R, tok, s); break;
                 }
             }
         }
+    }
+}
+
+/* The type a constant in each body. */
+static void x86_rows_lq(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
+    switch (c->d->w_type) {
+    case MN_Q8_0: x86_rows_lq_t(c, MN_Q8_0, n0, n1); break;
+    case MN_Q4_0: x86_rows_lq_t(c, MN_Q4_0, n0, n1); break;
+    default: x86_rows_lq_t(c, MN_Q4_1, n0, n1); break;
     }
 }
 
@@ -518,12 +464,8 @@ static float x86_dot_float(mn_dtype t, const char *row, const float *x, int64_t 
 void MN__ROWS_FN(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
     const mn_matmul_desc *d = c->d;
     mn_dtype t = d->w_type;
-    if (t == MN_Q8_0) {
-        x86_rows_q8(c, n0, n1);
-        return;
-    }
-    if (t == MN_Q4_0 || t == MN_Q4_1) {
-        x86_rows_legacy(c, n0, n1);
+    if (t == MN_Q8_0 || t == MN_Q4_0 || t == MN_Q4_1) {
+        x86_rows_lq(c, n0, n1);
         return;
     }
     for (int64_t n = n0; n < n1; n++) {

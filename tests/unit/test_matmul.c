@@ -208,18 +208,22 @@ static void test_batch_invariance(void **state) {
     }
 }
 
-/* Q8_0 promises more than the tolerance: every level computes the reference's per-element
- * sequence (exact block dots, then acc + (dw*dx)*isum in block order), so the output must
- * equal mn_ref_matmul bit for bit: decode tiles (T <= 8), repacked prefill tiles (T > 8),
- * row counts that leave a short 8-row group, bias and accumulate, 1 and 2 threads. */
-static void test_q8_0_equals_ref(void **state) {
+/* The legacy quants promise more than the tolerance: every level computes the reference's
+ * per-element sequence (exact block dots, then acc + (dw*dx)*isum in block order; Q4_1
+ * adds its min term inside), so the output must equal mn_ref_matmul bit for bit: decode
+ * tiles (T <= 8), repacked prefill tiles (T > 8), row counts that leave a short 8- or
+ * 16-row group, bias and accumulate, 1 and 2 threads. */
+static void test_legacy_quants_equal_ref(void **state) {
     (void)state;
     mn_cpu_init();
     static const int64_t Ts[] = {1, 8, 9, 37}, Ns[] = {13, 45};
+    static const mn_dtype types[] = {MN_Q8_0, MN_Q4_0, MN_Q4_1};
+    int compared = 0;
+    for (int ty = 0; ty < 3; ty++)
     for (int ti = 0; ti < 4; ti++)
         for (int ni = 0; ni < 2; ni++) {
             mcase c;
-            case_make(&c, MN_Q8_0, Ts[ti], Ns[ni], 7 * MN_QK, ni);
+            case_make(&c, types[ty], Ts[ti], Ns[ni], 7 * MN_QK, ni);
             for (int acc = 0; acc <= 1; acc++) {
                 float *yr = ybuf(&c);
                 mn_matmul_desc dr = case_desc(&c, yr, acc);
@@ -230,19 +234,20 @@ static void test_q8_0_equals_ref(void **state) {
                     mn_matmul_desc d = case_desc(&c, y, acc);
                     run_cpu(&d, 1 + acc);
                     if (memcmp(y, yr, sizeof(float) * (size_t)(c.T * c.ys + 16)) != 0) {
-                        print_error("%s Q8_0 T=%lld N=%lld acc=%d: differs from the reference\n", LEVELS[l],
-                                    (long long)c.T, (long long)c.N, acc);
+                        print_error("%s %s T=%lld N=%lld acc=%d: differs from the reference\n", LEVELS[l],
+                                    mn_dtype_name(types[ty]), (long long)c.T, (long long)c.N, acc);
                         fail();
                     }
                     mn_free(y);
+                    compared++;
                 }
                 for (int l = 3; l >= 0; l--) if (mn_cpu_set_simd(LEVELS[l])) break;
                 mn_free(yr);
             }
             case_free(&c);
         }
+    assert_true(compared >= 3 * 4 * 2 * 2); /* at least the scalar level of every case */
 }
-
 /* The reference against double-precision dots: (1) on the quantized-then-dequantized
  * activations it must agree to f32 accumulation error; (2) on the original x it must be
  * within the activation quantization error sum_k |w_k| * d_k / 2. */
@@ -298,7 +303,7 @@ int main(void) {
         cmocka_unit_test(test_ref_vs_double),
         cmocka_unit_test(test_cpu_vs_ref),
         cmocka_unit_test(test_batch_invariance),
-        cmocka_unit_test(test_q8_0_equals_ref),
+        cmocka_unit_test(test_legacy_quants_equal_ref),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
