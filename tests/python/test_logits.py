@@ -55,9 +55,17 @@ units; 5e-5 and 1e-4 were measured to be too small: flips still happened). On th
 Greedy on the full real model: mneme's 32 ids are compared with the act_quant
 reference's. Identical for chatml and code; english diverges at step 19 where the
 reference's top-2 gap is 2.5e-4 of max|logit|, numbers at step 17 with gap 1.05e-3
-(against the pure-float reference: steps 14 and 6, gaps 2.2e-3 and 3.4e-3). So the first
-divergence is tolerated only below GREEDY_TIE = 2e-3 of max|logit|; a 1e-4 bound (pure
-summation-order noise) is not reachable because of the flips above.
+(against the pure-float reference: steps 14 and 6, gaps 2.2e-3 and 3.4e-3). That was with
+Q4_1 dots summed in 8 lanes; since the Q4 kernels run the reference's per-element sequence
+(bit-identical to mn_ref_matmul, tests/unit/test_matmul.c), the avx512-vnni level
+diverges on code at step 9 with gap 6.45e-3 and on english at step 14 with gap 1.56e-3,
+while the scalar and avx2 levels (other rmsnorm/attention summation orders) match all 32
+ids: which near tie flips depends on the boundary flips above, whose effect on the logits
+(4e-2 .. 9e-2 of the row max) is ten times these gaps. So the first divergence is
+tolerated below GREEDY_TIE = 1e-2 of max|logit| (= NEAR_TIE, the rule for later steps);
+a 1e-4 bound (pure summation-order noise) is not reachable because of the flips above.
+A real error shows up as a gap of a good fraction of max|logit| and in the KL and
+REAL_TOL checks of test_real_model_logits.
 
 Synthetic models are "sharpened" before use: gen_gguf.py draws weights of std 0.02, with
 which attention scores are ~0.1 and the attention branch adds only a few percent to the
@@ -101,7 +109,7 @@ ACTQ_TOL = 5e-6
 ACTQ_MARGIN = 2e-4
 ACTQ_TOKENS = 4
 ACTQ_TRIES = 400
-GREEDY_TIE = 2e-3
+GREEDY_TIE = 1e-2
 # Three tokens on which the 1-layer real model has no activation within ACTQ_MARGIN of a
 # rounding boundary (found by the same search as the synthetic cases, which takes ~2 min
 # on the real vocab, hence stored; the test re-checks the margin and says so if the
