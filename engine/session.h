@@ -61,7 +61,9 @@ typedef enum mn_t1_memory {
  * While such a backend-sampled token waits to be emitted (until the next step),
  * mn_session_logits of that session is NULL: its logits never reached the host. */
 typedef enum mn_sample_on {
-    MN_SAMPLE_ON_AUTO = 0,      /* the backend, on every backend (see mn_engine_new) */
+    MN_SAMPLE_ON_AUTO = 0,      /* the backend, on every backend: on the CPU backend too it is
+                                 * no slower (no two n_vocab copies per session, rows split
+                                 * over the threads; bench/README.md, bench_sample_step) */
     MN_SAMPLE_ON_HOST = 1,      /* every row's logits to the host, sampled there */
     MN_SAMPLE_ON_BACKEND = 2,
 } mn_sample_on;
