@@ -176,7 +176,10 @@ void mn_session_info_get(const mn_engine *e, const mn_session *s, mn_session_inf
 /** Tokens and roles of the session (valid until the next call that changes it). */
 const int32_t *mn_session_tokens(const mn_session *s, const uint8_t **roles, int32_t *n);
 /** Logits after the last computed token ([n_vocab]), or NULL if none were computed since
- *  the last append/rewind. */
+ *  the last append/rewind, or if they stayed on the backend: a generating session's step
+ *  that sampled its next token there (mn_sample_on) brings back only the token. After a
+ *  generation ends the last token's logits are on the host again (it is computed with the
+ *  generation finished, so nothing samples from them). */
 const float *mn_session_logits(const mn_session *s);
 
 /* ---- persistence (docs/session-format.md) ----
