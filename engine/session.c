@@ -651,6 +651,7 @@ void mn__session_fail(mn_engine *e, mn_session *s, mn_err err, const char *msg) 
     s->n_tokens = s->n_computed;
     if (s->n_hashed * e->bs > s->n_computed) s->n_hashed = s->n_computed / e->bs;
     s->logits_valid = false;
+    if (s->gen) s->gen->has_token = false; /* nor a token sampled from them on the backend */
     s->failed = true;
 }
 

@@ -127,6 +127,53 @@ static void test_blocking_generate(void **state) {
     assert_int_equal(st[1].sampled_backend, got[1][0] - 1);
 }
 
+static void on_done(void *ud, const mn_gen_result *res, mn_err err, const char *msg) {
+    (void)ud, (void)res, (void)err, (void)msg;
+}
+
+/* A generation cancelled between steps loses the token the backend had already chosen
+ * (as the host path loses the logits' draw): the session keeps no host logits, so the next
+ * generation recomputes its last token (gen_begin) and goes on exactly as on the host. */
+static void test_cancel_then_generate(void **state) {
+    (void)state;
+    int32_t got[2][1 + 32], first[2][1 + 32];
+    mn_engine_stats st[2];
+    for (int mode = 0; mode < 2; mode++) {
+        mn_errbuf eb;
+        mn_engine *e;
+        mn_engine_params p = {.block_size = 16, .n_blocks = 64, .max_batch_tokens = 64,
+                              .sample_on = mode ? MN_SAMPLE_ON_BACKEND : MN_SAMPLE_ON_HOST};
+        if (mn_engine_new(model, &p, &e, &eb) != MN_OK) fail_msg("%s", eb.msg);
+        mn_session *s;
+        int32_t prompt[20];
+        for (int32_t k = 0; k < 20; k++) prompt[k] = (k * 53 + 9) % model->cfg.n_vocab;
+        if (mn_session_create(e, NULL, &s, &eb) != MN_OK) fail_msg("%s", eb.msg);
+        if (mn_session_submit_tokens(e, s, prompt, 20, MN_ROLE_NONE, &eb) != MN_OK) fail_msg("%s", eb.msg);
+        mn_gen_params g = {.sampling = mn_sampling_defaults(), .max_tokens = 30};
+        g.sampling.seed = 77;
+        first[mode][0] = 0;
+        if (mn_session_generate_start(e, s, &g, collect, on_done, first[mode], &eb) != MN_OK) fail_msg("%s", eb.msg);
+        for (int i = 0; i < 4; i++) { /* the prompt, then 3 tokens; a 4th chosen, not yet emitted */
+            bool did;
+            if (mn_engine_step(e, &did, &eb) != MN_OK) fail_msg("%s", eb.msg);
+        }
+        if (mode) assert_null(mn_session_logits(s));
+        mn_session_generate_cancel(e, s);
+        g.sampling.seed = 78;
+        g.max_tokens = 8;
+        got[mode][0] = 0;
+        if (mn_session_generate(e, s, &g, collect, got[mode], NULL, &eb) != MN_OK) fail_msg("%s", eb.msg);
+        mn_engine_stats_get(e, &st[mode]);
+        mn_engine_free(e);
+    }
+    assert_int_equal(first[0][0], 3);
+    assert_memory_equal(first[0], first[1], 4 * sizeof(int32_t));
+    assert_int_equal(got[0][0], got[1][0]);
+    assert_memory_equal(got[0], got[1], (size_t)(1 + got[0][0]) * sizeof(int32_t));
+    assert_int_equal(st[1].sampled_host, 0); /* also the second generation's first token */
+    assert_true(st[1].sampled_backend >= 3 + 1 + got[1][0]);
+}
+
 /* The forward refuses bad sample fields, naming them, with nothing computed. */
 static void test_forward_refuses(void **state) {
     (void)state;
@@ -173,6 +220,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_forward_refuses),
         cmocka_unit_test(test_blocking_generate),
+        cmocka_unit_test(test_cancel_then_generate),
         cmocka_unit_test(test_batch_backend_vs_host),
         cmocka_unit_test(test_compare_catches_a_difference),
     };
