@@ -22,6 +22,14 @@ struct mn_forward {
     mn_buffer *act;      /* activations for cap_tokens rows */
     mn_buffer *meta;     /* token ids, seq, pos, block tables */
     mn_buffer *logits;   /* [cap_out][n_vocab] */
+    /* sampling on the backend (mn_batch_sample), for up to cap_samp rows: the op's
+     * parameters [cap_samp], then its outputs for this run's n rows, packed so that one
+     * copy brings them back: token [n] | logprob [n] | top_id [n][M] | top_logprob [n][M]
+     * (M = MN_SAMPLE_MAX_TOP; without logprobs only token [n] is copied). host_samp is
+     * the host side of that copy. */
+    mn_buffer *samp;
+    char *host_samp;
+    int32_t cap_samp;
     int32_t *host_meta;  /* staging for meta */
     mn_op *ops;
     int cap_ops;
@@ -173,6 +181,8 @@ void mn_forward_free(mn_forward *f) {
     mn_buffer_free(f->act);
     mn_buffer_free(f->meta);
     mn_buffer_free(f->logits);
+    mn_buffer_free(f->samp);
+    mn_free(f->host_samp);
     mn_free(f->host_meta);
     mn_free(f->ops);
     mn_free(f->layer_ready);
@@ -226,12 +236,55 @@ static mn_err ensure_capacity(mn_forward *f, int32_t T, int32_t n_out, int32_t n
         f->host_meta = hm;
     }
     /* + up to 6 lora ops (o and down split in two with tp > 1), 2 tp adds and a copy wait per layer */
-    int need_ops = 1 + c->n_layer * (14 + 6 + 2 + 1) + n_out + 1;
+    int need_ops = 1 + c->n_layer * (14 + 6 + 2 + 1) + n_out + 2;  /* + output head, sample */
     if (need_ops > f->cap_ops) {
         mn_op *no = mn_realloc(f->ops, (size_t)need_ops * sizeof(mn_op));
         if (!no) return mn_errf(eb, MN_ENOMEM, "forward: out of memory");
         f->ops = no;
         f->cap_ops = need_ops;
+    }
+    return MN_OK;
+}
+
+/* bytes of one row's sample outputs: token, logprob, top ids, top logprobs */
+#define SAMP_OUT_BYTES (2 * sizeof(int32_t) + MN_SAMPLE_MAX_TOP * (sizeof(int32_t) + sizeof(float)))
+
+/* Room for n sampled rows (outside the layer loop, like ensure_capacity). */
+static mn_err ensure_sample(mn_forward *f, int32_t n, mn_errbuf *eb) {
+    if (n <= f->cap_samp) return MN_OK;
+    int32_t cap = grow(f->cap_samp, n);
+    size_t out_bytes = (size_t)cap * SAMP_OUT_BYTES;
+    mn_buffer *nb;
+    mn_err e = mn_buffer_alloc(f->be, MN_MEM_DEVICE, (size_t)cap * sizeof(mn_sample_params) + out_bytes, &nb, eb);
+    if (e != MN_OK) return e;
+    char *hs = mn_malloc(out_bytes);
+    if (!hs) { mn_buffer_free(nb); return mn_errf(eb, MN_ENOMEM, "forward: out of memory"); }
+    mn_buffer_free(f->samp);
+    mn_free(f->host_samp);
+    f->samp = nb;
+    f->host_samp = hs;
+    f->cap_samp = cap;
+    return MN_OK;
+}
+
+static mn_err validate_sample(const mn_batch *b, const mn_batch_sample *sp, mn_errbuf *eb) {
+    if (!sp) return MN_OK;
+    if (sp->n_sample < 0 || sp->n_sample > b->n_out)
+        return mn_errf(eb, MN_EINVALID, "batch: n_sample %d not in [0, %d] (n_out)", sp->n_sample, b->n_out);
+    if (sp->n_sample > 0 && (!sp->params || !sp->token))
+        return mn_errf(eb, MN_EINVALID, "batch: n_sample %d with NULL params or token", sp->n_sample);
+    if (sp->logprob && (!sp->top_id || !sp->top_logprob))
+        return mn_errf(eb, MN_EINVALID, "batch: sample logprob without top_id / top_logprob");
+    for (int32_t i = 0; i < sp->n_sample; i++) {
+        const mn_sample_params *p = &sp->params[i];
+        if (p->n_logprobs < 0 || p->n_logprobs > MN_SAMPLE_MAX_TOP)
+            return mn_errf(eb, MN_ERANGE, "batch: sample row %d: n_logprobs %d not in [0, %d]", i, p->n_logprobs,
+                           MN_SAMPLE_MAX_TOP);
+        if (p->n_logprobs > 0 && !sp->logprob)
+            return mn_errf(eb, MN_EINVALID, "batch: sample row %d asks for %d logprobs, logprob is NULL", i,
+                           p->n_logprobs);
+        if (!(p->u >= 0.0 && p->u < 1.0))
+            return mn_errf(eb, MN_ERANGE, "batch: sample row %d: u %g not in [0, 1)", i, p->u);
     }
     return MN_OK;
 }
@@ -505,30 +558,38 @@ mn_err mn_forward_wait_layers(mn_forward *f, const mn_event *ready, mn_errbuf *e
 }
 
 mn_err mn_forward_run(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b, float *logits, mn_errbuf *eb) {
-    return mn_forward_run_lora(f, seqs, n_seqs, b, NULL, logits, eb);
+    return mn_forward_run_sample(f, seqs, n_seqs, b, NULL, NULL, logits, eb);
+}
+
+mn_err mn_forward_run_lora(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b,
+                           const mn_batch_lora *lb, float *logits, mn_errbuf *eb) {
+    return mn_forward_run_sample(f, seqs, n_seqs, b, lb, NULL, logits, eb);
 }
 
 static mn_err run_batch(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b,
-                        const mn_batch_lora *lb, float *logits, bool *alike, mn_errbuf *eb);
+                        const mn_batch_lora *lb, const mn_batch_sample *sp, float *logits, bool *alike, mn_errbuf *eb);
 
 /* With tp > 1 a rank that fails on its own (out of memory, a device error, its share of
  * the run) would leave the others waiting in a collective, so it aborts the group. Not so
  * for what every rank refuses alike, given the same batch and sequences: a bad batch, and
  * a full KV pool (the ranks' pools are the same size and see the same reservations). */
-mn_err mn_forward_run_lora(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b,
-                           const mn_batch_lora *lb, float *logits, mn_errbuf *eb) {
+mn_err mn_forward_run_sample(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b,
+                             const mn_batch_lora *lb, const mn_batch_sample *sp, float *logits, mn_errbuf *eb) {
     bool alike = false;
-    mn_err e = run_batch(f, seqs, n_seqs, b, lb, logits, &alike, eb);
+    mn_err e = run_batch(f, seqs, n_seqs, b, lb, sp, logits, &alike, eb);
     if (f->layer_ready) memset(f->layer_ready, 0, (size_t)f->m->cfg.n_layer * sizeof(mn_event)); /* one run's */
     if (e != MN_OK && !alike && f->comm) mn_comm_abort(f->comm);
     return e;
 }
 
 static mn_err run_batch(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b,
-                        const mn_batch_lora *lb, float *logits, bool *alike, mn_errbuf *eb) {
+                        const mn_batch_lora *lb, const mn_batch_sample *sp, float *logits, bool *alike, mn_errbuf *eb) {
     const mn_model *m = f->m;
     const mn_model_config *c = &m->cfg;
     mn_err e = validate(f, seqs, n_seqs, b, lb, eb);
+    if (e == MN_OK) e = validate_sample(b, sp, eb);
+    const int32_t n_samp = sp ? sp->n_sample : 0;
+    const bool want_lp = n_samp > 0 && sp->logprob;
     *alike = e != MN_ENOMEM;
     if (e != MN_OK) return e;
     *alike = false;
@@ -547,6 +608,7 @@ static mn_err run_batch(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, c
     }
     *alike = e == MN_ELIMIT;
     if (e == MN_OK) e = ensure_capacity(f, T, b->n_out, n_seqs, total_blocks, eb);
+    if (e == MN_OK) e = ensure_sample(f, n_samp, eb);
     int32_t n_act = 0, n_segs = 0;
     if (e == MN_OK) e = plan_lora(f, b, lb, &n_act, eb);
     if (e == MN_OK && f->tp > 1) e = ensure_red(f, T, n_act, eb);
@@ -570,6 +632,11 @@ static mn_err run_batch(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, c
     e = mn_backend_copy_compute_async(f->be, MN_COPY_H2D, dm, hm, meta_n * 4, eb);
     const int32_t *d_tok = dm, *d_seq = dm + ct, *d_pos = dm + 2 * ct;
     const int32_t *d_indptr = dm + 3 * ct, *d_indices = d_indptr + n_seqs + 1;
+    /* the sample op's parameters ride along with the metadata, ordered with compute */
+    mn_sample_params *d_sparams = n_samp ? f->samp->ptr : NULL;
+    char *d_sout = n_samp ? (char *)f->samp->ptr + (size_t)f->cap_samp * sizeof(mn_sample_params) : NULL;
+    if (e == MN_OK && n_samp)
+        e = mn_backend_copy_compute_async(f->be, MN_COPY_H2D, d_sparams, sp->params, (size_t)n_samp * sizeof *d_sparams, eb);
 
     /* activations (q, att, k, v, gate, up: this rank's heads and ffn share) */
     const int32_t nh = f->n_head, nkv = f->n_kv_head;
@@ -628,6 +695,15 @@ static mn_err run_batch(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, c
         ops[n++] = (mn_op){MN_OP_RMSNORM, .u.rmsnorm = {1, E, x + (int64_t)b->out_rows[i] * E, E, m->output_norm, c->rms_eps, xo + (int64_t)i * E, E}};
     float *d_logits = b->n_out > 0 ? f->logits->ptr : NULL;
     if (b->n_out > 0) ops[n++] = (mn_op){MN_OP_MATMUL, .u.matmul = mm(&m->output, xo, E, d_logits, c->n_vocab, b->n_out, NULL, 0)};
+    /* rows [0, n_samp) of the logits are sampled here; outputs packed in d_sout (f->samp) */
+    int32_t *d_stok = (int32_t *)d_sout;
+    float *d_slp = want_lp ? (float *)(d_stok + n_samp) : NULL;
+    int32_t *d_stop = want_lp ? (int32_t *)(d_slp + n_samp) : NULL;
+    float *d_stoplp = want_lp ? (float *)(d_stop + (size_t)n_samp * MN_SAMPLE_MAX_TOP) : NULL;
+    if (n_samp)
+        ops[n++] = (mn_op){MN_OP_SAMPLE, .u.sample = {.n_rows = n_samp, .V = c->n_vocab, .logits = d_logits,
+                                                      .logits_stride = c->n_vocab, .params = d_sparams, .token = d_stok,
+                                                      .logprob = d_slp, .top_id = d_stop, .top_logprob = d_stoplp}};
 
     if (e == MN_OK && n_segs > 0) {
         /* the lora plan is complete only now: its segments and rows go with the metadata */
@@ -640,9 +716,25 @@ static mn_err run_batch(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, c
     if (e == MN_OK) e = mn_backend_reserve(f->be, ops, n, eb);
     if (e == MN_OK) e = run_ops(f, ops, n, n_cuts, part, eb);
     *alike = false;
-    if (e == MN_OK && b->n_out > 0)
-        e = mn_backend_copy_async(f->be, MN_COPY_D2H, logits, d_logits, (size_t)b->n_out * c->n_vocab * sizeof(float), eb);
+    /* back to the host: the sampled rows' outputs (one copy), the other rows' logits */
+    const size_t samp_bytes = (size_t)n_samp * (want_lp ? SAMP_OUT_BYTES : sizeof(int32_t));
+    if (e == MN_OK && n_samp) e = mn_backend_copy_async(f->be, MN_COPY_D2H, f->host_samp, d_sout, samp_bytes, eb);
+    if (e == MN_OK && b->n_out > n_samp)
+        e = mn_backend_copy_async(f->be, MN_COPY_D2H, logits, d_logits + (size_t)n_samp * c->n_vocab,
+                                  (size_t)(b->n_out - n_samp) * c->n_vocab * sizeof(float), eb);
     if (e == MN_OK) e = mn_backend_synchronize(f->be, eb);
+    if (e == MN_OK && n_samp) { /* unpack: the same layout as on the device, from host_samp */
+        const int32_t *h_tok = (const int32_t *)f->host_samp;
+        memcpy(sp->token, h_tok, (size_t)n_samp * sizeof(int32_t));
+        if (want_lp) {
+            const float *h_lp = (const float *)(h_tok + n_samp);
+            const int32_t *h_top = (const int32_t *)(h_lp + n_samp);
+            const float *h_toplp = (const float *)(h_top + (size_t)n_samp * MN_SAMPLE_MAX_TOP);
+            memcpy(sp->logprob, h_lp, (size_t)n_samp * sizeof(float));
+            memcpy(sp->top_id, h_top, (size_t)n_samp * MN_SAMPLE_MAX_TOP * sizeof(int32_t));
+            memcpy(sp->top_logprob, h_toplp, (size_t)n_samp * MN_SAMPLE_MAX_TOP * sizeof(float));
+        }
+    }
     if (e == MN_OK)
         for (int32_t s = 0; s < n_seqs; s++) seqs[s]->n_tokens = new_len[s];
     mn_free(new_len);

@@ -40,6 +40,20 @@ typedef struct mn_batch_lora {
     int32_t n_adapters;
 } mn_batch_lora;
 
+/* Sampling on the backend (optional): the first n_sample output rows (out_rows[0 ..
+ * n_sample)) go through MN_OP_SAMPLE (kernels/ops.h) right after the output head, on the
+ * backend, and only their token ids (and, with logprob non-NULL, their logprobs) come back
+ * to the host; their logits never do. The other n_out - n_sample rows' logits come back
+ * as without it, into logits[0 .. n_out - n_sample). The caller's arrays must stay alive
+ * until the run returns (it synchronises). */
+typedef struct mn_batch_sample {
+    int32_t n_sample;                        /* 0 .. n_out */
+    const mn_sample_params *params;          /* [n_sample] (u drawn by the caller) */
+    int32_t *token;                          /* [n_sample] out */
+    float *logprob;                          /* [n_sample] out; NULL: no logprobs (every n_logprobs 0) */
+    int32_t *top_id; float *top_logprob;     /* [n_sample][MN_SAMPLE_MAX_TOP] out, with logprob */
+} mn_batch_sample;
+
 typedef struct mn_forward mn_forward;
 
 mn_err mn_forward_new(const mn_model *m, mn_kv_pool *kv, mn_forward **out, mn_errbuf *eb);
@@ -82,5 +96,12 @@ mn_err mn_forward_wait_layers(mn_forward *f, const mn_event *ready, mn_errbuf *e
 /** mn_forward_run with adapters (lora may be NULL: the same as mn_forward_run). */
 mn_err mn_forward_run_lora(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b,
                            const mn_batch_lora *lora, float *logits, mn_errbuf *eb);
+/** mn_forward_run_lora that samples the first samp->n_sample output rows on the backend
+ *  (samp may be NULL: the same as mn_forward_run_lora). logits gets [n_out - n_sample][n_vocab].
+ *  A bad sample field (n_sample outside [0, n_out], n_logprobs outside [0, MN_SAMPLE_MAX_TOP]
+ *  or > 0 without logprob, u outside [0, 1)) is MN_EINVALID / MN_ERANGE naming the row, with
+ *  nothing computed. */
+mn_err mn_forward_run_sample(mn_forward *f, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b,
+                             const mn_batch_lora *lora, const mn_batch_sample *samp, float *logits, mn_errbuf *eb);
 
 #endif

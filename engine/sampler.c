@@ -202,6 +202,36 @@ static void apply_penalties(mn_sampler *s, float *logits) {
     }
 }
 
+/* The op's parameters for one token; draws u (only when the row samples) */
+static mn_sample_params op_params(mn_sampler *s, bool want_logprobs) {
+    const mn_sampling_params *p = &s->p;
+    mn_sample_params sp = {
+        .temperature = p->temperature, .top_k = p->top_k, .top_p = p->top_p, .min_p = p->min_p,
+        .u = p->temperature > 0.0f ? rng_uniform(s->rng) : 0.0, .n_logprobs = want_logprobs ? p->n_logprobs : 0,
+    };
+    return sp;
+}
+
+bool mn_sampler_op_params(mn_sampler *s, bool want_logprobs, mn_sample_params *out) {
+    const mn_sampling_params *p = &s->p;
+    /* exactly when apply_penalties would change a logit: it visits the window's tokens */
+    bool penalised = s->ring_len > 0 &&
+                     (p->repeat_penalty != 1.0f || p->frequency_penalty != 0.0f || p->presence_penalty != 0.0f);
+    if (p->n_bias > 0 || penalised) return false;
+    *out = op_params(s, want_logprobs);
+    return true;
+}
+
+void mn_sampler_fill_info(const mn_sampler *s, float logprob, const int32_t *top_id, const float *top_logprob,
+                          mn_sample_info *info) {
+    info->logprob = logprob;
+    info->n_top = s->p.n_logprobs < s->n_vocab ? s->p.n_logprobs : s->n_vocab;
+    for (int32_t j = 0; j < info->n_top; j++) {
+        info->top[j].token = top_id[j];
+        info->top[j].logprob = top_logprob[j];
+    }
+}
+
 int32_t mn_sampler_sample(mn_sampler *s, float *logits, mn_sample_info *info) {
     const mn_sampling_params *p = &s->p;
     for (int32_t i = 0; i < p->n_bias; i++) logits[s->bias[i].token] += s->bias[i].bias;
@@ -209,10 +239,7 @@ int32_t mn_sampler_sample(mn_sampler *s, float *logits, mn_sample_info *info) {
 
     /* the rest is the sample op (kernels/ops.h), one row, one thread; u is drawn here,
      * from the sampler's RNG, only when the row samples */
-    mn_sample_params sp = {
-        .temperature = p->temperature, .top_k = p->top_k, .top_p = p->top_p, .min_p = p->min_p,
-        .u = p->temperature > 0.0f ? rng_uniform(s->rng) : 0.0, .n_logprobs = info ? p->n_logprobs : 0,
-    };
+    mn_sample_params sp = op_params(s, info != NULL);
     int32_t token = 0, top_id[MN_SAMPLE_MAX_TOP];
     float logprob = 0.0f, top_lp[MN_SAMPLE_MAX_TOP];
     mn_sample_desc d = {
@@ -222,13 +249,6 @@ int32_t mn_sampler_sample(mn_sampler *s, float *logits, mn_sample_info *info) {
     };
     mn_par par = { 0, 1, NULL, NULL };
     mn_cpu_sample(&d, s->work, &par);
-    if (info) {
-        info->logprob = logprob;
-        info->n_top = p->n_logprobs < s->n_vocab ? p->n_logprobs : s->n_vocab;
-        for (int32_t j = 0; j < info->n_top; j++) {
-            info->top[j].token = top_id[j];
-            info->top[j].logprob = top_lp[j];
-        }
-    }
+    if (info) mn_sampler_fill_info(s, logprob, top_id, top_lp, info);
     return token;
 }

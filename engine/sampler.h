@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include "engine/err.h"
+#include "kernels/ops.h"
 
 typedef struct mn_logit_bias { int32_t token; float bias; } mn_logit_bias;
 
@@ -54,6 +55,18 @@ void mn_sampler_free(mn_sampler *s);
 void mn_sampler_accept(mn_sampler *s, int32_t token);
 /** Choose a token. logits[n_vocab] is used as scratch (modified). info may be NULL. */
 int32_t mn_sampler_sample(mn_sampler *s, float *logits, mn_sample_info *info);
+/** Sampling elsewhere (the engine runs the sample op on the backend, next to the logits):
+ *  when the op alone can choose this sampler's next token, that is when no logit bias is
+ *  set and no penalty would change a logit (a penalty is set and the window holds tokens),
+ *  fills *out with the op's parameters, drawing u from the RNG exactly as
+ *  mn_sampler_sample would (one draw when temperature > 0), and returns true: the op's
+ *  token from the raw logits is then the token mn_sampler_sample would have chosen, and
+ *  the caller passes it to mn_sampler_accept as usual. Returns false, consuming nothing,
+ *  when the host must sample (mn_sampler_sample). want_logprobs: n_logprobs as set (else 0). */
+bool mn_sampler_op_params(mn_sampler *s, bool want_logprobs, mn_sample_params *out);
+/** info from one row of the op's outputs (logprob, top_id / top_logprob[MN_SAMPLE_MAX_TOP]). */
+void mn_sampler_fill_info(const mn_sampler *s, float logprob, const int32_t *top_id, const float *top_logprob,
+                          mn_sample_info *info);
 /** RNG state, to save and restore a session exactly. */
 void mn_sampler_get_rng(const mn_sampler *s, uint64_t state[4]);
 void mn_sampler_set_rng(mn_sampler *s, const uint64_t state[4]);

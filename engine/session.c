@@ -191,6 +191,7 @@ mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn
             return mn_errf(eb, MN_ENOMEM, "engine: out of memory");
         }
     }
+    e->sample_backend = !p || p->sample_on != MN_SAMPLE_ON_HOST;
     mn_err err = mn_kv_pool_new(m->backend, c->n_layer, c->n_kv_head, c->head_dim, e->bs, n_blocks, &e->kv, eb);
     if (err == MN_OK) err = mn_forward_new(m, e->kv, &e->f, eb);
     if (err == MN_OK) {
@@ -203,7 +204,15 @@ mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn
         e->b_logits = mn_malloc((size_t)mb * c->n_vocab * sizeof(float));
         e->sample_scratch = mn_malloc((size_t)c->n_vocab * sizeof(float));
         e->b_adapter = mn_malloc((size_t)mb * 4);
-        if (!e->b_adapter || !e->b_tok || !e->b_seq || !e->b_pos || !e->b_rows || !e->b_sess || !e->b_seqs || !e->b_logits || !e->sample_scratch)
+        e->b_sparams = mn_malloc((size_t)mb * sizeof *e->b_sparams);
+        e->b_stok = mn_malloc((size_t)mb * 4);
+        e->b_lrows = mn_malloc((size_t)mb * 4);
+        e->b_slp = mn_malloc((size_t)mb * 4);
+        e->b_stop = mn_malloc((size_t)mb * MN_SAMPLE_MAX_TOP * 4);
+        e->b_stoplp = mn_malloc((size_t)mb * MN_SAMPLE_MAX_TOP * 4);
+        if (!e->b_sparams || !e->b_stok || !e->b_lrows || !e->b_slp || !e->b_stop || !e->b_stoplp)
+            err = mn_errf(eb, MN_ENOMEM, "engine: out of memory");
+        else if (!e->b_adapter || !e->b_tok || !e->b_seq || !e->b_pos || !e->b_rows || !e->b_sess || !e->b_seqs || !e->b_logits || !e->sample_scratch)
             err = mn_errf(eb, MN_ENOMEM, "engine: out of memory");
     }
     if (err != MN_OK) {
@@ -245,6 +254,8 @@ void mn_engine_free(mn_engine *e) {
     mn_free(e->b_sess); mn_free(e->b_seqs); mn_free(e->b_logits); mn_free(e->sample_scratch);
     mn_free(e->b_notify);
     mn_free(e->b_adapter);
+    mn_free(e->b_sparams); mn_free(e->b_stok); mn_free(e->b_lrows);
+    mn_free(e->b_slp); mn_free(e->b_stop); mn_free(e->b_stoplp);
     mn_free(e->persist_dir);
     mn_free(e);
 }
@@ -260,6 +271,9 @@ void mn_engine_stats_get(const mn_engine *e, mn_engine_stats *st) {
     st->prefix_hit_tokens = e->hit_tokens;
     st->computed_tokens = e->computed_tokens;
     st->bytes_per_token = mn_kv_bytes_per_token(e->kv);
+    st->sampled_backend = e->sampled_backend;
+    st->sampled_host = e->sampled_host;
+    st->logits_bytes = e->logits_bytes;
     for (int t = 0; t < 4; t++) {
         st->tier_bytes[t] = e->tier_used[t];
         st->tier_sessions[t] = 0;
@@ -486,9 +500,17 @@ static bool ready(const mn_session *s) { return wants_compute(s) && s->tier == 0
 static mn_err gen_advance(mn_engine *e, mn_session *s, mn_errbuf *eb) {
     gen_state *g = s->gen;
     const mn_tokenizer *tok = e->m->tok;
-    memcpy(e->sample_scratch, s->logits, (size_t)e->m->cfg.n_vocab * sizeof(float));
     mn_sample_info info;
-    int32_t t = mn_sampler_sample(g->sampler, e->sample_scratch, g->p.sampling.n_logprobs > 0 ? &info : NULL);
+    int32_t t;
+    if (g->has_token) { /* chosen on the backend in the last step */
+        t = g->token;
+        info = g->info;
+        g->has_token = false;
+    } else {
+        memcpy(e->sample_scratch, s->logits, (size_t)e->m->cfg.n_vocab * sizeof(float));
+        t = mn_sampler_sample(g->sampler, e->sample_scratch, g->p.sampling.n_logprobs > 0 ? &info : NULL);
+        e->sampled_host++;
+    }
     mn_sampler_accept(g->sampler, t);
     g->n_generated++;
     mn_err err = mn__session_add_tokens(s, &t, 1, MN_ROLE_ASSISTANT, eb);
@@ -550,14 +572,33 @@ static mn_err step_compute(mn_engine *e, int32_t *ns_out, bool *did_work, mn_err
     }
     if (n == 0) return MN_OK;
     *did_work = true;
-    /* logits rows: the last row of each session whose pending tokens all fit this step */
-    int32_t n_out = 0;
+    /* output rows: the last row of each session whose pending tokens all fit this step.
+     * A generating session that will sample from them (at the start of the next step) and
+     * whose sampling the op can do is sampled by the forward on the backend: its row goes
+     * to the front (the forward samples out rows [0, n_samp)), with u drawn from its
+     * sampler now, as mn_sampler_sample would draw it then. The other rows return logits. */
+    int32_t n_out = 0, n_samp = 0, n_lrows = 0;
+    bool any_lp = false;
     for (int32_t r = 0; r < n; r++) {
         mn_session *s = e->b_sess[e->b_seq[r]];
         bool last_of_session = r + 1 == n || e->b_seq[r + 1] != e->b_seq[r];
-        if (last_of_session && e->b_pos[r] + 1 == s->n_tokens) e->b_rows[n_out++] = r;
+        if (!last_of_session || e->b_pos[r] + 1 != s->n_tokens) continue;
+        n_out++;
+        gen_state *g = s->gen;
+        bool lp = g && g->p.sampling.n_logprobs > 0;
+        if (e->sample_backend && g && g->finish == MN_FINISH_NONE &&
+            mn_sampler_op_params(g->sampler, lp, &e->b_sparams[n_samp])) {
+            e->b_rows[n_samp++] = r;
+            any_lp |= lp;
+        } else {
+            e->b_lrows[n_lrows++] = r;
+        }
     }
+    memcpy(e->b_rows + n_samp, e->b_lrows, (size_t)n_lrows * sizeof *e->b_rows);
     mn_batch b = {.n_tokens = n, .tokens = e->b_tok, .seq = e->b_seq, .pos = e->b_pos, .n_out = n_out, .out_rows = e->b_rows};
+    mn_batch_sample samp = {.n_sample = n_samp, .params = e->b_sparams, .token = e->b_stok,
+                            .logprob = any_lp ? e->b_slp : NULL, .top_id = any_lp ? e->b_stop : NULL,
+                            .top_logprob = any_lp ? e->b_stoplp : NULL};
     mn_batch_lora lora = {0}, *lp = NULL;
     if (any_adapter) { /* page in and pin the batch's adapters (device budget, LRU) */
         err = mn_lora_registry_acquire_batch(e->adapters, e->b_adapter, n, &lora.adapters, &lora.n_adapters, eb);
@@ -565,24 +606,37 @@ static mn_err step_compute(mn_engine *e, int32_t *ns_out, bool *did_work, mn_err
         lora.adapter = e->b_adapter;
         lp = &lora;
     }
-    err = mn_forward_run_lora(e->f, e->b_seqs, ns, &b, lp, e->b_logits, eb);
+    err = mn_forward_run_sample(e->f, e->b_seqs, ns, &b, lp, &samp, e->b_logits, eb);
     if (err == MN_ELIMIT) { /* pool full: give back cached blocks nobody uses, then retry */
         mn__prefix_evict_unused(e);
-        err = mn_forward_run_lora(e->f, e->b_seqs, ns, &b, lp, e->b_logits, eb);
+        err = mn_forward_run_sample(e->f, e->b_seqs, ns, &b, lp, &samp, e->b_logits, eb);
     }
     /* the logits are on the host now (the forward synchronised): the copies may go */
     if (lp) mn_lora_registry_release_batch(e->adapters, e->b_adapter, n);
     if (err != MN_OK) return err;
     e->computed_tokens += n;
+    const size_t V = (size_t)e->m->cfg.n_vocab;
     for (int32_t o = 0; o < n_out; o++) {
         mn_session *s = e->b_sess[e->b_seq[e->b_rows[o]]];
-        memcpy(s->logits, e->b_logits + (size_t)o * e->m->cfg.n_vocab, (size_t)e->m->cfg.n_vocab * sizeof(float));
+        if (o < n_samp) {
+            gen_state *g = s->gen;
+            g->has_token = true;
+            g->token = e->b_stok[o];
+            if (g->p.sampling.n_logprobs > 0)
+                mn_sampler_fill_info(g->sampler, e->b_slp[o], e->b_stop + (size_t)o * MN_SAMPLE_MAX_TOP,
+                                     e->b_stoplp + (size_t)o * MN_SAMPLE_MAX_TOP, &g->info);
+            e->sampled_backend++;
+        } else {
+            memcpy(s->logits, e->b_logits + (size_t)(o - n_samp) * V, V * sizeof(float));
+            e->logits_bytes += (int64_t)(V * sizeof(float));
+        }
     }
     double t = now_s();
     for (int32_t k = 0; k < ns; k++) {
         mn_session *s = e->b_sess[k];
         s->n_computed = s->seq.n_tokens;
-        s->logits_valid = s->n_computed == s->n_tokens;
+        /* a backend-sampled session's logits stayed on the backend */
+        s->logits_valid = s->n_computed == s->n_tokens && !(s->gen && s->gen->has_token);
         s->last_use = t;
         if ((err = register_blocks(e, s, eb)) != MN_OK) return err;
     }
@@ -597,6 +651,7 @@ void mn__session_fail(mn_engine *e, mn_session *s, mn_err err, const char *msg) 
     s->n_tokens = s->n_computed;
     if (s->n_hashed * e->bs > s->n_computed) s->n_hashed = s->n_computed / e->bs;
     s->logits_valid = false;
+    if (s->gen) s->gen->has_token = false; /* nor a token sampled from them on the backend */
     s->failed = true;
 }
 
@@ -631,7 +686,7 @@ mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb) {
     /* generating sessions with nothing pending sample first (their logits are ready) */
     for (int32_t i = 0; i < e->n_sessions && err == MN_OK; i++) {
         mn_session *s = e->sessions[i];
-        if (s->gen && s->gen->finish == MN_FINISH_NONE && !wants_compute(s) && s->logits_valid) {
+        if (s->gen && s->gen->finish == MN_FINISH_NONE && !wants_compute(s) && (s->logits_valid || s->gen->has_token)) {
             *did_work = true;
             if ((err = gen_advance(e, s, eb)) != MN_OK) mn__session_fail(e, s, err, eb ? eb->msg : NULL);
         }

@@ -25,6 +25,12 @@ typedef struct gen_state {
     void *ud;
     int32_t n_generated;
     mn_finish finish;
+    /* a token the sample op chose on the backend in the last step (its u already drawn
+     * from sampler), waiting for the next step's gen_advance to emit it, as a token
+     * sampled from host logits would be: same callback order and timing either way */
+    bool has_token;
+    int32_t token;
+    mn_sample_info info;   /* its logprobs, when p.sampling.n_logprobs > 0 */
 } gen_state;
 
 struct mn_session {
@@ -78,6 +84,13 @@ struct mn_engine {
     mn_session **b_sess;
     mn_kv_seq **b_seqs;
     float *b_logits, *sample_scratch;
+    /* sampling on the backend (mn_batch_sample), [max_batch] rows: the op's parameters and
+     * outputs, and the logits rows' batch rows while the out rows are ordered */
+    bool sample_backend;
+    mn_sample_params *b_sparams;
+    int32_t *b_stok, *b_stop, *b_lrows;      /* b_stop: [max_batch][MN_SAMPLE_MAX_TOP] */
+    float *b_slp, *b_stoplp;                 /* b_stoplp: [max_batch][MN_SAMPLE_MAX_TOP] */
+    int64_t sampled_backend, sampled_host, logits_bytes;
     mn_session **b_notify;  /* end-of-step callback list */
     int32_t *b_adapter;     /* [max_batch] adapter table index per token, -1 none */
     mn_lora_registry *adapters;

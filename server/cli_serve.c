@@ -178,6 +178,12 @@ static void respond_metrics(mn_serve *srv, mn_http_res *res) {
     metric_i(&b, "mneme_prefix_hit_tokens_total", "counter", "Tokens attached from the prefix cache.",
              es->prefix_hit_tokens);
     metric_i(&b, "mneme_computed_tokens_total", "counter", "Tokens run through the model.", es->computed_tokens);
+    metric_i(&b, "mneme_sampled_backend_total", "counter", "Tokens sampled on the backend (only the id copied back).",
+             es->sampled_backend);
+    metric_i(&b, "mneme_sampled_host_total", "counter", "Tokens sampled on the host (bias or penalties, or sample_on host).",
+             es->sampled_host);
+    metric_i(&b, "mneme_logits_bytes_total", "counter", "Bytes of logits the engine steps copied to the host.",
+             es->logits_bytes);
     metric_i(&b, "mneme_http_connections", "gauge", "Open client connections.",
              mn_http_server_n_connections(srv->http));
     metric_i(&b, "mneme_adapters_loaded", "gauge", "LoRA adapters loaded.", srv->n_adapters);
@@ -399,6 +405,8 @@ static void serve_usage(void) {
             "  --drain-timeout S        seconds streams may run on after SIGTERM (default 10)\n"
             "  --idle-demote S          move a session's KV down a tier after S idle seconds (T1), 2S (T2),\n"
             "                           4S (T3 with --persist-dir); 0: only under memory pressure (default 60)\n"
+            "  --sample-on WHERE        auto|host|backend: where generating sessions sample (default auto:\n"
+            "                           the backend; bias and penalties always sample on the host)\n"
             "  --lora NAME=PATH         load a LoRA adapter (PEFT directory or GGUF LoRA file) at start-up;\n"
             "                           requests select it with model=NAME (repeatable)\n"
             "  -t THREADS  -c CTX  --device cpu|cuda|auto\n");
@@ -409,7 +417,7 @@ static bool is_serve_value_flag(const char *a) {
                                         "--kv-blocks", "--t1-budget", "--t2-budget", "--max-body", "--max-connections",
                                         "--drain-timeout", "--idle-demote", "--max-streams", "--max-pending-write",
                                         "--lora", "--max-sessions-per-key", "--admin-key-file", "--lora-dir",
-                                        "--mem-budget", "--adapter-share"};
+                                        "--mem-budget", "--adapter-share", "--sample-on"};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         if (!strcmp(a, flags[i])) return true;
     return false;
@@ -508,6 +516,7 @@ int cmd_serve(int argc, char **argv) {
     long port = 8080, max_batch = 0, kv_blocks = 0, max_conn = 0, t1 = 0, t2 = 0, max_body = 0;
     long mem_budget = 0;
     double drain = 10, idle = 60, adapter_share = -1;
+    mn_sample_on sample_on = MN_SAMPLE_ON_AUTO;
     const char *loras[64];
     int n_loras = 0;
     for (int i = 1; i < argc; i++) {
@@ -527,6 +536,12 @@ int cmd_serve(int argc, char **argv) {
         else if (!strcmp(a, "--api-key-file")) key_file = v;
         else if (!strcmp(a, "--admin-key-file")) admin_file = v;
         else if (!strcmp(a, "--lora-dir")) lora_dir = v;
+        else if (!strcmp(a, "--sample-on")) {
+            if (!strcmp(v, "auto")) sample_on = MN_SAMPLE_ON_AUTO;
+            else if (!strcmp(v, "host")) sample_on = MN_SAMPLE_ON_HOST;
+            else if (!strcmp(v, "backend")) sample_on = MN_SAMPLE_ON_BACKEND;
+            else { fprintf(stderr, "mneme serve: --sample-on must be auto, host or backend, got '%s'\n", v); return 2; }
+        }
         else if (!strcmp(a, "--persist-dir")) persist = v;
         else if (!strcmp(a, "--max-batch-tokens")) { if (cli_int(a, v, 1, 1 << 16, &max_batch)) return 2; }
         else if (!strcmp(a, "--kv-blocks")) { if (cli_int(a, v, 1, 1 << 24, &kv_blocks)) return 2; }
@@ -619,7 +634,7 @@ int cmd_serve(int argc, char **argv) {
         return 1;
     }
     mn_engine_params ep = {.block_size = SERVE_BLOCK_TOKENS, .max_batch_tokens = (int32_t)max_batch, .n_blocks = (int32_t)kv_blocks, .t1_budget = t1,
-                           .t2_budget = t2, .persist_dir = persist, .adapters = srv->adapters};
+                           .t2_budget = t2, .persist_dir = persist, .adapters = srv->adapters, .sample_on = sample_on};
     mn_engine *e = NULL;
     if (mn_engine_new(m, &ep, &e, &eb) != MN_OK) {
         fprintf(stderr, "mneme serve: %s\n", eb.msg);

@@ -770,6 +770,7 @@ int gt_gemv(cudaStream_t s, cublasHandle_t blas); /* tests/gpu/test_cuda_gemv.c 
 int gt_session_e2e(const char *device); /* tests/gpu/test_cuda_session.c */
 int gt_tp_e2e(void); /* tests/gpu/test_cuda_tp.c */
 int gt_sample(cudaStream_t s); /* tests/gpu/test_cuda_sample.c */
+int gt_session_sample(const char *device); /* tests/gpu/test_cuda_session_sample.c */
 
 int main(void) {
     int count = 0;
@@ -799,6 +800,7 @@ int main(void) {
     int smoke = gt_backend_smoke() && attn && gemv;
     smoke = gt_lora_e2e("cuda") && smoke;
     smoke = gt_session_e2e("cuda") && smoke;
+    smoke = gt_session_sample("cuda") && smoke;
 #ifdef MNEME_HAVE_NCCL
     smoke = gt_tp_e2e() && smoke;
 #endif
