@@ -61,7 +61,14 @@ typedef struct mn_engine_params {
     const char *persist_dir;   /* T3 directory (copied); NULL = no disk tier */
     mn_lora_registry *adapters; /* LoRA adapters sessions may use (borrowed); NULL = none */
     mn_t1_memory t1_memory;    /* where T1 images live (default: pinned on a GPU backend) */
+    int32_t kv_reserve;        /* free-block watermark the steps refill by background demotion
+                                * (see mn_engine_step); 0 = default (1/8 of the pool, at least
+                                * one max-size step up to 1/4 of it), < 0 = off; at most half
+                                * the pool */
 } mn_engine_params;
+
+/** kv_reserve value that turns the reserve off. */
+#define MN_KV_RESERVE_OFF (-1)
 
 typedef struct mn_engine mn_engine;
 typedef struct mn_session mn_session;
@@ -84,6 +91,14 @@ typedef struct mn_engine_stats {
     int64_t adapter_budget;        /* device bytes for adapter copies (0: none or unlimited) */
     int64_t adapter_resident_bytes;
     int64_t adapter_page_ins;
+    int32_t blocks_reserve;        /* the watermark the steps keep reclaimable (0: off) */
+    int32_t blocks_draining;       /* held until their background copy out of the pool is done */
+    int64_t demotions_waited;      /* T0 -> T1 demotions whose copy the engine thread waited for
+                                    * (pool short with nothing reclaimable, or mn_session_demote) */
+    int64_t demotions_background;  /* T0 -> T1 demotions only enqueued (idle timer, reserve refill) */
+    int64_t reserve_demotions;     /* of those, made to refill the reserve */
+    int64_t drain_waits;           /* times blocks were needed and a copy out still in flight was
+                                    * waited for (it started at an earlier step) */
 } mn_engine_stats;
 void mn_engine_stats_get(const mn_engine *e, mn_engine_stats *st);
 
@@ -243,7 +258,16 @@ mn_err mn_session_adopt_file(mn_engine *e, const char *path, bool keep_file, mn_
  *  its state is exactly that file's), else NULL. */
 const char *mn_session_source_file(const mn_session *s);
 
-/** Run one engine step. *did_work is false when no session had anything to do. */
+/** Run one engine step. *did_work is false when no session had anything to do.
+ *  At its end the step keeps the KV reserve: when the pool has run short within the last
+ *  MN_KV_RESERVE_WINDOW steps and fewer than kv_reserve blocks are reclaimable without a
+ *  new copy (free, held only by the prefix cache, or draining after a copy already
+ *  enqueued), it demotes idle T0 sessions to T1 in the background, least recently used
+ *  first, until they are. Idle: not generating, nothing pending, no background job, and in
+ *  neither this step's nor the previous step's batch. So the next step or restore that
+ *  needs blocks finds them without waiting for a copy out; a pool that never runs short
+ *  never demotes for the reserve (no thrash while the working set fits). */
+#define MN_KV_RESERVE_WINDOW 256
 mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb);
 
 #endif
