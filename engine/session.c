@@ -191,11 +191,10 @@ mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn
             return mn_errf(eb, MN_ENOMEM, "engine: out of memory");
         }
     }
-    /* the reserve: 1/8 of the pool, but room for one full step (its new blocks plus a
-     * copy-on-write) where that is at most 1/4 of the pool; never more than half */
-    int32_t step_blocks = (mb + e->bs - 1) / e->bs + 1, quarter = n_blocks / 4;
-    int32_t room = step_blocks < quarter ? step_blocks : quarter;
-    int32_t reserve = n_blocks / 8 > room ? n_blocks / 8 : room;
+    /* the reserve: 1/8 of the pool, but at least room for one full step (its new blocks
+     * plus a copy-on-write); never more than half the pool */
+    int32_t step_blocks = (mb + e->bs - 1) / e->bs + 1;
+    int32_t reserve = n_blocks / 8 > step_blocks ? n_blocks / 8 : step_blocks;
     if (p && p->kv_reserve) reserve = p->kv_reserve < 0 ? 0 : p->kv_reserve;
     e->reserve = reserve < n_blocks / 2 ? reserve : n_blocks / 2;
     e->short_step = -(int64_t)MN_KV_RESERVE_WINDOW - 1; /* never short yet: the reserve waits for pressure */

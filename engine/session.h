@@ -63,8 +63,7 @@ typedef struct mn_engine_params {
     mn_t1_memory t1_memory;    /* where T1 images live (default: pinned on a GPU backend) */
     int32_t kv_reserve;        /* free-block watermark the steps refill by background demotion
                                 * (see mn_engine_step); 0 = default (1/8 of the pool, at least
-                                * one max-size step up to 1/4 of it), < 0 = off; at most half
-                                * the pool */
+                                * one max-size step), < 0 = off; at most half the pool */
 } mn_engine_params;
 
 /** kv_reserve value that turns the reserve off. */
