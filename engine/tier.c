@@ -7,8 +7,11 @@
  *   T3  the same stream as a file in the persist directory (atomic write)
  * Demotion takes the least recently used idle sessions (no pending tokens, not
  * generating) when the pool needs blocks, and cascades down when a host tier passes its
- * budget. Promotion happens on access (append, generate, fork, rewind, save) and brings
- * the exact KV bits back, so a promoted session continues bit-identically.
+ * budget. Once the pool has run short, each step ends by keeping a reserve of blocks
+ * reclaimable (mn__tier_refill): idle sessions go to T1 in the background, their copies
+ * only enqueued, so a later step finds blocks instead of waiting for a copy out.
+ * Promotion happens on access (append, generate, fork, rewind, save) and brings the exact
+ * KV bits back, so a promoted session continues bit-identically.
  * Tokens submitted to a session in T2 or T3 start its promotion at once: the worker
  * reads and decompresses it into a T1 image (a lift) while the engine keeps stepping the
  * other sessions; the step that finds the lift done copies the image into the pool. */
