@@ -4,7 +4,8 @@
  * for P of them, so every turn brings one session back from T1 and needs another one's
  * blocks. Without the reserve (kv_reserve off) the turn waits for that demotion's copy out
  * of the pool; with it the previous step already started the copy in the background. For
- * each setting: the turn times (median, p90, max, in ms) and the engine's counters.
+ * each setting: the turn times (median, p90, max, in ms) and the engine's counters over
+ * the turns: demotions waited for, demotions only enqueued, waits for a copy in flight.
  * The sessions are imported from one computed session (same tokens, own blocks), so the
  * set-up costs one prefill.
  *   usage: bench_reserve [-m MODEL] [-t THREADS] [-n SESSIONS] [-p POOL_SESSIONS] [-r ROUNDS]
@@ -35,7 +36,8 @@ static int cmp_double(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
-/* One setting: the turn times into t[n * rounds]; the engine's counters into st. */
+/* One setting: the turn times into t[n * rounds]; the engine's counters over the turns
+ * (the imports that fill the pool first are not counted) into st. */
 static void run(mn_model *m, int32_t reserve, int n, int pool_sessions, int rounds, int32_t L, const uint8_t *img,
                 size_t img_len, double *t, mn_engine_stats *st) {
     mn_errbuf eb;
@@ -51,6 +53,8 @@ static void run(mn_model *m, int32_t reserve, int n, int pool_sessions, int roun
     g.sampling = mn_sampling_defaults();
     g.sampling.temperature = 0;
     g.max_tokens = 1;
+    mn_engine_stats st0;
+    mn_engine_stats_get(e, &st0);
     for (int r = 0; r < rounds; r++)
         for (int i = 0; i < n; i++) {
             int32_t toks[4];
@@ -61,6 +65,9 @@ static void run(mn_model *m, int32_t reserve, int n, int pool_sessions, int roun
             t[r * n + i] = now_s() - t0;
         }
     mn_engine_stats_get(e, st);
+    st->demotions_waited -= st0.demotions_waited;
+    st->demotions_background -= st0.demotions_background;
+    st->drain_waits -= st0.drain_waits;
     for (int i = 0; i < n; i++) mn_session_delete(e, ss[i]);
     free(ss);
     mn_engine_free(e);

@@ -92,8 +92,8 @@ typedef struct mn_engine_stats {
     int64_t adapter_page_ins;
     int32_t blocks_reserve;        /* the watermark the steps keep reclaimable (0: off) */
     int32_t blocks_draining;       /* held until their background copy out of the pool is done */
-    int64_t demotions_waited;      /* T0 -> T1 demotions whose copy the engine thread waited for
-                                    * (pool short with nothing reclaimable, or mn_session_demote) */
+    int64_t demotions_waited;      /* demotions out of the pool whose copy the engine thread waited
+                                    * for (pool short with nothing reclaimable, mn_session_demote) */
     int64_t demotions_background;  /* T0 -> T1 demotions only enqueued (idle timer, reserve refill) */
     int64_t reserve_demotions;     /* of those, made to refill the reserve */
     int64_t drain_waits;           /* times blocks were needed and a copy out still in flight was
