@@ -192,6 +192,13 @@ mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn
         }
     }
     e->sample_backend = !p || p->sample_on != MN_SAMPLE_ON_HOST;
+    /* the reserve: 1/8 of the pool, but at least room for one full step (its new blocks
+     * plus a copy-on-write); never more than half the pool */
+    int32_t step_blocks = (mb + e->bs - 1) / e->bs + 1;
+    int32_t reserve = n_blocks / 8 > step_blocks ? n_blocks / 8 : step_blocks;
+    if (p && p->kv_reserve) reserve = p->kv_reserve < 0 ? 0 : p->kv_reserve;
+    e->reserve = reserve < n_blocks / 2 ? reserve : n_blocks / 2;
+    e->short_step = -(int64_t)MN_KV_RESERVE_WINDOW - 1; /* never short yet: the reserve waits for pressure */
     mn_err err = mn_kv_pool_new(m->backend, c->n_layer, c->n_kv_head, c->head_dim, e->bs, n_blocks, &e->kv, eb);
     if (err == MN_OK) err = mn_forward_new(m, e->kv, &e->f, eb);
     if (err == MN_OK) {
@@ -210,9 +217,9 @@ mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn
         e->b_slp = mn_malloc((size_t)mb * 4);
         e->b_stop = mn_malloc((size_t)mb * MN_SAMPLE_MAX_TOP * 4);
         e->b_stoplp = mn_malloc((size_t)mb * MN_SAMPLE_MAX_TOP * 4);
-        if (!e->b_sparams || !e->b_stok || !e->b_lrows || !e->b_slp || !e->b_stop || !e->b_stoplp)
-            err = mn_errf(eb, MN_ENOMEM, "engine: out of memory");
-        else if (!e->b_adapter || !e->b_tok || !e->b_seq || !e->b_pos || !e->b_rows || !e->b_sess || !e->b_seqs || !e->b_logits || !e->sample_scratch)
+        e->held = mn_malloc((size_t)n_blocks * sizeof(int32_t));
+        if (!e->b_sparams || !e->b_stok || !e->b_lrows || !e->b_slp || !e->b_stop || !e->b_stoplp ||
+            !e->held || !e->b_adapter || !e->b_tok || !e->b_seq || !e->b_pos || !e->b_rows || !e->b_sess || !e->b_seqs || !e->b_logits || !e->sample_scratch)
             err = mn_errf(eb, MN_ENOMEM, "engine: out of memory");
     }
     if (err != MN_OK) {
@@ -256,6 +263,7 @@ void mn_engine_free(mn_engine *e) {
     mn_free(e->b_adapter);
     mn_free(e->b_sparams); mn_free(e->b_stok); mn_free(e->b_lrows);
     mn_free(e->b_slp); mn_free(e->b_stop); mn_free(e->b_stoplp);
+    mn_free(e->held);
     mn_free(e->persist_dir);
     mn_free(e);
 }
@@ -289,6 +297,13 @@ void mn_engine_stats_get(const mn_engine *e, mn_engine_stats *st) {
         st->adapter_resident_bytes = (int64_t)ls.resident_bytes;
         st->adapter_page_ins = (int64_t)ls.page_ins;
     }
+    st->blocks_reserve = e->reserve;
+    st->blocks_draining = 0;
+    for (int32_t i = 0; i < e->n_draining; i++) st->blocks_draining += e->draining[i].n;
+    st->demotions_waited = e->demoted_waited;
+    st->demotions_background = e->demoted_background;
+    st->reserve_demotions = e->reserve_demoted;
+    st->drain_waits = e->drain_waits;
 }
 
 /* ---- sessions ------------------------------------------------------------------------------ */
@@ -333,6 +348,7 @@ mn_err mn__session_new(mn_engine *e, mn_session **out, mn_errbuf *eb) {
     }
     for (int i = 0; i < 16; i++) snprintf(s->id + 2 * i, 3, "%02x", rnd[i]);
     s->last_use = now_s();
+    s->last_step = e->n_steps;
     e->sessions[e->n_sessions++] = s;
     *out = s;
     return MN_OK;
@@ -638,6 +654,7 @@ static mn_err step_compute(mn_engine *e, int32_t *ns_out, bool *did_work, mn_err
         /* a backend-sampled session's logits stayed on the backend */
         s->logits_valid = s->n_computed == s->n_tokens && !(s->gen && s->gen->has_token);
         s->last_use = t;
+        s->last_step = e->n_steps;
         if ((err = register_blocks(e, s, eb)) != MN_OK) return err;
     }
     return MN_OK;
@@ -676,6 +693,7 @@ static void step_notify(mn_engine *e) {
 mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb) {
     *did_work = false;
     mn_err err = MN_OK;
+    e->n_steps++;
     mn__tier_collect(e);
     if (e->n_sessions > e->cap_notify) { /* room to collect every session's callbacks */
         mn_session **nb = mn_realloc(e->b_notify, (size_t)e->cap_sessions * sizeof *nb);
@@ -735,6 +753,7 @@ mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb) {
     /* nothing to run but a lift on the way: wait for it a little rather than spin */
     if (err == MN_OK && !*did_work && lifting) mn__tier_wait_any(e, 0.002);
     mn__tier_restore_finish(e);
+    mn__tier_refill(e); /* before the callbacks: they may submit, and a session with work is not idle */
     step_notify(e);
     return err;
 }

@@ -67,6 +67,7 @@ struct mn_session {
     bool file_kept;        /* the file is the caller's (mn_session_adopt_file): never deleted here */
     int64_t host_bytes;    /* bytes it holds in T1 or T2 */
     struct mn__tier_job *job;  /* background work in flight: a demotion of its T1 image, or a lift */
+    int64_t last_step;     /* the engine step that last computed for it or brought it to T0 */
 };
 
 struct mn_engine {
@@ -110,6 +111,13 @@ struct mn_engine {
      * back to the pool once it is done */
     struct { int32_t *blocks; int32_t n; mn_event done; } *draining;
     int32_t n_draining, cap_draining;
+    /* the KV reserve (tier.c: mn__tier_refill): a watermark of reclaimable blocks kept by
+     * background demotion while the pool has run short lately */
+    int32_t reserve;                        /* blocks; 0: off */
+    int32_t *held;                          /* [n_blocks] scratch: resident sessions' references */
+    int64_t n_steps;                        /* engine steps begun */
+    int64_t short_step;                     /* the last step at which make_room found too few free blocks */
+    int64_t demoted_waited, demoted_background, reserve_demoted, drain_waits;
 };
 
 
@@ -156,6 +164,8 @@ mn_err mn__tier_restore_pipelined(mn_engine *e, mn_session *s, mn_errbuf *eb);
 /* end of the step: wait for the restores' copies (done already if the forward ran) and
  * free the images they read */
 void mn__tier_restore_finish(mn_engine *e);
+/* end of a step: refill the KV reserve by background demotions (see mn_engine_step) */
+void mn__tier_refill(mn_engine *e);
 /* give finished background demotions' blocks back to the pool; wait: also the others */
 void mn__tier_drain(mn_engine *e, bool wait);
 /* wait up to `seconds` for any background job to finish, then install what finished */

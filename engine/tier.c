@@ -7,8 +7,11 @@
  *   T3  the same stream as a file in the persist directory (atomic write)
  * Demotion takes the least recently used idle sessions (no pending tokens, not
  * generating) when the pool needs blocks, and cascades down when a host tier passes its
- * budget. Promotion happens on access (append, generate, fork, rewind, save) and brings
- * the exact KV bits back, so a promoted session continues bit-identically.
+ * budget. Once the pool has run short, each step ends by keeping a reserve of blocks
+ * reclaimable (mn__tier_refill): idle sessions go to T1 in the background, their copies
+ * only enqueued, so a later step finds blocks instead of waiting for a copy out.
+ * Promotion happens on access (append, generate, fork, rewind, save) and brings the exact
+ * KV bits back, so a promoted session continues bit-identically.
  * Tokens submitted to a session in T2 or T3 start its promotion at once: the worker
  * reads and decompresses it into a T1 image (a lift) while the engine keeps stepping the
  * other sessions; the step that finds the lift done copies the image into the pool. */
@@ -475,8 +478,10 @@ static mn_err demote(mn_engine *e, mn_session *s, int to, bool background, mn_er
     if (from == 0 && background) {
         drain_push(e, &s->seq, copied);
         s->host_ready = copied;
+        e->demoted_background++;
     } else if (from == 0) {
         mn_kv_seq_release(e->kv, &s->seq);
+        e->demoted_waited++;
     } else {
         char *keep_file = s->file;
         s->file = NULL; /* rewriting T3 over itself is not possible (to > from) */
@@ -525,10 +530,23 @@ mn_err mn_session_demote(mn_engine *e, mn_session *s, int tier, mn_errbuf *eb) {
     return err;
 }
 
+/* Find `blocks` free blocks, cheapest first: copies out that are done; blocks only the
+ * prefix cache holds (no session uses them: dropping them costs no copy); copies out still
+ * in flight (the reserve started them a step or more ago: usually done by now); and only
+ * then a demotion whose copy this thread waits for, least recently used idle session
+ * first. */
 mn_err mn__tier_make_room(mn_engine *e, int32_t blocks, const mn_session *keep, mn_errbuf *eb) {
     bool evicted_prefix = false;
-    if (e->kv->n_free < blocks) mn__tier_drain(e, false);
-    if (e->kv->n_free < blocks && e->n_draining) mn__tier_drain(e, true); /* copies in flight: wait for them first */
+    if (e->kv->n_free < blocks) {
+        e->short_step = e->n_steps; /* pressure: the reserve is kept for a while from now */
+        mn__tier_drain(e, false);
+    }
+    if (e->kv->n_free < blocks) mn__prefix_evict_unused(e);
+    if (e->kv->n_free < blocks && e->n_draining) { /* copies in flight: wait for them */
+        e->drain_waits++;
+        mn__tier_drain(e, true);
+        if (e->kv->n_free < blocks) mn__prefix_evict_unused(e); /* drained blocks the cache alone holds now */
+    }
     while (e->kv->n_free < blocks) {
         mn_session *lru = NULL;
         for (int32_t i = 0; i < e->n_sessions; i++) {
@@ -551,6 +569,44 @@ mn_err mn__tier_make_room(mn_engine *e, int32_t blocks, const mn_session *keep, 
     return MN_OK;
 }
 
+/* The KV reserve. Blocks no resident session references are reclaimable without a new
+ * copy: free, held only by the prefix cache (make_room drops those entries), or draining
+ * (their copy out is enqueued already). While the pool has run short lately and fewer than
+ * e->reserve are reclaimable, demote idle sessions to T1 in the background, least recently
+ * used first: only the copies are enqueued, make_room finds the blocks a step later. A
+ * session that would free nothing (every block shared with another resident one) is left
+ * alone. Best effort: an error only ends the refill. */
+void mn__tier_refill(mn_engine *e) {
+    int32_t want = e->reserve;
+    if (want <= 0 || e->kv->n_free >= want || e->n_steps - e->short_step > MN_KV_RESERVE_WINDOW) return;
+    int32_t nb = e->kv->n_blocks, avail = 0;
+    memset(e->held, 0, (size_t)nb * sizeof(int32_t));
+    for (int32_t i = 0; i < e->n_sessions; i++) {
+        const mn_session *s = e->sessions[i];
+        if (s->tier == 0)
+            for (int32_t b = 0; b < s->seq.n_blocks; b++) e->held[s->seq.blocks[b]]++;
+    }
+    for (int32_t b = 0; b < nb; b++) avail += e->held[b] == 0;
+    bool demoted = false;
+    while (avail < want) {
+        mn_session *lru = NULL;
+        for (int32_t i = 0; i < e->n_sessions; i++) {
+            mn_session *s = e->sessions[i];
+            if (s->tier != 0 || s->gen || s->job || s->n_computed != s->n_tokens || s->last_step + 1 >= e->n_steps) continue;
+            bool frees = false;
+            for (int32_t b = 0; b < s->seq.n_blocks && !frees; b++) frees = e->held[s->seq.blocks[b]] == 1;
+            if (frees && (!lru || s->last_use < lru->last_use)) lru = s;
+        }
+        if (!lru) break;
+        for (int32_t b = 0; b < lru->seq.n_blocks; b++) avail += --e->held[lru->seq.blocks[b]] == 0;
+        mn_errbuf ignore;
+        if (demote(e, lru, 1, true, &ignore) != MN_OK) break; /* e->held is stale now: stop */
+        e->reserve_demoted++;
+        demoted = true;
+    }
+    if (demoted) rebalance(e, NULL);
+}
+
 mn_err mn__tier_ensure_resident(mn_engine *e, mn_session *s, mn_errbuf *eb) {
     lift_settle(e, s); /* a failed lift leaves s where it was: read again below, for the error */
     if (s->tier == 0) return MN_OK;
@@ -565,6 +621,7 @@ mn_err mn__tier_ensure_resident(mn_engine *e, mn_session *s, mn_errbuf *eb) {
     e->swapped_in[s->tier] += s->tier == 3 ? (int64_t)n_blocks * e->bs * mn_kv_bytes_per_token(e->kv) : s->host_bytes;
     mn__tier_drop(e, s);
     s->tier = 0;
+    s->last_step = e->n_steps; /* just brought up for use: not idle for the reserve */
     return MN_OK;
 }
 
@@ -597,6 +654,7 @@ mn_err mn__tier_restore_pipelined(mn_engine *e, mn_session *s, mn_errbuf *eb) {
     e->swapped_in[1] += s->host_bytes;
     mn__tier_drop(e, s);
     s->tier = 0;
+    s->last_step = e->n_steps;
     return MN_OK;
 }
 

@@ -173,6 +173,18 @@ static void respond_metrics(mn_serve *srv, mn_http_res *res) {
     metric_head(&b, "mneme_kv_blocks", "gauge", "KV blocks of the pool.");
     sb_printf(&b, "mneme_kv_blocks{state=\"total\"} %d\nmneme_kv_blocks{state=\"free\"} %d\n", es->blocks_total,
               es->blocks_free);
+    metric_head(&b, "mneme_kv_reserve_blocks", "gauge",
+                "KV blocks kept reclaimable by background demotion (0: off), and blocks held until a copy out is done.");
+    sb_printf(&b, "mneme_kv_reserve_blocks{state=\"target\"} %d\nmneme_kv_reserve_blocks{state=\"draining\"} %d\n",
+              es->blocks_reserve, es->blocks_draining);
+    metric_head(&b, "mneme_kv_demotions_total", "counter",
+                "Sessions moved out of the KV pool to T1: the engine thread waited for the copy, or only enqueued it.");
+    sb_printf(&b, "mneme_kv_demotions_total{mode=\"waited\"} %lld\nmneme_kv_demotions_total{mode=\"background\"} %lld\n",
+              (long long)es->demotions_waited, (long long)es->demotions_background);
+    metric_i(&b, "mneme_kv_reserve_demotions_total", "counter", "Background demotions made to refill the KV reserve.",
+             es->reserve_demotions);
+    metric_i(&b, "mneme_kv_drain_waits_total", "counter",
+             "Times blocks were needed and a copy out already in flight was waited for.", es->drain_waits);
     metric_i(&b, "mneme_kv_block_tokens", "gauge", "Tokens per KV block.", es->block_size);
     metric_i(&b, "mneme_kv_bytes_per_token", "gauge", "KV bytes per token (all layers, K and V).", es->bytes_per_token);
     metric_i(&b, "mneme_prefix_hit_tokens_total", "counter", "Tokens attached from the prefix cache.",
@@ -396,6 +408,9 @@ static void serve_usage(void) {
             "  --mem-budget BYTES       device memory for the KV pool and adapter copies together (instead of\n"
             "                           --kv-blocks); --adapter-share F of it (default 0.1) holds adapters\n"
             "  --t1-budget BYTES --t2-budget BYTES   host tier budgets (0: unlimited)\n"
+            "  --kv-reserve N           KV blocks kept reclaimable by demoting idle sessions in the background\n"
+            "                           once the pool runs short (default: 1/8 of the pool, at least one full\n"
+            "                           step; at most half; 0: off)\n"
             "  --max-body BYTES         request body limit (default 8 MiB)\n"
             "  --max-connections N      (default 4096)\n"
             "  --max-streams N          generations in progress at once; beyond: 429 (default 256, 0: no limit)\n"
@@ -417,7 +432,7 @@ static bool is_serve_value_flag(const char *a) {
                                         "--kv-blocks", "--t1-budget", "--t2-budget", "--max-body", "--max-connections",
                                         "--drain-timeout", "--idle-demote", "--max-streams", "--max-pending-write",
                                         "--lora", "--max-sessions-per-key", "--admin-key-file", "--lora-dir",
-                                        "--mem-budget", "--adapter-share", "--sample-on"};
+                                        "--mem-budget", "--adapter-share", "--sample-on", "--kv-reserve"};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         if (!strcmp(a, flags[i])) return true;
     return false;
@@ -514,7 +529,7 @@ int cmd_serve(int argc, char **argv) {
     const char *host = "127.0.0.1", *key_file = NULL, *persist = NULL, *admin_file = NULL, *lora_dir = NULL;
     long max_streams = 256, max_pending = 0, max_sessions = 256;
     long port = 8080, max_batch = 0, kv_blocks = 0, max_conn = 0, t1 = 0, t2 = 0, max_body = 0;
-    long mem_budget = 0;
+    long mem_budget = 0, kv_reserve = -1; /* -1: the engine's default */
     double drain = 10, idle = 60, adapter_share = -1;
     mn_sample_on sample_on = MN_SAMPLE_ON_AUTO;
     const char *loras[64];
@@ -547,6 +562,7 @@ int cmd_serve(int argc, char **argv) {
         else if (!strcmp(a, "--kv-blocks")) { if (cli_int(a, v, 1, 1 << 24, &kv_blocks)) return 2; }
         else if (!strcmp(a, "--mem-budget")) { if (cli_int(a, v, 1, 0x7fffffffffffffffL, &mem_budget)) return 2; }
         else if (!strcmp(a, "--adapter-share")) { if (cli_float(a, v, 0, 0.9, &adapter_share)) return 2; }
+        else if (!strcmp(a, "--kv-reserve")) { if (cli_int(a, v, 0, 1 << 24, &kv_reserve)) return 2; }
         else if (!strcmp(a, "--t1-budget")) { if (cli_int(a, v, 0, 0x7fffffffffffffffL, &t1)) return 2; }
         else if (!strcmp(a, "--t2-budget")) { if (cli_int(a, v, 0, 0x7fffffffffffffffL, &t2)) return 2; }
         else if (!strcmp(a, "--max-body")) { if (cli_int(a, v, 1024, 1L << 32, &max_body)) return 2; }
@@ -634,7 +650,8 @@ int cmd_serve(int argc, char **argv) {
         return 1;
     }
     mn_engine_params ep = {.block_size = SERVE_BLOCK_TOKENS, .max_batch_tokens = (int32_t)max_batch, .n_blocks = (int32_t)kv_blocks, .t1_budget = t1,
-                           .t2_budget = t2, .persist_dir = persist, .adapters = srv->adapters, .sample_on = sample_on};
+                           .t2_budget = t2, .persist_dir = persist, .adapters = srv->adapters, .sample_on = sample_on,
+                           .kv_reserve = kv_reserve < 0 ? 0 : kv_reserve == 0 ? MN_KV_RESERVE_OFF : (int32_t)kv_reserve};
     mn_engine *e = NULL;
     if (mn_engine_new(m, &ep, &e, &eb) != MN_OK) {
         fprintf(stderr, "mneme serve: %s\n", eb.msg);

@@ -380,3 +380,38 @@ def test_damaged_saved_session_is_refused_and_kept(mneme_bin, model_path, tmp_pa
     # not swept: the file and its map entry wait for a fix (or a human)
     assert f.exists()
     assert sid in (tmp_path / "serve-sessions.json").read_text()
+
+
+def metric(srv, name):
+    _, body, _ = srv.request("GET", "/metrics")
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+@pytest.mark.parametrize("reserve", ["8", "0"])
+def test_kv_reserve_refills_in_background(mneme_bin, model_path, reserve):
+    """A 24-block pool, 8 sessions taking turns: with --kv-reserve 8 the turns after the
+    pool first runs short find blocks that background demotions freed; with 0 (off) every
+    demotion is one the engine thread waited for."""
+    srv = Server(mneme_bin, model_path, "--kv-blocks", "24", "--kv-reserve", reserve, "--idle-demote", "0")
+    try:
+        sids = [srv.json("POST", S, {"system": f"You are agent number {i}. Answer in one short sentence."})["id"]
+                for i in range(8)]
+        for rnd in range(2):
+            for i, sid in enumerate(sids):
+                srv.json("POST", f"{S}/{sid}/messages", {"role": "user", "content": f"Round {rnd}: hello {i}?"})
+                generate(srv, sid, max_tokens=2)
+        assert metric(srv, 'mneme_kv_reserve_blocks{state="target"}') == int(reserve)
+        waited = metric(srv, 'mneme_kv_demotions_total{mode="waited"}')
+
+        background = metric(srv, 'mneme_kv_demotions_total{mode="background"}')
+        print(f"--kv-reserve {reserve}: waited {waited:.0f}, background {background:.0f}")
+        if reserve == "0":
+            assert background == 0 and waited > 8
+        else:
+            assert metric(srv, "mneme_kv_reserve_demotions_total") > 0
+            assert waited * 4 < background, (waited, background)
+    finally:
+        srv.close()
