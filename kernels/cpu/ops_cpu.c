@@ -275,6 +275,7 @@ static void attn_unit(mn__simd simd, const mn_attention_desc *d, int64_t t0, int
  * Every thread, and mn_cpu_attention_work_bytes, computes the same plan. */
 typedef struct attn_plan {
     int64_t n_tiles;
+    int32_t tile;       /* tokens per tile: min(MN__ATTN_TILE, MN__ATTN_UNIT_ROWS / heads per unit) */
     int32_t per, run;   /* runs of heads per KV group, heads per run */
     int32_t nseg_max;   /* segments of the longest token */
     int split;
@@ -293,8 +294,12 @@ static size_t attn_split_bytes(const mn_attention_desc *d, int32_t nseg_max) {
 static attn_plan attn_plan_for(const mn_attention_desc *d, int nth) {
     attn_plan pl = {0};
     int32_t group = d->n_head / d->n_kv_head, max_pos = 0;
+    /* the tile from the widest runs of heads (below, few units may narrow them to one head:
+     * the tile stays, those units just hold fewer rows) */
+    int32_t per0 = (group + MN__ATTN_MAX_HEADS - 1) / MN__ATTN_MAX_HEADS, run0 = (group + per0 - 1) / per0;
+    pl.tile = MN__ATTN_UNIT_ROWS / run0 < MN__ATTN_TILE ? MN__ATTN_UNIT_ROWS / run0 : MN__ATTN_TILE;
     for (int64_t t = 0, len = 0; t < d->T; t++, len++) {
-        if (t == 0 || len == MN__ATTN_TILE || d->seq[t] != d->seq[t - 1]) {
+        if (t == 0 || len == pl.tile || d->seq[t] != d->seq[t - 1]) {
             pl.n_tiles++;
             len = 0;
         }
@@ -331,7 +336,7 @@ void mn_cpu_attention(const mn_attention_desc *d, void *work, const mn_par *par)
         int64_t u = 0;
         for (int64_t t0 = 0; t0 < d->T;) {
             int32_t nt = 1;
-            while (nt < MN__ATTN_TILE && t0 + nt < d->T && d->seq[t0 + nt] == d->seq[t0]) nt++;
+            while (nt < pl.tile && t0 + nt < d->T && d->seq[t0 + nt] == d->seq[t0]) nt++;
             for (int64_t r = 0; r < units_per_tile; r++, u++) {
                 if (u % par->nth != par->ith) continue;
                 int32_t g = (int32_t)(r / per), k = (int32_t)(r % per);
@@ -351,7 +356,7 @@ void mn_cpu_attention(const mn_attention_desc *d, void *work, const mn_par *par)
     int64_t u = 0;
     for (int64_t t0 = 0; t0 < d->T;) {
         int32_t nt = 1, max_pos = d->pos[t0] + 1;
-        while (nt < MN__ATTN_TILE && t0 + nt < d->T && d->seq[t0 + nt] == d->seq[t0]) {
+        while (nt < pl.tile && t0 + nt < d->T && d->seq[t0 + nt] == d->seq[t0]) {
             max_pos = d->pos[t0 + nt] + 1 > max_pos ? d->pos[t0 + nt] + 1 : max_pos;
             nt++;
         }

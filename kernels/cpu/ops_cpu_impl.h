@@ -21,8 +21,13 @@
  * whatever the batch, so every head sees the same float sequence. */
 #define MN__ATTN_CHUNK 32
 #define MN__ATTN_MAX_HD 256
-/* Tokens of one sequence whose attention shares each converted K/V chunk (SIMD paths). */
-#define MN__ATTN_TILE 8
+/* Tokens of one sequence whose attention shares each converted K/V chunk (SIMD paths),
+ * at most; a unit (tokens x heads of one KV group) holds at most MN__ATTN_UNIT_ROWS rows,
+ * so a unit of nh heads takes min(MN__ATTN_TILE, MN__ATTN_UNIT_ROWS / nh) tokens: with 3
+ * heads per group 16 tokens fill three 16-lane groups of avx512's rows layout, where 8
+ * tokens left the second group half empty. */
+#define MN__ATTN_TILE 16
+#define MN__ATTN_UNIT_ROWS 64
 
 /* y[0:D] = x / sqrt(mean(x^2) + eps) * w; y may equal x. */
 void mn__rmsnorm_row_avx2(const float *x, const float *w, float *y, int64_t D, float eps);
