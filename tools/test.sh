@@ -65,4 +65,16 @@ build-fuzz/fuzz_safetensors -max_total_time="${MNEME_FUZZ_SECONDS:-20}" -rss_lim
 grep -E "stat::number_of_executed_units|ERROR|SUMMARY" "$corpus/log" || true
 if [ $rc -ne 0 ]; then tail -40 "$corpus/log"; echo "fuzz_safetensors failed (exit $rc)"; exit 1; fi
 rm -rf "$corpus"
+echo "== fuzz smoke: tokenize / detokenize on the default model's tokenizer for ${MNEME_FUZZ_SECONDS:-20} s"
+ninja -C build-fuzz fuzz_tokenizer >/dev/null
+corpus=$(mktemp -d)
+printf '\000Hello, world! Caf\303\251 \346\227\245\346\234\254 \360\237\216\211\n\tcode(){}' >"$corpus/text"
+printf '\001<|im_start|>assistant\nI think.<|im_end|>' >"$corpus/special"
+printf '\002\377\300\355\240\200 \342\202' >"$corpus/bytes"
+rc=0
+build-fuzz/fuzz_tokenizer -max_total_time="${MNEME_FUZZ_SECONDS:-20}" -rss_limit_mb=2048 -print_final_stats=1 \
+  "$corpus" >"$corpus/log" 2>&1 || rc=$?
+grep -E "stat::number_of_executed_units|ERROR|SUMMARY|fuzz_tokenizer:" "$corpus/log" || true
+if [ $rc -ne 0 ]; then tail -40 "$corpus/log"; echo "fuzz_tokenizer failed (exit $rc)"; exit 1; fi
+rm -rf "$corpus"
 echo "all test stages passed"
