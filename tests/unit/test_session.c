@@ -27,14 +27,8 @@ static mn_model *model;
 static const char *model_path(void) { return mn_test_model_path(); }
 
 static int setup(void **state) {
-    mn_errbuf eb;
-    mn_backend_params bp = {.device = "cpu", .n_threads = 2};
-    if (mn_backend_cpu_new(&bp, &be, &eb) != MN_OK) return -1;
-    if (mn_model_load(model_path(), be, NULL, &model, &eb) != MN_OK) {
-        fprintf(stderr, "cannot load %s: %s (run tools/setup.sh)\n", model_path(), eb.msg);
-        return -1;
-    }
-    return 0;
+    (void)state;
+    return mn_test_load_default_model(2, &be, &model);
 }
 
 static int teardown(void **state) {

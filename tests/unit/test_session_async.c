@@ -23,15 +23,7 @@ static mn_model *model;
 
 static int setup(void **state) {
     (void)state;
-    const char *path = mn_test_model_path();
-    mn_errbuf eb;
-    mn_backend_params bp = {.device = "cpu", .n_threads = 2};
-    if (mn_backend_cpu_new(&bp, &be, &eb) != MN_OK) return -1;
-    if (mn_model_load(path, be, NULL, &model, &eb) != MN_OK) {
-        fprintf(stderr, "cannot load %s: %s (run tools/setup.sh)\n", path, eb.msg);
-        return -1;
-    }
-    return 0;
+    return mn_test_load_default_model(2, &be, &model);
 }
 
 static int teardown(void **state) {

@@ -36,13 +36,7 @@ static void gen_adapter(const char *name, int seed, int r) {
 static int setup(void **state) {
     (void)state;
     snprintf(model_path, sizeof model_path, "%s", mn_test_model_path());
-    mn_errbuf eb;
-    mn_backend_params bp = {.device = "cpu", .n_threads = 2};
-    if (mn_backend_cpu_new(&bp, &be, &eb) != MN_OK) return -1;
-    if (mn_model_load(model_path, be, NULL, &model, &eb) != MN_OK) {
-        fprintf(stderr, "cannot load %s: %s (run tools/setup.sh)\n", model_path, eb.msg);
-        return -1;
-    }
+    if (mn_test_load_default_model(2, &be, &model) != 0) return -1;
     snprintf(dir, sizeof dir, "/tmp/mneme-test-lora-XXXXXX");
     if (!mkdtemp(dir)) return -1;
     return 0;
