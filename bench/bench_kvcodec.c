@@ -154,7 +154,6 @@ static float urand(void) {
 
 int main(int argc, char **argv) {
     const char *model = getenv("MNEME_MODEL");
-    char defpath[1024];
     int n_want = 400, threads = 2;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "-m") && i + 1 < argc) model = argv[++i];
@@ -162,12 +161,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "-t") && i + 1 < argc) threads = atoi(argv[++i]);
         else die("usage", "bench_kvcodec [-m MODEL] [-n TOKENS] [-t THREADS]");
     }
-    if (!model) {
-        const char *d = getenv("MNEME_MODELS");
-        if (d) snprintf(defpath, sizeof defpath, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", d);
-        else snprintf(defpath, sizeof defpath, "%s/.cache/mneme/SmolLM2-135M-Instruct.Q4_1.gguf", getenv("HOME"));
-        model = defpath;
-    }
+    if (!model) model = mn_model_default_path();
     mn_errbuf eb = {{0}};
     mn_backend *be;
     mn_backend_params bp = {.device = "cpu", .n_threads = threads};

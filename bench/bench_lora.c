@@ -171,11 +171,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "-r")) rounds = atoi(argv[++i]);
         else if (!strcmp(argv[i], "-p")) profile = atoi(argv[++i]);
     }
-    static char def[4096], cmd[8192], cfgp[4200];
-    if (!model_path) {
-        snprintf(def, sizeof def, "%s/.cache/mneme/SmolLM2-135M-Instruct.Q4_1.gguf", getenv("HOME"));
-        model_path = getenv("MNEME_MODEL") ? getenv("MNEME_MODEL") : def;
-    }
+    static char cmd[8192], cfgp[4200];
+    if (!model_path) model_path = mn_model_default_path();
     snprintf(cfgp, sizeof cfgp, "%s/adapter_config.json", dir);
     struct stat sb;
     if (stat(cfgp, &sb) != 0) {

@@ -90,11 +90,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "bench_reserve: need -n >= 2, -p >= 1, -r >= 1, L >= 16\n");
         return 2;
     }
-    static char def[4096];
-    if (!model_path) {
-        snprintf(def, sizeof def, "%s/.cache/mneme/SmolLM2-135M-Instruct.Q4_1.gguf", getenv("HOME"));
-        model_path = getenv("MNEME_MODEL") ? getenv("MNEME_MODEL") : def;
-    }
+    if (!model_path) model_path = mn_model_default_path();
     mn_errbuf eb;
     mn_backend *be;
     mn_model *m;

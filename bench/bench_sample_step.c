@@ -170,11 +170,7 @@ int main(int argc, char **argv) {
         else { fprintf(stderr, "usage: %s [-m MODEL] [-d cpu|cuda] [-t THREADS] [-n SESSIONS] [-g TOKENS] [-r ROUNDS]\n", argv[0]); return 2; }
     }
     if (N < 1 || G < 2 || R < 1) { fprintf(stderr, "bench_sample_step: need -n >= 1, -g >= 2, -r >= 1\n"); return 2; }
-    char path[4096];
-    if (!model_path) {
-        snprintf(path, sizeof path, "%s/.cache/mneme/SmolLM2-135M-Instruct.Q4_1.gguf", getenv("HOME") ? getenv("HOME") : ".");
-        model_path = path;
-    }
+    if (!model_path) model_path = mn_model_default_path();
     mn_errbuf eb;
     mn_backend *be;
     mn_backend_params bp = {.device = device, .n_threads = threads};

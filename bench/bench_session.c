@@ -223,11 +223,7 @@ int main(int argc, char **argv) {
         else if (n_lens < 16) lens[n_lens++] = atoi(argv[i]);
     }
     if (!n_lens) { lens[0] = 512; lens[1] = 2048; n_lens = 2; }
-    static char def[4096];
-    if (!model_path) {
-        snprintf(def, sizeof def, "%s/.cache/mneme/SmolLM2-135M-Instruct.Q4_1.gguf", getenv("HOME"));
-        model_path = getenv("MNEME_MODEL") ? getenv("MNEME_MODEL") : def;
-    }
+    if (!model_path) model_path = mn_model_default_path();
     mn_errbuf eb;
     mn_backend *be;
     mn_model *m;

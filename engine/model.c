@@ -4,6 +4,7 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "engine/alloc.h"
@@ -216,6 +217,17 @@ static mn_err load(mn_model *m, const char *path, const mn_model_params *p, mn_e
     if (e == MN_OK) e = mn_backend_synchronize(m->backend, eb);
     mn_free(stage);
     return e;
+}
+
+const char *mn_model_default_path(void) {
+    static char path[4096];
+    const char *m = getenv("MNEME_MODEL");
+    if (m && *m) return m;
+    const char *dir = getenv("MNEME_MODELS");
+    const char *home = getenv("HOME");
+    if (dir && *dir) snprintf(path, sizeof path, "%s/%s", dir, MN_DEFAULT_MODEL_FILE);
+    else snprintf(path, sizeof path, "%s/.cache/mneme/%s", home ? home : ".", MN_DEFAULT_MODEL_FILE);
+    return path;
 }
 
 mn_err mn_model_load(const char *path, mn_backend *be, const mn_model_params *p, mn_model **out, mn_errbuf *eb) {

@@ -68,6 +68,12 @@ typedef struct mn_model_params {
     int32_t n_ctx;               /* 0: the file's context length */
 } mn_model_params;
 
+/** The default model's file name, and where mneme looks for it: $MNEME_MODEL, else
+ *  $MNEME_MODELS/<file>, else ~/.cache/mneme/<file> (where tools/setup.sh puts it). The
+ *  returned string is static storage (one per process; not for concurrent first calls). */
+#define MN_DEFAULT_MODEL_FILE "SmolLM2-135M-Instruct.Q4_1.gguf"
+const char *mn_model_default_path(void);
+
 /** Load the model at path onto be. */
 mn_err mn_model_load(const char *path, mn_backend *be, const mn_model_params *p, mn_model **out, mn_errbuf *eb);
 void mn_model_free(mn_model *m);

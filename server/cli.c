@@ -7,23 +7,13 @@
 #include <string.h>
 #include <time.h>
 
-#define DEFAULT_MODEL_FILE "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 double cli_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-const char *cli_default_model(void) {
-    static char path[4096];
-    const char *m = getenv("MNEME_MODEL");
-    if (m && *m) return m;
-    const char *dir = getenv("MNEME_MODELS");
-    if (dir && *dir) snprintf(path, sizeof path, "%s/%s", dir, DEFAULT_MODEL_FILE);
-    else snprintf(path, sizeof path, "%s/.cache/mneme/%s", getenv("HOME") ? getenv("HOME") : ".", DEFAULT_MODEL_FILE);
-    return path;
-}
+const char *cli_default_model(void) { return mn_model_default_path(); }
 
 int cli_value(int argc, char **argv, int *i, const char **val) {
     if (*i + 1 >= argc) {

@@ -22,6 +22,7 @@
 
 #include "engine/alloc.h"
 #include "engine/gguf.h"
+#include "engine/model.h"
 #include "engine/tokenizer.h"
 
 static mn_tokenizer *tok;
@@ -38,9 +39,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     (void)argc;
     (void)argv;
     char path[4096];
-    const char *env = getenv("MNEME_FUZZ_MODEL"), *home = getenv("HOME");
-    if (env) snprintf(path, sizeof path, "%s", env);
-    else snprintf(path, sizeof path, "%s/.cache/mneme/SmolLM2-135M-Instruct.Q4_1.gguf", home ? home : ".");
+    const char *env = getenv("MNEME_FUZZ_MODEL");
+    snprintf(path, sizeof path, "%s", env ? env : mn_model_default_path());
     mn_gguf *g = NULL;
     mn_errbuf eb = {{0}};
     if (mn_gguf_open(path, &g, &eb) != MN_OK || mn_tokenizer_from_gguf(g, &tok, &eb) != MN_OK) {

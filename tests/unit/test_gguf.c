@@ -23,6 +23,7 @@
 
 #include "engine/alloc.h"
 #include "engine/gguf.h"
+#include "engine/model.h"
 
 /* ---- an in-memory GGUF writer ---------------------------------------------------------- */
 
@@ -557,20 +558,10 @@ static void test_open_errors(void **st) {
     free(b.p);
 }
 
-static const char *model_path(char *buf_, size_t n) {
-    const char *p = getenv("MNEME_MODEL");
-    if (p && *p) return p;
-    const char *dir = getenv("MNEME_MODELS");
-    if (dir && *dir) snprintf(buf_, n, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", dir);
-    else snprintf(buf_, n, "%s/.cache/mneme/SmolLM2-135M-Instruct.Q4_1.gguf", getenv("HOME") ? getenv("HOME") : "");
-    return buf_;
-}
-
 /* Facts read from the file with the python gguf package (GGUFReader). */
 static void test_real_model(void **st) {
     (void)st;
-    char pb[1024];
-    const char *path = model_path(pb, sizeof pb);
+    const char *path = mn_model_default_path();
     if (access(path, R_OK) != 0) {
         const char *allow = getenv("MNEME_ALLOW_NO_MODEL");
         if (allow && strcmp(allow, "1") == 0) skip();

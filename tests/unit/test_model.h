@@ -10,20 +10,11 @@
 #include "engine/backend.h"
 #include "engine/model.h"
 
-static const char *mn_test_model_path(void) {
-    static char buf[4096];
-    const char *p = getenv("MNEME_MODEL");
-    if (p && *p) return p;
-    const char *d = getenv("MNEME_MODELS");
-    const char *h = getenv("HOME");
-    if (d && *d) snprintf(buf, sizeof buf, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", d);
-    else snprintf(buf, sizeof buf, "%s/.cache/mneme/SmolLM2-135M-Instruct.Q4_1.gguf", h ? h : ".");
-    return buf;
-}
+static inline const char *mn_test_model_path(void) { return mn_model_default_path(); }
 
 /* A CPU backend of n_threads and the default model on it; 0, or -1 with the reason on
  * stderr (a cmocka group setup's contract). */
-static int mn_test_load_default_model(int n_threads, mn_backend **be, mn_model **m) {
+static inline int mn_test_load_default_model(int n_threads, mn_backend **be, mn_model **m) {
     mn_errbuf eb;
     mn_backend_params bp = {.device = "cpu", .n_threads = n_threads};
     if (mn_backend_cpu_new(&bp, be, &eb) != MN_OK) {

@@ -18,27 +18,14 @@
 
 #include "engine/alloc.h"
 #include "engine/gguf.h"
+#include "engine/model.h"
 #include "engine/tokenizer.h"
 #include "engine/tokenizer_impl.h"
 #include "engine/unicode.h"
 
 /* ---- helpers ---------------------------------------------------------------------- */
 
-static const char *model_path(void)
-{
-    static char buf[1024];
-    const char *p = getenv("MNEME_MODEL");
-    if (p && *p)
-        return p;
-    const char *d = getenv("MNEME_MODELS");
-    if (d && *d) {
-        snprintf(buf, sizeof buf, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", d);
-    } else {
-        const char *h = getenv("HOME");
-        snprintf(buf, sizeof buf, "%s/.cache/mneme/SmolLM2-135M-Instruct.Q4_1.gguf", h ? h : ".");
-    }
-    return buf;
-}
+static const char *model_path(void) { return mn_model_default_path(); }
 
 static mn_tokenizer *smol;   /* loaded once by the group setup */
 
