@@ -8,7 +8,7 @@
  *
  * Build: ninja -C build bench_matmul.  Run: build/bench_matmul [seconds_per_case=0.12] [types]
  * With "types": instead, every weight type at N x K = 1536 x 1536, T = 1 and 64, one
- * thread, at every SIMD level the CPU has.
+ * thread, at every SIMD level the CPU has; "types-big": the quants at 4096 x 14336.
  * The output is checked against mn_ref_matmul on a few elements before timing.
  */
 #include <math.h>
@@ -90,17 +90,21 @@ static double time_runs(double budget) {
 static uint32_t rs = 12345;
 static uint32_t rnd(void) { rs = rs * 1664525u + 1013904223u; return rs >> 8; }
 
-/* One weight matrix of type t (random bytes, scales 0.01), timed at T = 1 and 64. */
-static int per_type(double budget) {
-    static const mn_dtype types[] = {MN_F32, MN_F16, MN_BF16, MN_Q4_0, MN_Q4_1, MN_Q8_0, MN_Q4_K, MN_Q5_K, MN_Q6_K};
+/* One weight matrix of type t (random bytes, scales 0.01), timed at T = 1 and 64.
+ * big: an 8B model's FFN down shape (N x K = 4096 x 14336), the quants only, no scalar
+ * level (the per-thread repack of a row group then spans K = 14336: L2 pressure). */
+static int per_type(double budget, int big) {
+    static const mn_dtype all[] = {MN_F32, MN_F16, MN_BF16, MN_Q4_0, MN_Q4_1, MN_Q8_0, MN_Q4_K, MN_Q5_K, MN_Q6_K};
+    const mn_dtype *types = big ? all + 3 : all;
+    const size_t ntypes = big ? 6 : 9;
     static const char *const levels[] = {"scalar", "avx2", "avx512", "avx512-vnni"};
-    const int64_t N = 1536, K = 1536;
+    const int64_t N = big ? 4096 : 1536, K = big ? 14336 : 1536;
     float *x = mn_malloc(sizeof(float) * 64 * K), *y = mn_malloc(sizeof(float) * 64 * N);
     for (int64_t i = 0; i < 64 * K; i++) x[i] = (float)(rnd() % 2001) / 1000.0f - 1.0f;
     printf("%-12s %-5s %4s %10s %8s %8s\n", "level", "type", "T", "us/call", "W GB/s", "GFLOP/s");
     for (int l = 0; l < 4; l++) {
-        if (!mn_cpu_set_simd(levels[l])) continue;
-        for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
+        if (!mn_cpu_set_simd(levels[l]) || (big && l == 0)) continue;
+        for (size_t i = 0; i < ntypes; i++) {
             mn_dtype t = types[i];
             int64_t rb = mn_dtype_row_bytes(t, K), bb = mn_dtype_block_bytes(t);
             uint8_t *w = mn_malloc((size_t)(N * rb));
@@ -151,7 +155,8 @@ int main(int argc, char **argv) {
     printf("memcpy 128 MiB, 1 thread: %.1f GB/s (read+write)\n", (double)nbuf * 8 / (now() - tc) / 1e9);
     mn_free(buf);
 
-    if (argc > 2 && strcmp(argv[2], "types") == 0) return per_type(budget);
+    if (argc > 2 && strcmp(argv[2], "types") == 0) return per_type(budget, 0);
+    if (argc > 2 && strcmp(argv[2], "types-big") == 0) return per_type(budget, 1);
     static const struct { mn_dtype t; int64_t N, K; } shapes[] = {
         {MN_Q4_1, 576, 576}, {MN_Q4_1, 192, 576}, {MN_Q4_1, 1536, 576}, {MN_Q4_1, 576, 1536},
         {MN_Q8_0, 576, 576}, {MN_Q8_0, 192, 576}, {MN_Q8_0, 1536, 576}, {MN_Q8_0, 576, 1536},

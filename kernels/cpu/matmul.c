@@ -33,6 +33,8 @@ static layout plan(const mn_matmul_desc *d, int nth) {
         L.scr = off; off += (size_t)nth * L.scr_per_thread;
     } else {
         L.bsums = off; off += align64(T * nb * 16 * sizeof(int16_t));
+        L.scr_per_thread = align64(MN__KQ_SCR_BYTES(nb));
+        L.scr = off; off += (size_t)nth * L.scr_per_thread;
     }
     L.total = off + 64; /* room to align the caller's pointer */
     return L;

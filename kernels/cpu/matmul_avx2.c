@@ -1,7 +1,8 @@
 /* kernels/cpu/matmul_avx2.c — AVX2 + FMA + F16C matmul (levels avx2 and avx512) and the
  * SIMD activation quantizer used by every SIMD level. The kernels are in matmul_x86.h;
  * the integer dot here is maddubs (u8*s8 pairs to i16, no saturation for our ranges:
- * |w| <= 128, |x| <= 127 gives at most 2*128*127 = 32512) then madd with ones (to i32).
+ * |w| <= 128, |x| <= 127 gives at most 2*128*127 = 32512) then madd with ones (to i32);
+ * the K-quants madd with the sub-block scale instead (matmul_x86_kq.h).
  */
 #include <immintrin.h>
 #include <string.h>

@@ -7,8 +7,10 @@
  *   s     f32   [T][nb]      q8_1 only: d * sum(qs of the block)
  *   xc    i32   [T][nb]      q8_1 only: -128 * sum(qs of the block) (the Q8_0 vnni offset)
  *   bsums i16   [T][nb*16]   q8_K only: sums of 16 consecutive qs
- *   scr   [nth][MN__LQ_SCR_BYTES(nb)]  legacy quants only: per thread, up to 16 weight rows
+ *   scr   [nth][MN__LQ_SCR_BYTES(nb)]  legacy quants: per thread, up to 16 weight rows
  *                                  interleaved, with their scales and mins (see matmul_x86.h)
+ *         [nth][MN__KQ_SCR_BYTES(nb)]  K-quants: the same for up to 16 rows of super-blocks
+ *                                  (see matmul_x86_kq.h)
  * Every output element is computed by one fixed per-element sequence that depends only
  * on (SIMD level, weight type, K), never on the tile it sits in: that is what makes the
  * op batch invariant (see kernels/ops.h).
@@ -25,6 +27,11 @@
  * their scales and (Q4_1) mins (16 floats a block each). */
 #define MN__LQ_SCR_BYTES(nb) ((size_t)(nb) * (512 + 32 * sizeof(float)))
 
+/* K-quant per-thread scratch: per super-block a record of up to 16 rows (4096 bytes of
+ * unpacked quants, 16 scale vectors, 8 min or scale-pair vectors, d and dmin: 5760 bytes).
+ * K = 14336 (nb = 56) takes 315 KiB, within a core's L2. */
+#define MN__KQ_SCR_BYTES(nb) ((size_t)(nb) * 5760)
+
 /* Quantized activations of one call. */
 typedef struct mn__xq {
     const int8_t *qs;
@@ -38,7 +45,7 @@ typedef struct mn__xq {
 typedef struct mn__mm_ctx {
     const mn_matmul_desc *d;
     mn__xq xq;
-    float *scr;            /* this thread's scratch: MN__LQ_SCR_BYTES(nb) (legacy quants) */
+    float *scr;            /* this thread's scratch: MN__LQ_SCR_BYTES(nb) or MN__KQ_SCR_BYTES(nb) */
 } mn__mm_ctx;
 
 /* Final step shared by every level: add the bias, then store or accumulate. */

@@ -12,13 +12,13 @@
  *   Q4_0/Q4_1/Q8_0: the reference's: exact int dot per block, acc = acc + (dw*dx)*(float)isum
  *     (Q4_1: + mw*sx inside the parentheses) in block order (one lane per weight row; see
  *     the legacy-quant section), so they equal the ref.
- *   K-quants: per super-block an exact int32 sum, then the scalar formula of the reference
- *     (so these equal mn_ref_matmul bit for bit).
+ *   Q4_K/Q5_K/Q6_K: the reference's too, one lane per weight row (matmul_x86_kq.h).
  *   F32/F16/BF16: four 8-lane fma chains over k (32 at a time), a 8-lane chain for the
  *     rest of the multiples of 8, a fixed combine, hsum8, scalar tail.
  * The includer turns off FP contraction so no mul+add is fused behind our back.
  */
 #include <immintrin.h>
+#include <stddef.h>
 #include <string.h>
 
 #include "kernels/cpu/matmul_impl.h"
@@ -369,68 +369,7 @@ static void x86_rows_lq(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
     }
 }
 
-/* ---- K-quants x q8_K: one element at a time, exact int32 per super-block ----------------- */
-
-static float x86_dot_kquant(mn_dtype t, const char *row, const mn__xq *xq, int64_t tok) {
-    const __m256i m15 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
-    float acc = 0.0f;
-    for (int64_t b = 0; b < xq->nb; b++) {
-        const int8_t *x = xq->qs + (tok * xq->nb + b) * MN_QK_K;
-        const int16_t *bs = xq->bsums + (tok * xq->nb + b) * 16;
-        float dx = xq->d[tok * xq->nb + b];
-        __m256i ia = _mm256_setzero_si256();
-        int imin = 0;
-        if (t == MN_Q6_K) {
-            const mn_block_q6_K *w = (const mn_block_q6_K *)(row + b * (int64_t)sizeof(mn_block_q6_K));
-            for (int h = 0; h < 2; h++) {
-                __m256i l0 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h));
-                __m256i l1 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h + 32));
-                __m256i qh = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * h));
-                __m256i v[4];
-                v[0] = _mm256_or_si256(_mm256_and_si256(l0, m15), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4));
-                v[1] = _mm256_or_si256(_mm256_and_si256(l1, m15), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4));
-                v[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m15), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4));
-                v[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m15), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4));
-                for (int quad = 0; quad < 4; quad++) {
-                    int s = 8 * h + 2 * quad;
-                    __m256i p = MN__DOT(v[quad], _mm256_loadu_si256((const __m256i *)(x + 128 * h + 32 * quad)));
-                    __m256i sc = _mm256_set_m128i(_mm_set1_epi32(w->scales[s + 1]), _mm_set1_epi32(w->scales[s]));
-                    ia = _mm256_add_epi32(ia, _mm256_mullo_epi32(p, sc));
-                }
-            }
-            for (int s = 0; s < 16; s++) imin += w->scales[s] * bs[s];
-            int isum = x86_hsum8i(ia) - 32 * imin;
-            acc += (x86_h2f(w->d) * dx) * (float)isum;
-            continue;
-        }
-        const mn_block_q4_K *w4 = (const mn_block_q4_K *)row + b;
-        const mn_block_q5_K *w5 = (const mn_block_q5_K *)row + b;
-        const uint8_t *scales = t == MN_Q4_K ? w4->scales : w5->scales;
-        const uint8_t *qs = t == MN_Q4_K ? w4->qs : w5->qs;
-        __m256i qh = t == MN_Q5_K ? _mm256_loadu_si256((const __m256i *)w5->qh) : _mm256_setzero_si256();
-        for (int cc = 0; cc < 4; cc++) {
-            uint8_t sc0, m0, sc1, m1;
-            mn_k4_scale_min(scales, 2 * cc, &sc0, &m0);
-            mn_k4_scale_min(scales, 2 * cc + 1, &sc1, &m1);
-            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * cc));
-            __m256i lo = _mm256_and_si256(q, m15), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m15);
-            if (t == MN_Q5_K) {
-                __m256i b0 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * cc)), one);
-                __m256i b1 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * cc + 1)), one);
-                lo = _mm256_or_si256(lo, _mm256_slli_epi16(b0, 4));
-                hi = _mm256_or_si256(hi, _mm256_slli_epi16(b1, 4));
-            }
-            __m256i p0 = MN__DOT(lo, _mm256_loadu_si256((const __m256i *)(x + 64 * cc)));
-            __m256i p1 = MN__DOT(hi, _mm256_loadu_si256((const __m256i *)(x + 64 * cc + 32)));
-            ia = _mm256_add_epi32(ia, _mm256_mullo_epi32(p0, _mm256_set1_epi32(sc0)));
-            ia = _mm256_add_epi32(ia, _mm256_mullo_epi32(p1, _mm256_set1_epi32(sc1)));
-            imin += m0 * (bs[4 * cc] + bs[4 * cc + 1]) + m1 * (bs[4 * cc + 2] + bs[4 * cc + 3]);
-        }
-        uint16_t dd = t == MN_Q4_K ? w4->d : w5->d, dm = t == MN_Q4_K ? w4->dmin : w5->dmin;
-        acc += (x86_h2f(dd) * dx) * (float)x86_hsum8i(ia) - (x86_h2f(dm) * dx) * (float)imin;
-    }
-    return acc;
-}
+#include "kernels/cpu/matmul_x86_kq.h"
 
 /* ---- float weights --------------------------------------------------------------------- */
 
@@ -468,12 +407,14 @@ void MN__ROWS_FN(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
         x86_rows_lq(c, n0, n1);
         return;
     }
+    if (t == MN_Q4_K || t == MN_Q5_K || t == MN_Q6_K) {
+        x86_rows_kq(c, n0, n1);
+        return;
+    }
     for (int64_t n = n0; n < n1; n++) {
         const char *row = (const char *)d->w + n * d->w_row_bytes;
         for (int64_t tok = 0; tok < d->T; tok++) {
-            float v = (t == MN_Q4_K || t == MN_Q5_K || t == MN_Q6_K) ? x86_dot_kquant(t, row, &c->xq, tok)
-                                                                      : x86_dot_float(t, row, d->x + tok * d->x_stride, d->K);
-            mn__mm_store(d, tok, n, v);
+            mn__mm_store(d, tok, n, x86_dot_float(t, row, d->x + tok * d->x_stride, d->K));
         }
     }
 }

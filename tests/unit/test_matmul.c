@@ -208,22 +208,17 @@ static void test_batch_invariance(void **state) {
     }
 }
 
-/* The legacy quants promise more than the tolerance: every level computes the reference's
- * per-element sequence (exact block dots, then acc + (dw*dx)*isum in block order; Q4_1
- * adds its min term inside), so the output must equal mn_ref_matmul bit for bit: decode
- * tiles (T <= 8), repacked prefill tiles (T > 8), row counts that leave a short 8- or
- * 16-row group, bias and accumulate, 1 and 2 threads. */
-static void test_legacy_quants_equal_ref(void **state) {
-    (void)state;
-    mn_cpu_init();
+/* Every case of types[0..ntypes) x T x N, K = nblk blocks, bias and accumulate, 1 and 2
+ * threads, at every level: the output bytes (guard tail included) must equal
+ * mn_ref_matmul's. Returns the number of comparisons. */
+static int equal_ref_cases(const mn_dtype *types, int ntypes, int64_t nblk) {
     static const int64_t Ts[] = {1, 8, 9, 37}, Ns[] = {13, 45};
-    static const mn_dtype types[] = {MN_Q8_0, MN_Q4_0, MN_Q4_1};
     int compared = 0;
-    for (int ty = 0; ty < 3; ty++)
+    for (int ty = 0; ty < ntypes; ty++)
     for (int ti = 0; ti < 4; ti++)
         for (int ni = 0; ni < 2; ni++) {
             mcase c;
-            case_make(&c, types[ty], Ts[ti], Ns[ni], 7 * MN_QK, ni);
+            case_make(&c, types[ty], Ts[ti], Ns[ni], nblk * mn_dtype_block_elems(types[ty]), ni);
             for (int acc = 0; acc <= 1; acc++) {
                 float *yr = ybuf(&c);
                 mn_matmul_desc dr = case_desc(&c, yr, acc);
@@ -234,8 +229,8 @@ static void test_legacy_quants_equal_ref(void **state) {
                     mn_matmul_desc d = case_desc(&c, y, acc);
                     run_cpu(&d, 1 + acc);
                     if (memcmp(y, yr, sizeof(float) * (size_t)(c.T * c.ys + 16)) != 0) {
-                        print_error("%s %s T=%lld N=%lld acc=%d: differs from the reference\n", LEVELS[l],
-                                    mn_dtype_name(types[ty]), (long long)c.T, (long long)c.N, acc);
+                        print_error("%s %s T=%lld N=%lld K=%lld acc=%d: differs from the reference\n", LEVELS[l],
+                                    mn_dtype_name(types[ty]), (long long)c.T, (long long)c.N, (long long)c.K, acc);
                         fail();
                     }
                     mn_free(y);
@@ -246,7 +241,31 @@ static void test_legacy_quants_equal_ref(void **state) {
             }
             case_free(&c);
         }
-    assert_true(compared >= 3 * 4 * 2 * 2); /* at least the scalar level of every case */
+    return compared;
+}
+
+/* The legacy quants promise more than the tolerance: every level computes the reference's
+ * per-element sequence (exact block dots, then acc + (dw*dx)*isum in block order; Q4_1
+ * adds its min term inside), so the output must equal mn_ref_matmul bit for bit: decode
+ * tiles (T <= 8), repacked prefill tiles (T > 8), row counts that leave a short 8- or
+ * 16-row group, bias and accumulate, 1 and 2 threads. */
+static void test_legacy_quants_equal_ref(void **state) {
+    (void)state;
+    mn_cpu_init();
+    static const mn_dtype types[] = {MN_Q8_0, MN_Q4_0, MN_Q4_1};
+    assert_true(equal_ref_cases(types, 3, 7) >= 3 * 4 * 2 * 2); /* at least the scalar level of every case */
+}
+
+/* The K-quants likewise: per super-block exact isum (and imin), then the reference's
+ * acc + ((d*dx)*isum - (dmin*dx)*imin) (Q6_K: acc + (d*dx)*isum) in super-block order,
+ * one lane per row; K = 2 and 3 super-blocks. */
+static void test_kquants_equal_ref(void **state) {
+    (void)state;
+    mn_cpu_init();
+    static const mn_dtype types[] = {MN_Q4_K, MN_Q5_K, MN_Q6_K};
+    int compared = 0;
+    for (int64_t nblk = 2; nblk <= 3; nblk++) compared += equal_ref_cases(types, 3, nblk);
+    assert_true(compared >= 2 * 3 * 4 * 2 * 2);
 }
 /* The reference against double-precision dots: (1) on the quantized-then-dequantized
  * activations it must agree to f32 accumulation error; (2) on the original x it must be
@@ -304,6 +323,7 @@ int main(void) {
         cmocka_unit_test(test_cpu_vs_ref),
         cmocka_unit_test(test_batch_invariance),
         cmocka_unit_test(test_legacy_quants_equal_ref),
+        cmocka_unit_test(test_kquants_equal_ref),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
