@@ -18,6 +18,7 @@
 #include "engine/forward.h"
 #include "engine/kv.h"
 #include "engine/session_impl.h"
+#include "engine/tp.h"
 
 static double now_s(void) {
     struct timespec ts;
@@ -166,15 +167,44 @@ static mn_err attach_cached(mn_engine *e, mn_session *s, mn_errbuf *eb) {
 
 /* ---- engine ------------------------------------------------------------------------------ */
 
-mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn_errbuf *eb) {
+/* What a tensor-parallel engine cannot do yet, refused before anything is made: KV that
+ * leaves the pool would need every rank's heads (tiers, files), and the sample op would
+ * run on rank 0 alone while the others wait in no collective (it is not sharded). */
+static mn_err tp_check_params(const mn_tp *tp, const mn_engine_params *p, mn_errbuf *eb) {
+    int P = mn_tp_size(tp);
+    const mn_kv_pool *kv = mn_tp_kv((mn_tp *)tp);
+    if (!p) return MN_OK;
+    if (p->t1_budget || p->t2_budget || p->persist_dir || p->kv_reserve > 0)
+        return mn_errf(eb, MN_EUNSUPPORTED,
+                       "tensor parallel: KV tiers are not supported yet (--tp %d): %s is set; a session's KV stays in "
+                       "the pool of each rank (no T1/T2/T3, no KV reserve)", P,
+                       p->persist_dir ? "persist_dir" : p->t1_budget ? "t1_budget" : p->t2_budget ? "t2_budget" : "kv_reserve");
+    if (p->sample_on == MN_SAMPLE_ON_BACKEND)
+        return mn_errf(eb, MN_EUNSUPPORTED, "tensor parallel: sampling on the backend is not supported yet (--tp %d): "
+                       "use sample_on host or auto (which samples on the host under TP)", P);
+    if (p->block_size > 0 && p->block_size != kv->block_size)
+        return mn_errf(eb, MN_EINVALID, "tensor parallel: block_size %d differs from the group's KV pool (%d tokens per block)",
+                       p->block_size, kv->block_size);
+    if (p->n_blocks > 0 && p->n_blocks != kv->n_blocks)
+        return mn_errf(eb, MN_EINVALID, "tensor parallel: n_blocks %d differs from the group's KV pool (%d blocks)",
+                       p->n_blocks, kv->n_blocks);
+    return MN_OK;
+}
+
+static mn_err engine_new(mn_model *m, mn_tp *tp, const mn_engine_params *p, mn_engine **out, mn_errbuf *eb) {
+    if (tp) {
+        mn_err err = tp_check_params(tp, p, eb);
+        if (err != MN_OK) return err;
+    }
     mn_engine *e = mn_calloc(1, sizeof *e);
     if (!e) return mn_errf(eb, MN_ENOMEM, "engine: out of memory");
     const mn_model_config *c = &m->cfg;
     e->m = m;
-    e->bs = p && p->block_size > 0 ? p->block_size : 16;
+    e->tp = tp;
+    e->bs = tp ? mn_tp_kv(tp)->block_size : p && p->block_size > 0 ? p->block_size : 16;
     e->max_batch = p && p->max_batch_tokens > 0 ? p->max_batch_tokens : 512;
     int32_t ctx = c->n_ctx < 4096 ? c->n_ctx : 4096;
-    int32_t n_blocks = p && p->n_blocks > 0 ? p->n_blocks : 4 * ((ctx + e->bs - 1) / e->bs);
+    int32_t n_blocks = tp ? mn_tp_kv(tp)->n_blocks : p && p->n_blocks > 0 ? p->n_blocks : 4 * ((ctx + e->bs - 1) / e->bs);
     int32_t mb = e->max_batch;
     if (p) {
         e->tier_budget[1] = p->t1_budget;
@@ -191,16 +221,21 @@ mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn
             return mn_errf(eb, MN_ENOMEM, "engine: out of memory");
         }
     }
-    e->sample_backend = !p || p->sample_on != MN_SAMPLE_ON_HOST;
+    e->sample_backend = !tp && (!p || p->sample_on != MN_SAMPLE_ON_HOST);
     /* the reserve: 1/8 of the pool, but at least room for one full step (its new blocks
      * plus a copy-on-write); never more than half the pool */
     int32_t step_blocks = (mb + e->bs - 1) / e->bs + 1;
     int32_t reserve = n_blocks / 8 > step_blocks ? n_blocks / 8 : step_blocks;
     if (p && p->kv_reserve) reserve = p->kv_reserve < 0 ? 0 : p->kv_reserve;
-    e->reserve = reserve < n_blocks / 2 ? reserve : n_blocks / 2;
+    e->reserve = tp ? 0 : reserve < n_blocks / 2 ? reserve : n_blocks / 2; /* TP: nothing to demote to */
     e->short_step = -(int64_t)MN_KV_RESERVE_WINDOW - 1; /* never short yet: the reserve waits for pressure */
-    mn_err err = mn_kv_pool_new(m->backend, c->n_layer, c->n_kv_head, c->head_dim, e->bs, n_blocks, &e->kv, eb);
-    if (err == MN_OK) err = mn_forward_new(m, e->kv, &e->f, eb);
+    mn_err err = MN_OK;
+    if (tp) {
+        e->kv = mn_tp_kv(tp); /* the group's: not freed here */
+    } else {
+        err = mn_kv_pool_new(m->backend, c->n_layer, c->n_kv_head, c->head_dim, e->bs, n_blocks, &e->kv, eb);
+        if (err == MN_OK) err = mn_forward_new(m, e->kv, &e->f, eb);
+    }
     if (err == MN_OK) {
         e->b_tok = mn_malloc((size_t)mb * 4);
         e->b_seq = mn_malloc((size_t)mb * 4);
@@ -230,6 +265,21 @@ mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn
     return MN_OK;
 }
 
+mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn_errbuf *eb) {
+    return engine_new(m, NULL, p, out, eb);
+}
+
+mn_err mn_engine_new_tp(mn_tp *tp, const mn_engine_params *p, mn_engine **out, mn_errbuf *eb) {
+    /* rank 0's model: config, tokenizer, chat template; the engine only reads it */
+    return engine_new((mn_model *)mn_tp_model(tp), tp, p, out, eb);
+}
+
+mn_err mn__engine_kv_stays(const mn_engine *e, const char *what, mn_errbuf *eb) {
+    if (!e->tp) return MN_OK;
+    return mn_errf(eb, MN_EUNSUPPORTED, "tensor parallel: %s is not supported yet (--tp %d): the KV is split over the "
+                   "ranks' pools and does not leave them", what, mn_tp_size(e->tp));
+}
+
 static void session_free(mn_engine *e, mn_session *s);
 
 void mn_engine_free(mn_engine *e) {
@@ -256,7 +306,7 @@ void mn_engine_free(mn_engine *e) {
         }
     mn_free(e->prefix);
     mn_forward_free(e->f);
-    mn_kv_pool_free(e->kv);
+    if (!e->tp) mn_kv_pool_free(e->kv);
     mn_free(e->b_tok); mn_free(e->b_seq); mn_free(e->b_pos); mn_free(e->b_rows);
     mn_free(e->b_sess); mn_free(e->b_seqs); mn_free(e->b_logits); mn_free(e->sample_scratch);
     mn_free(e->b_notify);
@@ -551,6 +601,21 @@ static mn_err gen_advance(mn_engine *e, mn_session *s, mn_errbuf *eb) {
     return MN_OK;
 }
 
+/* mn_kv_seq_make_writable, and under TP the same block copy on the other ranks' pools */
+static mn_err make_writable(mn_engine *e, mn_kv_seq *seq, int32_t pos, mn_errbuf *eb) {
+    int32_t bi = pos / e->bs, old = bi < seq->n_blocks ? seq->blocks[bi] : -1;
+    mn_err err = mn_kv_seq_make_writable(e->kv, seq, pos, eb);
+    if (err == MN_OK && e->tp && old >= 0 && seq->blocks[bi] != old) err = mn_tp_copy_block(e->tp, seq->blocks[bi], old, eb);
+    return err;
+}
+
+/* The step's forward: the engine's own, or every rank of its TP group. */
+static mn_err run_forward(mn_engine *e, int32_t ns, const mn_batch *b, const mn_batch_lora *lp, const mn_batch_sample *samp,
+                          mn_errbuf *eb) {
+    if (e->tp) return mn_tp_run_seqs(e->tp, e->b_seqs, ns, b, lp, e->b_logits, eb); /* samp: none under TP */
+    return mn_forward_run_sample(e->f, e->b_seqs, ns, b, lp, samp, e->b_logits, eb);
+}
+
 /* Plan one batch and run it. ns counts the sessions taken so far, also on failure, so the
  * caller knows which sessions the failure hit (e->b_sess[0..*ns)). */
 static mn_err step_compute(mn_engine *e, int32_t *ns_out, bool *did_work, mn_errbuf *eb) {
@@ -571,9 +636,9 @@ static mn_err step_compute(mn_engine *e, int32_t *ns_out, bool *did_work, mn_err
             if ((err = adapter_index(e, s, &ai, eb)) != MN_OK) return err;
             if (ai >= 0) any_adapter = true;
             for (int32_t k = 0; k < take; k++) e->b_adapter[n + k] = ai;
-            if ((err = mn_kv_seq_make_writable(e->kv, &s->seq, s->n_computed, eb)) != MN_OK) {
+            if ((err = make_writable(e, &s->seq, s->n_computed, eb)) != MN_OK) {
                 mn__prefix_evict_unused(e);
-                if ((err = mn_kv_seq_make_writable(e->kv, &s->seq, s->n_computed, eb)) != MN_OK) return err;
+                if ((err = make_writable(e, &s->seq, s->n_computed, eb)) != MN_OK) return err;
             }
             s->seq.n_tokens = s->n_computed;
             e->b_seqs[ns] = &s->seq;
@@ -622,10 +687,10 @@ static mn_err step_compute(mn_engine *e, int32_t *ns_out, bool *did_work, mn_err
         lora.adapter = e->b_adapter;
         lp = &lora;
     }
-    err = mn_forward_run_sample(e->f, e->b_seqs, ns, &b, lp, &samp, e->b_logits, eb);
+    err = run_forward(e, ns, &b, lp, &samp, eb);
     if (err == MN_ELIMIT) { /* pool full: give back cached blocks nobody uses, then retry */
         mn__prefix_evict_unused(e);
-        err = mn_forward_run_sample(e->f, e->b_seqs, ns, &b, lp, &samp, e->b_logits, eb);
+        err = run_forward(e, ns, &b, lp, &samp, eb);
     }
     /* the logits are on the host now (the forward synchronised): the copies may go */
     if (lp) mn_lora_registry_release_batch(e->adapters, e->b_adapter, n);

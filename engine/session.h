@@ -90,6 +90,21 @@ typedef struct mn_engine mn_engine;
 typedef struct mn_session mn_session;
 
 mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn_errbuf *eb);
+
+typedef struct mn_tp mn_tp;
+/** An engine whose steps run on every rank of a tensor-parallel group (engine/tp.h,
+ *  mn_tp_run_seqs): sessions, prefix cache, copy-on-write and the batches are those of
+ *  mn_engine_new, over rank 0's KV pool, whose geometry (block_size, n_blocks: 0 in p, or
+ *  equal) the group set. Borrows tp (which must outlive the engine, and must not run
+ *  slots). The model is mn_tp_model(tp). Greedy tokens match a one-backend engine's up to
+ *  the f32 reordering of TP's sums (mn_forward_new_tp).
+ *  Not supported yet under TP, refused with MN_EUNSUPPORTED: KV tiers (t1_budget,
+ *  t2_budget, persist_dir, kv_reserve > 0 here; mn_session_demote, demote_idle, adopt
+ *  later) and session files (save, export, load, import), which would need every rank's
+ *  heads; sample_on backend (auto samples on the host). A full pool is MN_ELIMIT (no idle
+ *  session is swapped out). Adapters: the registry's host copies, as mn_tp_run_lora (CPU
+ *  ranks). */
+mn_err mn_engine_new_tp(mn_tp *tp, const mn_engine_params *p, mn_engine **out, mn_errbuf *eb);
 void mn_engine_free(mn_engine *e);
 const mn_model *mn_engine_model(const mn_engine *e);
 

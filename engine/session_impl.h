@@ -72,8 +72,9 @@ struct mn_session {
 
 struct mn_engine {
     mn_model *m;
-    mn_kv_pool *kv;
-    mn_forward *f;
+    mn_kv_pool *kv;        /* TP: rank 0's pool of the group (borrowed), which keeps every rank's block ids */
+    mn_forward *f;         /* TP: NULL, the group runs the steps */
+    mn_tp *tp;             /* borrowed; NULL: one backend */
     int32_t bs, max_batch;
     mn_session **sessions;
     int32_t n_sessions, cap_sessions;
@@ -122,6 +123,9 @@ struct mn_engine {
 
 
 /* shared between session.c and session_io.c */
+/* MN_OK, or under TP MN_EUNSUPPORTED naming what (a tier move, a session file) needs KV
+ * out of the pool */
+mn_err mn__engine_kv_stays(const mn_engine *e, const char *what, mn_errbuf *eb);
 mn_err mn__session_new(mn_engine *e, mn_session **out, mn_errbuf *eb);
 mn_err mn__session_add_tokens(mn_session *s, const int32_t *toks, int32_t n, mn_role role, mn_errbuf *eb);
 mn_err mn__session_run_until_done(mn_engine *e, mn_session *s, mn_errbuf *eb);

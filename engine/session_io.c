@@ -42,6 +42,7 @@ static mn_err copy_runs(const mn_kv_pool *p, const int32_t *ids, int32_t n_block
 
 mn_err mn__session_gather_kv(mn_engine *e, const mn_session *s, uint16_t **kv_out, int32_t *n_blocks_out, mn_buffer **pinned,
                              mn_event *done, mn_errbuf *eb) {
+    if (e->tp) return mn__engine_kv_stays(e, "copying a session's KV out of the pool", eb); /* rank 0's heads only */
     const mn_kv_pool *p = e->kv;
     int32_t n_blocks = (s->n_computed + p->block_size - 1) / p->block_size;
     size_t block_all = (size_t)p->n_layer * 2 * (size_t)p->block_elems;
@@ -101,6 +102,7 @@ static mn_err build_image(mn_engine *e, mn_session *s, mn_session_image *img, ui
 
 mn_err mn__session_scatter_kv(mn_engine *e, mn_session *s, const uint16_t *kv, int32_t n_tokens, mn_event *layer_done,
                               mn_errbuf *eb) {
+    if (e->tp) return mn__engine_kv_stays(e, "copying KV into the pool", eb); /* rank 0's heads only */
     mn_kv_pool *p = e->kv;
     mn_kv_pool_sort_free(p); /* fresh blocks in ascending runs: few, large copies */
     mn_err err = mn_kv_seq_reserve(p, &s->seq, n_tokens, eb);
@@ -120,6 +122,7 @@ mn_err mn__session_scatter_kv(mn_engine *e, mn_session *s, const uint16_t *kv, i
 }
 
 mn_err mn_session_save(mn_engine *e, mn_session *s, const char *path, mn_errbuf *eb) {
+    if (e->tp) return mn__engine_kv_stays(e, "saving a session", eb);
     mn_session_image img;
     uint16_t *kv;
     mn_err err = build_image(e, s, &img, &kv, eb);
@@ -130,6 +133,7 @@ mn_err mn_session_save(mn_engine *e, mn_session *s, const char *path, mn_errbuf 
 }
 
 mn_err mn_session_export(mn_engine *e, mn_session *s, uint8_t **out, size_t *len, mn_errbuf *eb) {
+    if (e->tp) return mn__engine_kv_stays(e, "exporting a session", eb);
     mn_session_image img;
     uint16_t *kv;
     mn_err err = build_image(e, s, &img, &kv, eb);
@@ -193,6 +197,7 @@ static mn_err restore(mn_engine *e, mn_session_loaded *ld, mn_session **out, mn_
 }
 
 mn_err mn_session_load(mn_engine *e, const char *path, mn_session **out, mn_errbuf *eb) {
+    if (e->tp) return mn__engine_kv_stays(e, "loading a session file", eb);
     mn_session_loaded *ld;
     mn_err err = mn_session_read_file(path, e->m->fingerprint, &ld, eb);
     if (err != MN_OK) return err;
@@ -202,6 +207,7 @@ mn_err mn_session_load(mn_engine *e, const char *path, mn_session **out, mn_errb
 }
 
 mn_err mn_session_import(mn_engine *e, const void *data, size_t len, mn_session **out, mn_errbuf *eb) {
+    if (e->tp) return mn__engine_kv_stays(e, "importing a session", eb);
     mn_session_loaded *ld;
     mn_err err = mn_session_read_mem(data, len, e->m->fingerprint, &ld, eb);
     if (err != MN_OK) return err;

@@ -423,6 +423,7 @@ void mn__tier_drain(mn_engine *e, bool wait) {
  * wait for it. */
 static mn_err demote(mn_engine *e, mn_session *s, int to, bool background, mn_errbuf *eb) {
     if (to <= s->tier) return MN_OK;
+    if (e->tp) return mn__engine_kv_stays(e, "KV tiers (moving a session out of the pool)", eb);
     if (to == 3 && !e->persist_dir) return mn_errf(eb, MN_EUNSUPPORTED, "no persist directory: tier T3 (disk) is off");
     uint16_t *gathered = NULL;
     mn_buffer *gathered_buf = NULL; /* gathered is pinned: this buffer holds it */
@@ -551,6 +552,7 @@ mn_err mn__tier_make_room(mn_engine *e, int32_t blocks, const mn_session *keep, 
         mn_session *lru = NULL;
         for (int32_t i = 0; i < e->n_sessions; i++) {
             mn_session *s = e->sessions[i];
+            if (e->tp) break; /* TP: no tiers to swap to */
             if (s == keep || s->tier != 0 || s->seq.n_blocks == 0 || s->gen || s->n_computed != s->n_tokens) continue;
             if (!lru || s->last_use < lru->last_use) lru = s;
         }
@@ -560,8 +562,8 @@ mn_err mn__tier_make_room(mn_engine *e, int32_t blocks, const mn_session *keep, 
             continue;
         }
         if (evicted_prefix)
-            return mn_errf(eb, MN_ELIMIT, "kv pool full: %d blocks needed, %d free of %d, and no idle session to swap out",
-                           blocks, e->kv->n_free, e->kv->n_blocks);
+            return mn_errf(eb, MN_ELIMIT, "kv pool full: %d blocks needed, %d free of %d, and no idle session to swap out%s",
+                           blocks, e->kv->n_free, e->kv->n_blocks, e->tp ? " (tensor parallel: no KV tiers)" : "");
         mn__prefix_evict_unused(e);
         evicted_prefix = true;
     }
@@ -670,6 +672,7 @@ void mn__tier_restore_finish(mn_engine *e) {
 }
 
 mn_err mn_engine_demote_idle(mn_engine *e, double idle_seconds, double now, mn_errbuf *eb) {
+    if (e->tp) return mn__engine_kv_stays(e, "idle demotion (KV tiers)", eb);
     mn__tier_collect(e); /* an idle server calls this without steps: install finished work here too */
     for (int32_t i = 0; i < e->n_sessions; i++) {
         mn_session *s = e->sessions[i];
@@ -702,6 +705,10 @@ static bool persisted_name(const char *name) {
 /* List the session saved in path (owned by this call) as a T3 session of e, restored on
  * first use. id: its id (NULL: a fresh one). */
 static mn_err adopt_file(mn_engine *e, char *path, const char *id, bool keep, mn_session **out, mn_errbuf *eb) {
+    if (e->tp) {
+        mn_free(path);
+        return mn__engine_kv_stays(e, "adopting a session file (tier T3)", eb);
+    }
     /* read whole: the file is validated now (checksums, model, geometry) so a session that
      * is listed can be restored; its KV is read again on first use */
     mn_session_loaded *ld = NULL;
@@ -747,6 +754,7 @@ const char *mn_session_source_file(const mn_session *s) { return s->tier == 3 &&
 
 mn_err mn_engine_adopt_persisted(mn_engine *e, int32_t *n_adopted, int32_t *n_refused, mn_errbuf *eb) {
     *n_adopted = *n_refused = 0;
+    if (e->tp) return mn__engine_kv_stays(e, "adopting persisted sessions (tier T3)", eb);
     if (!e->persist_dir) return mn_errf(eb, MN_EUNSUPPORTED, "no persist directory to adopt sessions from");
     DIR *d = opendir(e->persist_dir);
     if (!d) return mn_errf(eb, MN_EIO, "persist directory %s: cannot open", e->persist_dir);
