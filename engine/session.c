@@ -168,8 +168,7 @@ static mn_err attach_cached(mn_engine *e, mn_session *s, mn_errbuf *eb) {
 /* ---- engine ------------------------------------------------------------------------------ */
 
 /* What a tensor-parallel engine cannot do yet, refused before anything is made: KV that
- * leaves the pool would need every rank's heads (tiers, files), and the sample op would
- * run on rank 0 alone while the others wait in no collective (it is not sharded). */
+ * leaves the pool would need every rank's heads (tiers, files). */
 static mn_err tp_check_params(const mn_tp *tp, const mn_engine_params *p, mn_errbuf *eb) {
     int P = mn_tp_size(tp);
     const mn_kv_pool *kv = mn_tp_kv((mn_tp *)tp);
@@ -179,9 +178,6 @@ static mn_err tp_check_params(const mn_tp *tp, const mn_engine_params *p, mn_err
                        "tensor parallel: KV tiers are not supported yet (--tp %d): %s is set; a session's KV stays in "
                        "the pool of each rank (no T1/T2/T3, no KV reserve)", P,
                        p->persist_dir ? "persist_dir" : p->t1_budget ? "t1_budget" : p->t2_budget ? "t2_budget" : "kv_reserve");
-    if (p->sample_on == MN_SAMPLE_ON_BACKEND)
-        return mn_errf(eb, MN_EUNSUPPORTED, "tensor parallel: sampling on the backend is not supported yet (--tp %d): "
-                       "use sample_on host or auto (which samples on the host under TP)", P);
     if (p->block_size > 0 && p->block_size != kv->block_size)
         return mn_errf(eb, MN_EINVALID, "tensor parallel: block_size %d differs from the group's KV pool (%d tokens per block)",
                        p->block_size, kv->block_size);
@@ -221,7 +217,7 @@ static mn_err engine_new(mn_model *m, mn_tp *tp, const mn_engine_params *p, mn_e
             return mn_errf(eb, MN_ENOMEM, "engine: out of memory");
         }
     }
-    e->sample_backend = !tp && (!p || p->sample_on != MN_SAMPLE_ON_HOST);
+    e->sample_backend = !p || p->sample_on != MN_SAMPLE_ON_HOST;
     /* the reserve: 1/8 of the pool, but at least room for one full step (its new blocks
      * plus a copy-on-write); never more than half the pool */
     int32_t step_blocks = (mb + e->bs - 1) / e->bs + 1;
@@ -612,7 +608,7 @@ static mn_err make_writable(mn_engine *e, mn_kv_seq *seq, int32_t pos, mn_errbuf
 /* The step's forward: the engine's own, or every rank of its TP group. */
 static mn_err run_forward(mn_engine *e, int32_t ns, const mn_batch *b, const mn_batch_lora *lp, const mn_batch_sample *samp,
                           mn_errbuf *eb) {
-    if (e->tp) return mn_tp_run_seqs(e->tp, e->b_seqs, ns, b, lp, e->b_logits, eb); /* samp: none under TP */
+    if (e->tp) return mn_tp_run_seqs(e->tp, e->b_seqs, ns, b, lp, samp, e->b_logits, eb);
     return mn_forward_run_sample(e->f, e->b_seqs, ns, b, lp, samp, e->b_logits, eb);
 }
 

@@ -101,9 +101,9 @@ typedef struct mn_tp mn_tp;
  *  Not supported yet under TP, refused with MN_EUNSUPPORTED: KV tiers (t1_budget,
  *  t2_budget, persist_dir, kv_reserve > 0 here; mn_session_demote, demote_idle, adopt
  *  later) and session files (save, export, load, import), which would need every rank's
- *  heads; sample_on backend (auto samples on the host). A full pool is MN_ELIMIT (no idle
- *  session is swapped out). Adapters: the registry's host copies, as mn_tp_run_lora (CPU
- *  ranks). */
+ *  heads. A full pool is MN_ELIMIT (no idle session is swapped out). Sampling on the
+ *  backend runs the sample op on every rank (mn_tp_run_seqs). Adapters: the registry's
+ *  host copies, as mn_tp_run_lora (CPU ranks; CUDA ranks refuse them per batch row). */
 mn_err mn_engine_new_tp(mn_tp *tp, const mn_engine_params *p, mn_engine **out, mn_errbuf *eb);
 void mn_engine_free(mn_engine *e);
 const mn_model *mn_engine_model(const mn_engine *e);

@@ -25,6 +25,11 @@ typedef struct tp_rank {
     mn_kv_seq *shadow;       /* ranks > 0, mn_tp_run_seqs: [cap_shadow] copies of rank 0's block tables */
     mn_kv_seq **shadow_ptrs;
     int32_t cap_shadow;
+    /* ranks > 0: outputs of the sample op (rank 0's are the caller's), [cap_samp] rows */
+    int32_t *s_tok, *s_top;
+    float *s_lp, *s_toplp;
+    int32_t cap_samp;
+    mn_batch_sample samp_copy;
     float *logits;           /* ranks > 0: [cap_out][n_vocab] scratch */
     int32_t cap_out;
     /* the call in flight */
@@ -32,6 +37,7 @@ typedef struct tp_rank {
     int32_t run_n_seqs;
     const mn_batch *b;
     const mn_batch_lora *lora;
+    const mn_batch_sample *samp;
     float *out;
     mn_err e;
     mn_errbuf eb;
@@ -60,6 +66,7 @@ void mn_tp_free(mn_tp *t) {
         mn_free(r->logits);
         mn_free(r->shadow);
         mn_free(r->shadow_ptrs);
+        mn_free(r->s_tok); mn_free(r->s_top); mn_free(r->s_lp); mn_free(r->s_toplp);
     }
     mn_free(t->r);
     mn_free(t);
@@ -155,11 +162,12 @@ mn_kv_pool *mn_tp_kv(mn_tp *t) { return t->r[0].kv; }
 
 static void *rank_main(void *arg) {
     tp_rank *r = arg;
-    r->e = mn_forward_run_lora(r->f, r->run_seqs, r->run_n_seqs, r->b, r->lora, r->out, &r->eb);
+    r->e = mn_forward_run_sample(r->f, r->run_seqs, r->run_n_seqs, r->b, r->lora, r->samp, r->out, &r->eb);
     return NULL;
 }
 
-static mn_err run_all(mn_tp *t, const mn_batch *b, const mn_batch_lora *lora, float *logits, mn_errbuf *eb);
+static mn_err run_all(mn_tp *t, const mn_batch *b, const mn_batch_lora *lora, const mn_batch_sample *samp, float *logits,
+                      mn_errbuf *eb);
 
 mn_err mn_tp_run(mn_tp *t, const mn_batch *b, float *logits, mn_errbuf *eb) {
     return mn_tp_run_lora(t, b, NULL, logits, eb);
@@ -172,11 +180,11 @@ mn_err mn_tp_run_lora(mn_tp *t, const mn_batch *b, const mn_batch_lora *lora, fl
         t->r[i].run_seqs = t->r[i].seq_ptrs;
         t->r[i].run_n_seqs = t->n_seqs;
     }
-    return run_all(t, b, lora, logits, eb);
+    return run_all(t, b, lora, NULL, logits, eb);
 }
 
 mn_err mn_tp_run_seqs(mn_tp *t, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b, const mn_batch_lora *lora,
-                      float *logits, mn_errbuf *eb) {
+                      const mn_batch_sample *samp, float *logits, mn_errbuf *eb) {
     if (t->broken) return mn_errf(eb, MN_EINVALID, "tensor parallel: the group is unusable after a failed run");
     for (int32_t s = 0; s < t->n_seqs; s++)
         if (t->r[0].seqs[s].n_blocks)
@@ -216,7 +224,7 @@ mn_err mn_tp_run_seqs(mn_tp *t, mn_kv_seq *const *seqs, int32_t n_seqs, const mn
     }
     t->r[0].run_seqs = seqs;
     t->r[0].run_n_seqs = n_seqs;
-    return run_all(t, b, lora, logits, eb);
+    return run_all(t, b, lora, samp, logits, eb);
 }
 
 mn_err mn_tp_copy_block(mn_tp *t, int32_t dst, int32_t src, mn_errbuf *eb) {
@@ -230,9 +238,42 @@ mn_err mn_tp_copy_block(mn_tp *t, int32_t dst, int32_t src, mn_errbuf *eb) {
     return MN_OK;
 }
 
-static mn_err run_all(mn_tp *t, const mn_batch *b, const mn_batch_lora *lora, float *logits, mn_errbuf *eb) {
+/* Rank r > 0's copy of samp: the same rows and parameters, its own outputs (every rank
+ * samples the same bits from the same logits with the same u; rank 0's are returned). */
+static mn_err rank_samp(tp_rank *r, const mn_batch_sample *samp, mn_errbuf *eb) {
+    if (!samp) {
+        r->samp = NULL;
+        return MN_OK;
+    }
+    int32_t n = samp->n_sample > 0 ? samp->n_sample : 1;
+    if (n > r->cap_samp) {
+        int32_t *tk = mn_realloc(r->s_tok, (size_t)n * sizeof(int32_t));
+        if (tk) r->s_tok = tk;
+        int32_t *tp = tk ? mn_realloc(r->s_top, (size_t)n * MN_SAMPLE_MAX_TOP * sizeof(int32_t)) : NULL;
+        if (tp) r->s_top = tp;
+        float *lp = tp ? mn_realloc(r->s_lp, (size_t)n * sizeof(float)) : NULL;
+        if (lp) r->s_lp = lp;
+        float *tl = lp ? mn_realloc(r->s_toplp, (size_t)n * MN_SAMPLE_MAX_TOP * sizeof(float)) : NULL;
+        if (tl) r->s_toplp = tl;
+        if (!tl) return mn_errf(eb, MN_ENOMEM, "tensor parallel: out of memory");
+        r->cap_samp = n;
+    }
+    r->samp_copy = (mn_batch_sample){.n_sample = samp->n_sample, .params = samp->params, .token = samp->token ? r->s_tok : NULL,
+                                     .logprob = samp->logprob ? r->s_lp : NULL, .top_id = samp->top_id ? r->s_top : NULL,
+                                     .top_logprob = samp->top_logprob ? r->s_toplp : NULL};
+    r->samp = &r->samp_copy;
+    return MN_OK;
+}
+
+static mn_err run_all(mn_tp *t, const mn_batch *b, const mn_batch_lora *lora, const mn_batch_sample *samp, float *logits,
+                      mn_errbuf *eb) {
     if (t->broken) return mn_errf(eb, MN_EINVALID, "tensor parallel: the group is unusable after a failed run");
     const int32_t V = t->r[0].m->cfg.n_vocab;
+    t->r[0].samp = samp;
+    for (int i = 1; i < t->P; i++) {
+        mn_err e = rank_samp(&t->r[i], samp, eb);
+        if (e != MN_OK) return e;
+    }
     for (int i = 1; i < t->P; i++) {
         tp_rank *r = &t->r[i];
         if (b->n_out > r->cap_out) {

@@ -74,11 +74,14 @@ mn_kv_pool *mn_tp_kv(mn_tp *t);
  *  this file): every position of the batch gets its block in rank 0's pool first (full
  *  pool: MN_ELIMIT with nothing run, blocks reserved for earlier sequences kept, as
  *  mn_forward_run), then every rank runs with those block tables, rank 0 on seqs itself
- *  (their n_tokens grow), the others on copies. logits as mn_tp_run; lora as
- *  mn_tp_run_lora. Errors and the unusable state as mn_tp_run. MN_EINVALID if a slot
- *  holds blocks; slots (mn_tp_run) are refused from then on. */
+ *  (their n_tokens grow), the others on copies. lora as mn_tp_run_lora. samp (may be
+ *  NULL) as mn_forward_run_sample: every rank runs the sample op on its (identical)
+ *  logits with the same parameters into its own outputs, and rank 0's come back in samp;
+ *  logits then gets [n_out - n_sample][n_vocab]. Errors and the unusable state as
+ *  mn_tp_run. MN_EINVALID if a slot holds blocks; slots (mn_tp_run) are refused from
+ *  then on. */
 mn_err mn_tp_run_seqs(mn_tp *t, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b, const mn_batch_lora *lora,
-                      float *logits, mn_errbuf *eb);
+                      const mn_batch_sample *samp, float *logits, mn_errbuf *eb);
 /** Repeat on every other rank a copy of block src over block dst that was made in rank 0's
  *  pool (mn_kv_seq_make_writable of a shared block). A failure leaves the group unusable
  *  (the ranks' KV disagree). */

@@ -429,8 +429,8 @@ static void serve_usage(void) {
             "  --tp N                   tensor parallelism over N ranks (N divides the model's query and kv\n"
             "                           heads): CPU ranks sharing -t's threads, or with --device cuda GPU r for\n"
             "                           rank r over NCCL. Not yet with KV tiers or session files: --persist-dir,\n"
-            "                           --t1/--t2-budget, --kv-reserve, --idle-demote, --mem-budget and\n"
-            "                           --sample-on backend are refused, a full KV pool is an error\n"
+            "                           --t1/--t2-budget, --kv-reserve, --idle-demote and --mem-budget are\n"
+            "                           refused, a full KV pool is an error\n"
             "  -t THREADS  -c CTX  --device cpu|cuda|auto\n");
 }
 
@@ -533,8 +533,7 @@ static void model_stem(const char *path, char *out, size_t cap) {
 
 /* --tp N > 1: what the engine cannot do over a group yet (it would refuse most of it too;
  * here each flag is named). -1 with a message. */
-static int serve_tp_check(int tp, const char *persist, long t1, long t2, long kv_reserve, double idle, long mem_budget,
-                          mn_sample_on sample_on) {
+static int serve_tp_check(int tp, const char *persist, long t1, long t2, long kv_reserve, double idle, long mem_budget) {
     const char *flag = persist ? "--persist-dir" : t1 ? "--t1-budget" : t2 ? "--t2-budget" : kv_reserve > 0 ? "--kv-reserve"
                      : idle > 0 ? "--idle-demote" : NULL;
     if (flag) {
@@ -545,11 +544,6 @@ static int serve_tp_check(int tp, const char *persist, long t1, long t2, long kv
     if (mem_budget) {
         fprintf(stderr, "mneme serve: tensor parallel: --mem-budget is not supported yet (--tp %d): size each rank's "
                 "KV pool with --kv-blocks\n", tp);
-        return -1;
-    }
-    if (sample_on == MN_SAMPLE_ON_BACKEND) {
-        fprintf(stderr, "mneme serve: tensor parallel: --sample-on backend is not supported yet (--tp %d): auto and host "
-                "sample on the host\n", tp);
         return -1;
     }
     return 0;
@@ -651,7 +645,7 @@ int cmd_serve(int argc, char **argv) {
         }
     }
     json_set_alloc_funcs(mn_malloc, mn_free);
-    if (tp > 1 && serve_tp_check((int)tp, persist, t1, t2, kv_reserve, idle, mem_budget, sample_on)) return 2;
+    if (tp > 1 && serve_tp_check((int)tp, persist, t1, t2, kv_reserve, idle, mem_budget)) return 2;
     if (idle < 0) idle = tp > 1 ? 0 : 60;
 
     static serve_state ss;   /* signal and timer handles point into it until the loop ends */

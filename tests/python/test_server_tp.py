@@ -90,7 +90,6 @@ def test_refused(tp3, mneme_bin, model_path):
     for flags, msg in ((["--tp", "2"], "tensor parallel size 2 does not divide the model's heads (n_head 9, n_kv_head 3)"),
                        (["--tp", "3", "--persist-dir", "/tmp"], "KV tiers are not supported yet (--tp 3): --persist-dir"),
                        (["--tp", "3", "--idle-demote", "5"], "KV tiers are not supported yet (--tp 3): --idle-demote"),
-                       (["--tp", "3", "--sample-on", "backend"], "--sample-on backend is not supported yet (--tp 3)"),
                        (["--tp", "0"], "--tp: 0 is out of range [1, 64]")):
         p = subprocess.run([str(mneme_bin), "serve", "-m", str(model_path), "--port", "0", "-t", "1", *flags],
                            capture_output=True, text=True, timeout=60)

@@ -270,8 +270,8 @@ static void test_greedy_matches_p1(void **state) {
     assert_true(same >= 1);
     mn_engine_stats st;
     mn_engine_stats_get(e, &st);
-    assert_int_equal(st.sampled_backend, 0); /* TP samples on the host */
-    assert_true(st.sampled_host > 0);
+    assert_true(st.sampled_backend > 0); /* auto: the sample op, on every rank */
+    assert_int_equal(st.sampled_host, 0);
     mn_engine_free(e);
     mn_engine_free(one);
     mn_tp_free(t);
@@ -339,9 +339,6 @@ static void test_refused(void **state) {
     assert_non_null(strstr(eb.msg, "persist_dir"));
     p = (mn_engine_params){.kv_reserve = 8};
     assert_int_equal(mn_engine_new_tp(t, &p, &e, &eb), MN_EUNSUPPORTED);
-    p = (mn_engine_params){.sample_on = MN_SAMPLE_ON_BACKEND};
-    assert_int_equal(mn_engine_new_tp(t, &p, &e, &eb), MN_EUNSUPPORTED);
-    assert_non_null(strstr(eb.msg, "sampling on the backend"));
     p = (mn_engine_params){.block_size = 32};
     assert_int_equal(mn_engine_new_tp(t, &p, &e, &eb), MN_EINVALID);
     assert_non_null(strstr(eb.msg, "block_size 32"));
@@ -494,6 +491,51 @@ static void test_adapters(void **state) {
     if (system(cmd) != 0) fail_msg("cannot remove %s", dir);
 }
 
+/* Seeded sampling: the sample op run on every rank gives the host sampler's tokens (the
+ * same logits, the same u), for several sessions in the same steps, one with logprobs
+ * (the other ranks' sample op writes its own logprob rows). */
+static void run_sampled(mn_sample_on where, gen_out *out) {
+    mn_tp *t = group(P);
+    mn_engine *e;
+    mn_errbuf eb;
+    mn_engine_params p = {.max_batch_tokens = 256, .sample_on = where};
+    assert_int_equal(mn_engine_new_tp(t, &p, &e, &eb), MN_OK);
+    mn_session *s[N_SESS];
+    for (int i = 0; i < N_SESS; i++) {
+        assert_int_equal(mn_session_create(e, NULL, &s[i], &eb), MN_OK);
+        append(e, s[i], MN_ROLE_USER, prompts[i]);
+        mn_gen_params g = greedy(12);
+        g.sampling.temperature = 0.9f;
+        g.sampling.top_k = 40;
+        g.sampling.seed = 1234 + (uint64_t)i;
+        g.sampling.n_logprobs = i == 0 ? 2 : 0;
+        memset(&out[i], 0, sizeof out[i]);
+        if (mn_session_generate_start(e, s[i], &g, tok_cb, done_cb, &out[i], &eb) != MN_OK) fail_msg("%s", eb.msg);
+    }
+    while (mn_engine_has_work(e)) {
+        bool did;
+        if (mn_engine_step(e, &did, &eb) != MN_OK) fail_msg("step: %s", eb.msg);
+    }
+    mn_engine_stats st;
+    mn_engine_stats_get(e, &st);
+    if (where == MN_SAMPLE_ON_BACKEND) assert_true(st.sampled_backend > 0);
+    else assert_int_equal(st.sampled_backend, 0);
+    mn_engine_free(e);
+    mn_tp_free(t);
+}
+
+static void test_backend_sampling(void **state) {
+    (void)state;
+    gen_out a[N_SESS], b[N_SESS];
+    run_sampled(MN_SAMPLE_ON_BACKEND, a);
+    run_sampled(MN_SAMPLE_ON_HOST, b);
+    for (int i = 0; i < N_SESS; i++) {
+        assert_true(a[i].done && a[i].err == MN_OK && a[i].n >= 1);
+        assert_int_equal(a[i].n, b[i].n);
+        assert_memory_equal(a[i].tok, b[i].tok, (size_t)a[i].n * sizeof(int32_t));
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_greedy_matches_p1),
@@ -501,6 +543,7 @@ int main(void) {
         cmocka_unit_test(test_refused),
         cmocka_unit_test(test_pool_full),
         cmocka_unit_test(test_adapters),
+        cmocka_unit_test(test_backend_sampling),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
