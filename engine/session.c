@@ -167,17 +167,10 @@ static mn_err attach_cached(mn_engine *e, mn_session *s, mn_errbuf *eb) {
 
 /* ---- engine ------------------------------------------------------------------------------ */
 
-/* What a tensor-parallel engine cannot do yet, refused before anything is made: KV that
- * leaves the pool would need every rank's heads (tiers, files). */
+/* The group made the pools: the engine's geometry is theirs. */
 static mn_err tp_check_params(const mn_tp *tp, const mn_engine_params *p, mn_errbuf *eb) {
-    int P = mn_tp_size(tp);
     const mn_kv_pool *kv = mn_tp_kv((mn_tp *)tp);
     if (!p) return MN_OK;
-    if (p->t1_budget || p->t2_budget || p->persist_dir || p->kv_reserve > 0)
-        return mn_errf(eb, MN_EUNSUPPORTED,
-                       "tensor parallel: KV tiers are not supported yet (--tp %d): %s is set; a session's KV stays in "
-                       "the pool of each rank (no T1/T2/T3, no KV reserve)", P,
-                       p->persist_dir ? "persist_dir" : p->t1_budget ? "t1_budget" : p->t2_budget ? "t2_budget" : "kv_reserve");
     if (p->block_size > 0 && p->block_size != kv->block_size)
         return mn_errf(eb, MN_EINVALID, "tensor parallel: block_size %d differs from the group's KV pool (%d tokens per block)",
                        p->block_size, kv->block_size);
@@ -223,7 +216,7 @@ static mn_err engine_new(mn_model *m, mn_tp *tp, const mn_engine_params *p, mn_e
     int32_t step_blocks = (mb + e->bs - 1) / e->bs + 1;
     int32_t reserve = n_blocks / 8 > step_blocks ? n_blocks / 8 : step_blocks;
     if (p && p->kv_reserve) reserve = p->kv_reserve < 0 ? 0 : p->kv_reserve;
-    e->reserve = tp ? 0 : reserve < n_blocks / 2 ? reserve : n_blocks / 2; /* TP: nothing to demote to */
+    e->reserve = reserve < n_blocks / 2 ? reserve : n_blocks / 2;
     e->short_step = -(int64_t)MN_KV_RESERVE_WINDOW - 1; /* never short yet: the reserve waits for pressure */
     mn_err err = MN_OK;
     if (tp) {
@@ -270,10 +263,14 @@ mn_err mn_engine_new_tp(mn_tp *tp, const mn_engine_params *p, mn_engine **out, m
     return engine_new((mn_model *)mn_tp_model(tp), tp, p, out, eb);
 }
 
-mn_err mn__engine_kv_stays(const mn_engine *e, const char *what, mn_errbuf *eb) {
-    if (!e->tp) return MN_OK;
-    return mn_errf(eb, MN_EUNSUPPORTED, "tensor parallel: %s is not supported yet (--tp %d): the KV is split over the "
-                   "ranks' pools and does not leave them", what, mn_tp_size(e->tp));
+int32_t mn__engine_kv_heads(const mn_engine *e) { return e->kv->n_kv_head * (e->tp ? mn_tp_size(e->tp) : 1); }
+
+int64_t mn__image_block_elems(const mn_engine *e) {
+    return (int64_t)e->kv->n_layer * 2 * e->kv->block_size * mn__engine_kv_heads(e) * e->kv->head_dim;
+}
+
+int64_t mn__engine_bytes_per_token(const mn_engine *e) {
+    return mn_kv_bytes_per_token(e->kv) * (e->tp ? mn_tp_size(e->tp) : 1);
 }
 
 static void session_free(mn_engine *e, mn_session *s);
@@ -324,7 +321,7 @@ void mn_engine_stats_get(const mn_engine *e, mn_engine_stats *st) {
     st->prefix_entries = e->prefix_count;
     st->prefix_hit_tokens = e->hit_tokens;
     st->computed_tokens = e->computed_tokens;
-    st->bytes_per_token = mn_kv_bytes_per_token(e->kv);
+    st->bytes_per_token = mn__engine_bytes_per_token(e);
     st->sampled_backend = e->sampled_backend;
     st->sampled_host = e->sampled_host;
     st->logits_bytes = e->logits_bytes;
@@ -547,7 +544,7 @@ void mn_session_info_get(const mn_engine *e, const mn_session *s, mn_session_inf
     info->n_computed = s->n_computed;
     info->n_blocks = s->seq.n_blocks;
     info->n_shared_blocks = shared;
-    info->kv_bytes = s->tier ? s->host_bytes : (int64_t)s->seq.n_blocks * e->bs * mn_kv_bytes_per_token(e->kv);
+    info->kv_bytes = s->tier ? s->host_bytes : (int64_t)s->seq.n_blocks * e->bs * mn__engine_bytes_per_token(e);
     info->tier = mn__tier_name(s->tier);
     info->last_use = s->last_use;
 }

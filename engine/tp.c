@@ -159,6 +159,7 @@ void mn_tp_seq_release(mn_tp *t, int32_t s) {
 }
 
 mn_kv_pool *mn_tp_kv(mn_tp *t) { return t->r[0].kv; }
+mn_kv_pool *mn_tp_rank_kv(mn_tp *t, int r) { return t->r[r].kv; }
 
 static void *rank_main(void *arg) {
     tp_rank *r = arg;

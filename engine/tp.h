@@ -21,7 +21,8 @@
  * a forward, make_writable's copy of a shared block, is repeated on the other ranks by
  * mn_tp_copy_block. Their free lists are never used then, so slots (mn_tp_run) and
  * mn_tp_run_seqs do not mix on one group. KV that leaves the pool (tiers, session files)
- * would need every rank's heads: the engine refuses those under TP (MN_EUNSUPPORTED).
+ * is copied from every rank's pool (mn_tp_rank_kv) at the same block ids into one image
+ * holding all heads, and back.
  * Ownership: the group owns everything it made; mn_tp_free releases it. Used from one
  * thread at a time.
  */
@@ -70,6 +71,9 @@ mn_err mn_tp_run(mn_tp *t, const mn_batch *b, float *logits, mn_errbuf *eb);
 mn_err mn_tp_run_lora(mn_tp *t, const mn_batch *b, const mn_batch_lora *lora, float *logits, mn_errbuf *eb);
 /** Rank 0's KV pool: where mn_tp_run_seqs' sequences hold their blocks. */
 mn_kv_pool *mn_tp_kv(mn_tp *t);
+/** Rank r's KV pool (its n_kv_head / P heads, r in [0, P)): the engine copies a session's
+ *  KV between every rank's pool and a host image that holds all heads (tiers, files). */
+mn_kv_pool *mn_tp_rank_kv(mn_tp *t, int r);
 /** Run a batch over sequences of rank 0's pool (mn_tp_kv) on every rank (see the top of
  *  this file): every position of the batch gets its block in rank 0's pool first (full
  *  pool: MN_ELIMIT with nothing run, blocks reserved for earlier sequences kept, as

@@ -420,17 +420,16 @@ static void serve_usage(void) {
             "  --max-pending-write B    bytes queued to a client before its stream counts as stalled (default 1 MiB)\n"
             "  --drain-timeout S        seconds streams may run on after SIGTERM (default 10)\n"
             "  --idle-demote S          move a session's KV down a tier after S idle seconds (T1), 2S (T2),\n"
-            "                           4S (T3 with --persist-dir); 0: only under memory pressure (default 60;\n"
-            "                           0 with --tp)\n"
+            "                           4S (T3 with --persist-dir); 0: only under memory pressure (default 60)\n"
             "  --sample-on WHERE        auto|host|backend: where generating sessions sample (default auto:\n"
             "                           the backend; bias and penalties always sample on the host)\n"
             "  --lora NAME=PATH         load a LoRA adapter (PEFT directory or GGUF LoRA file) at start-up;\n"
             "                           requests select it with model=NAME (repeatable)\n"
             "  --tp N                   tensor parallelism over N ranks (N divides the model's query and kv\n"
             "                           heads): CPU ranks sharing -t's threads, or with --device cuda GPU r for\n"
-            "                           rank r over NCCL. Not yet with KV tiers or session files: --persist-dir,\n"
-            "                           --t1/--t2-budget, --kv-reserve, --idle-demote and --mem-budget are\n"
-            "                           refused, a full KV pool is an error\n"
+            "                           rank r over NCCL. Sessions, tiers and saved files are as without it (a\n"
+            "                           saved session holds every head: any --tp restores it); not yet with\n"
+            "                           --mem-budget\n"
             "  -t THREADS  -c CTX  --device cpu|cuda|auto\n");
 }
 
@@ -531,17 +530,10 @@ static void model_stem(const char *path, char *out, size_t cap) {
     out[n] = 0;
 }
 
-/* --tp N > 1: what the engine cannot do over a group yet (it would refuse most of it too;
- * here each flag is named). -1 with a message. */
-static int serve_tp_check(int tp, const char *persist, long t1, long t2, long kv_reserve, double idle, long mem_budget) {
-    const char *flag = persist ? "--persist-dir" : t1 ? "--t1-budget" : t2 ? "--t2-budget" : kv_reserve > 0 ? "--kv-reserve"
-                     : idle > 0 ? "--idle-demote" : NULL;
-    if (flag) {
-        fprintf(stderr, "mneme serve: tensor parallel: KV tiers are not supported yet (--tp %d): %s needs a session's KV "
-                "to leave the ranks' pools\n", tp, flag);
-        return -1;
-    }
+/* --tp N > 1: what the server cannot do over a group yet. -1 with a message. */
+static int serve_tp_check(int tp, long mem_budget) {
     if (mem_budget) {
+        /* the split below counts one device's KV blocks and adapter copies on rank 0's device */
         fprintf(stderr, "mneme serve: tensor parallel: --mem-budget is not supported yet (--tp %d): size each rank's "
                 "KV pool with --kv-blocks\n", tp);
         return -1;
@@ -589,7 +581,7 @@ int cmd_serve(int argc, char **argv) {
     long port = 8080, max_batch = 0, kv_blocks = 0, max_conn = 0, t1 = 0, t2 = 0, max_body = 0;
     long mem_budget = 0, kv_reserve = -1; /* -1: the engine's default */
     long tp = 1;
-    double drain = 10, idle = -1, adapter_share = -1; /* idle -1: 60 s, or 0 under --tp */
+    double drain = 10, idle = 60, adapter_share = -1;
     mn_sample_on sample_on = MN_SAMPLE_ON_AUTO;
     const char *loras[64];
     int n_loras = 0;
@@ -645,8 +637,7 @@ int cmd_serve(int argc, char **argv) {
         }
     }
     json_set_alloc_funcs(mn_malloc, mn_free);
-    if (tp > 1 && serve_tp_check((int)tp, persist, t1, t2, kv_reserve, idle, mem_budget)) return 2;
-    if (idle < 0) idle = tp > 1 ? 0 : 60;
+    if (tp > 1 && serve_tp_check((int)tp, mem_budget)) return 2;
 
     static serve_state ss;   /* signal and timer handles point into it until the loop ends */
     memset(&ss, 0, sizeof ss);

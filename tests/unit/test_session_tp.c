@@ -149,6 +149,16 @@ static int32_t argmax(const float *l, int32_t V) {
     return b;
 }
 
+/* max |a - ref| over the row / max |ref| (test_tp.c's measure) */
+static float row_err(const float *a, const float *ref) {
+    float mx = 0, d = 0;
+    for (int32_t v = 0; v < model->cfg.n_vocab; v++) {
+        mx = fabsf(ref[v]) > mx ? fabsf(ref[v]) : mx;
+        d = fabsf(a[v] - ref[v]) > d ? fabsf(a[v] - ref[v]) : d;
+    }
+    return d / mx;
+}
+
 /* The greedy tokens of the standalone group's slot 0 after hist[0, n_prompt) (a fresh
  * group, nothing shared with the engine's). */
 static void slots_greedy(const int32_t *hist, int32_t n_prompt, int32_t n_gen, int32_t *out) {
@@ -324,50 +334,29 @@ static void test_exact_against_alone(void **state) {
     mn_tp_free(tr);
 }
 
-/* What TP does not support yet is refused, precisely, and nothing is corrupted. */
+/* A configuration the group does not match, or a size that does not divide the heads, is
+ * refused precisely; a group that serves an engine refuses its slots. */
 static void test_refused(void **state) {
     (void)state;
     mn_tp *t = group(P);
     mn_engine *e;
     mn_errbuf eb;
-    mn_engine_params p = {.t1_budget = 1 << 20};
-    assert_int_equal(mn_engine_new_tp(t, &p, &e, &eb), MN_EUNSUPPORTED);
-    assert_non_null(strstr(eb.msg, "tensor parallel: KV tiers are not supported yet (--tp 3)"));
-    assert_non_null(strstr(eb.msg, "t1_budget"));
-    p = (mn_engine_params){.persist_dir = "/tmp"};
-    assert_int_equal(mn_engine_new_tp(t, &p, &e, &eb), MN_EUNSUPPORTED);
-    assert_non_null(strstr(eb.msg, "persist_dir"));
-    p = (mn_engine_params){.kv_reserve = 8};
-    assert_int_equal(mn_engine_new_tp(t, &p, &e, &eb), MN_EUNSUPPORTED);
-    p = (mn_engine_params){.block_size = 32};
+    mn_engine_params p = {.block_size = 32};
     assert_int_equal(mn_engine_new_tp(t, &p, &e, &eb), MN_EINVALID);
-    assert_non_null(strstr(eb.msg, "block_size 32"));
-
+    assert_non_null(strstr(eb.msg, "tensor parallel: block_size 32 differs from the group's KV pool (16 tokens per block)"));
+    p = (mn_engine_params){.n_blocks = 7};
+    assert_int_equal(mn_engine_new_tp(t, &p, &e, &eb), MN_EINVALID);
+    assert_non_null(strstr(eb.msg, "n_blocks 7"));
     e = engine_tp(t);
     mn_session *s;
     assert_int_equal(mn_session_create(e, NULL, &s, &eb), MN_OK);
     append(e, s, MN_ROLE_USER, "Hello there.");
-    assert_int_equal(mn_session_demote(e, s, 1, &eb), MN_EUNSUPPORTED);
-    assert_non_null(strstr(eb.msg, "tensor parallel"));
-    assert_int_equal(mn_engine_demote_idle(e, 0.0, 1e9, &eb), MN_EUNSUPPORTED);
-    uint8_t *bytes = NULL;
-    size_t len = 0;
-    assert_int_equal(mn_session_export(e, s, &bytes, &len, &eb), MN_EUNSUPPORTED);
-    assert_non_null(strstr(eb.msg, "exporting a session is not supported yet (--tp 3)"));
-    assert_int_equal(mn_session_save(e, s, "/tmp/mneme_tp_refused.mns", &eb), MN_EUNSUPPORTED);
-    mn_session *l;
-    assert_int_equal(mn_session_import(e, "x", 1, &l, &eb), MN_EUNSUPPORTED);
-    /* the session is untouched and still works, in T0 */
-    mn_session_info info;
-    mn_session_info_get(e, s, &info);
-    assert_string_equal(info.tier, "T0");
-    assert_int_equal(info.n_computed, info.n_tokens);
-    assert_non_null(mn_session_logits(s));
     /* the group now belongs to the engine's tables: its slots are refused */
     int32_t tok = 1, seq = 0, pos = 0, row = 0;
     mn_batch b = {1, &tok, &seq, &pos, 1, &row};
     float *logits = mn_malloc((size_t)model->cfg.n_vocab * sizeof(float));
     assert_int_equal(mn_tp_run(t, &b, logits, &eb), MN_EINVALID);
+    assert_non_null(strstr(eb.msg, "mn_tp_run_seqs"));
     mn_free(logits);
     mn_engine_free(e);
     mn_tp_free(t);
@@ -376,10 +365,101 @@ static void test_refused(void **state) {
     mn_tp *t2;
     mn_tp_params tp2 = {.n_ranks = 2, .device = "cpu", .n_threads = 1, .block_size = 16, .n_seqs = 1};
     assert_int_equal(mn_tp_new(mn_test_model_path(), &tp2, &t2, &eb), MN_EINVALID);
-    assert_non_null(strstr(eb.msg, "tensor parallel size 2"));
+    assert_non_null(strstr(eb.msg, "tensor parallel size 2 does not divide the model's heads (n_head 9, n_kv_head 3)"));
 }
 
-/* A full pool is MN_ELIMIT (nothing to swap out to under TP), and the engine goes on. */
+/* Tiers and session files: a session's KV leaves every rank's pool as one image of all
+ * heads and comes back. T1, T2, T3 and back, a save and load, and demotions under pool
+ * pressure, are bit-identical to the session computed alone; an export crosses TP sizes
+ * (the image does not depend on P) within TP's rounding. */
+static void test_tiers_and_files(void **state) {
+    (void)state;
+    char dir[64] = "/tmp/mneme-test-tp-tier-XXXXXX", path[128];
+    if (!mkdtemp(dir)) fail_msg("mkdtemp");
+    mn_tp *t = group(P), *tr = group(P);
+    mn_engine *e, *ref = engine_tp(tr), *one = engine_p1();
+    mn_errbuf eb;
+    mn_engine_params p = {.max_batch_tokens = 256, .persist_dir = dir};
+    assert_int_equal(mn_engine_new_tp(t, &p, &e, &eb), MN_OK);
+    mn_session *s;
+    assert_int_equal(mn_session_create(e, "You are a helpful assistant.", &s, &eb), MN_OK);
+    append(e, s, MN_ROLE_USER, "Tell me about lighthouses and the people who kept them.");
+    static const char *const more[4] = {" And", " then", " what", " happened?"};
+    for (int tier = 1; tier <= 3; tier++) {
+        assert_int_equal(mn_session_demote(e, s, tier, &eb), MN_OK);
+        mn_engine_tier_wait(e);
+        mn_session_info info;
+        mn_session_info_get(e, s, &info);
+        char want[3] = {'T', (char)('0' + tier), 0};
+        assert_string_equal(info.tier, want);
+        append(e, s, MN_ROLE_NONE, more[tier]); /* promotes it, then computes */
+        mn_session_info_get(e, s, &info);
+        assert_string_equal(info.tier, "T0");
+        assert_logits_alone(ref, s, want);
+    }
+    /* save and load in the same engine: the loaded copy continues exactly */
+    snprintf(path, sizeof path, "%s/saved.mns", dir);
+    assert_int_equal(mn_session_save(e, s, path, &eb), MN_OK);
+    mn_session *l;
+    assert_int_equal(mn_session_load(e, path, &l, &eb), MN_OK);
+    append(e, l, MN_ROLE_NONE, " Go on.");
+    assert_logits_alone(ref, l, "loaded");
+    /* across TP sizes: TP 3 -> TP 1 and TP 1 -> TP 3, within TP's rounding of each side */
+    uint8_t *bytes;
+    size_t len;
+    assert_int_equal(mn_session_export(e, l, &bytes, &len, &eb), MN_OK);
+    mn_session *x;
+    assert_int_equal(mn_session_import(one, bytes, len, &x, &eb), MN_OK);
+    mn_free(bytes);
+    append(one, x, MN_ROLE_NONE, " Briefly.");
+    append(e, l, MN_ROLE_NONE, " Briefly.");
+    float e31 = row_err(mn_session_logits(l), mn_session_logits(x));
+    assert_int_equal(mn_session_export(one, x, &bytes, &len, &eb), MN_OK);
+    mn_session *y;
+    assert_int_equal(mn_session_import(e, bytes, len, &y, &eb), MN_OK);
+    mn_free(bytes);
+    append(one, x, MN_ROLE_NONE, " Thanks.");
+    append(e, y, MN_ROLE_NONE, " Thanks.");
+    float e13 = row_err(mn_session_logits(y), mn_session_logits(x));
+    fprintf(stderr, "TP 3 export continued at TP 1: %.3e; TP 1 export continued at TP 3: %.3e of the row max\n", e31, e13);
+    assert_true(e31 < TOL_REAL && e13 < TOL_REAL);
+    mn_engine_free(e);
+    mn_tp_free(t);
+
+    /* pressure: 5 sessions of 3 blocks in a pool of 12 blocks; each turn makes room by
+     * moving the least recently used idle ones to T1, and brings its own back */
+    mn_tp_params tpp = {.n_ranks = P, .device = "cpu", .n_threads = 1, .block_size = 16, .n_blocks = 12, .n_seqs = 1};
+    if (mn_tp_new(mn_test_model_path(), &tpp, &t, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    mn_engine_params pp = {.kv_reserve = MN_KV_RESERVE_OFF};
+    assert_int_equal(mn_engine_new_tp(t, &pp, &e, &eb), MN_OK);
+    mn_session *ss[5];
+    int32_t toks[40];
+    for (int i = 0; i < 5; i++) {
+        for (int k = 0; k < 36; k++) toks[k] = 1000 + 37 * i + k;
+        assert_int_equal(mn_session_create(e, NULL, &ss[i], &eb), MN_OK);
+        assert_int_equal(mn_session_append_tokens(e, ss[i], toks, 36, MN_ROLE_NONE, &eb), MN_OK);
+    }
+    for (int i = 0; i < 5; i++) {
+        toks[0] = 500 + i;
+        assert_int_equal(mn_session_append_tokens(e, ss[i], toks, 1, MN_ROLE_NONE, &eb), MN_OK);
+        assert_logits_alone(ref, ss[i], "after a swap under pressure");
+    }
+    mn_engine_stats st;
+    mn_engine_stats_get(e, &st);
+    assert_true(st.demotions_waited > 0);
+    assert_true(st.swapped_in[1] > 0);
+    mn_engine_free(e);
+    mn_tp_free(t);
+    mn_engine_free(ref);
+    mn_engine_free(one);
+    mn_tp_free(tr);
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    if (system(cmd) != 0) fail_msg("cannot remove %s", dir);
+}
+
+/* More than the pool holds is MN_ELIMIT naming the sizes, with nothing half-appended,
+ * and the engine goes on. */
 static void test_pool_full(void **state) {
     (void)state;
     mn_tp *t;
@@ -387,21 +467,18 @@ static void test_pool_full(void **state) {
     mn_tp_params tpp = {.n_ranks = P, .device = "cpu", .n_threads = 1, .block_size = 16, .n_blocks = 4, .n_seqs = 1};
     if (mn_tp_new(mn_test_model_path(), &tpp, &t, &eb) != MN_OK) fail_msg("%s", eb.msg);
     mn_engine *e;
-    mn_engine_params p = {0};
+    mn_engine_params p = {.kv_reserve = MN_KV_RESERVE_OFF};
     assert_int_equal(mn_engine_new_tp(t, &p, &e, &eb), MN_OK);
-    mn_session *a, *b;
+    mn_session *a;
     assert_int_equal(mn_session_create(e, NULL, &a, &eb), MN_OK);
-    assert_int_equal(mn_session_create(e, NULL, &b, &eb), MN_OK);
-    int32_t toks[40];
-    for (int i = 0; i < 40; i++) toks[i] = 100 + i;
-    assert_int_equal(mn_session_append_tokens(e, a, toks, 40, MN_ROLE_NONE, &eb), MN_OK); /* 3 blocks */
-    assert_int_equal(mn_session_append_tokens(e, b, toks + 1, 39, MN_ROLE_NONE, &eb), MN_ELIMIT);
+    int32_t toks[80];
+    for (int i = 0; i < 80; i++) toks[i] = 100 + i;
+    assert_int_equal(mn_session_append_tokens(e, a, toks, 80, MN_ROLE_NONE, &eb), MN_ELIMIT); /* 5 blocks */
     assert_non_null(strstr(eb.msg, "kv pool full"));
     mn_session_info info;
     mn_session_info_get(e, a, &info);
-    assert_string_equal(info.tier, "T0");
-    mn_session_delete(e, a);
-    assert_int_equal(mn_session_append_tokens(e, b, toks + 1, 39, MN_ROLE_NONE, &eb), MN_OK);
+    assert_int_equal(info.n_tokens, 0);
+    assert_int_equal(mn_session_append_tokens(e, a, toks, 40, MN_ROLE_NONE, &eb), MN_OK);
     mn_engine_free(e);
     mn_tp_free(t);
 }
@@ -410,15 +487,6 @@ static void test_pool_full(void **state) {
  * every CPU rank reads) in the same batches are bit-identical to each alone in another TP
  * engine, the adapter changes the logits, and they stay within test_tp.c's TP bound of
  * the P = 1 engine's with the same adapter (which is far from the unadapted logits). */
-static float row_err(const float *a, const float *ref) {
-    float mx = 0, d = 0;
-    for (int32_t v = 0; v < model->cfg.n_vocab; v++) {
-        mx = fabsf(ref[v]) > mx ? fabsf(ref[v]) : mx;
-        d = fabsf(a[v] - ref[v]) > d ? fabsf(a[v] - ref[v]) : d;
-    }
-    return d / mx;
-}
-
 static mn_lora_registry *registry(const mn_model *m, const char *adapter_dir) {
     mn_lora_registry *r;
     mn_errbuf eb;
@@ -544,6 +612,7 @@ int main(void) {
         cmocka_unit_test(test_pool_full),
         cmocka_unit_test(test_adapters),
         cmocka_unit_test(test_backend_sampling),
+        cmocka_unit_test(test_tiers_and_files),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
