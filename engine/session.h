@@ -98,12 +98,13 @@ typedef struct mn_tp mn_tp;
  *  equal) the group set. Borrows tp (which must outlive the engine, and must not run
  *  slots). The model is mn_tp_model(tp). Greedy tokens match a one-backend engine's up to
  *  the f32 reordering of TP's sums (mn_forward_new_tp).
- *  Not supported yet under TP, refused with MN_EUNSUPPORTED: KV tiers (t1_budget,
- *  t2_budget, persist_dir, kv_reserve > 0 here; mn_session_demote, demote_idle, adopt
- *  later) and session files (save, export, load, import), which would need every rank's
- *  heads. A full pool is MN_ELIMIT (no idle session is swapped out). Sampling on the
+ *  Tiers and session files work as at P = 1: a session's KV is copied between every
+ *  rank's pool and one host image holding all heads, so a file saved at one TP size loads
+ *  at any other (and at P = 1). Those copies are waited for under TP (no pinned images,
+ *  no layer-wise restore, a background demotion's copy is made at once). Sampling on the
  *  backend runs the sample op on every rank (mn_tp_run_seqs). Adapters: the registry's
- *  host copies, as mn_tp_run_lora (CPU ranks; CUDA ranks refuse them per batch row). */
+ *  host copies, as mn_tp_run_lora (CPU ranks; CUDA ranks refuse them per batch row).
+ *  mn_engine_stats' bytes_per_token and a session's kv_bytes count every rank's heads. */
 mn_err mn_engine_new_tp(mn_tp *tp, const mn_engine_params *p, mn_engine **out, mn_errbuf *eb);
 void mn_engine_free(mn_engine *e);
 const mn_model *mn_engine_model(const mn_engine *e);

@@ -1,8 +1,9 @@
 /* engine/tp.h — a tensor-parallel group: P ranks as threads of this process.
  *
  * Rank r has its own backend (CPU ranks: a CPU backend each, an in-process communicator;
- * "cuda": GPU r, an NCCL communicator whose collectives go on that GPU's compute stream), its own load of the model file (the weights are mmapped,
- * so the ranks share the page cache: nothing is copied), a KV pool holding only its
+ * "cuda": GPU r, an NCCL communicator whose collectives go on that GPU's compute
+ * stream), its own load of the model file (the weights are mmapped, so the ranks share
+ * the page cache: nothing is copied), a KV pool holding only its
  * n_kv_head / P heads, and a forward from mn_forward_new_tp over an in-process
  * communicator (engine/comm.h). mn_tp_run hands one batch to every rank at once (rank 0
  * on the calling thread, the others on one thread each for the call) and returns rank
@@ -17,12 +18,14 @@
  * The other ranks' pools are only storage indexed by the same block ids: mn_tp_run_seqs
  * reserves every position of the batch in rank 0's pool first, then hands each other rank
  * a copy of rank 0's block tables, so a block id names the same positions on every rank
- * and each rank holds its own heads of them. The one other thing that writes KV outside
- * a forward, make_writable's copy of a shared block, is repeated on the other ranks by
- * mn_tp_copy_block. Their free lists are never used then, so slots (mn_tp_run) and
- * mn_tp_run_seqs do not mix on one group. KV that leaves the pool (tiers, session files)
- * is copied from every rank's pool (mn_tp_rank_kv) at the same block ids into one image
- * holding all heads, and back.
+ * and each rank holds its own heads of them. (Replaying every reserve, attach, truncate
+ * and release on every pool would keep P free lists in step; sharing the tables needs
+ * only the writes of KV data mirrored.) Outside a forward KV data is written by
+ * make_writable's copy of a shared block, which mn_tp_copy_block repeats on the other
+ * ranks, and by the engine's tiers and session files, which copy a session between every
+ * rank's pool (mn_tp_rank_kv, same block ids) and one host image holding all heads. The
+ * other ranks' free lists are never used, so slots (mn_tp_run) and mn_tp_run_seqs do not
+ * mix on one group.
  * Ownership: the group owns everything it made; mn_tp_free releases it. Used from one
  * thread at a time.
  */
