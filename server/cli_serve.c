@@ -426,10 +426,10 @@ static void serve_usage(void) {
             "  --lora NAME=PATH         load a LoRA adapter (PEFT directory or GGUF LoRA file) at start-up;\n"
             "                           requests select it with model=NAME (repeatable)\n"
             "  --tp N                   tensor parallelism over N ranks (N divides the model's query and kv\n"
-            "                           heads): CPU ranks sharing -t's threads, or with --device cuda GPU r for\n"
-            "                           rank r over NCCL. Sessions, tiers and saved files are as without it (a\n"
-            "                           saved session holds every head: any --tp restores it); not yet with\n"
-            "                           --mem-budget\n"
+            "                           heads): CPU ranks of -t/N threads each (at least 1), or with --device\n"
+            "                           cuda GPU r for rank r over NCCL. Sessions, tiers and saved files are as\n"
+            "                           without it (a saved session holds every head: any --tp restores it);\n"
+            "                           not yet with --mem-budget\n"
             "  -t THREADS  -c CTX  --device cpu|cuda|auto\n");
 }
 
