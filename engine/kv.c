@@ -73,6 +73,20 @@ mn_err mn_kv_seq_attach(mn_kv_pool *p, mn_kv_seq *seq, int32_t id, mn_errbuf *eb
     return MN_OK;
 }
 
+mn_err mn_kv_block_copy(mn_kv_pool *p, int32_t dst, int32_t src, mn_errbuf *eb) {
+    uint16_t *base = p->buf->ptr;
+    size_t bytes = (size_t)p->block_elems * sizeof(uint16_t);
+    int64_t per_kind = (int64_t)p->n_blocks * p->block_elems;
+    mn_err e = MN_OK;
+    for (int32_t k = 0; k < p->n_layer * 2 && e == MN_OK; k++) {
+        uint16_t *kind = base + (int64_t)k * per_kind;
+        e = mn_backend_copy_async(p->backend, MN_COPY_D2D, kind + (int64_t)dst * p->block_elems,
+                                  kind + (int64_t)src * p->block_elems, bytes, eb);
+    }
+    if (e == MN_OK) e = mn_backend_synchronize(p->backend, eb);
+    return e;
+}
+
 mn_err mn_kv_seq_make_writable(mn_kv_pool *p, mn_kv_seq *seq, int32_t pos, mn_errbuf *eb) {
     int32_t bi = pos / p->block_size;
     if (bi >= seq->n_blocks) return MN_OK;
@@ -81,16 +95,7 @@ mn_err mn_kv_seq_make_writable(mn_kv_pool *p, mn_kv_seq *seq, int32_t pos, mn_er
     if (p->n_free == 0) return mn_errf(eb, MN_ELIMIT, "kv pool full: no free block to copy a shared block (%d blocks)", p->n_blocks);
     int32_t id = p->free_ids[--p->n_free];
     p->refs[id] = 1;
-    uint16_t *base = p->buf->ptr;
-    size_t bytes = (size_t)p->block_elems * sizeof(uint16_t);
-    int64_t per_kind = (int64_t)p->n_blocks * p->block_elems;
-    mn_err e = MN_OK;
-    for (int32_t k = 0; k < p->n_layer * 2 && e == MN_OK; k++) {
-        uint16_t *kind = base + (int64_t)k * per_kind;
-        e = mn_backend_copy_async(p->backend, MN_COPY_D2D, kind + (int64_t)id * p->block_elems,
-                                  kind + (int64_t)old * p->block_elems, bytes, eb);
-    }
-    if (e == MN_OK) e = mn_backend_synchronize(p->backend, eb);
+    mn_err e = mn_kv_block_copy(p, id, old, eb);
     if (e != MN_OK) {
         mn_kv_block_release(p, id);
         return e;

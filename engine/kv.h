@@ -57,6 +57,10 @@ mn_err mn_kv_seq_attach(mn_kv_pool *p, mn_kv_seq *seq, int32_t id, mn_errbuf *eb
 /** Make the block holding position pos private to seq before it is written: a block with
  *  other references is copied (all layers, K and V) to a fresh block. No-op past the end. */
 mn_err mn_kv_seq_make_writable(mn_kv_pool *p, mn_kv_seq *seq, int32_t pos, mn_errbuf *eb);
+/** Copy block src's data (all layers, K and V) over block dst; refs untouched. Waits for
+ *  the copies. (make_writable's copy; a tensor-parallel group repeats it on its other
+ *  ranks' pools, mn_tp_copy_block.) */
+mn_err mn_kv_block_copy(mn_kv_pool *p, int32_t dst, int32_t src, mn_errbuf *eb);
 /** Keep positions [0, n): drop the blocks past them; seq->n_tokens = min(n_tokens, n). */
 void mn_kv_seq_truncate(mn_kv_pool *p, mn_kv_seq *seq, int32_t n);
 /** dst (empty) shares every block of src. */

@@ -18,6 +18,7 @@
 #include "engine/forward.h"
 #include "engine/kv.h"
 #include "engine/session_impl.h"
+#include "engine/tp.h"
 
 static double now_s(void) {
     struct timespec ts;
@@ -166,15 +167,33 @@ static mn_err attach_cached(mn_engine *e, mn_session *s, mn_errbuf *eb) {
 
 /* ---- engine ------------------------------------------------------------------------------ */
 
-mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn_errbuf *eb) {
+/* The group made the pools: the engine's geometry is theirs. */
+static mn_err tp_check_params(const mn_tp *tp, const mn_engine_params *p, mn_errbuf *eb) {
+    const mn_kv_pool *kv = mn_tp_kv((mn_tp *)tp);
+    if (!p) return MN_OK;
+    if (p->block_size > 0 && p->block_size != kv->block_size)
+        return mn_errf(eb, MN_EINVALID, "tensor parallel: block_size %d differs from the group's KV pool (%d tokens per block)",
+                       p->block_size, kv->block_size);
+    if (p->n_blocks > 0 && p->n_blocks != kv->n_blocks)
+        return mn_errf(eb, MN_EINVALID, "tensor parallel: n_blocks %d differs from the group's KV pool (%d blocks)",
+                       p->n_blocks, kv->n_blocks);
+    return MN_OK;
+}
+
+static mn_err engine_new(mn_model *m, mn_tp *tp, const mn_engine_params *p, mn_engine **out, mn_errbuf *eb) {
+    if (tp) {
+        mn_err err = tp_check_params(tp, p, eb);
+        if (err != MN_OK) return err;
+    }
     mn_engine *e = mn_calloc(1, sizeof *e);
     if (!e) return mn_errf(eb, MN_ENOMEM, "engine: out of memory");
     const mn_model_config *c = &m->cfg;
     e->m = m;
-    e->bs = p && p->block_size > 0 ? p->block_size : 16;
+    e->tp = tp;
+    e->bs = tp ? mn_tp_kv(tp)->block_size : p && p->block_size > 0 ? p->block_size : 16;
     e->max_batch = p && p->max_batch_tokens > 0 ? p->max_batch_tokens : 512;
     int32_t ctx = c->n_ctx < 4096 ? c->n_ctx : 4096;
-    int32_t n_blocks = p && p->n_blocks > 0 ? p->n_blocks : 4 * ((ctx + e->bs - 1) / e->bs);
+    int32_t n_blocks = tp ? mn_tp_kv(tp)->n_blocks : p && p->n_blocks > 0 ? p->n_blocks : 4 * ((ctx + e->bs - 1) / e->bs);
     int32_t mb = e->max_batch;
     if (p) {
         e->tier_budget[1] = p->t1_budget;
@@ -199,8 +218,13 @@ mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn
     if (p && p->kv_reserve) reserve = p->kv_reserve < 0 ? 0 : p->kv_reserve;
     e->reserve = reserve < n_blocks / 2 ? reserve : n_blocks / 2;
     e->short_step = -(int64_t)MN_KV_RESERVE_WINDOW - 1; /* never short yet: the reserve waits for pressure */
-    mn_err err = mn_kv_pool_new(m->backend, c->n_layer, c->n_kv_head, c->head_dim, e->bs, n_blocks, &e->kv, eb);
-    if (err == MN_OK) err = mn_forward_new(m, e->kv, &e->f, eb);
+    mn_err err = MN_OK;
+    if (tp) {
+        e->kv = mn_tp_kv(tp); /* the group's: not freed here */
+    } else {
+        err = mn_kv_pool_new(m->backend, c->n_layer, c->n_kv_head, c->head_dim, e->bs, n_blocks, &e->kv, eb);
+        if (err == MN_OK) err = mn_forward_new(m, e->kv, &e->f, eb);
+    }
     if (err == MN_OK) {
         e->b_tok = mn_malloc((size_t)mb * 4);
         e->b_seq = mn_malloc((size_t)mb * 4);
@@ -230,6 +254,25 @@ mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn
     return MN_OK;
 }
 
+mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn_errbuf *eb) {
+    return engine_new(m, NULL, p, out, eb);
+}
+
+mn_err mn_engine_new_tp(mn_tp *tp, const mn_engine_params *p, mn_engine **out, mn_errbuf *eb) {
+    /* rank 0's model: config, tokenizer, chat template; the engine only reads it */
+    return engine_new((mn_model *)mn_tp_model(tp), tp, p, out, eb);
+}
+
+int32_t mn__engine_kv_heads(const mn_engine *e) { return e->kv->n_kv_head * (e->tp ? mn_tp_size(e->tp) : 1); }
+
+int64_t mn__image_block_elems(const mn_engine *e) {
+    return (int64_t)e->kv->n_layer * 2 * e->kv->block_size * mn__engine_kv_heads(e) * e->kv->head_dim;
+}
+
+int64_t mn__engine_bytes_per_token(const mn_engine *e) {
+    return mn_kv_bytes_per_token(e->kv) * (e->tp ? mn_tp_size(e->tp) : 1);
+}
+
 static void session_free(mn_engine *e, mn_session *s);
 
 void mn_engine_free(mn_engine *e) {
@@ -256,7 +299,7 @@ void mn_engine_free(mn_engine *e) {
         }
     mn_free(e->prefix);
     mn_forward_free(e->f);
-    mn_kv_pool_free(e->kv);
+    if (!e->tp) mn_kv_pool_free(e->kv);
     mn_free(e->b_tok); mn_free(e->b_seq); mn_free(e->b_pos); mn_free(e->b_rows);
     mn_free(e->b_sess); mn_free(e->b_seqs); mn_free(e->b_logits); mn_free(e->sample_scratch);
     mn_free(e->b_notify);
@@ -278,7 +321,7 @@ void mn_engine_stats_get(const mn_engine *e, mn_engine_stats *st) {
     st->prefix_entries = e->prefix_count;
     st->prefix_hit_tokens = e->hit_tokens;
     st->computed_tokens = e->computed_tokens;
-    st->bytes_per_token = mn_kv_bytes_per_token(e->kv);
+    st->bytes_per_token = mn__engine_bytes_per_token(e);
     st->sampled_backend = e->sampled_backend;
     st->sampled_host = e->sampled_host;
     st->logits_bytes = e->logits_bytes;
@@ -501,7 +544,7 @@ void mn_session_info_get(const mn_engine *e, const mn_session *s, mn_session_inf
     info->n_computed = s->n_computed;
     info->n_blocks = s->seq.n_blocks;
     info->n_shared_blocks = shared;
-    info->kv_bytes = s->tier ? s->host_bytes : (int64_t)s->seq.n_blocks * e->bs * mn_kv_bytes_per_token(e->kv);
+    info->kv_bytes = s->tier ? s->host_bytes : (int64_t)s->seq.n_blocks * e->bs * mn__engine_bytes_per_token(e);
     info->tier = mn__tier_name(s->tier);
     info->last_use = s->last_use;
 }
@@ -551,6 +594,21 @@ static mn_err gen_advance(mn_engine *e, mn_session *s, mn_errbuf *eb) {
     return MN_OK;
 }
 
+/* mn_kv_seq_make_writable, and under TP the same block copy on the other ranks' pools */
+static mn_err make_writable(mn_engine *e, mn_kv_seq *seq, int32_t pos, mn_errbuf *eb) {
+    int32_t bi = pos / e->bs, old = bi < seq->n_blocks ? seq->blocks[bi] : -1;
+    mn_err err = mn_kv_seq_make_writable(e->kv, seq, pos, eb);
+    if (err == MN_OK && e->tp && old >= 0 && seq->blocks[bi] != old) err = mn_tp_copy_block(e->tp, seq->blocks[bi], old, eb);
+    return err;
+}
+
+/* The step's forward: the engine's own, or every rank of its TP group. */
+static mn_err run_forward(mn_engine *e, int32_t ns, const mn_batch *b, const mn_batch_lora *lp, const mn_batch_sample *samp,
+                          mn_errbuf *eb) {
+    if (e->tp) return mn_tp_run_seqs(e->tp, e->b_seqs, ns, b, lp, samp, e->b_logits, eb);
+    return mn_forward_run_sample(e->f, e->b_seqs, ns, b, lp, samp, e->b_logits, eb);
+}
+
 /* Plan one batch and run it. ns counts the sessions taken so far, also on failure, so the
  * caller knows which sessions the failure hit (e->b_sess[0..*ns)). */
 static mn_err step_compute(mn_engine *e, int32_t *ns_out, bool *did_work, mn_errbuf *eb) {
@@ -571,9 +629,9 @@ static mn_err step_compute(mn_engine *e, int32_t *ns_out, bool *did_work, mn_err
             if ((err = adapter_index(e, s, &ai, eb)) != MN_OK) return err;
             if (ai >= 0) any_adapter = true;
             for (int32_t k = 0; k < take; k++) e->b_adapter[n + k] = ai;
-            if ((err = mn_kv_seq_make_writable(e->kv, &s->seq, s->n_computed, eb)) != MN_OK) {
+            if ((err = make_writable(e, &s->seq, s->n_computed, eb)) != MN_OK) {
                 mn__prefix_evict_unused(e);
-                if ((err = mn_kv_seq_make_writable(e->kv, &s->seq, s->n_computed, eb)) != MN_OK) return err;
+                if ((err = make_writable(e, &s->seq, s->n_computed, eb)) != MN_OK) return err;
             }
             s->seq.n_tokens = s->n_computed;
             e->b_seqs[ns] = &s->seq;
@@ -622,10 +680,10 @@ static mn_err step_compute(mn_engine *e, int32_t *ns_out, bool *did_work, mn_err
         lora.adapter = e->b_adapter;
         lp = &lora;
     }
-    err = mn_forward_run_sample(e->f, e->b_seqs, ns, &b, lp, &samp, e->b_logits, eb);
+    err = run_forward(e, ns, &b, lp, &samp, eb);
     if (err == MN_ELIMIT) { /* pool full: give back cached blocks nobody uses, then retry */
         mn__prefix_evict_unused(e);
-        err = mn_forward_run_sample(e->f, e->b_seqs, ns, &b, lp, &samp, e->b_logits, eb);
+        err = run_forward(e, ns, &b, lp, &samp, eb);
     }
     /* the logits are on the host now (the forward synchronised): the copies may go */
     if (lp) mn_lora_registry_release_batch(e->adapters, e->b_adapter, n);

@@ -90,6 +90,22 @@ typedef struct mn_engine mn_engine;
 typedef struct mn_session mn_session;
 
 mn_err mn_engine_new(mn_model *m, const mn_engine_params *p, mn_engine **out, mn_errbuf *eb);
+
+typedef struct mn_tp mn_tp;
+/** An engine whose steps run on every rank of a tensor-parallel group (engine/tp.h,
+ *  mn_tp_run_seqs): sessions, prefix cache, copy-on-write and the batches are those of
+ *  mn_engine_new, over rank 0's KV pool, whose geometry (block_size, n_blocks: 0 in p, or
+ *  equal) the group set. Borrows tp (which must outlive the engine, and must not run
+ *  slots). The model is mn_tp_model(tp). Greedy tokens match a one-backend engine's up to
+ *  the f32 reordering of TP's sums (mn_forward_new_tp).
+ *  Tiers and session files work as at P = 1: a session's KV is copied between every
+ *  rank's pool and one host image holding all heads, so a file saved at one TP size loads
+ *  at any other (and at P = 1). Those copies are waited for under TP (no pinned images,
+ *  no layer-wise restore, a background demotion's copy is made at once). Sampling on the
+ *  backend runs the sample op on every rank (mn_tp_run_seqs). Adapters: the registry's
+ *  host copies, as mn_tp_run_lora (CPU ranks; CUDA ranks refuse them per batch row).
+ *  mn_engine_stats' bytes_per_token and a session's kv_bytes count every rank's heads. */
+mn_err mn_engine_new_tp(mn_tp *tp, const mn_engine_params *p, mn_engine **out, mn_errbuf *eb);
 void mn_engine_free(mn_engine *e);
 const mn_model *mn_engine_model(const mn_engine *e);
 

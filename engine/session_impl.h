@@ -72,8 +72,9 @@ struct mn_session {
 
 struct mn_engine {
     mn_model *m;
-    mn_kv_pool *kv;
-    mn_forward *f;
+    mn_kv_pool *kv;        /* TP: rank 0's pool of the group (borrowed), which keeps every rank's block ids */
+    mn_forward *f;         /* TP: NULL, the group runs the steps */
+    mn_tp *tp;             /* borrowed; NULL: one backend */
     int32_t bs, max_batch;
     mn_session **sessions;
     int32_t n_sessions, cap_sessions;
@@ -122,6 +123,13 @@ struct mn_engine {
 
 
 /* shared between session.c and session_io.c */
+/* KV heads of the model: e->kv's, or under TP the sum over the ranks' pools. A session
+ * image (T1/T2/T3, files) always holds every head, so it does not depend on the TP size. */
+int32_t mn__engine_kv_heads(const mn_engine *e);
+/* Elements (f16) of one block of a session image: every layer, K and V, every head. */
+int64_t mn__image_block_elems(const mn_engine *e);
+/* KV bytes per token of the whole model (every rank's pool under TP). */
+int64_t mn__engine_bytes_per_token(const mn_engine *e);
 mn_err mn__session_new(mn_engine *e, mn_session **out, mn_errbuf *eb);
 mn_err mn__session_add_tokens(mn_session *s, const int32_t *toks, int32_t n, mn_role role, mn_errbuf *eb);
 mn_err mn__session_run_until_done(mn_engine *e, mn_session *s, mn_errbuf *eb);

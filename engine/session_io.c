@@ -10,6 +10,7 @@
 #include "engine/alloc.h"
 #include "engine/session_file.h"
 #include "engine/session_impl.h"
+#include "engine/tp.h"
 
 /* Pool address of (block id, layer, K=0/V=1). */
 static uint16_t *pool_block(const mn_kv_pool *p, int32_t id, int32_t layer, int kind) {
@@ -40,8 +41,79 @@ static mn_err copy_runs(const mn_kv_pool *p, const int32_t *ids, int32_t n_block
     return err;
 }
 
+/* ---- tensor parallelism: rank r's pool holds heads [r*hk, (r+1)*hk) of every block ----
+ * An image keeps all heads: [block][layer][K|V][slot][kv_head][head_dim]. Each rank's
+ * blocks go through a rank-shaped image (copy_runs on its pool) and their heads are
+ * interleaved into / out of the full one on the host, one rank at a time, waiting for its
+ * copies: no events to track across ranks (the pipelined restore and background copy
+ * out fall back to this). */
+
+/* Rows of one rank image: (block, layer, K|V, slot), each hk*head_dim elements. */
+static void tp_interleave(uint16_t *full, uint16_t *part, int64_t rows, int32_t hk, int32_t n_heads, int32_t hd, int32_t r,
+                          bool to_full) {
+    size_t row = (size_t)hk * hd;
+    for (int64_t i = 0; i < rows; i++) {
+        uint16_t *f = full + (size_t)i * n_heads * hd + (size_t)r * row, *q = part + (size_t)i * row;
+        if (to_full) memcpy(f, q, row * sizeof(uint16_t));
+        else memcpy(q, f, row * sizeof(uint16_t));
+    }
+}
+
+static mn_err tp_gather(mn_engine *e, const mn_session *s, uint16_t **kv_out, int32_t *n_blocks_out, mn_buffer **pinned,
+                        mn_event *done, mn_errbuf *eb) {
+    const mn_kv_pool *p0 = e->kv;
+    int32_t n_blocks = (s->n_computed + p0->block_size - 1) / p0->block_size, P = mn_tp_size(e->tp);
+    size_t full_n = (n_blocks ? (size_t)n_blocks : 1) * (size_t)mn__image_block_elems(e);
+    size_t part_n = (n_blocks ? (size_t)n_blocks : 1) * (size_t)p0->n_layer * 2 * (size_t)p0->block_elems;
+    uint16_t *kv = mn_aligned_alloc(64, full_n * sizeof(uint16_t)), *part = mn_aligned_alloc(64, part_n * sizeof(uint16_t));
+    mn_err err = kv && part ? MN_OK : mn_errf(eb, MN_ENOMEM, "session %s: out of memory for a %d-block image", s->id, n_blocks);
+    int64_t rows = (int64_t)n_blocks * p0->n_layer * 2 * p0->block_size;
+    for (int r = 0; r < P && err == MN_OK; r++) {
+        const mn_kv_pool *p = mn_tp_rank_kv(e->tp, r);
+        err = copy_runs(p, s->seq.blocks, n_blocks, part, MN_COPY_D2H, NULL, eb);
+        if (err == MN_OK) err = mn_backend_synchronize(p->backend, eb);
+        if (err == MN_OK) tp_interleave(kv, part, rows, p->n_kv_head, mn__engine_kv_heads(e), p->head_dim, r, true);
+    }
+    mn_free(part);
+    if (err != MN_OK) {
+        mn_free(kv);
+        return err;
+    }
+    if (pinned) *pinned = NULL; /* pageable: interleaved on the host */
+    if (done) *done = (mn_event){0}; /* complete already */
+    *kv_out = kv;
+    *n_blocks_out = n_blocks;
+    return MN_OK;
+}
+
+static mn_err tp_scatter(mn_engine *e, mn_session *s, const uint16_t *kv, int32_t n_tokens, mn_errbuf *eb) {
+    mn_kv_pool *p0 = e->kv;
+    int P = mn_tp_size(e->tp);
+    mn_kv_pool_sort_free(p0); /* fresh blocks in ascending runs: few, large copies */
+    mn_err err = mn_kv_seq_reserve(p0, &s->seq, n_tokens, eb); /* rank 0's ids serve every rank */
+    int32_t n_blocks = (n_tokens + p0->block_size - 1) / p0->block_size;
+    size_t part_n = (n_blocks ? (size_t)n_blocks : 1) * (size_t)p0->n_layer * 2 * (size_t)p0->block_elems;
+    uint16_t *part = err == MN_OK ? mn_aligned_alloc(64, part_n * sizeof(uint16_t)) : NULL;
+    if (err == MN_OK && !part) err = mn_errf(eb, MN_ENOMEM, "session %s: out of memory for a %d-block image", s->id, n_blocks);
+    int64_t rows = (int64_t)n_blocks * p0->n_layer * 2 * p0->block_size;
+    for (int r = 0; r < P && err == MN_OK; r++) {
+        mn_kv_pool *p = mn_tp_rank_kv(e->tp, r);
+        tp_interleave((uint16_t *)kv, part, rows, p->n_kv_head, mn__engine_kv_heads(e), p->head_dim, r, false);
+        err = copy_runs(p, s->seq.blocks, n_blocks, part, MN_COPY_H2D, NULL, eb);
+        if (err == MN_OK) err = mn_backend_synchronize(p->backend, eb);
+    }
+    mn_free(part);
+    if (err != MN_OK) {
+        mn_kv_seq_release(p0, &s->seq);
+        return err;
+    }
+    s->seq.n_tokens = n_tokens;
+    return MN_OK;
+}
+
 mn_err mn__session_gather_kv(mn_engine *e, const mn_session *s, uint16_t **kv_out, int32_t *n_blocks_out, mn_buffer **pinned,
                              mn_event *done, mn_errbuf *eb) {
+    if (e->tp) return tp_gather(e, s, kv_out, n_blocks_out, pinned, done, eb);
     const mn_kv_pool *p = e->kv;
     int32_t n_blocks = (s->n_computed + p->block_size - 1) / p->block_size;
     size_t block_all = (size_t)p->n_layer * 2 * (size_t)p->block_elems;
@@ -78,7 +150,7 @@ void mn__session_fill_image(const mn_engine *e, const mn_session *s, const uint1
     memcpy(img->model_fp, e->m->fingerprint, 16);
     memcpy(img->adapter_fp, s->adapter_fp, 16);
     img->n_layer = p->n_layer;
-    img->n_kv_head = p->n_kv_head;
+    img->n_kv_head = mn__engine_kv_heads(e);
     img->head_dim = p->head_dim;
     img->block_size = p->block_size;
     img->n_tokens = s->n_computed;
@@ -101,6 +173,7 @@ static mn_err build_image(mn_engine *e, mn_session *s, mn_session_image *img, ui
 
 mn_err mn__session_scatter_kv(mn_engine *e, mn_session *s, const uint16_t *kv, int32_t n_tokens, mn_event *layer_done,
                               mn_errbuf *eb) {
+    if (e->tp) return tp_scatter(e, s, kv, n_tokens, eb);
     mn_kv_pool *p = e->kv;
     mn_kv_pool_sort_free(p); /* fresh blocks in ascending runs: few, large copies */
     mn_err err = mn_kv_seq_reserve(p, &s->seq, n_tokens, eb);
@@ -154,11 +227,11 @@ mn_err mn__session_check_image(const mn_engine *e, const mn_session_loaded *ld, 
                            "(an adapter reloaded with other weights has another fingerprint)", hex);
         }
     }
-    if (img->n_layer != p->n_layer || img->n_kv_head != p->n_kv_head || img->head_dim != p->head_dim ||
+    if (img->n_layer != p->n_layer || img->n_kv_head != mn__engine_kv_heads(e) || img->head_dim != p->head_dim ||
         img->block_size != p->block_size)
         return mn_errf(eb, MN_EMISMATCH, "session KV geometry (layers %d, kv heads %d, head dim %d, block %d) does not match "
                        "this engine (%d, %d, %d, %d)", img->n_layer, img->n_kv_head, img->head_dim, img->block_size,
-                       p->n_layer, p->n_kv_head, p->head_dim, p->block_size);
+                       p->n_layer, mn__engine_kv_heads(e), p->head_dim, p->block_size);
     if (img->n_tokens > e->m->cfg.n_ctx)
         return mn_errf(eb, MN_ELIMIT, "session has %d tokens, more than the context length %d", img->n_tokens, e->m->cfg.n_ctx);
     for (int32_t i = 0; i < img->n_tokens; i++)

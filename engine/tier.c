@@ -244,7 +244,7 @@ static void lift_install(mn_engine *e, tier_job *j) {
         drop_file(s);
     }
     int32_t n_blocks = j->ld->img.n_blocks;
-    int64_t bytes = (int64_t)n_blocks * e->kv->n_layer * 2 * e->kv->block_elems * (int64_t)sizeof(uint16_t);
+    int64_t bytes = (int64_t)n_blocks * mn__image_block_elems(e) * (int64_t)sizeof(uint16_t);
     e->swapped_in[j->from] += j->from == 2 ? s->host_bytes : bytes;
     s->packed_len = 0;
     s->host_kv = j->ld->kv;
@@ -281,7 +281,7 @@ void mn__tier_collect(mn_engine *e) {
             s->file = j->path;
             s->host_bytes = bytes;
             e->tier_used[j->to] += bytes;
-            e->swapped_out[j->to] += j->to == 2 ? bytes : (int64_t)j->img.n_blocks * e->bs * mn_kv_bytes_per_token(e->kv);
+            e->swapped_out[j->to] += j->to == 2 ? bytes : (int64_t)j->img.n_blocks * e->bs * mn__engine_bytes_per_token(e);
             j->packed = NULL;
             j->path = NULL;
         } else if (s) {
@@ -447,12 +447,12 @@ static mn_err demote(mn_engine *e, mn_session *s, int to, bool background, mn_er
     int64_t bytes = 0;
     if (to == 1) {
         if (!gathered) { /* T1 from below: keep a private copy of the image */
-            size_t n = (size_t)n_blocks * e->kv->n_layer * 2 * (size_t)e->kv->block_elems * sizeof(uint16_t);
+            size_t n = (size_t)n_blocks * (size_t)mn__image_block_elems(e) * sizeof(uint16_t);
             gathered = mn_aligned_alloc(64, n ? n : 64);
             if (!gathered) err = mn_errf(eb, MN_ENOMEM, "tier T1: out of memory");
             else memcpy(gathered, kv, n);
         }
-        bytes = (int64_t)n_blocks * e->kv->n_layer * 2 * e->kv->block_elems * (int64_t)sizeof(uint16_t);
+        bytes = (int64_t)n_blocks * mn__image_block_elems(e) * (int64_t)sizeof(uint16_t);
     } else if (to == 2) {
         err = mn_session_write_mem(&img, &packed, &packed_len, eb);
         bytes = (int64_t)packed_len;
@@ -618,7 +618,7 @@ mn_err mn__tier_ensure_resident(mn_engine *e, mn_session *s, mn_errbuf *eb) {
     if (err == MN_OK) err = mn__session_scatter_kv(e, s, kv, s->n_computed, NULL, eb);
     mn_session_loaded_free(ld);
     if (err != MN_OK) return err;
-    e->swapped_in[s->tier] += s->tier == 3 ? (int64_t)n_blocks * e->bs * mn_kv_bytes_per_token(e->kv) : s->host_bytes;
+    e->swapped_in[s->tier] += s->tier == 3 ? (int64_t)n_blocks * e->bs * mn__engine_bytes_per_token(e) : s->host_bytes;
     mn__tier_drop(e, s);
     s->tier = 0;
     s->last_step = e->n_steps; /* just brought up for use: not idle for the reserve */
@@ -631,7 +631,9 @@ mn_err mn__tier_ensure_resident(mn_engine *e, mn_session *s, mn_errbuf *eb) {
  * leaves the session at once (it is T0 now) and is retired: freed at the end of the step,
  * once the copies are surely done. */
 mn_err mn__tier_restore_pipelined(mn_engine *e, mn_session *s, mn_errbuf *eb) {
-    if (s->tier != 1 || s->job) return mn__tier_ensure_resident(e, s, eb); /* a job reads the image: keep it simple */
+    /* a job reads the image: keep it simple. TP: each rank's heads are copied out of the
+     * image in turn, and the forward waits on no copy events of its ranks */
+    if (s->tier != 1 || s->job || e->tp) return mn__tier_ensure_resident(e, s, eb);
     int32_t n_blocks = (s->n_computed + e->bs - 1) / e->bs, nl = e->m->cfg.n_layer;
     if (!e->restore_ready && !(e->restore_ready = mn_calloc((size_t)nl, sizeof(mn_event))))
         return mn_errf(eb, MN_ENOMEM, "out of memory");

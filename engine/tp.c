@@ -22,11 +22,22 @@ typedef struct tp_rank {
     mn_comm *comm;
     mn_kv_seq *seqs;         /* [n_seqs] slots */
     mn_kv_seq **seq_ptrs;    /* [n_seqs] */
+    mn_kv_seq *shadow;       /* ranks > 0, mn_tp_run_seqs: [cap_shadow] copies of rank 0's block tables */
+    mn_kv_seq **shadow_ptrs;
+    int32_t cap_shadow;
+    /* ranks > 0: outputs of the sample op (rank 0's are the caller's), [cap_samp] rows */
+    int32_t *s_tok, *s_top;
+    float *s_lp, *s_toplp;
+    int32_t cap_samp;
+    mn_batch_sample samp_copy;
     float *logits;           /* ranks > 0: [cap_out][n_vocab] scratch */
     int32_t cap_out;
     /* the call in flight */
+    mn_kv_seq *const *run_seqs;
+    int32_t run_n_seqs;
     const mn_batch *b;
     const mn_batch_lora *lora;
+    const mn_batch_sample *samp;
     float *out;
     mn_err e;
     mn_errbuf eb;
@@ -37,6 +48,7 @@ struct mn_tp {
     int32_t n_seqs;
     tp_rank *r;
     bool broken;             /* a run failed inside: ranks may disagree */
+    bool shared_tables;      /* mn_tp_run_seqs was used: rank 0's pool allocates for every rank */
 };
 
 void mn_tp_free(mn_tp *t) {
@@ -52,6 +64,9 @@ void mn_tp_free(mn_tp *t) {
         mn_free(r->seqs);
         mn_free(r->seq_ptrs);
         mn_free(r->logits);
+        mn_free(r->shadow);
+        mn_free(r->shadow_ptrs);
+        mn_free(r->s_tok); mn_free(r->s_top); mn_free(r->s_lp); mn_free(r->s_toplp);
     }
     mn_free(t->r);
     mn_free(t);
@@ -96,7 +111,10 @@ static mn_err rank_open(mn_tp *t, tp_rank *r, const char *path, const mn_tp_para
     const mn_model_config *c = &r->m->cfg;
     /* an indivisible head count is reported by mn_forward_new_tp; size the pool anyway */
     int32_t n_kv = c->n_kv_head % t->P == 0 ? c->n_kv_head / t->P : c->n_kv_head;
-    e = mn_kv_pool_new(r->be, c->n_layer, n_kv, c->head_dim, p->block_size, p->n_blocks, &r->kv, eb);
+    int32_t ctx = c->n_ctx < 4096 ? c->n_ctx : 4096, bs = p->block_size;
+    /* the session engine's default: four full contexts */
+    int32_t n_blocks = p->n_blocks > 0 ? p->n_blocks : bs > 0 ? 4 * ((ctx + bs - 1) / bs) : 0;
+    e = mn_kv_pool_new(r->be, c->n_layer, n_kv, c->head_dim, bs, n_blocks, &r->kv, eb);
     if (e == MN_OK) e = mn_forward_new_tp(r->m, r->kv, r->comm, &r->f, eb);
     if (e != MN_OK) return e;
     r->seqs = mn_calloc((size_t)t->n_seqs, sizeof *r->seqs);
@@ -140,19 +158,123 @@ void mn_tp_seq_release(mn_tp *t, int32_t s) {
     for (int i = 0; i < t->P; i++) mn_kv_seq_release(t->r[i].kv, &t->r[i].seqs[s]);
 }
 
+mn_kv_pool *mn_tp_kv(mn_tp *t) { return t->r[0].kv; }
+mn_kv_pool *mn_tp_rank_kv(mn_tp *t, int r) { return t->r[r].kv; }
+
 static void *rank_main(void *arg) {
     tp_rank *r = arg;
-    r->e = mn_forward_run_lora(r->f, r->seq_ptrs, r->t->n_seqs, r->b, r->lora, r->out, &r->eb);
+    r->e = mn_forward_run_sample(r->f, r->run_seqs, r->run_n_seqs, r->b, r->lora, r->samp, r->out, &r->eb);
     return NULL;
 }
+
+static mn_err run_all(mn_tp *t, const mn_batch *b, const mn_batch_lora *lora, const mn_batch_sample *samp, float *logits,
+                      mn_errbuf *eb);
 
 mn_err mn_tp_run(mn_tp *t, const mn_batch *b, float *logits, mn_errbuf *eb) {
     return mn_tp_run_lora(t, b, NULL, logits, eb);
 }
 
 mn_err mn_tp_run_lora(mn_tp *t, const mn_batch *b, const mn_batch_lora *lora, float *logits, mn_errbuf *eb) {
+    /* the slots' blocks come from each rank's own free list, which shared tables bypass */
+    if (t->shared_tables) return mn_errf(eb, MN_EINVALID, "tensor parallel: slots cannot be run on a group driven by mn_tp_run_seqs");
+    for (int i = 0; i < t->P; i++) {
+        t->r[i].run_seqs = t->r[i].seq_ptrs;
+        t->r[i].run_n_seqs = t->n_seqs;
+    }
+    return run_all(t, b, lora, NULL, logits, eb);
+}
+
+mn_err mn_tp_run_seqs(mn_tp *t, mn_kv_seq *const *seqs, int32_t n_seqs, const mn_batch *b, const mn_batch_lora *lora,
+                      const mn_batch_sample *samp, float *logits, mn_errbuf *eb) {
+    if (t->broken) return mn_errf(eb, MN_EINVALID, "tensor parallel: the group is unusable after a failed run");
+    for (int32_t s = 0; s < t->n_seqs; s++)
+        if (t->r[0].seqs[s].n_blocks)
+            return mn_errf(eb, MN_EINVALID, "tensor parallel: slot %d holds blocks: mn_tp_run_seqs needs a group whose slots are empty", s);
+    t->shared_tables = true;
+    if (n_seqs < 1) return mn_errf(eb, MN_EINVALID, "batch: no sequences");
+    /* Every position's block is reserved here, in rank 0's pool, before any rank runs: the
+     * forwards then find their tables complete and allocate nothing, so each other rank can
+     * run on a copy of rank 0's tables over its own pool (same ids, its own heads). A batch
+     * the forward would refuse is refused by every rank alike after this. */
+    mn_kv_pool *kv0 = t->r[0].kv;
+    for (int32_t s = 0; s < n_seqs; s++) {
+        int32_t len = seqs[s]->n_tokens;
+        for (int32_t i = 0; i < b->n_tokens; i++)
+            if (b->seq[i] == s && b->pos[i] >= 0 && b->pos[i] + 1 > len) len = b->pos[i] + 1;
+        mn_err e = mn_kv_seq_reserve(kv0, seqs[s], len, eb);
+        if (e != MN_OK) return e;
+    }
+    for (int i = 1; i < t->P; i++) {
+        tp_rank *r = &t->r[i];
+        if (n_seqs > r->cap_shadow) {
+            mn_kv_seq *ns = mn_realloc(r->shadow, (size_t)n_seqs * sizeof *ns);
+            if (ns) r->shadow = ns;
+            mn_kv_seq **np = ns ? mn_realloc(r->shadow_ptrs, (size_t)n_seqs * sizeof *np) : NULL;
+            if (np) r->shadow_ptrs = np;
+            if (!ns || !np) return mn_errf(eb, MN_ENOMEM, "tensor parallel: out of memory");
+            r->cap_shadow = n_seqs;
+        }
+        /* the copies share rank 0's block arrays read-only: nothing reallocates them
+         * during the run, every block being reserved above */
+        for (int32_t s = 0; s < n_seqs; s++) {
+            r->shadow[s] = *seqs[s];
+            r->shadow_ptrs[s] = &r->shadow[s];
+        }
+        r->run_seqs = r->shadow_ptrs;
+        r->run_n_seqs = n_seqs;
+    }
+    t->r[0].run_seqs = seqs;
+    t->r[0].run_n_seqs = n_seqs;
+    return run_all(t, b, lora, samp, logits, eb);
+}
+
+mn_err mn_tp_copy_block(mn_tp *t, int32_t dst, int32_t src, mn_errbuf *eb) {
+    for (int i = 1; i < t->P; i++) {
+        mn_err e = mn_kv_block_copy(t->r[i].kv, dst, src, eb);
+        if (e != MN_OK) {
+            t->broken = true; /* rank i lacks data that rank 0 has */
+            return e;
+        }
+    }
+    return MN_OK;
+}
+
+/* Rank r > 0's copy of samp: the same rows and parameters, its own outputs (every rank
+ * samples the same bits from the same logits with the same u; rank 0's are returned). */
+static mn_err rank_samp(tp_rank *r, const mn_batch_sample *samp, mn_errbuf *eb) {
+    if (!samp) {
+        r->samp = NULL;
+        return MN_OK;
+    }
+    int32_t n = samp->n_sample > 0 ? samp->n_sample : 1;
+    if (n > r->cap_samp) {
+        int32_t *tk = mn_realloc(r->s_tok, (size_t)n * sizeof(int32_t));
+        if (tk) r->s_tok = tk;
+        int32_t *tp = tk ? mn_realloc(r->s_top, (size_t)n * MN_SAMPLE_MAX_TOP * sizeof(int32_t)) : NULL;
+        if (tp) r->s_top = tp;
+        float *lp = tp ? mn_realloc(r->s_lp, (size_t)n * sizeof(float)) : NULL;
+        if (lp) r->s_lp = lp;
+        float *tl = lp ? mn_realloc(r->s_toplp, (size_t)n * MN_SAMPLE_MAX_TOP * sizeof(float)) : NULL;
+        if (tl) r->s_toplp = tl;
+        if (!tl) return mn_errf(eb, MN_ENOMEM, "tensor parallel: out of memory");
+        r->cap_samp = n;
+    }
+    r->samp_copy = (mn_batch_sample){.n_sample = samp->n_sample, .params = samp->params, .token = samp->token ? r->s_tok : NULL,
+                                     .logprob = samp->logprob ? r->s_lp : NULL, .top_id = samp->top_id ? r->s_top : NULL,
+                                     .top_logprob = samp->top_logprob ? r->s_toplp : NULL};
+    r->samp = &r->samp_copy;
+    return MN_OK;
+}
+
+static mn_err run_all(mn_tp *t, const mn_batch *b, const mn_batch_lora *lora, const mn_batch_sample *samp, float *logits,
+                      mn_errbuf *eb) {
     if (t->broken) return mn_errf(eb, MN_EINVALID, "tensor parallel: the group is unusable after a failed run");
     const int32_t V = t->r[0].m->cfg.n_vocab;
+    t->r[0].samp = samp;
+    for (int i = 1; i < t->P; i++) {
+        mn_err e = rank_samp(&t->r[i], samp, eb);
+        if (e != MN_OK) return e;
+    }
     for (int i = 1; i < t->P; i++) {
         tp_rank *r = &t->r[i];
         if (b->n_out > r->cap_out) {

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "engine/alloc.h"
+#include "engine/tp.h"
 #include "server/api.h"
 #include "server/cli.h"
 
@@ -424,6 +425,11 @@ static void serve_usage(void) {
             "                           the backend; bias and penalties always sample on the host)\n"
             "  --lora NAME=PATH         load a LoRA adapter (PEFT directory or GGUF LoRA file) at start-up;\n"
             "                           requests select it with model=NAME (repeatable)\n"
+            "  --tp N                   tensor parallelism over N ranks (N divides the model's query and kv\n"
+            "                           heads): CPU ranks of -t/N threads each (at least 1), or with --device\n"
+            "                           cuda GPU r for rank r over NCCL. Sessions, tiers and saved files are as\n"
+            "                           without it (a saved session holds every head: any --tp restores it);\n"
+            "                           not yet with --mem-budget\n"
             "  -t THREADS  -c CTX  --device cpu|cuda|auto\n");
 }
 
@@ -432,7 +438,7 @@ static bool is_serve_value_flag(const char *a) {
                                         "--kv-blocks", "--t1-budget", "--t2-budget", "--max-body", "--max-connections",
                                         "--drain-timeout", "--idle-demote", "--max-streams", "--max-pending-write",
                                         "--lora", "--max-sessions-per-key", "--admin-key-file", "--lora-dir",
-                                        "--mem-budget", "--adapter-share", "--sample-on", "--kv-reserve"};
+                                        "--mem-budget", "--adapter-share", "--sample-on", "--kv-reserve", "--tp"};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         if (!strcmp(a, flags[i])) return true;
     return false;
@@ -524,12 +530,57 @@ static void model_stem(const char *path, char *out, size_t cap) {
     out[n] = 0;
 }
 
+/* --tp N > 1: what the server cannot do over a group yet. -1 with a message. */
+static int serve_tp_check(int tp, long mem_budget) {
+    if (mem_budget) {
+        /* the split below counts one device's KV blocks and adapter copies on rank 0's device */
+        fprintf(stderr, "mneme serve: tensor parallel: --mem-budget is not supported yet (--tp %d): size each rank's "
+                "KV pool with --kv-blocks\n", tp);
+        return -1;
+    }
+    return 0;
+}
+
+/* --tp N > 1: the group (every rank loads the model; rank 0's model and backend serve as
+ * *m and *be, owned by the group). The device is resolved as cli_load does (auto: a GPU if
+ * there is one), with a backend made only to ask. 0 on success, else -1 with a message. */
+static int serve_tp_load(const cli_model_opts *mo, int tp, int32_t kv_blocks, mn_tp **out, mn_backend **be, mn_model **m) {
+    mn_errbuf eb = {{0}};
+    mn_backend_params bp = {.device = mo->device ? mo->device : "auto", .n_threads = mo->threads};
+    bool fell_back = false;
+    mn_backend *probe;
+    if (mn_backend_new(&bp, &probe, &fell_back, &eb) != MN_OK) {
+        fprintf(stderr, "mneme: %s\n", eb.msg);
+        return -1;
+    }
+    if (fell_back) fprintf(stderr, "mneme: %s\n", eb.msg);
+    bool cpu = !strcmp(mn_backend_name(probe), "cpu");
+    int threads = probe->n_threads / tp > 0 ? probe->n_threads / tp : 1;
+    mn_backend_free(probe);
+    mn_tp_params p = {.n_ranks = tp, .device = cpu ? "cpu" : "cuda", .n_threads = threads, .model = {.n_ctx = mo->n_ctx},
+                      .block_size = SERVE_BLOCK_TOKENS, .n_blocks = kv_blocks, .n_seqs = 1};
+    const char *path = mo->model ? mo->model : cli_default_model();
+    if (mn_tp_new(path, &p, out, &eb) != MN_OK) {
+        fprintf(stderr, "mneme serve: --tp %d: %s: %s\n", tp, path, eb.msg);
+        return -1;
+    }
+    *be = mn_tp_backend(*out);
+    *m = (mn_model *)mn_tp_model(*out); /* read-only: config, tokenizer, adapters' checks */
+    return 0;
+}
+
+static void serve_unload(mn_tp *group, mn_backend *be, mn_model *m) {
+    if (group) mn_tp_free(group);
+    else cli_unload(be, m);
+}
+
 int cmd_serve(int argc, char **argv) {
     cli_model_opts mo = {0};
     const char *host = "127.0.0.1", *key_file = NULL, *persist = NULL, *admin_file = NULL, *lora_dir = NULL;
     long max_streams = 256, max_pending = 0, max_sessions = 256;
     long port = 8080, max_batch = 0, kv_blocks = 0, max_conn = 0, t1 = 0, t2 = 0, max_body = 0;
     long mem_budget = 0, kv_reserve = -1; /* -1: the engine's default */
+    long tp = 1;
     double drain = 10, idle = 60, adapter_share = -1;
     mn_sample_on sample_on = MN_SAMPLE_ON_AUTO;
     const char *loras[64];
@@ -558,6 +609,7 @@ int cmd_serve(int argc, char **argv) {
             else { fprintf(stderr, "mneme serve: --sample-on must be auto, host or backend, got '%s'\n", v); return 2; }
         }
         else if (!strcmp(a, "--persist-dir")) persist = v;
+        else if (!strcmp(a, "--tp")) { if (cli_int(a, v, 1, 64, &tp)) return 2; }
         else if (!strcmp(a, "--max-batch-tokens")) { if (cli_int(a, v, 1, 1 << 16, &max_batch)) return 2; }
         else if (!strcmp(a, "--kv-blocks")) { if (cli_int(a, v, 1, 1 << 24, &kv_blocks)) return 2; }
         else if (!strcmp(a, "--mem-budget")) { if (cli_int(a, v, 1, 0x7fffffffffffffffL, &mem_budget)) return 2; }
@@ -585,6 +637,7 @@ int cmd_serve(int argc, char **argv) {
         }
     }
     json_set_alloc_funcs(mn_malloc, mn_free);
+    if (tp > 1 && serve_tp_check((int)tp, mem_budget)) return 2;
 
     static serve_state ss;   /* signal and timer handles point into it until the loop ends */
     memset(&ss, 0, sizeof ss);
@@ -610,7 +663,12 @@ int cmd_serve(int argc, char **argv) {
 
     mn_backend *be;
     mn_model *m;
-    if (cli_load(&mo, &be, &m)) { serve_access_free(srv); return 1; }
+    mn_tp *group = NULL;
+    if (tp > 1 ? serve_tp_load(&mo, (int)tp, (int32_t)kv_blocks, &group, &be, &m) : cli_load(&mo, &be, &m)) {
+        serve_access_free(srv);
+        return 1;
+    }
+    if (group) kv_blocks = 0; /* the group's pool has them */
     srv->model = m;
     srv->n_ctx = m->cfg.n_ctx;
     model_stem(mo.model ? mo.model : cli_default_model(), srv->model_name, sizeof srv->model_name);
@@ -619,7 +677,7 @@ int cmd_serve(int argc, char **argv) {
     /* adapters first: sessions saved under one are restored (load_job) only when it is loaded */
     if (mn_lora_registry_new(m, &srv->adapters, &eb) != MN_OK) {
         fprintf(stderr, "mneme serve: %s\n", eb.msg);
-        cli_unload(be, m);
+        serve_unload(group, be, m);
         serve_access_free(srv);
         return 1;
     }
@@ -636,16 +694,17 @@ int cmd_serve(int argc, char **argv) {
         fprintf(stderr, "mneme serve: --lora %s: %s\n", loras[i], ae.message);
         api_adapters_free(srv);
         mn_lora_registry_free(srv->adapters);
-        cli_unload(be, m);
+        serve_unload(group, be, m);
         serve_access_free(srv);
         return 1;
     }
     srv->n_adapters = n_loras;
     if (n_loras) fprintf(stderr, "mneme serve: %d adapter%s loaded\n", n_loras, n_loras == 1 ? "" : "s");
-    if (serve_memory_split(srv, be, m, mem_budget, adapter_share, &kv_blocks)) {
+    /* under --tp the adapters stay host copies, which every CPU rank reads (mn_tp_run_lora) */
+    if (!group && serve_memory_split(srv, be, m, mem_budget, adapter_share, &kv_blocks)) {
         api_adapters_free(srv);
         mn_lora_registry_free(srv->adapters);
-        cli_unload(be, m);
+        serve_unload(group, be, m);
         serve_access_free(srv);
         return 1;
     }
@@ -653,11 +712,11 @@ int cmd_serve(int argc, char **argv) {
                            .t2_budget = t2, .persist_dir = persist, .adapters = srv->adapters, .sample_on = sample_on,
                            .kv_reserve = kv_reserve < 0 ? 0 : kv_reserve == 0 ? MN_KV_RESERVE_OFF : (int32_t)kv_reserve};
     mn_engine *e = NULL;
-    if (mn_engine_new(m, &ep, &e, &eb) != MN_OK) {
+    if ((group ? mn_engine_new_tp(group, &ep, &e, &eb) : mn_engine_new(m, &ep, &e, &eb)) != MN_OK) {
         fprintf(stderr, "mneme serve: %s\n", eb.msg);
         api_adapters_free(srv);
         mn_lora_registry_free(srv->adapters);
-        cli_unload(be, m);
+        serve_unload(group, be, m);
         serve_access_free(srv);
         return 1;
     }
@@ -693,8 +752,11 @@ int cmd_serve(int argc, char **argv) {
         }
         uv_signal_start(&ss.sigint, on_signal, SIGINT);
         uv_signal_start(&ss.sigterm, on_signal, SIGTERM);
-        fprintf(stderr, "mneme serve: listening on http://%s:%d (model %s, %s backend, %d threads, context %d)\n", host,
-                mn_http_server_port(srv->http), srv->model_name, mn_backend_name(be), be->n_threads, srv->n_ctx);
+        fprintf(stderr, "mneme serve: listening on http://%s:%d (model %s, %s backend, %d threads%s, context %d", host,
+                mn_http_server_port(srv->http), srv->model_name, mn_backend_name(be), be->n_threads,
+                group ? " per rank" : "", srv->n_ctx);
+        if (group) fprintf(stderr, ", %d tensor-parallel ranks", mn_tp_size(group));
+        fprintf(stderr, ")\n");
         fflush(stderr);
         uv_run(loop, UV_RUN_DEFAULT);
         rc = ss.exit_code;
@@ -712,7 +774,7 @@ int cmd_serve(int argc, char **argv) {
         unlink(path);
     }
     mn_free(srv->saved_engine_ids);
-    cli_unload(be, m);
+    serve_unload(group, be, m);
     serve_access_free(srv);
     if (!rc) fprintf(stderr, "mneme serve: stopped\n");
     return rc;
