@@ -46,14 +46,7 @@ static mn_model *model;   /* the P = 1 engine's */
 
 static int setup(void **state) {
     (void)state;
-    mn_errbuf eb;
-    mn_backend_params bp = {.device = "cpu", .n_threads = 1};
-    if (mn_backend_cpu_new(&bp, &be, &eb) != MN_OK) return -1;
-    if (mn_model_load(mn_test_model_path(), be, NULL, &model, &eb) != MN_OK) {
-        fprintf(stderr, "cannot load %s: %s (run tools/setup.sh)\n", mn_test_model_path(), eb.msg);
-        return -1;
-    }
-    return 0;
+    return mn_test_load_default_model(1, &be, &model);
 }
 
 static int teardown(void **state) {
