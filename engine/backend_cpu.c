@@ -51,6 +51,7 @@ typedef struct cpu_impl {
     int n_ops;
     double *op_seconds;   /* copied from the backend for the duration of a run */
     int64_t *op_calls;
+    bool lora_prefetch;   /* matmuls prefetch the next LoRA op's weights (MNEME_LORA_PREFETCH=0: off, to measure) */
 } cpu_impl;
 
 static void run_copy(const cpu_copy *c) {
@@ -293,6 +294,24 @@ static double now_s(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* The LoRA op that ops[i], a matmul, is the part [*f0, *f1) of: the next op after a run of
+ * matmuls (the q/k/v or gate/up of a layer, or one linear), each matmul's part in
+ * proportion to its output rows; NULL if the run ends in anything else. */
+static const mn_lora_desc *lora_after(const mn_op *ops, int n_ops, int i, double *f0, double *f1) {
+    int first = i, end = i;
+    while (first > 0 && ops[first - 1].kind == MN_OP_MATMUL) first--;
+    while (end < n_ops && ops[end].kind == MN_OP_MATMUL) end++;
+    if (end == n_ops || ops[end].kind != MN_OP_LORA) return NULL;
+    int64_t before = 0, total = 0;
+    for (int j = first; j < end; j++) {
+        if (j < i) before += ops[j].u.matmul.N;
+        total += ops[j].u.matmul.N;
+    }
+    *f0 = (double)before / (double)total;
+    *f1 = (double)(before + ops[i].u.matmul.N) / (double)total;
+    return &ops[end].u.lora;
+}
+
 static void run_task(void *arg, const mn_par *par) {
     cpu_impl *c = arg;
     double *prof = par->ith == 0 ? c->op_seconds : NULL;
@@ -300,6 +319,10 @@ static void run_task(void *arg, const mn_par *par) {
     for (int i = 0; i < c->n_ops; i++) {
         if (c->ops[i].kind == MN_OP_WAIT_COPY) {
             if (par->ith == 0) wait_op(&c->cq, c->ops[i].u.wait_copy.ticket); /* the others wait at the barrier */
+        } else if (c->ops[i].kind == MN_OP_MATMUL && c->lora_prefetch) {
+            double f0 = 0, f1 = 0;
+            const mn_lora_desc *next = lora_after(c->ops, c->n_ops, i, &f0, &f1);
+            mn_cpu_matmul_prefetch_lora(&c->ops[i].u.matmul, next, f0, f1, c->work, par);
         } else {
             run_op(&c->ops[i], c->work, par);
         }
@@ -369,6 +392,8 @@ mn_err mn_backend_cpu_new(const mn_backend_params *p, mn_backend **out, mn_errbu
         return mn_errf(eb, MN_ENOMEM, "cpu backend: out of memory");
     }
     copy_queue_init(&c->cq);
+    const char *pf = getenv("MNEME_LORA_PREFETCH");
+    c->lora_prefetch = !(pf && strcmp(pf, "0") == 0);
     mn_err e = mn_threadpool_new(n, &c->pool, eb);
     if (e != MN_OK) {
         copy_queue_free(&c->cq);

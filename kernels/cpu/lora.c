@@ -63,3 +63,48 @@ void mn_cpu_lora(const mn_lora_desc *d, void *work, const mn_par *par) {
     if (mn__cpu_simd() >= MN__SIMD_AVX2) mn__cpu_lora_avx2(d, work, par);
     else lora_body(d, work, par);
 }
+
+/* ---- prefetch hints for mn_cpu_matmul_prefetch_lora --------------------------------- */
+
+/* Matrix m of the op's read sequence: per segment, A (unless the op only expands), then
+ * the B of each output (unless it only shrinks). false past the end. */
+typedef struct lora_mat { const char *p; int64_t rows, row_bytes, stride; } lora_mat;
+
+static bool lora_mat_at(const mn_lora_desc *d, int32_t s, int m, lora_mat *out) {
+    const mn_lora_seg *g = &d->seg[s];
+    const int64_t esz = g->type == MN_F32 ? 4 : 2;
+    if (m == 0) {
+        if (d->phase == MN_LORA_EXPAND) return false;
+        *out = (lora_mat){g->a, g->r, d->K * esz, (d->a_ld ? d->a_ld : d->K) * esz};
+        return true;
+    }
+    const int o = m - 1;
+    if (d->phase == MN_LORA_SHRINK || o >= d->n_out || !g->b[o]) return false;
+    *out = (lora_mat){g->b[o], g->r_out[o], d->N[o] * esz, (d->b_ld[o] ? d->b_ld[o] : d->N[o]) * esz};
+    return true;
+}
+
+int64_t mn__cpu_lora_weight_bytes(const mn_lora_desc *d) {
+    int64_t n = 0;
+    lora_mat mt;
+    for (int32_t s = 0; s < d->n_seg; s++)
+        for (int m = 0; m <= MN_LORA_MAX_OUT; m++)
+            if (lora_mat_at(d, s, m, &mt)) n += mt.rows * mt.row_bytes;
+    return n;
+}
+
+void mn__cpu_lora_prefetch_span(const mn_lora_desc *d, int64_t lo, int64_t hi) {
+    int64_t base = 0;   /* the matrix's first byte in the sequence */
+    lora_mat mt;
+    for (int32_t s = 0; s < d->n_seg && base < hi; s++)
+        for (int m = 0; m <= MN_LORA_MAX_OUT && base < hi; m++) {
+            if (!lora_mat_at(d, s, m, &mt)) continue;
+            const int64_t size = mt.rows * mt.row_bytes;
+            const int64_t a = lo > base ? lo - base : 0, b = hi - base < size ? hi - base : size;
+            for (int64_t off = a; off < b; off += 64) {
+                const int64_t row = off / mt.row_bytes, col = off % mt.row_bytes;
+                __builtin_prefetch(mt.p + row * mt.stride + col, 0, 2);
+            }
+            base += size;
+        }
+}

@@ -146,7 +146,26 @@ static void rows_scalar(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
 
 /* ---- the op ------------------------------------------------------------------------- */
 
+static void rows_at_level(mn__simd lvl, const mn__mm_ctx *c, int64_t n0, int64_t n1) {
+    switch (lvl) {
+    case MN__SIMD_AVX512VNNI: mn__mm_rows_avx512vnni(c, n0, n1); break;
+    case MN__SIMD_AVX512:
+    case MN__SIMD_AVX2: mn__mm_rows_avx2(c, n0, n1); break;
+    default: rows_scalar(c, n0, n1); break;
+    }
+}
+
+/* Rows per prefetch slice: the thread's share of the LoRA bytes is asked for slice by
+ * slice, spread over its rows, so the loads interleave with the compute instead of
+ * queueing up in one burst. A multiple of every level's row group (16). */
+#define MM_PREFETCH_ROWS 16
+
 void mn_cpu_matmul(const mn_matmul_desc *d, void *work, const mn_par *par) {
+    mn_cpu_matmul_prefetch_lora(d, NULL, 0.0, 0.0, work, par);
+}
+
+void mn_cpu_matmul_prefetch_lora(const mn_matmul_desc *d, const mn_lora_desc *lora, double f0, double f1, void *work,
+                                 const mn_par *par) {
     mn__simd lvl = mn__cpu_simd();
     mn__mm_ctx c = {.d = d};
     if (is_legacy(d->w_type) || is_kquant(d->w_type)) {
@@ -193,10 +212,19 @@ void mn_cpu_matmul(const mn_matmul_desc *d, void *work, const mn_par *par) {
     mn_par_range(par, groups, &g0, &g1);
     int64_t n0 = g0 * MN__MM_RMAX, n1 = g1 * MN__MM_RMAX < d->N ? g1 * MN__MM_RMAX : d->N;
     if (n0 >= n1) return;
-    switch (lvl) {
-    case MN__SIMD_AVX512VNNI: mn__mm_rows_avx512vnni(&c, n0, n1); break;
-    case MN__SIMD_AVX512:
-    case MN__SIMD_AVX2: mn__mm_rows_avx2(&c, n0, n1); break;
-    default: rows_scalar(&c, n0, n1); break;
+    const int64_t pf_total = lora ? mn__cpu_lora_weight_bytes(lora) : 0;
+    if (pf_total <= 0) {
+        rows_at_level(lvl, &c, n0, n1);
+        return;
+    }
+    /* this thread's share of [f0, f1), one slice before each MM_PREFETCH_ROWS rows */
+    const double span = (f1 - f0) * (double)pf_total;
+    const int64_t p0 = (int64_t)(f0 * (double)pf_total + span * par->ith / par->nth);
+    const int64_t p1 = (int64_t)(f0 * (double)pf_total + span * (par->ith + 1) / par->nth);
+    const int64_t slices = (n1 - n0 + MM_PREFETCH_ROWS - 1) / MM_PREFETCH_ROWS;
+    for (int64_t i = 0; i < slices; i++) {
+        mn__cpu_lora_prefetch_span(lora, p0 + (p1 - p0) * i / slices, p0 + (p1 - p0) * (i + 1) / slices);
+        const int64_t r0 = n0 + i * MM_PREFETCH_ROWS, r1 = r0 + MM_PREFETCH_ROWS < n1 ? r0 + MM_PREFETCH_ROWS : n1;
+        rows_at_level(lvl, &c, r0, r1);
     }
 }

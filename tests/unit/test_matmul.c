@@ -20,6 +20,7 @@
 
 #include "engine/alloc.h"
 #include "kernels/ops.h"
+#include "kernels/cpu/cpu_impl.h"
 #include "tests/unit/weight_fill.h"
 
 static const mn_dtype TYPES[] = {MN_F32, MN_F16, MN_BF16, MN_Q4_0, MN_Q4_1, MN_Q8_0, MN_Q4_K, MN_Q5_K, MN_Q6_K};
@@ -35,14 +36,15 @@ static float frand(float lo, float hi) { return lo + (hi - lo) * (float)(rnd() &
 
 
 /* ---- running the cpu op on nth real threads ----------------------------------------- */
-typedef struct job { const mn_matmul_desc *d; void *work; mn_par par; } job;
+typedef struct job { const mn_matmul_desc *d; void *work; mn_par par; const mn_lora_desc *lora; } job;
 static void barrier_wait(void *ctx) { pthread_barrier_wait((pthread_barrier_t *)ctx); }
 static void *job_main(void *arg) {
     job *j = (job *)arg;
-    mn_cpu_matmul(j->d, j->work, &j->par);
+    if (j->lora) mn_cpu_matmul_prefetch_lora(j->d, j->lora, 0.25, 0.75, j->work, &j->par);
+    else mn_cpu_matmul(j->d, j->work, &j->par);
     return NULL;
 }
-static void run_cpu(const mn_matmul_desc *d, int nth) {
+static void run_cpu_lora(const mn_matmul_desc *d, const mn_lora_desc *lora, int nth) {
     size_t wb = mn_cpu_matmul_work_bytes(d, nth);
     void *work = mn_malloc(wb ? wb : 1);
     assert_non_null(work);
@@ -50,13 +52,15 @@ static void run_cpu(const mn_matmul_desc *d, int nth) {
     pthread_barrier_init(&bar, NULL, (unsigned)nth);
     job jobs[8];
     pthread_t th[8];
-    for (int i = 0; i < nth; i++) jobs[i] = (job){d, work, {i, nth, barrier_wait, &bar}};
+    for (int i = 0; i < nth; i++) jobs[i] = (job){d, work, {i, nth, barrier_wait, &bar}, lora};
     for (int i = 1; i < nth; i++) assert_int_equal(pthread_create(&th[i], NULL, job_main, &jobs[i]), 0);
     job_main(&jobs[0]);
     for (int i = 1; i < nth; i++) pthread_join(th[i], NULL);
     pthread_barrier_destroy(&bar);
     mn_free(work);
 }
+
+static void run_cpu(const mn_matmul_desc *d, int nth) { run_cpu_lora(d, NULL, nth); }
 
 /* ---- one case --------------------------------------------------------------------------- */
 typedef struct mcase {
@@ -270,6 +274,58 @@ static void test_kquants_equal_ref(void **state) {
 /* The reference against double-precision dots: (1) on the quantized-then-dequantized
  * activations it must agree to f32 accumulation error; (2) on the original x it must be
  * within the activation quantization error sum_k |w_k| * d_k / 2. */
+/* The matmul that prefetches the next LoRA op's weights (the CPU backend's path before a
+ * LoRA op) computes its rows in slices: the same bits as without, at every level, type and
+ * thread count; and the bytes it asks for are the op's A rows unless it only expands, its
+ * B rows unless it only shrinks. */
+static void test_prefetch_lora_same_bits(void **state) {
+    (void)state;
+    enum { R = 8, KL = 96, N0 = 40, N1 = 24 };
+    uint16_t *a = mn_malloc(2 * 2 * R * KL), *b0 = mn_malloc(2 * 2 * R * N0), *b1 = mn_malloc(2 * 2 * R * N1);
+    assert_true(a && b0 && b1);
+    for (int i = 0; i < 2 * R * KL; i++) a[i] = (uint16_t)rnd();
+    mn_lora_seg seg[2];
+    for (int s = 0; s < 2; s++)
+        seg[s] = (mn_lora_seg){.start = s, .n_rows = 1, .r = R, .type = MN_F16, .a = a + s * R * KL,
+                               .b = {b0 + s * R * N0, b1 + s * R * N1}, .r_off = {0, 0}, .r_out = {R, R}, .scale = {1, 1}};
+    mn_lora_desc lora = {.K = KL, .n_out = 2, .N = {N0, N1}, .n_seg = 2, .seg = seg};
+    const int64_t a_bytes = 2 * R * KL * 2, b_bytes = 2 * R * (N0 + N1) * 2;
+    assert_int_equal(mn__cpu_lora_weight_bytes(&lora), a_bytes + b_bytes);
+    lora.phase = MN_LORA_SHRINK;
+    assert_int_equal(mn__cpu_lora_weight_bytes(&lora), a_bytes);
+    lora.phase = MN_LORA_EXPAND;
+    assert_int_equal(mn__cpu_lora_weight_bytes(&lora), b_bytes);
+    lora.phase = MN_LORA_FUSED;
+    const int64_t Ts[] = {1, 5, 40};
+    int cases = 0;
+    for (size_t ti = 0; ti < sizeof TYPES / sizeof TYPES[0]; ti++)
+        for (int k = 0; k < 3; k++) {
+            mcase c;
+            case_make(&c, TYPES[ti], Ts[k], 70, 512, k == 1);
+            for (int l = 0; l < 4; l++) {
+                if (!mn_cpu_set_simd(LEVELS[l])) continue;
+                for (int nth = 1; nth <= 2; nth++) {
+                    float *y0 = ybuf(&c), *y1 = ybuf(&c);
+                    mn_matmul_desc d0 = case_desc(&c, y0, 0), d1 = case_desc(&c, y1, 0);
+                    run_cpu(&d0, nth);
+                    run_cpu_lora(&d1, &lora, nth);
+                    if (memcmp(y0, y1, sizeof(float) * (size_t)(c.T * c.ys + 16)) != 0) {
+                        print_error("%s %s T=%lld nth=%d: the prefetching matmul differs\n", LEVELS[l],
+                                    mn_dtype_name(c.t), (long long)c.T, nth);
+                        fail();
+                    }
+                    mn_free(y0);
+                    mn_free(y1);
+                    cases++;
+                }
+            }
+            case_free(&c);
+        }
+    for (int l = 3; l >= 0; l--) if (mn_cpu_set_simd(LEVELS[l])) break; /* restore the best level */
+    assert_true(cases >= 9 * 3 * 2);
+    mn_free(a); mn_free(b0); mn_free(b1);
+}
+
 static void test_ref_vs_double(void **state) {
     (void)state;
     for (int ti = 0; ti < NTYPES; ti++) {
@@ -324,6 +380,7 @@ int main(void) {
         cmocka_unit_test(test_batch_invariance),
         cmocka_unit_test(test_legacy_quants_equal_ref),
         cmocka_unit_test(test_kquants_equal_ref),
+        cmocka_unit_test(test_prefetch_lora_same_bits),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
