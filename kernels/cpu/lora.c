@@ -21,10 +21,6 @@ static float lora_dot(const float *x, const void *w, mn_dtype t, int64_t n) {
     return ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
 }
 
-static void lora_axpy(float *acc, float v, const void *w, mn_dtype t, int64_t n) {
-    for (int64_t i = 0; i < n; i++) acc[i] += v * w_at(w, t, i);
-}
-
 /* lora_dot of four rows x[0..3] against one w: each row's sums exactly as lora_dot's */
 static void lora_dot4(const float *const x[4], const void *w, mn_dtype t, int64_t n, float out[4]) {
     float acc[4][32] = {{0}};
@@ -48,6 +44,16 @@ static void lora_expand4(float *const y[4], const float *const v[4], int nr, flo
             for (int32_t j = 0; j < r; j++) acc += v[q][j] * w_at(bt, t, (int64_t)j * ldb + n);
             y[q][n] += sc * acc;
         }
+}
+
+/* y[n] += sc * sum_j v[j] * bt[j][n], n in [n0, n1), one row; j in order */
+static void lora_expand1(float *y, const float *v, float sc, const void *bt, mn_dtype t, int64_t ldb, int32_t r,
+                         int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+        float acc = 0.0f;
+        for (int32_t j = 0; j < r; j++) acc += v[j] * w_at(bt, t, (int64_t)j * ldb + n);
+        y[n] += sc * acc;
+    }
 }
 
 #include "kernels/cpu/lora_impl.h"

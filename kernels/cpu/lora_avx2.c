@@ -1,4 +1,4 @@
-/* kernels/cpu/lora_avx2.c — kernels/cpu/lora_impl.h with AVX2 dot and axpy (CMake gives
+/* kernels/cpu/lora_avx2.c — kernels/cpu/lora_impl.h with AVX2 dots and expands (CMake gives
  * *_avx2.c files -mavx2 -mfma -mf16c). Multiplies and adds stay separate instructions, the
  * F16/BF16 -> f32 conversions are exact, and the lanes are reduced in the order the scalar
  * version uses, so the bits are the same. */
@@ -21,6 +21,16 @@ static inline float w_at(const void *w, mn_dtype t, int64_t i) {
     return t == MN_F16 ? mn_fp16_to_fp32(h) : mn_bf16_to_fp32(h);
 }
 
+/* The scalar version's reduction of 32 lanes (chain c holds lanes 8c..8c+7), in vector
+ * adds that pair the same operands in the same order: s = (a0 + a1) + (a2 + a3) lane by
+ * lane, then ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7)). */
+static inline float lora_reduce32(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    const __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)); /* s0+s4 .. s3+s7 */
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));                                  /* (s0+s4)+(s2+s6), (s1+s5)+(s3+s7) */
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
 static float lora_dot(const float *x, const void *w, mn_dtype t, int64_t n) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t k = 0;
@@ -30,6 +40,7 @@ static float lora_dot(const float *x, const void *w, mn_dtype t, int64_t n) {
         a2 = _mm256_add_ps(a2, _mm256_mul_ps(_mm256_loadu_ps(x + k + 16), load8(w, t, k + 16)));
         a3 = _mm256_add_ps(a3, _mm256_mul_ps(_mm256_loadu_ps(x + k + 24), load8(w, t, k + 24)));
     }
+    if (k == n) return lora_reduce32(a0, a1, a2, a3);
     float l[32];
     _mm256_storeu_ps(l, a0);
     _mm256_storeu_ps(l + 8, a1);
@@ -39,14 +50,6 @@ static float lora_dot(const float *x, const void *w, mn_dtype t, int64_t n) {
     float s[8];
     for (int i = 0; i < 8; i++) s[i] = (l[i] + l[8 + i]) + (l[16 + i] + l[24 + i]);
     return ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
-}
-
-static void lora_axpy(float *acc, float v, const void *w, mn_dtype t, int64_t n) {
-    const __m256 vv = _mm256_set1_ps(v);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), _mm256_mul_ps(vv, load8(w, t, i))));
-    for (; i < n; i++) acc[i] += v * w_at(w, t, i);
 }
 
 /* lora_dot of four rows sharing each load and conversion of w; per row the lanes and the
@@ -105,6 +108,36 @@ static void lora_expand4(float *const y[4], const float *const v[4], int nr, flo
             for (int32_t j = 0; j < r; j++) acc += v[q][j] * w_at(bt, t, (int64_t)j * ldb + n);
             y[q][n] += sc * acc;
         }
+}
+
+/* y[n] += sc * sum_j v[j] * bt[j][n] for n in [n0, n1), one row: acc from 0 over j in order
+ * (multiply, then add), the general expand's operations per element; 64 columns of
+ * accumulators stay in registers while the r rows of bt stream past. */
+static void lora_expand1(float *y, const float *v, float sc, const void *bt, mn_dtype t, int64_t ldb, int32_t r,
+                         int64_t n0, int64_t n1) {
+    const __m256 scv = _mm256_set1_ps(sc);
+    int64_t n = n0;
+    for (; n + 64 <= n1; n += 64) {
+        __m256 s[8];
+        for (int c = 0; c < 8; c++) s[c] = _mm256_setzero_ps();
+        for (int32_t j = 0; j < r; j++) {
+            const __m256 vj = _mm256_set1_ps(v[j]);
+            const int64_t o = (int64_t)j * ldb + n;
+            for (int c = 0; c < 8; c++) s[c] = _mm256_add_ps(s[c], _mm256_mul_ps(vj, load8(bt, t, o + 8 * c)));
+        }
+        for (int c = 0; c < 8; c++)
+            _mm256_storeu_ps(y + n + 8 * c, _mm256_add_ps(_mm256_loadu_ps(y + n + 8 * c), _mm256_mul_ps(scv, s[c])));
+    }
+    for (; n + 8 <= n1; n += 8) {
+        __m256 s = _mm256_setzero_ps();
+        for (int32_t j = 0; j < r; j++) s = _mm256_add_ps(s, _mm256_mul_ps(_mm256_set1_ps(v[j]), load8(bt, t, (int64_t)j * ldb + n)));
+        _mm256_storeu_ps(y + n, _mm256_add_ps(_mm256_loadu_ps(y + n), _mm256_mul_ps(scv, s)));
+    }
+    for (; n < n1; n++) {
+        float acc = 0.0f;
+        for (int32_t j = 0; j < r; j++) acc += v[j] * w_at(bt, t, (int64_t)j * ldb + n);
+        y[n] += sc * acc;
+    }
 }
 
 #include "kernels/cpu/lora_impl.h"

@@ -3,7 +3,8 @@
  * written with 8 explicit lanes and no fused multiply-add, so both compilations perform the
  * same float operations in the same order: the same bits.
  *
- * lora_dot and lora_axpy (below) are the only SIMD parts; each compilation unit gives its own.
+ * lora_dot, lora_dot4, lora_expand1 and lora_expand4 (below) are the only SIMD parts; each
+ * compilation unit gives its own.
  * Two phases separated by one barrier:
  *   shrink: the (segment, row or block of rows, j) dot products x_t . a_j, split evenly
  *           over the threads, written to v in work (segment by segment, row-major [n_rows, r]);
@@ -20,18 +21,17 @@
 
 #include "kernels/ops.h"
 
-#define LORA_CHUNK 64
-
 /* The including file defines, before including this header:
  *   float lora_dot(const float *x, const void *w, mn_dtype t, int64_t n)
  *       32 lanes: element k is added to lane k % 32 (acc[l] += x[k]*w[k], k ascending; four
  *       independent vector chains, so the adds do not wait on each other), then
  *       s[l] = (acc[l] + acc[8+l]) + (acc[16+l] + acc[24+l]) for l < 8 and
  *       ((s0+s4)+(s2+s6)) + ((s1+s5)+(s3+s7));
- *   void lora_axpy(float *acc, float v, const void *w, mn_dtype t, int64_t n)
- *       acc[i] += v * w[i] (multiply, then add);
  *   void lora_dot4(const float *const x[4], const void *w, mn_dtype t, int64_t n, float out[4])
  *       out[r] = lora_dot(x[r], w, t, n), bit for bit, loading and converting w once;
+ *   void lora_expand1(float *y, const float *v, float sc, const void *bt, mn_dtype t, int64_t ldb,
+ *                     int32_t r, int64_t n0, int64_t n1)
+ *       one row: acc = 0, acc += v[j] * bt[j*ldb + n] for j < r in order, y[n] += sc * acc;
  *   void lora_expand4(float *const y[4], const float *const v[4], int nr, float sc, const void *bt,
  *                     mn_dtype t, int64_t ldb, int32_t r, int64_t n0, int64_t n1)
  *       for rows q < nr and n in [n0, n1): acc = 0, acc += v[q][j] * bt[j*ldb + n] for j < r in
@@ -123,24 +123,13 @@ static inline void lora_expand_blocked(const mn_lora_desc *d, const mn_lora_seg 
     }
 }
 
-/* expand of a per-row segment: chunks of columns, each row's acc over the chunk */
+/* expand of a per-row segment: each row over the columns, its sums in registers */
 static inline void lora_expand_rows(const mn_lora_desc *d, const mn_lora_seg *g, const float *vs, int o, int64_t n0,
                                     int64_t n1) {
-    const char *bt = g->b[o];
-    const int64_t esz = lora_esz(g->type), ldb = d->b_ld[o] ? d->b_ld[o] : d->N[o];
-    for (int64_t cb = n0; cb < n1; cb += LORA_CHUNK) {
-        const int64_t cn = n1 - cb < LORA_CHUNK ? n1 - cb : LORA_CHUNK;
-        for (int32_t i = 0; i < g->n_rows; i++) {
-            const float *vr = vs + (int64_t)i * g->r + g->r_off[o];
-            float acc[LORA_CHUNK];
-            for (int64_t n = 0; n < cn; n++) acc[n] = 0.0f;
-            for (int32_t j = 0; j < g->r_out[o]; j++)
-                lora_axpy(acc, vr[j], bt + ((int64_t)j * ldb + cb) * esz, g->type, cn);
-            float *y = d->y[o] + (int64_t)d->rows[g->start + i] * d->y_stride[o] + cb;
-            const float sc = g->scale[o];
-            for (int64_t n = 0; n < cn; n++) y[n] += sc * acc[n];
-        }
-    }
+    const int64_t ldb = d->b_ld[o] ? d->b_ld[o] : d->N[o];
+    for (int32_t i = 0; i < g->n_rows; i++)
+        lora_expand1(d->y[o] + (int64_t)d->rows[g->start + i] * d->y_stride[o], vs + (int64_t)i * g->r + g->r_off[o],
+                     g->scale[o], g->b[o], g->type, ldb, g->r_out[o], n0, n1);
 }
 
 static inline void lora_body(const mn_lora_desc *d, void *work, const mn_par *par) {
