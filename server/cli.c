@@ -107,3 +107,34 @@ void cli_unload(mn_backend *be, mn_model *m) {
     mn_model_free(m);
     mn_backend_free(be);
 }
+
+int cli_load_tp(const cli_model_opts *o, int tp, int32_t block_size, int32_t n_blocks, int32_t n_seqs, mn_tp **group,
+                mn_backend **be, mn_model **m) {
+    mn_errbuf eb = {{0}};
+    mn_backend_params bp = {.device = o->device ? o->device : "auto", .n_threads = o->threads};
+    bool fell_back = false;
+    mn_backend *probe;
+    if (mn_backend_new(&bp, &probe, &fell_back, &eb) != MN_OK) {
+        fprintf(stderr, "mneme: %s\n", eb.msg);
+        return -1;
+    }
+    if (fell_back) fprintf(stderr, "mneme: %s\n", eb.msg);
+    bool cpu = !strcmp(mn_backend_name(probe), "cpu");
+    int threads = probe->n_threads / tp > 0 ? probe->n_threads / tp : 1;
+    mn_backend_free(probe);
+    mn_tp_params p = {.n_ranks = tp, .device = cpu ? "cpu" : "cuda", .n_threads = threads, .model = {.n_ctx = o->n_ctx},
+                      .block_size = block_size, .n_blocks = n_blocks, .n_seqs = n_seqs};
+    const char *path = o->model ? o->model : cli_default_model();
+    if (mn_tp_new(path, &p, group, &eb) != MN_OK) {
+        fprintf(stderr, "mneme: --tp %d: %s: %s\n", tp, path, eb.msg);
+        return -1;
+    }
+    *be = mn_tp_backend(*group);
+    *m = (mn_model *)mn_tp_model(*group); /* read-only: config, tokenizer, chat template */
+    return 0;
+}
+
+void cli_release(mn_tp *group, mn_backend *be, mn_model *m) {
+    if (group) mn_tp_free(group);
+    else cli_unload(be, m);
+}

@@ -9,6 +9,7 @@
 #include "engine/backend.h"
 #include "engine/err.h"
 #include "engine/model.h"
+#include "engine/tp.h"
 
 /* Common options of commands that run a model. */
 typedef struct cli_model_opts {
@@ -31,6 +32,16 @@ const char *cli_default_model(void);
 /** Backend + model; prints the fallback line and any error. 0 on success. */
 int cli_load(const cli_model_opts *o, mn_backend **be, mn_model **m);
 void cli_unload(mn_backend *be, mn_model *m);
+/** --tp N > 1: a tensor-parallel group instead of cli_load's backend + model. Every rank
+ *  loads the model; rank 0's backend and model come back as *be and *m, owned by the group
+ *  (so a GPU holds one copy, not two). The device resolves as in cli_load (auto: a GPU if
+ *  there is one, with a backend made only to ask); CPU ranks get max(1, T / N) threads
+ *  each. block_size, n_blocks (<= 0: the group's default) and n_seqs as in mn_tp_params.
+ *  0 on success, else -1 with a message. */
+int cli_load_tp(const cli_model_opts *o, int tp, int32_t block_size, int32_t n_blocks, int32_t n_seqs, mn_tp **group,
+                mn_backend **be, mn_model **m);
+/** Release what cli_load (group NULL) or cli_load_tp made. */
+void cli_release(mn_tp *group, mn_backend *be, mn_model *m);
 
 double cli_now(void);   /* seconds, monotonic */
 

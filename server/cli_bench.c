@@ -159,27 +159,27 @@ int cmd_bench(int argc, char **argv) {
     if (!json) printf("| %-28s | %9s | %7s | %5s | %8s | %18s |\n", "model", "size", "threads", "batch", "test", "t/s");
     for (int ti = 0; ti < nt && !rc; ti++) {
         mo.threads = (int)tl[ti];
-        mn_backend *be;
-        mn_model *m;
-        if (cli_load(&mo, &be, &m)) return 1;
-        double op_s[MN_OP_COUNT] = {0};
-        int64_t op_n[MN_OP_COUNT] = {0};
+        if (tp > 1 && profile) {
+            fprintf(stderr, "mneme: --profile does not work with --tp\n");
+            return 1;
+        }
         long max_ctx = 0, max_b = 0;
         for (int i = 0; i < np; i++) max_ctx = pl[i] > max_ctx ? pl[i] : max_ctx;
         for (int i = 0; i < nn; i++) max_ctx = nl[i] > max_ctx ? nl[i] : max_ctx;
         for (int i = 0; i < nb; i++) max_b = bl[i] > max_b ? bl[i] : max_b;
-        bench_ctx b = {.m = m};
-        mn_errbuf eb = {{0}};
         int32_t n_blocks = (int32_t)(max_b * ((max_ctx + KV_BLOCK - 1) / KV_BLOCK + 1));
-        if (tp > 1) {
-            mn_tp_params tpp = {.n_ranks = (int)tp, .device = mn_backend_name(be),
-                                .n_threads = be->n_threads / tp > 0 ? (int)(be->n_threads / tp) : 1,
-                                .model = {.n_ctx = mo.n_ctx}, .block_size = KV_BLOCK, .n_blocks = n_blocks,
-                                .n_seqs = (int32_t)max_b};
-            if (profile ||
-                mn_tp_new(mo.model ? mo.model : cli_default_model(), &tpp, &b.tp, &eb) != MN_OK ||
-                !(b.logits = mn_malloc((size_t)m->cfg.n_vocab * 4))) {
-                fprintf(stderr, "mneme: %s\n", profile ? "--profile does not work with --tp" : eb.msg);
+        mn_backend *be;
+        mn_model *m;
+        mn_tp *group = NULL;
+        if (tp > 1 ? cli_load_tp(&mo, (int)tp, KV_BLOCK, n_blocks, (int32_t)max_b, &group, &be, &m) : cli_load(&mo, &be, &m))
+            return 1;
+        double op_s[MN_OP_COUNT] = {0};
+        int64_t op_n[MN_OP_COUNT] = {0};
+        bench_ctx b = {.m = m, .tp = group};
+        mn_errbuf eb = {{0}};
+        if (group) {
+            if (!(b.logits = mn_malloc((size_t)m->cfg.n_vocab * 4))) {
+                fprintf(stderr, "mneme: out of memory\n");
                 rc = 1;
             }
         } else if (mn_kv_pool_new(be, m->cfg.n_layer, m->cfg.n_kv_head, m->cfg.head_dim, KV_BLOCK, n_blocks, &b.kv, &eb) != MN_OK ||
@@ -235,10 +235,9 @@ int cmd_bench(int argc, char **argv) {
             }
         }
         mn_free(b.logits);
-        mn_tp_free(b.tp);
         mn_forward_free(b.f);
         mn_kv_pool_free(b.kv);
-        cli_unload(be, m);
+        cli_release(group, be, m);
     }
     return rc;
 }

@@ -20,25 +20,19 @@ typedef struct runner {
     mn_forward *f;
     mn_kv_seq seq;
     float *logits;   /* [n_vocab] of the last token run */
-    mn_tp *tp;       /* --tp N > 1: N ranks run the forward instead of kv/f */
+    mn_tp *tp;       /* --tp N > 1: slot 0 of this group (cli_load_tp's; not owned) instead of kv/f */
 } runner;
 
-/* tp > 1: tensor parallelism over tp ranks of be's kind (CPU ranks: each its own load of
- * the mmapped model file and a share of be's threads; cuda: GPU r for rank r); m still
- * supplies the tokenizer and config. */
-static int runner_init(runner *r, mn_backend *be, mn_model *m, int32_t max_tokens, int tp, const cli_model_opts *mo) {
+/* The runner's sequence: slot 0 of group, or its own KV pool and forward on be. */
+static int runner_init(runner *r, mn_backend *be, mn_model *m, int32_t max_tokens, mn_tp *group) {
     mn_errbuf eb = {{0}};
     memset(r, 0, sizeof *r);
     r->m = m;
+    r->tp = group;
     int32_t n_blocks = (max_tokens + KV_BLOCK - 1) / KV_BLOCK + 1;
     const mn_model_config *c = &m->cfg;
     mn_err e = MN_OK;
-    if (tp > 1) {
-        /* on cuda: rank r on GPU r over NCCL (m, on GPU 0, still holds a whole copy: a known waste) */
-        mn_tp_params tpp = {.n_ranks = tp, .device = mn_backend_name(be), .n_threads = be->n_threads / tp > 0 ? be->n_threads / tp : 1,
-                            .model = {.n_ctx = mo->n_ctx}, .block_size = KV_BLOCK, .n_blocks = n_blocks, .n_seqs = 1};
-        e = mn_tp_new(mo->model ? mo->model : cli_default_model(), &tpp, &r->tp, &eb);
-    } else {
+    if (!group) {
         e = mn_kv_pool_new(be, c->n_layer, c->n_kv_head, c->head_dim, KV_BLOCK, n_blocks, &r->kv, &eb);
         if (e == MN_OK) e = mn_forward_new(m, r->kv, &r->f, &eb);
     }
@@ -51,11 +45,18 @@ static int runner_init(runner *r, mn_backend *be, mn_model *m, int32_t max_token
 }
 
 static void runner_free(runner *r) {
-    mn_tp_free(r->tp);
+    if (r->tp) mn_tp_seq_release(r->tp, 0);
     if (r->kv) mn_kv_seq_release(r->kv, &r->seq);
     mn_forward_free(r->f);
     mn_kv_pool_free(r->kv);
     mn_free(r->logits);
+}
+
+/* Backend + model, or with --tp N > 1 the group whose rank 0 supplies them (its KV pools
+ * at the group's default size; one slot). */
+static int load(const cli_model_opts *mo, long tp, mn_tp **group, mn_backend **be, mn_model **m) {
+    *group = NULL;
+    return tp > 1 ? cli_load_tp(mo, (int)tp, KV_BLOCK, 0, 1, group, be, m) : cli_load(mo, be, m);
 }
 
 /* Run n tokens at the end of the sequence; all_logits (optional) receives every row's
@@ -170,7 +171,8 @@ int cmd_logits(int argc, char **argv) {
     if (parse_tokens(tokens_s, &toks, &n)) return 2;
     mn_backend *be;
     mn_model *m;
-    if (cli_load(&mo, &be, &m)) { mn_free(toks); return 1; }
+    mn_tp *group;
+    if (load(&mo, tp, &group, &be, &m)) { mn_free(toks); return 1; }
     int rc = 0;
     for (int32_t i = 0; i < n; i++)
         if (toks[i] >= m->cfg.n_vocab) {
@@ -178,7 +180,7 @@ int cmd_logits(int argc, char **argv) {
             rc = 2;
         }
     runner r;
-    if (!rc && runner_init(&r, be, m, n + (int32_t)greedy, (int)tp, &mo)) rc = 1;
+    if (!rc && runner_init(&r, be, m, n + (int32_t)greedy, group)) rc = 1;
     else if (!rc) {
         int32_t V = m->cfg.n_vocab;
         float *all = out_path ? mn_malloc((size_t)n * V * sizeof(float)) : NULL;
@@ -202,7 +204,7 @@ int cmd_logits(int argc, char **argv) {
         runner_free(&r);
     }
     mn_free(toks);
-    cli_unload(be, m);
+    cli_release(group, be, m);
     return rc;
 }
 
@@ -273,7 +275,8 @@ int cmd_generate(int argc, char **argv) {
 
     mn_backend *be;
     mn_model *m;
-    if (cli_load(&mo, &be, &m)) return 1;
+    mn_tp *group;
+    if (load(&mo, tp, &group, &be, &m)) return 1;
     mn_errbuf eb = {{0}};
     int rc = 0;
     char *text = NULL;
@@ -282,7 +285,7 @@ int cmd_generate(int argc, char **argv) {
     if (chat) {
         if (!m->has_chat_template) {
             fprintf(stderr, "mneme: --chat: the model has no chat template mneme recognises (ChatML, Llama 3, Llama 2/Mistral)\n");
-            cli_unload(be, m);
+            cli_release(group, be, m);
             return 1;
         }
         mn_chat_msg msgs[2];
@@ -291,7 +294,7 @@ int cmd_generate(int argc, char **argv) {
         msgs[nm++] = (mn_chat_msg){"user", prompt};
         if (mn_chat_render(&m->chat, msgs, nm, true, &text, &text_len, &eb) != MN_OK) {
             fprintf(stderr, "mneme: %s\n", eb.msg);
-            cli_unload(be, m);
+            cli_release(group, be, m);
             return 1;
         }
         in = text;
@@ -314,7 +317,7 @@ int cmd_generate(int argc, char **argv) {
     } else if (n_toks + n_predict > m->cfg.n_ctx) {
         fprintf(stderr, "mneme: prompt (%lld tokens) + -n %ld exceeds the context length %d (set -c)\n", (long long)n_toks, n_predict, m->cfg.n_ctx);
         rc = 1;
-    } else if (runner_init(&r, be, m, (int32_t)(n_toks + n_predict), (int)tp, &mo)) {
+    } else if (runner_init(&r, be, m, (int32_t)(n_toks + n_predict), group)) {
         rc = 1;
     } else {
         have_runner = true;
@@ -352,7 +355,7 @@ int cmd_generate(int argc, char **argv) {
         fflush(stdout);
         fprintf(stderr, "mneme: prompt %lld tokens in %.3f s (%.1f tok/s); generated %ld tokens in %.3f s (%.1f tok/s); %s backend, %d threads",
                 (long long)n_toks, t1 - t0, n_toks / (t1 - t0), n_gen, t2 - t1, n_gen > 1 ? (n_gen - 1) / (t2 - t1) : 0.0,
-                mn_backend_name(be), r.tp ? mn_tp_backend(r.tp)->n_threads : be->n_threads);
+                mn_backend_name(be), be->n_threads);
         if (r.tp) fprintf(stderr, " per rank, %d tensor-parallel ranks", mn_tp_size(r.tp));
         fprintf(stderr, "\n");
     }
@@ -361,6 +364,6 @@ int cmd_generate(int argc, char **argv) {
     mn_sampler_free(smp);
     mn_free(toks);
     mn_free(text);
-    cli_unload(be, m);
+    cli_release(group, be, m);
     return rc;
 }

@@ -541,39 +541,6 @@ static int serve_tp_check(int tp, long mem_budget) {
     return 0;
 }
 
-/* --tp N > 1: the group (every rank loads the model; rank 0's model and backend serve as
- * *m and *be, owned by the group). The device is resolved as cli_load does (auto: a GPU if
- * there is one), with a backend made only to ask. 0 on success, else -1 with a message. */
-static int serve_tp_load(const cli_model_opts *mo, int tp, int32_t kv_blocks, mn_tp **out, mn_backend **be, mn_model **m) {
-    mn_errbuf eb = {{0}};
-    mn_backend_params bp = {.device = mo->device ? mo->device : "auto", .n_threads = mo->threads};
-    bool fell_back = false;
-    mn_backend *probe;
-    if (mn_backend_new(&bp, &probe, &fell_back, &eb) != MN_OK) {
-        fprintf(stderr, "mneme: %s\n", eb.msg);
-        return -1;
-    }
-    if (fell_back) fprintf(stderr, "mneme: %s\n", eb.msg);
-    bool cpu = !strcmp(mn_backend_name(probe), "cpu");
-    int threads = probe->n_threads / tp > 0 ? probe->n_threads / tp : 1;
-    mn_backend_free(probe);
-    mn_tp_params p = {.n_ranks = tp, .device = cpu ? "cpu" : "cuda", .n_threads = threads, .model = {.n_ctx = mo->n_ctx},
-                      .block_size = SERVE_BLOCK_TOKENS, .n_blocks = kv_blocks, .n_seqs = 1};
-    const char *path = mo->model ? mo->model : cli_default_model();
-    if (mn_tp_new(path, &p, out, &eb) != MN_OK) {
-        fprintf(stderr, "mneme serve: --tp %d: %s: %s\n", tp, path, eb.msg);
-        return -1;
-    }
-    *be = mn_tp_backend(*out);
-    *m = (mn_model *)mn_tp_model(*out); /* read-only: config, tokenizer, adapters' checks */
-    return 0;
-}
-
-static void serve_unload(mn_tp *group, mn_backend *be, mn_model *m) {
-    if (group) mn_tp_free(group);
-    else cli_unload(be, m);
-}
-
 int cmd_serve(int argc, char **argv) {
     cli_model_opts mo = {0};
     const char *host = "127.0.0.1", *key_file = NULL, *persist = NULL, *admin_file = NULL, *lora_dir = NULL;
@@ -664,7 +631,7 @@ int cmd_serve(int argc, char **argv) {
     mn_backend *be;
     mn_model *m;
     mn_tp *group = NULL;
-    if (tp > 1 ? serve_tp_load(&mo, (int)tp, (int32_t)kv_blocks, &group, &be, &m) : cli_load(&mo, &be, &m)) {
+    if (tp > 1 ? cli_load_tp(&mo, (int)tp, SERVE_BLOCK_TOKENS, (int32_t)kv_blocks, 1, &group, &be, &m) : cli_load(&mo, &be, &m)) {
         serve_access_free(srv);
         return 1;
     }
@@ -677,7 +644,7 @@ int cmd_serve(int argc, char **argv) {
     /* adapters first: sessions saved under one are restored (load_job) only when it is loaded */
     if (mn_lora_registry_new(m, &srv->adapters, &eb) != MN_OK) {
         fprintf(stderr, "mneme serve: %s\n", eb.msg);
-        serve_unload(group, be, m);
+        cli_release(group, be, m);
         serve_access_free(srv);
         return 1;
     }
@@ -694,7 +661,7 @@ int cmd_serve(int argc, char **argv) {
         fprintf(stderr, "mneme serve: --lora %s: %s\n", loras[i], ae.message);
         api_adapters_free(srv);
         mn_lora_registry_free(srv->adapters);
-        serve_unload(group, be, m);
+        cli_release(group, be, m);
         serve_access_free(srv);
         return 1;
     }
@@ -704,7 +671,7 @@ int cmd_serve(int argc, char **argv) {
     if (!group && serve_memory_split(srv, be, m, mem_budget, adapter_share, &kv_blocks)) {
         api_adapters_free(srv);
         mn_lora_registry_free(srv->adapters);
-        serve_unload(group, be, m);
+        cli_release(group, be, m);
         serve_access_free(srv);
         return 1;
     }
@@ -716,7 +683,7 @@ int cmd_serve(int argc, char **argv) {
         fprintf(stderr, "mneme serve: %s\n", eb.msg);
         api_adapters_free(srv);
         mn_lora_registry_free(srv->adapters);
-        serve_unload(group, be, m);
+        cli_release(group, be, m);
         serve_access_free(srv);
         return 1;
     }
@@ -774,7 +741,7 @@ int cmd_serve(int argc, char **argv) {
         unlink(path);
     }
     mn_free(srv->saved_engine_ids);
-    serve_unload(group, be, m);
+    cli_release(group, be, m);
     serve_access_free(srv);
     if (!rc) fprintf(stderr, "mneme serve: stopped\n");
     return rc;
