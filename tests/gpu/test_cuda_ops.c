@@ -771,6 +771,7 @@ int gt_session_e2e(const char *device); /* tests/gpu/test_cuda_session.c */
 int gt_tp_e2e(void); /* tests/gpu/test_cuda_tp.c */
 int gt_sample(cudaStream_t s); /* tests/gpu/test_cuda_sample.c */
 int gt_session_sample(const char *device); /* tests/gpu/test_cuda_session_sample.c */
+int gt_session_tp(const char *device); /* tests/gpu/test_cuda_session_tp.c */
 
 int main(void) {
     int count = 0;
@@ -803,6 +804,7 @@ int main(void) {
     smoke = gt_session_sample("cuda") && smoke;
 #ifdef MNEME_HAVE_NCCL
     smoke = gt_tp_e2e() && smoke;
+    smoke = gt_session_tp("cuda") && smoke;
 #endif
     cublasDestroy(blas);
     cudaStreamDestroy(s);
