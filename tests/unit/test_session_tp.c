@@ -380,9 +380,14 @@ static void test_tiers_and_files(void **state) {
     append(e, s, MN_ROLE_USER, "Tell me about lighthouses and the people who kept them.");
     static const char *const more[4] = {" And", " then", " what", " happened?"};
     for (int tier = 1; tier <= 3; tier++) {
+        mn_engine_stats st0, st1;
+        mn_engine_stats_get(e, &st0);
+        mn_session_info info;
+        mn_session_info_get(e, s, &info);
+        int64_t kv_bytes = info.kv_bytes; /* every rank's heads: n_blocks * 16 * bytes_per_token */
+        assert_int_equal(kv_bytes, (int64_t)info.n_blocks * 16 * st0.bytes_per_token);
         assert_int_equal(mn_session_demote(e, s, tier, &eb), MN_OK);
         mn_engine_tier_wait(e);
-        mn_session_info info;
         mn_session_info_get(e, s, &info);
         char want[3] = {'T', (char)('0' + tier), 0};
         assert_string_equal(info.tier, want);
@@ -390,6 +395,13 @@ static void test_tiers_and_files(void **state) {
         mn_session_info_get(e, s, &info);
         assert_string_equal(info.tier, "T0");
         assert_logits_alone(ref, s, want);
+        /* the bytes moved out of and back into the tier: the image (T1), the compressed
+         * bytes (T2), the KV written to and read from the file (T3), all heads */
+        mn_engine_stats_get(e, &st1);
+        int64_t out = st1.swapped_out[tier] - st0.swapped_out[tier], in = st1.swapped_in[tier] - st0.swapped_in[tier];
+        if (tier == 2) assert_true(out > 0 && out < kv_bytes);
+        else assert_int_equal(out, kv_bytes);
+        assert_int_equal(in, out);
     }
     /* save and load in the same engine: the loaded copy continues exactly */
     snprintf(path, sizeof path, "%s/saved.mns", dir);
