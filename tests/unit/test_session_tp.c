@@ -36,6 +36,7 @@
 
 #include "engine/alloc.h"
 #include "engine/session.h"
+#include "engine/session_file.h"
 #include "engine/tp.h"
 #include "tests/unit/test_model.h"
 
@@ -819,6 +820,64 @@ static void test_alloc_failures(void **state) {
     mn_free(want);
 }
 
+/* f16 bits -> float (normal and subnormal numbers; the KV holds no inf or NaN here) */
+static float h2f(uint16_t h) {
+    int e = (h >> 10) & 31, m = h & 1023;
+    float v = e ? ldexpf((float)(m | 1024), e - 25) : ldexpf((float)m, -24);
+    return h & 0x8000 ? -v : v;
+}
+
+/* The image layout under TP pinned head by head: layer 0's K and V are computed from the
+ * embeddings before any all-reduce, so a TP 3 export must hold the P = 1 values of every
+ * kv head at the same place (rank r's heads at r * n_kv_head / P); a head interleaved at
+ * the wrong offset differs by O(1) there, while later layers carry TP's rounding. */
+static void test_image_layout(void **state) {
+    (void)state;
+    mn_tp *t = group(P);
+    mn_engine *e = engine_tp(t), *one = engine_p1();
+    mn_errbuf eb;
+    static const char text[] = "The lighthouse keeper climbed one hundred and twelve steps every evening to light the lamp.";
+    mn_session *a, *b;
+    assert_int_equal(mn_session_create(e, NULL, &a, &eb), MN_OK);
+    assert_int_equal(mn_session_create(one, NULL, &b, &eb), MN_OK);
+    append(e, a, MN_ROLE_NONE, text);
+    append(one, b, MN_ROLE_NONE, text);
+    mn_session_loaded *ld[2];
+    mn_engine *es[2] = {e, one};
+    mn_session *ss[2] = {a, b};
+    for (int i = 0; i < 2; i++) {
+        uint8_t *bytes;
+        size_t len;
+        assert_int_equal(mn_session_export(es[i], ss[i], &bytes, &len, &eb), MN_OK);
+        if (mn_session_read_mem(bytes, len, model->fingerprint, &ld[i], &eb) != MN_OK) fail_msg("%s", eb.msg);
+        mn_free(bytes);
+    }
+    const mn_session_image *x = &ld[0]->img, *y = &ld[1]->img;
+    assert_int_equal(x->n_kv_head, model->cfg.n_kv_head);
+    assert_int_equal(x->n_tokens, y->n_tokens);
+    assert_int_equal(x->n_blocks, y->n_blocks);
+    const int64_t row = (int64_t)x->n_kv_head * x->head_dim, blk = (int64_t)x->block_size * row;
+    double worst = 0, scale = 0;
+    for (int32_t p = 0; p < x->n_tokens; p++)
+        for (int kind = 0; kind < 2; kind++) {
+            /* [block][layer][K|V][slot][kv_head][head_dim], layer 0 */
+            int64_t off = ((int64_t)(p / x->block_size) * x->n_layer * 2 + kind) * blk + (int64_t)(p % x->block_size) * row;
+            for (int64_t k = 0; k < row; k++) {
+                double u = h2f(x->kv[off + k]), v = h2f(y->kv[off + k]);
+                worst = fabs(u - v) > worst ? fabs(u - v) : worst;
+                scale = fabs(v) > scale ? fabs(v) : scale;
+            }
+        }
+    fprintf(stderr, "image layer 0, TP %d vs TP 1: max |diff| %.3g (max |value| %.3g)\n", P, worst, scale);
+    assert_true(scale > 0);
+    assert_true(worst <= 1e-2 * scale);
+    mn_session_loaded_free(ld[0]);
+    mn_session_loaded_free(ld[1]);
+    mn_engine_free(e);
+    mn_engine_free(one);
+    mn_tp_free(t);
+}
+
 int main(void) {
     if (getenv("MNEME_TEST_FILTER")) cmocka_set_test_filter(getenv("MNEME_TEST_FILTER"));
     const struct CMUnitTest tests[] = {
@@ -832,6 +891,7 @@ int main(void) {
         cmocka_unit_test(test_rewind_cancel_fail),
         cmocka_unit_test(test_idle_demotion),
         cmocka_unit_test(test_alloc_failures),
+        cmocka_unit_test(test_image_layout),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
