@@ -713,7 +713,12 @@ static mn_err step_compute(mn_engine *e, int32_t *ns_out, bool *did_work, mn_err
         s->logits_valid = s->n_computed == s->n_tokens && !(s->gen && s->gen->has_token);
         s->last_use = t;
         s->last_step = e->n_steps;
-        if ((err = register_blocks(e, s, eb)) != MN_OK) return err;
+        /* The cache only saves later work: a session whose KV and logits are computed does
+         * not fail for want of an entry (out of memory here used to fail every session of
+         * the step, dropping logits already computed). A block whose insert failed stays
+         * unshared; one whose hash could not be stored is hashed again next step. */
+        mn_errbuf ignore;
+        (void)register_blocks(e, s, &ignore);
     }
     return MN_OK;
 }

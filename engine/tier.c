@@ -488,7 +488,8 @@ static mn_err demote(mn_engine *e, mn_session *s, int to, bool background, mn_er
         mn__tier_drop(e, s);
         if (keep_file) { unlink(keep_file); mn_free(keep_file); }
     }
-    e->swapped_out[to] += bytes ? bytes : 0;
+    /* T3: the KV written to the file, as the worker's T3 writes and the T3 restores count it */
+    e->swapped_out[to] += to == 3 ? (int64_t)n_blocks * e->bs * mn__engine_bytes_per_token(e) : bytes;
     s->tier = to;
     s->host_kv = to == 1 ? gathered : NULL;
     s->host_buf = to == 1 ? gathered_buf : NULL;

@@ -112,8 +112,12 @@ static mn_err rank_open(mn_tp *t, tp_rank *r, const char *path, const mn_tp_para
     /* an indivisible head count is reported by mn_forward_new_tp; size the pool anyway */
     int32_t n_kv = c->n_kv_head % t->P == 0 ? c->n_kv_head / t->P : c->n_kv_head;
     int32_t ctx = c->n_ctx < 4096 ? c->n_ctx : 4096, bs = p->block_size;
-    /* the session engine's default: four full contexts */
-    int32_t n_blocks = p->n_blocks > 0 ? p->n_blocks : bs > 0 ? 4 * ((ctx + bs - 1) / bs) : 0;
+    /* 0: the session engine's default, four full contexts of at most 4096 tokens; < 0: the
+     * whole context (n_ctx, which may be far longer) for every slot */
+    int32_t n_blocks = p->n_blocks > 0 ? p->n_blocks
+                       : bs <= 0       ? 0
+                       : p->n_blocks < 0 ? t->n_seqs * ((c->n_ctx + bs - 1) / bs)
+                                         : 4 * ((ctx + bs - 1) / bs);
     e = mn_kv_pool_new(r->be, c->n_layer, n_kv, c->head_dim, bs, n_blocks, &r->kv, eb);
     if (e == MN_OK) e = mn_forward_new_tp(r->m, r->kv, r->comm, &r->f, eb);
     if (e != MN_OK) return e;

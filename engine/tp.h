@@ -46,7 +46,8 @@ typedef struct mn_tp_params {
     int n_threads;             /* CPU threads of each rank's backend; <= 0: 1 */
     mn_model_params model;
     int32_t block_size;        /* each rank's KV pool: blocks of block_size tokens */
-    int32_t n_blocks;          /* <= 0: four full contexts (of min(n_ctx, 4096)), the engine's default */
+    int32_t n_blocks;          /* 0: four full contexts (of min(n_ctx, 4096)), the engine's default;
+                                * < 0: n_seqs full contexts of n_ctx (every slot can reach n_ctx) */
     int32_t n_seqs;            /* sequence slots, >= 1 */
 } mn_tp_params;
 

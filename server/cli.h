@@ -36,8 +36,8 @@ void cli_unload(mn_backend *be, mn_model *m);
  *  loads the model; rank 0's backend and model come back as *be and *m, owned by the group
  *  (so a GPU holds one copy, not two). The device resolves as in cli_load (auto: a GPU if
  *  there is one, with a backend made only to ask); CPU ranks get max(1, T / N) threads
- *  each. block_size, n_blocks (<= 0: the group's default) and n_seqs as in mn_tp_params.
- *  0 on success, else -1 with a message. */
+ *  each. block_size, n_blocks (0: the group's default; < 0: every slot a whole context)
+ *  and n_seqs as in mn_tp_params. 0 on success, else -1 with a message. */
 int cli_load_tp(const cli_model_opts *o, int tp, int32_t block_size, int32_t n_blocks, int32_t n_seqs, mn_tp **group,
                 mn_backend **be, mn_model **m);
 /** Release what cli_load (group NULL) or cli_load_tp made. */

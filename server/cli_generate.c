@@ -52,11 +52,13 @@ static void runner_free(runner *r) {
     mn_free(r->logits);
 }
 
-/* Backend + model, or with --tp N > 1 the group whose rank 0 supplies them (its KV pools
- * at the group's default size; one slot). */
+/* Backend + model, or with --tp N > 1 the group whose rank 0 supplies them: one slot, its
+ * KV pools holding the whole context (the prompt is tokenized only after the load, and
+ * every run is checked against n_ctx; the engine's default of four 4096-token contexts
+ * refused a longer -c). */
 static int load(const cli_model_opts *mo, long tp, mn_tp **group, mn_backend **be, mn_model **m) {
     *group = NULL;
-    return tp > 1 ? cli_load_tp(mo, (int)tp, KV_BLOCK, 0, 1, group, be, m) : cli_load(mo, be, m);
+    return tp > 1 ? cli_load_tp(mo, (int)tp, KV_BLOCK, -1, 1, group, be, m) : cli_load(mo, be, m);
 }
 
 /* Run n tokens at the end of the sequence; all_logits (optional) receives every row's

@@ -153,3 +153,15 @@ def test_refused(tp3, mneme_bin, model_path):
         p = subprocess.run([str(mneme_bin), "serve", "-m", str(model_path), "--port", "0", "-t", "1", *flags],
                            capture_output=True, text=True, timeout=60)
         assert p.returncode != 0 and msg in p.stderr, (flags, p.returncode, p.stderr)
+
+
+def test_cli_tp_whole_context(synth_model, run_mneme):
+    """`mneme logits/generate --tp N` hold a whole -c context in their ranks' pools, as
+    without --tp: the group's default pool (four contexts of at most 4096 tokens, 16384
+    positions) refused a 16500-token prompt of a 20000-token model ('kv pool full')."""
+    model = synth_model(n_layer=1, n_embd=96, n_head=3, n_kv_head=3, head_dim=32, n_ff=96, ctx=20000)
+    toks = ",".join(str(1 + i % 300) for i in range(16500))
+    for tp in ("1", "3"):
+        out = run_mneme(["logits", "-m", model, "--tp", tp, "--device", "cpu", "-t", "3", "--tokens", toks,
+                         "--greedy", "1"]).stdout.split()
+        assert len(out) == 1 and 0 <= int(out[0]) < 384, (tp, out)

@@ -31,10 +31,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "engine/alloc.h"
 #include "engine/session.h"
+#include "engine/session_file.h"
 #include "engine/tp.h"
 #include "tests/unit/test_model.h"
 
@@ -379,9 +381,14 @@ static void test_tiers_and_files(void **state) {
     append(e, s, MN_ROLE_USER, "Tell me about lighthouses and the people who kept them.");
     static const char *const more[4] = {" And", " then", " what", " happened?"};
     for (int tier = 1; tier <= 3; tier++) {
+        mn_engine_stats st0, st1;
+        mn_engine_stats_get(e, &st0);
+        mn_session_info info;
+        mn_session_info_get(e, s, &info);
+        int64_t kv_bytes = info.kv_bytes; /* every rank's heads: n_blocks * 16 * bytes_per_token */
+        assert_int_equal(kv_bytes, (int64_t)info.n_blocks * 16 * st0.bytes_per_token);
         assert_int_equal(mn_session_demote(e, s, tier, &eb), MN_OK);
         mn_engine_tier_wait(e);
-        mn_session_info info;
         mn_session_info_get(e, s, &info);
         char want[3] = {'T', (char)('0' + tier), 0};
         assert_string_equal(info.tier, want);
@@ -389,6 +396,13 @@ static void test_tiers_and_files(void **state) {
         mn_session_info_get(e, s, &info);
         assert_string_equal(info.tier, "T0");
         assert_logits_alone(ref, s, want);
+        /* the bytes moved out of and back into the tier: the image (T1), the compressed
+         * bytes (T2), the KV written to and read from the file (T3), all heads */
+        mn_engine_stats_get(e, &st1);
+        int64_t out = st1.swapped_out[tier] - st0.swapped_out[tier], in = st1.swapped_in[tier] - st0.swapped_in[tier];
+        if (tier == 2) assert_true(out > 0 && out < kv_bytes);
+        else assert_int_equal(out, kv_bytes);
+        assert_int_equal(in, out);
     }
     /* save and load in the same engine: the loaded copy continues exactly */
     snprintf(path, sizeof path, "%s/saved.mns", dir);
@@ -597,7 +611,275 @@ static void test_backend_sampling(void **state) {
     }
 }
 
+/* Rewind into a block the prefix cache shares, a failed append, a cancelled generation
+ * and the recompute after a rewind: the block tables move on rank 0 alone, and every
+ * copy-on-write they cause is repeated on the other ranks, so each session's logits stay
+ * bit-identical to the same tokens computed alone. */
+static void test_rewind_cancel_fail(void **state) {
+    (void)state;
+    mn_tp *t = group(P), *tr = group(P);
+    mn_engine *e = engine_tp(t), *ref = engine_tp(tr);
+    mn_errbuf eb;
+    static const char sys[] = "You are a helpful assistant who answers in one short sentence, "
+                              "always politely, and never mentions that you are a language model.";
+    mn_session *a, *b;
+    assert_int_equal(mn_session_create(e, sys, &a, &eb), MN_OK);
+    append(e, a, MN_ROLE_USER, prompts[0]);
+    assert_int_equal(mn_session_create(e, sys, &b, &eb), MN_OK); /* attaches a's full blocks */
+    append(e, b, MN_ROLE_USER, prompts[1]);
+    int32_t n_sys;
+    mn_session_tokens(a, NULL, &n_sys);
+    /* into the middle of block 1, which b and the prefix cache share: the next write copies it */
+    assert_int_equal(mn_session_rewind(e, a, 16 + 5, &eb), MN_OK);
+    append(e, a, MN_ROLE_NONE, " Actually, tell me a joke.");
+    assert_logits_alone(ref, a, "rewound into a shared block");
+    assert_logits_alone(ref, b, "the sharer of the rewound block");
+    /* an append the context refuses leaves nothing behind */
+    int32_t n_big = model->cfg.n_ctx, *big = mn_malloc((size_t)n_big * sizeof(int32_t));
+    for (int32_t i = 0; i < n_big; i++) big[i] = 200 + i % 1000;
+    assert_int_equal(mn_session_append_tokens(e, a, big, n_big, MN_ROLE_NONE, &eb), MN_ELIMIT);
+    mn_free(big);
+    append(e, a, MN_ROLE_NONE, " Please.");
+    assert_logits_alone(ref, a, "after a refused append");
+    /* a cancelled generation keeps its tokens; the next turn continues from them */
+    gen_out g = {0};
+    mn_gen_params gp = greedy(20);
+    assert_int_equal(mn_session_generate_start(e, b, &gp, tok_cb, done_cb, &g, &eb), MN_OK);
+    for (int k = 0; k < 4; k++) {
+        bool did;
+        assert_int_equal(mn_engine_step(e, &did, &eb), MN_OK);
+    }
+    mn_session_generate_cancel(e, b);
+    assert_true(g.done);
+    append(e, b, MN_ROLE_USER, "Go on.");
+    assert_logits_alone(ref, b, "after a cancelled generation");
+    /* rewind to a block boundary, then generate: the last token is recomputed */
+    assert_int_equal(mn_session_rewind(e, b, 32, &eb), MN_OK);
+    gen_out g2;
+    mn_session *one[1] = {b};
+    generate_all(e, one, 1, 4, &g2);
+    assert_logits_alone(ref, b, "generated after a rewind to a block boundary");
+    mn_engine_free(e);
+    mn_engine_free(ref);
+    mn_tp_free(t);
+    mn_tp_free(tr);
+}
+
+/* Idle demotion as the server runs it: T0 -> T1 in the background (the KV reserve's
+ * path too), T1 -> T2 and T3 on the worker thread, then promotion on use. Each session
+ * continues bit-identically to the same tokens computed alone. */
+static void test_idle_demotion(void **state) {
+    (void)state;
+    char dir[64] = "/tmp/mneme-test-tp-idle-XXXXXX";
+    if (!mkdtemp(dir)) fail_msg("mkdtemp");
+    mn_tp *t = group(P), *tr = group(P);
+    mn_engine *e, *ref = engine_tp(tr);
+    mn_errbuf eb;
+    mn_engine_params p = {.max_batch_tokens = 256, .persist_dir = dir};
+    assert_int_equal(mn_engine_new_tp(t, &p, &e, &eb), MN_OK);
+    mn_session *s[N_SESS];
+    for (int i = 0; i < N_SESS; i++) {
+        assert_int_equal(mn_session_create(e, "You are a helpful assistant.", &s[i], &eb), MN_OK);
+        append(e, s[i], MN_ROLE_USER, prompts[i]);
+    }
+    /* "now" far enough ahead that each is idle for 1.5, 2.5 and 5 times the threshold */
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    double now = ts.tv_sec + ts.tv_nsec * 1e-9;
+    /* each stage demotes every session (all idle alike), then one is used: promoted from
+     * that tier and computed */
+    static const double stage[3] = {150.0, 250.0, 500.0};
+    static const char *const tier[3] = {"T1", "T2", "T3"};
+    for (int k = 0; k < 3; k++) {
+        assert_int_equal(mn_engine_demote_idle(e, 100.0, now + stage[k], &eb), MN_OK);
+        mn_engine_tier_wait(e);
+        mn_session_info info;
+        mn_session_info_get(e, s[k], &info);
+        assert_string_equal(info.tier, tier[k]);
+        append(e, s[k], MN_ROLE_USER, "Thanks.");
+        mn_session_info_get(e, s[k], &info);
+        assert_string_equal(info.tier, "T0");
+        assert_logits_alone(ref, s[k], tier[k]);
+    }
+    append(e, s[0], MN_ROLE_USER, "Bye."); /* from T3 */
+    assert_logits_alone(ref, s[0], "T3 after T1");
+    mn_engine_stats st;
+    mn_engine_stats_get(e, &st);
+    assert_true(st.demotions_background > 0);
+    mn_engine_free(e);
+    mn_tp_free(t);
+
+    /* the KV reserve: 7 sessions of 3 blocks in a pool of 16 with a reserve of 4 blocks;
+     * once short, the steps refill it by background demotions of idle sessions */
+    mn_tp_params tpp = {.n_ranks = P, .device = "cpu", .n_threads = 1, .block_size = 16, .n_blocks = 16, .n_seqs = 1};
+    if (mn_tp_new(mn_test_model_path(), &tpp, &t, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    mn_engine_params pp = {.kv_reserve = 4};
+    assert_int_equal(mn_engine_new_tp(t, &pp, &e, &eb), MN_OK);
+    mn_session *ss[7];
+    int32_t toks[40];
+    for (int round = 0; round < 3; round++)
+        for (int i = 0; i < 7; i++) {
+            if (!round) assert_int_equal(mn_session_create(e, NULL, &ss[i], &eb), MN_OK);
+            int32_t n = round ? 1 : 36;
+            for (int k = 0; k < n; k++) toks[k] = round ? 500 + 7 * round + i : 1000 + 37 * i + k;
+            assert_int_equal(mn_session_append_tokens(e, ss[i], toks, n, MN_ROLE_NONE, &eb), MN_OK);
+            if (round) assert_logits_alone(ref, ss[i], "after a reserve demotion");
+        }
+    mn_engine_stats_get(e, &st);
+    fprintf(stderr, "reserve: %lld background demotions (%lld to refill it), %lld waited\n",
+            (long long)st.demotions_background, (long long)st.reserve_demotions, (long long)st.demotions_waited);
+    assert_true(st.reserve_demotions > 0);
+    mn_engine_free(e);
+    mn_tp_free(t);
+    mn_engine_free(ref);
+    mn_tp_free(tr);
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    if (system(cmd) != 0) fail_msg("cannot remove %s", dir);
+}
+
+/* The N-th allocation fails during a batched step that copies a shared block and runs
+ * every rank (each rank thread allocates its scratch on first use): nothing leaks, and
+ * afterwards either the group reports itself unusable (a rank failed alone) or the
+ * sessions go on bit-identically to an engine that never failed. */
+static void test_alloc_failures(void **state) {
+    (void)state;
+    static const char *const texts[2] = {" and what do the people there like to eat on holidays?",
+                                         " and which rivers flow through it, from north to south?"};
+    int32_t V = model->cfg.n_vocab;
+    float *want = mn_malloc(2 * (size_t)V * sizeof(float));
+    mn_errbuf eb;
+    {
+        mn_tp *tr = group(P);
+        mn_engine *ref = engine_tp(tr);
+        for (int i = 0; i < 2; i++) {
+            mn_session *r;
+            assert_int_equal(mn_session_create(ref, NULL, &r, &eb), MN_OK);
+            append(ref, r, MN_ROLE_NONE, "Tell me about France");
+            append(ref, r, MN_ROLE_NONE, texts[i]);
+            memcpy(want + (size_t)i * V, mn_session_logits(r), (size_t)V * sizeof(float));
+        }
+        mn_engine_free(ref);
+        mn_tp_free(tr);
+    }
+    int clean = 0, broken = 0, recovered = 0;
+    for (long n = 0; n < 400 && clean < 3; n += n < 40 ? 1 : 7) {
+        long live = mn_alloc_live();
+        mn_tp *t = group(P);
+        mn_engine *e = engine_tp(t);
+        mn_session *s[2];
+        assert_int_equal(mn_session_create(e, NULL, &s[0], &eb), MN_OK);
+        append(e, s[0], MN_ROLE_NONE, "Tell me about France");
+        assert_int_equal(mn_session_fork(e, s[0], &s[1], &eb), MN_OK); /* shares the partial block */
+        int32_t n0;
+        mn_session_tokens(s[0], NULL, &n0);
+        for (int i = 0; i < 2; i++)
+            assert_int_equal(mn_session_submit_text(e, s[i], MN_ROLE_NONE, texts[i], strlen(texts[i]), &eb), MN_OK);
+        int32_t n1;
+        mn_session_tokens(s[0], NULL, &n1);
+        bool failed = false;
+        mn_alloc_fail_after(n);
+        for (int k = 0; k < 20 && mn_engine_has_work(e); k++) {
+            bool did;
+            if (mn_engine_step(e, &did, &eb) != MN_OK) failed = true;
+        }
+        mn_alloc_fail_after(-1);
+        if (!failed) clean++;
+        /* a failed step dropped the pending tokens: submit them again */
+        bool unusable = false;
+        for (int i = 0; i < 2; i++) {
+            int32_t ni;
+            mn_session_tokens(s[i], NULL, &ni);
+            if (ni == n1) continue;
+            assert_int_equal(ni, n0);
+            assert_int_equal(mn_session_submit_text(e, s[i], MN_ROLE_NONE, texts[i], strlen(texts[i]), &eb), MN_OK);
+        }
+        while (mn_engine_has_work(e) && !unusable) {
+            bool did;
+            if (mn_engine_step(e, &did, &eb) != MN_OK) {
+                if (!strstr(eb.msg, "unusable")) fail_msg("n = %ld: after the failure: %s", n, eb.msg);
+                unusable = true;
+            }
+        }
+        if (unusable) broken++;
+        else {
+            if (failed) recovered++;
+            for (int i = 0; i < 2; i++) {
+                const float *l = mn_session_logits(s[i]);
+                if (!l) fail_msg("n = %ld: session %d has no logits", n, i);
+                if (memcmp(l, want + (size_t)i * V, (size_t)V * sizeof(float)) != 0)
+                    fail_msg("n = %ld: session %d's logits differ from an engine that never failed", n, i);
+            }
+        }
+        mn_engine_free(e);
+        mn_tp_free(t);
+        if (mn_alloc_live() != live) fail_msg("n = %ld: %ld allocations leaked", n, mn_alloc_live() - live);
+    }
+    fprintf(stderr, "allocation failures: %d recovered, %d left the group unusable, %d clean\n", recovered, broken, clean);
+    assert_true(clean >= 3);
+    mn_free(want);
+}
+
+/* f16 bits -> float (normal and subnormal numbers; the KV holds no inf or NaN here) */
+static float h2f(uint16_t h) {
+    int e = (h >> 10) & 31, m = h & 1023;
+    float v = e ? ldexpf((float)(m | 1024), e - 25) : ldexpf((float)m, -24);
+    return h & 0x8000 ? -v : v;
+}
+
+/* The image layout under TP pinned head by head: layer 0's K and V are computed from the
+ * embeddings before any all-reduce, so a TP 3 export must hold the P = 1 values of every
+ * kv head at the same place (rank r's heads at r * n_kv_head / P); a head interleaved at
+ * the wrong offset differs by O(1) there, while later layers carry TP's rounding. */
+static void test_image_layout(void **state) {
+    (void)state;
+    mn_tp *t = group(P);
+    mn_engine *e = engine_tp(t), *one = engine_p1();
+    mn_errbuf eb;
+    static const char text[] = "The lighthouse keeper climbed one hundred and twelve steps every evening to light the lamp.";
+    mn_session *a, *b;
+    assert_int_equal(mn_session_create(e, NULL, &a, &eb), MN_OK);
+    assert_int_equal(mn_session_create(one, NULL, &b, &eb), MN_OK);
+    append(e, a, MN_ROLE_NONE, text);
+    append(one, b, MN_ROLE_NONE, text);
+    mn_session_loaded *ld[2];
+    mn_engine *es[2] = {e, one};
+    mn_session *ss[2] = {a, b};
+    for (int i = 0; i < 2; i++) {
+        uint8_t *bytes;
+        size_t len;
+        assert_int_equal(mn_session_export(es[i], ss[i], &bytes, &len, &eb), MN_OK);
+        if (mn_session_read_mem(bytes, len, model->fingerprint, &ld[i], &eb) != MN_OK) fail_msg("%s", eb.msg);
+        mn_free(bytes);
+    }
+    const mn_session_image *x = &ld[0]->img, *y = &ld[1]->img;
+    assert_int_equal(x->n_kv_head, model->cfg.n_kv_head);
+    assert_int_equal(x->n_tokens, y->n_tokens);
+    assert_int_equal(x->n_blocks, y->n_blocks);
+    const int64_t row = (int64_t)x->n_kv_head * x->head_dim, blk = (int64_t)x->block_size * row;
+    double worst = 0, scale = 0;
+    for (int32_t p = 0; p < x->n_tokens; p++)
+        for (int kind = 0; kind < 2; kind++) {
+            /* [block][layer][K|V][slot][kv_head][head_dim], layer 0 */
+            int64_t off = ((int64_t)(p / x->block_size) * x->n_layer * 2 + kind) * blk + (int64_t)(p % x->block_size) * row;
+            for (int64_t k = 0; k < row; k++) {
+                double u = h2f(x->kv[off + k]), v = h2f(y->kv[off + k]);
+                worst = fabs(u - v) > worst ? fabs(u - v) : worst;
+                scale = fabs(v) > scale ? fabs(v) : scale;
+            }
+        }
+    fprintf(stderr, "image layer 0, TP %d vs TP 1: max |diff| %.3g (max |value| %.3g)\n", P, worst, scale);
+    assert_true(scale > 0);
+    assert_true(worst <= 1e-2 * scale);
+    mn_session_loaded_free(ld[0]);
+    mn_session_loaded_free(ld[1]);
+    mn_engine_free(e);
+    mn_engine_free(one);
+    mn_tp_free(t);
+}
+
 int main(void) {
+    if (getenv("MNEME_TEST_FILTER")) cmocka_set_test_filter(getenv("MNEME_TEST_FILTER"));
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_greedy_matches_p1),
         cmocka_unit_test(test_exact_against_alone),
@@ -606,6 +888,10 @@ int main(void) {
         cmocka_unit_test(test_adapters),
         cmocka_unit_test(test_backend_sampling),
         cmocka_unit_test(test_tiers_and_files),
+        cmocka_unit_test(test_rewind_cancel_fail),
+        cmocka_unit_test(test_idle_demotion),
+        cmocka_unit_test(test_alloc_failures),
+        cmocka_unit_test(test_image_layout),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
