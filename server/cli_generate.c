@@ -37,8 +37,12 @@ static int runner_init(runner *r, mn_backend *be, mn_model *m, int32_t max_token
         if (e == MN_OK) e = mn_forward_new(m, r->kv, &r->f, &eb);
     }
     if (e == MN_OK && !(r->logits = mn_malloc((size_t)c->n_vocab * sizeof(float)))) e = mn_errf(&eb, MN_ENOMEM, "out of memory");
-    if (e != MN_OK) {
+    if (e != MN_OK) { /* the caller frees only a runner that started */
         fprintf(stderr, "mneme: %s\n", eb.msg);
+        mn_forward_free(r->f);
+        mn_kv_pool_free(r->kv);
+        r->f = NULL;
+        r->kv = NULL;
         return -1;
     }
     return 0;
