@@ -35,6 +35,37 @@ MN_HD void mn_dequant_block_q4_1(const mn_block_q4_1 *b, float *y) {
     }
 }
 
+/* The 32 fifth bits of a Q5_0 / Q5_1 block: bit i is element i's (qh is 2-byte aligned). */
+MN_HD uint32_t mn_q5_qh(const uint8_t *qh) {
+    return (uint32_t)qh[0] | ((uint32_t)qh[1] << 8) | ((uint32_t)qh[2] << 16) | ((uint32_t)qh[3] << 24);
+}
+
+/* Q5_0: 32 values, y[j] = d*(q - 16) with q = lo(qs[j]) | bit j of qh << 4, and
+ * y[j+16] the same with hi(qs[j]) and bit j+16. */
+MN_HD void mn_dequant_block_q5_0(const mn_block_q5_0 *b, float *y) {
+    float d = mn_fp16_to_fp32(b->d);
+    uint32_t qh = mn_q5_qh(b->qh);
+    for (int j = 0; j < MN_QK / 2; j++) {
+        int q0 = (b->qs[j] & 0x0f) | (int)(((qh >> j) & 1u) << 4);
+        int q1 = (b->qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4);
+        y[j] = d * (float)(q0 - 16);
+        y[j + MN_QK / 2] = d * (float)(q1 - 16);
+    }
+}
+
+/* Q5_1: y = d*q + m (the product rounded before the add), q as Q5_0's without the -16. */
+MN_HD void mn_dequant_block_q5_1(const mn_block_q5_1 *b, float *y) {
+    float d = mn_fp16_to_fp32(b->d), m = mn_fp16_to_fp32(b->m);
+    uint32_t qh = mn_q5_qh(b->qh);
+    for (int j = 0; j < MN_QK / 2; j++) {
+        int q0 = (b->qs[j] & 0x0f) | (int)(((qh >> j) & 1u) << 4);
+        int q1 = (b->qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4);
+        float p0 = d * (float)q0, p1 = d * (float)q1;
+        y[j] = p0 + m;
+        y[j + MN_QK / 2] = p1 + m;
+    }
+}
+
 MN_HD void mn_dequant_block_q8_0(const mn_block_q8_0 *b, float *y) {
     float d = mn_fp16_to_fp32(b->d);
     for (int j = 0; j < MN_QK; j++) y[j] = d * (float)b->qs[j];
@@ -178,6 +209,38 @@ MN_HD float mn_vdot_q4_1_q8_1(const mn_block_q4_1 *b, const mn_block_q8_1 *x) {
         si = mn_dp4a(q & 0x0f0f0f0fu, mn_ld4(x->qs + 4 * i), si);
         si = mn_dp4a((q >> 4) & 0x0f0f0f0fu, mn_ld4(x->qs + 16 + 4 * i), si);
     }
+    return (mn_fp16_to_fp32(b->d) * x->d) * (float)si + mn_fp16_to_fp32(b->m) * x->s;
+}
+
+/* Bits 0..3 of v moved to bit 4 of bytes 0..3 (Q5's fifth bits, four elements at a time). */
+MN_HD uint32_t mn_q5_spread4(uint32_t v) {
+    return ((v & 1u) << 4) | ((v & 2u) << 11) | ((v & 4u) << 18) | ((v & 8u) << 25);
+}
+
+/* Sum over the block of q*xq with q the 5-bit value (0..31) of a Q5_0 / Q5_1 block. */
+MN_HD int mn_q5_isum(const uint8_t *qs, uint32_t qh, const mn_block_q8_1 *x) {
+    int si = 0;
+    for (int i = 0; i < 4; i++) {
+        uint32_t q = mn_ld4_a2(qs + 4 * i);
+        uint32_t lo = (q & 0x0f0f0f0fu) | mn_q5_spread4(qh >> (4 * i));
+        uint32_t hi = ((q >> 4) & 0x0f0f0f0fu) | mn_q5_spread4(qh >> (16 + 4 * i));
+        si = mn_dp4a(lo, mn_ld4(x->qs + 4 * i), si);
+        si = mn_dp4a(hi, mn_ld4(x->qs + 16 + 4 * i), si);
+    }
+    return si;
+}
+
+/* Q5_0 x q8_1: (d*dx) * sum (q-16)*xq, with sum (q-16)*xq = sum q*xq - 16*sum xq. */
+MN_HD float mn_vdot_q5_0_q8_1(const mn_block_q5_0 *b, const mn_block_q8_1 *x) {
+    int sx = 0;
+    for (int i = 0; i < 8; i++) sx = mn_dp4a(0x01010101u, mn_ld4(x->qs + 4 * i), sx);
+    int si = mn_q5_isum(b->qs, mn_q5_qh(b->qh), x);
+    return (mn_fp16_to_fp32(b->d) * x->d) * (float)(si - 16 * sx);
+}
+
+/* Q5_1 x q8_1: (d*dx) * sum q*xq + m * s, as Q4_1. */
+MN_HD float mn_vdot_q5_1_q8_1(const mn_block_q5_1 *b, const mn_block_q8_1 *x) {
+    int si = mn_q5_isum(b->qs, mn_q5_qh(b->qh), x);
     return (mn_fp16_to_fp32(b->d) * x->d) * (float)si + mn_fp16_to_fp32(b->m) * x->s;
 }
 

@@ -44,12 +44,12 @@ except ImportError:  # a clear message instead of a traceback
 # Elements per block and bytes per block of the types we write (GGUF on-disk layouts).
 BLOCK = {
     "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
-    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34),
+    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
     "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
 }
 K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
 # llama.cpp's general.file_type for a model whose matrices are mostly this type
-FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K": 15, "Q5_K": 17,
+FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 15, "Q5_K": 17,
              "Q6_K": 18, "BF16": 32}
 
 WEIGHT_STD = 0.02
@@ -192,6 +192,18 @@ def quant_bytes(rng: np.random.Generator, qtype: str, n_blocks: int, std: float)
         dd = std / 4.6 * jitter()
         d, m = _f16(dd), _f16(-7.5 * dd)
         return np.concatenate([d.view(np.uint8).reshape(nb, 2), m.view(np.uint8).reshape(nb, 2), u8(16)],
+                              axis=1)
+    if qtype == "Q5_0":  # x = d*(q-16); 5-bit q uniform in 1..31 is centred on 16, std ~8.9
+        d = _f16(std / 8.9 * jitter())
+        q = rng.integers(1, 32, size=(nb, 32), dtype=np.uint32)
+        qh = ((q >> 4) << np.arange(32, dtype=np.uint32)).sum(axis=1, dtype=np.uint32)  # bit i: q[i]'s fifth
+        qs = ((q[:, :16] & 15) | ((q[:, 16:] & 15) << 4)).astype(np.uint8)
+        return np.concatenate([d.view(np.uint8).reshape(nb, 2), qh.astype("<u4").view(np.uint8).reshape(nb, 4), qs],
+                              axis=1)
+    if qtype == "Q5_1":  # x = d*q + m, random bits: q uniform 0..31, std ~9.2; m = -15.5*d centres it
+        dd = std / 9.2 * jitter()
+        d, m = _f16(dd), _f16(-15.5 * dd)
+        return np.concatenate([d.view(np.uint8).reshape(nb, 2), m.view(np.uint8).reshape(nb, 2), u8(4), u8(16)],
                               axis=1)
     if qtype in ("Q4_K", "Q5_K"):
         # x = d*sc*q - dmin*m per 32-element sub-block; with dmin = d and m = mean(q)*sc the
