@@ -63,6 +63,15 @@ static float dot_block_q8_K(mn_dtype t, const void *wb, const mn_block_q8_K *xb)
         }
         return (mn_fp16_to_fp32(b->d) * xb->d) * (float)isum;
     }
+    if (t == MN_Q3_K) {
+        const mn_block_q3_K *b = (const mn_block_q3_K *)wb;
+        for (int s = 0; s < MN_QK_K / 16; s++) {
+            int ss = 0;
+            for (int l = 0; l < 16; l++) ss += mn_q3_K_value(b, 16 * s + l) * xb->qs[16 * s + l];
+            isum += mn_q3_K_scale(b->scales, s) * ss;
+        }
+        return (mn_fp16_to_fp32(b->d) * xb->d) * (float)isum;
+    }
     /* Q4_K / Q5_K share the header (d, dmin, scales) and the 4-bit qs */
     const mn_block_q4_K *b4 = (const mn_block_q4_K *)wb;
     const mn_block_q5_K *b5 = (const mn_block_q5_K *)wb;
