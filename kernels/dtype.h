@@ -21,6 +21,7 @@ typedef enum mn_dtype {
     MN_Q5_1 = 7,
     MN_Q8_0 = 8,
     MN_Q8_1 = 9,   /* activation format only (see mn_block_q8_1) */
+    MN_Q2_K = 10,
     MN_Q3_K = 11,
     MN_Q4_K = 12,
     MN_Q5_K = 13,
@@ -45,6 +46,9 @@ typedef struct { uint16_t d; uint8_t qh[4]; uint8_t qs[MN_QK / 2]; } mn_block_q5
 typedef struct { uint16_t d; uint16_t m; uint8_t qh[4]; uint8_t qs[MN_QK / 2]; } mn_block_q5_1;
 /* Q8_0: x = d * q. */
 typedef struct { uint16_t d; int8_t qs[MN_QK]; } mn_block_q8_0;
+/* Q2_K: 16 sub-blocks of 16, scales[s] = sc | m << 4 (4 bits each); x = (d*sc)*q - (dmin*m),
+ * q in 0..3: element 128h + 32j + l (h 0..1, j 0..3, l 0..31) is (qs[32h + l] >> 2j) & 3. */
+typedef struct { uint8_t scales[MN_QK_K / 16]; uint8_t qs[MN_QK_K / 4]; uint16_t d; uint16_t dmin; } mn_block_q2_K;
 /* Q3_K: 16 sub-blocks of 16 with 6-bit scales (sc - 32) packed in scales[12]; x = d*sc*q,
  * q in -4..3 = 2 low bits - (high bit ? 0 : 4). Element 128h + 32j + l (h 0..1, j 0..3,
  * l 0..31): low bits (qs[32h + l] >> 2j) & 3, high bit (hmask[l] >> (4h + j)) & 1. */
@@ -71,6 +75,7 @@ _Static_assert(sizeof(mn_block_q4_1) == 20, "q4_1 layout");
 _Static_assert(sizeof(mn_block_q5_0) == 22, "q5_0 layout");
 _Static_assert(sizeof(mn_block_q5_1) == 24, "q5_1 layout");
 _Static_assert(sizeof(mn_block_q8_0) == 34, "q8_0 layout");
+_Static_assert(sizeof(mn_block_q2_K) == 84, "q2_K layout");
 _Static_assert(sizeof(mn_block_q3_K) == 110, "q3_K layout");
 _Static_assert(sizeof(mn_block_q4_K) == 144, "q4_K layout");
 _Static_assert(sizeof(mn_block_q5_K) == 176, "q5_K layout");
@@ -84,7 +89,7 @@ MN_HD int64_t mn_dtype_block_elems(mn_dtype t) {
     switch (t) {
     case MN_F32: case MN_F16: case MN_BF16: return 1;
     case MN_Q4_0: case MN_Q4_1: case MN_Q5_0: case MN_Q5_1: case MN_Q8_0: case MN_Q8_1: return MN_QK;
-    case MN_Q3_K: case MN_Q4_K: case MN_Q5_K: case MN_Q6_K: case MN_Q8_K: return MN_QK_K;
+    case MN_Q2_K: case MN_Q3_K: case MN_Q4_K: case MN_Q5_K: case MN_Q6_K: case MN_Q8_K: return MN_QK_K;
     default: return 0;
     }
 }
@@ -100,6 +105,7 @@ MN_HD int64_t mn_dtype_block_bytes(mn_dtype t) {
     case MN_Q5_1: return sizeof(mn_block_q5_1);
     case MN_Q8_0: return sizeof(mn_block_q8_0);
     case MN_Q8_1: return sizeof(mn_block_q8_1);
+    case MN_Q2_K: return sizeof(mn_block_q2_K);
     case MN_Q3_K: return sizeof(mn_block_q3_K);
     case MN_Q4_K: return sizeof(mn_block_q4_K);
     case MN_Q5_K: return sizeof(mn_block_q5_K);
@@ -120,7 +126,7 @@ MN_HD int64_t mn_dtype_row_bytes(mn_dtype t, int64_t n) {
 MN_HD int mn_dtype_is_weight_type(mn_dtype t) {
     switch (t) {
     case MN_F32: case MN_F16: case MN_BF16: case MN_Q4_0: case MN_Q4_1: case MN_Q5_0: case MN_Q5_1: case MN_Q8_0:
-    case MN_Q3_K: case MN_Q4_K: case MN_Q5_K: case MN_Q6_K: return 1;
+    case MN_Q2_K: case MN_Q3_K: case MN_Q4_K: case MN_Q5_K: case MN_Q6_K: return 1;
     default: return 0;
     }
 }
@@ -136,6 +142,7 @@ static inline const char *mn_dtype_name(mn_dtype t) {
     case MN_Q5_1: return "Q5_1";
     case MN_Q8_0: return "Q8_0";
     case MN_Q8_1: return "Q8_1";
+    case MN_Q2_K: return "Q2_K";
     case MN_Q3_K: return "Q3_K";
     case MN_Q4_K: return "Q4_K";
     case MN_Q5_K: return "Q5_K";

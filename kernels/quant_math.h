@@ -84,6 +84,24 @@ MN_HD void mn_k4_scale_min(const uint8_t *q, int j, uint8_t *sc, uint8_t *m) {
     }
 }
 
+/* The value (0..3) of element i (0..255) of a Q2_K block (layout in dtype.h). */
+MN_HD int mn_q2_K_value(const mn_block_q2_K *b, int i) {
+    int h = i >> 7, j = (i >> 5) & 3, l = i & 31;
+    return (b->qs[32 * h + l] >> (2 * j)) & 3;
+}
+
+/* Q2_K: y = (d*sc)*q - (dmin*m) per sub-block of 16. */
+MN_HD void mn_dequant_block_q2_K(const mn_block_q2_K *b, float *y) {
+    float d = mn_fp16_to_fp32(b->d), dmin = mn_fp16_to_fp32(b->dmin);
+    for (int s = 0; s < MN_QK_K / 16; s++) {
+        float dl = d * (float)(b->scales[s] & 0x0f), ml = dmin * (float)(b->scales[s] >> 4);
+        for (int l = 0; l < 16; l++) {
+            float p = dl * (float)mn_q2_K_value(b, 16 * s + l);
+            y[16 * s + l] = p - ml;
+        }
+    }
+}
+
 /* The scale (-32..31) of sub-block s (0..15) of a Q3_K block: low 4 bits in the nibbles of
  * bytes 0..7 (s < 8 low nibble of byte s, else high nibble of byte s - 8), high 2 bits in
  * bytes 8..11 (byte 8 + s % 4, bits 2*(s/4)), minus 32. */
@@ -278,10 +296,22 @@ MN_HD float mn_vdot_q8_0_q8_1(const mn_block_q8_0 *b, const mn_block_q8_1 *x) {
 /* A K-quant super-block as 8 units of 32 elements (unit j = elements 32j .. 32j+31).
  * Unit j's integer share of the super-block dot: *isum += sc_j * sum q*xq (Q6_K, Q3_K: the
  * two 16-element groups of the unit, each with its own scale, q - 32 / q in -4..3), *imin += m_j *
- * (bsums of the unit) (Q4_K / Q5_K). Summed over j = 0..7 in any order these are the
+ * (bsums of the unit) (Q4_K / Q5_K; Q2_K: a 4-bit scale and min per 16-element group). Summed over j = 0..7 in any order these are the
  * reference's isum / imin exactly; mn_kq_block_value scales them as the reference does. */
 MN_HD void mn_kq_unit(mn_dtype t, const void *wb, const mn_block_q8_K *x, int j, int *isum, int *imin) {
     const int8_t *xq = x->qs + 32 * j;
+    if (t == MN_Q2_K) { /* unit j = 4h + jj: q at qs[32h..] >> 2jj; sub-blocks 2j, 2j+1 */
+        const mn_block_q2_K *b = (const mn_block_q2_K *)wb;
+        const uint8_t *qs = b->qs + 32 * (j >> 2);
+        int sh = 2 * (j & 3), ss[2] = {0, 0};
+        for (int i = 0; i < 8; i++)
+            ss[i >> 2] = mn_dp4a((mn_ld4_a2(qs + 4 * i) >> sh) & 0x03030303u, mn_ld4(xq + 4 * i), ss[i >> 2]);
+        for (int g = 0; g < 2; g++) {
+            *isum += (b->scales[2 * j + g] & 0x0f) * ss[g];
+            *imin += (b->scales[2 * j + g] >> 4) * x->bsums[2 * j + g];
+        }
+        return;
+    }
     if (t == MN_Q3_K) { /* unit j = 4h + jj: low bits at qs[32h..] >> 2jj, high bits bit j of hmask */
         const mn_block_q3_K *b = (const mn_block_q3_K *)wb;
         const uint8_t *qs = b->qs + 32 * (j >> 2);
@@ -333,6 +363,10 @@ MN_HD float mn_kq_block_value(mn_dtype t, const void *wb, const mn_block_q8_K *x
     float dx = x->d;
     if (t == MN_Q6_K) return (mn_fp16_to_fp32(((const mn_block_q6_K *)wb)->d) * dx) * (float)isum;
     if (t == MN_Q3_K) return (mn_fp16_to_fp32(((const mn_block_q3_K *)wb)->d) * dx) * (float)isum;
+    if (t == MN_Q2_K) {
+        const mn_block_q2_K *b2 = (const mn_block_q2_K *)wb;
+        return (mn_fp16_to_fp32(b2->d) * dx) * (float)isum - (mn_fp16_to_fp32(b2->dmin) * dx) * (float)imin;
+    }
     const mn_block_q4_K *b = (const mn_block_q4_K *)wb;
     return (mn_fp16_to_fp32(b->d) * dx) * (float)isum - (mn_fp16_to_fp32(b->dmin) * dx) * (float)imin;
 }

@@ -45,11 +45,11 @@ except ImportError:  # a clear message instead of a traceback
 BLOCK = {
     "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
     "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-    "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
 }
-K_QUANTS = ("Q3_K", "Q4_K", "Q5_K", "Q6_K")
+K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # llama.cpp's general.file_type for a model whose matrices are mostly this type
-FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q3_K": 11, "Q4_K": 15, "Q5_K": 17,
+FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 11, "Q4_K": 15, "Q5_K": 17,
              "Q6_K": 18, "BF16": 32}
 
 WEIGHT_STD = 0.02
@@ -228,6 +228,14 @@ def quant_bytes(rng: np.random.Generator, qtype: str, n_blocks: int, std: float)
                                _pack_k_scales(sc, mn)], axis=1)
         body = [u8(128)] if qtype == "Q4_K" else [u8(32), u8(128)]  # Q5_K: qh[32] then qs[128]
         return np.concatenate([head] + body, axis=1)
+    if qtype == "Q2_K":
+        # x = d*sc*q - dmin*m per 16 elements, q in 0..3 from random bits (mean 1.5, std 1.12);
+        # sc even in 4..10 and m = 1.5*sc (4 bits) with dmin = d centre it; scales, qs, d, dmin
+        sc = 2 * rng.integers(2, 6, size=(nb, 16))
+        dd = std / (1.12 * 7.35) * jitter()
+        scales = (sc | ((sc * 3 // 2) << 4)).astype(np.uint8)
+        return np.concatenate([scales, u8(64), _f16(dd).view(np.uint8).reshape(nb, 2),
+                               _f16(dd).view(np.uint8).reshape(nb, 2)], axis=1)
     if qtype == "Q3_K":
         # x = d*sc*q, q in -4..3 from random bits (rms 2.35); sc = +-8..24 (rms ~16.7), random
         # signs centre it; hmask, qs, scales, d

@@ -16,7 +16,7 @@ static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 static int is_legacy(mn_dtype t) {
     return t == MN_Q4_0 || t == MN_Q4_1 || t == MN_Q5_0 || t == MN_Q5_1 || t == MN_Q8_0;
 }
-static int is_kquant(mn_dtype t) { return t == MN_Q3_K || t == MN_Q4_K || t == MN_Q5_K || t == MN_Q6_K; }
+static int is_kquant(mn_dtype t) { return t == MN_Q2_K || t == MN_Q3_K || t == MN_Q4_K || t == MN_Q5_K || t == MN_Q6_K; }
 
 /* Byte offsets of the work-buffer parts (see matmul_impl.h). */
 typedef struct layout { size_t qs, d, s, xc, bsums, scr, scr_per_thread, total; } layout;
@@ -111,6 +111,17 @@ static float dot_kquant_scalar(mn_dtype t, const char *row, const mn__xq *xq, in
                 isum += w->scales[s] * ss;
             }
             acc += (mn_fp16_to_fp32(w->d) * dx) * (float)isum;
+            continue;
+        }
+        if (t == MN_Q2_K) {
+            const mn_block_q2_K *w = (const mn_block_q2_K *)row + b;
+            for (int s = 0; s < 16; s++) {
+                int ss = 0;
+                for (int l = 0; l < 16; l++) ss += mn_q2_K_value(w, 16 * s + l) * x[16 * s + l];
+                isum += (w->scales[s] & 15) * ss;
+                imin += (w->scales[s] >> 4) * bs[s];
+            }
+            acc += (mn_fp16_to_fp32(w->d) * dx) * (float)isum - (mn_fp16_to_fp32(w->dmin) * dx) * (float)imin;
             continue;
         }
         if (t == MN_Q3_K) {

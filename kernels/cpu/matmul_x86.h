@@ -12,7 +12,7 @@
  *   Q4_0/Q4_1/Q5_0/Q5_1/Q8_0: the reference's: exact int dot per block, acc = acc + (dw*dx)*(float)isum
  *     (Q4_1/Q5_1: + mw*sx inside the parentheses) in block order (one lane per weight row; see
  *     the legacy-quant section), so they equal the ref.
- *   Q3_K/Q4_K/Q5_K/Q6_K: the reference's too, one lane per weight row (matmul_x86_kq.h).
+ *   Q2_K/Q3_K/Q4_K/Q5_K/Q6_K: the reference's too, one lane per weight row (matmul_x86_kq.h).
  *   F32/F16/BF16: four 8-lane fma chains over k (32 at a time), a 8-lane chain for the
  *     rest of the multiples of 8, a fixed combine, hsum8, scalar tail.
  * The includer turns off FP contraction so no mul+add is fused behind our back.
@@ -432,7 +432,7 @@ void MN__ROWS_FN(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
         x86_rows_lq(c, n0, n1);
         return;
     }
-    if (t == MN_Q3_K || t == MN_Q4_K || t == MN_Q5_K || t == MN_Q6_K) {
+    if (t == MN_Q2_K || t == MN_Q3_K || t == MN_Q4_K || t == MN_Q5_K || t == MN_Q6_K) {
         x86_rows_kq(c, n0, n1);
         return;
     }

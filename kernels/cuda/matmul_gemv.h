@@ -10,7 +10,7 @@
  *                 tail elements 8*(K/8) + i go to lane i, last.
  *   Q4_0/Q4_1/Q5_0/Q5_1/Q8_0  block b goes to lane b % 32, which adds the blocks' values
  *                 (mn_vdot_*_q8_1: the reference's bits per block) in order.
- *   Q3_K/Q4_K/Q5_K/Q6_K  unit u (32 elements, 8 per super-block) goes to lane u % 32: the 8 lanes
+ *   Q2_K..Q6_K  unit u (32 elements, 8 per super-block) goes to lane u % 32: the 8 lanes
  *                 of group g = lane / 8 share super-block b = g + 4s at step s. Their integer
  *                 shares (mn_kq_unit) are summed over the group by xor shuffles 4, 2, 1
  *                 (integers: exact, so equal to summing j = 0..7 in one lane), and lane 8g

@@ -150,6 +150,7 @@ __host__ __device__ inline void mn__gemv_row(const mn_matmul_desc &d, int64_t n,
     case MN_Q5_0: mn__gemv_rows_q8_1<NT, MN_Q5_0>(d, row, x1, lane, acc); break;
     case MN_Q5_1: mn__gemv_rows_q8_1<NT, MN_Q5_1>(d, row, x1, lane, acc); break;
     case MN_Q8_0: mn__gemv_rows_q8_1<NT, MN_Q8_0>(d, row, x1, lane, acc); break;
+    case MN_Q2_K: mn__gemv_rows_kq<NT, MN_Q2_K>(d, row, xk, acc, w); break;
     case MN_Q3_K: mn__gemv_rows_kq<NT, MN_Q3_K>(d, row, xk, acc, w); break;
     case MN_Q4_K: mn__gemv_rows_kq<NT, MN_Q4_K>(d, row, xk, acc, w); break;
     case MN_Q5_K: mn__gemv_rows_kq<NT, MN_Q5_K>(d, row, xk, acc, w); break;

@@ -63,6 +63,16 @@ static float dot_block_q8_K(mn_dtype t, const void *wb, const mn_block_q8_K *xb)
         }
         return (mn_fp16_to_fp32(b->d) * xb->d) * (float)isum;
     }
+    if (t == MN_Q2_K) {
+        const mn_block_q2_K *b = (const mn_block_q2_K *)wb;
+        for (int s = 0; s < MN_QK_K / 16; s++) {
+            int ss = 0;
+            for (int l = 0; l < 16; l++) ss += mn_q2_K_value(b, 16 * s + l) * xb->qs[16 * s + l];
+            isum += (b->scales[s] & 0x0f) * ss;
+            imin += (b->scales[s] >> 4) * xb->bsums[s];
+        }
+        return (mn_fp16_to_fp32(b->d) * xb->d) * (float)isum - (mn_fp16_to_fp32(b->dmin) * xb->d) * (float)imin;
+    }
     if (t == MN_Q3_K) {
         const mn_block_q3_K *b = (const mn_block_q3_K *)wb;
         for (int s = 0; s < MN_QK_K / 16; s++) {

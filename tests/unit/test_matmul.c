@@ -23,7 +23,7 @@
 #include "kernels/cpu/cpu_impl.h"
 #include "tests/unit/weight_fill.h"
 
-static const mn_dtype TYPES[] = {MN_F32, MN_F16, MN_BF16, MN_Q4_0, MN_Q4_1, MN_Q5_0, MN_Q5_1, MN_Q8_0, MN_Q3_K, MN_Q4_K, MN_Q5_K, MN_Q6_K};
+static const mn_dtype TYPES[] = {MN_F32, MN_F16, MN_BF16, MN_Q4_0, MN_Q4_1, MN_Q5_0, MN_Q5_1, MN_Q8_0, MN_Q2_K, MN_Q3_K, MN_Q4_K, MN_Q5_K, MN_Q6_K};
 enum { NTYPES = sizeof(TYPES) / sizeof(TYPES[0]) };
 static const char *const LEVELS[] = {"scalar", "avx2", "avx512", "avx512-vnni"};
 
@@ -266,10 +266,10 @@ static void test_legacy_quants_equal_ref(void **state) {
 static void test_kquants_equal_ref(void **state) {
     (void)state;
     mn_cpu_init();
-    static const mn_dtype types[] = {MN_Q3_K, MN_Q4_K, MN_Q5_K, MN_Q6_K};
+    static const mn_dtype types[] = {MN_Q2_K, MN_Q3_K, MN_Q4_K, MN_Q5_K, MN_Q6_K};
     int compared = 0;
-    for (int64_t nblk = 2; nblk <= 3; nblk++) compared += equal_ref_cases(types, 4, nblk);
-    assert_true(compared >= 2 * 4 * 4 * 2 * 2);
+    for (int64_t nblk = 2; nblk <= 3; nblk++) compared += equal_ref_cases(types, 5, nblk);
+    assert_true(compared >= 2 * 5 * 4 * 2 * 2);
 }
 /* The reference against double-precision dots: (1) on the quantized-then-dequantized
  * activations it must agree to f32 accumulation error; (2) on the original x it must be
