@@ -94,9 +94,9 @@ static uint32_t rnd(void) { rs = rs * 1664525u + 1013904223u; return rs >> 8; }
  * big: an 8B model's FFN down shape (N x K = 4096 x 14336), the quants only, no scalar
  * level (the per-thread repack of a row group then spans K = 14336: L2 pressure). */
 static int per_type(double budget, int big) {
-    static const mn_dtype all[] = {MN_F32, MN_F16, MN_BF16, MN_Q4_0, MN_Q4_1, MN_Q8_0, MN_Q4_K, MN_Q5_K, MN_Q6_K};
+    static const mn_dtype all[] = {MN_F32, MN_F16, MN_BF16, MN_Q4_0, MN_Q4_1, MN_Q5_0, MN_Q5_1, MN_Q8_0, MN_Q2_K, MN_Q3_K, MN_Q4_K, MN_Q5_K, MN_Q6_K};
     const mn_dtype *types = big ? all + 3 : all;
-    const size_t ntypes = big ? 6 : 9;
+    const size_t ntypes = sizeof all / sizeof all[0] - (big ? 3 : 0);
     static const char *const levels[] = {"scalar", "avx2", "avx512", "avx512-vnni"};
     const int64_t N = big ? 4096 : 1536, K = big ? 14336 : 1536;
     float *x = mn_malloc(sizeof(float) * 64 * K), *y = mn_malloc(sizeof(float) * 64 * N);
@@ -112,7 +112,8 @@ static int per_type(double budget, int big) {
             uint16_t h = mn_fp32_to_fp16(0.01f);
             if (bb == 4) for (int64_t j = 0; j < N * K; j++) ((float *)w)[j] = 0.01f;
             else if (bb == 2) for (int64_t j = 0; j < N * K; j++) ((uint16_t *)w)[j] = t == MN_F16 ? h : mn_fp32_to_bf16(0.01f);
-            else for (int64_t b = 0; b < N * rb / bb; b++) memcpy(w + b * bb + (t == MN_Q6_K ? 208 : 0), &h, 2);
+            else for (int64_t b = 0; b < N * rb / bb; b++)
+                memcpy(w + b * bb + (t == MN_Q6_K ? 208 : t == MN_Q3_K ? 108 : t == MN_Q2_K ? 80 : 0), &h, 2);
             for (int64_t T = 1; T <= 64; T *= 64) {
                 mn_matmul_desc d = {.T = T, .N = N, .K = K, .x = x, .x_stride = K, .w = w, .w_type = t,
                                     .w_row_bytes = rb, .y = y, .y_stride = N};

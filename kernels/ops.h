@@ -90,8 +90,8 @@ typedef struct mn_rmsnorm_desc {
 /* matmul: y[t,n] (+)= sum_k x[t,k] * W[n,k] (+ bias[n]).
  * W is N rows of K elements of w_type, row n at (const char *)w + n*w_row_bytes.
  * Precision contract: for F32/F16/BF16 weights the dot is in f32 on dequantized values.
- * For quantized weights x is first quantized per row: to mn_block_q8_1 for Q4_0, Q4_1
- * and Q8_0 (d = amax/127, q = nearest integer of x/d, s = d*sum q), to mn_block_q8_K
+ * For quantized weights x is first quantized per row: to mn_block_q8_1 for Q4_0, Q4_1,
+ * Q5_0, Q5_1 and Q8_0 (d = amax/127, q = nearest integer of x/d, s = d*sum q), to mn_block_q8_K
  * for the K-quants (d = amax/127, same rounding); the block dot is then an exact
  * integer sum, scaled by the two block scales (and min terms) in f32.
  * Tolerance against ref: |y - y_ref| <= 1e-4 * (sum_k |x_k w_k| + |bias|) (f32 order).

@@ -35,6 +35,37 @@ MN_HD void mn_dequant_block_q4_1(const mn_block_q4_1 *b, float *y) {
     }
 }
 
+/* The 32 fifth bits of a Q5_0 / Q5_1 block: bit i is element i's (qh is 2-byte aligned). */
+MN_HD uint32_t mn_q5_qh(const uint8_t *qh) {
+    return (uint32_t)qh[0] | ((uint32_t)qh[1] << 8) | ((uint32_t)qh[2] << 16) | ((uint32_t)qh[3] << 24);
+}
+
+/* Q5_0: 32 values, y[j] = d*(q - 16) with q = lo(qs[j]) | bit j of qh << 4, and
+ * y[j+16] the same with hi(qs[j]) and bit j+16. */
+MN_HD void mn_dequant_block_q5_0(const mn_block_q5_0 *b, float *y) {
+    float d = mn_fp16_to_fp32(b->d);
+    uint32_t qh = mn_q5_qh(b->qh);
+    for (int j = 0; j < MN_QK / 2; j++) {
+        int q0 = (b->qs[j] & 0x0f) | (int)(((qh >> j) & 1u) << 4);
+        int q1 = (b->qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4);
+        y[j] = d * (float)(q0 - 16);
+        y[j + MN_QK / 2] = d * (float)(q1 - 16);
+    }
+}
+
+/* Q5_1: y = d*q + m (the product rounded before the add), q as Q5_0's without the -16. */
+MN_HD void mn_dequant_block_q5_1(const mn_block_q5_1 *b, float *y) {
+    float d = mn_fp16_to_fp32(b->d), m = mn_fp16_to_fp32(b->m);
+    uint32_t qh = mn_q5_qh(b->qh);
+    for (int j = 0; j < MN_QK / 2; j++) {
+        int q0 = (b->qs[j] & 0x0f) | (int)(((qh >> j) & 1u) << 4);
+        int q1 = (b->qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4);
+        float p0 = d * (float)q0, p1 = d * (float)q1;
+        y[j] = p0 + m;
+        y[j + MN_QK / 2] = p1 + m;
+    }
+}
+
 MN_HD void mn_dequant_block_q8_0(const mn_block_q8_0 *b, float *y) {
     float d = mn_fp16_to_fp32(b->d);
     for (int j = 0; j < MN_QK; j++) y[j] = d * (float)b->qs[j];
@@ -50,6 +81,49 @@ MN_HD void mn_k4_scale_min(const uint8_t *q, int j, uint8_t *sc, uint8_t *m) {
     } else {
         *sc = (uint8_t)((q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4));
         *m = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
+/* The value (0..3) of element i (0..255) of a Q2_K block (layout in dtype.h). */
+MN_HD int mn_q2_K_value(const mn_block_q2_K *b, int i) {
+    int h = i >> 7, j = (i >> 5) & 3, l = i & 31;
+    return (b->qs[32 * h + l] >> (2 * j)) & 3;
+}
+
+/* Q2_K: y = (d*sc)*q - (dmin*m) per sub-block of 16. */
+MN_HD void mn_dequant_block_q2_K(const mn_block_q2_K *b, float *y) {
+    float d = mn_fp16_to_fp32(b->d), dmin = mn_fp16_to_fp32(b->dmin);
+    for (int s = 0; s < MN_QK_K / 16; s++) {
+        float dl = d * (float)(b->scales[s] & 0x0f), ml = dmin * (float)(b->scales[s] >> 4);
+        for (int l = 0; l < 16; l++) {
+            float p = dl * (float)mn_q2_K_value(b, 16 * s + l);
+            y[16 * s + l] = p - ml;
+        }
+    }
+}
+
+/* The scale (-32..31) of sub-block s (0..15) of a Q3_K block: low 4 bits in the nibbles of
+ * bytes 0..7 (s < 8 low nibble of byte s, else high nibble of byte s - 8), high 2 bits in
+ * bytes 8..11 (byte 8 + s % 4, bits 2*(s/4)), minus 32. */
+MN_HD int mn_q3_K_scale(const uint8_t *q, int s) {
+    int lo = s < 8 ? (q[s] & 0x0f) : (q[s - 8] >> 4);
+    int hi = (q[8 + (s & 3)] >> (2 * (s >> 2))) & 3;
+    return (lo | (hi << 4)) - 32;
+}
+
+/* The value (-4..3) of element i (0..255) of a Q3_K block (layout in dtype.h). */
+MN_HD int mn_q3_K_value(const mn_block_q3_K *b, int i) {
+    int h = i >> 7, j = (i >> 5) & 3, l = i & 31;
+    int low = (b->qs[32 * h + l] >> (2 * j)) & 3;
+    return low - (((b->hmask[l] >> (4 * h + j)) & 1) ? 0 : 4);
+}
+
+/* Q3_K: y = (d*sc)*q per sub-block of 16. */
+MN_HD void mn_dequant_block_q3_K(const mn_block_q3_K *b, float *y) {
+    float d = mn_fp16_to_fp32(b->d);
+    for (int s = 0; s < MN_QK_K / 16; s++) {
+        float ds = d * (float)mn_q3_K_scale(b->scales, s);
+        for (int l = 0; l < 16; l++) y[16 * s + l] = ds * (float)mn_q3_K_value(b, 16 * s + l);
     }
 }
 
@@ -181,6 +255,38 @@ MN_HD float mn_vdot_q4_1_q8_1(const mn_block_q4_1 *b, const mn_block_q8_1 *x) {
     return (mn_fp16_to_fp32(b->d) * x->d) * (float)si + mn_fp16_to_fp32(b->m) * x->s;
 }
 
+/* Bits 0..3 of v moved to bit 4 of bytes 0..3 (Q5's fifth bits, four elements at a time). */
+MN_HD uint32_t mn_q5_spread4(uint32_t v) {
+    return ((v & 1u) << 4) | ((v & 2u) << 11) | ((v & 4u) << 18) | ((v & 8u) << 25);
+}
+
+/* Sum over the block of q*xq with q the 5-bit value (0..31) of a Q5_0 / Q5_1 block. */
+MN_HD int mn_q5_isum(const uint8_t *qs, uint32_t qh, const mn_block_q8_1 *x) {
+    int si = 0;
+    for (int i = 0; i < 4; i++) {
+        uint32_t q = mn_ld4_a2(qs + 4 * i);
+        uint32_t lo = (q & 0x0f0f0f0fu) | mn_q5_spread4(qh >> (4 * i));
+        uint32_t hi = ((q >> 4) & 0x0f0f0f0fu) | mn_q5_spread4(qh >> (16 + 4 * i));
+        si = mn_dp4a(lo, mn_ld4(x->qs + 4 * i), si);
+        si = mn_dp4a(hi, mn_ld4(x->qs + 16 + 4 * i), si);
+    }
+    return si;
+}
+
+/* Q5_0 x q8_1: (d*dx) * sum (q-16)*xq, with sum (q-16)*xq = sum q*xq - 16*sum xq. */
+MN_HD float mn_vdot_q5_0_q8_1(const mn_block_q5_0 *b, const mn_block_q8_1 *x) {
+    int sx = 0;
+    for (int i = 0; i < 8; i++) sx = mn_dp4a(0x01010101u, mn_ld4(x->qs + 4 * i), sx);
+    int si = mn_q5_isum(b->qs, mn_q5_qh(b->qh), x);
+    return (mn_fp16_to_fp32(b->d) * x->d) * (float)(si - 16 * sx);
+}
+
+/* Q5_1 x q8_1: (d*dx) * sum q*xq + m * s, as Q4_1. */
+MN_HD float mn_vdot_q5_1_q8_1(const mn_block_q5_1 *b, const mn_block_q8_1 *x) {
+    int si = mn_q5_isum(b->qs, mn_q5_qh(b->qh), x);
+    return (mn_fp16_to_fp32(b->d) * x->d) * (float)si + mn_fp16_to_fp32(b->m) * x->s;
+}
+
 MN_HD float mn_vdot_q8_0_q8_1(const mn_block_q8_0 *b, const mn_block_q8_1 *x) {
     int si = 0;
     for (int i = 0; i < 8; i++) si = mn_dp4a(mn_ld4_a2(b->qs + 4 * i), mn_ld4(x->qs + 4 * i), si);
@@ -188,12 +294,39 @@ MN_HD float mn_vdot_q8_0_q8_1(const mn_block_q8_0 *b, const mn_block_q8_1 *x) {
 }
 
 /* A K-quant super-block as 8 units of 32 elements (unit j = elements 32j .. 32j+31).
- * Unit j's integer share of the super-block dot: *isum += sc_j * sum q*xq (Q6_K: the two
- * 16-element groups of the unit, each with its own int8 scale, q - 32), *imin += m_j *
- * (bsums of the unit) (Q4_K / Q5_K). Summed over j = 0..7 in any order these are the
+ * Unit j's integer share of the super-block dot: *isum += sc_j * sum q*xq (Q6_K, Q3_K: the
+ * two 16-element groups of the unit, each with its own scale, q - 32 / q in -4..3), *imin += m_j *
+ * (bsums of the unit) (Q4_K / Q5_K; Q2_K: a 4-bit scale and min per 16-element group). Summed over j = 0..7 in any order these are the
  * reference's isum / imin exactly; mn_kq_block_value scales them as the reference does. */
 MN_HD void mn_kq_unit(mn_dtype t, const void *wb, const mn_block_q8_K *x, int j, int *isum, int *imin) {
     const int8_t *xq = x->qs + 32 * j;
+    if (t == MN_Q2_K) { /* unit j = 4h + jj: q at qs[32h..] >> 2jj; sub-blocks 2j, 2j+1 */
+        const mn_block_q2_K *b = (const mn_block_q2_K *)wb;
+        const uint8_t *qs = b->qs + 32 * (j >> 2);
+        int sh = 2 * (j & 3), ss[2] = {0, 0};
+        for (int i = 0; i < 8; i++)
+            ss[i >> 2] = mn_dp4a((mn_ld4_a2(qs + 4 * i) >> sh) & 0x03030303u, mn_ld4(xq + 4 * i), ss[i >> 2]);
+        for (int g = 0; g < 2; g++) {
+            *isum += (b->scales[2 * j + g] & 0x0f) * ss[g];
+            *imin += (b->scales[2 * j + g] >> 4) * x->bsums[2 * j + g];
+        }
+        return;
+    }
+    if (t == MN_Q3_K) { /* unit j = 4h + jj: low bits at qs[32h..] >> 2jj, high bits bit j of hmask */
+        const mn_block_q3_K *b = (const mn_block_q3_K *)wb;
+        const uint8_t *qs = b->qs + 32 * (j >> 2);
+        int sh = 2 * (j & 3), ss[2] = {0, 0}, sx[2] = {0, 0};
+        for (int i = 0; i < 8; i++) {
+            uint32_t lo = (mn_ld4_a2(qs + 4 * i) >> sh) & 0x03030303u;
+            uint32_t hi = ((mn_ld4_a2(b->hmask + 4 * i) >> j) & 0x01010101u) << 2;
+            uint32_t xv = mn_ld4(xq + 4 * i);
+            ss[i >> 2] = mn_dp4a(lo | hi, xv, ss[i >> 2]); /* q + 4 in 0..7 */
+            sx[i >> 2] = mn_dp4a(0x01010101u, xv, sx[i >> 2]);
+        }
+        *isum += mn_q3_K_scale(b->scales, 2 * j) * (ss[0] - 4 * sx[0]) +
+                 mn_q3_K_scale(b->scales, 2 * j + 1) * (ss[1] - 4 * sx[1]);
+        return;
+    }
     if (t == MN_Q6_K) {
         const mn_block_q6_K *b = (const mn_block_q6_K *)wb;
         int h = j >> 2, quad = j & 3;
@@ -229,6 +362,11 @@ MN_HD void mn_kq_unit(mn_dtype t, const void *wb, const mn_block_q8_K *x, int j,
 MN_HD float mn_kq_block_value(mn_dtype t, const void *wb, const mn_block_q8_K *x, int isum, int imin) {
     float dx = x->d;
     if (t == MN_Q6_K) return (mn_fp16_to_fp32(((const mn_block_q6_K *)wb)->d) * dx) * (float)isum;
+    if (t == MN_Q3_K) return (mn_fp16_to_fp32(((const mn_block_q3_K *)wb)->d) * dx) * (float)isum;
+    if (t == MN_Q2_K) {
+        const mn_block_q2_K *b2 = (const mn_block_q2_K *)wb;
+        return (mn_fp16_to_fp32(b2->d) * dx) * (float)isum - (mn_fp16_to_fp32(b2->dmin) * dx) * (float)imin;
+    }
     const mn_block_q4_K *b = (const mn_block_q4_K *)wb;
     return (mn_fp16_to_fp32(b->d) * dx) * (float)isum - (mn_fp16_to_fp32(b->dmin) * dx) * (float)imin;
 }

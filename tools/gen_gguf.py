@@ -44,12 +44,12 @@ except ImportError:  # a clear message instead of a traceback
 # Elements per block and bytes per block of the types we write (GGUF on-disk layouts).
 BLOCK = {
     "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
-    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34),
-    "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
 }
-K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
+K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # llama.cpp's general.file_type for a model whose matrices are mostly this type
-FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K": 15, "Q5_K": 17,
+FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 11, "Q4_K": 15, "Q5_K": 17,
              "Q6_K": 18, "BF16": 32}
 
 WEIGHT_STD = 0.02
@@ -174,6 +174,18 @@ def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return q
 
 
+def _pack_q3_scales(sc: np.ndarray) -> np.ndarray:
+    """Pack 16 six-bit values per block (shape [nb, 16], 0..63) into Q3_K's 12 bytes: low
+    nibbles of values 0-7 and high nibbles of 8-15 in bytes 0-7, the top 2 bits of value s
+    in byte 8 + s % 4 at bit 2*(s // 4)."""
+    sc = sc.astype(np.uint8)
+    q = np.zeros((sc.shape[0], 12), dtype=np.uint8)
+    q[:, 0:8] = (sc[:, 0:8] & 0xF) | ((sc[:, 8:16] & 0xF) << 4)
+    for s in range(16):
+        q[:, 8 + s % 4] |= (sc[:, s] >> 4) << (2 * (s // 4))
+    return q
+
+
 def quant_bytes(rng: np.random.Generator, qtype: str, n_blocks: int, std: float) -> np.ndarray:
     """n_blocks random blocks of qtype as bytes [n_blocks, block_bytes]; the scales make
     the dequantized values have mean ~0 and standard deviation ~std."""
@@ -193,6 +205,18 @@ def quant_bytes(rng: np.random.Generator, qtype: str, n_blocks: int, std: float)
         d, m = _f16(dd), _f16(-7.5 * dd)
         return np.concatenate([d.view(np.uint8).reshape(nb, 2), m.view(np.uint8).reshape(nb, 2), u8(16)],
                               axis=1)
+    if qtype == "Q5_0":  # x = d*(q-16); 5-bit q uniform in 1..31 is centred on 16, std ~8.9
+        d = _f16(std / 8.9 * jitter())
+        q = rng.integers(1, 32, size=(nb, 32), dtype=np.uint32)
+        qh = ((q >> 4) << np.arange(32, dtype=np.uint32)).sum(axis=1, dtype=np.uint32)  # bit i: q[i]'s fifth
+        qs = ((q[:, :16] & 15) | ((q[:, 16:] & 15) << 4)).astype(np.uint8)
+        return np.concatenate([d.view(np.uint8).reshape(nb, 2), qh.astype("<u4").view(np.uint8).reshape(nb, 4), qs],
+                              axis=1)
+    if qtype == "Q5_1":  # x = d*q + m, random bits: q uniform 0..31, std ~9.2; m = -15.5*d centres it
+        dd = std / 9.2 * jitter()
+        d, m = _f16(dd), _f16(-15.5 * dd)
+        return np.concatenate([d.view(np.uint8).reshape(nb, 2), m.view(np.uint8).reshape(nb, 2), u8(4), u8(16)],
+                              axis=1)
     if qtype in ("Q4_K", "Q5_K"):
         # x = d*sc*q - dmin*m per 32-element sub-block; with dmin = d and m = mean(q)*sc the
         # sub-block is centred. mean(q) is 7.5 (4 bits) or 15.5 (5 bits); m must fit 6 bits.
@@ -204,6 +228,20 @@ def quant_bytes(rng: np.random.Generator, qtype: str, n_blocks: int, std: float)
                                _pack_k_scales(sc, mn)], axis=1)
         body = [u8(128)] if qtype == "Q4_K" else [u8(32), u8(128)]  # Q5_K: qh[32] then qs[128]
         return np.concatenate([head] + body, axis=1)
+    if qtype == "Q2_K":
+        # x = d*sc*q - dmin*m per 16 elements, q in 0..3 from random bits (mean 1.5, std 1.12);
+        # sc even in 4..10 and m = 1.5*sc (4 bits) with dmin = d centre it; scales, qs, d, dmin
+        sc = 2 * rng.integers(2, 6, size=(nb, 16))
+        dd = std / (1.12 * 7.35) * jitter()
+        scales = (sc | ((sc * 3 // 2) << 4)).astype(np.uint8)
+        return np.concatenate([scales, u8(64), _f16(dd).view(np.uint8).reshape(nb, 2),
+                               _f16(dd).view(np.uint8).reshape(nb, 2)], axis=1)
+    if qtype == "Q3_K":
+        # x = d*sc*q, q in -4..3 from random bits (rms 2.35); sc = +-8..24 (rms ~16.7), random
+        # signs centre it; hmask, qs, scales, d
+        sc = rng.integers(8, 25, size=(nb, 16)) * rng.choice([-1, 1], size=(nb, 16))
+        d = _f16(std / (2.35 * 16.7) * jitter())
+        return np.concatenate([u8(32), u8(64), _pack_q3_scales(sc + 32), d.view(np.uint8).reshape(nb, 2)], axis=1)
     if qtype == "Q6_K":  # x = d*sc*(q-32), 6-bit q uniform: std ~18.5; ql, qh, scales, d
         sc = rng.integers(8, 25, size=(nb, 16)).astype(np.int8)
         d = _f16(std / (18.5 * 16) * jitter())

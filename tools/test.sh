@@ -26,7 +26,7 @@ echo "== fuzz smoke: the GGUF reader under libFuzzer for ${MNEME_FUZZ_SECONDS:-2
 cmake -S . -B build-fuzz -G Ninja -DMNEME_FUZZ=ON -DCMAKE_C_COMPILER=clang -DMNEME_CUDA=OFF >/dev/null
 ninja -C build-fuzz fuzz_gguf >build-fuzz.log 2>&1 || { tail -60 build-fuzz.log; echo "fuzz build failed"; exit 1; }
 corpus=$(mktemp -d)
-for t in F32 F16 Q8_0 Q4_0 Q4_1; do
+for t in F32 F16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1; do
   python3 tools/gen_gguf.py "$corpus/s_$t.gguf" --type "$t" --n-layer 1 --n-embd 64 --n-head 2 \
     --n-kv-head 1 --n-ff 64 --n-vocab 260 2>/dev/null
 done

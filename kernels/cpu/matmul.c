@@ -2,7 +2,7 @@
  * scalar level; the SIMD levels live in matmul_avx2.c and matmul_avx512vnni.c.
  *
  * One call: (1) the T rows of x are quantized once into the work buffer (q8_1 for
- * Q4_0/Q4_1/Q8_0, q8_K for the K-quants), the blocks split across threads;
+ * Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, q8_K for the K-quants), the blocks split across threads;
  * (2) barrier; (3) each thread computes a contiguous range of output rows n for all
  * tokens. Splitting by n, never by k, keeps every element's reduction independent of
  * the thread count (batch invariance, kernels/ops.h).
@@ -13,8 +13,10 @@
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-static int is_legacy(mn_dtype t) { return t == MN_Q4_0 || t == MN_Q4_1 || t == MN_Q8_0; }
-static int is_kquant(mn_dtype t) { return t == MN_Q4_K || t == MN_Q5_K || t == MN_Q6_K; }
+static int is_legacy(mn_dtype t) {
+    return t == MN_Q4_0 || t == MN_Q4_1 || t == MN_Q5_0 || t == MN_Q5_1 || t == MN_Q8_0;
+}
+static int is_kquant(mn_dtype t) { return t == MN_Q2_K || t == MN_Q3_K || t == MN_Q4_K || t == MN_Q5_K || t == MN_Q6_K; }
 
 /* Byte offsets of the work-buffer parts (see matmul_impl.h). */
 typedef struct layout { size_t qs, d, s, xc, bsums, scr, scr_per_thread, total; } layout;
@@ -71,6 +73,19 @@ static float dot_legacy_scalar(mn_dtype t, const char *row, const mn__xq *xq, in
             const mn_block_q4_0 *w = (const mn_block_q4_0 *)row + b;
             for (int j = 0; j < 16; j++) isum += ((w->qs[j] & 15) - 8) * x[j] + ((w->qs[j] >> 4) - 8) * x[j + 16];
             acc += (mn_fp16_to_fp32(w->d) * xd[b]) * (float)isum;
+        } else if (t == MN_Q5_0 || t == MN_Q5_1) {
+            /* Q5_0 and Q5_1 share qh and qs; Q5_1's block is 2 bytes longer (the min) */
+            const mn_block_q5_0 *w0 = (const mn_block_q5_0 *)row + b;
+            const mn_block_q5_1 *w1 = (const mn_block_q5_1 *)row + b;
+            const uint8_t *qs = t == MN_Q5_0 ? w0->qs : w1->qs;
+            uint32_t qh = mn_q5_qh(t == MN_Q5_0 ? w0->qh : w1->qh);
+            int off = t == MN_Q5_0 ? 16 : 0;
+            for (int j = 0; j < 16; j++) {
+                int q0 = (qs[j] & 15) | (int)(((qh >> j) & 1u) << 4), q1 = (qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4);
+                isum += (q0 - off) * x[j] + (q1 - off) * x[j + 16];
+            }
+            if (t == MN_Q5_0) acc += (mn_fp16_to_fp32(w0->d) * xd[b]) * (float)isum;
+            else acc += (mn_fp16_to_fp32(w1->d) * xd[b]) * (float)isum + mn_fp16_to_fp32(w1->m) * xs[b];
         } else {
             const mn_block_q4_1 *w = (const mn_block_q4_1 *)row + b;
             for (int j = 0; j < 16; j++) isum += (w->qs[j] & 15) * x[j] + (w->qs[j] >> 4) * x[j + 16];
@@ -94,6 +109,27 @@ static float dot_kquant_scalar(mn_dtype t, const char *row, const mn__xq *xq, in
                 int ss = 0;
                 for (int l = 0; l < 16; l++) ss += (mn_q6_K_value(w, 16 * s + l) - 32) * x[16 * s + l];
                 isum += w->scales[s] * ss;
+            }
+            acc += (mn_fp16_to_fp32(w->d) * dx) * (float)isum;
+            continue;
+        }
+        if (t == MN_Q2_K) {
+            const mn_block_q2_K *w = (const mn_block_q2_K *)row + b;
+            for (int s = 0; s < 16; s++) {
+                int ss = 0;
+                for (int l = 0; l < 16; l++) ss += mn_q2_K_value(w, 16 * s + l) * x[16 * s + l];
+                isum += (w->scales[s] & 15) * ss;
+                imin += (w->scales[s] >> 4) * bs[s];
+            }
+            acc += (mn_fp16_to_fp32(w->d) * dx) * (float)isum - (mn_fp16_to_fp32(w->dmin) * dx) * (float)imin;
+            continue;
+        }
+        if (t == MN_Q3_K) {
+            const mn_block_q3_K *w = (const mn_block_q3_K *)row + b;
+            for (int s = 0; s < 16; s++) {
+                int ss = 0;
+                for (int l = 0; l < 16; l++) ss += mn_q3_K_value(w, 16 * s + l) * x[16 * s + l];
+                isum += mn_q3_K_scale(w->scales, s) * ss;
             }
             acc += (mn_fp16_to_fp32(w->d) * dx) * (float)isum;
             continue;

@@ -1,6 +1,6 @@
 /* kernels/cpu/matmul_avx512vnni.c — the avx512-vnni level of the matmul: the kernels of
  * matmul_x86.h with vpdpbusd (u8*s8, four products summed straight into i32). The quants
- * (Q4_0, Q4_1, Q8_0 and Q4_K, Q5_K, Q6_K) run one lane per weight row: 8 rows per 256-bit
+ * (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q4_K, Q5_K, Q6_K) run one lane per weight row: 8 rows per 256-bit
  * vector for decode, 16 rows per 512-bit vector for prefill, so both give the reference's
  * bits, as the avx2 level does. */
 #include <immintrin.h>

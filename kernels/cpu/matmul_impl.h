@@ -24,7 +24,7 @@
 #define MN__MM_RMAX 4 /* most weight rows in one register tile (any level) */
 
 /* Legacy-quant per-thread scratch: up to 16 rows' quants interleaved (512 bytes a block),
- * their scales and (Q4_1) mins (16 floats a block each). */
+ * their scales and (Q4_1, Q5_1) mins (16 floats a block each). */
 #define MN__LQ_SCR_BYTES(nb) ((size_t)(nb) * (512 + 32 * sizeof(float)))
 
 /* K-quant per-thread scratch: per super-block a record of up to 16 rows (4096 bytes of

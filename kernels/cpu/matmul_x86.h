@@ -9,10 +9,10 @@
  * Both integer dots give the same exact sums, so both levels produce the same bits.
  *
  * Per-element sequences (fixed whatever the tile; that is the batch invariance):
- *   Q4_0/Q4_1/Q8_0: the reference's: exact int dot per block, acc = acc + (dw*dx)*(float)isum
- *     (Q4_1: + mw*sx inside the parentheses) in block order (one lane per weight row; see
+ *   Q4_0/Q4_1/Q5_0/Q5_1/Q8_0: the reference's: exact int dot per block, acc = acc + (dw*dx)*(float)isum
+ *     (Q4_1/Q5_1: + mw*sx inside the parentheses) in block order (one lane per weight row; see
  *     the legacy-quant section), so they equal the ref.
- *   Q4_K/Q5_K/Q6_K: the reference's too, one lane per weight row (matmul_x86_kq.h).
+ *   Q2_K/Q3_K/Q4_K/Q5_K/Q6_K: the reference's too, one lane per weight row (matmul_x86_kq.h).
  *   F32/F16/BF16: four 8-lane fma chains over k (32 at a time), a 8-lane chain for the
  *     rest of the multiples of 8, a fixed combine, hsum8, scalar tail.
  * The includer turns off FP contraction so no mul+add is fused behind our back.
@@ -46,30 +46,43 @@ static inline __m256i x86_unpack_q4(const uint8_t *qs) {
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
 }
 
-/* ---- legacy quants (Q4_0, Q4_1, Q8_0) x q8_1: 8 weight rows interleaved, one lane per row --
+/* ---- legacy quants (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) x q8_1: 8 weight rows interleaved, one lane per row --
  * The 8 rows of a group are interleaved block by block (Q4: nibbles unpacked to bytes
  * 0..15 first): vector k holds bytes 4k..4k+3 of rows 0..7, so one integer dot with the 4
  * activation bytes 4k..4k+3 broadcast adds to each row's own lane, and after 8 of them lane
  * r holds the exact integer dot of row r's block: no horizontal sums, no per-(row, token)
  * float work beyond the scaling. Per element the sequence is the reference's, in block
- * order: acc = acc + (dw*dx) * (float)isum (Q4_1: acc = acc + ((dw*dx) * (float)isum +
+ * order: acc = acc + (dw*dx) * (float)isum (Q4_1, Q5_1: acc = acc + ((dw*dx) * (float)isum +
  * mw*sx)), separate mul and add, whatever the tile, T or level, so the three types equal
  * mn_ref_matmul bit for bit.
  * Integer dots: vpdpbusd and maddubs take unsigned x signed bytes. Q4 weights are 0..15
- * already (Q4_0's -8 is folded into the start value -8 * sum(x) = xq.xc / 16). Q8_0: vnni
+ * already (Q4_0's -8 is folded into the start value -8 * sum(x) = xq.xc / 16), Q5 weights
+ * 0..31 (nibble | fifth bit << 4; Q5_0's -16 in the start value -16 * sum(x) = xq.xc / 8). Q8_0: vnni
  * repacks w + 128 and starts from -128 * sum(x) (xq.xc); avx2's maddubs would saturate on
  * w + 128, so it keeps signed weights and the abs/sign trick. All exact. */
 #ifndef MN__Q8_CT
 #define MN__Q8_CT 4
 #endif
 
-static inline int64_t x86_lq_block_bytes(mn_dtype t) {
-    return t == MN_Q8_0 ? (int64_t)sizeof(mn_block_q8_0) : t == MN_Q4_0 ? (int64_t)sizeof(mn_block_q4_0)
-                                                                        : (int64_t)sizeof(mn_block_q4_1);
+static inline int64_t x86_lq_block_bytes(mn_dtype t) { return mn_dtype_block_bytes(t); }
+
+/* Types with a min term (x = d*q + m): Q4_1, Q5_1. */
+static inline int x86_lq_min(mn_dtype t) { return t == MN_Q4_1 || t == MN_Q5_1; }
+
+/* Q5's fifth bits: 32 bytes, byte i = 16 if bit i of qh (little-endian uint32) is set, else 0.
+ * Byte i of each 128-bit lane takes byte i/8 of qh (lane 1: i/8 + 2), then tests bit i % 8. */
+static inline __m256i x86_q5_hbits(const uint8_t *qh) {
+    int32_t h;
+    memcpy(&h, qh, 4);
+    const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201ull);
+    __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(h), pick), bit);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(16));
 }
 
 /* Block b of 8 rows, interleaved: o[k] = bytes 4k..4k+3 of rows 0..7 (Q8_0 vnni: + 128);
- * returns the rows' scales and, for Q4_1, their mins in *mw (built in registers: 8 scalar
+ * returns the rows' scales and, for Q4_1 / Q5_1, their mins in *mw (built in registers: 8 scalar
  * stores read back as one vector stall store forwarding). */
 static inline __attribute__((always_inline)) __m256 x86_lq_gather8(const mn_dtype t, const char *const *rows,
                                                                    int64_t b, __m256i *o, __m256 *mw) {
@@ -84,6 +97,15 @@ static inline __attribute__((always_inline)) __m256 x86_lq_gather8(const mn_dtyp
             const mn_block_q4_0 *w = (const mn_block_q4_0 *)rows[r] + b;
             v[r] = x86_unpack_q4(w->qs);
             dh[r] = w->d;
+        } else if (t == MN_Q5_0) {
+            const mn_block_q5_0 *w = (const mn_block_q5_0 *)rows[r] + b;
+            v[r] = _mm256_or_si256(x86_unpack_q4(w->qs), x86_q5_hbits(w->qh));
+            dh[r] = w->d;
+        } else if (t == MN_Q5_1) {
+            const mn_block_q5_1 *w = (const mn_block_q5_1 *)rows[r] + b;
+            v[r] = _mm256_or_si256(x86_unpack_q4(w->qs), x86_q5_hbits(w->qh));
+            dh[r] = w->d;
+            mh[r] = w->m;
         } else {
             const mn_block_q4_1 *w = (const mn_block_q4_1 *)rows[r] + b;
             v[r] = x86_unpack_q4(w->qs);
@@ -94,7 +116,7 @@ static inline __attribute__((always_inline)) __m256 x86_lq_gather8(const mn_dtyp
     /* lane indices of _mm_insert_epi16 must be literals (a loop index is not one at -O1) */
     __m128i h = _mm_setr_epi16((short)dh[0], (short)dh[1], (short)dh[2], (short)dh[3], (short)dh[4], (short)dh[5],
                                (short)dh[6], (short)dh[7]);
-    if (t == MN_Q4_1)
+    if (x86_lq_min(t))
         *mw = _mm256_cvtph_ps(_mm_setr_epi16((short)mh[0], (short)mh[1], (short)mh[2], (short)mh[3], (short)mh[4],
                                              (short)mh[5], (short)mh[6], (short)mh[7]));
     _Pragma("GCC unroll 8") for (int r = 0; r < 8; r += 2) { /* 8x8 transpose of 4-byte groups */
@@ -133,8 +155,9 @@ static inline void x86_lq_prefetch(const mn_dtype t, const char *next, int64_t b
 
 /* The integer dot's start value for (token row i, block b): see the top of this section. */
 static inline __attribute__((always_inline)) int32_t x86_lq_start(const mn_dtype t, const mn__mm_ctx *c, int64_t i) {
-    if (t == MN_Q4_1) return 0;
+    if (x86_lq_min(t)) return 0;
     if (t == MN_Q4_0) return c->xq.xc[i] / 16; /* -8 * sum(x): xc = -128 * sum(x) */
+    if (t == MN_Q5_0) return c->xq.xc[i] / 8;  /* -16 * sum(x) */
     return MN__Q8_VNNI ? c->xq.xc[i] : 0;
 }
 
@@ -148,7 +171,7 @@ static inline __attribute__((always_inline)) int32_t x86_lq_start(const mn_dtype
 #endif
 
 /* Scratch of a group: the interleaved blocks (up to 16 rows: 512 bytes a block), then the
- * scales and the Q4_1 mins (16 floats a block each); MN__LQ_SCR_BYTES in matmul_impl.h. */
+ * scales and the Q4_1 / Q5_1 mins (16 floats a block each); MN__LQ_SCR_BYTES in matmul_impl.h. */
 typedef struct x86_lq_scr { int8_t *wp; float *dwT, *mwT; } x86_lq_scr;
 
 static inline x86_lq_scr x86_lq_scratch(const mn__mm_ctx *c) {
@@ -165,7 +188,7 @@ static inline __attribute__((always_inline)) void x86_lq_repack(const mn_dtype t
         __m256 mw = _mm256_setzero_ps();
         x86_lq_prefetch(t, next, b);
         _mm256_storeu_ps(s.dwT + b * 8, x86_lq_gather8(t, rows, b, (__m256i *)(s.wp + b * 256), &mw));
-        if (t == MN_Q4_1) _mm256_storeu_ps(s.mwT + b * 8, mw);
+        if (x86_lq_min(t)) _mm256_storeu_ps(s.mwT + b * 8, mw);
     }
 }
 
@@ -196,7 +219,7 @@ static inline __attribute__((always_inline)) void x86_lq_tile(const mn__mm_ctx *
             W = Wd;
         } else {
             dwv = _mm256_loadu_ps(s.dwT + b * 8);
-            if (t == MN_Q4_1) mwv = _mm256_loadu_ps(s.mwT + b * 8);
+            if (x86_lq_min(t)) mwv = _mm256_loadu_ps(s.mwT + b * 8);
         }
         __m256i p[MN__Q8_CT];
         _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) p[j] = _mm256_set1_epi32(x86_lq_start(t, c, (tok + j) * nb + b));
@@ -211,7 +234,7 @@ static inline __attribute__((always_inline)) void x86_lq_tile(const mn__mm_ctx *
         _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
             __m256 sc = _mm256_mul_ps(dwv, _mm256_broadcast_ss(&xd[j][b]));
             __m256 v = _mm256_mul_ps(sc, _mm256_cvtepi32_ps(p[j]));
-            if (t == MN_Q4_1) v = _mm256_add_ps(v, _mm256_mul_ps(mwv, _mm256_broadcast_ss(&c->xq.s[(tok + j) * nb + b])));
+            if (x86_lq_min(t)) v = _mm256_add_ps(v, _mm256_mul_ps(mwv, _mm256_broadcast_ss(&c->xq.s[(tok + j) * nb + b])));
             acc[j] = _mm256_add_ps(acc[j], v);
         }
     }
@@ -236,7 +259,7 @@ static inline __attribute__((always_inline)) void x86_lq_repack16(const mn_dtype
         x86_lq_prefetch(t, next, 2 * b + 1);
         _mm256_storeu_ps(s.dwT + b * 16, x86_lq_gather8(t, rows, b, lo, &mlo));
         _mm256_storeu_ps(s.dwT + b * 16 + 8, x86_lq_gather8(t, rows + 8, b, hi, &mhi));
-        if (t == MN_Q4_1) {
+        if (x86_lq_min(t)) {
             _mm256_storeu_ps(s.mwT + b * 16, mlo);
             _mm256_storeu_ps(s.mwT + b * 16 + 8, mhi);
         }
@@ -271,11 +294,11 @@ static inline __attribute__((always_inline)) void x86_lq_tile16(const mn__mm_ctx
             }
         }
         __m512 dwv = _mm512_loadu_ps(s.dwT + b * 16);
-        __m512 mwv = t == MN_Q4_1 ? _mm512_loadu_ps(s.mwT + b * 16) : _mm512_setzero_ps();
+        __m512 mwv = x86_lq_min(t) ? _mm512_loadu_ps(s.mwT + b * 16) : _mm512_setzero_ps();
         _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
             __m512 sc = _mm512_mul_ps(dwv, _mm512_set1_ps(xd[j][b]));
             __m512 v = _mm512_mul_ps(sc, _mm512_cvtepi32_ps(p[j]));
-            if (t == MN_Q4_1) v = _mm512_add_ps(v, _mm512_mul_ps(mwv, _mm512_set1_ps(c->xq.s[(tok + j) * nb + b])));
+            if (x86_lq_min(t)) v = _mm512_add_ps(v, _mm512_mul_ps(mwv, _mm512_set1_ps(c->xq.s[(tok + j) * nb + b])));
             acc[j] = _mm512_add_ps(acc[j], v);
         }
     }
@@ -365,6 +388,8 @@ static void x86_rows_lq(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
     switch (c->d->w_type) {
     case MN_Q8_0: x86_rows_lq_t(c, MN_Q8_0, n0, n1); break;
     case MN_Q4_0: x86_rows_lq_t(c, MN_Q4_0, n0, n1); break;
+    case MN_Q5_0: x86_rows_lq_t(c, MN_Q5_0, n0, n1); break;
+    case MN_Q5_1: x86_rows_lq_t(c, MN_Q5_1, n0, n1); break;
     default: x86_rows_lq_t(c, MN_Q4_1, n0, n1); break;
     }
 }
@@ -403,11 +428,11 @@ static float x86_dot_float(mn_dtype t, const char *row, const float *x, int64_t 
 void MN__ROWS_FN(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
     const mn_matmul_desc *d = c->d;
     mn_dtype t = d->w_type;
-    if (t == MN_Q8_0 || t == MN_Q4_0 || t == MN_Q4_1) {
+    if (t == MN_Q8_0 || t == MN_Q4_0 || t == MN_Q4_1 || t == MN_Q5_0 || t == MN_Q5_1) {
         x86_rows_lq(c, n0, n1);
         return;
     }
-    if (t == MN_Q4_K || t == MN_Q5_K || t == MN_Q6_K) {
+    if (t == MN_Q2_K || t == MN_Q3_K || t == MN_Q4_K || t == MN_Q5_K || t == MN_Q6_K) {
         x86_rows_kq(c, n0, n1);
         return;
     }

@@ -1,16 +1,18 @@
-/* kernels/cpu/matmul_x86_kq.h — the K-quants (Q4_K, Q5_K, Q6_K) x q8_K on x86, one lane
+/* kernels/cpu/matmul_x86_kq.h — the K-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) x q8_K on x86, one lane
  * per weight row, as the legacy quants in matmul_x86.h (included from there, after them;
  * same MN__Q8_VNNI, MN__Q8_CT and MN__DOT).
  *
  * A group of 8 rows (16 on vnni prefill: two 8-row halves per 512-bit vector) is
  * unpacked and interleaved super-block by super-block into a record:
  *   W    64 vectors: vector m holds the weight values of elements 4m..4m+3 of every row
- *        as unsigned bytes (Q4_K 0..15, Q5_K 0..31, Q6_K 0..63, the -32 not applied)
- *   SC   16 vectors: per sub-block (Q4_K/Q5_K: 8 of 32 elements, Q6_K: 16 of 16) the
+ *        as unsigned bytes (Q4_K 0..15, Q5_K 0..31, Q6_K 0..63, Q3_K 0..7: the -32 / -4 not
+ *        applied, Q2_K 0..3)
+ *   SC   16 vectors: per sub-block (Q4_K/Q5_K: 8 of 32 elements, Q2_K/Q3_K/Q6_K: 16 of 16) the
  *        rows' scales, one 32-bit lane a row: int32 on vnni (the sub-block's dpbusd sum
  *        times it with vpmulld), the int16 pair (sc, sc) on avx2 (maddubs, then madd
  *        with it: scale and pair sum in one)
- *   AUX  8 vectors of int16 pairs per lane: Q4_K/Q5_K (m_j, m_j), Q6_K (sc_2i, sc_2i+1)
+ *   AUX  8 vectors of int16 pairs per lane: Q4_K/Q5_K (m_j, m_j), Q6_K/Q3_K (sc_2i, sc_2i+1),
+ *        Q2_K (m_2i, m_2i+1)
  *   D, DM  the rows' d and dmin as f32 lanes
  * so one integer dot with 4 activation bytes broadcast adds to each row's own lane.
  * Per lane and super-block, all exact in int32:
@@ -18,10 +20,12 @@
  *              imin = sum_j madd((m_j, m_j), (bsums[2j], bsums[2j+1]))
  *   Q6_K       isum = -32 * sum_i madd((sc_2i, sc_2i+1), (bsums[2i], bsums[2i+1]))
  *                     + sum_s sc_s * (q.x over sub-block s)  (the reference's (q-32), regrouped)
+ *   Q3_K       the same with -4 (q + 4 in 0..7 stored; scales -32..31 decoded per row first)
+ *   Q2_K       isum = sum_s sc_s * (q.x over sub-block s), imin = sum_i madd((m_2i, m_2i+1), (bsums[2i], bsums[2i+1]))
  * Bounds: |q.x| over a 32-element sub-block <= 32*63*127; maddubs pairs <= 2*63*127 = 16002
  * (no int16 saturation); |isum| <= 256*63*127*128 + 32*16*128*2032 < 2^29. Then the
  * reference's float sequence per lane, in super-block order:
- *   acc = acc + ((d*dx)*(float)isum - (dmin*dx)*(float)imin)   (Q6_K: acc + (d*dx)*(float)isum)
+ *   acc = acc + ((d*dx)*(float)isum - (dmin*dx)*(float)imin)   (Q6_K, Q3_K: acc + (d*dx)*(float)isum)
  * so every level equals mn_ref_matmul bit for bit, whatever the tile, T or thread count.
  * Decode (T <= MN__Q8_CT) builds the record of each super-block on the stack (L1) right
  * before its dots; prefill builds the whole group's records once into the per-thread
@@ -35,10 +39,23 @@
 #define X86_KQ_D(L) (352 * (L))
 #define X86_KQ_DM(L) (356 * (L))
 
-static inline int64_t x86_kq_block_bytes(mn_dtype t) {
-    return t == MN_Q4_K ? (int64_t)sizeof(mn_block_q4_K) : t == MN_Q5_K ? (int64_t)sizeof(mn_block_q5_K)
-                                                                        : (int64_t)sizeof(mn_block_q6_K);
+static inline int64_t x86_kq_block_bytes(mn_dtype t) { return mn_dtype_block_bytes(t); }
+
+/* Q4_K/Q5_K: 8 sub-blocks of 32 with mins; Q6_K/Q3_K: 16 of 16 with signed scales, no mins,
+ * the offset of q (32, 4) taken out through the bsums (x86_kq_off_shift: log2 of it). */
+static inline int x86_kq_nomin(mn_dtype t) { return t == MN_Q6_K || t == MN_Q3_K; }
+/* Sub-blocks per super-block: 8 of 32 (Q4_K, Q5_K) or 16 of 16 (Q2_K, Q3_K, Q6_K). */
+static inline int x86_kq_nsub(mn_dtype t) { return t == MN_Q4_K || t == MN_Q5_K ? 8 : 16; }
+
+/* The int16 pairs (byte 2(i%2), byte 2(i%2)+1) of each 32-bit lane of v, sign-extended: with
+ * v = values 4k..4k+3 of every row, i = 2k or 2k+1 gives the pair (2i, 2i+1). */
+static inline __m256i x86_kq_pair(__m256i v, int i) {
+    __m256i idx = _mm256_set1_epi32((int)(0x00800080u | ((uint32_t)(2 * (i % 2)) << 8) | ((uint32_t)(2 * (i % 2) + 1) << 24)));
+    idx = _mm256_add_epi8(idx, _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12, 0, 0, 0, 0, 4, 4,
+                                                4, 4, 8, 8, 8, 8, 12, 12, 12, 12));
+    return _mm256_srai_epi16(_mm256_shuffle_epi8(v, idx), 8);
 }
+static inline int x86_kq_off_shift(mn_dtype t) { return t == MN_Q6_K ? 5 : 2; }
 
 /* 8x8 transpose of 4-byte groups: o[k] = bytes 4k..4k+3 of v[0..7]. */
 static inline __attribute__((always_inline)) void x86_t8x4(const __m256i *v, __m256i *o) {
@@ -102,6 +119,55 @@ static inline __attribute__((always_inline)) void x86_kq_gather8(const mn_dtype 
     const __m256i m15 = _mm256_set1_epi8(15), m16 = _mm256_set1_epi8(16), m48 = _mm256_set1_epi8(48);
 #define X86_KQ_PUT(off_, i_, v_) _mm256_store_si256((__m256i *)(rec + (off_) + (i_) * 4 * L + half * 32), (v_))
     const int pair = !MN__Q8_VNNI; /* scale format of SC, see the top of the file */
+    if (t == MN_Q2_K) {
+        /* element 128h + 32j + 4k + i: (qs[32h + 4k + i] >> 2j) & 3; scales[s] = sc | m << 4 */
+        const __m256i m3 = _mm256_set1_epi8(3);
+        for (int h = 0; h < 2; h++) {
+            __m256i Q[8];
+            x86_kq_cols(t, rows, b, (int)offsetof(mn_block_q2_K, qs) + 32 * h, Q);
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++)
+                _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++)
+                    X86_KQ_PUT(0, 32 * h + 8 * j + k, _mm256_and_si256(_mm256_srli_epi16(Q[k], 2 * j), m3));
+        }
+        __m256i w[4];
+        x86_kq_words(t, rows, b, (int)offsetof(mn_block_q2_K, scales), w); /* w[k] = scales 4k..4k+3 */
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+            __m256i sc = _mm256_and_si256(w[k], m15), m = _mm256_and_si256(_mm256_srli_epi16(w[k], 4), m15);
+            _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) X86_KQ_PUT(X86_KQ_SC(L), 4 * k + i, x86_kq_byte(sc, i, pair));
+            X86_KQ_PUT(X86_KQ_AUX(L), 2 * k, x86_kq_pair(m, 2 * k)); /* (m_2i, m_2i+1) as int16 */
+            X86_KQ_PUT(X86_KQ_AUX(L), 2 * k + 1, x86_kq_pair(m, 2 * k + 1));
+        }
+        uint16_t dh[8], mh[8];
+        _Pragma("GCC unroll 8") for (int r = 0; r < 8; r++) {
+            dh[r] = ((const mn_block_q2_K *)rows[r] + b)->d;
+            mh[r] = ((const mn_block_q2_K *)rows[r] + b)->dmin;
+        }
+        __m128i hv = _mm_setr_epi16((short)dh[0], (short)dh[1], (short)dh[2], (short)dh[3], (short)dh[4], (short)dh[5],
+                                    (short)dh[6], (short)dh[7]);
+        __m128i mv = _mm_setr_epi16((short)mh[0], (short)mh[1], (short)mh[2], (short)mh[3], (short)mh[4], (short)mh[5],
+                                    (short)mh[6], (short)mh[7]);
+        _mm256_store_ps((float *)(rec + X86_KQ_D(L) + half * 32), _mm256_cvtph_ps(hv));
+        _mm256_store_ps((float *)(rec + X86_KQ_DM(L) + half * 32), _mm256_cvtph_ps(mv));
+        return;
+    }
+    if (t == MN_Q3_K) {
+        /* element 128h + 32j + 4k + i: (qs[32h + 4k + i] >> 2j) & 3 | bit 4h+j of hmask[4k + i] << 2 */
+        const __m256i m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(4);
+        __m256i H[8];
+        x86_kq_cols(t, rows, b, (int)offsetof(mn_block_q3_K, hmask), H);
+        for (int h = 0; h < 2; h++) {
+            __m256i Q[8];
+            x86_kq_cols(t, rows, b, (int)offsetof(mn_block_q3_K, qs) + 32 * h, Q);
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
+                const int hb = 4 * h + j;
+                _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) {
+                    __m256i lo = _mm256_and_si256(_mm256_srli_epi16(Q[k], 2 * j), m3);
+                    __m256i hi = hb >= 2 ? _mm256_srli_epi16(H[k], hb - 2) : _mm256_slli_epi16(H[k], 2 - hb);
+                    X86_KQ_PUT(0, 32 * h + 8 * j + k, _mm256_or_si256(lo, _mm256_and_si256(hi, m4)));
+                }
+            }
+        }
+    }
     if (t == MN_Q6_K) {
         for (int h = 0; h < 2; h++) {
             __m256i A[8], B[8], Q[8];
@@ -117,18 +183,34 @@ static inline __attribute__((always_inline)) void x86_kq_gather8(const mn_dtype 
                                                                _mm256_and_si256(_mm256_srli_epi16(q, 2), m48)));
             }
         }
+    }
+    if (x86_kq_nomin(t)) {
         __m256i w[4];
-        x86_kq_words(t, rows, b, 192, w); /* scales[16]: w[k] = scales 4k..4k+3 */
-        _Pragma("GCC unroll 16") for (int s = 0; s < 16; s++) X86_KQ_PUT(X86_KQ_SC(L), s, x86_kq_byte(w[s / 4], s % 4, pair));
-        _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) { /* (sc_2i, sc_2i+1) as int16 */
-            __m256i idx = _mm256_set1_epi32((int)(0x00800080u | ((uint32_t)(2 * (i % 2)) << 8) | ((uint32_t)(2 * (i % 2) + 1) << 24)));
-            idx = _mm256_add_epi8(idx, _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12, 0, 0, 0, 0, 4, 4,
-                                                        4, 4, 8, 8, 8, 8, 12, 12, 12, 12));
-            X86_KQ_PUT(X86_KQ_AUX(L), i, _mm256_srai_epi16(_mm256_shuffle_epi8(w[i / 2], idx), 8));
+        if (t == MN_Q6_K) {
+            x86_kq_words(t, rows, b, 192, w); /* scales[16]: w[k] = scales 4k..4k+3 */
+        } else {
+            /* Q3_K: scales[12] at 96..107 read as bytes 94..109 (16 bytes inside the block), the
+             * words a0 = scales[0..3], a1 = [4..7], hb = [8..11] realigned per lane; then
+             * mn_q3_K_scale for 4 scales a byte lane at a time: w[k] = scales 4k..4k+3 (- 32). */
+            __m256i v[4];
+            x86_kq_words(t, rows, b, (int)offsetof(mn_block_q3_K, scales) - 2, v);
+            __m256i a0 = _mm256_or_si256(_mm256_srli_epi32(v[0], 16), _mm256_slli_epi32(v[1], 16));
+            __m256i a1 = _mm256_or_si256(_mm256_srli_epi32(v[1], 16), _mm256_slli_epi32(v[2], 16));
+            __m256i hb = _mm256_or_si256(_mm256_srli_epi32(v[2], 16), _mm256_slli_epi32(v[3], 16));
+            const __m256i k4 = _mm256_set1_epi8(15), k2 = _mm256_set1_epi8(3), m32 = _mm256_set1_epi8(32);
+            __m256i lo[4] = {_mm256_and_si256(a0, k4), _mm256_and_si256(a1, k4),
+                             _mm256_and_si256(_mm256_srli_epi32(a0, 4), k4), _mm256_and_si256(_mm256_srli_epi32(a1, 4), k4)};
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+                __m256i hi = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, 2 * k), k2), 4);
+                w[k] = _mm256_sub_epi8(_mm256_or_si256(lo[k], hi), m32);
+            }
         }
+        _Pragma("GCC unroll 16") for (int s = 0; s < 16; s++) X86_KQ_PUT(X86_KQ_SC(L), s, x86_kq_byte(w[s / 4], s % 4, pair));
+        _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) /* (sc_2i, sc_2i+1) as int16 */
+            X86_KQ_PUT(X86_KQ_AUX(L), i, x86_kq_pair(w[i / 2], i));
         uint16_t dh[8];
         _Pragma("GCC unroll 8") for (int r = 0; r < 8; r++)
-            dh[r] = ((const mn_block_q6_K *)(rows[r] + b * (int64_t)sizeof(mn_block_q6_K)))->d;
+            dh[r] = t == MN_Q6_K ? ((const mn_block_q6_K *)rows[r] + b)->d : ((const mn_block_q3_K *)rows[r] + b)->d;
         __m128i hv = _mm_setr_epi16((short)dh[0], (short)dh[1], (short)dh[2], (short)dh[3], (short)dh[4], (short)dh[5],
                                     (short)dh[6], (short)dh[7]);
         _mm256_store_ps((float *)(rec + X86_KQ_D(L) + half * 32), _mm256_cvtph_ps(hv));
@@ -196,7 +278,7 @@ static inline __attribute__((always_inline)) void x86_kq_tile(const mn__mm_ctx *
                                                               int64_t tok, int8_t *scr) {
     const mn_matmul_desc *d = c->d;
     const int64_t nb = c->xq.nb;
-    const int nsub = t == MN_Q6_K ? 16 : 8, cols = 64 / nsub; /* sub-blocks, 4-byte columns each */
+    const int nsub = x86_kq_nsub(t), cols = 64 / nsub; /* sub-blocks, 4-byte columns each */
     _Alignas(64) int8_t loc[X86_KQ_REC(8)];
     __m256 acc[MN__Q8_CT];
     _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) acc[j] = _mm256_setzero_ps();
@@ -218,8 +300,8 @@ static inline __attribute__((always_inline)) void x86_kq_tile(const mn__mm_ctx *
             __m256i a = _mm256_setzero_si256();
             _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++)
                 a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_load_si256(AUX + i), x86_b4(bs[j] + 2 * i)));
-            if (t == MN_Q6_K) {
-                is[j] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(a, 5)); /* -32 * sum sc_s bsum_s */
+            if (x86_kq_nomin(t)) { /* -32 (Q3_K: -4) * sum sc_s bsum_s */
+                is[j] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(a, x86_kq_off_shift(t)));
             } else {
                 is[j] = _mm256_setzero_si256();
                 im[j] = a;
@@ -245,11 +327,11 @@ static inline __attribute__((always_inline)) void x86_kq_tile(const mn__mm_ctx *
 #endif
         }
         const __m256 dv = _mm256_load_ps((const float *)(rec + X86_KQ_D(8)));
-        const __m256 dmv = t == MN_Q6_K ? _mm256_setzero_ps() : _mm256_load_ps((const float *)(rec + X86_KQ_DM(8)));
+        const __m256 dmv = x86_kq_nomin(t) ? _mm256_setzero_ps() : _mm256_load_ps((const float *)(rec + X86_KQ_DM(8)));
         _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
             __m256 dx = _mm256_broadcast_ss(c->xq.d + (tok + j) * nb + b);
             __m256 v = _mm256_mul_ps(_mm256_mul_ps(dv, dx), _mm256_cvtepi32_ps(is[j]));
-            if (t != MN_Q6_K) v = _mm256_sub_ps(v, _mm256_mul_ps(_mm256_mul_ps(dmv, dx), _mm256_cvtepi32_ps(im[j])));
+            if (!x86_kq_nomin(t)) v = _mm256_sub_ps(v, _mm256_mul_ps(_mm256_mul_ps(dmv, dx), _mm256_cvtepi32_ps(im[j])));
             acc[j] = _mm256_add_ps(acc[j], v);
         }
     }
@@ -267,7 +349,7 @@ static inline __attribute__((always_inline)) void x86_kq_tile16(const mn__mm_ctx
                                                                 int64_t n, int R, int64_t tok, const int8_t *scr) {
     const mn_matmul_desc *d = c->d;
     const int64_t nb = c->xq.nb;
-    const int nsub = t == MN_Q6_K ? 16 : 8, cols = 64 / nsub;
+    const int nsub = x86_kq_nsub(t), cols = 64 / nsub;
     __m512 acc[MN__Q8_CT];
     _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) acc[j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -285,8 +367,8 @@ static inline __attribute__((always_inline)) void x86_kq_tile16(const mn__mm_ctx
                 memcpy(&v, bs + 2 * i, 4);
                 a = _mm512_add_epi32(a, _mm512_madd_epi16(_mm512_load_si512(AUX + i), _mm512_set1_epi32(v)));
             }
-            if (t == MN_Q6_K) {
-                is[j] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(a, 5));
+            if (x86_kq_nomin(t)) {
+                is[j] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(a, x86_kq_off_shift(t)));
             } else {
                 is[j] = _mm512_setzero_si512();
                 im[j] = a;
@@ -307,11 +389,11 @@ static inline __attribute__((always_inline)) void x86_kq_tile16(const mn__mm_ctx
             _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) is[j] = _mm512_add_epi32(is[j], _mm512_mullo_epi32(p[j], sc));
         }
         const __m512 dv = _mm512_load_ps((const float *)(rec + X86_KQ_D(16)));
-        const __m512 dmv = t == MN_Q6_K ? _mm512_setzero_ps() : _mm512_load_ps((const float *)(rec + X86_KQ_DM(16)));
+        const __m512 dmv = x86_kq_nomin(t) ? _mm512_setzero_ps() : _mm512_load_ps((const float *)(rec + X86_KQ_DM(16)));
         _Pragma("GCC unroll 8") for (int j = 0; j < C; j++) {
             __m512 dx = _mm512_set1_ps(c->xq.d[(tok + j) * nb + b]);
             __m512 v = _mm512_mul_ps(_mm512_mul_ps(dv, dx), _mm512_cvtepi32_ps(is[j]));
-            if (t != MN_Q6_K) v = _mm512_sub_ps(v, _mm512_mul_ps(_mm512_mul_ps(dmv, dx), _mm512_cvtepi32_ps(im[j])));
+            if (!x86_kq_nomin(t)) v = _mm512_sub_ps(v, _mm512_mul_ps(_mm512_mul_ps(dmv, dx), _mm512_cvtepi32_ps(im[j])));
             acc[j] = _mm512_add_ps(acc[j], v);
         }
     }
@@ -412,6 +494,8 @@ static void x86_rows_kq(const mn__mm_ctx *c, int64_t n0, int64_t n1) {
     switch (c->d->w_type) {
     case MN_Q4_K: x86_rows_kq_t(c, MN_Q4_K, n0, n1); break;
     case MN_Q5_K: x86_rows_kq_t(c, MN_Q5_K, n0, n1); break;
+    case MN_Q3_K: x86_rows_kq_t(c, MN_Q3_K, n0, n1); break;
+    case MN_Q2_K: x86_rows_kq_t(c, MN_Q2_K, n0, n1); break;
     default: x86_rows_kq_t(c, MN_Q6_K, n0, n1); break;
     }
 }

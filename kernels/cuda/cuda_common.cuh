@@ -46,7 +46,11 @@ __device__ static inline void mn__dequant_block(mn_dtype t, const char *row, int
     case MN_BF16: y[0] = mn_bf16_to_fp32(((const uint16_t *)row)[b]); break;
     case MN_Q4_0: mn_dequant_block_q4_0((const mn_block_q4_0 *)row + b, y); break;
     case MN_Q4_1: mn_dequant_block_q4_1((const mn_block_q4_1 *)row + b, y); break;
+    case MN_Q5_0: mn_dequant_block_q5_0((const mn_block_q5_0 *)row + b, y); break;
+    case MN_Q5_1: mn_dequant_block_q5_1((const mn_block_q5_1 *)row + b, y); break;
     case MN_Q8_0: mn_dequant_block_q8_0((const mn_block_q8_0 *)row + b, y); break;
+    case MN_Q2_K: mn_dequant_block_q2_K((const mn_block_q2_K *)row + b, y); break;
+    case MN_Q3_K: mn_dequant_block_q3_K((const mn_block_q3_K *)row + b, y); break;
     case MN_Q4_K: mn_dequant_block_q4_K((const mn_block_q4_K *)row + b, y); break;
     case MN_Q5_K: mn_dequant_block_q5_K((const mn_block_q5_K *)row + b, y); break;
     case MN_Q6_K: mn_dequant_block_q6_K((const mn_block_q6_K *)row + b, y); break;

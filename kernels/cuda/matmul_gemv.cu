@@ -2,7 +2,7 @@
  * (+ b[n]) for T <= MN_CUDA_GEMV_MAX_T tokens, every weight type, reading W once per call.
  *
  * Two launches:
- *   1. quantized weights only: x -> q8_1 blocks (Q4_0, Q4_1, Q8_0) or q8_K blocks (K-quants)
+ *   1. quantized weights only: x -> q8_1 blocks (Q4_0/1, Q5_0/1, Q8_0) or q8_K blocks (K-quants)
  *      in the scratch, one warp per activation block, the reference's formula (ops.h);
  *      xq layout [T][K / block] blocks;
  *   2. one warp per output row (GEMV_WARPS rows per CTA), all T tokens at once: lanes walk

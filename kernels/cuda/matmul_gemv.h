@@ -8,9 +8,9 @@
  *   F32/F16/BF16  chunk c = 8 consecutive elements goes to lane c % 32, which adds x*w of
  *                 its chunks in k order into one f32 per token (mn_gemv_chunk); the K % 8
  *                 tail elements 8*(K/8) + i go to lane i, last.
- *   Q4_0/Q4_1/Q8_0  block b goes to lane b % 32, which adds the blocks' values
+ *   Q4_0/Q4_1/Q5_0/Q5_1/Q8_0  block b goes to lane b % 32, which adds the blocks' values
  *                 (mn_vdot_*_q8_1: the reference's bits per block) in order.
- *   Q4_K/Q5_K/Q6_K  unit u (32 elements, 8 per super-block) goes to lane u % 32: the 8 lanes
+ *   Q2_K..Q6_K  unit u (32 elements, 8 per super-block) goes to lane u % 32: the 8 lanes
  *                 of group g = lane / 8 share super-block b = g + 4s at step s. Their integer
  *                 shares (mn_kq_unit) are summed over the group by xor shuffles 4, 2, 1
  *                 (integers: exact, so equal to summing j = 0..7 in one lane), and lane 8g
@@ -78,10 +78,12 @@ MN_HD float mn_gemv_chunk(const float *w, const float *x, float acc) {
     return acc;
 }
 
-/* Value of legacy block wb (Q4_0, Q4_1, Q8_0) against activation block xb. */
+/* Value of legacy block wb (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) against activation block xb. */
 MN_HD float mn_gemv_block_q8_1(mn_dtype t, const char *wb, const mn_block_q8_1 *xb) {
     if (t == MN_Q4_0) return mn_vdot_q4_0_q8_1((const mn_block_q4_0 *)wb, xb);
     if (t == MN_Q4_1) return mn_vdot_q4_1_q8_1((const mn_block_q4_1 *)wb, xb);
+    if (t == MN_Q5_0) return mn_vdot_q5_0_q8_1((const mn_block_q5_0 *)wb, xb);
+    if (t == MN_Q5_1) return mn_vdot_q5_1_q8_1((const mn_block_q5_1 *)wb, xb);
     return mn_vdot_q8_0_q8_1((const mn_block_q8_0 *)wb, xb);
 }
 
@@ -100,7 +102,7 @@ MN_HD float mn_gemv_lane_float(mn_dtype t, const char *row, const float *x, int6
     return acc;
 }
 
-/* Lane `lane`'s f32 for a Q4_0 / Q4_1 / Q8_0 row of nb blocks; xq: the token's nb blocks. */
+/* Lane `lane`'s f32 for a Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 row of nb blocks; xq: the token's nb blocks. */
 MN_HD float mn_gemv_lane_q8_1(mn_dtype t, const char *row, const mn_block_q8_1 *xq, int64_t nb, int lane) {
     int64_t bb = mn_dtype_block_bytes(t);
     float acc = 0.0f;

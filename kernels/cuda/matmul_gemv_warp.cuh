@@ -91,7 +91,7 @@ __host__ __device__ inline void mn__gemv_rows_float(const mn_matmul_desc &d, con
     }
 }
 
-/* Q4_0 / Q4_1 / Q8_0 rows: block b to lane b % 32 (mn_gemv_lane_q8_1 per token). */
+/* Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 rows: block b to lane b % 32 (mn_gemv_lane_q8_1 per token). */
 template <int NT, mn_dtype TY>
 __host__ __device__ inline void mn__gemv_rows_q8_1(const mn_matmul_desc &d, const char *row, const mn_block_q8_1 *xq,
                                                    int lane, float *acc) {
@@ -125,7 +125,7 @@ __host__ __device__ inline void mn__gemv_rows_kq(const mn_matmul_desc &d, const 
             if (on) mn_kq_unit(TY, wb, xq + t * nb + b, j, &isum, &imin);
             for (int o = MN_GEMV_KQ_UNITS / 2; o > 0; o >>= 1) {
                 isum += w.shfl_xor(isum, o);
-                if (TY != MN_Q6_K) imin += w.shfl_xor(imin, o);
+                if (TY != MN_Q6_K && TY != MN_Q3_K) imin += w.shfl_xor(imin, o);
             }
             if (on && j == 0) acc[t] = acc[t] + mn_kq_block_value(TY, wb, xq + t * nb + b, isum, imin);
         }
@@ -147,7 +147,11 @@ __host__ __device__ inline void mn__gemv_row(const mn_matmul_desc &d, int64_t n,
     switch (d.w_type) {
     case MN_Q4_0: mn__gemv_rows_q8_1<NT, MN_Q4_0>(d, row, x1, lane, acc); break;
     case MN_Q4_1: mn__gemv_rows_q8_1<NT, MN_Q4_1>(d, row, x1, lane, acc); break;
+    case MN_Q5_0: mn__gemv_rows_q8_1<NT, MN_Q5_0>(d, row, x1, lane, acc); break;
+    case MN_Q5_1: mn__gemv_rows_q8_1<NT, MN_Q5_1>(d, row, x1, lane, acc); break;
     case MN_Q8_0: mn__gemv_rows_q8_1<NT, MN_Q8_0>(d, row, x1, lane, acc); break;
+    case MN_Q2_K: mn__gemv_rows_kq<NT, MN_Q2_K>(d, row, xk, acc, w); break;
+    case MN_Q3_K: mn__gemv_rows_kq<NT, MN_Q3_K>(d, row, xk, acc, w); break;
     case MN_Q4_K: mn__gemv_rows_kq<NT, MN_Q4_K>(d, row, xk, acc, w); break;
     case MN_Q5_K: mn__gemv_rows_kq<NT, MN_Q5_K>(d, row, xk, acc, w); break;
     case MN_Q6_K: mn__gemv_rows_kq<NT, MN_Q6_K>(d, row, xk, acc, w); break;

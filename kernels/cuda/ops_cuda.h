@@ -74,7 +74,7 @@ extern "C" {
  *  quantized activations; 0 for float weights); else the bf16 path's (0 for F32 weights:
  *  cuBLAS reads them in place). */
 size_t mn_cuda_matmul_work_bytes(const mn_matmul_desc *d);
-/** Scratch bytes of mn_cuda_matmul_gemv: T * K/32 q8_1 blocks (Q4_0, Q4_1, Q8_0), T * K/256
+/** Scratch bytes of mn_cuda_matmul_gemv: T * K/32 q8_1 blocks (Q4_0/1, Q5_0/1, Q8_0), T * K/256
  *  q8_K blocks (K-quants), 0 for F32 / F16 / BF16. */
 size_t mn_cuda_matmul_gemv_work_bytes(const mn_matmul_desc *d);
 /** Fused dequant GEMV (kernels/cuda/matmul_gemv.cu) for 1 <= T <= MN_CUDA_GEMV_MAX_T, any

@@ -23,6 +23,26 @@ static float dot_block_q8_1(mn_dtype t, const void *wb, const mn_block_q8_1 *xb)
         for (int j = 0; j < MN_QK / 2; j++) isum += (b->qs[j] & 0x0f) * xb->qs[j] + (b->qs[j] >> 4) * xb->qs[j + 16];
         return (mn_fp16_to_fp32(b->d) * xb->d) * (float)isum + mn_fp16_to_fp32(b->m) * xb->s;
     }
+    case MN_Q5_0: {
+        const mn_block_q5_0 *b = (const mn_block_q5_0 *)wb;
+        uint32_t qh = mn_q5_qh(b->qh);
+        for (int j = 0; j < MN_QK / 2; j++) {
+            int q0 = (b->qs[j] & 0x0f) | (int)(((qh >> j) & 1u) << 4);
+            int q1 = (b->qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4);
+            isum += (q0 - 16) * xb->qs[j] + (q1 - 16) * xb->qs[j + 16];
+        }
+        return (mn_fp16_to_fp32(b->d) * xb->d) * (float)isum;
+    }
+    case MN_Q5_1: {
+        const mn_block_q5_1 *b = (const mn_block_q5_1 *)wb;
+        uint32_t qh = mn_q5_qh(b->qh);
+        for (int j = 0; j < MN_QK / 2; j++) {
+            int q0 = (b->qs[j] & 0x0f) | (int)(((qh >> j) & 1u) << 4);
+            int q1 = (b->qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4);
+            isum += q0 * xb->qs[j] + q1 * xb->qs[j + 16];
+        }
+        return (mn_fp16_to_fp32(b->d) * xb->d) * (float)isum + mn_fp16_to_fp32(b->m) * xb->s;
+    }
     default: { /* MN_Q8_0 */
         const mn_block_q8_0 *b = (const mn_block_q8_0 *)wb;
         for (int j = 0; j < MN_QK; j++) isum += b->qs[j] * xb->qs[j];
@@ -40,6 +60,25 @@ static float dot_block_q8_K(mn_dtype t, const void *wb, const mn_block_q8_K *xb)
             int ss = 0;
             for (int l = 0; l < 16; l++) ss += (mn_q6_K_value(b, 16 * s + l) - 32) * xb->qs[16 * s + l];
             isum += b->scales[s] * ss;
+        }
+        return (mn_fp16_to_fp32(b->d) * xb->d) * (float)isum;
+    }
+    if (t == MN_Q2_K) {
+        const mn_block_q2_K *b = (const mn_block_q2_K *)wb;
+        for (int s = 0; s < MN_QK_K / 16; s++) {
+            int ss = 0;
+            for (int l = 0; l < 16; l++) ss += mn_q2_K_value(b, 16 * s + l) * xb->qs[16 * s + l];
+            isum += (b->scales[s] & 0x0f) * ss;
+            imin += (b->scales[s] >> 4) * xb->bsums[s];
+        }
+        return (mn_fp16_to_fp32(b->d) * xb->d) * (float)isum - (mn_fp16_to_fp32(b->dmin) * xb->d) * (float)imin;
+    }
+    if (t == MN_Q3_K) {
+        const mn_block_q3_K *b = (const mn_block_q3_K *)wb;
+        for (int s = 0; s < MN_QK_K / 16; s++) {
+            int ss = 0;
+            for (int l = 0; l < 16; l++) ss += mn_q3_K_value(b, 16 * s + l) * xb->qs[16 * s + l];
+            isum += mn_q3_K_scale(b->scales, s) * ss;
         }
         return (mn_fp16_to_fp32(b->d) * xb->d) * (float)isum;
     }

@@ -27,7 +27,11 @@ void mn_ref_dequant_row(mn_dtype type, const void *src, float *y, int64_t n) {
     }
     case MN_Q4_0: for (int64_t b = 0; b < n / MN_QK; b++) mn_dequant_block_q4_0((const mn_block_q4_0 *)src + b, y + b * MN_QK); break;
     case MN_Q4_1: for (int64_t b = 0; b < n / MN_QK; b++) mn_dequant_block_q4_1((const mn_block_q4_1 *)src + b, y + b * MN_QK); break;
+    case MN_Q5_0: for (int64_t b = 0; b < n / MN_QK; b++) mn_dequant_block_q5_0((const mn_block_q5_0 *)src + b, y + b * MN_QK); break;
+    case MN_Q5_1: for (int64_t b = 0; b < n / MN_QK; b++) mn_dequant_block_q5_1((const mn_block_q5_1 *)src + b, y + b * MN_QK); break;
     case MN_Q8_0: for (int64_t b = 0; b < n / MN_QK; b++) mn_dequant_block_q8_0((const mn_block_q8_0 *)src + b, y + b * MN_QK); break;
+    case MN_Q2_K: for (int64_t b = 0; b < n / MN_QK_K; b++) mn_dequant_block_q2_K((const mn_block_q2_K *)src + b, y + b * MN_QK_K); break;
+    case MN_Q3_K: for (int64_t b = 0; b < n / MN_QK_K; b++) mn_dequant_block_q3_K((const mn_block_q3_K *)src + b, y + b * MN_QK_K); break;
     case MN_Q4_K: for (int64_t b = 0; b < n / MN_QK_K; b++) mn_dequant_block_q4_K((const mn_block_q4_K *)src + b, y + b * MN_QK_K); break;
     case MN_Q5_K: for (int64_t b = 0; b < n / MN_QK_K; b++) mn_dequant_block_q5_K((const mn_block_q5_K *)src + b, y + b * MN_QK_K); break;
     case MN_Q6_K: for (int64_t b = 0; b < n / MN_QK_K; b++) mn_dequant_block_q6_K((const mn_block_q6_K *)src + b, y + b * MN_QK_K); break;

@@ -1,7 +1,7 @@
 /* tests/gpu/test_cuda_gemv.c — the fused dequant GEMV (mn_cuda_matmul at T <=
  * MN_CUDA_GEMV_MAX_T, kernels/cuda/matmul_gemv.cu) on the device; linked into test_cuda_ops.
  *
- * Per weight type (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) and T = 1, 2, 5, 8,
+ * Per weight type (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and T = 1, 2, 5, 8,
  * on N = 67 rows (not a multiple of the 8 rows of a CTA) and odd K (float: 1029, a K % 8
  * tail; legacy: 45 blocks; K-quants: 5 super-blocks, a half-idle last warp step), with
  * strided x / y, bias and accumulate in turn:
@@ -28,7 +28,7 @@
 
 double gt_copy_gbps(cudaStream_t s); /* tests/gpu/test_cuda_attention.c */
 
-static const mn_dtype gtypes[] = {MN_F32, MN_F16, MN_BF16, MN_Q4_0, MN_Q4_1, MN_Q8_0, MN_Q4_K, MN_Q5_K, MN_Q6_K};
+static const mn_dtype gtypes[] = {MN_F32, MN_F16, MN_BF16, MN_Q4_0, MN_Q4_1, MN_Q5_0, MN_Q5_1, MN_Q8_0, MN_Q2_K, MN_Q3_K, MN_Q4_K, MN_Q5_K, MN_Q6_K};
 enum { NGTYPES = sizeof gtypes / sizeof gtypes[0] };
 
 static uint32_t gemv_byte(void) { return (uint32_t)gt_rnd_int(256); }

@@ -67,8 +67,10 @@ typedef struct tcase {
 static const tcase cases[] = {
     GR(7, 77, MN_F32, 1), GR(7, 77, MN_F16, 2), GR(7, 77, MN_BF16, 3), GR(7, KL, MN_Q4_0, 4), GR(7, KL, MN_Q4_1, 5),
     GR(7, KL, MN_Q8_0, 6), GR(7, 768, MN_Q4_K, 7), GR(7, 768, MN_Q5_K, 8), GR(7, 768, MN_Q6_K, 9),
+    GR(7, KL, MN_Q5_0, 11), GR(7, KL, MN_Q5_1, 12), GR(7, 768, MN_Q3_K, 13), GR(7, 768, MN_Q2_K, 14),
     MM3(MN_F32, 77, 10), MM3(MN_F16, 77, 20), MM3(MN_BF16, 77, 30), MM3(MN_Q4_0, KL, 40), MM3(MN_Q4_1, KL, 50),
     MM3(MN_Q8_0, KL, 60), MM3(MN_Q4_K, KK, 70), MM3(MN_Q5_K, KK, 80), MM3(MN_Q6_K, KK, 90),
+    MM3(MN_Q5_0, KL, 170), MM3(MN_Q5_1, KL, 180), MM3(MN_Q3_K, KK, 190), MM3(MN_Q2_K, KK, 200),
     MM(64, 576, 1536, MN_Q4_1, F_STRIDE, 100), MM(3, 576, 4099, MN_Q8_0, 0, 101), MM(17, 1536, 576, MN_Q6_K, F_ACC, 102),
     RN(5, 576, 0, 110), RN(3, 1000, F_INPLACE | F_STRIDE, 111), RN(1, 4096, 0, 112),
     RP(5, 9, 64, 64, MN_ROPE_NORM, 0, 120), RP(4, 3, 128, 64, MN_ROPE_NEOX, F_YARN, 121),
@@ -147,12 +149,18 @@ static void *rand_weights(gt_arena *a, mn_dtype ty, int64_t n, int64_t k, int64_
         uint16_t d = mn_fp32_to_fp16(gt_unif(0.002f, 0.05f)), m = mn_fp32_to_fp16(gt_unif(-0.1f, 0.1f));
         switch (ty) {
         case MN_Q6_K: memcpy(blk + 208, &d, 2); break;           /* d after ql, qh, scales */
-        case MN_Q4_1: case MN_Q4_K: case MN_Q5_K:
+        case MN_Q3_K: memcpy(blk + 108, &d, 2); break;           /* d after hmask, qs, scales */
+        case MN_Q2_K:                                             /* d, dmin after scales, qs */
+            memcpy(blk + 80, &d, 2);
+            m = mn_fp32_to_fp16(gt_unif(0.0f, 0.05f));
+            memcpy(blk + 82, &m, 2);
+            break;
+        case MN_Q4_1: case MN_Q5_1: case MN_Q4_K: case MN_Q5_K:
             memcpy(blk, &d, 2);
-            if (ty != MN_Q4_1) m = mn_fp32_to_fp16(gt_unif(0.0f, 0.05f));
+            if (ty != MN_Q4_1 && ty != MN_Q5_1) m = mn_fp32_to_fp16(gt_unif(0.0f, 0.05f));
             memcpy(blk + 2, &m, 2);
             break;
-        default: memcpy(blk, &d, 2); break;                    /* Q4_0, Q8_0 */
+        default: memcpy(blk, &d, 2); break;                    /* Q4_0, Q5_0, Q8_0 */
         }
     }
     return w;

@@ -25,7 +25,7 @@ Dequantized weights are cached per model path for the life of the process.
 Activation rounding (act_quant=True, optional): an engine that multiplies quantized
 weights with integer dot products first rounds the matmul INPUT to 8 bits per block.
 mneme's matmul contract (kernels/ops.h) specifies it: each row of x is cut into blocks of
-32 (weights Q4_0/Q4_1/Q8_0) or 256 (Q4_K/Q5_K/Q6_K); per block d = max|x| / 127 in
+32 (weights Q4_0/Q4_1/Q5_0/Q5_1/Q8_0) or 256 (Q2_K/Q3_K/Q4_K/Q5_K/Q6_K); per block d = max|x| / 127 in
 float32, q = round-half-to-even(x / d) (all 0 when d == 0), and the dot sees q * d.
 Inputs of float-weight (F32/F16/BF16) matmuls are left alone. The rounding is applied
 per weight tensor, so a model mixing types gets each matmul's own block size. It is
@@ -69,8 +69,8 @@ F64_MAX_PARAMS = 20_000_000
 # for act_quant with them is an error rather than a guess.
 _QT = gguf.GGMLQuantizationType
 ACT_BLOCK = {_QT.F32: 0, _QT.F16: 0, _QT.BF16: 0,
-             _QT.Q4_0: 32, _QT.Q4_1: 32, _QT.Q8_0: 32,
-             _QT.Q4_K: 256, _QT.Q5_K: 256, _QT.Q6_K: 256}
+             _QT.Q4_0: 32, _QT.Q4_1: 32, _QT.Q5_0: 32, _QT.Q5_1: 32, _QT.Q8_0: 32,
+             _QT.Q2_K: 256, _QT.Q3_K: 256, _QT.Q4_K: 256, _QT.Q5_K: 256, _QT.Q6_K: 256}
 
 
 @dataclass

@@ -299,7 +299,7 @@ def test_reference_answers_paris(model_path):
 # ---- synthetic models ----------------------------------------------------------------------
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
-ALL_TYPES = FLOAT_TYPES + ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+ALL_TYPES = FLOAT_TYPES + ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 ATTN_NORM_GAIN = 4.0
 FFN_NORM_GAIN = 2.0

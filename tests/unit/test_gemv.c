@@ -33,7 +33,7 @@
 #include "kernels/cuda/matmul_gemv.h"
 #include "tests/unit/weight_fill.h"
 
-static const mn_dtype TYPES[] = {MN_F32, MN_F16, MN_BF16, MN_Q4_0, MN_Q4_1, MN_Q8_0, MN_Q4_K, MN_Q5_K, MN_Q6_K};
+static const mn_dtype TYPES[] = {MN_F32, MN_F16, MN_BF16, MN_Q4_0, MN_Q4_1, MN_Q5_0, MN_Q5_1, MN_Q8_0, MN_Q2_K, MN_Q3_K, MN_Q4_K, MN_Q5_K, MN_Q6_K};
 enum { NTYPES = sizeof(TYPES) / sizeof(TYPES[0]), GUARD = 16 };
 
 static uint64_t rng = 0x2545f4914f6cdd1dull;

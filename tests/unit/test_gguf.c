@@ -51,7 +51,7 @@ static void patch_u64(buf *b, size_t at, uint64_t v) { memcpy(b->p + at, &v, 8);
 enum { T_U8 = 0, T_I8, T_U16, T_I16, T_U32, T_I32, T_F32, T_BOOL, T_STR, T_ARR, T_U64, T_I64, T_F64 };
 
 /* Tensors of the standard file: bytes per tensor from the spec's block sizes
- * (Q4_0 18/32, Q4_1 20/32, Q8_0 34/32, Q4_K 144/256, Q5_K 176/256, Q6_K 210/256). */
+ * (Q4_0 18/32, Q4_1 20/32, Q5_0 22/32, Q5_1 24/32, Q8_0 34/32, Q2_K 84/256, Q3_K 110/256, Q4_K 144/256, Q5_K 176/256, Q6_K 210/256). */
 typedef struct tspec { const char *name; int nd; int64_t ne[4]; uint32_t type; uint64_t nbytes; } tspec;
 static const tspec TS[] = {
     {"tok", 2, {64, 3}, 8, 2 * 34 * 3},
@@ -62,6 +62,10 @@ static const tspec TS[] = {
     {"q6k", 1, {512}, 14, 2 * 210},
     {"f16", 3, {4, 3, 2}, 1, 24 * 2},
     {"bf16", 4, {2, 2, 2, 2}, 30, 16 * 2},
+    {"q50", 2, {64, 2}, 6, 4 * 22},
+    {"q51", 1, {96}, 7, 3 * 24},
+    {"q3k", 2, {256, 3}, 11, 3 * 110},
+    {"q2k", 1, {512}, 10, 2 * 84},
     {"q40", 1, {32}, 2, 18},
 };
 #define NT ((int)(sizeof TS / sizeof TS[0]))
@@ -369,14 +373,22 @@ static void test_errors(void **st) {
     expect_fail(&c, 3, at(L.t_off_pos[last]), "tensor 'q40'", "past end of file");
     RESET(); patch_u64(&c, L.t_off_pos[2], L.t_off[2] + 32);
     expect_fail(&c, 3, at(L.t_off_pos[2]), "tensor 'q41'", "alignment 64");
-    RESET(); patch_u32(&c, L.t_type_pos[1], 6); /* Q5_0: a real GGML type we do not read */
-    expect_fail(&c, 3, at(L.t_type_pos[1]), "tensor 'norm'", "type 6");
+    RESET(); patch_u32(&c, L.t_type_pos[1], 16); /* IQ2_XXS: a real GGML type we do not read */
+    expect_fail(&c, 3, at(L.t_type_pos[1]), "tensor 'norm'", "type 16");
     RESET(); patch_u32(&c, L.t_type_pos[1], 1000);
     expect_fail(&c, 2, at(L.t_type_pos[1]), "tensor 'norm'");
     RESET(); patch_u32(&c, L.t_type_pos[1], 9); /* Q8_1 is an activation format */
     expect_fail(&c, 2, at(L.t_type_pos[1]), "tensor 'norm'");
     RESET(); patch_u64(&c, L.t_ne0_pos[0], 48); /* Q8_0 rows must be whole blocks of 32 */
     expect_fail(&c, 3, at(L.t_type_pos[0]), "tensor 'tok'", "block size 32");
+    RESET(); patch_u64(&c, L.t_ne0_pos[8], 80); /* Q5_0 likewise */
+    expect_fail(&c, 3, at(L.t_type_pos[8]), "tensor 'q50'", "Q5_0 block size 32");
+    RESET(); patch_u64(&c, L.t_ne0_pos[9], 100); /* Q5_1 likewise */
+    expect_fail(&c, 3, at(L.t_type_pos[9]), "tensor 'q51'", "Q5_1 block size 32");
+    RESET(); patch_u64(&c, L.t_ne0_pos[10], 128); /* K-quant rows are whole super-blocks */
+    expect_fail(&c, 3, at(L.t_type_pos[10]), "tensor 'q3k'", "Q3_K block size 256");
+    RESET(); patch_u64(&c, L.t_ne0_pos[11], 320);
+    expect_fail(&c, 3, at(L.t_type_pos[11]), "tensor 'q2k'", "Q2_K block size 256");
     RESET(); patch_u64(&c, L.t_ne0_pos[0], 0);
     expect_fail(&c, 2, at(L.t_ne0_pos[0]), "tensor 'tok'");
     RESET(); patch_u64(&c, L.t_ne0_pos[0], (uint64_t)1 << 62); /* * 3 rows overflows */
@@ -649,7 +661,7 @@ static const char *source_dir(char *b, size_t n) {
 
 /* Rows that are not whole K-quant super-blocks fall back to Q8_0 (documented in the tool). */
 static mn_dtype gen_mat_type(mn_dtype t, int64_t ne0) {
-    return (t == MN_Q4_K || t == MN_Q5_K || t == MN_Q6_K) && ne0 % 256 ? MN_Q8_0 : t;
+    return (t == MN_Q2_K || t == MN_Q3_K || t == MN_Q4_K || t == MN_Q5_K || t == MN_Q6_K) && ne0 % 256 ? MN_Q8_0 : t;
 }
 
 static void expect_tensor(const mn_gguf *g, const char *name, int nd, int64_t ne0, int64_t ne1, mn_dtype type) {
@@ -776,6 +788,13 @@ static void test_generated_models(void **st) {
         {"--type F16 --embd-type F32 --n-layer 1", "llama", 1, 256, 8, 2, 32, 512, 384, MN_F16, MN_F32, false, false, false},
         {"--type BF16 --n-layer 1 --n-vocab 260", "llama", 1, 256, 8, 2, 32, 512, 260, MN_BF16, MN_BF16, false, false, false},
         {"--type Q8_0 --arch qwen2 --n-layer 1", "qwen2", 1, 256, 8, 2, 32, 512, 384, MN_Q8_0, MN_Q8_0, false, false, false},
+        {"--type Q5_0 --n-layer 1", "llama", 1, 256, 8, 2, 32, 512, 384, MN_Q5_0, MN_Q5_0, false, false, false},
+        {"--type Q5_1 --n-layer 1 --untied --n-embd 96 --n-head 3 --n-kv-head 1",
+         "llama", 1, 96, 3, 1, 32, 512, 384, MN_Q5_1, MN_Q5_1, true, false, false},
+        {"--type Q3_K --n-layer 1 --untied", "llama", 1, 256, 8, 2, 32, 512, 384, MN_Q3_K, MN_Q3_K, true, false, false},
+        {"--type Q3_K --n-embd 96 --n-head 3 --n-kv-head 1 --n-ff 512 --n-layer 1",
+         "llama", 1, 96, 3, 1, 32, 512, 384, MN_Q3_K, MN_Q8_0, false, false, false},
+        {"--type Q2_K --n-layer 1", "llama", 1, 256, 8, 2, 32, 512, 384, MN_Q2_K, MN_Q2_K, false, false, false},
         {"--type Q4_0 --n-layer 1 --untied", "llama", 1, 256, 8, 2, 32, 512, 384, MN_Q4_0, MN_Q4_0, true, false, false},
         {"--type F32 --n-layer 1 --n-vocab 1000", "llama", 1, 256, 8, 2, 32, 512, 1000, MN_F32, MN_F32, false, false, false},
         {"--no-tensors", "llama", 2, 256, 8, 2, 32, 512, 384, MN_Q4_1, MN_Q4_1, false, false, true},

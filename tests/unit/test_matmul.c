@@ -23,7 +23,7 @@
 #include "kernels/cpu/cpu_impl.h"
 #include "tests/unit/weight_fill.h"
 
-static const mn_dtype TYPES[] = {MN_F32, MN_F16, MN_BF16, MN_Q4_0, MN_Q4_1, MN_Q8_0, MN_Q4_K, MN_Q5_K, MN_Q6_K};
+static const mn_dtype TYPES[] = {MN_F32, MN_F16, MN_BF16, MN_Q4_0, MN_Q4_1, MN_Q5_0, MN_Q5_1, MN_Q8_0, MN_Q2_K, MN_Q3_K, MN_Q4_K, MN_Q5_K, MN_Q6_K};
 enum { NTYPES = sizeof(TYPES) / sizeof(TYPES[0]) };
 static const char *const LEVELS[] = {"scalar", "avx2", "avx512", "avx512-vnni"};
 
@@ -250,26 +250,26 @@ static int equal_ref_cases(const mn_dtype *types, int ntypes, int64_t nblk) {
 
 /* The legacy quants promise more than the tolerance: every level computes the reference's
  * per-element sequence (exact block dots, then acc + (dw*dx)*isum in block order; Q4_1
- * adds its min term inside), so the output must equal mn_ref_matmul bit for bit: decode
+ * and Q5_1 add their min term inside), so the output must equal mn_ref_matmul bit for bit: decode
  * tiles (T <= 8), repacked prefill tiles (T > 8), row counts that leave a short 8- or
  * 16-row group, bias and accumulate, 1 and 2 threads. */
 static void test_legacy_quants_equal_ref(void **state) {
     (void)state;
     mn_cpu_init();
-    static const mn_dtype types[] = {MN_Q8_0, MN_Q4_0, MN_Q4_1};
-    assert_true(equal_ref_cases(types, 3, 7) >= 3 * 4 * 2 * 2); /* at least the scalar level of every case */
+    static const mn_dtype types[] = {MN_Q8_0, MN_Q4_0, MN_Q4_1, MN_Q5_0, MN_Q5_1};
+    assert_true(equal_ref_cases(types, 5, 7) >= 5 * 4 * 2 * 2); /* at least the scalar level of every case */
 }
 
 /* The K-quants likewise: per super-block exact isum (and imin), then the reference's
- * acc + ((d*dx)*isum - (dmin*dx)*imin) (Q6_K: acc + (d*dx)*isum) in super-block order,
+ * acc + ((d*dx)*isum - (dmin*dx)*imin) (Q6_K, Q3_K: acc + (d*dx)*isum) in super-block order,
  * one lane per row; K = 2 and 3 super-blocks. */
 static void test_kquants_equal_ref(void **state) {
     (void)state;
     mn_cpu_init();
-    static const mn_dtype types[] = {MN_Q4_K, MN_Q5_K, MN_Q6_K};
+    static const mn_dtype types[] = {MN_Q2_K, MN_Q3_K, MN_Q4_K, MN_Q5_K, MN_Q6_K};
     int compared = 0;
-    for (int64_t nblk = 2; nblk <= 3; nblk++) compared += equal_ref_cases(types, 3, nblk);
-    assert_true(compared >= 2 * 3 * 4 * 2 * 2);
+    for (int64_t nblk = 2; nblk <= 3; nblk++) compared += equal_ref_cases(types, 5, nblk);
+    assert_true(compared >= 2 * 5 * 4 * 2 * 2);
 }
 /* The reference against double-precision dots: (1) on the quantized-then-dequantized
  * activations it must agree to f32 accumulation error; (2) on the original x it must be

@@ -59,10 +59,13 @@ typedef struct tcase {
 static const tcase cases[] = {
     GR(1, 576, MN_Q8_0, 1), GR(3, 96, MN_Q4_0, 2), GR(17, 160, MN_Q4_1, 3), GR(3, 77, MN_F32, 4),
     GR(17, 99, MN_F16, 5), GR(3, 45, MN_BF16, 6), GR(3, 512, MN_Q4_K, 7), GR(17, 256, MN_Q5_K, 8),
-    GR(3, 768, MN_Q6_K, 9),
+    GR(3, 768, MN_Q6_K, 9), GR(3, 96, MN_Q5_0, 10), GR(17, 160, MN_Q5_1, 11), GR(5, 512, MN_Q3_K, 12), GR(3, 768, MN_Q2_K, 13),
     MM(1, 576, 37, MN_Q4_1, 0, 20), MM(3, 96, 33, MN_Q4_0, F_BIAS, 21), MM(17, 160, 19, MN_Q8_0, F_ACC, 22),
     MM(3, 77, 13, MN_F32, F_BIAS | F_STRIDE, 23), MM(17, 40, 29, MN_F16, 0, 24), MM(3, 64, 31, MN_BF16, F_ACC, 25),
     MM(3, 512, 17, MN_Q4_K, F_BIAS, 26), MM(17, 256, 9, MN_Q5_K, 0, 27), MM(1, 768, 21, MN_Q6_K, F_STRIDE, 28),
+    MM(3, 96, 33, MN_Q5_0, F_BIAS, 29), MM(17, 160, 19, MN_Q5_1, F_ACC | F_STRIDE, 30),
+    MM(17, 512, 21, MN_Q3_K, F_BIAS, 31), MM(1, 768, 9, MN_Q3_K, F_ACC, 32),
+    MM(17, 512, 19, MN_Q2_K, F_ACC | F_BIAS, 33), MM(3, 256, 40, MN_Q2_K, F_STRIDE, 34),
     RN(1, 576, 0, 40), RN(3, 577, F_STRIDE, 41), RN(17, 1155, F_INPLACE, 42), RN(3, 7, 0, 43),
     RN(3, 4096, F_INPLACE | F_STRIDE, 44),
     RP(1, 9, 64, 64, MN_ROPE_NORM, 0, 60), RP(3, 4, 128, 128, MN_ROPE_NEOX, F_STRIDE, 61),
@@ -165,10 +168,14 @@ static void *rand_weights(ctx *cx, mn_dtype type, int64_t rows, int64_t D, int64
         case MN_BF16: ((uint16_t *)(void *)w)[b] = mn_fp32_to_bf16(rnd_unif(-1, 1)); break;
         case MN_Q4_0: ((mn_block_q4_0 *)(void *)w)[b].d = d0; break;
         case MN_Q4_1: ((mn_block_q4_1 *)(void *)w)[b].d = d0; ((mn_block_q4_1 *)(void *)w)[b].m = d1; break;
+        case MN_Q5_0: ((mn_block_q5_0 *)(void *)w)[b].d = d1; break;
+        case MN_Q5_1: ((mn_block_q5_1 *)(void *)w)[b].d = d1; ((mn_block_q5_1 *)(void *)w)[b].m = d1; break;
         case MN_Q8_0: ((mn_block_q8_0 *)(void *)w)[b].d = d1; break;
         case MN_Q4_K: ((mn_block_q4_K *)(void *)w)[b].d = d1; ((mn_block_q4_K *)(void *)w)[b].dmin = d1; break;
         case MN_Q5_K: ((mn_block_q5_K *)(void *)w)[b].d = d1; ((mn_block_q5_K *)(void *)w)[b].dmin = d1; break;
         case MN_Q6_K: ((mn_block_q6_K *)(void *)w)[b].d = mn_fp32_to_fp16(rnd_unif(0.0005f, 0.002f)); break;
+        case MN_Q3_K: ((mn_block_q3_K *)(void *)w)[b].d = mn_fp32_to_fp16(rnd_unif(0.0005f, 0.002f)); break;
+        case MN_Q2_K: ((mn_block_q2_K *)(void *)w)[b].d = d1; ((mn_block_q2_K *)(void *)w)[b].dmin = d1; break;
         default: fail_msg("no weight generator for %s", mn_dtype_name(type));
         }
     }

@@ -26,9 +26,11 @@ static inline void mn_test_fill_weights(mn_dtype t, void *w, int64_t N, int64_t 
         case MN_F32: { float f = unif(-1, 1); memcpy(blk, &f, 4); break; }
         case MN_F16: { uint16_t h = mn_fp32_to_fp16(unif(-1, 1)); memcpy(blk, &h, 2); break; }
         case MN_BF16: { uint16_t h = mn_fp32_to_bf16(unif(-1, 1)); memcpy(blk, &h, 2); break; }
-        case MN_Q4_0: case MN_Q8_0: memcpy(blk, &h1, 2); break;
-        case MN_Q4_1: case MN_Q4_K: case MN_Q5_K: memcpy(blk, &h1, 2); memcpy(blk + 2, &h2, 2); break;
+        case MN_Q4_0: case MN_Q5_0: case MN_Q8_0: memcpy(blk, &h1, 2); break;
+        case MN_Q4_1: case MN_Q5_1: case MN_Q4_K: case MN_Q5_K: memcpy(blk, &h1, 2); memcpy(blk + 2, &h2, 2); break;
         case MN_Q6_K: memcpy(blk + offsetof(mn_block_q6_K, d), &h1, 2); break;
+        case MN_Q3_K: memcpy(blk + offsetof(mn_block_q3_K, d), &h1, 2); break;
+        case MN_Q2_K: memcpy(blk + offsetof(mn_block_q2_K, d), &h1, 2); memcpy(blk + offsetof(mn_block_q2_K, dmin), &h2, 2); break;
         default: break;
         }
     }
