@@ -128,19 +128,34 @@ static mn_err rope_table(mn_model *m, float *out, mn_errbuf *eb) {
     return MN_OK;
 }
 
+/* general.architecture into c->arch (llama or qwen2), then the rest of c */
+static mn_err arch_and_config(const mn_gguf *g, mn_model_config *c, mn_errbuf *eb) {
+    mn_str arch;
+    TRY(mn_gguf_get_str(g, "general.architecture", &arch, eb));
+    if (arch.len >= sizeof c->arch) return mn_errf(eb, MN_EUNSUPPORTED, "general.architecture too long");
+    memcpy(c->arch, arch.ptr, arch.len);
+    c->arch[arch.len] = 0;
+    if (strcmp(c->arch, "llama") != 0 && strcmp(c->arch, "qwen2") != 0)
+        return mn_errf(eb, MN_EUNSUPPORTED, "general.architecture '%s' not supported (llama, qwen2)", c->arch);
+    return read_config(g, c->arch, c, eb);
+}
+
+mn_err mn_model_read_config(const char *path, mn_model_config *c, mn_errbuf *eb) {
+    mn_gguf *g;
+    TRY(mn_gguf_open(path, &g, eb));
+    memset(c, 0, sizeof *c);
+    mn_err e = arch_and_config(g, c, eb);
+    if (e == MN_OK) c->n_ctx = c->n_ctx_train;
+    mn_gguf_close(g);
+    return e;
+}
+
 static mn_err load(mn_model *m, const char *path, const mn_model_params *p, mn_errbuf *eb) {
     TRY(mn_gguf_open(path, &m->gguf, eb));
-    mn_str arch;
-    TRY(mn_gguf_get_str(m->gguf, "general.architecture", &arch, eb));
-    if (arch.len >= sizeof m->cfg.arch) return mn_errf(eb, MN_EUNSUPPORTED, "general.architecture too long");
-    memcpy(m->cfg.arch, arch.ptr, arch.len);
-    m->cfg.arch[arch.len] = 0;
-    if (strcmp(m->cfg.arch, "llama") != 0 && strcmp(m->cfg.arch, "qwen2") != 0)
-        return mn_errf(eb, MN_EUNSUPPORTED, "general.architecture '%s' not supported (llama, qwen2)", m->cfg.arch);
+    TRY(arch_and_config(m->gguf, &m->cfg, eb));
     mn_str nm;
     if (mn_gguf_find(m->gguf, "general.name") && mn_gguf_get_str(m->gguf, "general.name", &nm, NULL) == MN_OK)
         snprintf(m->name, sizeof m->name, "%.*s", (int)(nm.len > 120 ? 120 : nm.len), nm.ptr);
-    TRY(read_config(m->gguf, m->cfg.arch, &m->cfg, eb));
     /* the whole file, metadata and weights: ~10 ms for 100 MB */
     XXH128_hash_t fp = XXH3_128bits(mn_gguf_file_data(m->gguf), (size_t)mn_gguf_file_size(m->gguf));
     XXH128_canonical_t canon;

@@ -74,6 +74,11 @@ typedef struct mn_model_params {
 #define MN_DEFAULT_MODEL_FILE "SmolLM2-135M-Instruct.Q4_1.gguf"
 const char *mn_model_default_path(void);
 
+/** The config of the model file at path, read from its metadata alone (no weights touched;
+ *  n_ctx is the file's training context): to size things before loading, e.g. each tensor-
+ *  parallel rank's KV pool from a memory budget. Errors as mn_model_load's. */
+mn_err mn_model_read_config(const char *path, mn_model_config *c, mn_errbuf *eb);
+
 /** Load the model at path onto be. */
 mn_err mn_model_load(const char *path, mn_backend *be, const mn_model_params *p, mn_model **out, mn_errbuf *eb);
 void mn_model_free(mn_model *m);

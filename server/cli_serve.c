@@ -429,7 +429,7 @@ static void serve_usage(void) {
             "                           heads): CPU ranks of -t/N threads each (at least 1), or with --device\n"
             "                           cuda GPU r for rank r over NCCL. Sessions, tiers and saved files are as\n"
             "                           without it (a saved session holds every head: any --tp restores it);\n"
-            "                           not yet with --mem-budget\n"
+            "                           --mem-budget is then each device's, all of it for the rank's KV pool\n"
             "  -t THREADS  -c CTX  --device cpu|cuda|auto\n");
 }
 
@@ -531,13 +531,36 @@ static void model_stem(const char *path, char *out, size_t cap) {
 }
 
 /* --tp N > 1: what the server cannot do over a group yet. -1 with a message. */
-static int serve_tp_check(int tp, long mem_budget) {
-    if (mem_budget) {
-        /* the split below counts one device's KV blocks and adapter copies on rank 0's device */
-        fprintf(stderr, "mneme serve: tensor parallel: --mem-budget is not supported yet (--tp %d): size each rank's "
-                "KV pool with --kv-blocks\n", tp);
+/* --tp N > 1 with --mem-budget B: B is each device's, and each rank's pool holds n_kv_head / N
+ * heads, so it gets the blocks of that size that fit in B. Before the ranks exist (their
+ * pools are made with them), from the file's metadata. Adapters stay host copies under TP
+ * (CPU ranks read them; CUDA ranks refuse them), so no share of B is set aside for them and
+ * --adapter-share is refused. -1 with a message. */
+static int serve_tp_memory(const cli_model_opts *mo, int tp, long budget, double share, long *kv_blocks) {
+    if (share >= 0) {
+        fprintf(stderr, "mneme serve: --adapter-share with --tp %d: adapters under tensor parallelism are host copies, "
+                "so all of --mem-budget goes to each rank's KV pool\n", tp);
         return -1;
     }
+    const char *path = mo->model ? mo->model : cli_default_model();
+    mn_model_config c;
+    mn_errbuf eb = {{0}};
+    if (mn_model_read_config(path, &c, &eb) != MN_OK) {
+        fprintf(stderr, "mneme serve: %s: %s\n", path, eb.msg);
+        return -1;
+    }
+    if (c.n_kv_head % tp != 0) return 0; /* loading the group names the mismatch */
+    int64_t block_bytes = (int64_t)SERVE_BLOCK_TOKENS * c.n_layer * (c.n_kv_head / tp) * c.head_dim * 2 * (int64_t)sizeof(uint16_t);
+    int64_t blocks = budget / block_bytes;
+    if (blocks < 1) {
+        fprintf(stderr, "mneme serve: --mem-budget %ld is less than one KV block of a rank at --tp %d (%lld bytes)\n",
+                budget, tp, (long long)block_bytes);
+        return -1;
+    }
+    if (blocks > (1 << 24)) blocks = 1 << 24;
+    *kv_blocks = (long)blocks;
+    fprintf(stderr, "mneme serve: memory budget %ld bytes per device: each of %d ranks' KV pools %lld blocks (%lld bytes)\n",
+            budget, tp, (long long)blocks, (long long)(blocks * block_bytes));
     return 0;
 }
 
@@ -604,7 +627,6 @@ int cmd_serve(int argc, char **argv) {
         }
     }
     json_set_alloc_funcs(mn_malloc, mn_free);
-    if (tp > 1 && serve_tp_check((int)tp, mem_budget)) return 2;
 
     static serve_state ss;   /* signal and timer handles point into it until the loop ends */
     memset(&ss, 0, sizeof ss);
@@ -622,6 +644,7 @@ int cmd_serve(int argc, char **argv) {
         fprintf(stderr, "mneme serve: --adapter-share is a share of --mem-budget, which is not given\n");
         return 2;
     }
+    if (tp > 1 && mem_budget && serve_tp_memory(&mo, (int)tp, mem_budget, adapter_share, &kv_blocks)) return 2;
     srv->persist_dir = persist;
     if (serve_access(srv, key_file, admin_file, lora_dir)) {
         serve_access_free(srv);

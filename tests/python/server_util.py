@@ -181,3 +181,12 @@ class WS:
         except OSError:
             pass
         self.s.close()
+
+
+def metric(server, name):
+    """The value of the /metrics line that starts with name (labels included)."""
+    _, body, _ = server.request("GET", "/metrics")
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")

@@ -21,7 +21,7 @@ import pytest
 
 openai = pytest.importorskip("openai", reason="pip install openai (tools/setup.sh installs it)")
 
-from server_util import WS, Server  # noqa: E402
+from server_util import WS, Server, metric  # noqa: E402
 
 S = "/v1/sessions"
 SYSTEM = "You are a terse assistant."
@@ -530,13 +530,6 @@ def test_shutdown_during_an_adapter_load(mneme_bin, model_path, adapters, tmp_pa
             os.close(wfd)
         srv.close()
 
-
-def metric(server, name):
-    _, body, _ = server.request("GET", "/metrics")
-    for line in body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 def test_memory_budget_split_pages_adapters(mneme_bin, model_path, adapters, server, client):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from server_util import Server, sse_events
+from server_util import Server, metric, sse_events
 
 S = "/v1/sessions"
 
@@ -381,13 +381,6 @@ def test_damaged_saved_session_is_refused_and_kept(mneme_bin, model_path, tmp_pa
     assert f.exists()
     assert sid in (tmp_path / "serve-sessions.json").read_text()
 
-
-def metric(srv, name):
-    _, body, _ = srv.request("GET", "/metrics")
-    for line in body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 @pytest.mark.parametrize("reserve", ["8", "0"])

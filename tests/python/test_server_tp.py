@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from server_util import Server, sse_events
+from server_util import Server, metric, sse_events
 
 PROMPT = "The capital of France is"
 S = "/v1/sessions"
@@ -148,11 +148,28 @@ def test_refused(tp3, mneme_bin, model_path):
     for i in (sid, imp["id"]):
         tp3.json("DELETE", f"{S}/{i}")
     for flags, msg in ((["--tp", "2"], "tensor parallel size 2 does not divide the model's heads (n_head 9, n_kv_head 3)"),
-                       (["--tp", "3", "--mem-budget", "100000000"], "--mem-budget is not supported yet (--tp 3)"),
+                       (["--tp", "3", "--mem-budget", "100000000", "--adapter-share", "0.1"],
+                        "--adapter-share with --tp 3: adapters under tensor parallelism are host copies"),
+                       (["--tp", "3", "--mem-budget", "1000"], "--mem-budget 1000 is less than one KV block of a rank at --tp 3"),
                        (["--tp", "0"], "--tp: 0 is out of range [1, 64]")):
         p = subprocess.run([str(mneme_bin), "serve", "-m", str(model_path), "--port", "0", "-t", "1", *flags],
                            capture_output=True, text=True, timeout=60)
         assert p.returncode != 0 and msg in p.stderr, (flags, p.returncode, p.stderr)
+
+
+def test_mem_budget_per_rank(tp3, mneme_bin, model_path):
+    """--tp 3 --mem-budget B: B is each device's, and each rank's pool holds a third of the
+    KV heads, so the pool gets B over a rank's block bytes (blocks whose KV heads together are
+    the /metrics bytes per token) and the server answers as the --tp 3 server without it."""
+    rank_block = int(metric(tp3, "mneme_kv_block_tokens") * metric(tp3, "mneme_kv_bytes_per_token")) // 3
+    budget = 40 * rank_block + rank_block // 2
+    s = Server(mneme_bin, model_path, "--tp", "3", "--mem-budget", str(budget))
+    try:
+        assert metric(s, 'mneme_kv_blocks{state="total"}') == 40
+        assert "each of 3 ranks' KV pools 40 blocks" in s.stderr()
+        assert stream_text(s, 8) == stream_text(tp3, 8)
+    finally:
+        s.close()
 
 
 def test_cli_tp_whole_context(synth_model, run_mneme):
