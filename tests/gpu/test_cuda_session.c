@@ -25,6 +25,7 @@
 #include "engine/backend.h"
 #include "engine/model.h"
 #include "engine/session.h"
+#include "tests/gpu/session_util.h"
 
 int gt_session_e2e(const char *device);
 
@@ -34,30 +35,6 @@ int gt_session_e2e(const char *device);
         printf("\n");                                        \
         goto out;                                            \
     } while (0)
-
-static bool step_all(mn_engine *e, mn_errbuf *eb) {
-    for (int i = 0; i < 1000 && mn_engine_has_work(e); i++) {
-        bool did;
-        if (mn_engine_step(e, &did, eb) != MN_OK) return false;
-    }
-    return !mn_engine_has_work(e);
-}
-
-/* A and R get the same tokens in separate steps of the same shape (B, if given, decodes
- * in A's batch); returns whether their logits are bit-identical. */
-static bool same_after(mn_engine *e, mn_session *a, mn_session *r, mn_session *b, const int32_t *t, int n, int32_t V,
-                       mn_errbuf *eb) {
-    if (mn_session_submit_tokens(e, r, t, n, MN_ROLE_NONE, eb) != MN_OK || !step_all(e, eb)) return false;
-    float *ref = malloc((size_t)V * sizeof(float));
-    memcpy(ref, mn_session_logits(r), (size_t)V * sizeof(float));
-    /* R again at the same length for the next round: rewind it */
-    bool ok = mn_session_submit_tokens(e, a, t, n, MN_ROLE_NONE, eb) == MN_OK;
-    int32_t one = 7;
-    if (ok && b) ok = mn_session_submit_tokens(e, b, &one, 1, MN_ROLE_NONE, eb) == MN_OK;
-    ok = ok && step_all(e, eb) && mn_session_logits(a) && memcmp(ref, mn_session_logits(a), (size_t)V * sizeof(float)) == 0;
-    free(ref);
-    return ok;
-}
 
 int gt_session_e2e(const char *device) {
     const char *dir = getenv("MNEME_GPU_E2E_DIR");
@@ -106,7 +83,7 @@ int gt_session_e2e(const char *device) {
         const char *want = round <= 1 ? "T1" : round == 2 ? "T2" : "T3";
         if (strcmp(info.tier, want) != 0) FAIL("%s: a is in %s", what[round], info.tier);
         if (round == 0 && mn_backend_used(be, MN_MEM_HOST_PINNED) == 0) FAIL("T1 image not pinned");
-        if (!same_after(e, a, r, round == 0 ? b : NULL, more, 3, V, &eb))
+        if (!gs_same_after(e, a, r, round == 0 ? b : NULL, more, 3, V, &eb))
             FAIL("%s: logits differ from the session that never moved (%s)", what[round], eb.msg);
         mn_session_info_get(e, a, &info);
         if (strcmp(info.tier, "T0") != 0) FAIL("%s: not promoted (%s)", what[round], info.tier);

@@ -23,6 +23,7 @@
 #include "engine/backend.h"
 #include "engine/model.h"
 #include "engine/session.h"
+#include "tests/gpu/session_util.h"
 #include "engine/tp.h"
 
 #ifdef MNEME_HAVE_CUDA
@@ -40,14 +41,6 @@ enum { PLEN = 20, GEN = 8, HIST = 45 };
         printf("\n");                                        \
         goto out;                                            \
     } while (0)
-
-static bool step_all(mn_engine *e, mn_errbuf *eb) {
-    for (int i = 0; i < 1000 && mn_engine_has_work(e); i++) {
-        bool did;
-        if (mn_engine_step(e, &did, eb) != MN_OK) return false;
-    }
-    return !mn_engine_has_work(e);
-}
 
 typedef struct gen_rec { int32_t tok[GEN]; int n; } gen_rec;
 
@@ -69,18 +62,6 @@ static bool greedy(mn_engine *e, const int32_t *prompt, gen_rec *g, float *logit
               mn_session_generate(e, s, &gp, on_token, g, NULL, eb) == MN_OK && mn_session_logits(s);
     if (ok) memcpy(logits, mn_session_logits(s), (size_t)V * sizeof(float));
     mn_session_delete(e, s);
-    return ok;
-}
-
-/* A and R get the same tokens in steps of the same shape: bit-identical logits? */
-static bool same_after(mn_engine *e, mn_session *a, mn_session *r, const int32_t *t, int n, int32_t V, mn_errbuf *eb) {
-    if (mn_session_submit_tokens(e, r, t, n, MN_ROLE_NONE, eb) != MN_OK || !step_all(e, eb)) return false;
-    float *ref = malloc((size_t)V * sizeof(float));
-    if (!ref) return false;
-    memcpy(ref, mn_session_logits(r), (size_t)V * sizeof(float));
-    bool ok = mn_session_submit_tokens(e, a, t, n, MN_ROLE_NONE, eb) == MN_OK && step_all(e, eb) && mn_session_logits(a) &&
-              memcmp(ref, mn_session_logits(a), (size_t)V * sizeof(float)) == 0;
-    free(ref);
     return ok;
 }
 
@@ -155,7 +136,7 @@ int gt_session_tp(const char *device) {
         char want[4];
         snprintf(want, sizeof want, "T%d", tier);
         if (strcmp(info.tier, want) != 0) FAIL("demoted to %s, found in %s", want, info.tier);
-        if (!same_after(e, a, r, more, 3, V, &eb)) FAIL("T%d: logits differ from the unmoved fork (%s)", tier, eb.msg);
+        if (!gs_same_after(e, a, r, NULL, more, 3, V, &eb)) FAIL("T%d: logits differ from the unmoved fork (%s)", tier, eb.msg);
         mn_session_info_get(e, a, &info);
         if (strcmp(info.tier, "T0") != 0) FAIL("T%d: not promoted (%s)", tier, info.tier);
         printf("sess-tp   P=%d T%d round trip bit-identical to the unmoved fork  ok\n", P, tier);
