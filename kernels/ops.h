@@ -138,7 +138,8 @@ typedef struct mn_kv_store_desc {
  * Softmax in f32 with max subtraction. Tolerance against ref: 1e-4 * max|V| + 1e-5.
  * max_pos is a plan hint: max over t of pos[t] + 1 (0 = unknown). Backends whose pos is
  * device memory (CUDA) size their split scratch from it; ref and cpu ignore it. A pos[t]
- * past it is a caller bug (the CUDA split writes NaN for that token). */
+ * past it is a caller bug (the CUDA split writes NaN for that token). out must not overlap
+ * q (the CPU kernel keeps its running state in out until a token's last segment). */
 typedef struct mn_attention_desc {
     int64_t T;
     int32_t n_head, n_kv_head, head_dim;

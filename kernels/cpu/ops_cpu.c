@@ -242,29 +242,51 @@ static void attn_write(const float *acc, float l, float *o, int32_t hd) {
     for (int32_t x = 0; x < hd; x++) o[x] = acc[x] * inv;
 }
 
-/* A unit computed by one thread from start to end: its segments in order, folded as
- * they come. */
-static void attn_unit(mn__simd simd, const mn_attention_desc *d, int64_t t0, int32_t nt, int32_t h0, int32_t nh) {
+/* Most heads a tile's running state is kept for (n_head of the models we run is far less). */
+#define MN__ATTN_MAX_N_HEAD 256
+
+/* The units of one tile that this thread owns (bit u0 + r of the round-robin for run r),
+ * computed segment by segment: every owned unit takes segment k before any takes k + 1, so
+ * a segment's K/V blocks are brought from memory once and used by all KV groups while they
+ * are in cache (unit by unit, each group swept the whole context on its own and the other
+ * groups' lines between its rows were fetched again, or never prefetched). Each unit still
+ * folds its segments in ascending order, so its bits are those of any other schedule. The
+ * running (unnormalised) state lives in the output rows until the last segment. */
+static void attn_tile(mn__simd simd, const mn_attention_desc *d, int64_t t0, int32_t nt, int32_t per, int32_t run,
+                      int64_t u0, const mn_par *par) {
     float pacc[MN__ATTN_TILE * MN__ATTN_MAX_HEADS * MN__ATTN_MAX_HD];
-    float tacc[MN__ATTN_TILE * MN__ATTN_MAX_HEADS * MN__ATTN_MAX_HD];
-    float tm[MN__ATTN_TILE][MN__ATTN_MAX_HEADS], tl[MN__ATTN_TILE][MN__ATTN_MAX_HEADS];
+    static _Thread_local float tm[MN__ATTN_TILE][MN__ATTN_MAX_N_HEAD], tl[MN__ATTN_TILE][MN__ATTN_MAX_N_HEAD];
     mn__attn_part part = {.acc = pacc};
-    int32_t hd = d->head_dim, max_pos = 0;
+    int32_t hd = d->head_dim, group = d->n_head / d->n_kv_head, max_pos = 0;
+    int64_t units = (int64_t)d->n_kv_head * per;
     for (int32_t i = 0; i < nt; i++) max_pos = d->pos[t0 + i] + 1 > max_pos ? d->pos[t0 + i] + 1 : max_pos;
     for (int32_t p0 = 0; p0 < max_pos; p0 += MN__ATTN_SEG) {
-        attn_part(simd, d, t0, nt, h0, nh, p0, p0 + MN__ATTN_SEG, &part);
-        for (int32_t i = 0; i < nt; i++) {
-            if (d->pos[t0 + i] < p0) continue;
-            for (int32_t j = 0; j < nh; j++) {
-                int64_t r = (int64_t)(i * nh + j) * hd;
-                attn_fold(tacc + r, &tm[i][j], &tl[i][j], pacc + r, part.m[i][j], part.l[i][j], hd, p0 == 0);
+        for (int64_t r = 0; r < units; r++) {
+            if ((u0 + r) % par->nth != par->ith) continue;
+            int32_t g = (int32_t)(r / per), k = (int32_t)(r % per);
+            int32_t h0 = g * group + k * run;
+            int32_t nh = group - k * run < run ? group - k * run : run;
+            attn_part(simd, d, t0, nt, h0, nh, p0, p0 + MN__ATTN_SEG, &part);
+            for (int32_t i = 0; i < nt; i++) {
+                if (d->pos[t0 + i] < p0) continue;
+                float *o = d->out + (t0 + i) * d->out_stride;
+                for (int32_t j = 0; j < nh; j++)
+                    attn_fold(o + (int64_t)(h0 + j) * hd, &tm[i][h0 + j], &tl[i][h0 + j], pacc + (int64_t)(i * nh + j) * hd,
+                              part.m[i][j], part.l[i][j], hd, p0 == 0);
             }
         }
     }
-    for (int32_t i = 0; i < nt; i++)
-        for (int32_t j = 0; j < nh; j++)
-            attn_write(tacc + (int64_t)(i * nh + j) * hd, tl[i][j], d->out + (t0 + i) * d->out_stride + (int64_t)(h0 + j) * hd,
-                       hd);
+    for (int64_t r = 0; r < units; r++) {
+        if ((u0 + r) % par->nth != par->ith) continue;
+        int32_t g = (int32_t)(r / per), k = (int32_t)(r % per);
+        int32_t h0 = g * group + k * run;
+        int32_t nh = group - k * run < run ? group - k * run : run;
+        for (int32_t i = 0; i < nt; i++)
+            for (int32_t j = 0; j < nh; j++) {
+                float *o = d->out + (t0 + i) * d->out_stride + (int64_t)(h0 + j) * hd;
+                attn_write(o, tl[i][h0 + j], o, hd);
+            }
+    }
 }
 
 /* How the threads share an attention call. Tiles are runs of up to MN__ATTN_TILE
@@ -324,7 +346,7 @@ size_t mn_cpu_attention_work_bytes(const mn_attention_desc *d, int nth) {
 }
 
 void mn_cpu_attention(const mn_attention_desc *d, void *work, const mn_par *par) {
-    assert(d->head_dim <= MN__ATTN_MAX_HD && d->n_head % d->n_kv_head == 0);
+    assert(d->head_dim <= MN__ATTN_MAX_HD && d->n_head % d->n_kv_head == 0 && d->n_head <= MN__ATTN_MAX_N_HEAD);
     int32_t group = d->n_head / d->n_kv_head, hd = d->head_dim;
     attn_plan pl = attn_plan_for(d, par->nth);
     int32_t per = pl.per, run = pl.run;
@@ -334,16 +356,10 @@ void mn_cpu_attention(const mn_attention_desc *d, void *work, const mn_par *par)
         /* Units go round-robin over the threads: under the causal mask later tokens cost
          * more, and interleaving keeps prefill balanced where contiguous ranges would not. */
         int64_t u = 0;
-        for (int64_t t0 = 0; t0 < d->T;) {
+        for (int64_t t0 = 0; t0 < d->T; u += units_per_tile) {
             int32_t nt = 1;
             while (nt < pl.tile && t0 + nt < d->T && d->seq[t0 + nt] == d->seq[t0]) nt++;
-            for (int64_t r = 0; r < units_per_tile; r++, u++) {
-                if (u % par->nth != par->ith) continue;
-                int32_t g = (int32_t)(r / per), k = (int32_t)(r % per);
-                int32_t h0 = g * group + k * run;
-                int32_t nh = group - k * run < run ? group - k * run : run;
-                attn_unit(simd, d, t0, nt, h0, nh);
-            }
+            attn_tile(simd, d, t0, nt, per, run, u, par);
             t0 += nt;
         }
         return;
@@ -360,12 +376,13 @@ void mn_cpu_attention(const mn_attention_desc *d, void *work, const mn_par *par)
             max_pos = d->pos[t0 + nt] + 1 > max_pos ? d->pos[t0 + nt] + 1 : max_pos;
             nt++;
         }
-        for (int64_t r = 0; r < units_per_tile; r++) {
-            int32_t g = (int32_t)(r / per), k = (int32_t)(r % per);
-            int32_t h0 = g * group + k * run;
-            int32_t nh = group - k * run < run ? group - k * run : run;
-            for (int32_t p0 = 0; p0 < max_pos; p0 += MN__ATTN_SEG, u++) {
+        /* segment-major, as in attn_tile: a segment's blocks serve every KV group at once */
+        for (int32_t p0 = 0; p0 < max_pos; p0 += MN__ATTN_SEG) {
+            for (int64_t r = 0; r < units_per_tile; r++, u++) {
                 if (u % par->nth != par->ith) continue;
+                int32_t g = (int32_t)(r / per), k = (int32_t)(r % per);
+                int32_t h0 = g * group + k * run;
+                int32_t nh = group - k * run < run ? group - k * run : run;
                 attn_part(simd, d, t0, nt, h0, nh, p0, p0 + MN__ATTN_SEG, &part);
                 for (int32_t i = 0; i < nt; i++) {
                     if (d->pos[t0 + i] < p0) continue;

@@ -275,7 +275,9 @@ static inline __attribute__((always_inline)) void part_rows(const mn_attention_d
     for (int32_t c0 = p0; c0 < max_pos; c0 += CH) {
         int32_t nc = max_pos - c0 < CH ? max_pos - c0 : CH;
         mn__kv_chunk_begin(kv, s, c0, nc, max_pos, g, kp, vp);
+#ifndef ABL_NOCONV
         convert_chunk(kp, vp, nc, hd, nv, kf, vf);
+#endif
         for (int32_t G = 0; G < ng; G++) {
             __m512 e[CH];
             __mmask16 valid[CH];
@@ -285,7 +287,37 @@ static inline __attribute__((always_inline)) void part_rows(const mn_attention_d
             /* score of position p for the 16 rows: 16 partial chains P_l over d = l, l+16,
              * ... (the lanes of the other layout), then reduce16x16's tree */
             const float *qg = qt[G];
-            for (int32_t p = 0; p < nc; p++) {
+            /* two positions per pass share each load of a Q column; per group of 4 partial
+             * chains the first tree level is taken at once, which keeps the live vectors
+             * within the register file (the operations per position are unchanged) */
+            int32_t p = 0;
+            for (; p + 2 <= nc; p += 2) {
+                const float *k0 = kf + p * ld, *k1 = k0 + ld;
+                __m512 Q0[4], Q1[4];
+#pragma GCC unroll 4
+                for (int32_t j = 0; j < 4; j++) {
+                    __m512 A[4], B[4];
+#pragma GCC unroll 4
+                    for (int32_t i = 0; i < 4; i++) {
+                        const int32_t x = 4 * j + i;
+                        __m512 q = _mm512_load_ps(qg + x * 16);
+                        A[i] = _mm512_mul_ps(q, _mm512_set1_ps(k0[x]));
+                        B[i] = _mm512_mul_ps(q, _mm512_set1_ps(k1[x]));
+                        for (int32_t v = 1; v < nv; v++) {
+                            q = _mm512_load_ps(qg + (16 * v + x) * 16);
+                            A[i] = _mm512_fmadd_ps(q, _mm512_set1_ps(k0[16 * v + x]), A[i]);
+                            B[i] = _mm512_fmadd_ps(q, _mm512_set1_ps(k1[16 * v + x]), B[i]);
+                        }
+                    }
+                    Q0[j] = _mm512_add_ps(_mm512_add_ps(A[0], A[2]), _mm512_add_ps(A[1], A[3]));
+                    Q1[j] = _mm512_add_ps(_mm512_add_ps(B[0], B[2]), _mm512_add_ps(B[1], B[3]));
+                }
+                __m512 s0 = _mm512_add_ps(_mm512_add_ps(Q0[0], Q0[1]), _mm512_add_ps(Q0[2], Q0[3]));
+                __m512 s1 = _mm512_add_ps(_mm512_add_ps(Q1[0], Q1[1]), _mm512_add_ps(Q1[2], Q1[3]));
+                e[p] = _mm512_mask_mov_ps(ninf, valid[p], _mm512_mul_ps(s0, vscale));
+                e[p + 1] = _mm512_mask_mov_ps(ninf, valid[p + 1], _mm512_mul_ps(s1, vscale));
+            }
+            for (; p < nc; p++) {
                 const float *kr = kf + p * ld;
                 __m512 P[16];
 #pragma GCC unroll 16
@@ -303,8 +335,12 @@ static inline __attribute__((always_inline)) void part_rows(const mn_attention_d
                 e[p] = _mm512_mask_mov_ps(ninf, valid[p], _mm512_mul_ps(sc, vscale));
             }
             for (int32_t p = nc; p < CH; p++) e[p] = ninf;
-            __m512 mx = m[G];
-            for (int32_t p = 0; p < CH; p++) mx = _mm512_max_ps(mx, e[p]);
+            /* max as a tree (exact in any order; a chain of 32 dependent maxes stalled) */
+            __m512 mt[16];
+            for (int32_t i = 0; i < 16; i++) mt[i] = _mm512_max_ps(e[i], e[i + 16]);
+            for (int32_t w = 8; w >= 1; w /= 2)
+                for (int32_t i = 0; i < w; i++) mt[i] = _mm512_max_ps(mt[i], mt[i + w]);
+            __m512 mx = _mm512_max_ps(m[G], mt[0]);
             __m512 alpha = exp16(_mm512_sub_ps(m[G], mx));
             for (int32_t p = 0; p < CH; p++) e[p] = exp16(_mm512_sub_ps(e[p], mx));
             __m512 t[16];
@@ -313,6 +349,7 @@ static inline __attribute__((always_inline)) void part_rows(const mn_attention_d
                 for (int32_t p = 0; p < w; p++) t[p] = _mm512_add_ps(t[p], t[p + w]);
             l[G] = _mm512_add_ps(_mm512_mul_ps(l[G], alpha), t[0]);
             m[G] = mx;
+#ifndef ABL_NOPV
             for (int32_t v = 0; v < nv; v++) {
                 __m512 a[16];
                 float *at = &acct[G][v * 16 * 16];
@@ -328,6 +365,7 @@ static inline __attribute__((always_inline)) void part_rows(const mn_attention_d
 #pragma GCC unroll 16
                 for (int32_t k = 0; k < 16; k++) _mm512_store_ps(at + k * 16, a[k]);
             }
+#endif
         }
     }
     for (int32_t G = 0; G < ng; G++) {
