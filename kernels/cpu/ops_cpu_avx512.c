@@ -195,7 +195,12 @@ static inline __attribute__((always_inline)) void part_lanes(const mn_attention_
                         continue;
                     }
                     __m512 sa[16];
+#ifdef ABL_LNOSC
+                    for (int32_t pp = 0; pp < 16; pp++) sa[pp] = _mm512_load_ps(kf + (p0 + pp) * ld);
+                    for (int32_t pp = 0; pp < 0; pp++) {
+#else
                     for (int32_t pp = 0; pp < 16; pp++) {
+#endif
                         const float *kr = kf + (p0 + pp) * ld;
                         __m512 a = _mm512_mul_ps(qv[0], _mm512_load_ps(kr));
                         for (int32_t v = 1; v < nv; v++) a = _mm512_fmadd_ps(qv[v], _mm512_load_ps(kr + 16 * v), a);
@@ -204,6 +209,10 @@ static inline __attribute__((always_inline)) void part_lanes(const mn_attention_
                     __m512 r = _mm512_mul_ps(reduce16x16(sa), vscale);
                     _mm512_store_ps(&sc[j][p0], _mm512_mask_mov_ps(ninf, tail_mask(n - p0), r));
                 }
+            }
+            /* the heads' softmax steps side by side: each is a chain of dependent steps
+             * (max, exp, sum), which one head at a time left exposed */
+            for (int32_t j = 0; j < nh; j++) {
                 __m512 vm = _mm512_set1_ps(m[i][j]);
                 for (int32_t p = 0; p < MN__ATTN_CHUNK; p += 16) vm = _mm512_max_ps(vm, _mm512_load_ps(&sc[j][p]));
                 float cm = _mm512_reduce_max_ps(vm);
@@ -218,6 +227,7 @@ static inline __attribute__((always_inline)) void part_lanes(const mn_attention_
                 l[i][j] = l[i][j] * alpha[j] + sum_tree16(vs);
                 m[i][j] = cm;
             }
+#ifndef ABL_LNOPV
             for (int32_t v = 0; v < nv; v++) {
                 __m512 a[MN__ATTN_MAX_HEADS];
                 for (int32_t j = 0; j < nh; j++)
@@ -228,6 +238,7 @@ static inline __attribute__((always_inline)) void part_lanes(const mn_attention_
                 }
                 for (int32_t j = 0; j < nh; j++) _mm512_store_ps(ac + j * ld + 16 * v, a[j]);
             }
+#endif
         }
     }
     for (int32_t i = 0; i < nt; i++) {
