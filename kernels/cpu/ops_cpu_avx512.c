@@ -252,6 +252,89 @@ static inline __attribute__((always_inline)) void part_lanes(const mn_attention_
     }
 }
 
+/* One decode token whose heads x head-dim blocks fit in registers (nh * nv <= 12, head_dim
+ * a multiple of 16): the same float operations as part_lanes, arranged so that nothing is
+ * staged through memory but the partial score vectors. Each K row is converted once into
+ * registers and scored against every head (q held in registers); each V row is converted
+ * once and added into accumulators that stay in registers for the whole segment. */
+static inline __attribute__((always_inline)) void part_decode_regs(const mn_attention_desc *d, int64_t t0, int32_t h0,
+                                                                   const int32_t nh, const int32_t nv, int32_t p0,
+                                                                   int32_t p1, mn__attn_part *out) {
+    const mn_kv_view *kv = &d->kv;
+    const int32_t hd = d->head_dim, g = h0 / (d->n_head / d->n_kv_head), s = d->seq[t0];
+    float part[MN__ATTN_MAX_HEADS][16][16] __attribute__((aligned(64)));
+    float sc[MN__ATTN_MAX_HEADS][CH] __attribute__((aligned(64)));
+    const uint16_t *kp[CH], *vp[CH];
+    const __m512 ninf = _mm512_set1_ps(-INFINITY), vscale = _mm512_set1_ps(d->scale);
+    __m512 qv[12], a[12];
+    float m[MN__ATTN_MAX_HEADS], l[MN__ATTN_MAX_HEADS], alpha[MN__ATTN_MAX_HEADS];
+    const float *q = d->q + t0 * d->q_stride + (int64_t)h0 * hd;
+    for (int32_t j = 0; j < nh; j++) {
+        m[j] = -INFINITY;
+        l[j] = 0.0f;
+        for (int32_t v = 0; v < nv; v++) {
+            qv[j * nv + v] = _mm512_loadu_ps(q + j * hd + 16 * v);
+            a[j * nv + v] = _mm512_setzero_ps();
+        }
+    }
+    int32_t end = d->pos[t0] + 1 < p1 ? d->pos[t0] + 1 : p1;
+    for (int32_t c0 = p0; c0 < end; c0 += CH) {
+        const int32_t nc = end - c0 < CH ? end - c0 : CH;
+        mn__kv_chunk_begin(kv, s, c0, nc, end, g, kp, vp);
+        for (int32_t pb = 0; pb < CH; pb += 16) {
+            if (pb >= nc) {
+                for (int32_t j = 0; j < nh; j++) _mm512_store_ps(&sc[j][pb], ninf);
+                continue;
+            }
+            for (int32_t pp = 0; pp < 16; pp++) {
+                __m512 k[MN__ATTN_MAX_HD / 16];
+                for (int32_t v = 0; v < nv; v++)
+                    k[v] = pb + pp < nc ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kp[pb + pp] + 16 * v)))
+                                        : _mm512_setzero_ps();
+                for (int32_t j = 0; j < nh; j++) {
+                    __m512 x = _mm512_mul_ps(qv[j * nv], k[0]);
+                    for (int32_t v = 1; v < nv; v++) x = _mm512_fmadd_ps(qv[j * nv + v], k[v], x);
+                    _mm512_store_ps(part[j][pp], x);
+                }
+            }
+            for (int32_t j = 0; j < nh; j++) {
+                __m512 sa[16];
+                for (int32_t pp = 0; pp < 16; pp++) sa[pp] = _mm512_load_ps(part[j][pp]);
+                __m512 r = _mm512_mul_ps(reduce16x16(sa), vscale);
+                _mm512_store_ps(&sc[j][pb], _mm512_mask_mov_ps(ninf, tail_mask(nc - pb), r));
+            }
+        }
+        for (int32_t j = 0; j < nh; j++) {
+            __m512 vm = _mm512_set1_ps(m[j]);
+            for (int32_t p = 0; p < CH; p += 16) vm = _mm512_max_ps(vm, _mm512_load_ps(&sc[j][p]));
+            float cm = _mm512_reduce_max_ps(vm);
+            vm = _mm512_set1_ps(cm);
+            __m512 vs = _mm512_setzero_ps();
+            for (int32_t p = 0; p < CH; p += 16) {
+                __m512 e = exp16(_mm512_sub_ps(_mm512_load_ps(&sc[j][p]), vm));
+                _mm512_store_ps(&sc[j][p], e);
+                vs = _mm512_add_ps(vs, e);
+            }
+            alpha[j] = _mm512_cvtss_f32(exp16(_mm512_set1_ps(m[j] - cm)));
+            l[j] = l[j] * alpha[j] + sum_tree16(vs);
+            m[j] = cm;
+        }
+        for (int32_t j = 0; j < nh; j++)
+            for (int32_t v = 0; v < nv; v++) a[j * nv + v] = _mm512_mul_ps(a[j * nv + v], _mm512_set1_ps(alpha[j]));
+        for (int32_t p = 0; p < nc; p++) {
+            for (int32_t v = 0; v < nv; v++) {
+                __m512 vv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vp[p] + 16 * v)));
+                for (int32_t j = 0; j < nh; j++) a[j * nv + v] = _mm512_fmadd_ps(_mm512_set1_ps(sc[j][p]), vv, a[j * nv + v]);
+            }
+        }
+    }
+    for (int32_t j = 0; j < nh; j++) {
+        for (int32_t v = 0; v < nv; v++) _mm512_storeu_ps(out->acc + (int64_t)j * hd + 16 * v, a[j * nv + v]);
+        out->m[0][j] = m[j];
+        out->l[0][j] = l[j];
+    }
+}
+
 /* Rows in lanes: up to 64 rows (token i = r / nh, head h0 + r % nh) in groups of 16. */
 static inline __attribute__((always_inline)) void part_rows(const mn_attention_desc *d, int64_t t0, int32_t nt,
                                                              int32_t h0, int32_t nh, int32_t p0, int32_t p1,
@@ -407,7 +490,9 @@ void mn__attn_part_avx512(const mn_attention_desc *d, int64_t t0, int32_t nt, in
         switch (nh) {
 #define LANES_CASE(NH)                                                           \
     case NH:                                                                     \
-        if (nvc == 4) part_lanes(d, t0, nt, h0, NH, 4, p0, p1, out);             \
+        if (nt == 1 && nvc == 4 && NH * 4 <= 12) part_decode_regs(d, t0, h0, NH, 4, p0, p1, out); \
+        else if (nt == 1 && nvc == 8 && NH * 8 <= 12) part_decode_regs(d, t0, h0, NH, 8, p0, p1, out); \
+        else if (nvc == 4) part_lanes(d, t0, nt, h0, NH, 4, p0, p1, out);        \
         else if (nvc == 8) part_lanes(d, t0, nt, h0, NH, 8, p0, p1, out);        \
         else part_lanes(d, t0, nt, h0, NH, 0, p0, p1, out);                      \
         break;
