@@ -242,6 +242,14 @@ static void attn_write(const float *acc, float l, float *o, int32_t hd) {
     for (int32_t x = 0; x < hd; x++) o[x] = acc[x] * inv;
 }
 
+/* The heads of a tile's unit r: run k = r % per of KV group r / per (runs of `run` heads,
+ * the last one shorter when the group does not divide). */
+static inline void unit_heads(int64_t r, int32_t per, int32_t run, int32_t group, int32_t *h0, int32_t *nh) {
+    int32_t g = (int32_t)(r / per), k = (int32_t)(r % per);
+    *h0 = g * group + k * run;
+    *nh = group - k * run < run ? group - k * run : run;
+}
+
 /* Most heads a tile's running state is kept for (n_head of the models we run is far less). */
 #define MN__ATTN_MAX_N_HEAD 256
 
@@ -263,9 +271,8 @@ static void attn_tile(mn__simd simd, const mn_attention_desc *d, int64_t t0, int
     for (int32_t p0 = 0; p0 < max_pos; p0 += MN__ATTN_SEG) {
         for (int64_t r = 0; r < units; r++) {
             if ((u0 + r) % par->nth != par->ith) continue;
-            int32_t g = (int32_t)(r / per), k = (int32_t)(r % per);
-            int32_t h0 = g * group + k * run;
-            int32_t nh = group - k * run < run ? group - k * run : run;
+            int32_t h0, nh;
+            unit_heads(r, per, run, group, &h0, &nh);
             attn_part(simd, d, t0, nt, h0, nh, p0, p0 + MN__ATTN_SEG, &part);
             for (int32_t i = 0; i < nt; i++) {
                 if (d->pos[t0 + i] < p0) continue;
@@ -278,9 +285,8 @@ static void attn_tile(mn__simd simd, const mn_attention_desc *d, int64_t t0, int
     }
     for (int64_t r = 0; r < units; r++) {
         if ((u0 + r) % par->nth != par->ith) continue;
-        int32_t g = (int32_t)(r / per), k = (int32_t)(r % per);
-        int32_t h0 = g * group + k * run;
-        int32_t nh = group - k * run < run ? group - k * run : run;
+        int32_t h0, nh;
+        unit_heads(r, per, run, group, &h0, &nh);
         for (int32_t i = 0; i < nt; i++)
             for (int32_t j = 0; j < nh; j++) {
                 float *o = d->out + (t0 + i) * d->out_stride + (int64_t)(h0 + j) * hd;
@@ -380,9 +386,8 @@ void mn_cpu_attention(const mn_attention_desc *d, void *work, const mn_par *par)
         for (int32_t p0 = 0; p0 < max_pos; p0 += MN__ATTN_SEG) {
             for (int64_t r = 0; r < units_per_tile; r++, u++) {
                 if (u % par->nth != par->ith) continue;
-                int32_t g = (int32_t)(r / per), k = (int32_t)(r % per);
-                int32_t h0 = g * group + k * run;
-                int32_t nh = group - k * run < run ? group - k * run : run;
+                int32_t h0, nh;
+                unit_heads(r, per, run, group, &h0, &nh);
                 attn_part(simd, d, t0, nt, h0, nh, p0, p0 + MN__ATTN_SEG, &part);
                 for (int32_t i = 0; i < nt; i++) {
                     if (d->pos[t0 + i] < p0) continue;

@@ -140,6 +140,26 @@ static inline float sum_tree16(__m512 t16) {
     return _mm512_cvtss_f32(z);
 }
 
+/* One chunk's softmax step for one head in the heads-in-lanes layouts: sc[0..CH) holds the
+ * chunk's scores (-inf past the token) and becomes the weights e_p; the running max *m and
+ * sum *l move on; returns alpha, the factor for the running V sum (see the contract above). */
+static inline float lanes_softmax_step(float *sc, float *m, float *l) {
+    __m512 vm = _mm512_set1_ps(*m);
+    for (int32_t p = 0; p < CH; p += 16) vm = _mm512_max_ps(vm, _mm512_load_ps(sc + p));
+    float cm = _mm512_reduce_max_ps(vm);
+    vm = _mm512_set1_ps(cm);
+    __m512 vs = _mm512_setzero_ps();
+    for (int32_t p = 0; p < CH; p += 16) {
+        __m512 e = exp16(_mm512_sub_ps(_mm512_load_ps(sc + p), vm));
+        _mm512_store_ps(sc + p, e);
+        vs = _mm512_add_ps(vs, e);
+    }
+    float alpha = _mm512_cvtss_f32(exp16(_mm512_set1_ps(*m - cm)));
+    *l = *l * alpha + sum_tree16(vs);
+    *m = cm;
+    return alpha;
+}
+
 /* Head dims in lanes (decode: a unit holds a KV group's few heads). Each K/V chunk is
  * converted to f32 once and shared by every token and head of the unit; a score is the
  * 16-lane FMA chain over head_dim, then reduce16x16. */
@@ -212,21 +232,7 @@ static inline __attribute__((always_inline)) void part_lanes(const mn_attention_
             }
             /* the heads' softmax steps side by side: each is a chain of dependent steps
              * (max, exp, sum), which one head at a time left exposed */
-            for (int32_t j = 0; j < nh; j++) {
-                __m512 vm = _mm512_set1_ps(m[i][j]);
-                for (int32_t p = 0; p < MN__ATTN_CHUNK; p += 16) vm = _mm512_max_ps(vm, _mm512_load_ps(&sc[j][p]));
-                float cm = _mm512_reduce_max_ps(vm);
-                vm = _mm512_set1_ps(cm);
-                __m512 vs = _mm512_setzero_ps();
-                for (int32_t p = 0; p < MN__ATTN_CHUNK; p += 16) {
-                    __m512 e = exp16(_mm512_sub_ps(_mm512_load_ps(&sc[j][p]), vm));
-                    _mm512_store_ps(&sc[j][p], e);
-                    vs = _mm512_add_ps(vs, e);
-                }
-                alpha[j] = _mm512_cvtss_f32(exp16(_mm512_set1_ps(m[i][j] - cm)));
-                l[i][j] = l[i][j] * alpha[j] + sum_tree16(vs);
-                m[i][j] = cm;
-            }
+            for (int32_t j = 0; j < nh; j++) alpha[j] = lanes_softmax_step(sc[j], &m[i][j], &l[i][j]);
 #ifndef ABL_LNOPV
             for (int32_t v = 0; v < nv; v++) {
                 __m512 a[MN__ATTN_MAX_HEADS];
@@ -304,21 +310,7 @@ static inline __attribute__((always_inline)) void part_decode_regs(const mn_atte
                 _mm512_store_ps(&sc[j][pb], _mm512_mask_mov_ps(ninf, tail_mask(nc - pb), r));
             }
         }
-        for (int32_t j = 0; j < nh; j++) {
-            __m512 vm = _mm512_set1_ps(m[j]);
-            for (int32_t p = 0; p < CH; p += 16) vm = _mm512_max_ps(vm, _mm512_load_ps(&sc[j][p]));
-            float cm = _mm512_reduce_max_ps(vm);
-            vm = _mm512_set1_ps(cm);
-            __m512 vs = _mm512_setzero_ps();
-            for (int32_t p = 0; p < CH; p += 16) {
-                __m512 e = exp16(_mm512_sub_ps(_mm512_load_ps(&sc[j][p]), vm));
-                _mm512_store_ps(&sc[j][p], e);
-                vs = _mm512_add_ps(vs, e);
-            }
-            alpha[j] = _mm512_cvtss_f32(exp16(_mm512_set1_ps(m[j] - cm)));
-            l[j] = l[j] * alpha[j] + sum_tree16(vs);
-            m[j] = cm;
-        }
+        for (int32_t j = 0; j < nh; j++) alpha[j] = lanes_softmax_step(sc[j], &m[j], &l[j]);
         for (int32_t j = 0; j < nh; j++)
             for (int32_t v = 0; v < nv; v++) a[j * nv + v] = _mm512_mul_ps(a[j * nv + v], _mm512_set1_ps(alpha[j]));
         for (int32_t p = 0; p < nc; p++) {
