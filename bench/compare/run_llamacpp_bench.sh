@@ -13,6 +13,13 @@
 # before each. Printed per test: each side's best round (mean t/s over its 3 repetitions)
 # and the ratio mneme / llama.cpp of those best rounds.
 # Not part of CI: CI has no llama.cpp.
+#
+# LCPP_CMAKE_FLAGS replaces -DGGML_NATIVE=ON when llama.cpp is built. Where llama.cpp's AMX
+# kernels die with SIGILL (the 2026-11-29 Xeon VM, in tinygemm_kernel_amx at a tileloadd,
+# although a small program that asks for tile permission with arch_prctl runs tiles there),
+# give the ISA without AMX:
+#   LCPP_CMAKE_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+#     -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"
 set -euo pipefail
 
 [ $# -ge 1 ] || { sed -n '2,6p' "$0" >&2; exit 2; }
@@ -43,7 +50,7 @@ if [ -z "${LLAMA_CPP_DIR:-}" ]; then
 fi
 lb=$LLAMA_CPP_DIR/build/bin/llama-bench
 if [ ! -x "$lb" ]; then
-    nice -n 10 cmake -S "$LLAMA_CPP_DIR" -B "$LLAMA_CPP_DIR/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    nice -n 10 cmake -S "$LLAMA_CPP_DIR" -B "$LLAMA_CPP_DIR/build" -DCMAKE_BUILD_TYPE=Release ${LCPP_CMAKE_FLAGS:--DGGML_NATIVE=ON} \
         -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
     nice -n 10 cmake --build "$LLAMA_CPP_DIR/build" -j2 --target llama-bench
 fi

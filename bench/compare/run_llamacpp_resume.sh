@@ -29,6 +29,13 @@
 # llama.cpp's flash attention (default auto, llama-server's default, which resolves to on here; off
 # is faster for these small turns on this CPU).
 # Not part of CI: CI has no llama.cpp.
+#
+# LCPP_CMAKE_FLAGS replaces -DGGML_NATIVE=ON when llama.cpp is built. Where llama.cpp's AMX
+# kernels die with SIGILL (the 2026-11-29 Xeon VM, in tinygemm_kernel_amx at a tileloadd,
+# although a small program that asks for tile permission with arch_prctl runs tiles there),
+# give the ISA without AMX:
+#   LCPP_CMAKE_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+#     -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -66,7 +73,7 @@ if [ -z "${LLAMA_CPP_DIR:-}" ]; then
 fi
 lib=$(find "$LLAMA_CPP_DIR/build" -name libllama.so -print -quit 2>/dev/null || true)
 if [ -z "$lib" ]; then
-    nice -n 10 cmake -S "$LLAMA_CPP_DIR" -B "$LLAMA_CPP_DIR/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    nice -n 10 cmake -S "$LLAMA_CPP_DIR" -B "$LLAMA_CPP_DIR/build" -DCMAKE_BUILD_TYPE=Release ${LCPP_CMAKE_FLAGS:--DGGML_NATIVE=ON} \
         -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
     nice -n 10 cmake --build "$LLAMA_CPP_DIR/build" -j2 --target llama
     lib=$(find "$LLAMA_CPP_DIR/build" -name libllama.so -print -quit)
