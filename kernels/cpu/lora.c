@@ -1,7 +1,7 @@
 /* kernels/cpu/lora.c — batched LoRA apply on the CPU (contract in kernels/ops.h; the body
- * is kernels/cpu/lora_impl.h). Picks the AVX2 compilation (kernels/cpu/lora_avx2.c) when
- * the CPU has it; both give the same bits. A batch with one segment (every adapted token
- * on one adapter) takes lora_single: see lora_impl.h. */
+ * is kernels/cpu/lora_impl.h). Picks the AVX-512 compilation (kernels/cpu/lora_avx512.c:
+ * 16 lanes, fma; its own bits, within the contract's bound) at the AVX-512 levels, else the
+ * AVX2 one (kernels/cpu/lora_avx2.c) when the CPU has it, which gives this file's bits. */
 #include <stdint.h>
 
 #include "kernels/cpu/cpu_impl.h"
@@ -59,6 +59,7 @@ static void lora_expand1(float *y, const float *v, float sc, const void *bt, mn_
 #include "kernels/cpu/lora_impl.h"
 
 void mn__cpu_lora_avx2(const mn_lora_desc *d, void *work, const mn_par *par);
+void mn__cpu_lora_avx512(const mn_lora_desc *d, void *work, const mn_par *par);
 
 size_t mn_cpu_lora_work_bytes(const mn_lora_desc *d) {
     /* split phases keep v in d->v */
@@ -66,7 +67,8 @@ size_t mn_cpu_lora_work_bytes(const mn_lora_desc *d) {
 }
 
 void mn_cpu_lora(const mn_lora_desc *d, void *work, const mn_par *par) {
-    if (mn__cpu_simd() >= MN__SIMD_AVX2) mn__cpu_lora_avx2(d, work, par);
+    if (mn__cpu_simd() >= MN__SIMD_AVX512) mn__cpu_lora_avx512(d, work, par);
+    else if (mn__cpu_simd() >= MN__SIMD_AVX2) mn__cpu_lora_avx2(d, work, par);
     else lora_body(d, work, par);
 }
 
