@@ -49,6 +49,11 @@
 static inline int64_t lora_esz(mn_dtype t) { return t == MN_F32 ? 4 : 2; }
 
 #define LORA_BLOCK_MIN 4
+/* prefetch distances (no effect on results): the shrink asks for the A row about this many
+ * bytes ahead of the one its dot reads; the per-row expand works in chunks of this many
+ * columns, asking for the next segment's chunk before each */
+#define LORA_PF_BYTES 4096
+#define LORA_PF_COLS 128
 
 static inline bool lora_blocked(const mn_lora_seg *g) { return g->n_rows >= LORA_BLOCK_MIN; }
 
@@ -78,13 +83,16 @@ static inline void lora_shrink(const mn_lora_desc *d, float *v, const mn_par *pa
         const mn_lora_seg *g = &d->seg[s];
         const int64_t n = lora_items(g), esz = lora_esz(g->type), lda = d->a_ld ? d->a_ld : d->K;
         const int64_t a = lo > base ? lo - base : 0, b = hi - base < n ? hi - base : n;
-        if (a < b && s + 1 < d->n_seg) { /* the next segment's A while this one computes */
-            const mn_lora_seg *gn = &d->seg[s + 1];
-            lora_prefetch(gn->a, (int64_t)gn->r * lda * lora_esz(gn->type));
-        }
+        const mn_lora_seg *gn = s + 1 < d->n_seg ? &d->seg[s + 1] : NULL;
+        const int64_t rowb = d->K * esz, dj = (LORA_PF_BYTES + rowb - 1) / rowb;
         for (int64_t i = a; i < b; i++) {
             const int64_t j = i % g->r, r0 = lora_blocked(g) ? i / g->r * 4 : i / g->r;
             const char *aj = (const char *)g->a + j * lda * esz;
+            /* the A row dj rows ahead in the order the dots read them: this segment's, else
+             * the next one's */
+            if (j + dj < g->r) lora_prefetch(aj + dj * lda * esz, rowb);
+            else if (gn && j + dj - g->r < gn->r)
+                lora_prefetch((const char *)gn->a + (j + dj - g->r) * lda * lora_esz(gn->type), d->K * lora_esz(gn->type));
             if (lora_blocked(g) && r0 + 4 <= g->n_rows) {
                 const float *x[4];
                 float out[4];
@@ -123,13 +131,24 @@ static inline void lora_expand_blocked(const mn_lora_desc *d, const mn_lora_seg 
     }
 }
 
-/* expand of a per-row segment: each row over the columns, its sums in registers */
-static inline void lora_expand_rows(const mn_lora_desc *d, const mn_lora_seg *g, const float *vs, int o, int64_t n0,
-                                    int64_t n1) {
+/* expand of a per-row segment: each row over the columns, its sums in registers, in
+ * chunks of LORA_PF_COLS columns; before each chunk, the same columns of the next adapted
+ * segment gn's B (NULL: none) are asked for, so they stream in one segment ahead of the
+ * expand instead of all at once */
+static inline void lora_expand_rows(const mn_lora_desc *d, const mn_lora_seg *g, const mn_lora_seg *gn, const float *vs,
+                                    int o, int64_t n0, int64_t n1) {
     const int64_t ldb = d->b_ld[o] ? d->b_ld[o] : d->N[o];
-    for (int32_t i = 0; i < g->n_rows; i++)
-        lora_expand1(d->y[o] + (int64_t)d->rows[g->start + i] * d->y_stride[o], vs + (int64_t)i * g->r + g->r_off[o],
-                     g->scale[o], g->b[o], g->type, ldb, g->r_out[o], n0, n1);
+    for (int64_t c0 = n0; c0 < n1; c0 += LORA_PF_COLS) {
+        const int64_t c1 = n1 - c0 < LORA_PF_COLS ? n1 : c0 + LORA_PF_COLS;
+        if (gn) {
+            const int64_t esn = lora_esz(gn->type);
+            for (int32_t j = 0; j < gn->r_out[o]; j++)
+                lora_prefetch((const char *)gn->b[o] + ((int64_t)j * ldb + c0) * esn, (c1 - c0) * esn);
+        }
+        for (int32_t i = 0; i < g->n_rows; i++)
+            lora_expand1(d->y[o] + (int64_t)d->rows[g->start + i] * d->y_stride[o], vs + (int64_t)i * g->r + g->r_off[o],
+                         g->scale[o], g->b[o], g->type, ldb, g->r_out[o], c0, c1);
+    }
 }
 
 static inline void lora_body(const mn_lora_desc *d, void *work, const mn_par *par) {
@@ -151,16 +170,19 @@ static inline void lora_body(const mn_lora_desc *d, void *work, const mn_par *pa
         for (int32_t s = 0; s < d->n_seg; s++) {
             const mn_lora_seg *g = &d->seg[s];
             if (g->b[o] && n0 < n1) {
-                for (int32_t sn = s + 1; sn < d->n_seg; sn++) { /* the next segment's B columns */
-                    const mn_lora_seg *gn = &d->seg[sn];
-                    if (!gn->b[o]) continue;
-                    const int64_t ldn = d->b_ld[o] ? d->b_ld[o] : N, esn = lora_esz(gn->type);
-                    for (int32_t j = 0; j < gn->r_out[o]; j++)
-                        lora_prefetch((const char *)gn->b[o] + ((int64_t)j * ldn + n0) * esn, (n1 - n0) * esn);
-                    break;
+                const mn_lora_seg *gn = NULL;   /* the next segment with a B for output o */
+                for (int32_t sn = s + 1; sn < d->n_seg && !gn; sn++)
+                    if (d->seg[sn].b[o]) gn = &d->seg[sn];
+                if (lora_blocked(g)) {
+                    if (gn) { /* its B columns while this segment computes */
+                        const int64_t ldn = d->b_ld[o] ? d->b_ld[o] : N, esn = lora_esz(gn->type);
+                        for (int32_t j = 0; j < gn->r_out[o]; j++)
+                            lora_prefetch((const char *)gn->b[o] + ((int64_t)j * ldn + n0) * esn, (n1 - n0) * esn);
+                    }
+                    lora_expand_blocked(d, g, vs, o, n0, n1);
+                } else {
+                    lora_expand_rows(d, g, gn, vs, o, n0, n1);
                 }
-                if (lora_blocked(g)) lora_expand_blocked(d, g, vs, o, n0, n1);
-                else lora_expand_rows(d, g, vs, o, n0, n1);
             }
             vs += (int64_t)g->n_rows * g->r;
         }
