@@ -1,7 +1,9 @@
-/* kernels/cpu/lora_impl.h — the body of the CPU LoRA kernel, compiled twice: plain
- * (kernels/cpu/lora.c) and with AVX2 enabled (kernels/cpu/lora_avx2.c). The loops are
- * written with 8 explicit lanes and no fused multiply-add, so both compilations perform the
- * same float operations in the same order: the same bits.
+/* kernels/cpu/lora_impl.h — the body of the CPU LoRA kernel, compiled three times: plain
+ * (kernels/cpu/lora.c), with AVX2 (kernels/cpu/lora_avx2.c) and with AVX-512
+ * (kernels/cpu/lora_avx512.c). The plain and AVX2 loops are written with 8 explicit lanes
+ * and no fused multiply-add, so those two perform the same float operations in the same
+ * order: the same bits. The AVX-512 compilation has its own order (16 lanes, fma; stated
+ * in its file): other bits, within the bound of kernels/ops.h like the others.
  *
  * lora_dot, lora_dot4, lora_expand1 and lora_expand4 (below) are the only SIMD parts; each
  * compilation unit gives its own.
@@ -12,7 +14,8 @@
  *           columns and each adapted row, acc[n] = sum_j v_j * bt[j][n] in j order (rows of
  *           bt are contiguous: pure vector multiply-adds, no reductions), then
  *           y[n] += scale * acc[n].
- * No element depends on the thread count or the other rows: batch invariant.
+ * No element depends on the thread count or the other rows: batch invariant, at each
+ * SIMD level (the level is process-wide: kernels/cpu/cpu.c).
  */
 #ifndef MN_CPU_LORA_IMPL_H
 #define MN_CPU_LORA_IMPL_H
@@ -21,7 +24,8 @@
 
 #include "kernels/ops.h"
 
-/* The including file defines, before including this header:
+/* The including file defines, before including this header (the lane orders given here
+ * are the plain and AVX2 ones; lora_avx512.c states its own):
  *   float lora_dot(const float *x, const void *w, mn_dtype t, int64_t n)
  *       32 lanes: element k is added to lane k % 32 (acc[l] += x[k]*w[k], k ascending; four
  *       independent vector chains, so the adds do not wait on each other), then
@@ -65,7 +69,9 @@ static inline int64_t lora_items(const mn_lora_seg *g) {
 /* Ask for bytes [p, p + n) to be brought into L2 (no effect on results). In a decode batch
  * every sequence has its own adapter, so each segment's A and B are a few tens of KB that
  * are read once per step: without this the next segment's rows start cold from DRAM every
- * time, and the streams are too short for the hardware prefetcher to ramp up. */
+ * time, and the streams are too short for the hardware prefetcher to ramp up. The calls
+ * below ask a little at a time, a few KB ahead of the loads, in the order the loops read:
+ * asking for a whole next segment at once (tens of KB in one burst) ran ~1.4x slower. */
 static inline void lora_prefetch(const void *p, int64_t n) {
     for (int64_t o = 0; o < n; o += 64) __builtin_prefetch((const char *)p + o, 0, 2);
 }
