@@ -20,6 +20,9 @@
  * row-blocked path: four rows per pass over A and B^T) and as the same rows split into
  * segments of 3 rows of the same adapter (the per-row path that segments of under 4 rows
  * take; identical bits), one thread, best of 20.
+ * Decode lora ops alone: the 4 LoRA ops of every layer of one decode step, 32 segments of
+ * one row each on the 32 adapters, one thread, best of 5: ms a step and GB/s of adapter
+ * weights (cold: the 32 adapters do not fit in the caches).
  * The adapter is written once by tools/gen_lora.py (F16, rank 16) into DIR (default
  * /tmp/mneme_bench_lora) and loaded under 32 names: 32 separate copies in memory, so the
  * kernels touch 32 adapters' weights exactly as with 32 different files.
@@ -155,6 +158,67 @@ static void bench_single(const mn_lora *l) {
     }
 }
 
+/* The LoRA ops of one decode step alone: every layer's Q/K/V, O, gate/up and down ops over
+ * N_SEQ rows, row i on adapter i (one segment of one row each: the per-row path), one
+ * thread, best of 5 steps. Each step reads every adapter's A and B once (N_SEQ x the
+ * adapter's bytes, more than the caches hold), so this is the op's streaming rate. */
+static void bench_decode_ops(const mn_lora *const *tab) {
+    static const struct { int t0, n_out; } grp[4] = {{MN_LORA_Q, 3}, {MN_LORA_O, 1}, {MN_LORA_GATE, 2}, {MN_LORA_DOWN, 1}};
+    const mn_lora *l0 = tab[0];
+    const int64_t nl = l0->n_layer, width = l0->n_ff > l0->n_embd ? l0->n_ff : l0->n_embd;
+    float *x = mn_malloc((size_t)N_SEQ * width * sizeof(float)), *y[3];
+    for (int64_t i = 0; i < N_SEQ * width; i++) x[i] = (float)((i * 2654435761u) % 1000) / 1000.0f - 0.5f;
+    for (int o = 0; o < 3; o++) y[o] = mn_calloc((size_t)N_SEQ * width, sizeof(float));
+    int32_t rows[N_SEQ];
+    for (int i = 0; i < N_SEQ; i++) rows[i] = i;
+    mn_lora_seg *segs = mn_malloc((size_t)nl * 4 * N_SEQ * sizeof *segs);
+    mn_lora_desc *ds = mn_calloc((size_t)nl * 4, sizeof *ds);
+    size_t work_bytes = 0;
+    double bytes = 0;
+    const int64_t esz = l0->wtype == MN_F32 ? 4 : 2;
+    for (int64_t L = 0; L < nl; L++)
+        for (int g = 0; g < 4; g++) {
+            mn_lora_desc *d = &ds[L * 4 + g];
+            mn_lora_seg *sg = &segs[(L * 4 + g) * N_SEQ];
+            const int t0 = grp[g].t0;
+            const int64_t K = t0 == MN_LORA_DOWN ? l0->n_ff : t0 == MN_LORA_O ? l0->n_q : l0->n_embd;
+            int64_t N[3];
+            for (int o = 0; o < grp[g].n_out; o++) {
+                const int t = t0 + o;
+                N[o] = t == MN_LORA_Q ? l0->n_q : t <= MN_LORA_V ? l0->n_kv : t == MN_LORA_O || t == MN_LORA_DOWN ? l0->n_embd : l0->n_ff;
+            }
+            for (int s = 0; s < N_SEQ; s++) {
+                const mn_lora_layer *ly = &tab[s]->layers[L];
+                sg[s] = (mn_lora_seg){.start = s, .n_rows = 1, .type = tab[s]->wtype, .a = ly->t[t0].a};
+                for (int o = 0; o < grp[g].n_out; o++) {
+                    const mn_lora_mat *mt = &ly->t[t0 + o];
+                    sg[s].b[o] = mt->b, sg[s].r_off[o] = sg[s].r, sg[s].r_out[o] = mt->r, sg[s].scale[o] = mt->scale;
+                    sg[s].r += mt->r;
+                    bytes += (double)mt->r * (K + N[o]) * esz;
+                }
+            }
+            *d = (mn_lora_desc){.K = K, .x = x, .x_stride = K, .n_out = grp[g].n_out, .n_seg = N_SEQ, .seg = sg, .rows = rows};
+            for (int o = 0; o < grp[g].n_out; o++) d->N[o] = N[o], d->y[o] = y[o], d->y_stride[o] = N[o];
+            if (mn_cpu_lora_work_bytes(d) > work_bytes) work_bytes = mn_cpu_lora_work_bytes(d);
+        }
+    void *work = mn_malloc(work_bytes + 64);
+    mn_par par = {.ith = 0, .nth = 1};
+    double best = 1e30;
+    for (int rep = 0; rep < 5; rep++) {
+        double t0 = now_s();
+        for (int64_t i = 0; i < nl * 4; i++) mn_cpu_lora(&ds[i], work, &par);
+        double dt = now_s() - t0;
+        if (dt < best) best = dt;
+    }
+    printf("decode lora ops alone, %d adapters x 1 row, %lld layers x 4 ops, 1 thread (%s): %.2f ms a step, %.0f MB, "
+           "%.1f GB/s\n", N_SEQ, (long long)nl, mn_cpu_simd_name(), best * 1e3, bytes / 1e6, bytes / best / 1e9);
+    mn_free(work);
+    mn_free(ds);
+    mn_free(segs);
+    mn_free(x);
+    for (int o = 0; o < 3; o++) mn_free(y[o]);
+}
+
 static int cmp_d(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return x < y ? -1 : x > y;
@@ -230,6 +294,7 @@ int main(int argc, char **argv) {
            (unsigned long long)st.evictions, st.page_in_seconds / (double)st.page_ins * 1e3, (double)st.bytes_in / st.page_in_seconds / 1e9);
     if (mn_lora_registry_set_budget(reg, NULL, 0, &eb) != MN_OK) die("budget", &eb);
     bench_single(tab[0]);
+    bench_decode_ops(tab);
 
     /* configs: 0 = no adapter; then A = 1, 4, 16, 32 mixed, and A = 4, 16, 32 separate */
     const int counts[5] = {0, 1, 4, 16, 32};

@@ -51,7 +51,7 @@ typedef struct cpu_impl {
     int n_ops;
     double *op_seconds;   /* copied from the backend for the duration of a run */
     int64_t *op_calls;
-    bool lora_prefetch;   /* matmuls prefetch the next LoRA op's weights (MNEME_LORA_PREFETCH=0: off, to measure) */
+    bool lora_prefetch;   /* matmuls prefetch the head of the next LoRA op's weights (MNEME_LORA_PREFETCH=0: off, to measure) */
 } cpu_impl;
 
 static void run_copy(const cpu_copy *c) {

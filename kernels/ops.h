@@ -326,12 +326,13 @@ void mn_cpu_get_rows(const mn_get_rows_desc *d, void *work, const mn_par *par);
 void mn_cpu_rmsnorm(const mn_rmsnorm_desc *d, void *work, const mn_par *par);
 void mn_cpu_matmul(const mn_matmul_desc *d, void *work, const mn_par *par);
 /* mn_cpu_matmul (same bits) that, while its rows are computed, asks for the share [f0, f1)
- * (fractions of the whole) of the adapter weights the LoRA op lora will read to be brought
- * into cache: prefetch hints, no effect on any result. The CPU backend passes the LoRA op
- * that follows a run of matmuls on the same input. In a decode batch of many adapters those
- * A and B rows are most of what the LoRA op reads (rank 16, all targets, 32 adapters: ~10 MB
- * a layer, cold from DRAM), while the matmuls before it are compute-bound at such batch
- * sizes: the loads then overlap the compute instead of following it. */
+ * (fractions of the whole) of the head of the adapter weights the LoRA op lora will read
+ * (its first 256 KB, kernels/cpu/lora.c) to be brought into cache: prefetch hints, no
+ * effect on any result. The CPU backend passes the LoRA op that follows a run of matmuls
+ * on the same input. In a decode batch of many adapters the op's A and B rows are cold
+ * from DRAM (rank 16, all targets, 32 adapters: ~10 MB a layer); the op streams them in a
+ * few KB ahead of its own loops, and the matmuls before it warm the start of that stream.
+ * (Asking for all of it here evicted most of it from L2 again before the op ran.) */
 void mn_cpu_matmul_prefetch_lora(const mn_matmul_desc *d, const mn_lora_desc *lora, double f0, double f1, void *work,
                                  const mn_par *par);
 void mn_cpu_rope(const mn_rope_desc *d, void *work, const mn_par *par);

@@ -1,7 +1,7 @@
 /* kernels/cpu/lora.c — batched LoRA apply on the CPU (contract in kernels/ops.h; the body
- * is kernels/cpu/lora_impl.h). Picks the AVX2 compilation (kernels/cpu/lora_avx2.c) when
- * the CPU has it; both give the same bits. A batch with one segment (every adapted token
- * on one adapter) takes lora_single: see lora_impl.h. */
+ * is kernels/cpu/lora_impl.h). Picks the AVX-512 compilation (kernels/cpu/lora_avx512.c:
+ * 16 lanes, fma; its own bits, within the contract's bound) at the AVX-512 levels, else the
+ * AVX2 one (kernels/cpu/lora_avx2.c) when the CPU has it, which gives this file's bits. */
 #include <stdint.h>
 
 #include "kernels/cpu/cpu_impl.h"
@@ -59,6 +59,7 @@ static void lora_expand1(float *y, const float *v, float sc, const void *bt, mn_
 #include "kernels/cpu/lora_impl.h"
 
 void mn__cpu_lora_avx2(const mn_lora_desc *d, void *work, const mn_par *par);
+void mn__cpu_lora_avx512(const mn_lora_desc *d, void *work, const mn_par *par);
 
 size_t mn_cpu_lora_work_bytes(const mn_lora_desc *d) {
     /* split phases keep v in d->v */
@@ -66,14 +67,25 @@ size_t mn_cpu_lora_work_bytes(const mn_lora_desc *d) {
 }
 
 void mn_cpu_lora(const mn_lora_desc *d, void *work, const mn_par *par) {
-    if (mn__cpu_simd() >= MN__SIMD_AVX2) mn__cpu_lora_avx2(d, work, par);
+    if (mn__cpu_simd() >= MN__SIMD_AVX512) mn__cpu_lora_avx512(d, work, par);
+    else if (mn__cpu_simd() >= MN__SIMD_AVX2) mn__cpu_lora_avx2(d, work, par);
     else lora_body(d, work, par);
 }
 
 /* ---- prefetch hints for mn_cpu_matmul_prefetch_lora --------------------------------- */
 
-/* Matrix m of the op's read sequence: per segment, A (unless the op only expands), then
- * the B of each output (unless it only shrinks). false past the end. */
+/* Only the head of the op's reads, this many bytes, is asked for during the matmuls: the
+ * op's own prefetches stream the rest a few KB ahead of its loops (lora_impl.h). Asking
+ * for all of it (MBs with 32 adapters) there brought rows into L2 long before use, where
+ * the matmuls' weights evicted them, and took bandwidth from the matmuls: with the
+ * streaming prefetches, SmolLM2 decode with 32 rank-16 adapters ran at ~0.52x of no
+ * adapters with the whole op prefetched, ~0.61x with nothing, ~0.67x with 64 or 256 KB
+ * (bench_lora -t 1, this file's AVX-512 level, 2026-11). */
+#define LORA_PREFETCH_HEAD ((int64_t)256 << 10)
+
+/* Matrix m of the op's read sequence, which is the order one thread reads them in: the
+ * segments' A (unless the op only expands), then the segments' B of output 0, of output
+ * 1, ... (unless it only shrinks). false past the end. */
 typedef struct lora_mat { const char *p; int64_t rows, row_bytes, stride; } lora_mat;
 
 static bool lora_mat_at(const mn_lora_desc *d, int32_t s, int m, lora_mat *out) {
@@ -90,20 +102,20 @@ static bool lora_mat_at(const mn_lora_desc *d, int32_t s, int m, lora_mat *out) 
     return true;
 }
 
-int64_t mn__cpu_lora_weight_bytes(const mn_lora_desc *d) {
+int64_t mn__cpu_lora_prefetch_bytes(const mn_lora_desc *d) {
     int64_t n = 0;
     lora_mat mt;
     for (int32_t s = 0; s < d->n_seg; s++)
         for (int m = 0; m <= MN_LORA_MAX_OUT; m++)
             if (lora_mat_at(d, s, m, &mt)) n += mt.rows * mt.row_bytes;
-    return n;
+    return n < LORA_PREFETCH_HEAD ? n : LORA_PREFETCH_HEAD;
 }
 
 void mn__cpu_lora_prefetch_span(const mn_lora_desc *d, int64_t lo, int64_t hi) {
     int64_t base = 0;   /* the matrix's first byte in the sequence */
     lora_mat mt;
-    for (int32_t s = 0; s < d->n_seg && base < hi; s++)
-        for (int m = 0; m <= MN_LORA_MAX_OUT && base < hi; m++) {
+    for (int m = 0; m <= MN_LORA_MAX_OUT && base < hi; m++)
+        for (int32_t s = 0; s < d->n_seg && base < hi; s++) {
             if (!lora_mat_at(d, s, m, &mt)) continue;
             const int64_t size = mt.rows * mt.row_bytes;
             const int64_t a = lo > base ? lo - base : 0, b = hi - base < size ? hi - base : size;

@@ -1,7 +1,9 @@
-/* kernels/cpu/lora_impl.h — the body of the CPU LoRA kernel, compiled twice: plain
- * (kernels/cpu/lora.c) and with AVX2 enabled (kernels/cpu/lora_avx2.c). The loops are
- * written with 8 explicit lanes and no fused multiply-add, so both compilations perform the
- * same float operations in the same order: the same bits.
+/* kernels/cpu/lora_impl.h — the body of the CPU LoRA kernel, compiled three times: plain
+ * (kernels/cpu/lora.c), with AVX2 (kernels/cpu/lora_avx2.c) and with AVX-512
+ * (kernels/cpu/lora_avx512.c). The plain and AVX2 loops are written with 8 explicit lanes
+ * and no fused multiply-add, so those two perform the same float operations in the same
+ * order: the same bits. The AVX-512 compilation has its own order (16 lanes, fma; stated
+ * in its file): other bits, within the bound of kernels/ops.h like the others.
  *
  * lora_dot, lora_dot4, lora_expand1 and lora_expand4 (below) are the only SIMD parts; each
  * compilation unit gives its own.
@@ -12,7 +14,8 @@
  *           columns and each adapted row, acc[n] = sum_j v_j * bt[j][n] in j order (rows of
  *           bt are contiguous: pure vector multiply-adds, no reductions), then
  *           y[n] += scale * acc[n].
- * No element depends on the thread count or the other rows: batch invariant.
+ * No element depends on the thread count or the other rows: batch invariant, at each
+ * SIMD level (the level is process-wide: kernels/cpu/cpu.c).
  */
 #ifndef MN_CPU_LORA_IMPL_H
 #define MN_CPU_LORA_IMPL_H
@@ -21,7 +24,8 @@
 
 #include "kernels/ops.h"
 
-/* The including file defines, before including this header:
+/* The including file defines, before including this header (the lane orders given here
+ * are the plain and AVX2 ones; lora_avx512.c states its own):
  *   float lora_dot(const float *x, const void *w, mn_dtype t, int64_t n)
  *       32 lanes: element k is added to lane k % 32 (acc[l] += x[k]*w[k], k ascending; four
  *       independent vector chains, so the adds do not wait on each other), then
@@ -49,6 +53,11 @@
 static inline int64_t lora_esz(mn_dtype t) { return t == MN_F32 ? 4 : 2; }
 
 #define LORA_BLOCK_MIN 4
+/* prefetch distances (no effect on results): the shrink asks for the A row about this many
+ * bytes ahead of the one its dot reads; the per-row expand works in chunks of this many
+ * columns, asking for the next segment's chunk before each */
+#define LORA_PF_BYTES 4096
+#define LORA_PF_COLS 128
 
 static inline bool lora_blocked(const mn_lora_seg *g) { return g->n_rows >= LORA_BLOCK_MIN; }
 
@@ -60,7 +69,9 @@ static inline int64_t lora_items(const mn_lora_seg *g) {
 /* Ask for bytes [p, p + n) to be brought into L2 (no effect on results). In a decode batch
  * every sequence has its own adapter, so each segment's A and B are a few tens of KB that
  * are read once per step: without this the next segment's rows start cold from DRAM every
- * time, and the streams are too short for the hardware prefetcher to ramp up. */
+ * time, and the streams are too short for the hardware prefetcher to ramp up. The calls
+ * below ask a little at a time, a few KB ahead of the loads, in the order the loops read:
+ * asking for a whole next segment at once (tens of KB in one burst) ran ~1.4x slower. */
 static inline void lora_prefetch(const void *p, int64_t n) {
     for (int64_t o = 0; o < n; o += 64) __builtin_prefetch((const char *)p + o, 0, 2);
 }
@@ -78,13 +89,16 @@ static inline void lora_shrink(const mn_lora_desc *d, float *v, const mn_par *pa
         const mn_lora_seg *g = &d->seg[s];
         const int64_t n = lora_items(g), esz = lora_esz(g->type), lda = d->a_ld ? d->a_ld : d->K;
         const int64_t a = lo > base ? lo - base : 0, b = hi - base < n ? hi - base : n;
-        if (a < b && s + 1 < d->n_seg) { /* the next segment's A while this one computes */
-            const mn_lora_seg *gn = &d->seg[s + 1];
-            lora_prefetch(gn->a, (int64_t)gn->r * lda * lora_esz(gn->type));
-        }
+        const mn_lora_seg *gn = s + 1 < d->n_seg ? &d->seg[s + 1] : NULL;
+        const int64_t rowb = d->K * esz, dj = (LORA_PF_BYTES + rowb - 1) / rowb;
         for (int64_t i = a; i < b; i++) {
             const int64_t j = i % g->r, r0 = lora_blocked(g) ? i / g->r * 4 : i / g->r;
             const char *aj = (const char *)g->a + j * lda * esz;
+            /* the A row dj rows ahead in the order the dots read them: this segment's, else
+             * the next one's */
+            if (j + dj < g->r) lora_prefetch(aj + dj * lda * esz, rowb);
+            else if (gn && j + dj - g->r < gn->r)
+                lora_prefetch((const char *)gn->a + (j + dj - g->r) * lda * lora_esz(gn->type), d->K * lora_esz(gn->type));
             if (lora_blocked(g) && r0 + 4 <= g->n_rows) {
                 const float *x[4];
                 float out[4];
@@ -123,13 +137,24 @@ static inline void lora_expand_blocked(const mn_lora_desc *d, const mn_lora_seg 
     }
 }
 
-/* expand of a per-row segment: each row over the columns, its sums in registers */
-static inline void lora_expand_rows(const mn_lora_desc *d, const mn_lora_seg *g, const float *vs, int o, int64_t n0,
-                                    int64_t n1) {
+/* expand of a per-row segment: each row over the columns, its sums in registers, in
+ * chunks of LORA_PF_COLS columns; before each chunk, the same columns of the next adapted
+ * segment gn's B (NULL: none) are asked for, so they stream in one segment ahead of the
+ * expand instead of all at once */
+static inline void lora_expand_rows(const mn_lora_desc *d, const mn_lora_seg *g, const mn_lora_seg *gn, const float *vs,
+                                    int o, int64_t n0, int64_t n1) {
     const int64_t ldb = d->b_ld[o] ? d->b_ld[o] : d->N[o];
-    for (int32_t i = 0; i < g->n_rows; i++)
-        lora_expand1(d->y[o] + (int64_t)d->rows[g->start + i] * d->y_stride[o], vs + (int64_t)i * g->r + g->r_off[o],
-                     g->scale[o], g->b[o], g->type, ldb, g->r_out[o], n0, n1);
+    for (int64_t c0 = n0; c0 < n1; c0 += LORA_PF_COLS) {
+        const int64_t c1 = n1 - c0 < LORA_PF_COLS ? n1 : c0 + LORA_PF_COLS;
+        if (gn) {
+            const int64_t esn = lora_esz(gn->type);
+            for (int32_t j = 0; j < gn->r_out[o]; j++)
+                lora_prefetch((const char *)gn->b[o] + ((int64_t)j * ldb + c0) * esn, (c1 - c0) * esn);
+        }
+        for (int32_t i = 0; i < g->n_rows; i++)
+            lora_expand1(d->y[o] + (int64_t)d->rows[g->start + i] * d->y_stride[o], vs + (int64_t)i * g->r + g->r_off[o],
+                         g->scale[o], g->b[o], g->type, ldb, g->r_out[o], c0, c1);
+    }
 }
 
 static inline void lora_body(const mn_lora_desc *d, void *work, const mn_par *par) {
@@ -151,16 +176,19 @@ static inline void lora_body(const mn_lora_desc *d, void *work, const mn_par *pa
         for (int32_t s = 0; s < d->n_seg; s++) {
             const mn_lora_seg *g = &d->seg[s];
             if (g->b[o] && n0 < n1) {
-                for (int32_t sn = s + 1; sn < d->n_seg; sn++) { /* the next segment's B columns */
-                    const mn_lora_seg *gn = &d->seg[sn];
-                    if (!gn->b[o]) continue;
-                    const int64_t ldn = d->b_ld[o] ? d->b_ld[o] : N, esn = lora_esz(gn->type);
-                    for (int32_t j = 0; j < gn->r_out[o]; j++)
-                        lora_prefetch((const char *)gn->b[o] + ((int64_t)j * ldn + n0) * esn, (n1 - n0) * esn);
-                    break;
+                const mn_lora_seg *gn = NULL;   /* the next segment with a B for output o */
+                for (int32_t sn = s + 1; sn < d->n_seg && !gn; sn++)
+                    if (d->seg[sn].b[o]) gn = &d->seg[sn];
+                if (lora_blocked(g)) {
+                    if (gn) { /* its B columns while this segment computes */
+                        const int64_t ldn = d->b_ld[o] ? d->b_ld[o] : N, esn = lora_esz(gn->type);
+                        for (int32_t j = 0; j < gn->r_out[o]; j++)
+                            lora_prefetch((const char *)gn->b[o] + ((int64_t)j * ldn + n0) * esn, (n1 - n0) * esn);
+                    }
+                    lora_expand_blocked(d, g, vs, o, n0, n1);
+                } else {
+                    lora_expand_rows(d, g, gn, vs, o, n0, n1);
                 }
-                if (lora_blocked(g)) lora_expand_blocked(d, g, vs, o, n0, n1);
-                else lora_expand_rows(d, g, vs, o, n0, n1);
             }
             vs += (int64_t)g->n_rows * g->r;
         }

@@ -248,7 +248,7 @@ void mn_cpu_matmul_prefetch_lora(const mn_matmul_desc *d, const mn_lora_desc *lo
     mn_par_range(par, groups, &g0, &g1);
     int64_t n0 = g0 * MN__MM_RMAX, n1 = g1 * MN__MM_RMAX < d->N ? g1 * MN__MM_RMAX : d->N;
     if (n0 >= n1) return;
-    const int64_t pf_total = lora ? mn__cpu_lora_weight_bytes(lora) : 0;
+    const int64_t pf_total = lora ? mn__cpu_lora_prefetch_bytes(lora) : 0;
     if (pf_total <= 0) {
         rows_at_level(lvl, &c, n0, n1);
         return;

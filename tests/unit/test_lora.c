@@ -7,9 +7,11 @@
  *   - |y - ref| <= 1e-4 * (|y_in| + |s| * sum_j (sum_k |x_k a_jk|) |b_nj|) (the contract),
  *     computed here from the inputs; NaN or inf fails;
  *   - rows in no segment keep their exact bytes, and so do guard floats after each output;
- *   - 1 thread of scalar code and 3 threads of the best SIMD level give the same bits; a row
- *     computed alone (one segment of one row) gives the same bits as inside the batch
- *     (batch invariance);
+ *   - at every SIMD level the CPU has (scalar, avx2, avx512, avx512-vnni): 1 and 3 threads
+ *     give the same bits, and a row computed alone (one segment of one row) the same bits
+ *     as inside the batch (batch invariance); scalar and AVX2 give the same bits (one lane
+ *     order), avx512-vnni avx512's (one compilation); AVX-512 (16 lanes, fma) may differ
+ *     from scalar within the bound above;
  *   - strided views of a wider A / B^T (a_ld, b_ld: tensor-parallel shards) give the bits of
  *     dense copies, and split shrink / expand phases the bits of the fused op.
  * And through the forward pass of the real model (SmolLM2, as test_forward.c) with a small
@@ -46,6 +48,8 @@
 
 static uint32_t rng_state;
 static const char *best_simd;
+/* the levels of kernels/cpu/cpu.c, lowest first; those the CPU lacks are skipped */
+static const char *const LEVELS[4] = {"scalar", "avx2", "avx512", "avx512-vnni"};
 static float frand(void) {
     rng_state = rng_state * 1664525u + 1013904223u;
     return (float)((rng_state >> 8) * (1.0 / 16777216.0)) * 2.0f - 1.0f;
@@ -164,22 +168,18 @@ static void run_case(const char *name, int64_t T, int64_t K, int n_out, const in
         d.N[o] = N[o];
         d.y_stride[o] = N[o];
     }
-    float **sets[3] = {yr, y1, y3};
-    for (int v = 0; v < 3; v++) {
-        for (int o = 0; o < n_out; o++) {
-            memcpy(sets[v][o], y0[o], (size_t)(T * N[o] + GUARD) * sizeof(float));
-            d.y[o] = sets[v][o];
-        }
-        /* v = 1: one thread, scalar code; v = 2: three threads, the best SIMD level */
-        if (v == 0) mn_ref_lora(&d);
-        else {
-            mn_cpu_set_simd(v == 1 ? "scalar" : best_simd);
-            run_cpu(&d, v == 1 ? 1 : 3);
-        }
+    for (int o = 0; o < n_out; o++) {
+        memcpy(yr[o], y0[o], (size_t)(T * N[o] + GUARD) * sizeof(float));
+        d.y[o] = yr[o];
     }
-    /* bound per element, from the inputs */
-    double worst = 0;
+    mn_ref_lora(&d);
+    /* the bound per element, from the inputs */
     char *adapted = calloc((size_t)T, 1);
+    double *mag[MN_LORA_MAX_OUT];
+    for (int o = 0; o < n_out; o++) {
+        mag[o] = malloc((size_t)(T * N[o]) * sizeof(double));
+        for (int64_t i = 0; i < T * N[o]; i++) mag[o][i] = 0;
+    }
     for (int s = 0; s < n_seg; s++) {
         const mn_lora_seg *g = &segs[s];
         for (int32_t i = 0; i < g->n_rows; i++) {
@@ -190,47 +190,83 @@ static void run_case(const char *name, int64_t T, int64_t K, int n_out, const in
                 absv[j] = 0;
                 for (int64_t k = 0; k < K; k++) absv[j] += fabs((double)x[t * K + k] * fa[s][j * K + k]);
             }
-            for (int o = 0; o < n_out; o++) {
+            for (int o = 0; o < n_out; o++)
                 for (int64_t n = 0; n < N[o]; n++) {
-                    double mag = fabs(y0[o][t * N[o] + n]);
+                    double m = fabs(y0[o][t * N[o] + n]);
                     for (int32_t j = 0; g->b[o] && j < g->r_out[o]; j++)
-                        mag += fabs(g->scale[o]) * absv[g->r_off[o] + j] * fabs(fb[s][o][j * N[o] + n]);
+                        m += fabs(g->scale[o]) * absv[g->r_off[o] + j] * fabs(fb[s][o][j * N[o] + n]);
+                    mag[o][t * N[o] + n] = m;
+                }
+        }
+    }
+    /* every SIMD level the CPU has: 1 thread within the bound of ref, 3 threads the same
+     * bits; scalar and AVX2 the same bits (one lane order), avx512-vnni avx512's (one
+     * compilation) */
+    float *ylv[4][MN_LORA_MAX_OUT] = {{0}};
+    double worst = 0;
+    for (int lv = 0; lv < 4; lv++) {
+        if (!mn_cpu_set_simd(LEVELS[lv])) continue;
+        for (int o = 0; o < n_out; o++) {
+            memcpy(y1[o], y0[o], (size_t)(T * N[o] + GUARD) * sizeof(float));
+            memcpy(y3[o], y0[o], (size_t)(T * N[o] + GUARD) * sizeof(float));
+        }
+        for (int o = 0; o < n_out; o++) d.y[o] = y1[o];
+        run_cpu(&d, 1);
+        for (int o = 0; o < n_out; o++) d.y[o] = y3[o];
+        run_cpu(&d, 3);
+        for (int o = 0; o < n_out; o++) {
+            for (int64_t t = 0; t < T; t++) {
+                if (!adapted[t]) {
+                    assert_memory_equal(&y1[o][t * N[o]], &y0[o][t * N[o]], (size_t)N[o] * sizeof(float));
+                    assert_memory_equal(&yr[o][t * N[o]], &y0[o][t * N[o]], (size_t)N[o] * sizeof(float));
+                    continue;
+                }
+                for (int64_t n = 0; n < N[o]; n++) {
                     float got = y1[o][t * N[o] + n], want = yr[o][t * N[o] + n];
-                    if (!isfinite(got)) fail_msg("%s: out %d row %lld col %lld: not finite", name, o, (long long)t, (long long)n);
+                    double bound = 1e-4 * mag[o][t * N[o] + n];
+                    if (!isfinite(got))
+                        fail_msg("%s, %s: out %d row %lld col %lld: not finite", name, LEVELS[lv], o, (long long)t, (long long)n);
                     double err = fabs((double)got - want);
-                    if (err > 1e-4 * mag) fail_msg("%s: out %d row %lld col %lld: %.9g vs ref %.9g (bound %.3g)", name, o,
-                                                   (long long)t, (long long)n, got, want, 1e-4 * mag);
-                    if (err / (1e-4 * mag) > worst) worst = err / (1e-4 * mag);
+                    if (err > bound)
+                        fail_msg("%s, %s: out %d row %lld col %lld: %.9g vs ref %.9g (bound %.3g)", name, LEVELS[lv], o,
+                                 (long long)t, (long long)n, got, want, bound);
+                    if (err / bound > worst) worst = err / bound;
                 }
             }
+            assert_memory_equal(&y1[o][T * N[o]], &y0[o][T * N[o]], GUARD * sizeof(float));
+            assert_memory_equal(&y3[o][T * N[o]], &y0[o][T * N[o]], GUARD * sizeof(float));
+            if (memcmp(y1[o], y3[o], (size_t)(T * N[o]) * sizeof(float)) != 0)
+                fail_msg("%s, %s: out %d: 3 threads differ from 1", name, LEVELS[lv], o);
+            ylv[lv][o] = malloc((size_t)(T * N[o]) * sizeof(float));
+            memcpy(ylv[lv][o], y1[o], (size_t)(T * N[o]) * sizeof(float));
+        }
+        /* batch invariance: the first row of the last segment alone, at this level */
+        if (n_seg > 0 && segs[n_seg - 1].n_rows > 0) {
+            mn_lora_seg one = segs[n_seg - 1];
+            one.n_rows = 1;
+            mn_lora_desc d1 = d;
+            d1.n_seg = 1;
+            d1.seg = &one;
+            int64_t t = perm[one.start];
+            for (int o = 0; o < n_out; o++) {
+                memcpy(y3[o], y0[o], (size_t)(T * N[o]) * sizeof(float));
+                d1.y[o] = y3[o];
+            }
+            run_cpu(&d1, 2);
+            for (int o = 0; o < n_out; o++)
+                if (memcmp(&y3[o][t * N[o]], &y1[o][t * N[o]], (size_t)N[o] * sizeof(float)) != 0)
+                    fail_msg("%s, %s: out %d: a row alone differs from the row in the batch", name, LEVELS[lv], o);
         }
     }
     for (int o = 0; o < n_out; o++) {
-        for (int64_t t = 0; t < T; t++)
-            if (!adapted[t]) {
-                assert_memory_equal(&y1[o][t * N[o]], &y0[o][t * N[o]], (size_t)N[o] * sizeof(float));
-                assert_memory_equal(&yr[o][t * N[o]], &y0[o][t * N[o]], (size_t)N[o] * sizeof(float));
-            }
-        assert_memory_equal(&y1[o][T * N[o]], &y0[o][T * N[o]], GUARD * sizeof(float));
-        assert_memory_equal(&y3[o][T * N[o]], &y0[o][T * N[o]], GUARD * sizeof(float));
-        assert_memory_equal(y1[o], y3[o], (size_t)(T * N[o]) * sizeof(float));
+        const size_t yb = (size_t)(T * N[o]) * sizeof(float);
+        if (ylv[1][o] && memcmp(ylv[0][o], ylv[1][o], yb) != 0) fail_msg("%s: out %d: avx2 differs from scalar", name, o);
+        if (ylv[3][o] && memcmp(ylv[2][o], ylv[3][o], yb) != 0)
+            fail_msg("%s: out %d: avx512-vnni differs from avx512", name, o);
+        for (int lv = 0; lv < 4; lv++) free(ylv[lv][o]);
+        free(mag[o]);
     }
-    /* batch invariance: the first row of the last segment alone */
-    if (n_seg > 0 && segs[n_seg - 1].n_rows > 0) {
-        mn_lora_seg one = segs[n_seg - 1];
-        one.n_rows = 1;
-        mn_lora_desc d1 = d;
-        d1.n_seg = 1;
-        d1.seg = &one;
-        int64_t t = perm[one.start];
-        for (int o = 0; o < n_out; o++) {
-            memcpy(yr[o], y0[o], (size_t)(T * N[o]) * sizeof(float));
-            d1.y[o] = yr[o];
-        }
-        run_cpu(&d1, 2);
-        for (int o = 0; o < n_out; o++)
-            assert_memory_equal(&yr[o][t * N[o]], &y1[o][t * N[o]], (size_t)N[o] * sizeof(float));
-    }
+    assert_true(mn_cpu_set_simd(best_simd));
     printf("  %-28s T=%-3lld K=%-4lld outs=%d segs=%d  worst err/bound %.3f\n", name, (long long)T, (long long)K, n_out, n_seg,
            worst);
     for (int s = 0; s < n_seg; s++) free(arena[s]), free(arena16[s]);
@@ -264,7 +300,7 @@ static void test_lora_op(void **state) {
 
 /* The row-blocked path (one segment of every row: a single-adapter batch) gives the bits
  * of the per-row path, which the same rows split into segments of 3 rows of the same
- * adapter take; every type, both SIMD levels, 1 and 2 threads, segments of 41, 13 and 6
+ * adapter take; every type, every SIMD level, 1 and 2 threads, segments of 41, 13 and 6
  * rows (blocks of 4 with tails of 1 and 2 rows), K with a tail. */
 static void test_lora_single_path(void **state) {
     enum { T = 41, K = 150, N = 100, R = 16 };
@@ -279,7 +315,6 @@ static void test_lora_single_path(void **state) {
     for (int i = 0; i < R * K; i++) a[i] = frand() * 0.3f;
     for (int i = 0; i < R * N; i++) b[i] = frand() * 0.3f;
     for (int i = 0; i < T; i++) rows[i] = (i * 17) % T;   /* a permutation: 17 and 41 are coprime */
-    const char *levels[2] = {"scalar", best_simd};
     for (int ty = 0; ty < 3; ty++) {
         const void *pa = a, *pb = b;
         if (types[ty] != MN_F32) {
@@ -303,9 +338,9 @@ static void test_lora_single_path(void **state) {
                                .n_seg = 1, .seg = &one, .rows = rows};
             mn_lora_desc d2 = d1;
             d2.y[0] = y2, d2.n_seg = (Tn + 2) / 3, d2.seg = three;
-            for (int lv = 0; lv < 2; lv++)
+            for (int lv = 0; lv < 4; lv++)
                 for (int nth = 1; nth <= 2; nth++) {
-                    assert_true(mn_cpu_set_simd(levels[lv]));
+                    if (!mn_cpu_set_simd(LEVELS[lv])) continue;
                     memcpy(y1, y0, T * N * sizeof(float));
                     memcpy(y2, y0, T * N * sizeof(float));
                     run_cpu(&d1, nth);
@@ -393,10 +428,9 @@ static void test_lora_views_phases(void **state) {
     mn_ref_lora(&dv);
     assert_memory_equal(got, want, yb);
     /* cpu: every SIMD level and thread count */
-    const char *levels[2] = {"scalar", best_simd};
-    for (int lv = 0; lv < 2; lv++)
+    for (int lv = 0; lv < 4; lv++)
         for (int nth = 1; nth <= 3; nth += 2) {
-            assert_true(mn_cpu_set_simd(levels[lv]));
+            if (!mn_cpu_set_simd(LEVELS[lv])) continue;
             memcpy(want, y0, yb);
             dd.y[0] = want;
             run_cpu(&dd, nth);
@@ -404,7 +438,7 @@ static void test_lora_views_phases(void **state) {
             dv.phase = MN_LORA_FUSED;
             dv.v = NULL;
             run_cpu(&dv, nth);
-            if (memcmp(got, want, yb) != 0) fail_msg("%s, %d threads: strided views differ from dense copies", levels[lv], nth);
+            if (memcmp(got, want, yb) != 0) fail_msg("%s, %d threads: strided views differ from dense copies", LEVELS[lv], nth);
             memcpy(got, y0, yb);
             dv.phase = MN_LORA_SHRINK;
             dv.v = v;
@@ -413,10 +447,10 @@ static void test_lora_views_phases(void **state) {
             assert_memory_equal(got, y0, yb);
             for (int64_t i = 0; i < nv; i++)
                 if (fabsf(v[i] - v_ref[i]) > 1e-5f * (1.0f + fabsf(v_ref[i])))
-                    fail_msg("%s: shrink v[%lld] = %g, ref %g", levels[lv], (long long)i, v[i], v_ref[i]);
+                    fail_msg("%s: shrink v[%lld] = %g, ref %g", LEVELS[lv], (long long)i, v[i], v_ref[i]);
             dv.phase = MN_LORA_EXPAND;
             run_cpu(&dv, nth);
-            if (memcmp(got, want, yb) != 0) fail_msg("%s, %d threads: shrink + expand differ from the fused op", levels[lv], nth);
+            if (memcmp(got, want, yb) != 0) fail_msg("%s, %d threads: shrink + expand differ from the fused op", LEVELS[lv], nth);
         }
     assert_true(mn_cpu_set_simd(best_simd));
     for (int s = 0; s < 2; s++) {
@@ -919,7 +953,7 @@ static void test_lora_paging(void **state) {
 int main(void) {
     mn_cpu_init();
     best_simd = mn_cpu_simd_name();
-    printf("cpu lora at levels scalar and %s\n", best_simd);
+    printf("cpu lora at every level up to %s\n", best_simd);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_lora_op),
         cmocka_unit_test(test_lora_single_path),

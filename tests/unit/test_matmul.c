@@ -277,7 +277,8 @@ static void test_kquants_equal_ref(void **state) {
 /* The matmul that prefetches the next LoRA op's weights (the CPU backend's path before a
  * LoRA op) computes its rows in slices: the same bits as without, at every level, type and
  * thread count; and the bytes it asks for are the op's A rows unless it only expands, its
- * B rows unless it only shrinks. */
+ * B rows unless it only shrinks, and no more than the first 256 KB of them (the op's own
+ * prefetches stream the rest). */
 static void test_prefetch_lora_same_bits(void **state) {
     (void)state;
     enum { R = 8, KL = 96, N0 = 40, N1 = 24 };
@@ -290,12 +291,15 @@ static void test_prefetch_lora_same_bits(void **state) {
                                .b = {b0 + s * R * N0, b1 + s * R * N1}, .r_off = {0, 0}, .r_out = {R, R}, .scale = {1, 1}};
     mn_lora_desc lora = {.K = KL, .n_out = 2, .N = {N0, N1}, .n_seg = 2, .seg = seg};
     const int64_t a_bytes = 2 * R * KL * 2, b_bytes = 2 * R * (N0 + N1) * 2;
-    assert_int_equal(mn__cpu_lora_weight_bytes(&lora), a_bytes + b_bytes);
+    assert_int_equal(mn__cpu_lora_prefetch_bytes(&lora), a_bytes + b_bytes);
     lora.phase = MN_LORA_SHRINK;
-    assert_int_equal(mn__cpu_lora_weight_bytes(&lora), a_bytes);
+    assert_int_equal(mn__cpu_lora_prefetch_bytes(&lora), a_bytes);
     lora.phase = MN_LORA_EXPAND;
-    assert_int_equal(mn__cpu_lora_weight_bytes(&lora), b_bytes);
+    assert_int_equal(mn__cpu_lora_prefetch_bytes(&lora), b_bytes);
     lora.phase = MN_LORA_FUSED;
+    mn_lora_desc wide = lora;   /* sizes only: nothing is read */
+    wide.K = 1 << 20;
+    assert_int_equal(mn__cpu_lora_prefetch_bytes(&wide), 256 << 10);
     const int64_t Ts[] = {1, 5, 40};
     int cases = 0;
     for (size_t ti = 0; ti < sizeof TYPES / sizeof TYPES[0]; ti++)
