@@ -1,6 +1,7 @@
 /* tests/unit/test_model.h — where the unit tests find the default model (SmolLM2 Q4_1):
  * $MNEME_MODEL, else $MNEME_MODELS/<file>, else ~/.cache/mneme/<file> (tools/setup.sh);
- * and the CPU backend + default model most real-model test groups set up. */
+ * the CPU backend + default model most real-model test groups set up; removing a test's
+ * temporary directory. */
 #ifndef MN_TEST_MODEL_H
 #define MN_TEST_MODEL_H
 
@@ -28,6 +29,13 @@ static inline int mn_test_load_default_model(int n_threads, mn_backend **be, mn_
         return -1;
     }
     return 0;
+}
+
+/* rm -rf dir (a test's mkdtemp directory with whatever it left there); 0 or -1. */
+static inline int mn_test_remove_dir(const char *dir) {
+    char cmd[4200];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    return system(cmd) == 0 ? 0 : -1;
 }
 
 #endif

@@ -44,9 +44,7 @@ static int setup(void **state) {
 
 static int teardown(void **state) {
     (void)state;
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    if (system(cmd) != 0) return -1;
+    if (mn_test_remove_dir(dir) != 0) return -1;
     mn_model_free(model);
     mn_backend_free(be);
     return 0;

@@ -460,9 +460,7 @@ static void test_tiers_and_files(void **state) {
     mn_engine_free(ref);
     mn_engine_free(one);
     mn_tp_free(tr);
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    if (system(cmd) != 0) fail_msg("cannot remove %s", dir);
+    if (mn_test_remove_dir(dir) != 0) fail_msg("cannot remove %s", dir);
 }
 
 /* More than the pool holds is MN_ELIMIT naming the sizes, with nothing half-appended,
@@ -562,8 +560,7 @@ static void test_adapters(void **state) {
     mn_lora_registry_free(r1);
     mn_tp_free(t);
     mn_tp_free(tr);
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    if (system(cmd) != 0) fail_msg("cannot remove %s", dir);
+    if (mn_test_remove_dir(dir) != 0) fail_msg("cannot remove %s", dir);
 }
 
 /* Seeded sampling: the sample op run on every rank gives the host sampler's tokens (the
@@ -733,9 +730,7 @@ static void test_idle_demotion(void **state) {
     mn_tp_free(t);
     mn_engine_free(ref);
     mn_tp_free(tr);
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    if (system(cmd) != 0) fail_msg("cannot remove %s", dir);
+    if (mn_test_remove_dir(dir) != 0) fail_msg("cannot remove %s", dir);
 }
 
 /* The N-th allocation fails during a batched step that copies a shared block and runs
