@@ -11,6 +11,13 @@
  * ring[n % EV_RING]. Copies are ordered on one stream, so ticket n done means every
  * ticket <= n is done: `done_ticket` is that watermark. Reusing a ring slot first waits
  * for the ticket it held, so an old ticket whose slot was reused is always <= done_ticket.
+ *
+ * Pinned host memory: cudaHostAlloc pins and maps every page (on the H200 machine a 537 MB
+ * T1 image cost more than its own copy), and cudaFreeHost waits for the whole device. So
+ * freed pinned buffers go to a small cache (PINNED_CACHE_DEFAULT bytes, or
+ * $MNEME_CUDA_PINNED_CACHE) and are handed out again for requests of 1/2 to 1 their size;
+ * each cached buffer carries events on both streams, waited for before it is reused, in
+ * case a queued copy still reads or writes it (cudaFreeHost used to wait for those).
  */
 #include "engine/cuda/backend_cuda.h"
 
@@ -21,7 +28,14 @@
 #include "engine/alloc.h"
 #include "kernels/cuda/ops_cuda.h"
 
-enum { EV_RING = 256 };
+enum { EV_RING = 256, PINNED_CACHE_SLOTS = 64 };
+#define PINNED_CACHE_DEFAULT ((size_t)4 << 30)
+
+typedef struct pinned_slot {
+    void *ptr;
+    size_t size;
+    cudaEvent_t copy_done, compute_done; /* recorded when the buffer was freed */
+} pinned_slot;
 
 /* A weight matrix in device memory with its bf16 form for the cuBLAS path: a copy made
  * at load (owned, counted in the device budget), or the weights themselves when they are
@@ -49,6 +63,9 @@ typedef struct cuda_impl {
     size_t n_weights, cap_weights;
     prepared_mat *mats;             /* bf16 forms of weight matrices (weights_matrix) */
     size_t n_mats, cap_mats;
+    pinned_slot pinned[PINNED_CACHE_SLOTS]; /* freed pinned buffers kept for reuse */
+    int n_pinned;
+    size_t pinned_bytes, pinned_cap;
 } cuda_impl;
 
 static double now_s(void) {
@@ -74,6 +91,11 @@ static void impl_release(mn_backend *be, cuda_impl *c) {
             if (be) be->used[MN_MEM_DEVICE] -= (size_t)c->mats[i].N * (size_t)c->mats[i].K * 2;
         }
     mn_free(c->mats);
+    for (int i = 0; i < c->n_pinned; i++) {
+        cudaFreeHost(c->pinned[i].ptr);
+        cudaEventDestroy(c->pinned[i].copy_done);
+        cudaEventDestroy(c->pinned[i].compute_done);
+    }
     if (c->work) {
         cudaFree(c->work);
         if (be) be->used[MN_MEM_DEVICE] -= c->work_size;
@@ -107,24 +129,63 @@ static mn_err charge(mn_backend *be, size_t n, const char *what, mn_errbuf *eb) 
     return MN_OK;
 }
 
+/* The smallest cached pinned buffer of n to 2n bytes, taken out of the cache; NULL if none. */
+static void *pinned_take(cuda_impl *c, size_t n) {
+    int best = -1;
+    for (int i = 0; i < c->n_pinned; i++)
+        if (c->pinned[i].size >= n && c->pinned[i].size / 2 <= n && (best < 0 || c->pinned[i].size < c->pinned[best].size))
+            best = i;
+    if (best < 0) return NULL;
+    pinned_slot s = c->pinned[best];
+    c->pinned[best] = c->pinned[--c->n_pinned];
+    c->pinned_bytes -= s.size;
+    cudaEventSynchronize(s.copy_done); /* a copy queued before the free may still use it */
+    cudaEventSynchronize(s.compute_done);
+    cudaEventDestroy(s.copy_done);
+    cudaEventDestroy(s.compute_done);
+    return s.ptr;
+}
+
+/* Keep a freed pinned buffer for reuse; false if the cache is full (the caller frees it). */
+static bool pinned_keep(cuda_impl *c, void *ptr, size_t size) {
+    if (c->n_pinned == PINNED_CACHE_SLOTS || size > c->pinned_cap || c->pinned_bytes > c->pinned_cap - size) return false;
+    pinned_slot s = {ptr, size, NULL, NULL};
+    if (cudaEventCreateWithFlags(&s.copy_done, cudaEventDisableTiming) != cudaSuccess) return false;
+    if (cudaEventCreateWithFlags(&s.compute_done, cudaEventDisableTiming) != cudaSuccess ||
+        cudaEventRecord(s.copy_done, c->copy) != cudaSuccess || cudaEventRecord(s.compute_done, c->compute) != cudaSuccess) {
+        cudaEventDestroy(s.copy_done);
+        if (s.compute_done) cudaEventDestroy(s.compute_done);
+        cudaGetLastError();
+        return false;
+    }
+    c->pinned[c->n_pinned++] = s;
+    c->pinned_bytes += size;
+    return true;
+}
+
 static mn_err cuda_mem_alloc(mn_backend *be, mn_mem_kind kind, size_t size, void **ptr, mn_errbuf *eb) {
     on_device(be);
     size_t n = size ? size : 256;
     *ptr = NULL;
-    if (kind == MN_MEM_HOST_PINNED)
+    if (kind == MN_MEM_HOST_PINNED) {
+        if ((*ptr = pinned_take(be->impl, n))) return MN_OK;
         MN_CUDA_CHECK(eb, cudaHostAlloc(ptr, n, cudaHostAllocPortable));
-    else
+    } else {
         MN_CUDA_CHECK(eb, cudaMalloc(ptr, n));
+    }
     return MN_OK;
 }
 
+/* size is what was asked of mem_alloc; a cached buffer handed out again may be larger,
+ * and it goes back to the cache under the smaller size (the rest is only unused). */
 static void cuda_mem_free(mn_backend *be, mn_mem_kind kind, void *ptr, size_t size) {
     on_device(be);
     if (!ptr) return;
-    if (kind == MN_MEM_HOST_PINNED)
-        cudaFreeHost(ptr);
-    else
+    if (kind == MN_MEM_HOST_PINNED) {
+        if (!pinned_keep(be->impl, ptr, size ? size : 256)) cudaFreeHost(ptr);
+    } else {
         cudaFree(ptr);
+    }
 }
 
 static mn_err cuda_copy_async(mn_backend *be, mn_copy_dir dir, void *dst, const void *src, size_t n, mn_errbuf *eb) {
@@ -340,6 +401,7 @@ static size_t cuda_op_work_bytes(mn_backend *be, const mn_op *op) {
         return mn_cuda_matmul_prepared_work_bytes(&op->u.matmul);
     if (op->kind == MN_OP_MATMUL) return mn_cuda_matmul_work_bytes(&op->u.matmul);
     if (op->kind == MN_OP_ATTENTION) return mn_cuda_attention_work_bytes(&op->u.attention);
+    if (op->kind == MN_OP_LORA) return mn_cuda_lora_work_bytes(&op->u.lora);
     return 0;
 }
 
@@ -385,7 +447,7 @@ static mn_err run_op(cuda_impl *c, const mn_op *op, mn_errbuf *eb) {
     case MN_OP_ATTENTION: return mn_cuda_attention(&op->u.attention, c->work, c->work_size, s, eb);
     case MN_OP_SILU_MUL: return mn_cuda_silu_mul(&op->u.silu_mul, s, eb);
     case MN_OP_ADD: return mn_cuda_add(&op->u.add, s, eb);
-    case MN_OP_LORA: return mn_cuda_lora(&op->u.lora, s, eb);
+    case MN_OP_LORA: return mn_cuda_lora(&op->u.lora, c->work, c->work_size, s, eb);
     case MN_OP_WAIT_COPY: return wait_copy(c, op->u.wait_copy.ticket, eb);
     case MN_OP_SAMPLE: return mn_cuda_sample(&op->u.sample, s, eb);
     case MN_OP_COUNT: break;
@@ -483,6 +545,8 @@ mn_err mn_backend_cuda_new(const mn_backend_params *p, mn_backend **out, mn_errb
         return mn_errf(eb, MN_ENOMEM, "cuda backend: out of host memory");
     }
     c->device = p->device_index;
+    const char *cap = getenv("MNEME_CUDA_PINNED_CACHE");
+    c->pinned_cap = cap && *cap ? (size_t)strtoull(cap, NULL, 10) : PINNED_CACHE_DEFAULT;
     mn_err e = impl_init(c, eb);
     if (e != MN_OK) {
         impl_release(NULL, c);

@@ -133,9 +133,13 @@ mn_err mn_cuda_silu_mul(const mn_silu_mul_desc *d, cudaStream_t s, mn_errbuf *eb
 mn_err mn_cuda_add(const mn_add_desc *d, cudaStream_t s, mn_errbuf *eb);
 /** lora (kernels/cuda/lora.cu): seg, rows and every a / b device memory; d->max_r (the
  *  plan's widest shrink, <= MN_CUDA_LORA_MAX_R) is required, MN_EUNSUPPORTED otherwise;
- *  d->max_rows == 1 runs the gathered decode kernel, anything else the segmented one.
- *  f32 sums: within the ops.h tolerance. */
-mn_err mn_cuda_lora(const mn_lora_desc *d, cudaStream_t s, mn_errbuf *eb);
+ *  d->max_rows == 1 runs the gathered decode kernels, anything else the segmented one.
+ *  Gathered and fused with work holding mn_cuda_lora_work_bytes(d): the shrink once into
+ *  the scratch, then the expand (same bits as without scratch). f32 sums: within the
+ *  ops.h tolerance. */
+mn_err mn_cuda_lora(const mn_lora_desc *d, void *work, size_t work_bytes, cudaStream_t s, mn_errbuf *eb);
+/** Scratch bytes mn_cuda_lora uses for d: n_seg * max_r floats for a fused gathered op, else 0. */
+size_t mn_cuda_lora_work_bytes(const mn_lora_desc *d);
 /** sample (kernels/cuda/sample.cu, per-row code kernels/cuda/sample_block.cuh): one block
  *  per row, no scratch; params and every output device memory. Radix selects over the
  *  logits' float bits find the top-k and top-p thresholds (no sort), then one block scan

@@ -7,6 +7,11 @@
 # Env: MNEME_GPU_NO_CMOCKA=1 (configure as if libcmocka were absent), MNEME_CUDA_ARCHS (default 90), MNEME_GPU_BUILD_DIR (default <repo>/build-gpu),
 #      MNEME_GPU_JOBS (default: all cores), MNEME_GPU_E2E_DIR (inputs of the LoRA e2e check; default: made
 #      by tests/gpu/make_e2e_data.sh into the build directory, or .gpu-data/).
+#      MNEME_GPU_PREBUILT=DIR: DIR/test_cuda_ops, DIR/bench_gpu and DIR/lib/*.so* built on another
+#        machine (tests/gpu/prebuild.sh); used when they start here, else the script builds.
+#      MNEME_GPU_GROUPS="ops gemv ..." (default: all), MNEME_GPU_GROUP_TIMEOUT (s, default 300),
+#      MNEME_GPU_PARALLEL=1 (run the check groups at once: faster, but their timing lines share
+#        the GPU), MNEME_GPU_LOG_DIR (default: the build directory).
 # Exit 0: everything passed, or no CUDA device ("skipped: no CUDA device (reason)").
 set -euo pipefail
 
@@ -23,6 +28,30 @@ if [[ -z "${MNEME_GPU_BUILD:-}" ]]; then
   nvidia-smi -L >/dev/null 2>&1 || skip "nvidia-smi: $(nvidia-smi -L 2>&1 | head -n1)"
 fi
 
+# NCCL: the toolkit may not carry it; PyTorch's wheel (nvidia-nccl-cu13) does
+NCCL_DIR=""
+for d in /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, s, "lib") for p in nvidia.__path__ for s in ("nccl", "cu13")))' 2>/dev/null); do
+  if [[ -f "$d/libnccl.so.2" ]]; then NCCL_DIR=$d; break; fi
+done
+[[ -n "$NCCL_DIR" ]] && export LD_LIBRARY_PATH="$NCCL_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+BIN=""
+if [[ -n "${MNEME_GPU_PREBUILT:-}" ]]; then
+  export LD_LIBRARY_PATH="$MNEME_GPU_PREBUILT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  # cudart and cuBLAS: the toolkit's own folder, wherever this machine keeps it
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda/targets/x86_64-linux/lib; do
+    [[ -d $d ]] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"
+  done
+  # an unknown group makes test_cuda_ops list its groups and exit 2: proof that it loads
+  probe=$("$MNEME_GPU_PREBUILT/test_cuda_ops" no-such-group 2>&1 || true)
+  if [[ $probe == *"unknown group"* ]]; then
+    BIN=$MNEME_GPU_PREBUILT
+    echo "using the prebuilt binaries in $BIN (NCCL: ${NCCL_DIR:-none})"
+  else
+    echo "prebuilt binaries do not start here: $(echo "$probe" | head -n2 | tr '\n' ' ')"
+  fi
+fi
+if [[ -z "$BIN" ]]; then
 NVCC=$(command -v nvcc || true)
 [[ -z "$NVCC" && -x /usr/local/cuda/bin/nvcc ]] && NVCC=/usr/local/cuda/bin/nvcc
 [[ -n "$NVCC" ]] || skip "no CUDA toolkit: nvcc not found"
@@ -37,6 +66,9 @@ if [[ -n "${MNEME_GPU_NO_CMOCKA:-}" ]] || ! ldconfig -p 2>/dev/null | grep -q li
   EXTRA+=(-DCMOCKA_LIB="$BUILD/no-cmocka-here")
 fi
 mkdir -p "$BUILD"
+if [[ -n "$NCCL_DIR" && -f "$NCCL_DIR/../include/nccl.h" ]]; then
+  EXTRA+=(-DNCCL_LIB="$NCCL_DIR/libnccl.so.2" -DNCCL_INCLUDE="$NCCL_DIR/../include")
+fi
 # lz4 and xxhash headers: the GPU machine has no -dev packages, so .deb files downloaded
 # on a build machine travel in .gpu-debs/ (tests/gpu/README.md) and are unpacked here.
 if [[ ! -f /usr/include/lz4.h || ! -f /usr/include/xxhash.h || ! -f /usr/include/jansson.h ]] && compgen -G "$SRC/.gpu-debs/*.deb" >/dev/null; then
@@ -54,6 +86,9 @@ cmake --build "$BUILD" --target test_cuda_ops bench_gpu -j "$JOBS" ||
   { echo "FAILED: build"; exit 1; }
 t1=$(date +%s)
 echo "built test_cuda_ops in $((t1 - t0)) s ($BUILD)"
+BIN=$BUILD
+fi
+t1=$(date +%s)
 
 # inputs of the end-to-end LoRA check (tests/gpu/test_cuda_lora_e2e.c): made here when
 # python3 has numpy and gguf, else taken from .gpu-data/ carried with the working tree
@@ -67,27 +102,48 @@ if [[ -z "${MNEME_GPU_E2E_DIR:-}" ]]; then
   fi
 fi
 
-# (2) every op against the reference, then the backend smoke test and the end-to-end
-# LoRA check; prints a table
+# (2) the check groups of test_cuda_ops, each in its own process with a timeout (a kernel
+# fault poisons a CUDA context; a hang must not eat a short lease), then a summary
+GROUPS_ALL="ops gemv sample attn backend lora session session_sample tp session_tp"
+GROUPS_RUN=${MNEME_GPU_GROUPS:-$GROUPS_ALL}
+LOGS=${MNEME_GPU_LOG_DIR:-$BUILD}
+GT=${MNEME_GPU_GROUP_TIMEOUT:-300}
+mkdir -p "$LOGS"
 rc=0
-set +e
-"$BUILD/test_cuda_ops" | tee "$BUILD/test_cuda_ops.log"
-rc=${PIPESTATUS[0]}
-set -e
+run_group() { timeout "$GT" "$BIN/test_cuda_ops" "$1" >"$LOGS/group-$1.log" 2>&1; echo $? >"$LOGS/group-$1.rc"; }
+if [[ -n "${MNEME_GPU_PARALLEL:-}" ]]; then
+  for g in $GROUPS_RUN; do run_group "$g" & done
+  wait
+else
+  for g in $GROUPS_RUN; do run_group "$g"; cat "$LOGS/group-$g.log"; done
+fi
 t2=$(date +%s)
-grep -q '^skipped:' "$BUILD/test_cuda_ops.log" && MNEME_GPU_NO_BENCH=1 # no device: nothing to time
-echo "test_cuda_ops finished in $((t2 - t1)) s"
+skipped=0
+for g in $GROUPS_RUN; do grep -q '^skipped: no CUDA device' "$LOGS/group-$g.log" && skipped=1; done
+if [[ $skipped -eq 1 ]]; then head -n1 "$LOGS/group-${GROUPS_RUN%% *}.log"; MNEME_GPU_NO_BENCH=1; fi
+echo "check groups finished in $((t2 - t1)) s"
 
 # the speed numbers (Llama-3-8B shape, random weights made on the spot): bench/bench_gpu.c
 brc=0
 if [[ -z "${MNEME_GPU_NO_BENCH:-}" ]]; then
-  timeout "${MNEME_GPU_BENCH_TIMEOUT:-300}" "$BUILD/bench_gpu" --device cuda ${MNEME_GPU_BENCH_ARGS:-} >"$BUILD/bench_gpu.log" 2>&1 || brc=$?
-  sed -n '1,/== bench_gpu summary/p' "$BUILD/bench_gpu.log" | grep -v "== bench_gpu summary" || true
-  echo "bench_gpu finished in $(( $(date +%s) - t2 )) s (exit $brc; log $BUILD/bench_gpu.log)"
+  timeout "${MNEME_GPU_BENCH_TIMEOUT:-300}" "$BIN/bench_gpu" --device cuda ${MNEME_GPU_BENCH_ARGS:-} >"$LOGS/bench_gpu.log" 2>&1 || brc=$?
+  echo "bench_gpu finished in $(( $(date +%s) - t2 )) s (exit $brc; log $LOGS/bench_gpu.log)"
 fi
+
+# summary last: every group's verdict and its failing lines, then the bench table
 echo
+echo "== tests/gpu summary"
+for g in $GROUPS_RUN; do
+  grc=$(cat "$LOGS/group-$g.rc" 2>/dev/null || echo "?")
+  case $grc in
+    0) v="passed" ;; 124) v="TIMEOUT after ${GT} s" ;; 1) v="FAILED" ;; *) v="FAILED (exit $grc)" ;;
+  esac
+  [[ $grc == 0 ]] || rc=1
+  printf '%-15s %s\n' "$g" "$v"
+  if [[ $grc != 0 ]]; then grep -E 'FAIL|error|Error|failed' "$LOGS/group-$g.log" | head -n 12 | sed 's/^/    /'; tail -n 3 "$LOGS/group-$g.log" | sed 's/^/    | /'; fi
+done
 if [[ -n "${MNEME_GPU_NO_BENCH:-}" ]]; then :
-elif [[ $brc -eq 0 ]]; then sed -n '/== bench_gpu summary/,$p' "$BUILD/bench_gpu.log"
-else echo "bench_gpu FAILED (exit $brc):"; tail -5 "$BUILD/bench_gpu.log"; rc=1
+elif [[ $brc -eq 0 ]]; then sed -n '/== bench_gpu summary/,$p' "$LOGS/bench_gpu.log"
+else echo "bench_gpu FAILED (exit $brc):"; tail -8 "$LOGS/bench_gpu.log"; rc=1
 fi
 exit $rc

@@ -541,6 +541,10 @@ static const lcase lcases[] = {
     {.T = 70, .K = 576, .n_out = 2, .N = 1536, .rows_per_seg = 15, .n_seg = 4, .r = {4, 8, 16, 64}, .seed = 171},
     {.T = 40, .K = 1536, .n_out = 1, .N = 576, .rows_per_seg = 9, .n_seg = 4, .r = {64, 16, 8, 4}, .seed = 172},
     {.T = 33, .K = 300, .n_out = 1, .N = 77, .rows_per_seg = 32, .n_seg = 1, .r = {16}, .seed = 173},
+    /* gathered with an odd K: unaligned A rows and x rows take the scalar loop of lora_dot_warp */
+    {.T = 12, .K = 301, .n_out = 2, .N = 130, .rows_per_seg = 1, .n_seg = 10, .r = {4, 8, 16, 64}, .seed = 174},
+    /* the bench's decode shape: 32 adapters of rank 16 on q/k/v, one token each */
+    {.T = 32, .K = 4096, .n_out = 3, .N = 1024, .rows_per_seg = 1, .n_seg = 32, .r = {16, 16, 16, 16}, .seed = 175},
 };
 
 /* element i of an F32 / F16 / BF16 array, as f32 */
@@ -569,9 +573,28 @@ static int lora_split_check(const gt_arena *a, const mn_lora_desc *d, const mn_l
     mn_lora_desc ds = *dd;
     ds.v = v;
     mn_errbuf eb = {{0}};
+    /* the fused op without scratch (gathered: the shrink inside the expand kernel) */
+    if (ok) {
+        mn_err e = mn_cuda_lora(dd, NULL, 0, s, &eb);
+        cudaError_t ce = cudaStreamSynchronize(s);
+        if (e != MN_OK || ce != cudaSuccess) {
+            snprintf(why, nwhy, "fused without scratch: %s", e != MN_OK ? eb.msg : cudaGetErrorString(ce));
+            ok = 0;
+        }
+        for (int o = 0; o < d->n_out && ok; o++) {
+            size_t bytes = a->bytes[yi[o]];
+            now = realloc(now, bytes);
+            cudaMemcpy(now, a->dev[yi[o]], bytes, cudaMemcpyDeviceToHost);
+            if (memcmp(now, fused[o], bytes) != 0) {
+                snprintf(why, nwhy, "out %d: the fused op without scratch differs from the one with scratch", o);
+                ok = 0;
+            }
+            cudaMemcpy(a->dev[yi[o]], init[o], bytes, cudaMemcpyHostToDevice);
+        }
+    }
     for (int phase = MN_LORA_SHRINK; phase <= MN_LORA_EXPAND && ok; phase++) {
         ds.phase = phase;
-        mn_err e = mn_cuda_lora(&ds, s, &eb);
+        mn_err e = mn_cuda_lora(&ds, NULL, 0, s, &eb);
         cudaError_t ce = cudaStreamSynchronize(s);
         if (e != MN_OK || ce != cudaSuccess) {
             snprintf(why, nwhy, "split phase %d: %s", phase, e != MN_OK ? eb.msg : cudaGetErrorString(ce));
@@ -666,6 +689,7 @@ static int lora_case(const lcase *c, cudaStream_t s) {
     int *seg_of = NULL;
     double *sx = NULL;
     mn_lora_seg *dseg = malloc((size_t)c->n_seg * sizeof *dseg);
+    void *lwork = NULL;
     for (int o = 0; o < c->n_out; o++) {
         init[o] = malloc(a.bytes[yi[o]]);
         memcpy(init[o], a.host[yi[o]], a.bytes[yi[o]]);
@@ -692,7 +716,14 @@ static int lora_case(const lcase *c, cudaStream_t s) {
         goto done;
     }
     mn_ref_lora(&d);
-    mn_err e = mn_cuda_lora(&dd, s, &eb);
+    /* with the scratch the backend reserves (gathered: shrink once, then expand) */
+    size_t work_n = mn_cuda_lora_work_bytes(&dd);
+    if (work_n && cudaMalloc(&lwork, work_n) != cudaSuccess) {
+        snprintf(why, sizeof why, "cudaMalloc of %zu scratch bytes", work_n);
+        ok = 0;
+        goto done;
+    }
+    mn_err e = mn_cuda_lora(&dd, lwork, work_n, s, &eb);
     cudaError_t ce = cudaStreamSynchronize(s);
     if (e != MN_OK || ce != cudaSuccess) {
         snprintf(why, sizeof why, "%s", e != MN_OK ? eb.msg : cudaGetErrorString(ce));
@@ -750,7 +781,7 @@ static int lora_case(const lcase *c, cudaStream_t s) {
         cudaEventCreate(&e0);
         cudaEventCreate(&e1);
         cudaEventRecord(e0, s);
-        for (int k = 0; k < 10; k++) mn_cuda_lora(&dd, s, &eb);
+        for (int k = 0; k < 10; k++) mn_cuda_lora(&dd, lwork, work_n, s, &eb);
         cudaEventRecord(e1, s);
         cudaEventSynchronize(e1);
         cudaEventElapsedTime(&ms, e0, e1);
@@ -762,6 +793,7 @@ done:
     printf("%-9s %-5s T=%d K=%d N=%d out=%d seg=%dx%d r=%d/%d/%d/%d %s r=%-5.3f %9.1f us  %s%s\n", "lora", "mixed",
            c->T, c->K, c->N, c->n_out, c->n_seg, c->rows_per_seg, c->r[0], c->r[1], c->r[2], c->r[3],
            c->rows_per_seg == 1 ? "gathered " : "segmented", worst, us, ok ? "ok" : "FAIL: ", ok ? "" : why);
+    if (lwork) cudaFree(lwork);
     for (int o = 0; o < c->n_out; o++) free(init[o]);
     free(got);
     free(dseg);
@@ -781,7 +813,57 @@ int gt_sample(cudaStream_t s); /* tests/gpu/test_cuda_sample.c */
 int gt_session_sample(const char *device); /* tests/gpu/test_cuda_session_sample.c */
 int gt_session_tp(const char *device); /* tests/gpu/test_cuda_session_tp.c */
 
-int main(void) {
+/* The check groups, in the order a plain run takes them. `test_cuda_ops GROUP...` runs only
+ * the named ones, so a device script can give each its own process and timeout: a kernel
+ * fault poisons the whole CUDA context, and a hang would eat the lease. */
+static const char *const group_names[] = {"ops", "gemv", "sample", "attn", "backend", "lora",
+                                          "session", "session_sample", "tp", "session_tp"};
+enum { N_GROUPS = (int)(sizeof group_names / sizeof group_names[0]) };
+
+static int run_group(int g, cublasHandle_t blas, cudaStream_t s) {
+    switch (g) {
+    case 0: {
+        int n = (int)(sizeof cases / sizeof cases[0]), pass = 0;
+        for (int i = 0; i < n; i++) pass += run_case(&cases[i], blas, s);
+        int nl = (int)(sizeof lcases / sizeof lcases[0]);
+        for (int i = 0; i < nl; i++) pass += lora_case(&lcases[i], s);
+        n += nl;
+        printf("ops: %d/%d passed\n", pass, n);
+        return pass == n;
+    }
+    case 1: return gt_gemv(s, blas);
+    case 2: return gt_sample(s);
+    case 3: return gt_attention_long(s);
+    case 4: return gt_backend_smoke();
+    case 5: return gt_lora_e2e("cuda");
+    case 6: return gt_session_e2e("cuda");
+    case 7: return gt_session_sample("cuda");
+#ifdef MNEME_HAVE_NCCL
+    case 8: return gt_tp_e2e();
+    case 9: return gt_session_tp("cuda");
+#else
+    case 8:
+    case 9: printf("%s: skipped (built without NCCL)\n", group_names[g]); return 1;
+#endif
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0); /* a group killed by its timeout keeps its lines */
+    int want[N_GROUPS];
+    for (int g = 0; g < N_GROUPS; g++) want[g] = argc < 2;
+    for (int a = 1; a < argc; a++) {
+        int g = 0;
+        while (g < N_GROUPS && strcmp(argv[a], group_names[g]) != 0) g++;
+        if (g == N_GROUPS) {
+            fprintf(stderr, "test_cuda_ops: unknown group '%s' (argument %d); groups:", argv[a], a);
+            for (int k = 0; k < N_GROUPS; k++) fprintf(stderr, " %s", group_names[k]);
+            fprintf(stderr, "\n");
+            return 2;
+        }
+        want[g] = 1;
+    }
     int count = 0;
     cudaError_t ce = cudaGetDeviceCount(&count);
     if (ce != cudaSuccess || count == 0) {
@@ -798,24 +880,16 @@ int main(void) {
         printf("FAIL: cannot create a stream / cuBLAS handle\n");
         return 1;
     }
-    int n = (int)(sizeof cases / sizeof cases[0]), pass = 0;
-    for (int i = 0; i < n; i++) pass += run_case(&cases[i], blas, s);
-    int nl = (int)(sizeof lcases / sizeof lcases[0]);
-    for (int i = 0; i < nl; i++) pass += lora_case(&lcases[i], s);
-    n += nl;
-    printf("ops: %d/%d passed\n", pass, n);
-    int gemv = gt_gemv(s, blas) & gt_sample(s);
-    int attn = gt_attention_long(s);
-    int smoke = gt_backend_smoke() && attn && gemv;
-    smoke = gt_lora_e2e("cuda") && smoke;
-    smoke = gt_session_e2e("cuda") && smoke;
-    smoke = gt_session_sample("cuda") && smoke;
-#ifdef MNEME_HAVE_NCCL
-    smoke = gt_tp_e2e() && smoke;
-    smoke = gt_session_tp("cuda") && smoke;
-#endif
+    int ok = 1;
+    for (int g = 0; g < N_GROUPS; g++) {
+        if (!want[g]) continue;
+        int r = run_group(g, blas, s);
+        printf("group %s: %s\n", group_names[g], r ? "passed" : "FAILED");
+        fflush(stdout);
+        ok = r && ok;
+    }
     cublasDestroy(blas);
     cudaStreamDestroy(s);
-    printf("%s\n", pass == n && smoke ? "ALL PASSED" : "FAILED");
-    return pass == n && smoke ? 0 : 1;
+    printf("%s\n", ok ? "ALL PASSED" : "FAILED");
+    return ok ? 0 : 1;
 }
