@@ -16,6 +16,7 @@
  *                    [--ctx N] [-t THREADS]
  */
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +27,10 @@
 #include "engine/kv.h"
 #include "engine/model.h"
 #include "engine/session.h"
+#ifdef MNEME_HAVE_CUDA
+#include "engine/cuda/backend_cuda.h"
+#include "kernels/cuda/ops_cuda.h"
+#endif
 
 static double now_s(void) {
     struct timespec ts;
@@ -198,15 +203,22 @@ int main(int argc, char **argv) {
     for (int bi = 0; bi < 3; bi++) {
         int B = bs_list[bi];
         /* mode 0: every row's logits to the host; 1: greedy on the device (what the engine
-         * serves with), only token ids copied back; 2: one step of mode 1 profiled */
-        double best[2] = {1e30, 1e30};
-        for (int mode = 0; mode < 3; mode++) {
-            for (int step = 0; step < (mode == 2 ? 1 : 8); step++) {
-                int st = mode * 8 + step;
+         * serves with), only token ids copied back; 2: mode 1 without CUDA graphs; 3: one
+         * step of mode 1 profiled (no graphs: ops synchronised one by one) */
+        double best[3] = {1e30, 1e30, 1e30};
+        int seq_steps = 0; /* tokens appended so far: the next position is ctx + seq_steps */
+        for (int mode = 0; mode < 4; mode++) {
+            bool is_cuda = !strcmp(mn_backend_name(be), "cuda");
+            if (mode == 2 && !is_cuda) continue;
+#ifdef MNEME_HAVE_CUDA
+            if (is_cuda) mn_backend_cuda_set_graphs(be, mode != 2);
+#endif
+            for (int step = 0; step < (mode == 3 ? 1 : 8); step++) {
+                int st = seq_steps++;
                 for (int s = 0; s < B; s++) tok[s] = (s * 7 + st) % c.n_vocab, sq[s] = s, pos[s] = ctx + st, rows[s] = s;
                 mn_batch b = {B, tok, sq, pos, B, rows};
                 mn_batch_sample bsm = {.n_sample = B, .params = sparams, .token = stok};
-                if (mode == 2) {
+                if (mode == 3) {
                     memset(op_s, 0, sizeof op_s);
                     memset(op_n, 0, sizeof op_n);
                     be->op_seconds = op_s;
@@ -216,7 +228,7 @@ int main(int argc, char **argv) {
                 TRY("decode", mode == 0 ? mn_forward_run(f, sp, B, &b, logits, &eb)
                                         : mn_forward_run_sample(f, sp, B, &b, NULL, &bsm, logits, &eb));
                 double t = now_s() - ts;
-                if (mode == 2) {
+                if (mode == 3) {
                     be->op_seconds = NULL;
                     be->op_calls = NULL;
                     print_profile("decode", B, op_s, op_n, t, best[1]);
@@ -227,9 +239,14 @@ int main(int argc, char **argv) {
         }
         for (int s = 0; s < B; s++) mn_kv_seq_truncate(kv, &seqs[s], ctx);
         double bytes = wbytes + (double)B * (ctx + 8) * kv_tok, floor_s = bytes / (d2d / 2 * 1e9);
+        uint64_t caps = 0, reps = 0;
+#ifdef MNEME_HAVE_CUDA
+        if (!strcmp(mn_backend_name(be), "cuda")) mn_backend_cuda_graph_stats(be, &caps, &reps);
+#endif
         printf("decode B=%-2d: %8.2f ms/step  %8.0f tok/s  floor %.2f ms (%.2f GB at %.0f GB/s)  %.2fx floor; "
-               "every row's logits to the host: %.2f ms\n", B, best[1] * 1e3, B / best[1], floor_s * 1e3, bytes / 1e9,
-               d2d / 2, best[1] / floor_s, best[0] * 1e3);
+               "every row's logits to the host: %.2f ms; without CUDA graphs %.2f ms (graphs so far: %llu captured, "
+               "%llu replays)\n", B, best[1] * 1e3, B / best[1], floor_s * 1e3, bytes / 1e9, d2d / 2, best[1] / floor_s,
+               best[0] * 1e3, best[2] < 1e29 ? best[2] * 1e3 : 0.0, (unsigned long long)caps, (unsigned long long)reps);
         ROW("decode B=%-2d ms/step (x floor)       %10.2f (%.2fx)\n", B, best[1] * 1e3, best[1] / floor_s);
     }
     for (int s = 0; s < MAXB; s++) mn_kv_seq_release(kv, &seqs[s]);
@@ -286,6 +303,43 @@ int main(int argc, char **argv) {
     }
     mn_forward_free(f);
     mn_kv_pool_free(kv);
+
+#ifdef MNEME_HAVE_CUDA
+    /* ---- matmul at 1-8 tokens: the fused dequant GEMV against cuBLAS on the bf16 copy ----
+     * (where MN_CUDA_GEMV_MAX_T, or mn_backend_cuda_set_prepared_min_t, should sit) */
+    if (!strcmp(mn_backend_name(be), "cuda")) {
+        const mn_layer *L0 = &m->layers[0];
+        const mn_weight *ws[3] = {&L0->wq, &L0->w_gate, &L0->w_down};
+        mn_buffer *x = dev_alloc(be, (size_t)8 * c.n_ff * 4), *y = dev_alloc(be, (size_t)8 * c.n_ff * 4);
+        fill_dev(be, x->ptr, x->size, MN_F16, 0.0f);
+        for (int wi = 0; wi < 3; wi++) {
+            const mn_weight *w = ws[wi];
+            printf("matmul %s [%lld x %lld] us, gemv / bf16 cuBLAS:", mn_dtype_name(w->type), (long long)w->N,
+                   (long long)w->K);
+            for (int T = 1; T <= 8; T++) {
+                if (T == 7) continue;
+                mn_op op = {.kind = MN_OP_MATMUL};
+                op.u.matmul = (mn_matmul_desc){.T = T, .N = w->N, .K = w->K, .x = x->ptr, .x_stride = w->K, .w = w->data,
+                                               .w_type = w->type, .w_row_bytes = w->row_bytes, .y = y->ptr, .y_stride = w->N};
+                enum { RUN = 20 }; /* back to back: a host sync per op would dwarf the op */
+                mn_op ops[RUN];
+                for (int k = 0; k < RUN; k++) ops[k] = op;
+                double tg, tb;
+                mn_backend_cuda_set_prepared_min_t(be, 1000);
+                TRY("reserve", mn_backend_reserve(be, &op, 1, &eb));
+                tg = time_ops(be, ops, RUN, 5) / RUN;
+                mn_backend_cuda_set_prepared_min_t(be, 1);
+                TRY("reserve", mn_backend_reserve(be, &op, 1, &eb));
+                tb = time_ops(be, ops, RUN, 5) / RUN;
+                printf("  T=%d %.1f/%.1f", T, tg * 1e6, tb * 1e6);
+            }
+            printf("\n");
+        }
+        mn_backend_cuda_set_prepared_min_t(be, MN_CUDA_GEMV_MAX_T + 1);
+        mn_buffer_free(x);
+        mn_buffer_free(y);
+    }
+#endif
 
     /* ---- KV swap through the engine: demote to T1 (pinned), restore ---- */
     {

@@ -18,6 +18,16 @@
  * $MNEME_CUDA_PINNED_CACHE) and are handed out again for requests of 1/2 to 1 their size;
  * each cached buffer carries events on both streams, waited for before it is reused, in
  * case a queued copy still reads or writes it (cudaFreeHost used to wait for those).
+ *
+ * CUDA graphs: a decode step is ~700 small launches; launched one by one the GPU idles
+ * between them. A run of at least GRAPH_MIN_OPS ops, all of at most GRAPH_MAX_T tokens and
+ * none a WAIT_COPY, is captured into a graph keyed by the ops themselves (each op's kind
+ * and descriptor bytes, attention's max_pos reduced to what the launch reads of it:
+ * mn_cuda_attention_launch_key) plus the scratch area; a later run with the same key
+ * replays the graph. Equal keys mean equal kernel arguments, so a replay does exactly
+ * what launching the ops would. Positions, block tables, sampling parameters and LoRA
+ * segments live in device memory that the forward rewrites before each run, so steady
+ * decoding hits the same key step after step. $MNEME_CUDA_GRAPHS=0 turns this off.
  */
 #include "engine/cuda/backend_cuda.h"
 
@@ -28,8 +38,19 @@
 #include "engine/alloc.h"
 #include "kernels/cuda/ops_cuda.h"
 
-enum { EV_RING = 256, PINNED_CACHE_SLOTS = 64 };
+enum { EV_RING = 256, PINNED_CACHE_SLOTS = 64, GRAPH_SLOTS = 4, GRAPH_MIN_OPS = 16, GRAPH_MAX_T = 64 };
+
+/* A captured run: its key (normalised copies of the ops, the scratch area) and the graph. */
+typedef struct graph_slot {
+    mn_op *key;
+    int n, cap;
+    void *work;
+    size_t work_size;
+    cudaGraphExec_t exec;
+    uint64_t last_use;
+} graph_slot;
 #define PINNED_CACHE_DEFAULT ((size_t)4 << 30)
+#define BLAS_WS_BYTES ((size_t)32 << 20) /* cuBLAS's advice for Hopper */
 
 typedef struct pinned_slot {
     void *ptr;
@@ -53,6 +74,7 @@ typedef struct cuda_impl {
     cudaStream_t compute, copy;
     cudaEvent_t compute_mark;       /* recorded on compute before each copy; the copy waits on it */
     cublasHandle_t blas;
+    void *blas_ws;                  /* cuBLAS workspace (BLAS_WS_BYTES) */
     void *work;                     /* matmul / attention scratch (device), work_size bytes */
     size_t work_size;
     cudaEvent_t ring[EV_RING];
@@ -63,10 +85,24 @@ typedef struct cuda_impl {
     size_t n_weights, cap_weights;
     prepared_mat *mats;             /* bf16 forms of weight matrices (weights_matrix) */
     size_t n_mats, cap_mats;
+    int64_t prepared_min_t;         /* matmuls of at least this many tokens use a prepared bf16 W */
+    struct {                        /* x blocks the last op (a GEMV) left at the start of work */
+        bool valid;
+        const float *x;
+        int64_t x_stride, T, K, block;
+    } xq;
+    bool graphs_on;
+    graph_slot graphs[GRAPH_SLOTS];
+    mn_op *key_scratch;             /* the incoming run's key */
+    int key_cap;
+    uint64_t graph_clock, graph_captures, graph_replays;
+    int graph_misses;               /* captures in a row not replayed since: past 3, capture rarely */
     pinned_slot pinned[PINNED_CACHE_SLOTS]; /* freed pinned buffers kept for reuse */
     int n_pinned;
     size_t pinned_bytes, pinned_cap;
 } cuda_impl;
+
+static void graphs_flush(cuda_impl *c);
 
 static double now_s(void) {
     struct timespec ts;
@@ -91,6 +127,11 @@ static void impl_release(mn_backend *be, cuda_impl *c) {
             if (be) be->used[MN_MEM_DEVICE] -= (size_t)c->mats[i].N * (size_t)c->mats[i].K * 2;
         }
     mn_free(c->mats);
+    for (int i = 0; i < GRAPH_SLOTS; i++) {
+        if (c->graphs[i].exec) cudaGraphExecDestroy(c->graphs[i].exec);
+        mn_free(c->graphs[i].key);
+    }
+    mn_free(c->key_scratch);
     for (int i = 0; i < c->n_pinned; i++) {
         cudaFreeHost(c->pinned[i].ptr);
         cudaEventDestroy(c->pinned[i].copy_done);
@@ -104,6 +145,7 @@ static void impl_release(mn_backend *be, cuda_impl *c) {
         if (c->ring[i]) cudaEventDestroy(c->ring[i]);
     if (c->compute_mark) cudaEventDestroy(c->compute_mark);
     if (c->blas) cublasDestroy(c->blas);
+    if (c->blas_ws) cudaFree(c->blas_ws);
     if (c->copy) cudaStreamDestroy(c->copy);
     if (c->compute) cudaStreamDestroy(c->compute);
     mn_free(c);
@@ -346,6 +388,7 @@ static mn_err cuda_weights_matrix(mn_backend *be, const void *dev, mn_dtype type
         be->used[MN_MEM_DEVICE] += bytes;
     }
     c->mats[c->n_mats++] = (prepared_mat){(const char *)dev, type, N, K, row_bytes, bf, !in_place};
+    graphs_flush(c); /* runs over this matrix launch cuBLAS now */
     return MN_OK;
 }
 
@@ -366,6 +409,11 @@ static const uint16_t *prepared_bf16(const cuda_impl *c, const mn_matmul_desc *d
         return m->bf16 + n0 * m->K + k0;
     }
     return NULL;
+}
+
+static bool prepared_bf16_any(const cuda_impl *c, const mn_matmul_desc *d) {
+    int64_t ldw;
+    return prepared_bf16(c, d, &ldw) != NULL;
 }
 
 static bool cuda_supports_op(mn_backend *be, const mn_op *op) {
@@ -396,7 +444,7 @@ static bool cuda_supports_op(mn_backend *be, const mn_op *op) {
 
 static size_t cuda_op_work_bytes(mn_backend *be, const mn_op *op) {
     int64_t ldw;
-    if (op->kind == MN_OP_MATMUL && op->u.matmul.T > MN_CUDA_GEMV_MAX_T && op->u.matmul.w_type != MN_F32 &&
+    if (op->kind == MN_OP_MATMUL && op->u.matmul.T >= ((cuda_impl *)be->impl)->prepared_min_t && op->u.matmul.w_type != MN_F32 &&
         prepared_bf16(be->impl, &op->u.matmul, &ldw))
         return mn_cuda_matmul_prepared_work_bytes(&op->u.matmul);
     if (op->kind == MN_OP_MATMUL) return mn_cuda_matmul_work_bytes(&op->u.matmul);
@@ -429,16 +477,38 @@ static mn_err cuda_reserve_work(mn_backend *be, size_t bytes, mn_errbuf *eb) {
     return MN_OK;
 }
 
+/* A GEMV matmul; x's activation blocks are quantized only when the previous op did not
+ * leave the same ones in work (q, k, v and gate, up read one x). */
+static mn_err run_gemv(cuda_impl *c, const mn_matmul_desc *d, mn_errbuf *eb) {
+    const int64_t blk = mn_dtype_block_elems(d->w_type);
+    const bool same = c->xq.valid && c->xq.x == d->x && c->xq.x_stride == d->x_stride && c->xq.T == d->T &&
+                      c->xq.K == d->K && c->xq.block == blk;
+    mn_err e = same ? mn_cuda_matmul_gemv_reuse_x(d, c->work, c->work_size, c->compute, eb)
+                    : mn_cuda_matmul_gemv(d, c->work, c->work_size, c->compute, eb);
+    if (e == MN_OK && blk > 1) {
+        c->xq.valid = true;
+        c->xq.x = d->x, c->xq.x_stride = d->x_stride, c->xq.T = d->T, c->xq.K = d->K, c->xq.block = blk;
+    }
+    return e;
+}
+
 /* One flat switch: op kind -> kernel launcher (enqueue only). */
 static mn_err run_op(cuda_impl *c, const mn_op *op, mn_errbuf *eb) {
     cudaStream_t s = c->compute;
+    const bool was_valid = c->xq.valid;
+    c->xq.valid = false; /* any op but a GEMV may overwrite work */
+    if (op->kind == MN_OP_MATMUL && op->u.matmul.T > 0 && op->u.matmul.T <= MN_CUDA_GEMV_MAX_T &&
+        !(op->u.matmul.T >= c->prepared_min_t && op->u.matmul.w_type != MN_F32 && prepared_bf16_any(c, &op->u.matmul))) {
+        c->xq.valid = was_valid;
+        return run_gemv(c, &op->u.matmul, eb);
+    }
     switch (op->kind) {
     case MN_OP_GET_ROWS: return mn_cuda_get_rows(&op->u.get_rows, s, eb);
     case MN_OP_RMSNORM: return mn_cuda_rmsnorm(&op->u.rmsnorm, s, eb);
     case MN_OP_MATMUL: {
         const mn_matmul_desc *d = &op->u.matmul;
         int64_t ldw;
-        const uint16_t *wb = d->T > MN_CUDA_GEMV_MAX_T && d->w_type != MN_F32 ? prepared_bf16(c, d, &ldw) : NULL;
+        const uint16_t *wb = d->T >= c->prepared_min_t && d->w_type != MN_F32 ? prepared_bf16(c, d, &ldw) : NULL;
         if (wb) return mn_cuda_matmul_prepared(d, wb, ldw, c->work, c->work_size, c->blas, s, eb);
         return mn_cuda_matmul(d, c->work, c->work_size, c->blas, s, eb);
     }
@@ -455,6 +525,137 @@ static mn_err run_op(cuda_impl *c, const mn_op *op, mn_errbuf *eb) {
     return mn_errf(eb, MN_EINVALID, "op kind %d unknown", (int)op->kind);
 }
 
+/* Forget every captured graph: what a run launches changed for the same ops (a matrix
+ * got its bf16 form, the GEMV / cuBLAS switch moved). */
+static void graphs_flush(cuda_impl *c) {
+    for (int i = 0; i < GRAPH_SLOTS; i++) c->graphs[i].n = 0; /* the execs stay for cudaGraphExecUpdate */
+}
+
+/* Can ops be captured into a graph? */
+static bool graph_eligible(const mn_backend *be, const cuda_impl *c, const mn_op *ops, int n_ops) {
+    if (!c->graphs_on || be->op_seconds || n_ops < GRAPH_MIN_OPS) return false;
+    for (int i = 0; i < n_ops; i++) {
+        if (ops[i].kind == MN_OP_WAIT_COPY) return false;
+        if (ops[i].kind == MN_OP_MATMUL && ops[i].u.matmul.T > GRAPH_MAX_T) return false;
+    }
+    return true;
+}
+
+/* The key of ops in c->key_scratch: each op zeroed, then its kind and its own descriptor
+ * (the union's other bytes stay zero), attention's max_pos replaced by its launch key. */
+static bool graph_key(cuda_impl *c, const mn_op *ops, int n_ops) {
+    if (n_ops > c->key_cap) {
+        mn_op *k = mn_realloc(c->key_scratch, (size_t)n_ops * sizeof *k);
+        if (!k) return false;
+        c->key_scratch = k;
+        c->key_cap = n_ops;
+    }
+    for (int i = 0; i < n_ops; i++) {
+        mn_op *k = &c->key_scratch[i];
+        memset(k, 0, sizeof *k);
+        k->kind = ops[i].kind;
+        switch (ops[i].kind) {
+        case MN_OP_GET_ROWS: k->u.get_rows = ops[i].u.get_rows; break;
+        case MN_OP_RMSNORM: k->u.rmsnorm = ops[i].u.rmsnorm; break;
+        case MN_OP_MATMUL: k->u.matmul = ops[i].u.matmul; break;
+        case MN_OP_ROPE: k->u.rope = ops[i].u.rope; break;
+        case MN_OP_KV_STORE: k->u.kv_store = ops[i].u.kv_store; break;
+        case MN_OP_ATTENTION:
+            k->u.attention = ops[i].u.attention;
+            k->u.attention.max_pos = mn_cuda_attention_launch_key(&ops[i].u.attention);
+            break;
+        case MN_OP_SILU_MUL: k->u.silu_mul = ops[i].u.silu_mul; break;
+        case MN_OP_ADD: k->u.add = ops[i].u.add; break;
+        case MN_OP_LORA: k->u.lora = ops[i].u.lora; break;
+        case MN_OP_SAMPLE: k->u.sample = ops[i].u.sample; break;
+        default: return false;
+        }
+    }
+    return true;
+}
+
+/* Replay the graph of ops, capturing it first when no slot holds its key. Returns false
+ * when the run must go the plain way (nothing was enqueued then). */
+static bool run_graph(mn_backend *be, cuda_impl *c, const mn_op *ops, int n_ops) {
+    if (!graph_key(c, ops, n_ops)) return false;
+    const size_t key_bytes = (size_t)n_ops * sizeof(mn_op);
+    graph_slot *hit = NULL, *victim = &c->graphs[0];
+    for (int i = 0; i < GRAPH_SLOTS; i++) {
+        graph_slot *g = &c->graphs[i];
+        if (g->exec && g->n == n_ops && g->work == c->work && g->work_size == c->work_size &&
+            memcmp(g->key, c->key_scratch, key_bytes) == 0) {
+            hit = g;
+            break;
+        }
+        if (!g->exec || g->last_use < victim->last_use) victim = g;
+    }
+    c->graph_clock++;
+    if (hit) {
+        if (cudaGraphLaunch(hit->exec, c->compute) != cudaSuccess) {
+            cudaGetLastError();
+            return false;
+        }
+        hit->last_use = c->graph_clock;
+        c->graph_replays++;
+        c->graph_misses = 0;
+        return true;
+    }
+    /* keys that never come back (prefill chunks, changing batches): stop paying for
+     * captures, try again now and then */
+    if (c->graph_misses >= 3 && c->graph_clock % 64 != 0) return false;
+    if (n_ops > victim->cap) {
+        mn_op *k = mn_realloc(victim->key, key_bytes);
+        if (!k) return false;
+        victim->key = k;
+        victim->cap = n_ops;
+    }
+    cudaGraph_t graph = NULL;
+    if (cudaStreamBeginCapture(c->compute, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    mn_errbuf ignore;
+    mn_err e = MN_OK;
+    for (int i = 0; i < n_ops && e == MN_OK; i++) e = run_op(c, &ops[i], &ignore);
+    cudaError_t ce = cudaStreamEndCapture(c->compute, &graph);
+    if (e != MN_OK || ce != cudaSuccess || !graph) {
+        /* an op that cannot be captured: no graphs on this backend from now on */
+        if (graph) cudaGraphDestroy(graph);
+        cudaGetLastError();
+        c->graphs_on = false;
+        return false;
+    }
+    bool ok = false;
+    if (victim->exec) {
+        cudaGraphExecUpdateResultInfo info;
+        ok = cudaGraphExecUpdate(victim->exec, graph, &info) == cudaSuccess;
+        if (!ok) {
+            cudaGetLastError();
+            cudaGraphExecDestroy(victim->exec);
+            victim->exec = NULL;
+        }
+    }
+    if (!ok && cudaGraphInstantiate(&victim->exec, graph, 0) != cudaSuccess) {
+        cudaGetLastError();
+        victim->exec = NULL;
+    }
+    cudaGraphDestroy(graph);
+    if (!victim->exec) return false;
+    memcpy(victim->key, c->key_scratch, key_bytes);
+    victim->n = n_ops;
+    victim->work = c->work;
+    victim->work_size = c->work_size;
+    victim->last_use = c->graph_clock;
+    c->graph_captures++;
+    c->graph_misses++;
+    if (cudaGraphLaunch(victim->exec, c->compute) != cudaSuccess) {
+        cudaGetLastError();
+        victim->n = 0; /* never matched again */
+        return false;
+    }
+    return true;
+}
+
 static mn_err cuda_run(mn_backend *be, const mn_op *ops, int n_ops, mn_errbuf *eb) {
     on_device(be);
     cuda_impl *c = be->impl;
@@ -466,6 +667,9 @@ static mn_err cuda_run(mn_backend *be, const mn_op *ops, int n_ops, mn_errbuf *e
             return mn_errf(eb, MN_EINVALID, "op %d (%s): scratch not reserved (call mn_backend_reserve)", i,
                            mn_op_name(ops[i].kind));
     }
+    c->xq.valid = false; /* work may have been rewritten since the last run */
+    if (graph_eligible(be, c, ops, n_ops) && run_graph(be, c, ops, n_ops)) return MN_OK;
+    c->xq.valid = false;
     /* profiling synchronises after every op so the host clock measures the op itself */
     double t = be->op_seconds ? now_s() : 0.0;
     for (int i = 0; i < n_ops; i++) {
@@ -519,9 +723,26 @@ static mn_err impl_init(cuda_impl *c, mn_errbuf *eb) {
     for (int i = 0; i < EV_RING; i++) MN_CUDA_CHECK(eb, cudaEventCreateWithFlags(&c->ring[i], cudaEventDisableTiming));
     MN_CUBLAS_CHECK(eb, cublasCreate(&c->blas));
     MN_CUBLAS_CHECK(eb, cublasSetStream(c->blas, c->compute));
+    /* a workspace of our own: cuBLAS must not allocate while a CUDA graph is captured */
+    MN_CUDA_CHECK(eb, cudaMalloc(&c->blas_ws, BLAS_WS_BYTES));
+    MN_CUBLAS_CHECK(eb, cublasSetWorkspace(c->blas, c->blas_ws, BLAS_WS_BYTES));
     /* f32 GEMMs stay f32: no TF32 tensor-op shortcut */
     MN_CUBLAS_CHECK(eb, cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH));
     return MN_OK;
+}
+
+void mn_backend_cuda_graph_stats(const mn_backend *be, uint64_t *captures, uint64_t *replays) {
+    const cuda_impl *c = be->impl;
+    *captures = c->graph_captures;
+    *replays = c->graph_replays;
+}
+
+void mn_backend_cuda_set_graphs(mn_backend *be, bool on) { ((cuda_impl *)be->impl)->graphs_on = on; }
+
+void mn_backend_cuda_set_prepared_min_t(mn_backend *be, int64_t t) {
+    cuda_impl *c = be->impl;
+    c->prepared_min_t = t < 1 ? 1 : t;
+    graphs_flush(c);
 }
 
 void *mn_backend_cuda_stream(mn_backend *be) { return ((cuda_impl *)be->impl)->compute; }
@@ -545,6 +766,13 @@ mn_err mn_backend_cuda_new(const mn_backend_params *p, mn_backend **out, mn_errb
         return mn_errf(eb, MN_ENOMEM, "cuda backend: out of host memory");
     }
     c->device = p->device_index;
+    const char *gr = getenv("MNEME_CUDA_GRAPHS");
+    c->graphs_on = !(gr && !strcmp(gr, "0"));
+    const char *pmt = getenv("MNEME_CUDA_PREPARED_MIN_T");
+    /* measured on an H200 (bench_gpu's crossover table, Q4_0 14336 x 4096): the GEMV
+     * 52.3 us at T = 4, cuBLAS on the bf16 copy 52.1; at T = 5 65.2 against 52.0 */
+    c->prepared_min_t = pmt && *pmt ? strtoll(pmt, NULL, 10) : MN_CUDA_PREPARED_MIN_T;
+    if (c->prepared_min_t < 1) c->prepared_min_t = 1;
     const char *cap = getenv("MNEME_CUDA_PINNED_CACHE");
     c->pinned_cap = cap && *cap ? (size_t)strtoull(cap, NULL, 10) : PINNED_CACHE_DEFAULT;
     mn_err e = impl_init(c, eb);

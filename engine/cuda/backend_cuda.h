@@ -31,4 +31,15 @@ mn_err mn_backend_cuda_new(const mn_backend_params *p, mn_backend **out, mn_errb
 void *mn_backend_cuda_stream(mn_backend *be);
 int mn_backend_cuda_device(const mn_backend *be);
 
+/** Matmuls of at least t tokens whose W has a prepared bf16 form (weights_matrix) run on
+ *  cuBLAS with it; fewer tokens run the fused dequant GEMV (T <= MN_CUDA_GEMV_MAX_T).
+ *  Default MN_CUDA_PREPARED_MIN_T, or $MNEME_CUDA_PREPARED_MIN_T. For bench_gpu's
+ *  crossover table. */
+#define MN_CUDA_PREPARED_MIN_T 5
+void mn_backend_cuda_set_prepared_min_t(mn_backend *be, int64_t t);
+/** CUDA graphs of decode runs (backend_cuda.c): on by default ($MNEME_CUDA_GRAPHS=0: off);
+ *  how many runs were captured and how many replayed a captured graph. */
+void mn_backend_cuda_set_graphs(mn_backend *be, bool on);
+void mn_backend_cuda_graph_stats(const mn_backend *be, uint64_t *captures, uint64_t *replays);
+
 #endif

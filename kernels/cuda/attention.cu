@@ -35,13 +35,20 @@
  * every token as a possible start and the other blocks return at once; grid z is
  * (KV head, run of heads). The block shape (tq, heads per run) follows the device's
  * shared memory and changes speed only, never a result.
+ * K/V chunks come in with 16-byte loads, all issued before any is used, when the pool's
+ * rows allow (vec8), and the score dot and the V sums are explicit fmaf chains (four for
+ * the dot): the first H200 run spent 150 us a layer on one decode token at 1024
+ * positions, most of it waiting on one 4-byte load after another. Tried on the H200 and
+ * dropped: 64-position segments (better for one token at 1K positions, worse for batches
+ * and long contexts) and two rows per warp pass with the next chunk's loads in flight
+ * (more registers, fewer blocks per SM: slower everywhere).
  * Precision: f32 online softmax, within the ops.h tolerance 1e-4 * max|V| + 1e-5 of the
  * reference for decode and prefill alike (tests/gpu/test_cuda_attention.c).
  */
 #include "kernels/cuda/cuda_common.cuh"
 
 enum {
-    ATT_WARPS = 4,
+    ATT_WARPS = 8,                         /* rows are dealt to warps: more warps, more rows at once */
     ATT_CHUNK = 32,                        /* positions per chunk: one per lane */
     ATT_SEG = 256,                         /* positions per segment (a multiple of ATT_CHUNK) */
     ATT_ROWS = 64,                         /* most (token, head) rows in one block */
@@ -61,7 +68,20 @@ typedef struct att_shape {
     int32_t ks;       /* floats between K rows in shared memory (odd: no bank conflicts) */
     int32_t nseg_max; /* split: segments of the longest token; 0: unsplit */
     int32_t vec2;     /* K/V rows can be read as pairs of f16 (4-byte aligned) */
+    int32_t vec8;     /* ... and as 8 f16 at a time (16-byte aligned) */
 } att_shape;
+
+/* 16-byte K/V loads of one chunk per thread (vec8): ATT_CHUNK rows of head_dim / 8. */
+enum { ATT_LOADS = ATT_CHUNK * (MN_CUDA_MAX_HEAD_DIM / 8) / (ATT_WARPS * 32) };
+
+__device__ static inline void att_store8(float *dst, uint4 h) {
+    const uint32_t u[4] = {h.x, h.y, h.z, h.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        dst[2 * i] = mn_fp16_to_fp32((uint16_t)(u[i] & 0xffffu));
+        dst[2 * i + 1] = mn_fp16_to_fp32((uint16_t)(u[i] >> 16));
+    }
+}
 
 /* Fold a segment state (pm, pl) into the running (m, l): the scales of the two. */
 __device__ static inline void att_fold_scales(float m, float pm, float *mx, float *a, float *b) {
@@ -134,7 +154,28 @@ __global__ static void attention_kernel(mn_attention_desc d, att_shape sh, float
                 off_s[p] = p < n_load ? mn_kv_offset(&d.kv, seq, c0 + p, g) : 0;
             }
             __syncthreads();
-            if (sh.vec2) {
+            if (sh.vec8) {
+                /* every load of the chunk issued before any is used: one memory round trip */
+                const int32_t h8 = hd / 8, total = ATT_CHUNK * h8;
+                uint4 kq[ATT_LOADS], vq[ATT_LOADS];
+#pragma unroll
+                for (int it = 0; it < ATT_LOADS; it++) {
+                    const int32_t x = (int32_t)threadIdx.x + it * (int32_t)blockDim.x, p = x / h8, i = 8 * (x % h8);
+                    kq[it] = vq[it] = make_uint4(0u, 0u, 0u, 0u);
+                    if (x < total && p < n_load) {
+                        kq[it] = *(const uint4 *)(d.kv.k + off_s[p] + i);
+                        vq[it] = *(const uint4 *)(d.kv.v + off_s[p] + i);
+                    }
+                }
+#pragma unroll
+                for (int it = 0; it < ATT_LOADS; it++) {
+                    const int32_t x = (int32_t)threadIdx.x + it * (int32_t)blockDim.x, p = x / h8, i = 8 * (x % h8);
+                    if (x < total) {
+                        att_store8(k_s + p * sh.ks + i, kq[it]);
+                        att_store8(v_s + p * hd + i, vq[it]);
+                    }
+                }
+            } else if (sh.vec2) {
                 const int32_t hp = hd / 2;
                 for (int32_t x = threadIdx.x; x < ATT_CHUNK * hp; x += blockDim.x) {
                     int32_t p = x / hp, i = 2 * (x % hp);
@@ -167,9 +208,17 @@ __global__ static void attention_kernel(mn_attention_desc d, att_shape sh, float
                 float s = -INFINITY;
                 if (lane < n) {
                     const float *qr = q_s + r * hd, *kr = k_s + lane * sh.ks;
-                    float dot = 0.0f;
-                    for (int32_t i = 0; i < hd; i++) dot += qr[i] * kr[i];
-                    s = dot * d.scale;
+                    /* four independent fma chains (one would wait on each add) */
+                    float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+                    int32_t i = 0;
+                    for (; i + 4 <= hd; i += 4) {
+                        d0 = fmaf(qr[i], kr[i], d0);
+                        d1 = fmaf(qr[i + 1], kr[i + 1], d1);
+                        d2 = fmaf(qr[i + 2], kr[i + 2], d2);
+                        d3 = fmaf(qr[i + 3], kr[i + 3], d3);
+                    }
+                    for (; i < hd; i++) d0 = fmaf(qr[i], kr[i], d0);
+                    s = ((d0 + d1) + (d2 + d3)) * d.scale;
                 }
                 const float m_old = m_s[r];
                 const float cm = fmaxf(m_old, mn__warp_max(s));
@@ -187,7 +236,7 @@ __global__ static void attention_kernel(mn_attention_desc d, att_shape sh, float
 #pragma unroll
                     for (int j = 0; j < ATT_PER_LANE; j++) {
                         int32_t i = lane + 32 * j;
-                        if (i < hd) a[j] += ep * v_s[p * hd + i];
+                        if (i < hd) a[j] = fmaf(ep, v_s[p * hd + i], a[j]);
                     }
                 }
 #pragma unroll
@@ -289,6 +338,8 @@ static int32_t att_split_segments(const mn_attention_desc *d) {
     return nseg >= 2 ? nseg : 0;
 }
 
+int32_t mn_cuda_attention_launch_key(const mn_attention_desc *d) { return att_split_segments(d); }
+
 size_t mn_cuda_attention_work_bytes(const mn_attention_desc *d) {
     int32_t nseg = att_split_segments(d);
     if (!nseg || d->T <= 0 || d->n_head <= 0 || d->head_dim <= 0) return 0;
@@ -311,6 +362,8 @@ mn_err mn_cuda_attention(const mn_attention_desc *d, void *work, size_t work_byt
     sh.ks = hd | 1;
     sh.vec2 = hd % 2 == 0 && d->kv.block_stride % 2 == 0 && ((uintptr_t)d->kv.k & 3) == 0 &&
               ((uintptr_t)d->kv.v & 3) == 0;
+    sh.vec8 = hd % 8 == 0 && d->kv.block_stride % 8 == 0 && ((uintptr_t)d->kv.k & 15) == 0 &&
+              ((uintptr_t)d->kv.v & 15) == 0;
     /* rows per block: as many as the device's shared memory holds, at most ATT_ROWS (the
      * shape changes only speed, never a result) */
     int dev = 0, smem_max = 0;

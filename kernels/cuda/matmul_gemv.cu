@@ -47,7 +47,8 @@ __global__ static void __launch_bounds__(GEMV_WARPS * 32) gemv_kernel(mn_matmul_
     mn__gemv_row<NT>(d, n, xq, mn__gemv_dev_warp());
 }
 
-mn_err mn_cuda_matmul_gemv(const mn_matmul_desc *d, void *work, size_t work_bytes, cudaStream_t s, mn_errbuf *eb) {
+static mn_err gemv_run(const mn_matmul_desc *d, void *work, size_t work_bytes, bool quantize, cudaStream_t s,
+                       mn_errbuf *eb) {
     int64_t be = mn_dtype_block_elems(d->w_type);
     /* element / block alignment the loads assume: 4 bytes for F32, 2 for everything else */
     int64_t al = d->w_type == MN_F32 ? 4 : 2;
@@ -59,7 +60,7 @@ mn_err mn_cuda_matmul_gemv(const mn_matmul_desc *d, void *work, size_t work_byte
     size_t need = mn_cuda_matmul_gemv_work_bytes(d);
     if (work_bytes < need || (need && (!work || (uintptr_t)work % 4 != 0))) /* 4-byte reads of xq */
         return mn_errf(eb, MN_EINVALID, "cuda gemv: %zu scratch bytes given, %zu needed", work_bytes, need);
-    if (be > 1) {
+    if (be > 1 && quantize) {
         int64_t ng = d->K / be;
         unsigned grid = (unsigned)((d->T * ng + GEMV_WARPS - 1) / GEMV_WARPS);
         if (be == MN_QK) gemv_quant_x<MN_QK><<<grid, GEMV_WARPS * 32, 0, s>>>(d->x, d->x_stride, d->T, ng, work);
@@ -77,4 +78,13 @@ mn_err mn_cuda_matmul_gemv(const mn_matmul_desc *d, void *work, size_t work_byte
     }
     MN_CUDA_CHECK_LAUNCH(eb, "gemv_kernel");
     return MN_OK;
+}
+
+mn_err mn_cuda_matmul_gemv(const mn_matmul_desc *d, void *work, size_t work_bytes, cudaStream_t s, mn_errbuf *eb) {
+    return gemv_run(d, work, work_bytes, true, s, eb);
+}
+
+mn_err mn_cuda_matmul_gemv_reuse_x(const mn_matmul_desc *d, void *work, size_t work_bytes, cudaStream_t s,
+                                   mn_errbuf *eb) {
+    return gemv_run(d, work, work_bytes, false, s, eb);
 }

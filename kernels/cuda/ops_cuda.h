@@ -85,6 +85,11 @@ size_t mn_cuda_matmul_gemv_work_bytes(const mn_matmul_desc *d);
  *  tolerance 1e-4 * (sum|x w| + |b|) of the reference (only the f32 order over blocks
  *  differs). MN_EUNSUPPORTED for T > MN_CUDA_GEMV_MAX_T. */
 mn_err mn_cuda_matmul_gemv(const mn_matmul_desc *d, void *work, size_t work_bytes, cudaStream_t s, mn_errbuf *eb);
+/** mn_cuda_matmul_gemv without quantizing x: work already holds x's activation blocks,
+ *  left by the mn_cuda_matmul_gemv just before on the same stream with the same x,
+ *  x_stride, T, K and block size (q, k, v, or gate and up, share their input). */
+mn_err mn_cuda_matmul_gemv_reuse_x(const mn_matmul_desc *d, void *work, size_t work_bytes, cudaStream_t s,
+                                   mn_errbuf *eb);
 /** The bf16 + cuBLAS path of mn_cuda_matmul for any T (mn_cuda_matmul uses it past
  *  MN_CUDA_GEMV_MAX_T); scratch mn_cuda_matmul_cublas_work_bytes. Kept callable for the
  *  timing comparison in tests/gpu. */
@@ -129,6 +134,10 @@ mn_err mn_cuda_attention(const mn_attention_desc *d, void *work, size_t work_byt
 /** Scratch bytes for the split path of d: non-zero when d->max_pos spans two or more
  *  segments, d->T <= 64 and the states fit in 64 MiB. */
 size_t mn_cuda_attention_work_bytes(const mn_attention_desc *d);
+/** What the host side of mn_cuda_attention reads of d->max_pos (the split's segment count;
+ *  the kernels read positions from d->pos): two descriptors equal but for max_pos launch
+ *  the same kernels with the same arguments when their keys are equal (CUDA graphs). */
+int32_t mn_cuda_attention_launch_key(const mn_attention_desc *d);
 mn_err mn_cuda_silu_mul(const mn_silu_mul_desc *d, cudaStream_t s, mn_errbuf *eb);
 mn_err mn_cuda_add(const mn_add_desc *d, cudaStream_t s, mn_errbuf *eb);
 /** lora (kernels/cuda/lora.cu): seg, rows and every a / b device memory; d->max_r (the
