@@ -336,6 +336,19 @@ void mn_session_loaded_free(mn_session_loaded *s) {
     mn_free(s);
 }
 
+/* The last block's slots past n_tokens must be zeros (writers write them so). */
+static mn_err check_tail(const mn_session_image *im, const uint16_t *last, uint64_t bb, const char *nm, uint64_t nb,
+                         mn_errbuf *eb) {
+    uint64_t from, to, run = bb / 2 / (2u * (uint64_t)im->n_layer);
+    tail_range(im, &from, &to);
+    for (uint64_t r = 0; r < 2u * (uint64_t)im->n_layer; r++)
+        for (uint64_t i = from; i < to; i++)
+            if (last[r * run + i])
+                return mn_errf(eb, MN_EFORMAT, "%s: chunk %" PRIu64 ": KV past n_tokens (layer %" PRIu64 " %c, element %"
+                               PRIu64 ") is not zero", nm, nb - 1, r / 2, r % 2 ? 'V' : 'K', i);
+    return MN_OK;
+}
+
 /* Check the header; on success *im holds its fields (pointers NULL), *tab_off etc. the
  * layout, all consistent with each other and with s->len. */
 static mn_err read_header(const source *s, const uint8_t *expect, mn_session_image *im, uint64_t *tok_hash,
@@ -435,7 +448,8 @@ static mn_err read_header(const source *s, const uint8_t *expect, mn_session_ima
     return MN_OK;
 }
 
-static mn_err read_image(const source *s, const uint8_t *expect, mn_session_loaded **out, mn_errbuf *eb) {
+static mn_err read_image(const source *s, const uint8_t *expect, mn_session_block_fn fn, void *ctx,
+                         mn_session_loaded **out, mn_errbuf *eb) {
     mn_session_image im;
     uint64_t tok_hash = 0, tab_hash = 0, bb = 0;
     uint32_t flags = 0;
@@ -507,7 +521,8 @@ static mn_err read_image(const source *s, const uint8_t *expect, mn_session_load
         e = mn_errf(eb, MN_ENOMEM, "%s: %" PRIu64 " blocks of %" PRIu64 " bytes do not fit memory", nm, nb, bb);
         goto fail;
     }
-    L->kv = nb ? mn_aligned_alloc(64, (size_t)(nb * bb)) : NULL;
+    /* with a sink: one block buffer, reused (it stays in cache), instead of the image */
+    L->kv = nb ? mn_aligned_alloc(64, (size_t)(fn ? bb : nb * bb)) : NULL;
     scratch = nb ? mn_malloc((size_t)bb) : NULL;
     if (nb && (!L->kv || !scratch)) {
         e = mn_errf(eb, MN_ENOMEM, "%s: out of memory for %" PRIu64 " bytes of KV", nm, nb * bb);
@@ -516,7 +531,7 @@ static mn_err read_image(const source *s, const uint8_t *expect, mn_session_load
     for (uint64_t b = 0; b < nb; b++) {
         const uint8_t *t = table + b * ENTRY_BYTES;
         uint64_t co = get64(t), cb = get64(t + 8);
-        uint16_t *dst = L->kv + b * (bb / 2);
+        uint16_t *dst = fn ? L->kv : L->kv + b * (bb / 2);
         int stored = (flags & FLAG_STORED_CHUNKS) && cb == bb;
         /* a stored chunk is read straight into its place (one copy from the page cache) */
         if ((e = src_get(s, co, (size_t)cb, stored ? (uint8_t *)dst : tmp, &p, "a chunk", eb)) != MN_OK) goto fail;
@@ -526,24 +541,26 @@ static mn_err read_image(const source *s, const uint8_t *expect, mn_session_load
             goto fail;
         }
         mn_errbuf ceb;
+        const uint16_t *blk = dst;
         if (stored) {
-            if (p != (const uint8_t *)dst) memcpy(dst, p, (size_t)bb);
+            /* a sink reads a stored chunk where it lies in memory (2-byte aligned) */
+            if (fn && p != (const uint8_t *)dst && (uintptr_t)p % 2 == 0) blk = (const uint16_t *)p;
+            else if (p != (const uint8_t *)dst) memcpy(dst, p, (size_t)bb);
         } else if (mn_kvcodec_decompress_ex(p, (size_t)cb, dst, (size_t)bb, scratch, &ceb) != MN_OK) {
             e = mn_errf(eb, MN_EFORMAT, "%s: chunk %" PRIu64 " at offset %" PRIu64 ": %s", nm, b, co, ceb.msg);
             goto fail;
         }
+        if (fn) {
+            if (b + 1 == nb && (e = check_tail(&im, blk, bb, nm, nb, eb)) != MN_OK) goto fail;
+            if ((e = fn(ctx, &im, (int32_t)b, blk, eb)) != MN_OK) goto fail;
+        }
     }
-    if (nb) {
-        uint64_t from, to, run = bb / 2 / (2u * (uint64_t)im.n_layer);
-        tail_range(&im, &from, &to);
-        const uint16_t *last = L->kv + (nb - 1) * (bb / 2);
-        for (uint64_t r = 0; r < 2u * (uint64_t)im.n_layer; r++)
-            for (uint64_t i = from; i < to; i++)
-                if (last[r * run + i]) {
-                    e = mn_errf(eb, MN_EFORMAT, "%s: chunk %" PRIu64 ": KV past n_tokens (layer %" PRIu64 " %c, element %"
-                                PRIu64 ") is not zero", nm, nb - 1, r / 2, r % 2 ? 'V' : 'K', i);
-                    goto fail;
-                }
+    if (nb && !fn) {
+        if ((e = check_tail(&im, L->kv + (nb - 1) * (bb / 2), bb, nm, nb, eb)) != MN_OK) goto fail;
+    }
+    if (fn) { /* the blocks went to the sink */
+        mn_free(L->kv);
+        L->kv = NULL;
     }
     L->img = im;
     L->img.tokens = L->tokens;
@@ -564,15 +581,25 @@ fail:
     return e;
 }
 
-mn_err mn_session_read_mem(const void *p, size_t len, const uint8_t expect_model_fp[16], mn_session_loaded **out,
-                           mn_errbuf *eb) {
+mn_err mn_session_read_mem_blocks(const void *p, size_t len, const uint8_t expect_model_fp[16], mn_session_block_fn fn,
+                                  void *ctx, mn_session_loaded **out, mn_errbuf *eb) {
     static const uint8_t empty[1] = {0};
     source s = {.mem = p ? p : empty, .fd = -1, .name = "session stream", .len = p ? len : 0};
-    return read_image(&s, expect_model_fp, out, eb);
+    return read_image(&s, expect_model_fp, fn, ctx, out, eb);
+}
+
+mn_err mn_session_read_mem(const void *p, size_t len, const uint8_t expect_model_fp[16], mn_session_loaded **out,
+                           mn_errbuf *eb) {
+    return mn_session_read_mem_blocks(p, len, expect_model_fp, NULL, NULL, out, eb);
 }
 
 mn_err mn_session_read_file(const char *path, const uint8_t expect_model_fp[16], mn_session_loaded **out,
                             mn_errbuf *eb) {
+    return mn_session_read_file_blocks(path, expect_model_fp, NULL, NULL, out, eb);
+}
+
+mn_err mn_session_read_file_blocks(const char *path, const uint8_t expect_model_fp[16], mn_session_block_fn fn,
+                                   void *ctx, mn_session_loaded **out, mn_errbuf *eb) {
     size_t nl = strlen(path) + 16;
     char *name = mn_malloc(nl);
     if (!name) return mn_errf(eb, MN_ENOMEM, "session file %s: out of memory", path);
@@ -586,7 +613,7 @@ mn_err mn_session_read_file(const char *path, const uint8_t expect_model_fp[16],
         e = mn_errf(eb, MN_EIO, "%s: not a regular file", name);
     else {
         source s = {.mem = NULL, .fd = fd, .name = name, .len = (uint64_t)st.st_size};
-        e = read_image(&s, expect_model_fp, out, eb);
+        e = read_image(&s, expect_model_fp, fn, ctx, out, eb);
     }
     if (fd >= 0) close(fd);
     mn_free(name);

@@ -87,6 +87,21 @@ mn_err mn_session_read_file(const char *path, const uint8_t expect_model_fp[16],
 mn_err mn_session_read_mem(const void *p, size_t len, const uint8_t expect_model_fp[16], mn_session_loaded **out,
                            mn_errbuf *eb);
 
+/** A sink for the blocks of a session being read: block b's KV of every layer
+ *  ([layer][K|V][block_elems] f16, as in mn_session_image), already checked (checksum,
+ *  decompression, the last block's zero tail), valid only during the call; im is the
+ *  checked header (its pointers NULL). Blocks come in order 0, 1, ...; an error returned
+ *  stops the read and is its result. */
+typedef mn_err (*mn_session_block_fn)(void *ctx, const mn_session_image *im, int32_t b, const uint16_t *kv,
+                                      mn_errbuf *eb);
+/** mn_session_read_file / _mem handing each block to fn instead of keeping an image:
+ *  (*out)->kv and img.kv are NULL. The whole KV never sits in one fresh buffer (a T3 or
+ *  T2 restore on the CPU backend writes it straight into pool blocks). On an error the
+ *  sink may have seen some blocks: the caller undoes what it did with them. */
+mn_err mn_session_read_file_blocks(const char *path, const uint8_t expect_model_fp[16], mn_session_block_fn fn,
+                                   void *ctx, mn_session_loaded **out, mn_errbuf *eb);
+mn_err mn_session_read_mem_blocks(const void *p, size_t len, const uint8_t expect_model_fp[16], mn_session_block_fn fn,
+                                  void *ctx, mn_session_loaded **out, mn_errbuf *eb);
 /** MN_EMISMATCH (both fingerprints in hex) unless s was saved with adapter expect
  *  (all zeros = no adapter). */
 mn_err mn_session_check_adapter(const mn_session_loaded *s, const uint8_t expect[16], mn_errbuf *eb);

@@ -19,6 +19,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -227,9 +228,16 @@ static void drop_file(mn_session *s) {
 
 /* Install a finished lift: s becomes a T1 session holding the loaded image. On failure s
  * keeps its tier (and gets its T2 stream back) and *err / msg say why. */
+static mn_err check_loaded(const mn_engine *e, const mn_session *s, const mn_session_image *im, mn_errbuf *eb);
+
 static void lift_install(mn_engine *e, tier_job *j) {
     mn_session *s = j->s;
     s->job = NULL;
+    mn_errbuf ceb;
+    if (j->err == MN_OK && check_loaded(e, s, &j->ld->img, &ceb) != MN_OK) { /* a file replaced under us */
+        j->err = MN_EMISMATCH;
+        snprintf(j->msg, sizeof j->msg, "%s", ceb.msg);
+    }
     if (j->err != MN_OK) {
         if (j->from == 2) {
             s->packed = j->packed;
@@ -608,6 +616,65 @@ void mn__tier_refill(mn_engine *e) {
     if (demoted) rebalance(e, NULL);
 }
 
+/* A T2 / T3 image must be this session's: its KV geometry and length (the file could have
+ * been replaced under us; copying by the session's length would then overrun it). */
+static mn_err check_loaded(const mn_engine *e, const mn_session *s, const mn_session_image *im, mn_errbuf *eb) {
+    const mn_kv_pool *p = e->kv;
+    if (im->n_tokens != s->n_computed || im->n_layer != p->n_layer || im->n_kv_head != mn__engine_kv_heads(e) ||
+        im->head_dim != p->head_dim || im->block_size != p->block_size)
+        return mn_errf(eb, MN_EMISMATCH, "session %s: its saved KV (%d tokens; layers %d, kv heads %d, head dim %d, "
+                       "block %d) is not what the session holds (%d tokens; %d, %d, %d, %d)", s->id, im->n_tokens,
+                       im->n_layer, im->n_kv_head, im->head_dim, im->block_size, s->n_computed, p->n_layer,
+                       mn__engine_kv_heads(e), p->head_dim, p->block_size);
+    return MN_OK;
+}
+
+/* Straight into the pool (CPU backend: its blocks are host memory): each block of the T2
+ * or T3 image is checked and copied to its pool blocks as it is read, so the whole KV never
+ * sits in a fresh image buffer (at 2K tokens on SmolLM2, faulting in that buffer and the
+ * second copy were ~30 of the ~80 ms of a T3 turn). */
+typedef struct pool_sink {
+    mn_engine *e;
+    mn_session *s;
+} pool_sink;
+
+static mn_err pool_sink_block(void *ctx, const mn_session_image *im, int32_t b, const uint16_t *kv, mn_errbuf *eb) {
+    pool_sink *ps = ctx;
+    mn_kv_pool *p = ps->e->kv;
+    if (b == 0) {
+        mn_err err = check_loaded(ps->e, ps->s, im, eb);
+        if (err != MN_OK) return err;
+    }
+    if (b >= ps->s->seq.n_blocks) return mn_errf(eb, MN_EFORMAT, "session %s: saved block %d past its %d", ps->s->id, b,
+                                                 ps->s->seq.n_blocks);
+    const int64_t per_kind = (int64_t)p->n_blocks * p->block_elems, id = ps->s->seq.blocks[b];
+    uint16_t *pool = p->buf->ptr;
+    for (int32_t l = 0; l < p->n_layer; l++)
+        for (int k = 0; k < 2; k++)
+            memcpy(pool + ((int64_t)l * 2 + k) * per_kind + id * p->block_elems,
+                   kv + ((int64_t)l * 2 + k) * p->block_elems, (size_t)p->block_elems * sizeof(uint16_t));
+    return MN_OK;
+}
+
+static mn_err load_into_pool(mn_engine *e, mn_session *s, mn_errbuf *eb) {
+    mn_kv_pool *p = e->kv;
+    mn_kv_pool_sort_free(p);
+    mn_err err = mn_kv_seq_reserve(p, &s->seq, s->n_computed, eb);
+    if (err != MN_OK) return err;
+    pool_sink ps = {e, s};
+    mn_session_loaded *ld = NULL;
+    err = s->tier == 3 ? mn_session_read_file_blocks(s->file, e->m->fingerprint, pool_sink_block, &ps, &ld, eb)
+                       : mn_session_read_mem_blocks(s->packed, s->packed_len, e->m->fingerprint, pool_sink_block, &ps, &ld, eb);
+    if (err == MN_OK) err = check_loaded(e, s, &ld->img, eb); /* also when there were no blocks */
+    mn_session_loaded_free(ld);
+    if (err != MN_OK) {
+        mn_kv_seq_release(p, &s->seq); /* blocks some of which hold part of the image: not the session's */
+        return err;
+    }
+    s->seq.n_tokens = s->n_computed;
+    return MN_OK;
+}
+
 mn_err mn__tier_ensure_resident(mn_engine *e, mn_session *s, mn_errbuf *eb) {
     lift_settle(e, s); /* a failed lift leaves s where it was: read again below, for the error */
     if (s->tier == 0) return MN_OK;
@@ -615,8 +682,17 @@ mn_err mn__tier_ensure_resident(mn_engine *e, mn_session *s, mn_errbuf *eb) {
     mn_session_loaded *ld = NULL;
     int32_t n_blocks = (s->n_computed + e->bs - 1) / e->bs;
     mn_err err = mn__tier_make_room(e, n_blocks, s, eb);
-    if (err == MN_OK) err = read_tier(e, s, &kv, &ld, eb);
-    if (err == MN_OK) err = mn__session_scatter_kv(e, s, kv, s->n_computed, NULL, eb);
+    /* $MNEME_RESTORE_VIA_IMAGE=1: the image path on the CPU backend too (bench A/B) */
+    static int via_image = -1;
+    if (via_image < 0) via_image = getenv("MNEME_RESTORE_VIA_IMAGE") && !strcmp(getenv("MNEME_RESTORE_VIA_IMAGE"), "1");
+    if (err == MN_OK && (s->tier == 2 || s->tier == 3) && !e->tp && !via_image &&
+        !strcmp(mn_backend_name(e->kv->backend), "cpu")) {
+        err = load_into_pool(e, s, eb);
+    } else {
+        if (err == MN_OK) err = read_tier(e, s, &kv, &ld, eb);
+        if (err == MN_OK && ld) err = check_loaded(e, s, &ld->img, eb);
+        if (err == MN_OK) err = mn__session_scatter_kv(e, s, kv, s->n_computed, NULL, eb);
+    }
     mn_session_loaded_free(ld);
     if (err != MN_OK) return err;
     e->swapped_in[s->tier] += s->tier == 3 ? (int64_t)n_blocks * e->bs * mn__engine_bytes_per_token(e) : s->host_bytes;

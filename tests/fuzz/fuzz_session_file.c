@@ -1,7 +1,10 @@
 /* tests/fuzz/fuzz_session_file.c — libFuzzer target for the session file reader.
  *
  * Reads the input with mn_session_read_mem from an exact-size copy (a read one byte past the
- * end is an ASan error). A failure must come with a message and no object; a success must
+ * end is an ASan error), and once more with mn_session_read_mem_blocks (the T2/T3 restore
+ * into pool blocks reads that way): the same verdict, and for inputs that load the same
+ * blocks as the image, in order.
+ * A failure must come with a message and no object; a success must
  * give counts that agree with each other, and every token, role and KV element is touched
  * (a short allocation shows up under ASan). Inputs that load are also read with a model
  * fingerprint that does not match, which must never succeed. Each input is read twice: as
@@ -43,10 +46,40 @@ static void fix_checksums(uint8_t *p, size_t n) {
     wr64(p + 168, mn_hash64(p, 168, 0));
 }
 
+/* The block sink (mn_session_read_mem_blocks): each block handed over must equal the
+ * image reader's block b, in order, every element touched. */
+typedef struct sink_check {
+    const mn_session_loaded *ref; /* NULL: the image reader refused the input */
+    int32_t next;
+} sink_check;
+
+static mn_err sink_block(void *ctx, const mn_session_image *im, int32_t b, const uint16_t *kv, mn_errbuf *eb) {
+    (void)eb;
+    sink_check *c = ctx;
+    if (b != c->next++ || b >= im->n_blocks) abort();
+    uint64_t bb = mn_session_block_bytes(im->n_layer, im->n_kv_head, im->head_dim, im->block_size);
+    if (c->ref && memcmp(kv, c->ref->kv + (uint64_t)b * bb / 2, (size_t)bb) != 0) abort();
+    if (!c->ref) { /* a refused input may hand over blocks before its bad one: each is whole */
+        uint64_t acc = 0;
+        for (uint64_t i = 0; i < bb / 2; i++) acc += kv[i];
+        if (acc == 0x5a5a5a5a5a5aull) c->next += 0;
+    }
+    return MN_OK;
+}
+
 static void one(uint8_t *copy, size_t size) {
     mn_errbuf eb = {{0}};
     mn_session_loaded *L = NULL;
     mn_err e = mn_session_read_mem(copy, size, NULL, &L, &eb);
+    {   /* the block reader gives the same verdict and the same blocks */
+        sink_check c = {e == MN_OK ? L : NULL, 0};
+        mn_session_loaded *B = NULL;
+        mn_errbuf eb2 = {{0}};
+        mn_err e2 = mn_session_read_mem_blocks(copy, size, NULL, sink_block, &c, &B, &eb2);
+        if (c.ref && (e2 != MN_OK || !B || B->kv || c.next != L->img.n_blocks)) abort();
+        if (!c.ref && (e2 == MN_OK || B || !eb2.msg[0])) abort();
+        mn_session_loaded_free(B);
+    }
     if (e != MN_OK) {
         if (L || !eb.msg[0]) abort();
     } else {

@@ -419,6 +419,24 @@ static void test_lift_in_background(void **state) {
     int32_t one = 200;
     assert_int_not_equal(mn_session_append_tokens(e, bad, &one, 1, MN_ROLE_NONE, &eb), MN_OK);
     printf("damaged T3 file, lift refused: %s\n", eb.msg);
+
+    /* another (shorter) session's file in its place, checksums all good: refused by the
+     * lift (its image would be read past its end as this session's), not installed */
+    mn_session *big = demoted(e, prompts[1], 3), *small;
+    char bigp[256];
+    snprintf(bigp, sizeof bigp, "%s/%s.mns", dir, mn_session_id(big));
+    if (mn_session_create(e, NULL, &small, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    if (mn_session_append_text(e, small, MN_ROLE_NONE, "Hi.", 3, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    assert_int_equal(mn_session_save(e, small, bigp, &eb), MN_OK); /* over big's T3 file */
+    mn_session_delete(e, small);
+    stream sbig = {0};
+    if (mn_session_submit_text(e, big, MN_ROLE_NONE, more, strlen(more), &eb) != MN_OK) fail_msg("%s", eb.msg);
+    if (mn_session_generate_start(e, big, &g, on_token, on_done, &sbig, &eb) != MN_OK) fail_msg("%s", eb.msg);
+    run_steps_lifting(e);
+    assert_int_equal(sbig.n_done, 1);
+    assert_int_equal(sbig.err, MN_EMISMATCH);
+    assert_int_equal(sbig.n_tokens, 0);
+    assert_string_equal(tier_of(e, big), "T3");
     mn_engine_free(e);
     DIR *dd = opendir(dir);
     struct dirent *de;
