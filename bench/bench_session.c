@@ -11,7 +11,8 @@
  * and prints ms, the ratios to resident, the restore GB/s and the T2 compression ratio.
  * and the append-only cost (5 tokens, no generation) of the resident session against a new
  * one: appending to a long session should cost about what appending to a short one does.
- *   usage: bench_session [-m MODEL] [-t THREADS] [--quick] [--no-recompute] [--split] [L ...]
+ *   usage: bench_session [-m MODEL] [-t THREADS] [--quick] [--no-recompute] [--split] [--sync] [L ...]
+ *   --sync          only the blocking restore from T2 / T3 (sync_restores below)
  *   --quick         resident and new only (skips the tiers and the recompute)
  *   --no-recompute  skips the recompute (68 s at 8K on one core)
  *   --split  then, for each L, where a T3 turn's time goes: the same stream saved to a file
@@ -209,15 +210,57 @@ static void split(mn_engine *e, const int32_t *toks, int32_t L, const char *dir,
     mn_session_delete(e, s);
 }
 
+/* --sync: a blocking promotion (what fork, rewind, save and export do) from T2 and T3,
+ * through a host image and then the pool (MNEME_RESTORE_VIA_IMAGE=1) against straight into
+ * the pool blocks, interleaved, best of 7 each. */
+static int sync_restores(mn_model *m, const int32_t *lens, int n_lens, int32_t max_len) {
+    mn_errbuf eb;
+    char dir[] = "/tmp/mneme-bench-sync-XXXXXX";
+    if (!mkdtemp(dir)) { perror("mkdtemp"); return 1; }
+    mn_engine_params ep = {.block_size = 16, .n_blocks = 3 * (max_len / 16 + 8), .max_batch_tokens = 512, .persist_dir = dir};
+    mn_engine *e;
+    if (mn_engine_new(m, &ep, &e, &eb) != MN_OK) die("engine", &eb);
+    int32_t *toks = malloc((size_t)max_len * sizeof(int32_t));
+    for (int32_t i = 0; i < max_len; i++) toks[i] = 100 + (int32_t)((i * 7919u) % 40000u);
+    printf("blocking restore (fork of a demoted session), ms, best of 7\n%7s %4s %10s %10s %7s\n", "history", "tier",
+           "via image", "into pool", "ratio");
+    for (int li = 0; li < n_lens; li++) {
+        mn_session *s, *fk;
+        if (mn_session_create(e, NULL, &s, &eb) != MN_OK) die("create", &eb);
+        if (mn_session_append_tokens(e, s, toks, lens[li], MN_ROLE_USER, &eb) != MN_OK) die("prefill", &eb);
+        for (int tier = 2; tier <= 3; tier++) {
+            double best[2] = {1e9, 1e9};
+            for (int r = 0; r < 14; r++) {
+                int via = r % 2 == 0;
+                setenv("MNEME_RESTORE_VIA_IMAGE", via ? "1" : "0", 1);
+                if (mn_session_demote(e, s, tier, &eb) != MN_OK) die("demote", &eb);
+                double t0 = now_s() * 1e3;
+                if (mn_session_fork(e, s, &fk, &eb) != MN_OK) die("fork", &eb);
+                double t = now_s() * 1e3 - t0;
+                mn_session_delete(e, fk);
+                if (t < best[via ? 0 : 1]) best[via ? 0 : 1] = t;
+            }
+            printf("%7d   T%d %10.2f %10.2f %7.2f\n", lens[li], tier, best[0], best[1], best[0] / best[1]);
+        }
+        mn_session_delete(e, s);
+    }
+    unsetenv("MNEME_RESTORE_VIA_IMAGE");
+    mn_engine_free(e);
+    free(toks);
+    rmdir(dir);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     const char *model_path = NULL;
     int threads = 0;
     int32_t lens[16];
-    int n_lens = 0, quick = 0, no_recompute = 0, do_split = 0;
+    int n_lens = 0, quick = 0, no_recompute = 0, do_split = 0, do_sync = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--quick")) quick = 1;
         else if (!strcmp(argv[i], "--no-recompute")) no_recompute = 1;
         else if (!strcmp(argv[i], "--split")) do_split = 1;
+        else if (!strcmp(argv[i], "--sync")) do_sync = 1;
         else if (!strcmp(argv[i], "-m") && i + 1 < argc) model_path = argv[++i];
         else if (!strcmp(argv[i], "-t") && i + 1 < argc) threads = atoi(argv[++i]);
         else if (n_lens < 16) lens[n_lens++] = atoi(argv[i]);
@@ -232,6 +275,7 @@ int main(int argc, char **argv) {
     if (mn_model_load(model_path, be, NULL, &m, &eb) != MN_OK) die(model_path, &eb);
     int32_t max_len = 0;
     for (int i = 0; i < n_lens; i++) max_len = lens[i] > max_len ? lens[i] : max_len;
+    if (do_sync) return sync_restores(m, lens, n_lens, max_len);
     char dir[] = "/tmp/mneme-bench-session-XXXXXX";
     if (!mkdtemp(dir)) { perror("mkdtemp"); return 1; }
     mn_engine_params ep = {.block_size = 16, .n_blocks = 3 * (max_len / 16 + 8), .max_batch_tokens = 512, .persist_dir = dir};

@@ -176,8 +176,9 @@ void mn__tier_restore_finish(mn_engine *e);
 void mn__tier_refill(mn_engine *e);
 /* give finished background demotions' blocks back to the pool; wait: also the others */
 void mn__tier_drain(mn_engine *e, bool wait);
-/* wait up to `seconds` for any background job to finish, then install what finished */
-void mn__tier_wait_any(mn_engine *e, double seconds);
+/* wait up to `seconds` for any background job to finish, then install what finished;
+ * true if a job had finished (something was installed or given back) */
+bool mn__tier_wait_any(mn_engine *e, double seconds);
 /* session.c */
 void mn__prefix_evict_unused(mn_engine *e);
 /* a step (or a lift) failed for s: drop its pending tokens; reported at the end of the step */
