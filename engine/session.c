@@ -814,8 +814,7 @@ mn_err mn_engine_step(mn_engine *e, bool *did_work, mn_errbuf *eb) {
             for (int32_t k = 0; k < ns; k++) mn__session_fail(e, e->b_sess[k], err, eb ? eb->msg : NULL);
     }
     /* nothing to run but a lift on the way: wait for it a little rather than spin */
-    /* (a lift installed meanwhile is progress: straight into the pool it leaves the session
-     * ready for the next step) */
+    /* a lift installed meanwhile is progress: the next step can take its session */
     if (err == MN_OK && !*did_work && lifting && mn__tier_wait_any(e, 0.002)) *did_work = true;
     mn__tier_restore_finish(e);
     mn__tier_refill(e); /* before the callbacks: they may submit, and a session with work is not idle */

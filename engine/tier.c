@@ -14,10 +14,11 @@
  * KV bits back, so a promoted session continues bit-identically.
  * Tokens submitted to a session in T2 or T3 start its promotion at once: the worker
  * reads and decompresses it into a T1 image (a lift) while the engine keeps stepping the
- * other sessions; the step that finds the lift done copies the image into the pool. On the
- * CPU backend (pool blocks are host memory) the engine reserves the session's blocks when
- * the lift starts and the worker writes each checked block straight into them: no image,
- * no second copy; the install only hands the blocks to the session. */
+ * other sessions; the step that finds the lift done copies the image into the pool.
+ * (Lifting straight into pool blocks reserved at the start was tried on the CPU backend:
+ * the lift took 13-19 ms against 11-17 through a reused image and the turn was no faster,
+ * so lifts keep the image; the blocking restores of ensure_resident do go straight into
+ * the pool, 1.8-2.9x faster than through an image: bench_session --sync.) */
 #include <dirent.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -55,41 +56,7 @@ typedef struct mn__tier_job {
     uint8_t *packed;          /* T2 result */
     size_t packed_len;
     mn_err err;
-    /* a lift straight into the pool (CPU backend): blocks reserved by the engine thread at
-     * the start, written by the worker, owned by the job until installed or given back */
-    mn_kv_pool *pool;         /* non-NULL: this kind of lift */
-    mn_kv_seq seq;
-    mn_session_image expect;  /* the geometry and length the stream must have */
 } tier_job;
-
-static mn_err image_matches(const mn_session_image *want, const mn_session_image *im, const char *what, mn_errbuf *eb) {
-    if (im->n_tokens != want->n_tokens || im->n_layer != want->n_layer || im->n_kv_head != want->n_kv_head ||
-        im->head_dim != want->head_dim || im->block_size != want->block_size)
-        return mn_errf(eb, MN_EMISMATCH, "%s: its saved KV (%d tokens; layers %d, kv heads %d, head dim %d, block %d) is "
-                       "not what the session holds (%d tokens; %d, %d, %d, %d)", what, im->n_tokens, im->n_layer,
-                       im->n_kv_head, im->head_dim, im->block_size, want->n_tokens, want->n_layer, want->n_kv_head,
-                       want->head_dim, want->block_size);
-    return MN_OK;
-}
-
-/* Block b of a stream being read, to its pool blocks: the lift's sink (worker thread; the
- * blocks are the job's, nobody else reads or writes them). */
-static mn_err job_pool_block(void *ctx, const mn_session_image *im, int32_t b, const uint16_t *kv, mn_errbuf *eb) {
-    tier_job *j = ctx;
-    mn_kv_pool *p = j->pool;
-    if (b == 0) {
-        mn_err err = image_matches(&j->expect, im, "tier lift", eb);
-        if (err != MN_OK) return err;
-    }
-    if (b >= j->seq.n_blocks) return mn_errf(eb, MN_EFORMAT, "tier lift: saved block %d past %d", b, j->seq.n_blocks);
-    const int64_t per_kind = (int64_t)p->n_blocks * p->block_elems, id = j->seq.blocks[b];
-    uint16_t *pool = p->buf->ptr;
-    for (int32_t l = 0; l < p->n_layer; l++)
-        for (int k = 0; k < 2; k++)
-            memcpy(pool + ((int64_t)l * 2 + k) * per_kind + id * p->block_elems,
-                   kv + ((int64_t)l * 2 + k) * p->block_elems, (size_t)p->block_elems * sizeof(uint16_t));
-    return MN_OK;
-}
 
 typedef struct mn__tier_worker {
     pthread_t thread;
@@ -113,11 +80,8 @@ static void *worker_main(void *arg) {
         if (!w->queue) w->queue_tail = NULL;
         pthread_mutex_unlock(&w->mu);
         mn_errbuf eb;
-        mn_session_block_fn sink = j->pool ? job_pool_block : NULL;
-        if (j->to == 1 && j->from == 2)
-            j->err = mn_session_read_mem_blocks(j->packed, j->packed_len, j->model_fp, sink, j, &j->ld, &eb);
-        else if (j->to == 1)
-            j->err = mn_session_read_file_blocks(j->path, j->model_fp, sink, j, &j->ld, &eb);
+        if (j->to == 1 && j->from == 2) j->err = mn_session_read_mem(j->packed, j->packed_len, j->model_fp, &j->ld, &eb);
+        else if (j->to == 1) j->err = mn_session_read_file(j->path, j->model_fp, &j->ld, &eb);
         else if (j->to == 2) j->err = mn_session_write_mem(&j->img, &j->packed, &j->packed_len, &eb);
         else j->err = mn_session_write_file(j->path, &j->img, &eb);
         if (j->err != MN_OK) snprintf(j->msg, sizeof j->msg, "%s", eb.msg);
@@ -151,7 +115,6 @@ static void t1_free(mn_engine *e, mn_session *s) {
 }
 
 static void job_free(tier_job *j) {
-    if (j->pool) mn_kv_seq_release(j->pool, &j->seq); /* not installed: the blocks go back */
     mn_free(j->tokens);
     mn_free(j->roles);
     if (j->buf_owned) mn_buffer_free(j->buf_owned);
@@ -246,25 +209,6 @@ mn_err mn__tier_lift_start(mn_engine *e, mn_session *s, mn_errbuf *eb) {
     j->to = 1;
     j->from = s->tier;
     j->model_fp = e->m->fingerprint;
-    /* CPU backend: the worker writes the blocks straight into the pool, so the turn pays no
-     * image (faulting in a fresh image and copying it to the pool were most of a T3 lift).
-     * Without room for the blocks now, the lift goes through a T1 image as elsewhere. */
-    const char *vi = getenv("MNEME_RESTORE_VIA_IMAGE");
-    if (!e->tp && !(vi && !strcmp(vi, "1")) && !strcmp(mn_backend_name(e->kv->backend), "cpu")) {
-        mn_errbuf ignore;
-        int32_t n_blocks = (s->n_computed + e->bs - 1) / e->bs;
-        if (mn__tier_make_room(e, n_blocks, s, &ignore) == MN_OK) {
-            mn_kv_pool_sort_free(e->kv);
-            if (mn_kv_seq_reserve(e->kv, &j->seq, s->n_computed, &ignore) == MN_OK) {
-                j->pool = e->kv;
-                mn__session_fill_image(e, s, NULL, n_blocks, &j->expect);
-                j->expect.tokens = NULL; /* the worker reads the geometry and length only */
-                j->expect.roles = NULL;
-            } else {
-                mn_kv_seq_release(e->kv, &j->seq);
-            }
-        }
-    }
     if (s->tier == 2) { /* the job owns the stream while it reads; accounting stays with s */
         j->packed = s->packed;
         j->packed_len = s->packed_len;
@@ -297,22 +241,6 @@ static void lift_install(mn_engine *e, tier_job *j) {
     if (j->err == MN_OK && check_loaded(e, s, &j->ld->img, &ceb) != MN_OK) { /* a file replaced under us */
         j->err = MN_EMISMATCH;
         snprintf(j->msg, sizeof j->msg, "%s", ceb.msg);
-    }
-    if (j->err == MN_OK && j->pool) { /* the KV is in the job's pool blocks: s is T0 now */
-        if (j->from == 2) e->tier_used[2] -= s->host_bytes;
-        else drop_file(s);
-        e->swapped_in[j->from] += j->from == 2 ? s->host_bytes
-                                               : (int64_t)j->seq.n_blocks * e->bs * mn__engine_bytes_per_token(e);
-        s->seq = j->seq;
-        s->seq.n_tokens = s->n_computed;
-        memset(&j->seq, 0, sizeof j->seq);
-        j->pool = NULL;
-        s->packed_len = 0;
-        s->host_bytes = 0;
-        s->host_blocks = 0;
-        s->tier = 0;
-        s->last_step = e->n_steps;
-        return;
     }
     if (j->err != MN_OK) {
         if (j->from == 2) {
