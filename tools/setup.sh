@@ -71,6 +71,14 @@ if [ "${MNEME_SKIP_BUILD:-0}" != 1 ]; then
   if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
     cuda=(-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc)
   fi
+  # kernels for the GPUs of this machine (a 4090 is sm_89, an A100 sm_80: code built for
+  # sm_90 alone does not run there); without a GPU the default (90) is a compile check.
+  # A build for several kinds of GPU: -DMNEME_CUDA_ARCHS="80;86;89;90".
+  caps=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | tr -d '. ' | sort -u | paste -sd';' || true)
+  if [[ "$caps" =~ ^[0-9]+(\;[0-9]+)*$ ]]; then
+    cuda+=(-DMNEME_CUDA_ARCHS="$caps")
+    log "CUDA kernels for this machine's GPUs: sm_$caps"
+  fi
   cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release "${cuda[@]}" >/dev/null
   ninja -C "$BUILD" >/dev/null
   log "built $BUILD/mneme"
