@@ -411,9 +411,9 @@ static const uint16_t *prepared_bf16(const cuda_impl *c, const mn_matmul_desc *d
     return NULL;
 }
 
-static bool prepared_bf16_any(const cuda_impl *c, const mn_matmul_desc *d) {
-    int64_t ldw;
-    return prepared_bf16(c, d, &ldw) != NULL;
+/* The bf16 W a matmul of d's size runs on (cuBLAS), or NULL: the GEMV / per-call path. */
+static const uint16_t *matmul_bf16(const cuda_impl *c, const mn_matmul_desc *d, int64_t *ldw) {
+    return d->T >= c->prepared_min_t && d->w_type != MN_F32 ? prepared_bf16(c, d, ldw) : NULL;
 }
 
 static bool cuda_supports_op(mn_backend *be, const mn_op *op) {
@@ -444,8 +444,7 @@ static bool cuda_supports_op(mn_backend *be, const mn_op *op) {
 
 static size_t cuda_op_work_bytes(mn_backend *be, const mn_op *op) {
     int64_t ldw;
-    if (op->kind == MN_OP_MATMUL && op->u.matmul.T >= ((cuda_impl *)be->impl)->prepared_min_t && op->u.matmul.w_type != MN_F32 &&
-        prepared_bf16(be->impl, &op->u.matmul, &ldw))
+    if (op->kind == MN_OP_MATMUL && matmul_bf16(be->impl, &op->u.matmul, &ldw))
         return mn_cuda_matmul_prepared_work_bytes(&op->u.matmul);
     if (op->kind == MN_OP_MATMUL) return mn_cuda_matmul_work_bytes(&op->u.matmul);
     if (op->kind == MN_OP_ATTENTION) return mn_cuda_attention_work_bytes(&op->u.attention);
@@ -497,19 +496,18 @@ static mn_err run_op(cuda_impl *c, const mn_op *op, mn_errbuf *eb) {
     cudaStream_t s = c->compute;
     const bool was_valid = c->xq.valid;
     c->xq.valid = false; /* any op but a GEMV may overwrite work */
-    if (op->kind == MN_OP_MATMUL && op->u.matmul.T > 0 && op->u.matmul.T <= MN_CUDA_GEMV_MAX_T &&
-        !(op->u.matmul.T >= c->prepared_min_t && op->u.matmul.w_type != MN_F32 && prepared_bf16_any(c, &op->u.matmul))) {
-        c->xq.valid = was_valid;
-        return run_gemv(c, &op->u.matmul, eb);
-    }
     switch (op->kind) {
     case MN_OP_GET_ROWS: return mn_cuda_get_rows(&op->u.get_rows, s, eb);
     case MN_OP_RMSNORM: return mn_cuda_rmsnorm(&op->u.rmsnorm, s, eb);
     case MN_OP_MATMUL: {
         const mn_matmul_desc *d = &op->u.matmul;
         int64_t ldw;
-        const uint16_t *wb = d->T >= c->prepared_min_t && d->w_type != MN_F32 ? prepared_bf16(c, d, &ldw) : NULL;
+        const uint16_t *wb = matmul_bf16(c, d, &ldw);
         if (wb) return mn_cuda_matmul_prepared(d, wb, ldw, c->work, c->work_size, c->blas, s, eb);
+        if (d->T > 0 && d->T <= MN_CUDA_GEMV_MAX_T) {
+            c->xq.valid = was_valid;
+            return run_gemv(c, d, eb);
+        }
         return mn_cuda_matmul(d, c->work, c->work_size, c->blas, s, eb);
     }
     case MN_OP_ROPE: return mn_cuda_rope(&op->u.rope, s, eb);
