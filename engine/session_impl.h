@@ -145,6 +145,11 @@ mn_err mn__session_gather_kv(mn_engine *e, const mn_session *s, uint16_t **kv_ou
  * the last is done. */
 mn_err mn__session_scatter_kv(mn_engine *e, mn_session *s, const uint16_t *kv, int32_t n_tokens, mn_event *layer_done,
                               mn_errbuf *eb);
+/* One block of a block-major image ([layer][K|V][block_elems]) into pool block id, with
+ * plain stores: only for a pool in host memory (the CPU backend). */
+void mn__session_put_block(const mn_kv_pool *p, int32_t id, const uint16_t *kv);
+/* MN_EMISMATCH naming both unless the image's KV geometry is e's pool's */
+mn_err mn__session_check_geometry(const mn_engine *e, const mn_session_image *img, mn_errbuf *eb);
 /* checks an image against e; *lora gets the loaded adapter it was made with (NULL: none) */
 mn_err mn__session_check_image(const mn_engine *e, const mn_session_loaded *ld, const mn_lora **lora, mn_errbuf *eb);
 /* binds s (empty or being restored) to lora (may be NULL) */

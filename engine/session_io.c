@@ -18,6 +18,12 @@ static uint16_t *pool_block(const mn_kv_pool *p, int32_t id, int32_t layer, int 
     return (uint16_t *)p->buf->ptr + ((int64_t)layer * 2 + kind) * per_kind + (int64_t)id * p->block_elems;
 }
 
+void mn__session_put_block(const mn_kv_pool *p, int32_t id, const uint16_t *kv) {
+    for (int32_t l = 0; l < p->n_layer; l++)
+        for (int k = 0; k < 2; k++)
+            memcpy(pool_block(p, id, l, k), kv + ((size_t)l * 2 + k) * p->block_elems, (size_t)p->block_elems * sizeof(uint16_t));
+}
+
 /* Copy a session's blocks between the pool and a block-major image ([block][layer][K|V]),
  * one strided copy per (layer, K|V, run of consecutive pool ids): the pool keeps each
  * (layer, kind) as one array of blocks, so a run is contiguous there, and the image rows
@@ -212,10 +218,19 @@ mn_err mn_session_export(mn_engine *e, mn_session *s, uint8_t **out, size_t *len
     return err;
 }
 
+mn_err mn__session_check_geometry(const mn_engine *e, const mn_session_image *img, mn_errbuf *eb) {
+    const mn_kv_pool *p = e->kv;
+    if (img->n_layer != p->n_layer || img->n_kv_head != mn__engine_kv_heads(e) || img->head_dim != p->head_dim ||
+        img->block_size != p->block_size)
+        return mn_errf(eb, MN_EMISMATCH, "session KV geometry (layers %d, kv heads %d, head dim %d, block %d) does not match "
+                       "this engine (%d, %d, %d, %d)", img->n_layer, img->n_kv_head, img->head_dim, img->block_size,
+                       p->n_layer, mn__engine_kv_heads(e), p->head_dim, p->block_size);
+    return MN_OK;
+}
+
 /* Checks beyond the file's own: the adapter, this engine's KV geometry and vocabulary. */
 mn_err mn__session_check_image(const mn_engine *e, const mn_session_loaded *ld, const mn_lora **lora, mn_errbuf *eb) {
     const mn_session_image *img = &ld->img;
-    const mn_kv_pool *p = e->kv;
     static const uint8_t no_adapter[16] = {0};
     *lora = NULL;
     if (memcmp(img->adapter_fp, no_adapter, 16) != 0) {
@@ -227,11 +242,8 @@ mn_err mn__session_check_image(const mn_engine *e, const mn_session_loaded *ld, 
                            "(an adapter reloaded with other weights has another fingerprint)", hex);
         }
     }
-    if (img->n_layer != p->n_layer || img->n_kv_head != mn__engine_kv_heads(e) || img->head_dim != p->head_dim ||
-        img->block_size != p->block_size)
-        return mn_errf(eb, MN_EMISMATCH, "session KV geometry (layers %d, kv heads %d, head dim %d, block %d) does not match "
-                       "this engine (%d, %d, %d, %d)", img->n_layer, img->n_kv_head, img->head_dim, img->block_size,
-                       p->n_layer, mn__engine_kv_heads(e), p->head_dim, p->block_size);
+    mn_err err = mn__session_check_geometry(e, img, eb);
+    if (err != MN_OK) return err;
     if (img->n_tokens > e->m->cfg.n_ctx)
         return mn_errf(eb, MN_ELIMIT, "session has %d tokens, more than the context length %d", img->n_tokens, e->m->cfg.n_ctx);
     for (int32_t i = 0; i < img->n_tokens; i++)

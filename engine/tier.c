@@ -625,14 +625,10 @@ void mn__tier_refill(mn_engine *e) {
 /* A T2 / T3 image must be this session's: its KV geometry and length (the file could have
  * been replaced under us; copying by the session's length would then overrun it). */
 static mn_err check_loaded(const mn_engine *e, const mn_session *s, const mn_session_image *im, mn_errbuf *eb) {
-    const mn_kv_pool *p = e->kv;
-    if (im->n_tokens != s->n_computed || im->n_layer != p->n_layer || im->n_kv_head != mn__engine_kv_heads(e) ||
-        im->head_dim != p->head_dim || im->block_size != p->block_size)
-        return mn_errf(eb, MN_EMISMATCH, "session %s: its saved KV (%d tokens; layers %d, kv heads %d, head dim %d, "
-                       "block %d) is not what the session holds (%d tokens; %d, %d, %d, %d)", s->id, im->n_tokens,
-                       im->n_layer, im->n_kv_head, im->head_dim, im->block_size, s->n_computed, p->n_layer,
-                       mn__engine_kv_heads(e), p->head_dim, p->block_size);
-    return MN_OK;
+    if (im->n_tokens != s->n_computed)
+        return mn_errf(eb, MN_EMISMATCH, "session %s: its saved KV holds %d tokens, the session %d", s->id, im->n_tokens,
+                       s->n_computed);
+    return mn__session_check_geometry(e, im, eb);
 }
 
 /* Straight into the pool (CPU backend: its blocks are host memory): each block of the T2
@@ -653,12 +649,7 @@ static mn_err pool_sink_block(void *ctx, const mn_session_image *im, int32_t b, 
     }
     if (b >= ps->s->seq.n_blocks) return mn_errf(eb, MN_EFORMAT, "session %s: saved block %d past its %d", ps->s->id, b,
                                                  ps->s->seq.n_blocks);
-    const int64_t per_kind = (int64_t)p->n_blocks * p->block_elems, id = ps->s->seq.blocks[b];
-    uint16_t *pool = p->buf->ptr;
-    for (int32_t l = 0; l < p->n_layer; l++)
-        for (int k = 0; k < 2; k++)
-            memcpy(pool + ((int64_t)l * 2 + k) * per_kind + id * p->block_elems,
-                   kv + ((int64_t)l * 2 + k) * p->block_elems, (size_t)p->block_elems * sizeof(uint16_t));
+    mn__session_put_block(p, ps->s->seq.blocks[b], kv);
     return MN_OK;
 }
 
