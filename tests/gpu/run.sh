@@ -7,6 +7,8 @@
 # Env: MNEME_GPU_NO_CMOCKA=1 (configure as if libcmocka were absent), MNEME_CUDA_ARCHS (default 90), MNEME_GPU_BUILD_DIR (default <repo>/build-gpu),
 #      MNEME_GPU_JOBS (default: all cores), MNEME_GPU_E2E_DIR (inputs of the LoRA e2e check; default: made
 #      by tests/gpu/make_e2e_data.sh into the build directory, or .gpu-data/).
+#      MNEME_GPU_REAL_MODEL (the SmolLM2 gguf of the "real" group; default: joined from
+#        .gpu-model-a/part + .gpu-model-b/part, made by tests/gpu/split_model.sh, when both are here).
 #      MNEME_GPU_PREBUILT=DIR: DIR/test_cuda_ops, DIR/bench_gpu and DIR/lib/*.so* built on another
 #        machine (tests/gpu/prebuild.sh); used when they start here, else the script builds.
 #      MNEME_GPU_GROUPS="ops gemv ..." (default: all), MNEME_GPU_GROUP_TIMEOUT (s, default 300),
@@ -102,9 +104,33 @@ if [[ -z "${MNEME_GPU_E2E_DIR:-}" ]]; then
   fi
 fi
 
+# the real model of the "real" group (tests/gpu/test_cuda_real_model.c): 98 MB, more than one
+# device call carries, so tests/gpu/split_model.sh cuts it in two and two calls bring the
+# pieces (tests/gpu/README.md); joined here next to the build (not into the log folder, which
+# a device script may pack up and send back), checked against the whole file's sha256
+# (the first piece may also sit in build-gpu/keep/, where the first call's command copied it:
+# a later call's carry removes carried paths it does not name, but keeps what commands wrote)
+PART_A=$SRC/.gpu-model-a/part
+[[ -f $PART_A ]] || PART_A=$SRC/build-gpu/keep/.gpu-model-a/part
+if [[ -z "${MNEME_GPU_REAL_MODEL:-}" && -f "$PART_A" && -f "$SRC/.gpu-model-b/part" ]]; then
+  if [[ -d "$BUILD" ]]; then REAL_DIR=$BUILD; else REAL_DIR=${TMPDIR:-/tmp}/mneme-gpu-real; mkdir -p "$REAL_DIR"; fi
+  cat "$PART_A" "$SRC/.gpu-model-b/part" >"$REAL_DIR/smollm2.gguf"
+  want=$(cat "$SRC/.gpu-model-b/sha256" 2>/dev/null || echo "(no .gpu-model-b/sha256)")
+  got=$(sha256sum "$REAL_DIR/smollm2.gguf" | cut -d' ' -f1)
+  if [[ $got == "$want" ]]; then
+    export MNEME_GPU_REAL_MODEL="$REAL_DIR/smollm2.gguf"
+    echo "real model: $MNEME_GPU_REAL_MODEL (joined from .gpu-model-a/ and .gpu-model-b/, sha256 ok)"
+  else
+    echo "note: .gpu-model-a/part + .gpu-model-b/part have sha256 $got, not $want (parts of different splits?): the real group will be skipped"
+    rm -f "$REAL_DIR/smollm2.gguf"
+  fi
+elif [[ -z "${MNEME_GPU_REAL_MODEL:-}" ]]; then
+  echo "note: no real model (MNEME_GPU_REAL_MODEL unset, not both .gpu-model-a/part and .gpu-model-b/part): the real group will be skipped"
+fi
+
 # (2) the check groups of test_cuda_ops, each in its own process with a timeout (a kernel
 # fault poisons a CUDA context; a hang must not eat a short lease), then a summary
-GROUPS_ALL="ops gemv sample attn backend lora session session_sample tp session_tp"
+GROUPS_ALL="ops gemv sample attn backend lora session session_sample tp session_tp real"
 GROUPS_RUN=${MNEME_GPU_GROUPS:-$GROUPS_ALL}
 LOGS=${MNEME_GPU_LOG_DIR:-$BUILD}
 GT=${MNEME_GPU_GROUP_TIMEOUT:-300}

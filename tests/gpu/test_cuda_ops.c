@@ -73,6 +73,8 @@ static const tcase cases[] = {
     MM3(MN_Q5_0, KL, 170), MM3(MN_Q5_1, KL, 180), MM3(MN_Q3_K, KK, 190), MM3(MN_Q2_K, KK, 200),
     MM(64, 576, 1536, MN_Q4_1, F_STRIDE, 100), MM(3, 576, 4099, MN_Q8_0, 0, 101), MM(17, 1536, 576, MN_Q6_K, F_ACC, 102),
     RN(5, 576, 0, 110), RN(3, 1000, F_INPLACE | F_STRIDE, 111), RN(1, 4096, 0, 112),
+    /* the 16-byte path's widths (1, 2, 4, 8 float4 a thread; in place; a partial round), and past it */
+    RN(7, 1536, F_INPLACE, 113), RN(2, 8192, 0, 114), RN(3, 2052, 0, 115), RN(2, 9000, 0, 116),
     RP(5, 9, 64, 64, MN_ROPE_NORM, 0, 120), RP(4, 3, 128, 64, MN_ROPE_NEOX, F_YARN, 121),
     RP(3, 2, 80, 80, MN_ROPE_NORM, F_STRIDE, 122), RP(6, 4, 64, 64, MN_ROPE_NEOX, 0, 123),
     KS(20, 50, 3, 64, 16, 130), KS(7, 33, 2, 128, 8, 131), KS(5, 9, 1, 80, 3, 132),
@@ -812,12 +814,13 @@ int gt_tp_e2e(void); /* tests/gpu/test_cuda_tp.c */
 int gt_sample(cudaStream_t s); /* tests/gpu/test_cuda_sample.c */
 int gt_session_sample(const char *device); /* tests/gpu/test_cuda_session_sample.c */
 int gt_session_tp(const char *device); /* tests/gpu/test_cuda_session_tp.c */
+int gt_real_model(const char *device); /* tests/gpu/test_cuda_real_model.c */
 
 /* The check groups, in the order a plain run takes them. `test_cuda_ops GROUP...` runs only
  * the named ones, so a device script can give each its own process and timeout: a kernel
  * fault poisons the whole CUDA context, and a hang would eat the lease. */
 static const char *const group_names[] = {"ops", "gemv", "sample", "attn", "backend", "lora",
-                                          "session", "session_sample", "tp", "session_tp"};
+                                          "session", "session_sample", "tp", "session_tp", "real"};
 enum { N_GROUPS = (int)(sizeof group_names / sizeof group_names[0]) };
 
 static int run_group(int g, cublasHandle_t blas, cudaStream_t s) {
@@ -845,6 +848,7 @@ static int run_group(int g, cublasHandle_t blas, cudaStream_t s) {
     case 8:
     case 9: printf("%s: skipped (built without NCCL)\n", group_names[g]); return 1;
 #endif
+    case 10: return gt_real_model("cuda");
     }
     return 0;
 }
