@@ -3,7 +3,9 @@
  *
  *   bandwidth  device copy (D2D, read + write bytes / s) and pinned host <-> device copies
  *   decode     one step at batch 1, 16, 64 with every sequence at --ctx positions, against
- *              the floor: (weight bytes + KV bytes read) / device read bandwidth
+ *              the floor: (weight bytes + KV bytes read) / device read bandwidth (measured
+ *              by a kernel that only reads, mn_cuda_read_bandwidth; until 2026-11-30 this
+ *              was half the D2D copy rate, which is about half what a read-only kernel gets)
  *   prefill    512 tokens of one sequence, TFLOP/s, against the matmul op's GEMM rate on a
  *              BF16 [14336 x 4096] weight at T = 512 (cuBLAS bf16, W used in place)
  *   swap       a --ctx * 4 token session: demote to T1 (pinned; D2H gather) and restore
@@ -106,17 +108,20 @@ static mn_buffer *dev_alloc(mn_backend *be, size_t n) {
     return b;
 }
 
-/* Where a step's time goes: each op kind's share with the backend synchronising after
- * every op (so small ops are inflated by a sync each), next to the step unprofiled. */
+/* Where a step's time goes: each op kind's share. The CUDA backend times each op on the
+ * device with ops queued back to back (engine/cuda/backend_cuda.c, run_profiled), so the
+ * sum is comparable with the plain step; the CPU backend uses its own clock per op. */
 static void print_profile(const char *what, int n, const double *op_s, const long *op_n, double wall, double plain) {
     double sum = 0;
-    printf("profile %s %d: step %.2f ms profiled (%.2f ms plain):", what, n, wall * 1e3, plain * 1e3);
+    (void)wall;
+    printf("profile %s %d (%.2f ms plain):", what, n, plain * 1e3);
     for (int k = 0; k < MN_OP_COUNT; k++) {
         if (!op_n[k]) continue;
         sum += op_s[k];
-        printf(" %s %.2f ms/%ld", mn_op_name((mn_op_kind)k), op_s[k] * 1e3, op_n[k]);
+        printf(" %s %.3f ms/%ld (%.1f us each)", mn_op_name((mn_op_kind)k), op_s[k] * 1e3, op_n[k],
+               op_s[k] * 1e6 / (double)op_n[k]);
     }
-    printf("; ops %.2f ms, outside ops %.2f ms\n", sum * 1e3, (wall - sum) * 1e3);
+    printf("; ops %.2f ms\n", sum * 1e3);
 }
 
 int main(int argc, char **argv) {
@@ -163,8 +168,15 @@ int main(int argc, char **argv) {
     double d2d = 2.0 * nb / time_copy(be, MN_COPY_D2D, db->ptr, da->ptr, nb, 5) / 1e9;
     double h2d = nb / time_copy(be, MN_COPY_H2D, da->ptr, pin->ptr, nb, 5) / 1e9;
     double d2h = nb / time_copy(be, MN_COPY_D2H, pin->ptr, da->ptr, nb, 5) / 1e9;
-    printf("bandwidth: device copy %.0f GB/s (read + write), pinned H2D %.1f GB/s, D2H %.1f GB/s\n", d2d, h2d, d2h);
+    /* the floor's rate: what a kernel that only reads streams (on the CPU: half the copy) */
+    double rd = d2d / 2;
+#ifdef MNEME_HAVE_CUDA
+    if (!strcmp(mn_backend_name(be), "cuda")) TRY("read bandwidth", mn_cuda_read_bandwidth(da->ptr, nb, 5, &rd, &eb));
+#endif
+    printf("bandwidth: device copy %.0f GB/s (read + write), read only %.0f GB/s, pinned H2D %.1f GB/s, D2H %.1f GB/s\n",
+           d2d, rd, h2d, d2h);
     ROW("%-34s %10.0f GB/s\n", "device memory (copy, r+w)", d2d);
+    ROW("%-34s %10.0f GB/s\n", "device memory (read only)", rd);
     ROW("%-34s %10.1f / %.1f GB/s\n", "pinned H2D / D2H", h2d, d2h);
     mn_buffer_free(da);
     mn_buffer_free(db);
@@ -204,14 +216,16 @@ int main(int argc, char **argv) {
         int B = bs_list[bi];
         /* mode 0: every row's logits to the host; 1: greedy on the device (what the engine
          * serves with), only token ids copied back; 2: mode 1 without CUDA graphs; 3: one
-         * step of mode 1 profiled (no graphs: ops synchronised one by one) */
-        double best[3] = {1e30, 1e30, 1e30};
+         * step of mode 1 profiled (device time per op, no graphs); 4: mode 1 with the GEMV
+         * matmuls on one x fused into one launch (q/k/v, gate/up; off by default) */
+        double best[5] = {1e30, 1e30, 1e30, 1e30, 1e30};
         int seq_steps = 0; /* tokens appended so far: the next position is ctx + seq_steps */
-        for (int mode = 0; mode < 4; mode++) {
+        for (int mode = 0; mode < 5; mode++) {
             bool is_cuda = !strcmp(mn_backend_name(be), "cuda");
-            if (mode == 2 && !is_cuda) continue;
+            if ((mode == 2 || mode == 4) && !is_cuda) continue;
 #ifdef MNEME_HAVE_CUDA
             if (is_cuda) mn_backend_cuda_set_graphs(be, mode != 2);
+            if (is_cuda) mn_backend_cuda_set_gemv_fuse(be, mode == 4); /* mode 4: the fusion (default off) */
 #endif
             for (int step = 0; step < (mode == 3 ? 1 : 8); step++) {
                 int st = seq_steps++;
@@ -238,15 +252,16 @@ int main(int argc, char **argv) {
             }
         }
         for (int s = 0; s < B; s++) mn_kv_seq_truncate(kv, &seqs[s], ctx);
-        double bytes = wbytes + (double)B * (ctx + 8) * kv_tok, floor_s = bytes / (d2d / 2 * 1e9);
+        double bytes = wbytes + (double)B * (ctx + 8) * kv_tok, floor_s = bytes / (rd * 1e9);
         uint64_t caps = 0, reps = 0;
 #ifdef MNEME_HAVE_CUDA
         if (!strcmp(mn_backend_name(be), "cuda")) mn_backend_cuda_graph_stats(be, &caps, &reps);
 #endif
         printf("decode B=%-2d: %8.2f ms/step  %8.0f tok/s  floor %.2f ms (%.2f GB at %.0f GB/s)  %.2fx floor; "
-               "every row's logits to the host: %.2f ms; without CUDA graphs %.2f ms (graphs so far: %llu captured, "
-               "%llu replays)\n", B, best[1] * 1e3, B / best[1], floor_s * 1e3, bytes / 1e9, d2d / 2, best[1] / floor_s,
-               best[0] * 1e3, best[2] < 1e29 ? best[2] * 1e3 : 0.0, (unsigned long long)caps, (unsigned long long)reps);
+               "every row's logits to the host: %.2f ms; without CUDA graphs %.2f ms; with GEMV fusion %.2f ms "
+               "(graphs so far: %llu captured, %llu replays)\n", B, best[1] * 1e3, B / best[1], floor_s * 1e3,
+               bytes / 1e9, rd, best[1] / floor_s, best[0] * 1e3, best[2] < 1e29 ? best[2] * 1e3 : 0.0,
+               best[4] < 1e29 ? best[4] * 1e3 : 0.0, (unsigned long long)caps, (unsigned long long)reps);
         ROW("decode B=%-2d ms/step (x floor)       %10.2f (%.2fx)\n", B, best[1] * 1e3, best[1] / floor_s);
     }
     for (int s = 0; s < MAXB; s++) mn_kv_seq_release(kv, &seqs[s]);

@@ -92,6 +92,7 @@ typedef struct cuda_impl {
         int64_t x_stride, T, K, block;
     } xq;
     bool graphs_on;
+    bool gemv_fuse;                 /* consecutive GEMV matmuls on one x in one launch ($MNEME_CUDA_GEMV_FUSE=1: on) */
     graph_slot graphs[GRAPH_SLOTS];
     mn_op *key_scratch;             /* the incoming run's key */
     int key_cap;
@@ -103,12 +104,6 @@ typedef struct cuda_impl {
 } cuda_impl;
 
 static void graphs_flush(cuda_impl *c);
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 /* Release everything impl holds (tolerates a half-built impl); errors are ignored, there
  * is nobody left to report them to. */
@@ -492,6 +487,67 @@ static mn_err run_gemv(cuda_impl *c, const mn_matmul_desc *d, mn_errbuf *eb) {
 }
 
 /* One flat switch: op kind -> kernel launcher (enqueue only). */
+/* Whether matmul d runs the fused GEMV (not cuBLAS on a bf16 copy, not the per-call path). */
+static bool gemv_path(const cuda_impl *c, const mn_matmul_desc *d) {
+    int64_t ldw;
+    return d->T > 0 && d->T <= MN_CUDA_GEMV_MAX_T && !matmul_bf16(c, d, &ldw);
+}
+
+/* Byte ranges of a matmul's x and y, and whether two ranges meet. */
+static void matmul_x_range(const mn_matmul_desc *d, uintptr_t *lo, uintptr_t *hi) {
+    *lo = (uintptr_t)d->x;
+    *hi = *lo + (uintptr_t)(((d->T - 1) * d->x_stride + d->K) * (int64_t)sizeof(float));
+}
+static void matmul_y_range(const mn_matmul_desc *d, uintptr_t *lo, uintptr_t *hi) {
+    *lo = (uintptr_t)d->y;
+    *hi = *lo + (uintptr_t)(((d->T - 1) * d->y_stride + d->N) * (int64_t)sizeof(float));
+}
+static bool ranges_meet(uintptr_t a0, uintptr_t a1, uintptr_t b0, uintptr_t b1) { return a0 < b1 && b0 < a1; }
+
+/* How many ops from ops[i] run as one multi-GEMV launch (mn_cuda_matmul_gemv_multi): ops[i]
+ * and the matmuls right after it on the GEMV path with its x, T, K and activation block
+ * size, as long as no output overlaps x or an earlier output (then running them at once
+ * is what running them in order does). 1: ops[i] runs alone. */
+static int gemv_fuse_length(const cuda_impl *c, const mn_op *ops, int n_ops, int i) {
+    if (!c->gemv_fuse || ops[i].kind != MN_OP_MATMUL || !gemv_path(c, &ops[i].u.matmul)) return 1;
+    const mn_matmul_desc *a = &ops[i].u.matmul;
+    uintptr_t x0, x1, y0[3], y1[3];
+    matmul_x_range(a, &x0, &x1);
+    matmul_y_range(a, &y0[0], &y1[0]);
+    if (ranges_meet(x0, x1, y0[0], y1[0])) return 1;
+    int n = 1;
+    while (n < 3 && i + n < n_ops && ops[i + n].kind == MN_OP_MATMUL) {
+        const mn_matmul_desc *b = &ops[i + n].u.matmul;
+        if (!gemv_path(c, b) || b->x != a->x || b->x_stride != a->x_stride || b->T != a->T || b->K != a->K ||
+            mn_dtype_block_elems(b->w_type) != mn_dtype_block_elems(a->w_type))
+            break;
+        matmul_y_range(b, &y0[n], &y1[n]);
+        bool clash = ranges_meet(x0, x1, y0[n], y1[n]);
+        for (int j = 0; j < n && !clash; j++) clash = ranges_meet(y0[j], y1[j], y0[n], y1[n]);
+        if (clash) break;
+        n++;
+    }
+    return n;
+}
+
+static mn_err run_op(cuda_impl *c, const mn_op *op, mn_errbuf *eb);
+
+/* Runs ops[i], or ops[i..i+*used) fused (gemv_fuse_length); *used: how many ran. */
+static mn_err run_ops_at(cuda_impl *c, const mn_op *ops, int n_ops, int i, int *used, mn_errbuf *eb) {
+    const int n = gemv_fuse_length(c, ops, n_ops, i);
+    *used = n;
+    if (n == 1) return run_op(c, &ops[i], eb);
+    mn_matmul_desc d[3];
+    for (int j = 0; j < n; j++) d[j] = ops[i + j].u.matmul;
+    const int64_t blk = mn_dtype_block_elems(d[0].w_type);
+    const bool same = c->xq.valid && c->xq.x == d[0].x && c->xq.x_stride == d[0].x_stride && c->xq.T == d[0].T &&
+                      c->xq.K == d[0].K && c->xq.block == blk;
+    mn_err e = mn_cuda_matmul_gemv_multi(d, n, c->work, c->work_size, !same, c->compute, eb);
+    c->xq.valid = e == MN_OK && blk > 1;
+    if (c->xq.valid) c->xq.x = d[0].x, c->xq.x_stride = d[0].x_stride, c->xq.T = d[0].T, c->xq.K = d[0].K, c->xq.block = blk;
+    return e;
+}
+
 static mn_err run_op(cuda_impl *c, const mn_op *op, mn_errbuf *eb) {
     cudaStream_t s = c->compute;
     const bool was_valid = c->xq.valid;
@@ -614,7 +670,7 @@ static bool run_graph(mn_backend *be, cuda_impl *c, const mn_op *ops, int n_ops)
     }
     mn_errbuf ignore;
     mn_err e = MN_OK;
-    for (int i = 0; i < n_ops && e == MN_OK; i++) e = run_op(c, &ops[i], &ignore);
+    for (int i = 0, used = 1; i < n_ops && e == MN_OK; i += used) e = run_ops_at(c, ops, n_ops, i, &used, &ignore);
     cudaError_t ce = cudaStreamEndCapture(c->compute, &graph);
     if (e != MN_OK || ce != cudaSuccess || !graph) {
         /* an op that cannot be captured: no graphs on this backend from now on */
@@ -654,6 +710,50 @@ static bool run_graph(mn_backend *be, cuda_impl *c, const mn_op *ops, int n_ops)
     return true;
 }
 
+/* Profiled run: each op's device time, from events recorded between the ops. The host
+ * first queues a spin kernel (PROFILE_GATE_NS) and then every op behind it, so the ops run
+ * back to back once it ends, as in a graph, and a launch's host cost does not count as the
+ * op's time (syncing after each op, as this did until 2026-11-30, added ~10 us to each). */
+enum { PROFILE_GATE_NS = 50 * 1000 * 1000 };
+static mn_err run_profiled(mn_backend *be, cuda_impl *c, const mn_op *ops, int n_ops, mn_errbuf *eb) {
+    cudaEvent_t *ev = mn_calloc((size_t)n_ops + 1, sizeof *ev);
+    if (!ev) return mn_errf(eb, MN_ENOMEM, "cuda profile: %d events", n_ops + 1);
+    mn_err e = MN_OK;
+    int made = 0;
+    for (; made <= n_ops; made++)
+        if (cudaEventCreate(&ev[made]) != cudaSuccess) {
+            e = mn_errf(eb, MN_EDEVICE, "cuda profile: cudaEventCreate failed");
+            goto done;
+        }
+    if ((e = mn_cuda_spin(PROFILE_GATE_NS, c->compute, eb)) != MN_OK) goto done;
+    /* ev[i + 1] ends the launch that ran ops[i] (fused matmuls: the first of them gets the
+     * time, all of them count as calls; the others' events stay unrecorded) */
+    cudaEventRecord(ev[0], c->compute);
+    int last = 0;
+    for (int i = 0, used = 1; i < n_ops && e == MN_OK; i += used) {
+        e = run_ops_at(c, ops, n_ops, i, &used, eb);
+        cudaEventRecord(ev[i + 1], c->compute);
+        last = i + 1;
+    }
+    if (e != MN_OK) goto done;
+    if (cudaEventSynchronize(ev[last]) != cudaSuccess) {
+        e = mn_errf(eb, MN_EDEVICE, "cuda profile: %s", cudaGetErrorString(cudaGetLastError()));
+        goto done;
+    }
+    for (int i = 0, prev = 0, used = 1; i < n_ops; i += used) {
+        used = gemv_fuse_length(c, ops, n_ops, i);
+        float ms = 0;
+        cudaEventElapsedTime(&ms, ev[prev], ev[i + 1]);
+        prev = i + 1;
+        be->op_seconds[ops[i].kind] += ms * 1e-3;
+        if (be->op_calls) be->op_calls[ops[i].kind] += used;
+    }
+done:
+    for (int i = 0; i < made; i++) cudaEventDestroy(ev[i]);
+    mn_free(ev);
+    return e;
+}
+
 static mn_err cuda_run(mn_backend *be, const mn_op *ops, int n_ops, mn_errbuf *eb) {
     on_device(be);
     cuda_impl *c = be->impl;
@@ -668,18 +768,10 @@ static mn_err cuda_run(mn_backend *be, const mn_op *ops, int n_ops, mn_errbuf *e
     c->xq.valid = false; /* work may have been rewritten since the last run */
     if (graph_eligible(be, c, ops, n_ops) && run_graph(be, c, ops, n_ops)) return MN_OK;
     c->xq.valid = false;
-    /* profiling synchronises after every op so the host clock measures the op itself */
-    double t = be->op_seconds ? now_s() : 0.0;
-    for (int i = 0; i < n_ops; i++) {
-        mn_err e = run_op(c, &ops[i], eb);
+    if (be->op_seconds) return run_profiled(be, c, ops, n_ops, eb);
+    for (int i = 0, used = 1; i < n_ops; i += used) {
+        mn_err e = run_ops_at(c, ops, n_ops, i, &used, eb);
         if (e != MN_OK) return e;
-        if (be->op_seconds) {
-            MN_CUDA_CHECK(eb, cudaStreamSynchronize(c->compute));
-            double t2 = now_s();
-            be->op_seconds[ops[i].kind] += t2 - t;
-            if (be->op_calls) be->op_calls[ops[i].kind]++;
-            t = t2;
-        }
     }
     return MN_OK;
 }
@@ -737,6 +829,12 @@ void mn_backend_cuda_graph_stats(const mn_backend *be, uint64_t *captures, uint6
 
 void mn_backend_cuda_set_graphs(mn_backend *be, bool on) { ((cuda_impl *)be->impl)->graphs_on = on; }
 
+void mn_backend_cuda_set_gemv_fuse(mn_backend *be, bool on) {
+    cuda_impl *c = be->impl;
+    if (c->gemv_fuse != on) graphs_flush(c); /* captured graphs hold the other launches */
+    c->gemv_fuse = on;
+}
+
 void mn_backend_cuda_set_prepared_min_t(mn_backend *be, int64_t t) {
     cuda_impl *c = be->impl;
     c->prepared_min_t = t < 1 ? 1 : t;
@@ -766,6 +864,10 @@ mn_err mn_backend_cuda_new(const mn_backend_params *p, mn_backend **out, mn_errb
     c->device = p->device_index;
     const char *gr = getenv("MNEME_CUDA_GRAPHS");
     c->graphs_on = !(gr && !strcmp(gr, "0"));
+    /* off by default until a GPU run has checked and timed it (written 2026-11-30 after the
+     * session's device time was spent): $MNEME_CUDA_GEMV_FUSE=1 turns it on */
+    const char *fu = getenv("MNEME_CUDA_GEMV_FUSE");
+    c->gemv_fuse = fu && !strcmp(fu, "1");
     const char *pmt = getenv("MNEME_CUDA_PREPARED_MIN_T");
     /* measured on an H200 (bench_gpu's crossover table, Q4_0 14336 x 4096): the GEMV
      * 52.3 us at T = 4, cuBLAS on the bf16 copy 52.1; at T = 5 65.2 against 52.0 */

@@ -40,6 +40,10 @@ void mn_backend_cuda_set_prepared_min_t(mn_backend *be, int64_t t);
 /** CUDA graphs of decode runs (backend_cuda.c): on by default ($MNEME_CUDA_GRAPHS=0: off);
  *  how many runs were captured and how many replayed a captured graph. */
 void mn_backend_cuda_set_graphs(mn_backend *be, bool on);
+/** Consecutive GEMV matmuls on one x (q, k, v; gate, up) in one launch: an A/B switch for
+ *  benchmarks, results unchanged. Default off ($MNEME_CUDA_GEMV_FUSE=1: on) until a GPU run
+ *  has checked and timed it. */
+void mn_backend_cuda_set_gemv_fuse(mn_backend *be, bool on);
 void mn_backend_cuda_graph_stats(const mn_backend *be, uint64_t *captures, uint64_t *replays);
 
 #endif

@@ -5,18 +5,29 @@
  * and belong to one sequence (any positions),
  * a run of up to ATT_ROWS heads of one KV group, and one or all segments of ATT_SEG
  * positions. Its "rows" are (token of the tile, head of the run) pairs, row
- * r = token * nh + head. The block walks its positions in chunks of ATT_CHUNK (= 32, one
- * position per lane): the chunk's K and V rows (f16, read once through the block table
- * with mn_kv_offset) are converted to f32 in shared memory and every row of the block
- * uses them, so GQA heads and prefill tokens share each K/V load. Row r belongs to warp
- * r % ATT_WARPS, which keeps its online softmax (m, l, unnormalised acc) in shared memory.
+ * r = token * nh + head. The block walks its positions in waves of `par` chunks of
+ * ATT_CHUNK (= 32, one position per lane): the chunks' K and V rows (f16, read once through
+ * the block table with mn_kv_offset) are converted to f32 in shared memory and every row
+ * of the block uses them, so GQA heads and prefill tokens share each K/V load. The wave's
+ * (row, chunk) pairs are dealt to the warps; each row keeps its segment state (m, l,
+ * unnormalised acc) in shared memory.
  *
- * Per row and chunk (the same instructions whatever the block holds):
- *   lane p: s_p = scale * sum_i q[i] K[p][i] (i ascending), -inf past the row's position;
- *   cm = max(m, warp max s); alpha = exp(m - cm); e_p = exp(s_p - cm);
- *   l = l * alpha + (butterfly sum of e); acc[i] = acc[i] * alpha + e_0 V[0][i] + e_1 V[1][i] + ...
+ * Per row and chunk (the same instructions whatever the block holds), the chunk's own
+ * partial state:
+ *   lane p: s_p = scale * sum_i q[i] K[p][i] (four fma chains), -inf past the row's position;
+ *   mc = warp max s; e_p = exp(s_p - mc); lc = butterfly sum of e;
+ *   accc[i] = e_0 V[0][i] + e_1 V[1][i] + ... (an fma chain from 0)
  *   (positions past the row's own are never added, so neither NaN-filled free slots nor
- *   another token's later positions touch it).
+ *   another token's later positions touch it), then folded into the row's segment state,
+ *   chunks in ascending order: (mx, fa, fb) = att_fold_scales(m, mc); l = l*fa + lc*fb;
+ *   acc = acc*fa + accc*fb (from the empty state m = -inf, l = 0, acc = 0 the first fold
+ *   is exact). With par = 1 the warp that computed the pair folds it at once; with
+ *   par > 1 (blocks of fewer rows than warps: a decode token's GQA group) the pairs of a
+ *   wave run on different warps at once, leave their partials in shared memory, and the
+ *   row's warp folds them in chunk order: the same operations, the same bits.
+ *   (Until 2026-11-30 each chunk updated a running max directly; that order could not
+ *   use more than one warp per row, and a decode token's four rows left half the warps
+ *   idle: 54 us a layer at 1024 positions on the H200.)
  * A row's segment state therefore depends only on its token, head and segment, never on
  * which tokens or heads share the block: decode and prefill, any batch, give the same
  * bits. Segments are folded in ascending order with att_fold_scales (the first is copied),
@@ -34,7 +45,8 @@
  * sequence differs from token b-1's; the tile runs to the next start. Grid x enumerates
  * every token as a possible start and the other blocks return at once; grid z is
  * (KV head, run of heads). The block shape (tq, heads per run) follows the device's
- * shared memory and changes speed only, never a result.
+ * shared memory and changes speed only, never a result; so does `par`. head_dim 64 and
+ * 128 run instances with it fixed at compile time (loops unrolled), others a generic one.
  * K/V chunks come in with 16-byte loads, all issued before any is used, when the pool's
  * rows allow (vec8), and the score dot and the V sums are explicit fmaf chains (four for
  * the dot): the first H200 run spent 150 us a layer on one decode token at 1024
@@ -56,6 +68,7 @@ enum {
     ATT_TQ_SPLIT = 4,                      /* the same when the call is split over segments */
     ATT_PER_LANE = MN_CUDA_MAX_HEAD_DIM / 32,
     ATT_SPLIT_MAX_T = 64,                  /* split only batches of at most this many tokens */
+    ATT_PAR_MAX = 2,                       /* most chunks a block holds at once */
 };
 /* Largest split scratch; past it the op runs unsplit (same bits, fewer blocks). */
 #define ATT_SPLIT_MAX_BYTES ((size_t)64 << 20)
@@ -69,10 +82,8 @@ typedef struct att_shape {
     int32_t nseg_max; /* split: segments of the longest token; 0: unsplit */
     int32_t vec2;     /* K/V rows can be read as pairs of f16 (4-byte aligned) */
     int32_t vec8;     /* ... and as 8 f16 at a time (16-byte aligned) */
+    int32_t par;      /* chunks a wave (1 or ATT_PAR_MAX): blocks of few rows give each warp a (row, chunk) pair */
 } att_shape;
-
-/* 16-byte K/V loads of one chunk per thread (vec8): ATT_CHUNK rows of head_dim / 8. */
-enum { ATT_LOADS = ATT_CHUNK * (MN_CUDA_MAX_HEAD_DIM / 8) / (ATT_WARPS * 32) };
 
 __device__ static inline void att_store8(float *dst, uint4 h) {
     const uint32_t u[4] = {h.x, h.y, h.z, h.w};
@@ -91,16 +102,88 @@ __device__ static inline void att_fold_scales(float m, float pm, float *mx, floa
 }
 
 /* Shared memory of the main kernel, carved from one dynamic array. */
-static size_t att_smem_bytes(int32_t rows, int32_t hd, int32_t ks) {
-    return (size_t)ATT_CHUNK * sizeof(int64_t)              /* row offsets of the chunk (first: aligned) */
+static size_t att_smem_bytes(int32_t rows, int32_t hd, int32_t ks, int32_t par) {
+    return (size_t)par * ATT_CHUNK * sizeof(int64_t)        /* KV offsets of a wave (first: aligned) */
          + (size_t)rows * hd * 2 * sizeof(float)            /* q, acc */
-         + (size_t)ATT_CHUNK * (ks + hd) * sizeof(float)    /* K, V of a chunk */
-         + (size_t)rows * 4 * sizeof(float);                /* m, l, running m, running l */
+         + (size_t)par * ATT_CHUNK * (ks + hd) * sizeof(float) /* K, V of a wave's chunks */
+         + (size_t)rows * 4 * sizeof(float)                 /* m, l, running m, running l */
+         + (par > 1 ? (size_t)rows * par * (hd + 2) * sizeof(float) : 0); /* chunk partials */
 }
 
-__global__ static void attention_kernel(mn_attention_desc d, att_shape sh, float *state) {
+/* One (row, chunk) pair's share: the chunk's partial softmax state for that row, folded into
+ * the row's segment state (m_s, l_s, acc_s) unless part != NULL, where it is stored instead
+ * (part[0..hd) = acc, part[hd] = m, part[hd+1] = l; m = -inf: no position of the row) for the
+ * fold pass. HD: head_dim when known at compile time (loops unrolled), else 0. The float
+ * operations are the same either way, so both give the same bits. */
+template <int HD>
+__device__ static inline void att_pair(const mn_attention_desc &d, const att_shape &sh, int32_t hd_rt, int32_t r,
+                                       int32_t n, const float *q_s, const float *k_c, const float *v_c, float *acc_s,
+                                       float *m_s, float *l_s, float *part) {
+    const int32_t hd = HD ? HD : hd_rt;
+    const int lane = threadIdx.x & 31;
+    float s = -INFINITY;
+    if (lane < n) {
+        const float *qr = q_s + r * hd, *kr = k_c + lane * sh.ks;
+        /* four independent fma chains (one would wait on each add) */
+        float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+        int32_t i = 0;
+#pragma unroll
+        for (; i + 4 <= hd; i += 4) {
+            d0 = fmaf(qr[i], kr[i], d0);
+            d1 = fmaf(qr[i + 1], kr[i + 1], d1);
+            d2 = fmaf(qr[i + 2], kr[i + 2], d2);
+            d3 = fmaf(qr[i + 3], kr[i + 3], d3);
+        }
+        for (; i < hd; i++) d0 = fmaf(qr[i], kr[i], d0);
+        s = ((d0 + d1) + (d2 + d3)) * d.scale;
+    }
+    const float mc = mn__warp_max(s); /* n >= 1: finite */
+    const float e = lane < n ? expf(s - mc) : 0.0f;
+    const float lc = mn__warp_sum(e);
+    constexpr int PL = HD ? (HD + 31) / 32 : ATT_PER_LANE;
+    float a[PL];
+#pragma unroll
+    for (int j = 0; j < PL; j++) a[j] = 0.0f;
+    for (int32_t p = 0; p < n; p++) {
+        const float ep = __shfl_sync(0xffffffffu, e, p);
+#pragma unroll
+        for (int j = 0; j < PL; j++) {
+            int32_t i = lane + 32 * j;
+            if (i < hd) a[j] = fmaf(ep, v_c[p * hd + i], a[j]);
+        }
+    }
+    if (part) {
+#pragma unroll
+        for (int j = 0; j < PL; j++) {
+            int32_t i = lane + 32 * j;
+            if (i < hd) part[i] = a[j];
+        }
+        if (lane == 0) {
+            part[hd] = mc;
+            part[hd + 1] = lc;
+        }
+        return;
+    }
+    float mx, fa, fb;
+    att_fold_scales(m_s[r], mc, &mx, &fa, &fb);
+    const float l_new = l_s[r] * fa + lc * fb;
+#pragma unroll
+    for (int j = 0; j < PL; j++) {
+        int32_t i = lane + 32 * j;
+        if (i < hd) acc_s[r * hd + i] = acc_s[r * hd + i] * fa + a[j] * fb;
+    }
+    __syncwarp();
+    if (lane == 0) {
+        m_s[r] = mx;
+        l_s[r] = l_new;
+    }
+    __syncwarp();
+}
+
+template <int HD>
+__global__ static void __launch_bounds__(ATT_WARPS * 32) attention_kernel(mn_attention_desc d, att_shape sh, float *state) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    const int32_t hd = d.head_dim, T = (int32_t)d.T;
+    const int32_t hd = HD ? HD : d.head_dim, T = (int32_t)d.T;
     const int32_t b = (int32_t)blockIdx.x;
     /* is token b the start of a tile? */
     int32_t seq = d.seq[b];
@@ -118,16 +201,18 @@ __global__ static void attention_kernel(mn_attention_desc d, att_shape sh, float
     const int32_t seg_lo = sh.nseg_max ? (int32_t)blockIdx.y : 0;
     const int32_t seg_hi = sh.nseg_max ? seg_lo + 1 : max_pos / ATT_SEG + 1;
     if (seg_lo * ATT_SEG > max_pos) return;
+    const int32_t P = sh.par; /* chunks a wave */
 
     /* shared memory, rows sized for the launch's largest block */
     const int32_t rows_cap = sh.tq * sh.nh;
-    int64_t *off_s = (int64_t *)smem_raw;              /* [ATT_CHUNK] */
-    float *q_s = (float *)(off_s + ATT_CHUNK);         /* [rows_cap][hd] */
-    float *acc_s = q_s + (size_t)rows_cap * hd;        /* [rows_cap][hd] */
-    float *k_s = acc_s + (size_t)rows_cap * hd;        /* [ATT_CHUNK][ks] */
-    float *v_s = k_s + ATT_CHUNK * sh.ks;              /* [ATT_CHUNK][hd] */
-    float *m_s = v_s + ATT_CHUNK * hd;                 /* [rows_cap] each */
+    int64_t *off_s = (int64_t *)smem_raw;                 /* [P][ATT_CHUNK] */
+    float *q_s = (float *)(off_s + P * ATT_CHUNK);        /* [rows_cap][hd] */
+    float *acc_s = q_s + (size_t)rows_cap * hd;           /* [rows_cap][hd] */
+    float *k_s = acc_s + (size_t)rows_cap * hd;           /* [P][ATT_CHUNK][ks] */
+    float *v_s = k_s + (size_t)P * ATT_CHUNK * sh.ks;     /* [P][ATT_CHUNK][hd] */
+    float *m_s = v_s + (size_t)P * ATT_CHUNK * hd;        /* [rows_cap] each */
     float *l_s = m_s + rows_cap, *rm_s = l_s + rows_cap, *rl_s = rm_s + rows_cap;
+    float *part_s = rl_s + rows_cap;                      /* P > 1: [rows_cap][P][hd + 2] */
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int32_t x = threadIdx.x; x < rows * hd; x += blockDim.x) {
@@ -146,41 +231,49 @@ __global__ static void attention_kernel(mn_attention_desc d, att_shape sh, float
                 l_s[r] = 0.0f;
             }
         }
-        for (int32_t c0 = p_seg; c0 < p_end; c0 += ATT_CHUNK) {
-            const int32_t n_load = min(ATT_CHUNK, p_end - c0);
-            __syncthreads(); /* the previous chunk is no longer read */
-            if (threadIdx.x < ATT_CHUNK) {
-                const int32_t p = (int32_t)threadIdx.x;
-                off_s[p] = p < n_load ? mn_kv_offset(&d.kv, seq, c0 + p, g) : 0;
-            }
+        for (int32_t c0 = p_seg; c0 < p_end; c0 += P * ATT_CHUNK) {
+            const int32_t np = min(P, (p_end - c0 + ATT_CHUNK - 1) / ATT_CHUNK); /* chunks of this wave */
+            const int32_t n_wave = min(P * ATT_CHUNK, p_end - c0);               /* positions to load */
+            __syncthreads(); /* the previous wave is no longer read */
+            for (int32_t p = threadIdx.x; p < P * ATT_CHUNK; p += blockDim.x)
+                off_s[p] = p < n_wave ? mn_kv_offset(&d.kv, seq, c0 + p, g) : 0;
             __syncthreads();
+            /* K, V of the wave's positions: position p goes to chunk p / ATT_CHUNK, row p % ATT_CHUNK
+             * (k_s / v_s of chunk c at c * ATT_CHUNK rows: the same flat index) */
             if (sh.vec8) {
-                /* every load of the chunk issued before any is used: one memory round trip */
-                const int32_t h8 = hd / 8, total = ATT_CHUNK * h8;
-                uint4 kq[ATT_LOADS], vq[ATT_LOADS];
+                /* every load of the wave issued before any is used: one memory round trip */
+                /* (known head_dim: a whole wave's loads at once; generic: a chunk's) */
+                constexpr int LOADS =
+                    (HD ? ATT_PAR_MAX : 1) * ATT_CHUNK * ((HD ? HD : MN_CUDA_MAX_HEAD_DIM) / 8) / (ATT_WARPS * 32);
+                const int32_t h8 = hd / 8, total = np * ATT_CHUNK * h8;
+                for (int32_t x0 = 0; x0 < total; x0 += LOADS * ATT_WARPS * 32) {
+                    uint4 kq[LOADS], vq[LOADS];
 #pragma unroll
-                for (int it = 0; it < ATT_LOADS; it++) {
-                    const int32_t x = (int32_t)threadIdx.x + it * (int32_t)blockDim.x, p = x / h8, i = 8 * (x % h8);
-                    kq[it] = vq[it] = make_uint4(0u, 0u, 0u, 0u);
-                    if (x < total && p < n_load) {
-                        kq[it] = *(const uint4 *)(d.kv.k + off_s[p] + i);
-                        vq[it] = *(const uint4 *)(d.kv.v + off_s[p] + i);
+                    for (int it = 0; it < LOADS; it++) {
+                        const int32_t x = x0 + (int32_t)threadIdx.x + it * (int32_t)blockDim.x, p = x / h8,
+                                      i = 8 * (x % h8);
+                        kq[it] = vq[it] = make_uint4(0u, 0u, 0u, 0u);
+                        if (x < total && p < n_wave) {
+                            kq[it] = *(const uint4 *)(d.kv.k + off_s[p] + i);
+                            vq[it] = *(const uint4 *)(d.kv.v + off_s[p] + i);
+                        }
                     }
-                }
 #pragma unroll
-                for (int it = 0; it < ATT_LOADS; it++) {
-                    const int32_t x = (int32_t)threadIdx.x + it * (int32_t)blockDim.x, p = x / h8, i = 8 * (x % h8);
-                    if (x < total) {
-                        att_store8(k_s + p * sh.ks + i, kq[it]);
-                        att_store8(v_s + p * hd + i, vq[it]);
+                    for (int it = 0; it < LOADS; it++) {
+                        const int32_t x = x0 + (int32_t)threadIdx.x + it * (int32_t)blockDim.x, p = x / h8,
+                                      i = 8 * (x % h8);
+                        if (x < total) {
+                            att_store8(k_s + p * sh.ks + i, kq[it]);
+                            att_store8(v_s + p * hd + i, vq[it]);
+                        }
                     }
                 }
             } else if (sh.vec2) {
                 const int32_t hp = hd / 2;
-                for (int32_t x = threadIdx.x; x < ATT_CHUNK * hp; x += blockDim.x) {
+                for (int32_t x = threadIdx.x; x < np * ATT_CHUNK * hp; x += blockDim.x) {
                     int32_t p = x / hp, i = 2 * (x % hp);
                     float k0 = 0.0f, k1 = 0.0f, v0 = 0.0f, v1 = 0.0f;
-                    if (p < n_load) {
+                    if (p < n_wave) {
                         uint32_t kk = *(const uint32_t *)(d.kv.k + off_s[p] + i);
                         uint32_t vv = *(const uint32_t *)(d.kv.v + off_s[p] + i);
                         k0 = mn_fp16_to_fp32((uint16_t)(kk & 0xffffu));
@@ -194,63 +287,47 @@ __global__ static void attention_kernel(mn_attention_desc d, att_shape sh, float
                     v_s[p * hd + i + 1] = v1;
                 }
             } else {
-                for (int32_t x = threadIdx.x; x < ATT_CHUNK * hd; x += blockDim.x) {
+                for (int32_t x = threadIdx.x; x < np * ATT_CHUNK * hd; x += blockDim.x) {
                     int32_t p = x / hd, i = x % hd;
-                    int live = p < n_load;
+                    int live = p < n_wave;
                     k_s[p * sh.ks + i] = live ? mn_fp16_to_fp32(d.kv.k[off_s[p] + i]) : 0.0f;
                     v_s[p * hd + i] = live ? mn_fp16_to_fp32(d.kv.v[off_s[p] + i]) : 0.0f;
                 }
             }
             __syncthreads();
-            for (int32_t r = warp; r < rows; r += ATT_WARPS) {
-                const int32_t n = min(ATT_CHUNK, d.pos[b + r / nh] + 1 - c0); /* this row's positions */
-                if (n <= 0) continue;
-                float s = -INFINITY;
-                if (lane < n) {
-                    const float *qr = q_s + r * hd, *kr = k_s + lane * sh.ks;
-                    /* four independent fma chains (one would wait on each add) */
-                    float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
-                    int32_t i = 0;
-                    for (; i + 4 <= hd; i += 4) {
-                        d0 = fmaf(qr[i], kr[i], d0);
-                        d1 = fmaf(qr[i + 1], kr[i + 1], d1);
-                        d2 = fmaf(qr[i + 2], kr[i + 2], d2);
-                        d3 = fmaf(qr[i + 3], kr[i + 3], d3);
-                    }
-                    for (; i < hd; i++) d0 = fmaf(qr[i], kr[i], d0);
-                    s = ((d0 + d1) + (d2 + d3)) * d.scale;
+            /* the wave's (row, chunk) pairs, dealt to the warps */
+            for (int32_t pr = warp; pr < rows * np; pr += ATT_WARPS) {
+                const int32_t r = pr / np, c = pr % np;
+                const int32_t cc = c0 + c * ATT_CHUNK;
+                const int32_t n = min(ATT_CHUNK, d.pos[b + r / nh] + 1 - cc); /* this row's positions */
+                float *part = P > 1 ? part_s + ((int64_t)r * P + c) * (hd + 2) : NULL;
+                if (n <= 0) {
+                    if (part && lane == 0) part[hd] = -INFINITY;
+                    continue;
                 }
-                const float m_old = m_s[r];
-                const float cm = fmaxf(m_old, mn__warp_max(s));
-                const float alpha = expf(m_old - cm);
-                const float e = lane < n ? expf(s - cm) : 0.0f;
-                const float sum = mn__warp_sum(e);
-                float a[ATT_PER_LANE];
-#pragma unroll
-                for (int j = 0; j < ATT_PER_LANE; j++) {
-                    int32_t i = lane + 32 * j;
-                    a[j] = i < hd ? acc_s[r * hd + i] * alpha : 0.0f;
-                }
-                for (int32_t p = 0; p < n; p++) {
-                    const float ep = __shfl_sync(0xffffffffu, e, p);
-#pragma unroll
-                    for (int j = 0; j < ATT_PER_LANE; j++) {
-                        int32_t i = lane + 32 * j;
-                        if (i < hd) a[j] = fmaf(ep, v_s[p * hd + i], a[j]);
+                att_pair<HD>(d, sh, hd, r, n, q_s, k_s + (size_t)c * ATT_CHUNK * sh.ks, v_s + (size_t)c * ATT_CHUNK * hd,
+                             acc_s, m_s, l_s, part);
+            }
+            if (P > 1) {
+                __syncthreads();
+                /* fold the wave's partials into each row's state, chunks in ascending order */
+                for (int32_t r = warp; r < rows; r += ATT_WARPS) {
+                    for (int32_t c = 0; c < np; c++) {
+                        const float *pt = part_s + ((int64_t)r * P + c) * (hd + 2);
+                        const float mc = pt[hd];
+                        if (mc == -INFINITY) continue; /* no position of this row in the chunk */
+                        float mx, fa, fb;
+                        att_fold_scales(m_s[r], mc, &mx, &fa, &fb);
+                        const float l_new = l_s[r] * fa + pt[hd + 1] * fb;
+                        for (int32_t i = lane; i < hd; i += 32) acc_s[r * hd + i] = acc_s[r * hd + i] * fa + pt[i] * fb;
+                        __syncwarp();
+                        if (lane == 0) {
+                            m_s[r] = mx;
+                            l_s[r] = l_new;
+                        }
+                        __syncwarp();
                     }
                 }
-#pragma unroll
-                for (int j = 0; j < ATT_PER_LANE; j++) {
-                    int32_t i = lane + 32 * j;
-                    if (i < hd) acc_s[r * hd + i] = a[j];
-                }
-                const float l_new = l_s[r] * alpha + sum;
-                __syncwarp();
-                if (lane == 0) {
-                    m_s[r] = cm;
-                    l_s[r] = l_new;
-                }
-                __syncwarp();
             }
         }
         /* the segment is done: every row with a position in it hands its state on */
@@ -370,10 +447,10 @@ mn_err mn_cuda_attention(const mn_attention_desc *d, void *work, size_t work_byt
     MN_CUDA_CHECK(eb, cudaGetDevice(&dev));
     MN_CUDA_CHECK(eb, cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     int32_t rows_max = ATT_ROWS;
-    while (rows_max > 1 && att_smem_bytes(rows_max, hd, sh.ks) > (size_t)smem_max) rows_max--;
-    if (att_smem_bytes(rows_max, hd, sh.ks) > (size_t)smem_max)
+    while (rows_max > 1 && att_smem_bytes(rows_max, hd, sh.ks, 1) > (size_t)smem_max) rows_max--;
+    if (att_smem_bytes(rows_max, hd, sh.ks, 1) > (size_t)smem_max)
         return mn_errf(eb, MN_EUNSUPPORTED, "cuda attention: head_dim %d needs %zu bytes of shared memory, device has %d",
-                       hd, att_smem_bytes(1, hd, sh.ks), smem_max);
+                       hd, att_smem_bytes(1, hd, sh.ks, 1), smem_max);
     sh.runs = (group + rows_max - 1) / rows_max;
     sh.nh = (group + sh.runs - 1) / sh.runs;
     sh.tq = rows_max / sh.nh;
@@ -395,11 +472,21 @@ mn_err mn_cuda_attention(const mn_attention_desc *d, void *work, size_t work_byt
     if (sh.nseg_max > 65535)
         return mn_errf(eb, MN_EUNSUPPORTED, "cuda attention: %d segments (max 65535 blocks in y)", sh.nseg_max);
 
-    size_t smem = att_smem_bytes(sh.tq * sh.nh, hd, sh.ks);
-    if (smem > 48 * 1024)
-        MN_CUDA_CHECK(eb, cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    /* blocks of fewer rows than warps hold two chunks at once, so every warp has a (row,
+     * chunk) pair (decode: one token's GQA group); the shape changes no result */
+    sh.par = 1;
+    if (sh.tq * sh.nh * ATT_PAR_MAX <= ATT_WARPS &&
+        att_smem_bytes(sh.tq * sh.nh, hd, sh.ks, ATT_PAR_MAX) <= (size_t)smem_max)
+        sh.par = ATT_PAR_MAX;
+    size_t smem = att_smem_bytes(sh.tq * sh.nh, hd, sh.ks, sh.par);
     dim3 grid((unsigned)d->T, (unsigned)(sh.nseg_max ? sh.nseg_max : 1), (unsigned)(d->n_kv_head * sh.runs));
-    attention_kernel<<<grid, ATT_WARPS * 32, smem, s>>>(*d, sh, sh.nseg_max ? (float *)work : NULL);
+    float *st = sh.nseg_max ? (float *)work : NULL;
+    /* head_dim 64 and 128 get loops unrolled at compile time; others take the generic code */
+    void (*kern)(mn_attention_desc, att_shape, float *) =
+        hd == 128 ? attention_kernel<128> : hd == 64 ? attention_kernel<64> : attention_kernel<0>;
+    if (smem > 48 * 1024)
+        MN_CUDA_CHECK(eb, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    kern<<<grid, ATT_WARPS * 32, smem, s>>>(*d, sh, st);
     MN_CUDA_CHECK_LAUNCH(eb, "attention_kernel");
     if (sh.nseg_max) {
         attention_fold_kernel<<<mn__cuda_blocks(d->T * d->n_head * hd), MN__CUDA_THREADS, 0, s>>>(*d, sh.nseg_max,

@@ -47,6 +47,26 @@ __global__ static void __launch_bounds__(GEMV_WARPS * 32) gemv_kernel(mn_matmul_
     mn__gemv_row<NT>(d, n, xq, mn__gemv_dev_warp());
 }
 
+/* Several matmuls that share x (q, k, v; gate, up) in one launch: CTA c belongs to the desc
+ * whose block range holds it. A row runs exactly as in gemv_kernel (the same bits); one
+ * launch instead of several fills the GPU with the small ones (k and v: 1024 rows, 128 CTAs)
+ * and saves their launch gaps. */
+enum { GEMV_MULTI_MAX = 3 };
+typedef struct gemv_multi {
+    mn_matmul_desc d[GEMV_MULTI_MAX];
+    int64_t first[GEMV_MULTI_MAX + 1]; /* CTA ranges: desc k owns [first[k], first[k + 1]) */
+    int n;
+} gemv_multi;
+
+template <int NT>
+__global__ static void __launch_bounds__(GEMV_WARPS * 32) gemv_multi_kernel(gemv_multi m, const void *xq) {
+    int k = 0;
+    while (k + 1 < m.n && (int64_t)blockIdx.x >= m.first[k + 1]) k++;
+    int64_t n = ((int64_t)blockIdx.x - m.first[k]) * GEMV_WARPS + threadIdx.x / 32;
+    if (n >= m.d[k].N) return; /* whole warps */
+    mn__gemv_row<NT>(m.d[k], n, xq, mn__gemv_dev_warp());
+}
+
 static mn_err gemv_run(const mn_matmul_desc *d, void *work, size_t work_bytes, bool quantize, cudaStream_t s,
                        mn_errbuf *eb) {
     int64_t be = mn_dtype_block_elems(d->w_type);
@@ -87,4 +107,46 @@ mn_err mn_cuda_matmul_gemv(const mn_matmul_desc *d, void *work, size_t work_byte
 mn_err mn_cuda_matmul_gemv_reuse_x(const mn_matmul_desc *d, void *work, size_t work_bytes, cudaStream_t s,
                                    mn_errbuf *eb) {
     return gemv_run(d, work, work_bytes, false, s, eb);
+}
+
+mn_err mn_cuda_matmul_gemv_multi(const mn_matmul_desc *d, int n, void *work, size_t work_bytes, bool quantize,
+                                 cudaStream_t s, mn_errbuf *eb) {
+    if (n < 1 || n > GEMV_MULTI_MAX) return mn_errf(eb, MN_EINVALID, "cuda gemv multi: %d matmuls (1..%d)", n, GEMV_MULTI_MAX);
+    gemv_multi m = {};
+    m.n = n;
+    const int64_t be0 = mn_dtype_block_elems(d[0].w_type);
+    for (int k = 0; k < n; k++) {
+        const mn_matmul_desc *a = &d[k];
+        if (a->x != d[0].x || a->x_stride != d[0].x_stride || a->T != d[0].T || a->K != d[0].K ||
+            mn_dtype_block_elems(a->w_type) != be0)
+            return mn_errf(eb, MN_EINVALID, "cuda gemv multi: matmul %d does not share matmul 0's x (T, K, block)", k);
+        int64_t al = a->w_type == MN_F32 ? 4 : 2;
+        if (!mn_dtype_is_weight_type(a->w_type) || a->K <= 0 || a->K % be0 != 0 || a->T > MN_CUDA_GEMV_MAX_T ||
+            a->w_row_bytes % al != 0 || (uintptr_t)a->w % (uintptr_t)al != 0)
+            return mn_errf(eb, MN_EUNSUPPORTED, "cuda gemv multi: matmul %d: weight type %s, T=%lld, K=%lld", k,
+                           mn_dtype_name(a->w_type), (long long)a->T, (long long)a->K);
+        m.d[k] = *a;
+        m.first[k + 1] = m.first[k] + (a->N > 0 ? (a->N + GEMV_WARPS - 1) / GEMV_WARPS : 0);
+    }
+    if (d[0].T <= 0 || m.first[n] == 0) return MN_OK;
+    if (m.first[n] > 0x7fffffffLL) return mn_errf(eb, MN_EUNSUPPORTED, "cuda gemv multi: %lld CTAs", (long long)m.first[n]);
+    size_t need = mn_cuda_matmul_gemv_work_bytes(&d[0]);
+    if (work_bytes < need || (need && (!work || (uintptr_t)work % 4 != 0)))
+        return mn_errf(eb, MN_EINVALID, "cuda gemv multi: %zu scratch bytes given, %zu needed", work_bytes, need);
+    if (be0 > 1 && quantize) {
+        int64_t ng = d[0].K / be0;
+        unsigned grid = (unsigned)((d[0].T * ng + GEMV_WARPS - 1) / GEMV_WARPS);
+        if (be0 == MN_QK) gemv_quant_x<MN_QK><<<grid, GEMV_WARPS * 32, 0, s>>>(d[0].x, d[0].x_stride, d[0].T, ng, work);
+        else gemv_quant_x<MN_QK_K><<<grid, GEMV_WARPS * 32, 0, s>>>(d[0].x, d[0].x_stride, d[0].T, ng, work);
+        MN_CUDA_CHECK_LAUNCH(eb, "gemv_quant_x");
+    }
+    unsigned grid = (unsigned)m.first[n];
+    switch (mn_gemv_nt(d[0].T)) {
+    case 1: gemv_multi_kernel<1><<<grid, GEMV_WARPS * 32, 0, s>>>(m, work); break;
+    case 2: gemv_multi_kernel<2><<<grid, GEMV_WARPS * 32, 0, s>>>(m, work); break;
+    case 4: gemv_multi_kernel<4><<<grid, GEMV_WARPS * 32, 0, s>>>(m, work); break;
+    default: gemv_multi_kernel<8><<<grid, GEMV_WARPS * 32, 0, s>>>(m, work); break;
+    }
+    MN_CUDA_CHECK_LAUNCH(eb, "gemv_multi_kernel");
+    return MN_OK;
 }

@@ -16,6 +16,7 @@
 #ifndef MN_KERNELS_OPS_CUDA_H
 #define MN_KERNELS_OPS_CUDA_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <cuda_runtime.h>
 #include <cublas_v2.h>
@@ -85,6 +86,12 @@ size_t mn_cuda_matmul_gemv_work_bytes(const mn_matmul_desc *d);
  *  tolerance 1e-4 * (sum|x w| + |b|) of the reference (only the f32 order over blocks
  *  differs). MN_EUNSUPPORTED for T > MN_CUDA_GEMV_MAX_T. */
 mn_err mn_cuda_matmul_gemv(const mn_matmul_desc *d, void *work, size_t work_bytes, cudaStream_t s, mn_errbuf *eb);
+/** n (1..3) GEMV matmuls that share x (the same x, x_stride, T and K, and weight types of
+ *  one activation block size: q, k, v or gate, up) in one launch, each row with the bits
+ *  mn_cuda_matmul_gemv gives it. quantize = false: work already holds x's blocks (as
+ *  mn_cuda_matmul_gemv_reuse_x). The caller makes sure no y overlaps x or another y. */
+mn_err mn_cuda_matmul_gemv_multi(const mn_matmul_desc *d, int n, void *work, size_t work_bytes, bool quantize,
+                                 cudaStream_t s, mn_errbuf *eb);
 /** mn_cuda_matmul_gemv without quantizing x: work already holds x's activation blocks,
  *  left by the mn_cuda_matmul_gemv just before on the same stream with the same x,
  *  x_stride, T, K and block size (q, k, v, or gate and up, share their input). */
@@ -140,6 +147,14 @@ size_t mn_cuda_attention_work_bytes(const mn_attention_desc *d);
 int32_t mn_cuda_attention_launch_key(const mn_attention_desc *d);
 mn_err mn_cuda_silu_mul(const mn_silu_mul_desc *d, cudaStream_t s, mn_errbuf *eb);
 mn_err mn_cuda_add(const mn_add_desc *d, cudaStream_t s, mn_errbuf *eb);
+
+/** Device read bandwidth (benchmarks' floor): the best of reps passes that read n bytes at
+ *  p (16-byte aligned; n a multiple of 16) with 16-byte loads and nothing else, in GB/s. */
+mn_err mn_cuda_read_bandwidth(const void *p, size_t n, int reps, double *gbps, mn_errbuf *eb);
+/** A kernel that spins for ns nanoseconds (the device's global timer) on s: a profiler
+ *  queues it first so the host can queue every op behind it before any runs, and the
+ *  ops then run back to back as they would from a graph. */
+mn_err mn_cuda_spin(uint64_t ns, cudaStream_t s, mn_errbuf *eb);
 /** lora (kernels/cuda/lora.cu): seg, rows and every a / b device memory; d->max_r (the
  *  plan's widest shrink, <= MN_CUDA_LORA_MAX_R) is required, MN_EUNSUPPORTED otherwise;
  *  d->max_rows == 1 runs the gathered decode kernels, anything else the segmented one.

@@ -179,9 +179,9 @@ static double time_calls(const mn_matmul_desc *d, int cublas_path, void *work, s
 /* Timing lines at Llama-3-8B shapes; weights and x are a byte pattern (0x3c: small finite
  * values in every type), the time does not depend on them. */
 static void gemv_timing(cudaStream_t s, cublasHandle_t blas) {
-    static const int64_t shapes[2][2] = {{4096, 4096}, {14336, 4096}};
+    static const int64_t shapes[3][2] = {{4096, 4096}, {14336, 4096}, {4096, 14336}};
     double copy = gt_copy_gbps(s);
-    for (int si = 0; si < 2; si++) {
+    for (int si = 0; si < 3; si++) {
         int64_t N = shapes[si][0], K = shapes[si][1];
         void *w = NULL, *work = NULL;
         float *x = NULL, *y = NULL;
@@ -208,7 +208,7 @@ static void gemv_timing(cudaStream_t s, cublasHandle_t blas) {
                     d.T = c % 2 == 0 ? 1 : 8;
                     us[c] = time_calls(&d, c >= 2, work, workmax, blas, s);
                 }
-                printf("gemv-time %-5s N=%-5lld K=%lld W %6.1f MB  gemv T=1 %7.1f us %5.0f GB/s  T=8 %7.1f us %5.0f GB/s"
+                printf("gemv-time %-5s N=%-5lld K=%-5lld W %6.1f MB  gemv T=1 %7.1f us %5.0f GB/s  T=8 %7.1f us %5.0f GB/s"
                        "  | bf16+cublas T=1 %7.1f us  T=8 %7.1f us  (d2d copy %.0f GB/s)\n",
                        mn_dtype_name(t), (long long)N, (long long)K, mb, us[0], us[0] > 0 ? mb * 1e-3 / (us[0] * 1e-6) : 0,
                        us[1], us[1] > 0 ? mb * 1e-3 / (us[1] * 1e-6) : 0, us[2], us[3], copy);
@@ -218,12 +218,109 @@ static void gemv_timing(cudaStream_t s, cublasHandle_t blas) {
     }
 }
 
+/* mn_cuda_matmul_gemv_multi: n matmuls on one x (different N, types of one activation
+ * block size, bias / accumulate on some) in one launch give, byte for byte, what n
+ * mn_cuda_matmul_gemv calls give (outputs with their guard bytes); with quantize = false
+ * after a GEMV that left x's blocks, the same; a matmul on another x is refused. */
+static int gemv_multi_case(const mn_dtype *types, int n, int64_t T, uint32_t seed, cudaStream_t s) {
+    gt_arena a;
+    gt_arena_init(&a);
+    gt_seed(seed);
+    const int64_t Ns[3] = {67, 19, 33};
+    int64_t be = mn_dtype_block_elems(types[0]), K = be == MN_QK ? 45 * 32 : 5 * 256;
+    mn_matmul_desc d[3], dd[3];
+    int yi[3];
+    float *x = gt_matrix(&a, T, K, K + 3, -1, 1, NULL);
+    for (int k = 0; k < n; k++) {
+        d[k] = (mn_matmul_desc){.T = T, .N = Ns[k], .K = K, .x = x, .x_stride = K + 3, .w_type = types[k],
+                                .accumulate = k == 1, .y_stride = Ns[k] + 1};
+        d[k].w = gemv_weights(&a, types[k], Ns[k], K, &d[k].w_row_bytes);
+        d[k].bias = k != 0 ? gt_matrix(&a, 1, Ns[k], Ns[k], -1, 1, NULL) : NULL;
+        d[k].y = k == 1 ? gt_matrix(&a, T, Ns[k], d[k].y_stride, -2, 2, &yi[k]) : gt_out(&a, T, Ns[k], d[k].y_stride, &yi[k]);
+    }
+    mn_errbuf eb = {{0}};
+    size_t need = mn_cuda_matmul_gemv_work_bytes(&d[0]);
+    void *work = NULL;
+    uint8_t *sep[3] = {0}, *got = NULL;
+    char why[640] = "";
+    int ok = 0;
+    if (gt_upload(&a, &eb) != MN_OK || (need && cudaMalloc(&work, need) != cudaSuccess)) {
+        snprintf(why, sizeof why, "upload: %s", eb.msg[0] ? eb.msg : "cudaMalloc failed");
+        goto done;
+    }
+    for (int k = 0; k < n; k++) {
+        dd[k] = d[k];
+        dd[k].x = gt_dev_of(&a, d[k].x), dd[k].w = gt_dev_of(&a, d[k].w), dd[k].bias = gt_dev_of(&a, d[k].bias);
+        dd[k].y = gt_dev_of(&a, d[k].y);
+    }
+    /* 1. separate calls (their outputs saved), 2. outputs reset, one multi call, compared;
+     * 3. reset again, one GEMV on matmul 0 then the multi without quantizing, compared */
+    for (int pass = 0; pass < 3 && !why[0]; pass++) {
+        for (int k = 0; k < n; k++)
+            if (cudaMemcpy(a.dev[yi[k]], a.host[yi[k]], a.bytes[yi[k]], cudaMemcpyHostToDevice) != cudaSuccess)
+                snprintf(why, sizeof why, "reset of y %d failed", k);
+        mn_err e = MN_OK;
+        if (pass == 0)
+            for (int k = 0; k < n && e == MN_OK; k++) e = mn_cuda_matmul_gemv(&dd[k], work, need, s, &eb);
+        else if (pass == 1)
+            e = mn_cuda_matmul_gemv_multi(dd, n, work, need, true, s, &eb);
+        else {
+            mn_matmul_desc first = dd[0];
+            if (cudaMemset(work, 0x55, need) != cudaSuccess) snprintf(why, sizeof why, "memset failed");
+            e = mn_cuda_matmul_gemv(&first, work, need, s, &eb);
+            if (e == MN_OK && cudaMemcpy(a.dev[yi[0]], a.host[yi[0]], a.bytes[yi[0]], cudaMemcpyHostToDevice) != cudaSuccess)
+                snprintf(why, sizeof why, "reset of y 0 failed");
+            if (e == MN_OK) e = mn_cuda_matmul_gemv_multi(dd, n, work, need, false, s, &eb);
+        }
+        if (e != MN_OK || cudaStreamSynchronize(s) != cudaSuccess) {
+            snprintf(why, sizeof why, "pass %d: %s", pass, e != MN_OK ? eb.msg : "cuda error");
+            break;
+        }
+        for (int k = 0; k < n && !why[0]; k++) {
+            uint8_t *buf = malloc(a.bytes[yi[k]]);
+            cudaMemcpy(buf, a.dev[yi[k]], a.bytes[yi[k]], cudaMemcpyDeviceToHost);
+            if (pass == 0) {
+                sep[k] = buf;
+                continue;
+            }
+            for (size_t i = 0; i < a.bytes[yi[k]]; i++)
+                if (buf[i] != sep[k][i]) {
+                    snprintf(why, sizeof why, "pass %d: matmul %d byte %zu differs from the separate calls", pass, k, i);
+                    break;
+                }
+            const float *y0 = (const float *)buf;
+            if (!why[0] && !isfinite(y0[0])) snprintf(why, sizeof why, "matmul %d: y[0] not written", k);
+            free(buf);
+        }
+    }
+    if (!why[0]) { /* another x: refused, naming the matmul */
+        mn_matmul_desc bad[2] = {dd[0], dd[0]};
+        bad[1].x = dd[0].x + 1;
+        mn_err e = mn_cuda_matmul_gemv_multi(bad, 2, work, need, true, s, &eb);
+        if (e != MN_EINVALID || !strstr(eb.msg, "matmul 1"))
+            snprintf(why, sizeof why, "a matmul on another x: got %d (%s), want MN_EINVALID naming matmul 1", (int)e, eb.msg);
+    }
+    ok = !why[0];
+done:
+    printf("gemv-multi %d matmuls (%s..) T=%lld  =separate calls, =after reuse %s%s\n", n, mn_dtype_name(types[0]),
+           (long long)T, ok ? "ok" : "FAIL: ", ok ? "" : why);
+    for (int k = 0; k < 3; k++) free(sep[k]);
+    free(got);
+    if (work) cudaFree(work);
+    gt_arena_free(&a);
+    return ok;
+}
+
 /* All GEMV checks, then the timing lines; returns 1 if every check passed. */
 int gt_gemv(cudaStream_t s, cublasHandle_t blas) {
     static const int64_t Ts[] = {1, 2, 5, 8};
     int pass = 0, n = 0;
     for (int ti = 0; ti < NGTYPES; ti++)
         for (int k = 0; k < 4; k++, n++) pass += gemv_case(gtypes[ti], Ts[k], (ti + k) % 4, 300 + (uint32_t)n, s);
+    static const mn_dtype legacy[3] = {MN_Q4_0, MN_Q4_1, MN_Q8_0}, kq[2] = {MN_Q4_K, MN_Q6_K};
+    pass += gemv_multi_case(legacy, 3, 1, 900, s), n++;
+    pass += gemv_multi_case(legacy, 3, 5, 901, s), n++;
+    pass += gemv_multi_case(kq, 2, 2, 902, s), n++;
     printf("gemv: %d/%d passed\n", pass, n);
     if (pass == n) gemv_timing(s, blas);
     return pass == n;
