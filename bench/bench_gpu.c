@@ -217,15 +217,18 @@ int main(int argc, char **argv) {
         /* mode 0: every row's logits to the host; 1: greedy on the device (what the engine
          * serves with), only token ids copied back; 2: mode 1 without CUDA graphs; 3: one
          * step of mode 1 profiled (device time per op, no graphs); 4: mode 1 with the GEMV
-         * matmuls on one x fused into one launch (q/k/v, gate/up; off by default) */
-        double best[5] = {1e30, 1e30, 1e30, 1e30, 1e30};
+         * matmuls on one x fused into one launch (q/k/v, gate/up; off by default); 5: mode 1
+         * with the int8 tensor-core matmul for the 16- and 64-token batches (off by default) */
+        double best[6] = {1e30, 1e30, 1e30, 1e30, 1e30, 1e30};
         int seq_steps = 0; /* tokens appended so far: the next position is ctx + seq_steps */
-        for (int mode = 0; mode < 5; mode++) {
+        for (int mode = 0; mode < 6; mode++) {
             bool is_cuda = !strcmp(mn_backend_name(be), "cuda");
-            if ((mode == 2 || mode == 4) && !is_cuda) continue;
+            if ((mode == 2 || mode == 4 || mode == 5) && !is_cuda) continue;
+            if (mode == 5 && B <= 8) continue;
 #ifdef MNEME_HAVE_CUDA
             if (is_cuda) mn_backend_cuda_set_graphs(be, mode != 2);
             if (is_cuda) mn_backend_cuda_set_gemv_fuse(be, mode == 4); /* mode 4: the fusion (default off) */
+            if (is_cuda) mn_backend_cuda_set_mmq(be, mode == 5);      /* mode 5: the mmq (default off) */
 #endif
             for (int step = 0; step < (mode == 3 ? 1 : 8); step++) {
                 int st = seq_steps++;
@@ -258,10 +261,11 @@ int main(int argc, char **argv) {
         if (!strcmp(mn_backend_name(be), "cuda")) mn_backend_cuda_graph_stats(be, &caps, &reps);
 #endif
         printf("decode B=%-2d: %8.2f ms/step  %8.0f tok/s  floor %.2f ms (%.2f GB at %.0f GB/s)  %.2fx floor; "
-               "every row's logits to the host: %.2f ms; without CUDA graphs %.2f ms; with GEMV fusion %.2f ms "
-               "(graphs so far: %llu captured, %llu replays)\n", B, best[1] * 1e3, B / best[1], floor_s * 1e3,
-               bytes / 1e9, rd, best[1] / floor_s, best[0] * 1e3, best[2] < 1e29 ? best[2] * 1e3 : 0.0,
-               best[4] < 1e29 ? best[4] * 1e3 : 0.0, (unsigned long long)caps, (unsigned long long)reps);
+               "every row's logits to the host: %.2f ms; without CUDA graphs %.2f ms; with GEMV fusion %.2f ms; "
+               "with the int8 mmq %.2f ms (graphs so far: %llu captured, %llu replays)\n", B, best[1] * 1e3, B / best[1],
+               floor_s * 1e3, bytes / 1e9, rd, best[1] / floor_s, best[0] * 1e3, best[2] < 1e29 ? best[2] * 1e3 : 0.0,
+               best[4] < 1e29 ? best[4] * 1e3 : 0.0, best[5] < 1e29 ? best[5] * 1e3 : 0.0, (unsigned long long)caps,
+               (unsigned long long)reps);
         ROW("decode B=%-2d ms/step (x floor)       %10.2f (%.2fx)\n", B, best[1] * 1e3, best[1] / floor_s);
     }
     for (int s = 0; s < MAXB; s++) mn_kv_seq_release(kv, &seqs[s]);

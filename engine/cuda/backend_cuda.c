@@ -408,6 +408,9 @@ static const uint16_t *prepared_bf16(const cuda_impl *c, const mn_matmul_desc *d
 
 /* The bf16 W a matmul of d's size runs on (cuBLAS), or NULL: the GEMV / per-call path. */
 static const uint16_t *matmul_bf16(const cuda_impl *c, const mn_matmul_desc *d, int64_t *ldw) {
+    /* the int8 tensor-core matmul, when on, takes 9..MN_CUDA_MMQ_MAX_T tokens of its types
+     * in place of cuBLAS on the bf16 copy (mn_cuda_matmul runs it) */
+    if (d->T > MN_CUDA_GEMV_MAX_T && mn_cuda_matmul_mmq_on() && mn_cuda_matmul_mmq_supports(d)) return NULL;
     return d->T >= c->prepared_min_t && d->w_type != MN_F32 ? prepared_bf16(c, d, ldw) : NULL;
 }
 
@@ -828,6 +831,11 @@ void mn_backend_cuda_graph_stats(const mn_backend *be, uint64_t *captures, uint6
 }
 
 void mn_backend_cuda_set_graphs(mn_backend *be, bool on) { ((cuda_impl *)be->impl)->graphs_on = on; }
+
+void mn_backend_cuda_set_mmq(mn_backend *be, bool on) {
+    if (mn_cuda_matmul_mmq_on() != on) graphs_flush(be->impl); /* captured graphs hold the other path */
+    mn_cuda_matmul_mmq_enable(on);
+}
 
 void mn_backend_cuda_set_gemv_fuse(mn_backend *be, bool on) {
     cuda_impl *c = be->impl;

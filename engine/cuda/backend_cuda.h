@@ -44,6 +44,10 @@ void mn_backend_cuda_set_graphs(mn_backend *be, bool on);
  *  benchmarks, results unchanged. Default off ($MNEME_CUDA_GEMV_FUSE=1: on) until a GPU run
  *  has checked and timed it. */
 void mn_backend_cuda_set_gemv_fuse(mn_backend *be, bool on);
+/** The int8 tensor-core matmul (kernels/cuda/matmul_mmq.cu) for 9..64-token batches of
+ *  Q4_0 / Q4_1 / Q8_0 instead of cuBLAS on the bf16 copies (process-wide; default off,
+ *  $MNEME_CUDA_MMQ=1: on): an A/B switch for benchmarks until a GPU run has checked it. */
+void mn_backend_cuda_set_mmq(mn_backend *be, bool on);
 void mn_backend_cuda_graph_stats(const mn_backend *be, uint64_t *captures, uint64_t *replays);
 
 #endif

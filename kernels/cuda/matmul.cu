@@ -1,8 +1,10 @@
 /* kernels/cuda/matmul.cu — y[t,n] (+)= sum_k x[t,k] W[n,k] (+ b[n]).
  *
  * mn_cuda_matmul: T <= MN_CUDA_GEMV_MAX_T (decode) runs the fused dequant GEMV of
- * kernels/cuda/matmul_gemv.cu (W read once, ops.h tolerance, batch invariant); larger T
- * the cuBLAS path below.
+ * kernels/cuda/matmul_gemv.cu (W read once, ops.h tolerance, batch invariant); up to
+ * MN_CUDA_MMQ_MAX_T tokens of Q4_0 / Q4_1 / Q8_0 the int8 tensor-core matmul of
+ * kernels/cuda/matmul_mmq.cu when it is on (off by default until a GPU run has checked it);
+ * otherwise the cuBLAS path below.
  *
  * cuBLAS path (mn_cuda_matmul_cublas), simple and correct first:
  *   F32 weights: one cublasGemmEx, f32 inputs, f32 compute (no TF32), W read in place.
@@ -78,6 +80,7 @@ size_t mn_cuda_matmul_work_bytes(const mn_matmul_desc *d) {
 mn_err mn_cuda_matmul(const mn_matmul_desc *d, void *work, size_t work_bytes, cublasHandle_t blas,
                       cudaStream_t s, mn_errbuf *eb) {
     if (d->T > 0 && d->T <= MN_CUDA_GEMV_MAX_T) return mn_cuda_matmul_gemv(d, work, work_bytes, s, eb);
+    if (mn_cuda_matmul_mmq_on() && mn_cuda_matmul_mmq_supports(d)) return mn_cuda_matmul_mmq(d, work, work_bytes, s, eb);
     return mn_cuda_matmul_cublas(d, work, work_bytes, blas, s, eb);
 }
 

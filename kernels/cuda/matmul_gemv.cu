@@ -100,6 +100,22 @@ static mn_err gemv_run(const mn_matmul_desc *d, void *work, size_t work_bytes, b
     return MN_OK;
 }
 
+mn_err mn_cuda_quantize_x(const mn_matmul_desc *d, void *work, size_t work_bytes, cudaStream_t s, mn_errbuf *eb) {
+    const int64_t be = mn_dtype_block_elems(d->w_type);
+    if (be <= 1 || d->T <= 0 || d->K <= 0) return MN_OK;
+    if (d->K % be != 0)
+        return mn_errf(eb, MN_EUNSUPPORTED, "cuda quantize x: K=%lld is not a multiple of %lld", (long long)d->K, (long long)be);
+    size_t need = mn_cuda_matmul_gemv_work_bytes(d);
+    if (work_bytes < need || !work || (uintptr_t)work % 4 != 0)
+        return mn_errf(eb, MN_EINVALID, "cuda quantize x: %zu scratch bytes given, %zu needed", work_bytes, need);
+    int64_t ng = d->K / be;
+    unsigned grid = (unsigned)((d->T * ng + GEMV_WARPS - 1) / GEMV_WARPS);
+    if (be == MN_QK) gemv_quant_x<MN_QK><<<grid, GEMV_WARPS * 32, 0, s>>>(d->x, d->x_stride, d->T, ng, work);
+    else gemv_quant_x<MN_QK_K><<<grid, GEMV_WARPS * 32, 0, s>>>(d->x, d->x_stride, d->T, ng, work);
+    MN_CUDA_CHECK_LAUNCH(eb, "gemv_quant_x");
+    return MN_OK;
+}
+
 mn_err mn_cuda_matmul_gemv(const mn_matmul_desc *d, void *work, size_t work_bytes, cudaStream_t s, mn_errbuf *eb) {
     return gemv_run(d, work, work_bytes, true, s, eb);
 }

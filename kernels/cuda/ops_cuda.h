@@ -92,6 +92,21 @@ mn_err mn_cuda_matmul_gemv(const mn_matmul_desc *d, void *work, size_t work_byte
  *  mn_cuda_matmul_gemv_reuse_x). The caller makes sure no y overlaps x or another y. */
 mn_err mn_cuda_matmul_gemv_multi(const mn_matmul_desc *d, int n, void *work, size_t work_bytes, bool quantize,
                                  cudaStream_t s, mn_errbuf *eb);
+/** x of d quantized to its activation blocks (q8_1 / q8_K, the reference's) at work, as the
+ *  GEMV does first; mn_cuda_matmul_gemv_work_bytes(d) bytes. Nothing for float weights. */
+mn_err mn_cuda_quantize_x(const mn_matmul_desc *d, void *work, size_t work_bytes, cudaStream_t s, mn_errbuf *eb);
+/** Most tokens of the int8 tensor-core matmul (kernels/cuda/matmul_mmq.cu). */
+#define MN_CUDA_MMQ_MAX_T 64
+/** The int8 tensor-core matmul: Q4_0 / Q4_1 / Q8_0 weights, 1 <= T <= MN_CUDA_MMQ_MAX_T, x
+ *  as q8_1 blocks, exact integer block dots, ops.h tolerance; scratch
+ *  mn_cuda_matmul_mmq_work_bytes. Written without a GPU: mn_cuda_matmul uses it for
+ *  9..MN_CUDA_MMQ_MAX_T tokens only when on (mn_cuda_matmul_mmq_enable(1) or
+ *  $MNEME_CUDA_MMQ=1; off by default until a GPU run has checked and timed it). */
+bool mn_cuda_matmul_mmq_supports(const mn_matmul_desc *d);
+size_t mn_cuda_matmul_mmq_work_bytes(const mn_matmul_desc *d);
+mn_err mn_cuda_matmul_mmq(const mn_matmul_desc *d, void *work, size_t work_bytes, cudaStream_t s, mn_errbuf *eb);
+void mn_cuda_matmul_mmq_enable(int on);
+bool mn_cuda_matmul_mmq_on(void);
 /** mn_cuda_matmul_gemv without quantizing x: work already holds x's activation blocks,
  *  left by the mn_cuda_matmul_gemv just before on the same stream with the same x,
  *  x_stride, T, K and block size (q, k, v, or gate and up, share their input). */

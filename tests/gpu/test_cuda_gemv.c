@@ -311,6 +311,181 @@ done:
     return ok;
 }
 
+/* The int8 tensor-core matmul (kernels/cuda/matmul_mmq.cu, off in mn_cuda_matmul until a
+ * GPU run has checked it): against mn_ref_matmul within the ops.h tolerance 1e-4 * (sum|x w|
+ * + |b|) (plus an accumulate's rounding), every byte outside the output rows unchanged,
+ * every token alone giving its row's bits, and mn_cuda_matmul with the mmq on giving the
+ * same bits as the direct call. */
+static int mmq_case(mn_dtype t, int64_t T, int variant, int64_t N, int64_t K, uint32_t seed, cudaStream_t s) {
+    gt_arena a;
+    gt_arena_init(&a);
+    gt_seed(seed);
+    int strided = variant & 1, bias = variant != 0, acc = variant >= 2, yi;
+    mn_matmul_desc d = {.T = T, .N = N, .K = K, .w_type = t, .accumulate = acc};
+    d.x_stride = strided ? K + 3 : K;
+    d.y_stride = strided ? N + 5 : N;
+    float *x = gt_matrix(&a, T, K, d.x_stride, -1, 1, NULL);
+    if (T > 3)
+        for (int64_t k = 0; k < K; k++) x[3 * d.x_stride + k] = 0.0f; /* d = 0 in the q8 blocks */
+    d.x = x;
+    d.w = gemv_weights(&a, t, N, K, &d.w_row_bytes);
+    d.bias = bias ? gt_matrix(&a, 1, N, N, -1, 1, NULL) : NULL;
+    d.y = acc ? gt_matrix(&a, T, N, d.y_stride, -2, 2, &yi) : gt_out(&a, T, N, d.y_stride, &yi);
+    size_t ybytes = a.bytes[yi];
+    uint8_t *y0 = malloc(ybytes), *got = malloc(ybytes), *got2 = malloc(ybytes);
+    float *y1 = malloc((size_t)N * sizeof(float)), *wrow = malloc((size_t)K * sizeof(float));
+    void *dwork = NULL, *dy1 = NULL;
+    char why[640] = "";
+    double worst = 0;
+    int ok = 0;
+    mn_errbuf eb = {{0}};
+    memcpy(y0, a.host[yi], ybytes);
+    size_t need = mn_cuda_matmul_mmq_work_bytes(&d), needm = mn_cuda_matmul_work_bytes(&d);
+    if (needm > need) need = needm;
+    if (gt_upload(&a, &eb) != MN_OK || cudaMalloc(&dwork, need) != cudaSuccess ||
+        cudaMalloc(&dy1, (size_t)N * sizeof(float)) != cudaSuccess) {
+        snprintf(why, sizeof why, "upload: %s", eb.msg[0] ? eb.msg : "cudaMalloc failed");
+        goto done;
+    }
+    mn_matmul_desc dd = d;
+    dd.x = gt_dev_of(&a, d.x), dd.w = gt_dev_of(&a, d.w), dd.bias = gt_dev_of(&a, d.bias), dd.y = gt_dev_of(&a, d.y);
+    mn_ref_matmul(&d);
+    mn_err e = mn_cuda_matmul_mmq(&dd, dwork, need, s, &eb);
+    cudaError_t ce = cudaStreamSynchronize(s);
+    if (e == MN_OK && ce == cudaSuccess) ce = cudaMemcpy(got, a.dev[yi], ybytes, cudaMemcpyDeviceToHost);
+    if (e != MN_OK || ce != cudaSuccess) {
+        snprintf(why, sizeof why, "%s", e != MN_OK ? eb.msg : cudaGetErrorString(ce));
+        goto done;
+    }
+    const float *ref = a.host[yi], *g32 = (const float *)got, *in = (const float *)y0;
+    for (int64_t n = 0; n < N; n++) {
+        mn_ref_dequant_row(t, (const char *)d.w + n * d.w_row_bytes, wrow, K);
+        for (int64_t ti = 0; ti < T; ti++) {
+            double sum = bias ? fabs(d.bias[n]) : 0.0;
+            for (int64_t k = 0; k < K; k++) sum += fabs((double)x[ti * d.x_stride + k] * wrow[k]);
+            int64_t i = ti * d.y_stride + n;
+            double tol = 1e-4 * sum + (acc ? 2.4e-7 * (fabs(in[i]) + fabs(ref[i])) : 0.0) + 1e-30;
+            double err = fabs((double)g32[i] - ref[i]);
+            if (!isfinite(g32[i]) || !(err <= tol)) {
+                snprintf(why, sizeof why, "y[%lld,%lld] = %.9g, ref %.9g, tol %.3g", (long long)ti, (long long)n,
+                         g32[i], ref[i], tol);
+                goto done;
+            }
+            if (err / tol > worst) worst = err / tol;
+        }
+    }
+    for (size_t i = 0; i < ybytes; i++) { /* outside the rows: stride gaps and guard */
+        size_t f = i / 4;
+        int64_t ti = (int64_t)f / d.y_stride, n = (int64_t)f % d.y_stride;
+        if (ti < T && n < N && f < (size_t)(T * d.y_stride)) continue;
+        if (got[i] != y0[i]) {
+            snprintf(why, sizeof why, "byte %zu outside the output rows changed", i);
+            goto done;
+        }
+    }
+    for (int64_t ti = 0; ti < T; ti++) { /* every token alone */
+        mn_matmul_desc one = dd;
+        one.T = 1;
+        one.x = dd.x + ti * d.x_stride;
+        one.y = dy1;
+        one.y_stride = N;
+        for (int64_t n = 0; n < N; n++) y1[n] = in[ti * d.y_stride + n];
+        if (cudaMemcpy(dy1, y1, (size_t)N * sizeof(float), cudaMemcpyHostToDevice) != cudaSuccess ||
+            mn_cuda_matmul_mmq(&one, dwork, need, s, &eb) != MN_OK || cudaStreamSynchronize(s) != cudaSuccess ||
+            cudaMemcpy(y1, dy1, (size_t)N * sizeof(float), cudaMemcpyDeviceToHost) != cudaSuccess) {
+            snprintf(why, sizeof why, "token %lld alone: %s", (long long)ti, eb.msg[0] ? eb.msg : "cuda error");
+            goto done;
+        }
+        if (memcmp(y1, g32 + ti * d.y_stride, (size_t)N * sizeof(float)) != 0) {
+            snprintf(why, sizeof why, "token %lld alone differs from its row in the T=%lld batch", (long long)ti,
+                     (long long)T);
+            goto done;
+        }
+    }
+    if (T > MN_CUDA_GEMV_MAX_T) { /* the dispatch: mn_cuda_matmul with the mmq on */
+        if (cudaMemcpy(a.dev[yi], y0, ybytes, cudaMemcpyHostToDevice) != cudaSuccess) {
+            snprintf(why, sizeof why, "reset of y failed");
+            goto done;
+        }
+        mn_cuda_matmul_mmq_enable(1);
+        e = mn_cuda_matmul(&dd, dwork, need, NULL, s, &eb);
+        mn_cuda_matmul_mmq_enable(0);
+        if (e != MN_OK || cudaStreamSynchronize(s) != cudaSuccess ||
+            cudaMemcpy(got2, a.dev[yi], ybytes, cudaMemcpyDeviceToHost) != cudaSuccess || memcmp(got, got2, ybytes) != 0) {
+            snprintf(why, sizeof why, "mn_cuda_matmul with the mmq on: %s", e != MN_OK ? eb.msg : "other bits than the direct call");
+            goto done;
+        }
+    }
+    ok = 1;
+done:
+    printf("mmq       %-5s T=%-2lld N=%lld K=%-4lld %-16s r=%-7.3g =alone %s%s\n", mn_dtype_name(t), (long long)T,
+           (long long)N, (long long)K, variant == 0 ? "" : variant == 1 ? "stride bias" : variant == 2 ? "acc bias" : "stride acc bias",
+           worst, ok ? "ok" : "FAIL: ", ok ? "" : why);
+    free(y0), free(got), free(got2), free(y1), free(wrow);
+    if (dwork) cudaFree(dwork);
+    if (dy1) cudaFree(dy1);
+    gt_arena_free(&a);
+    return ok;
+}
+
+/* mmq against cuBLAS on a bf16 copy made once (what the backend runs for these batches),
+ * Llama-3-8B shapes, microseconds per call (timing lines, not checks) */
+static void mmq_timing(cudaStream_t s, cublasHandle_t blas) {
+    static const int64_t shapes[3][2] = {{4096, 4096}, {14336, 4096}, {4096, 14336}};
+    static const mn_dtype types[2] = {MN_Q4_0, MN_Q8_0};
+    static const int64_t Ts[3] = {16, 32, 64};
+    for (int si = 0; si < 3; si++)
+        for (int ty = 0; ty < 2; ty++) {
+            const int64_t N = shapes[si][0], K = shapes[si][1];
+            const mn_dtype t = types[ty];
+            mn_matmul_desc d = {.T = 64, .N = N, .K = K, .w_type = t, .x_stride = K, .y_stride = N};
+            d.w_row_bytes = mn_dtype_row_bytes(t, K);
+            void *w = NULL, *work = NULL;
+            uint16_t *wb = NULL;
+            float *x = NULL, *y = NULL;
+            size_t wn = (size_t)(N * d.w_row_bytes), workn = mn_cuda_matmul_mmq_work_bytes(&d);
+            size_t wp = mn_cuda_matmul_prepared_work_bytes(&d);
+            if (wp > workn) workn = wp;
+            mn_errbuf eb = {{0}};
+            if (cudaMalloc(&w, wn) != cudaSuccess || cudaMalloc(&work, workn) != cudaSuccess ||
+                cudaMalloc((void **)&wb, (size_t)(N * K) * 2) != cudaSuccess ||
+                cudaMalloc((void **)&x, (size_t)(64 * K) * sizeof(float)) != cudaSuccess ||
+                cudaMalloc((void **)&y, (size_t)(64 * N) * sizeof(float)) != cudaSuccess) {
+                printf("mmq-time N=%lld K=%lld: skipped (device memory)\n", (long long)N, (long long)K);
+            } else {
+                cudaMemset(w, 0x3c, wn);
+                cudaMemset(x, 0x3c, (size_t)(64 * K) * sizeof(float));
+                d.w = w, d.x = x, d.y = y;
+                if (mn_cuda_dequant_bf16(t, w, N, K, d.w_row_bytes, wb, s, &eb) != MN_OK) printf("  dequant: %s\n", eb.msg);
+                printf("mmq-time  %-5s N=%-5lld K=%-5lld W %6.1f MB", mn_dtype_name(t), (long long)N, (long long)K, wn / 1e6);
+                for (int ti = 0; ti < 3; ti++) {
+                    d.T = Ts[ti];
+                    double us[2];
+                    for (int path = 0; path < 2; path++) {
+                        cudaEvent_t e0, e1;
+                        float ms = 0;
+                        cudaEventCreate(&e0), cudaEventCreate(&e1);
+                        mn_err e = MN_OK;
+                        for (int r = 0; r <= 20 && e == MN_OK; r++) {
+                            if (r == 1) cudaEventRecord(e0, s);
+                            e = path == 0 ? mn_cuda_matmul_mmq(&d, work, workn, s, &eb)
+                                          : mn_cuda_matmul_prepared(&d, wb, K, work, workn, blas, s, &eb);
+                        }
+                        cudaEventRecord(e1, s);
+                        cudaEventSynchronize(e1);
+                        cudaEventElapsedTime(&ms, e0, e1);
+                        cudaEventDestroy(e0), cudaEventDestroy(e1);
+                        us[path] = e == MN_OK && cudaGetLastError() == cudaSuccess ? ms * 1000.0 / 20 : -1;
+                    }
+                    printf("  T=%lld mmq %7.1f us (%5.0f GB/s) cublas-bf16 %7.1f us", (long long)d.T, us[0],
+                           us[0] > 0 ? wn / 1e3 / us[0] : 0.0, us[1]);
+                }
+                printf("\n");
+            }
+            cudaFree(w), cudaFree(work), cudaFree(wb), cudaFree(x), cudaFree(y);
+        }
+}
+
 /* All GEMV checks, then the timing lines; returns 1 if every check passed. */
 int gt_gemv(cudaStream_t s, cublasHandle_t blas) {
     static const int64_t Ts[] = {1, 2, 5, 8};
@@ -321,7 +496,17 @@ int gt_gemv(cudaStream_t s, cublasHandle_t blas) {
     pass += gemv_multi_case(legacy, 3, 1, 900, s), n++;
     pass += gemv_multi_case(legacy, 3, 5, 901, s), n++;
     pass += gemv_multi_case(kq, 2, 2, 902, s), n++;
+    int mpass = 0, mn = 0;
+    static const mn_dtype mtypes[3] = {MN_Q4_0, MN_Q4_1, MN_Q8_0};
+    static const int64_t mTs[5] = {1, 9, 16, 33, 64};
+    for (int ti = 0; ti < 3; ti++)
+        for (int k = 0; k < 5; k++, mn++) /* K = 45 blocks: the eight warps get 6, ..., 6, 3 */
+            mpass += mmq_case(mtypes[ti], mTs[k], (ti + k) % 4, 67, 45 * 32, 700 + (uint32_t)mn, s);
+    for (int ti = 0; ti < 3; ti++, mn++) mpass += mmq_case(mtypes[ti], 64, ti % 4, 50, 4096, 720 + (uint32_t)mn, s);
+    printf("mmq: %d/%d passed\n", mpass, mn);
+    pass += mpass, n += mn;
     printf("gemv: %d/%d passed\n", pass, n);
     if (pass == n) gemv_timing(s, blas);
+    if (pass == n) mmq_timing(s, blas);
     return pass == n;
 }
