@@ -18,6 +18,8 @@
  * blocks (float types: elements) differs: well inside 1e-4 * sum|x w| (ops.h).
  * Activations are read through L1/L2 (the GEMV_WARPS rows of a CTA walk the same x).
  */
+#include <stdio.h>
+
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/matmul_gemv_warp.cuh"
 
@@ -47,6 +49,38 @@ __global__ static void __launch_bounds__(GEMV_WARPS * 32) gemv_kernel(mn_matmul_
     mn__gemv_row<NT>(d, n, xq, mn__gemv_dev_warp());
 }
 
+/* Whether the GEMV takes d's weights (type, T, K, the alignment its loads assume: 4 bytes
+ * for F32, 2 for everything else); MN_EUNSUPPORTED naming `what` otherwise. */
+static mn_err gemv_check(const mn_matmul_desc *d, const char *what, mn_errbuf *eb) {
+    const int64_t be = mn_dtype_block_elems(d->w_type), al = d->w_type == MN_F32 ? 4 : 2;
+    if (!mn_dtype_is_weight_type(d->w_type) || d->K <= 0 || d->K % be != 0 || d->T > MN_CUDA_GEMV_MAX_T ||
+        d->w_row_bytes % al != 0 || (uintptr_t)d->w % (uintptr_t)al != 0)
+        return mn_errf(eb, MN_EUNSUPPORTED, "%s: weight type %s, T=%lld, K=%lld, row %lld bytes", what,
+                       mn_dtype_name(d->w_type), (long long)d->T, (long long)d->K, (long long)d->w_row_bytes);
+    return MN_OK;
+}
+
+/* Whether work holds d's activation blocks (size, 4-byte reads of xq). */
+static mn_err gemv_check_work(const mn_matmul_desc *d, const void *work, size_t work_bytes, const char *what,
+                              mn_errbuf *eb) {
+    const size_t need = mn_cuda_matmul_gemv_work_bytes(d);
+    if (work_bytes < need || (need && (!work || (uintptr_t)work % 4 != 0)))
+        return mn_errf(eb, MN_EINVALID, "%s: %zu scratch bytes given, %zu needed", what, work_bytes, need);
+    return MN_OK;
+}
+
+/* x of d to its activation blocks at work (nothing for float weights); checked by the caller. */
+static mn_err gemv_quantize(const mn_matmul_desc *d, void *work, cudaStream_t s, mn_errbuf *eb) {
+    const int64_t be = mn_dtype_block_elems(d->w_type);
+    if (be <= 1 || d->T <= 0) return MN_OK;
+    const int64_t ng = d->K / be;
+    const unsigned grid = (unsigned)((d->T * ng + GEMV_WARPS - 1) / GEMV_WARPS);
+    if (be == MN_QK) gemv_quant_x<MN_QK><<<grid, GEMV_WARPS * 32, 0, s>>>(d->x, d->x_stride, d->T, ng, work);
+    else gemv_quant_x<MN_QK_K><<<grid, GEMV_WARPS * 32, 0, s>>>(d->x, d->x_stride, d->T, ng, work);
+    MN_CUDA_CHECK_LAUNCH(eb, "gemv_quant_x");
+    return MN_OK;
+}
+
 /* Several matmuls that share x (q, k, v; gate, up) in one launch: CTA c belongs to the desc
  * whose block range holds it. A row runs exactly as in gemv_kernel (the same bits); one
  * launch instead of several fills the GPU with the small ones (k and v: 1024 rows, 128 CTAs)
@@ -69,24 +103,11 @@ __global__ static void __launch_bounds__(GEMV_WARPS * 32) gemv_multi_kernel(gemv
 
 static mn_err gemv_run(const mn_matmul_desc *d, void *work, size_t work_bytes, bool quantize, cudaStream_t s,
                        mn_errbuf *eb) {
-    int64_t be = mn_dtype_block_elems(d->w_type);
-    /* element / block alignment the loads assume: 4 bytes for F32, 2 for everything else */
-    int64_t al = d->w_type == MN_F32 ? 4 : 2;
-    if (!mn_dtype_is_weight_type(d->w_type) || d->K <= 0 || d->K % be != 0 || d->T > MN_CUDA_GEMV_MAX_T ||
-        d->w_row_bytes % al != 0 || (uintptr_t)d->w % (uintptr_t)al != 0)
-        return mn_errf(eb, MN_EUNSUPPORTED, "cuda gemv: weight type %s, T=%lld, K=%lld, row %lld bytes",
-                       mn_dtype_name(d->w_type), (long long)d->T, (long long)d->K, (long long)d->w_row_bytes);
+    mn_err e = gemv_check(d, "cuda gemv", eb);
+    if (e != MN_OK) return e;
     if (d->T <= 0 || d->N <= 0) return MN_OK;
-    size_t need = mn_cuda_matmul_gemv_work_bytes(d);
-    if (work_bytes < need || (need && (!work || (uintptr_t)work % 4 != 0))) /* 4-byte reads of xq */
-        return mn_errf(eb, MN_EINVALID, "cuda gemv: %zu scratch bytes given, %zu needed", work_bytes, need);
-    if (be > 1 && quantize) {
-        int64_t ng = d->K / be;
-        unsigned grid = (unsigned)((d->T * ng + GEMV_WARPS - 1) / GEMV_WARPS);
-        if (be == MN_QK) gemv_quant_x<MN_QK><<<grid, GEMV_WARPS * 32, 0, s>>>(d->x, d->x_stride, d->T, ng, work);
-        else gemv_quant_x<MN_QK_K><<<grid, GEMV_WARPS * 32, 0, s>>>(d->x, d->x_stride, d->T, ng, work);
-        MN_CUDA_CHECK_LAUNCH(eb, "gemv_quant_x");
-    }
+    if ((e = gemv_check_work(d, work, work_bytes, "cuda gemv", eb)) != MN_OK) return e;
+    if (quantize && (e = gemv_quantize(d, work, s, eb)) != MN_OK) return e;
     int64_t blocks = (d->N + GEMV_WARPS - 1) / GEMV_WARPS;
     if (blocks > 0x7fffffffLL) return mn_errf(eb, MN_EUNSUPPORTED, "cuda gemv: N=%lld", (long long)d->N);
     unsigned grid = (unsigned)blocks;
@@ -105,15 +126,8 @@ mn_err mn_cuda_quantize_x(const mn_matmul_desc *d, void *work, size_t work_bytes
     if (be <= 1 || d->T <= 0 || d->K <= 0) return MN_OK;
     if (d->K % be != 0)
         return mn_errf(eb, MN_EUNSUPPORTED, "cuda quantize x: K=%lld is not a multiple of %lld", (long long)d->K, (long long)be);
-    size_t need = mn_cuda_matmul_gemv_work_bytes(d);
-    if (work_bytes < need || !work || (uintptr_t)work % 4 != 0)
-        return mn_errf(eb, MN_EINVALID, "cuda quantize x: %zu scratch bytes given, %zu needed", work_bytes, need);
-    int64_t ng = d->K / be;
-    unsigned grid = (unsigned)((d->T * ng + GEMV_WARPS - 1) / GEMV_WARPS);
-    if (be == MN_QK) gemv_quant_x<MN_QK><<<grid, GEMV_WARPS * 32, 0, s>>>(d->x, d->x_stride, d->T, ng, work);
-    else gemv_quant_x<MN_QK_K><<<grid, GEMV_WARPS * 32, 0, s>>>(d->x, d->x_stride, d->T, ng, work);
-    MN_CUDA_CHECK_LAUNCH(eb, "gemv_quant_x");
-    return MN_OK;
+    mn_err e = gemv_check_work(d, work, work_bytes, "cuda quantize x", eb);
+    return e != MN_OK ? e : gemv_quantize(d, work, s, eb);
 }
 
 mn_err mn_cuda_matmul_gemv(const mn_matmul_desc *d, void *work, size_t work_bytes, cudaStream_t s, mn_errbuf *eb) {
@@ -136,26 +150,18 @@ mn_err mn_cuda_matmul_gemv_multi(const mn_matmul_desc *d, int n, void *work, siz
         if (a->x != d[0].x || a->x_stride != d[0].x_stride || a->T != d[0].T || a->K != d[0].K ||
             mn_dtype_block_elems(a->w_type) != be0)
             return mn_errf(eb, MN_EINVALID, "cuda gemv multi: matmul %d does not share matmul 0's x (T, K, block)", k);
-        int64_t al = a->w_type == MN_F32 ? 4 : 2;
-        if (!mn_dtype_is_weight_type(a->w_type) || a->K <= 0 || a->K % be0 != 0 || a->T > MN_CUDA_GEMV_MAX_T ||
-            a->w_row_bytes % al != 0 || (uintptr_t)a->w % (uintptr_t)al != 0)
-            return mn_errf(eb, MN_EUNSUPPORTED, "cuda gemv multi: matmul %d: weight type %s, T=%lld, K=%lld", k,
-                           mn_dtype_name(a->w_type), (long long)a->T, (long long)a->K);
+        char what[40];
+        snprintf(what, sizeof what, "cuda gemv multi: matmul %d", k);
+        mn_err e = gemv_check(a, what, eb);
+        if (e != MN_OK) return e;
         m.d[k] = *a;
         m.first[k + 1] = m.first[k] + (a->N > 0 ? (a->N + GEMV_WARPS - 1) / GEMV_WARPS : 0);
     }
     if (d[0].T <= 0 || m.first[n] == 0) return MN_OK;
     if (m.first[n] > 0x7fffffffLL) return mn_errf(eb, MN_EUNSUPPORTED, "cuda gemv multi: %lld CTAs", (long long)m.first[n]);
-    size_t need = mn_cuda_matmul_gemv_work_bytes(&d[0]);
-    if (work_bytes < need || (need && (!work || (uintptr_t)work % 4 != 0)))
-        return mn_errf(eb, MN_EINVALID, "cuda gemv multi: %zu scratch bytes given, %zu needed", work_bytes, need);
-    if (be0 > 1 && quantize) {
-        int64_t ng = d[0].K / be0;
-        unsigned grid = (unsigned)((d[0].T * ng + GEMV_WARPS - 1) / GEMV_WARPS);
-        if (be0 == MN_QK) gemv_quant_x<MN_QK><<<grid, GEMV_WARPS * 32, 0, s>>>(d[0].x, d[0].x_stride, d[0].T, ng, work);
-        else gemv_quant_x<MN_QK_K><<<grid, GEMV_WARPS * 32, 0, s>>>(d[0].x, d[0].x_stride, d[0].T, ng, work);
-        MN_CUDA_CHECK_LAUNCH(eb, "gemv_quant_x");
-    }
+    mn_err e = gemv_check_work(&d[0], work, work_bytes, "cuda gemv multi", eb);
+    if (e != MN_OK) return e;
+    if (quantize && (e = gemv_quantize(&d[0], work, s, eb)) != MN_OK) return e;
     unsigned grid = (unsigned)m.first[n];
     switch (mn_gemv_nt(d[0].T)) {
     case 1: gemv_multi_kernel<1><<<grid, GEMV_WARPS * 32, 0, s>>>(m, work); break;
