@@ -22,31 +22,32 @@ OUT=${OUT:-/tmp/lease-out}
 mkdir -p "$OUT"
 mode=${1:-all}
 export MNEME_GPU_GROUP_TIMEOUT=${MNEME_GPU_GROUP_TIMEOUT:-150} MNEME_GPU_BENCH_TIMEOUT=${MNEME_GPU_BENCH_TIMEOUT:-200}
+# run.sh with its logs in /tmp/$1 (packed into $OUT/$2), a wall limit of $3 s; the last $4 lines shown
+run_packed() {
+  export MNEME_GPU_LOG_DIR=/tmp/$1
+  timeout "$3" tests/gpu/run.sh >"/tmp/$1-run.log" 2>&1
+  echo "run.sh exit $?"
+  mkdir -p "/tmp/$1" && cp "/tmp/$1-run.log" "/tmp/$1/run.log"
+  tar czf "$OUT/$2" -C /tmp "$1"
+  tail -"$4" "/tmp/$1/run.log" | cut -c1-300
+}
 case $mode in
   all|keep)
     if [[ $mode == keep ]]; then
       mkdir -p build-gpu/keep && cp -r .gpu-bin .gpu-model-a build-gpu/keep/ && echo "kept .gpu-bin and .gpu-model-a in build-gpu/keep/"
     fi
-    export MNEME_GPU_PREBUILT=$SRC/.gpu-bin MNEME_GPU_PARALLEL=1 MNEME_GPU_LOG_DIR=/tmp/gl
+    export MNEME_GPU_PREBUILT=$SRC/.gpu-bin MNEME_GPU_PARALLEL=1
     export MNEME_GPU_GROUPS=${MNEME_GPU_GROUPS:-"ops gemv sample attn backend lora session session_sample tp session_tp"}
-    timeout 400 tests/gpu/run.sh >/tmp/gl-run.log 2>&1
-    echo "run.sh exit $?"
-    mkdir -p /tmp/gl && cp /tmp/gl-run.log /tmp/gl/run.log
-    tar czf "$OUT/logs.tgz" -C /tmp gl
-    tail -22 /tmp/gl/run.log | cut -c1-300
+    run_packed gl logs.tgz 400 22
     grep -h "^profile" /tmp/gl/bench_gpu.log 2>/dev/null | cut -c1-700
     grep -h "FAIL" /tmp/gl/group-*.log 2>/dev/null | head -20
     grep -h "attn-decode\|gemv-multi\|gemv-time Q4_0" /tmp/gl/group-attn.log /tmp/gl/group-gemv.log 2>/dev/null | cut -c1-220
     ;;
   real)
     [[ -d build-gpu/keep/.gpu-bin ]] || { echo "no build-gpu/keep/ here: the machine went back after the keep call"; exit 3; }
-    export MNEME_GPU_PREBUILT=$SRC/build-gpu/keep/.gpu-bin MNEME_GPU_NO_BENCH=1 MNEME_GPU_LOG_DIR=/tmp/gl2
+    export MNEME_GPU_PREBUILT=$SRC/build-gpu/keep/.gpu-bin MNEME_GPU_NO_BENCH=1
     export MNEME_GPU_GROUPS=${MNEME_GPU_GROUPS:-"real gemv"}
-    timeout 300 tests/gpu/run.sh >/tmp/gl2-run.log 2>&1
-    echo "run.sh exit $?"
-    mkdir -p /tmp/gl2 && cp /tmp/gl2-run.log /tmp/gl2/run.log
-    tar czf "$OUT/logs2.tgz" -C /tmp gl2
-    tail -6 /tmp/gl2/run.log | cut -c1-300
+    run_packed gl2 logs2.tgz 300 6
     grep -h "^real" /tmp/gl2/group-real.log 2>/dev/null | cut -c1-300
     grep -h "gemv-multi\|gemv-time Q4_0\|gemv-time Q8_0" /tmp/gl2/group-gemv.log 2>/dev/null | cut -c1-220
     ;;

@@ -41,6 +41,68 @@ static void *gemv_weights(gt_arena *a, mn_dtype t, int64_t N, int64_t K, int64_t
     return p;
 }
 
+/* Check 1 of a matmul case: the device's y (got; y0: y before the call, ref: the reference's
+ * y) within the ops.h tolerance 1e-4 * (sum|x w| + |b|), plus the last rounding of an
+ * accumulate; NaN/inf fails. *worst: the largest err / tol. 0 and a message in why if not. */
+static int check_vs_ref(const mn_matmul_desc *d, const float *x, const float *ref, const float *got, const float *y0,
+                        double *worst, char *why, size_t nwhy) {
+    float *wrow = malloc((size_t)d->K * sizeof(float));
+    int ok = 1;
+    for (int64_t n = 0; n < d->N && ok; n++) {
+        mn_ref_dequant_row(d->w_type, (const char *)d->w + n * d->w_row_bytes, wrow, d->K);
+        for (int64_t ti = 0; ti < d->T; ti++) {
+            double sum = d->bias ? fabs(d->bias[n]) : 0.0;
+            for (int64_t k = 0; k < d->K; k++) sum += fabs((double)x[ti * d->x_stride + k] * wrow[k]);
+            int64_t i = ti * d->y_stride + n;
+            double tol = 1e-4 * sum + (d->accumulate ? 2.4e-7 * (fabs(y0[i]) + fabs(ref[i])) : 0.0) + 1e-30;
+            double err = fabs((double)got[i] - ref[i]);
+            if (!isfinite(got[i]) || !(err <= tol)) {
+                snprintf(why, nwhy, "y[%lld,%lld] = %.9g, ref %.9g, tol %.3g", (long long)ti, (long long)n, got[i], ref[i],
+                         tol);
+                ok = 0;
+                break;
+            }
+            if (err / tol > *worst) *worst = err / tol;
+        }
+    }
+    free(wrow);
+    return ok;
+}
+
+/* Check 3: every token of dd (device pointers; y0 / got as above, host) run alone (T = 1,
+ * through mn_cuda_matmul, or mn_cuda_matmul_mmq when mmq) gives its batch row's bits. */
+static int check_alone(const mn_matmul_desc *dd, int mmq, void *dwork, size_t need, const float *y0, const float *got,
+                       cudaStream_t s, char *why, size_t nwhy) {
+    const int64_t N = dd->N;
+    float *y1 = malloc((size_t)N * sizeof(float)), *dy1 = NULL;
+    mn_errbuf eb = {{0}};
+    int ok = cudaMalloc((void **)&dy1, (size_t)N * sizeof(float)) == cudaSuccess;
+    if (!ok) snprintf(why, nwhy, "cudaMalloc failed");
+    for (int64_t ti = 0; ti < dd->T && ok; ti++) {
+        mn_matmul_desc one = *dd;
+        one.T = 1;
+        one.x = dd->x + ti * dd->x_stride;
+        one.y = dy1;
+        one.y_stride = N;
+        for (int64_t n = 0; n < N; n++) y1[n] = y0[ti * dd->y_stride + n];
+        if (cudaMemcpy(dy1, y1, (size_t)N * sizeof(float), cudaMemcpyHostToDevice) != cudaSuccess ||
+            (mmq ? mn_cuda_matmul_mmq(&one, dwork, need, s, &eb) : mn_cuda_matmul(&one, dwork, need, NULL, s, &eb)) !=
+                MN_OK ||
+            cudaStreamSynchronize(s) != cudaSuccess ||
+            cudaMemcpy(y1, dy1, (size_t)N * sizeof(float), cudaMemcpyDeviceToHost) != cudaSuccess) {
+            snprintf(why, nwhy, "token %lld alone: %s", (long long)ti, eb.msg[0] ? eb.msg : "cuda error");
+            ok = 0;
+        } else if (memcmp(y1, got + ti * dd->y_stride, (size_t)N * sizeof(float)) != 0) {
+            snprintf(why, nwhy, "token %lld alone differs from its row in the T=%lld batch", (long long)ti,
+                     (long long)dd->T);
+            ok = 0;
+        }
+    }
+    if (dy1) cudaFree(dy1);
+    free(y1);
+    return ok;
+}
+
 /* One case; returns 1 on pass and prints one line. */
 static int gemv_case(mn_dtype t, int64_t T, int variant, uint32_t seed, cudaStream_t s) {
     gt_arena a;
@@ -61,16 +123,14 @@ static int gemv_case(mn_dtype t, int64_t T, int variant, uint32_t seed, cudaStre
     size_t ybytes = a.bytes[yi];
     uint8_t *y0 = malloc(ybytes), *yemu = malloc(ybytes), *got = malloc(ybytes);
     size_t wb = mn_gemv_emulate_work_bytes(&d);
-    void *hwork = malloc(wb ? wb : 1), *dwork = NULL, *dy1 = NULL;
-    float *y1 = malloc((size_t)N * sizeof(float)), *wrow = malloc((size_t)K * sizeof(float));
+    void *hwork = malloc(wb ? wb : 1), *dwork = NULL;
     char why[640] = "";
     double worst = 0;
     int ok = 0;
     mn_errbuf eb = {{0}};
     memcpy(y0, a.host[yi], ybytes);
     size_t need = mn_cuda_matmul_work_bytes(&d);
-    if (gt_upload(&a, &eb) != MN_OK || (need && cudaMalloc(&dwork, need) != cudaSuccess) ||
-        cudaMalloc(&dy1, (size_t)N * sizeof(float)) != cudaSuccess) {
+    if (gt_upload(&a, &eb) != MN_OK || (need && cudaMalloc(&dwork, need) != cudaSuccess)) {
         snprintf(why, sizeof why, "upload: %s", eb.msg[0] ? eb.msg : "cudaMalloc failed");
         goto done;
     }
@@ -92,23 +152,7 @@ static int gemv_case(mn_dtype t, int64_t T, int variant, uint32_t seed, cudaStre
         goto done;
     }
     /* 1. against the reference, the contract's tolerance */
-    const float *ref = a.host[yi], *g32 = (const float *)got, *in = (const float *)y0;
-    for (int64_t n = 0; n < N; n++) {
-        mn_ref_dequant_row(t, (const char *)d.w + n * d.w_row_bytes, wrow, K);
-        for (int64_t ti = 0; ti < T; ti++) {
-            double sum = bias ? fabs(d.bias[n]) : 0.0;
-            for (int64_t k = 0; k < K; k++) sum += fabs((double)x[ti * d.x_stride + k] * wrow[k]);
-            int64_t i = ti * d.y_stride + n;
-            double tol = 1e-4 * sum + (acc ? 2.4e-7 * (fabs(in[i]) + fabs(ref[i])) : 0.0) + 1e-30;
-            double err = fabs((double)g32[i] - ref[i]);
-            if (!isfinite(g32[i]) || !(err <= tol)) {
-                snprintf(why, sizeof why, "y[%lld,%lld] = %.9g, ref %.9g, tol %.3g", (long long)ti, (long long)n,
-                         g32[i], ref[i], tol);
-                goto done;
-            }
-            if (err / tol > worst) worst = err / tol;
-        }
-    }
+    if (!check_vs_ref(&d, x, a.host[yi], (const float *)got, (const float *)y0, &worst, why, sizeof why)) goto done;
     /* 2. the host emulation's bits, gaps and guard included */
     for (size_t i = 0; i < ybytes; i++)
         if (got[i] != yemu[i]) {
@@ -116,33 +160,14 @@ static int gemv_case(mn_dtype t, int64_t T, int variant, uint32_t seed, cudaStre
             goto done;
         }
     /* 3. every token alone */
-    for (int64_t ti = 0; ti < T; ti++) {
-        mn_matmul_desc one = dd;
-        one.T = 1;
-        one.x = dd.x + ti * d.x_stride;
-        one.y = dy1;
-        one.y_stride = N;
-        for (int64_t n = 0; n < N; n++) y1[n] = in[ti * d.y_stride + n];
-        if (cudaMemcpy(dy1, y1, (size_t)N * sizeof(float), cudaMemcpyHostToDevice) != cudaSuccess ||
-            mn_cuda_matmul(&one, dwork, need, NULL, s, &eb) != MN_OK || cudaStreamSynchronize(s) != cudaSuccess ||
-            cudaMemcpy(y1, dy1, (size_t)N * sizeof(float), cudaMemcpyDeviceToHost) != cudaSuccess) {
-            snprintf(why, sizeof why, "token %lld alone: %s", (long long)ti, eb.msg[0] ? eb.msg : "cuda error");
-            goto done;
-        }
-        if (memcmp(y1, g32 + ti * d.y_stride, (size_t)N * sizeof(float)) != 0) {
-            snprintf(why, sizeof why, "token %lld alone differs from its row in the T=%lld batch", (long long)ti,
-                     (long long)T);
-            goto done;
-        }
-    }
+    if (!check_alone(&dd, 0, dwork, need, (const float *)y0, (const float *)got, s, why, sizeof why)) goto done;
     ok = 1;
 done:
     printf("gemv      %-5s T=%lld N=%lld K=%lld %-22s r=%-7.3g =emulation, =alone %s%s\n", mn_dtype_name(t), (long long)T,
            (long long)N, (long long)K, variant == 0 ? "" : variant == 1 ? "stride bias" : variant == 2 ? "acc bias" : "stride acc bias",
            worst, ok ? "ok" : "FAIL: ", ok ? "" : why);
-    free(y0), free(yemu), free(got), free(hwork), free(y1), free(wrow);
+    free(y0), free(yemu), free(got), free(hwork);
     if (dwork) cudaFree(dwork);
-    if (dy1) cudaFree(dy1);
     gt_arena_free(&a);
     return ok;
 }
@@ -333,8 +358,7 @@ static int mmq_case(mn_dtype t, int64_t T, int variant, int64_t N, int64_t K, ui
     d.y = acc ? gt_matrix(&a, T, N, d.y_stride, -2, 2, &yi) : gt_out(&a, T, N, d.y_stride, &yi);
     size_t ybytes = a.bytes[yi];
     uint8_t *y0 = malloc(ybytes), *got = malloc(ybytes), *got2 = malloc(ybytes);
-    float *y1 = malloc((size_t)N * sizeof(float)), *wrow = malloc((size_t)K * sizeof(float));
-    void *dwork = NULL, *dy1 = NULL;
+    void *dwork = NULL;
     char why[640] = "";
     double worst = 0;
     int ok = 0;
@@ -342,8 +366,7 @@ static int mmq_case(mn_dtype t, int64_t T, int variant, int64_t N, int64_t K, ui
     memcpy(y0, a.host[yi], ybytes);
     size_t need = mn_cuda_matmul_mmq_work_bytes(&d), needm = mn_cuda_matmul_work_bytes(&d);
     if (needm > need) need = needm;
-    if (gt_upload(&a, &eb) != MN_OK || cudaMalloc(&dwork, need) != cudaSuccess ||
-        cudaMalloc(&dy1, (size_t)N * sizeof(float)) != cudaSuccess) {
+    if (gt_upload(&a, &eb) != MN_OK || cudaMalloc(&dwork, need) != cudaSuccess) {
         snprintf(why, sizeof why, "upload: %s", eb.msg[0] ? eb.msg : "cudaMalloc failed");
         goto done;
     }
@@ -357,23 +380,8 @@ static int mmq_case(mn_dtype t, int64_t T, int variant, int64_t N, int64_t K, ui
         snprintf(why, sizeof why, "%s", e != MN_OK ? eb.msg : cudaGetErrorString(ce));
         goto done;
     }
-    const float *ref = a.host[yi], *g32 = (const float *)got, *in = (const float *)y0;
-    for (int64_t n = 0; n < N; n++) {
-        mn_ref_dequant_row(t, (const char *)d.w + n * d.w_row_bytes, wrow, K);
-        for (int64_t ti = 0; ti < T; ti++) {
-            double sum = bias ? fabs(d.bias[n]) : 0.0;
-            for (int64_t k = 0; k < K; k++) sum += fabs((double)x[ti * d.x_stride + k] * wrow[k]);
-            int64_t i = ti * d.y_stride + n;
-            double tol = 1e-4 * sum + (acc ? 2.4e-7 * (fabs(in[i]) + fabs(ref[i])) : 0.0) + 1e-30;
-            double err = fabs((double)g32[i] - ref[i]);
-            if (!isfinite(g32[i]) || !(err <= tol)) {
-                snprintf(why, sizeof why, "y[%lld,%lld] = %.9g, ref %.9g, tol %.3g", (long long)ti, (long long)n,
-                         g32[i], ref[i], tol);
-                goto done;
-            }
-            if (err / tol > worst) worst = err / tol;
-        }
-    }
+    const float *g32 = (const float *)got, *in = (const float *)y0;
+    if (!check_vs_ref(&d, x, a.host[yi], g32, in, &worst, why, sizeof why)) goto done;
     for (size_t i = 0; i < ybytes; i++) { /* outside the rows: stride gaps and guard */
         size_t f = i / 4;
         int64_t ti = (int64_t)f / d.y_stride, n = (int64_t)f % d.y_stride;
@@ -383,25 +391,7 @@ static int mmq_case(mn_dtype t, int64_t T, int variant, int64_t N, int64_t K, ui
             goto done;
         }
     }
-    for (int64_t ti = 0; ti < T; ti++) { /* every token alone */
-        mn_matmul_desc one = dd;
-        one.T = 1;
-        one.x = dd.x + ti * d.x_stride;
-        one.y = dy1;
-        one.y_stride = N;
-        for (int64_t n = 0; n < N; n++) y1[n] = in[ti * d.y_stride + n];
-        if (cudaMemcpy(dy1, y1, (size_t)N * sizeof(float), cudaMemcpyHostToDevice) != cudaSuccess ||
-            mn_cuda_matmul_mmq(&one, dwork, need, s, &eb) != MN_OK || cudaStreamSynchronize(s) != cudaSuccess ||
-            cudaMemcpy(y1, dy1, (size_t)N * sizeof(float), cudaMemcpyDeviceToHost) != cudaSuccess) {
-            snprintf(why, sizeof why, "token %lld alone: %s", (long long)ti, eb.msg[0] ? eb.msg : "cuda error");
-            goto done;
-        }
-        if (memcmp(y1, g32 + ti * d.y_stride, (size_t)N * sizeof(float)) != 0) {
-            snprintf(why, sizeof why, "token %lld alone differs from its row in the T=%lld batch", (long long)ti,
-                     (long long)T);
-            goto done;
-        }
-    }
+    if (!check_alone(&dd, 1, dwork, need, in, g32, s, why, sizeof why)) goto done; /* every token alone */
     if (T > MN_CUDA_GEMV_MAX_T) { /* the dispatch: mn_cuda_matmul with the mmq on */
         if (cudaMemcpy(a.dev[yi], y0, ybytes, cudaMemcpyHostToDevice) != cudaSuccess) {
             snprintf(why, sizeof why, "reset of y failed");
@@ -421,9 +411,8 @@ done:
     printf("mmq       %-5s T=%-2lld N=%lld K=%-4lld %-16s r=%-7.3g =alone %s%s\n", mn_dtype_name(t), (long long)T,
            (long long)N, (long long)K, variant == 0 ? "" : variant == 1 ? "stride bias" : variant == 2 ? "acc bias" : "stride acc bias",
            worst, ok ? "ok" : "FAIL: ", ok ? "" : why);
-    free(y0), free(got), free(got2), free(y1), free(wrow);
+    free(y0), free(got), free(got2);
     if (dwork) cudaFree(dwork);
-    if (dy1) cudaFree(dy1);
     gt_arena_free(&a);
     return ok;
 }
